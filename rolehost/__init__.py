@@ -1,0 +1,29 @@
+"""rolehost: the lifecycle of Azure Cloud Services roles, for Python, on your own machine."""
+
+from rolehost.entrypoint import RoleEntryPoint
+from rolehost.environment import (
+    Changing,
+    InstanceEndpoint,
+    LocalResource,
+    RoleEnvironment,
+    RoleEnvironmentError,
+    RoleInstance,
+    RoleStatus,
+    SettingChange,
+    SettingNotFound,
+    StatusCheck,
+)
+
+__all__ = [
+    "Changing",
+    "InstanceEndpoint",
+    "LocalResource",
+    "RoleEntryPoint",
+    "RoleEnvironment",
+    "RoleEnvironmentError",
+    "RoleInstance",
+    "RoleStatus",
+    "SettingChange",
+    "SettingNotFound",
+    "StatusCheck",
+]

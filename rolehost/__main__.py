@@ -1,0 +1,3 @@
+from rolehost.cli import main
+
+main()

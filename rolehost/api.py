@@ -1,0 +1,220 @@
+"""The control API: HTTP/1.1 + JSON on a Unix socket (0600, in a 0700 run directory).
+
+A thin skin over the controller's operations: each route parses its input, calls one
+`Controller` method and returns its result as JSON. Errors are JSON objects with an
+`error` message and a 4xx/5xx status; a failing handler never stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+import structlog
+
+if TYPE_CHECKING:
+    from rolehost.controller import Controller
+
+log = structlog.get_logger()
+MAX_BODY = 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes = b""
+    params: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        if not self.body:
+            return {}
+        try:
+            data = json.loads(self.body)
+        except ValueError as exc:
+            raise ApiError(400, f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return data
+
+
+Handler = Callable[["Controller", Request], Awaitable[Any]]
+_ROUTES: list[tuple[str, list[str], Handler]] = []
+
+
+def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        _ROUTES.append((method, pattern.strip("/").split("/"), handler))
+        return handler
+
+    return register
+
+
+def _match(method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    parts = path.strip("/").split("/")
+    allowed = []
+    for route_method, pattern, handler in _ROUTES:
+        if len(pattern) != len(parts):
+            continue
+        params = {}
+        for want, got in zip(pattern, parts, strict=True):
+            if want.startswith("{"):
+                params[want.strip("{}")] = got
+            elif want != got:
+                break
+        else:
+            if route_method == method:
+                return handler, params
+            allowed.append(route_method)
+    if allowed:
+        raise ApiError(405, f"{method} not allowed on {path} (allowed: {', '.join(allowed)})")
+    raise ApiError(404, f"no such endpoint: {path}")
+
+
+@route("GET", "/v1/status")
+async def _status(controller: Controller, request: Request) -> Any:
+    return controller.status()
+
+
+@route("GET", "/v1/instances/{name}")
+async def _instance(controller: Controller, request: Request) -> Any:
+    return controller.instance(request.params["name"]).snapshot()
+
+
+@route("GET", "/v1/events")
+async def _events(controller: Controller, request: Request) -> Any:
+    since = request.query.get("since", ["0"])[0]
+    if not since.isdigit():
+        raise ApiError(400, "since must be a non-negative integer")
+    return controller.events(int(since))
+
+
+@route("POST", "/v1/shutdown")
+async def _shutdown(controller: Controller, request: Request) -> Any:
+    await controller.shutdown("stop requested through the control API")
+    return {"stopped": True}
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection; requests on it are answered in order."""
+
+    def __init__(self, controller: Controller, pending: set[asyncio.Task[None]]) -> None:
+        self.controller = controller
+        self.pending = pending
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._url = b""
+        self._body = bytearray()
+        self._too_large = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reply(400, {"error": "upgrade is not supported here"}, keep_alive=False)
+        except httptools.HttpParserError as exc:
+            self._reply(400, {"error": f"malformed request: {exc}"}, keep_alive=False)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url, self._body, self._too_large = b"", bytearray(), False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_body(self, body: bytes) -> None:
+        if len(self._body) + len(body) > MAX_BODY:
+            self._too_large = True
+        else:
+            self._body += body
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()  # one request at a time, answered in order
+        method = self.parser.get_method().decode("ascii", "replace")
+        keep_alive = bool(self.parser.should_keep_alive())
+        task = asyncio.get_running_loop().create_task(self._answer(method, keep_alive))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _answer(self, method: str, keep_alive: bool) -> None:
+        url = urlsplit(self._url.decode("utf-8", "replace"))
+        try:
+            if self._too_large:
+                raise ApiError(413, f"body larger than {MAX_BODY} bytes")
+            handler, params = _match(method, url.path)
+            request = Request(method, url.path, parse_qs(url.query), bytes(self._body), params)
+            status, payload = 200, await handler(self.controller, request)
+        except ApiError as exc:
+            status, payload = exc.status, {"error": exc.message}
+        except Exception as exc:
+            log.exception("api_error", method=method, path=url.path)
+            status, payload = 500, {"error": f"internal error: {exc}"}
+        self._reply(status, payload, keep_alive)
+        if keep_alive and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _reply(self, status: int, payload: Any, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = json.dumps(payload, default=str).encode()
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        if not keep_alive:
+            self.transport.close()
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+class Server:
+    """The listening socket and the requests being answered."""
+
+    def __init__(self, server: asyncio.AbstractServer, pending: set[asyncio.Task[None]]) -> None:
+        self.server, self.pending = server, pending
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop listening; let requests in flight (a `stop`'s own answer) finish."""
+        self.server.close()
+        if self.pending:
+            await asyncio.wait(self.pending, timeout=timeout)
+
+
+async def serve(path: Path, controller: Controller) -> Server:
+    """Listen on the Unix socket `path`, created 0600 whatever the umask."""
+    import socket
+
+    path.unlink(missing_ok=True)  # a stale socket of a controller that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    pending: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: _Connection(controller, pending), sock=sock)
+    return Server(server, pending)

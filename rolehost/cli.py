@@ -1,0 +1,217 @@
+"""The `rolehost` command: parse, call the controller (or its API), print."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from rolehost import definition as model
+from rolehost import logs, preflight
+from rolehost.client import ApiError, Client, ControllerNotRunning
+from rolehost.instance import parse_instance_name
+from rolehost.rundir import AlreadyRunning, RunDir
+
+# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong.
+EXIT_FAILED, EXIT_BAD_DEFINITION = 1, 2
+DETACH_TIMEOUT = 60.0
+
+_file = click.option(
+    "-f", "--file", "file", type=click.Path(path_type=Path), default=Path("rolehost.toml"),
+    show_default=True, help="The service definition.",
+)
+_run_dir = click.option(
+    "--run-dir", type=click.Path(path_type=Path), envvar="ROLEHOST_RUN_DIR",
+    help="Run directory [default: .rolehost/ beside the definition].",
+)
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"rolehost: {message}", err=True)
+    sys.exit(code)
+
+
+def _client(file: Path, run_dir: Path | None, timeout: float = 30.0) -> Client:
+    return Client(RunDir.for_definition(file, run_dir).socket, timeout=timeout)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ControllerNotRunning as exc:
+        _fail(str(exc))
+    except ApiError as exc:
+        _fail(str(exc), EXIT_BAD_DEFINITION if exc.status in (400, 404) else EXIT_FAILED)
+
+
+def _load(file: Path) -> model.Definition:
+    """The validated definition, entry points included; exit 2 with every problem if not."""
+    try:
+        definition = model.load(file)
+    except model.DefinitionErrors as exc:
+        _fail(f"invalid definition:\n{exc}", EXIT_BAD_DEFINITION)
+    errors = preflight.entry_points(definition, file)
+    if errors:
+        _fail(f"invalid definition:\n{model.DefinitionErrors(errors)}", EXIT_BAD_DEFINITION)
+    return definition
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rolehost")
+def cli() -> None:
+    """Run Python roles with the lifecycle rules of Azure Cloud Services, and rehearse
+    the platform's maintenance on them."""
+
+
+@cli.command()
+@_file
+@_run_dir
+@click.option("--detach", is_flag=True, help="Run the controller in the background.")
+def start(file: Path, run_dir: Path | None, detach: bool) -> None:
+    """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`)."""
+    definition = _load(file)
+    where = RunDir.for_definition(file, run_dir)
+    try:
+        where.ensure()
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    if (holder := where.holder()) is not None:
+        _fail(f"another controller (pid {holder}) is already running on {where.path}")
+    if detach:
+        _detach(file, where)
+        return
+    from rolehost.controller import Controller
+
+    controller = Controller(definition, file.resolve(), where, logs.Console())
+    try:
+        asyncio.run(controller.serve())
+    except AlreadyRunning as exc:
+        _fail(str(exc))
+
+
+def _detach(file: Path, where: RunDir) -> None:
+    with open(where.console_log, "ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "rolehost", "start", "-f", str(file), "--run-dir", str(where.path)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    client = Client(where.socket, timeout=2.0)
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = "\n".join(logs.tail(where.console_log, 20))
+            _fail(f"the controller exited with {child.returncode}:\n{tail}")
+        try:
+            status = client.status()
+        except (ControllerNotRunning, OSError):
+            time.sleep(0.05)
+            continue
+        click.echo(f"started {status['service']} (controller pid {status['pid']}, "
+                   f"run dir {status['run_dir']})")
+        return
+    child.kill()
+    _fail(f"the controller did not answer within {DETACH_TIMEOUT:g}s")
+
+
+@cli.command()
+@_file
+@_run_dir
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
+    """Show every instance: state, process, restarts, last error."""
+    result = _call(_client(file, run_dir).status)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['service']}  deployment {result['deployment_id'][:12]}  "
+               f"controller pid {result['pid']}")
+    rows = [("INSTANCE", "UD", "STATE", "PID", "RESTARTS", "SINCE", "DETAIL")]
+    for i in result["instances"]:
+        detail = i["reason"] if i["state"] != "ready" else ""
+        if i["last_error"] and i["state"] in ("recycling", "failed"):
+            detail = i["last_error"]
+        if i["next_try"]:
+            detail += f" (next try {i['next_try'][11:19]})"
+        since = (i["state_since"] or "")[11:19]
+        rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
+                     str(i["restarts"]), since, detail))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[6])
+
+
+@cli.command()
+@_file
+@_run_dir
+def stop(file: Path, run_dir: Path | None) -> None:
+    """Stop every instance gracefully and end the controller."""
+    where = RunDir.for_definition(file, run_dir)
+    pid = where.holder()
+    _call(Client(where.socket, timeout=24 * 3600).shutdown)
+    if pid is not None:
+        import psutil
+
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            _fail(f"instances stopped, but the controller (pid {pid}) did not exit")
+    click.echo("stopped")
+
+
+@cli.command(name="logs")
+@click.argument("instance", required=False)
+@_file
+@_run_dir
+@click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+def logs_command(
+    instance: str | None, file: Path, run_dir: Path | None, lines: int, follow: bool
+) -> None:
+    """Show an instance's output, or the controller's event log without INSTANCE."""
+    where = RunDir.for_definition(file, run_dir)
+    if instance is None:
+        path, render = where.logs / "controller.log", logs.render_event
+    else:
+        try:
+            role, index = parse_instance_name(instance)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_BAD_DEFINITION)
+        path, render = where.instance_log(f"{role}_IN_{index}"), (lambda line: line)
+        if not path.exists():
+            _fail(f"no log for {instance} in {where.logs}", EXIT_BAD_DEFINITION)
+    for line in logs.tail(path, lines):
+        click.echo(render(line))
+    if follow:
+        try:
+            logs.follow(path, lambda line: click.echo(render(line)))
+        except KeyboardInterrupt:
+            pass
+
+
+@cli.command()
+@_file
+def check(file: Path) -> None:
+    """Validate a definition: its keys and values, and that every entry point loads."""
+    definition = _load(file)
+    for name, role in definition.roles.items():
+        click.echo(f"role {name}: {role.instances} instance(s) of {role.entry_point} "
+                   f"from {role.app}")
+    click.echo(f"{file}: ok")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON schema of rolehost.toml (for editors and validators)."""
+    click.echo(json.dumps(model.json_schema(), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="rolehost")

@@ -1,0 +1,78 @@
+"""A client of the control API, for the CLI and rolehost.testing."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+class ControllerNotRunning(ConnectionError):
+    """Nothing answers on the run directory's control socket."""
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
+        try:
+            try:
+                conn.connect()
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise ControllerNotRunning(
+                    f"no controller is running (nothing answers on {self.socket_path})"
+                ) from exc
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            payload = json.loads(response.read() or b"null")
+        finally:
+            conn.close()
+        if response.status >= 400:
+            message = payload.get("error") if isinstance(payload, dict) else None
+            raise ApiError(response.status, message or f"HTTP {response.status}")
+        return payload
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/v1/status")
+        return result
+
+    def instance(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/instances/{name}")
+        return result
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/events?since={since}")
+        return result
+
+    def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/v1/shutdown", timeout=timeout)
+        return result

@@ -1,0 +1,127 @@
+"""The controller (the platform's fabric controller): one asyncio process per service.
+
+It owns the run directory, the instances and the control API, and offers the
+operations that the API and the CLI are skins over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rolehost import api, logs, process
+from rolehost.definition import Definition
+from rolehost.instance import Deployment, Instance, parse_instance_name
+from rolehost.rundir import RunDir
+
+log = structlog.get_logger()
+
+
+class Controller:
+    def __init__(
+        self,
+        definition: Definition,
+        definition_path: Path,
+        run_dir: RunDir,
+        console: logs.Console | None = None,
+    ) -> None:
+        self.definition = definition
+        self.definition_path = definition_path
+        self.run_dir = run_dir
+        self.console = console
+        self.started = time.time()
+        self.deployment = Deployment(
+            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path, console=console
+        )
+        self.instances: dict[str, Instance] = {}
+        self._shutdown = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._shutdown_reason = "stop requested"
+        self._signals = 0
+
+    async def serve(self) -> None:
+        """Run the service until asked to stop; return once every instance is stopped."""
+        loop = asyncio.get_running_loop()
+        lock = self.run_dir.lock()
+        logs.configure(self.run_dir.logs, self.console)
+        if not process.become_subreaper():
+            log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
+        loop.add_signal_handler(signal.SIGCHLD, process.reap_orphans)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        server = await api.serve(self.run_dir.socket, self)
+        try:
+            for role_name, role in self.definition.roles.items():
+                for index in range(role.instances):
+                    instance = Instance(self.deployment, role_name, role, index)
+                    self.instances[instance.id] = instance
+            log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
+                     run_dir=str(self.run_dir.path), deployment=self.deployment.id,
+                     instances=len(self.instances))
+            for instance in self.instances.values():
+                instance.start()
+            await self._shutdown.wait()
+            log.info("controller_stopping", reason=self._shutdown_reason)
+            await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
+            log.info("controller_stopped")
+        finally:
+            self._stopped.set()
+            await server.close()
+            self.run_dir.socket.unlink(missing_ok=True)
+            for instance in self.instances.values():
+                instance.output.close()
+            os.close(lock)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._shutdown_reason = f"controller received {signal.Signals(sig).name}"
+            self._shutdown.set()
+            return
+        # A second signal: the user will not wait for graceful stops.
+        log.warning("forced_stop", signal=signal.Signals(sig).name)
+        for instance in self.instances.values():
+            if instance.process is not None and instance.process.running:
+                instance.process.kill()
+
+    # Operations: what the control API and the CLI offer.
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "service": self.definition.service.name,
+            "deployment_id": self.deployment.id,
+            "pid": os.getpid(),
+            "run_dir": str(self.run_dir.path),
+            "definition": str(self.definition_path),
+            "started": self.started,
+            "upgrade_domains": self.definition.service.upgrade_domains,
+            "instances": [i.snapshot() for i in self.instances.values()],
+        }
+
+    def instance(self, name: str) -> Instance:
+        try:
+            role, index = parse_instance_name(name)
+        except ValueError as exc:
+            raise api.ApiError(400, str(exc)) from None
+        instance = self.instances.get(f"{role}_IN_{index}")
+        if instance is None:
+            known = ", ".join(self.instances) or "none"
+            raise api.ApiError(404, f"no instance {name!r} (instances: {known})")
+        return instance
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        return logs.recent()[since:]
+
+    async def shutdown(self, reason: str) -> None:
+        """Stop every instance gracefully; return when they all are stopped."""
+        if not self._shutdown.is_set():
+            self._shutdown_reason = reason
+            self._shutdown.set()
+        await self._stopped.wait()

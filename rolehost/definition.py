@@ -1,0 +1,321 @@
+"""The `rolehost.toml` model: parsing, validation with key paths, and defaults.
+
+The model is the single source of truth for what a definition may say: the loader,
+the error messages, the JSON schema (`rolehost schema`) and the reference docs all
+come from the classes below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `90`, `1.5`, `"90s"`, `"5m"`, `"1h"` or `"250ms"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90, \"90s\", \"5m\" or \"1h\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 90, \"90s\", \"5m\" or \"1h\", got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
+            ],
+            "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"",
+        }
+    ),
+]
+SettingValue = str | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Protocol(StrEnum):
+    http = "http"
+    tcp = "tcp"
+
+
+class Endpoint(_Model):
+    """An input endpoint: the balancer listens on `host:port` (the balancer issue)."""
+
+    port: int = Field(ge=1, le=65535, description="public port the balancer listens on")
+    protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
+    host: str = Field(default="127.0.0.1", description="address the balancer binds")
+
+
+class LocalResource(_Model):
+    """Local storage: the folder `resources/NAME/` of each instance."""
+
+    size_mb: int = Field(default=100, ge=1, description="quota; usage over it is reported")
+    clean_on_recycle: bool = Field(
+        default=True, description="empty the folder at every recycle, restart and reimage"
+    )
+
+
+class TaskType(StrEnum):
+    simple = "simple"
+    background = "background"
+    foreground = "foreground"
+
+
+class TaskContext(StrEnum):
+    limited = "limited"
+    elevated = "elevated"
+
+
+class OncePer(StrEnum):
+    start = "start"
+    image = "image"
+    disk = "disk"
+
+
+class StartupTask(_Model):
+    """A command run by the bootstrap before the host starts, in file order."""
+
+    command: str | list[str] = Field(description="a string split like a shell, or a list")
+    shell: bool = Field(default=False, description="run the string through /bin/sh")
+    type: TaskType = Field(default=TaskType.simple, description="simple, background, foreground")
+    context: TaskContext = Field(default=TaskContext.limited, description="limited or elevated")
+    once_per: OncePer = Field(
+        default=OncePer.start, description="start (every start), image (os/), disk (resources/)"
+    )
+    timeout: Duration | None = Field(default=None, description="kill the task after this long")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
+
+    @field_validator("command")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, str) and not value.strip()):
+            raise ValueError("expected a non-empty command")
+        return value
+
+
+class Role(_Model):
+    """One role: a class run by `instances` host processes."""
+
+    entry_point: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:Class, importable from the role's app folder",
+    )
+    app: Path = Field(default=Path("."), description="folder deployed as each instance's app/")
+    instances: int = Field(default=1, ge=1, le=1000, description="how many instances")
+    stop_timeout: Duration = Field(
+        default=300.0, description="limit for `stopping` handlers plus on_stop"
+    )
+    status_check_interval: Duration = Field(
+        default=5.0, gt=0, description="how often status-check handlers are asked"
+    )
+    settings: dict[str, SettingValue] = Field(default_factory=dict)
+    endpoints: dict[Annotated[str, Field(pattern=_NAME)], Endpoint] = Field(default_factory=dict)
+    local_resources: dict[Annotated[str, Field(pattern=_NAME)], LocalResource] = Field(
+        default_factory=dict
+    )
+    startup_tasks: list[StartupTask] = Field(default_factory=list)
+
+    @property
+    def module(self) -> str:
+        return self.entry_point.partition(":")[0]
+
+    @property
+    def class_name(self) -> str:
+        return self.entry_point.partition(":")[2]
+
+
+class Service(_Model):
+    """Service-wide settings: update domains, deadlines and the crash back-off."""
+
+    name: str = Field(pattern=_NAME, description="service name")
+    upgrade_domains: int = Field(default=5, ge=1, le=20, description="instance i is in UD i % N")
+    ready_deadline: Duration = Field(
+        default=1800.0, gt=0, description="from the start of startup tasks to ready"
+    )
+    stable_after: Duration = Field(
+        default=60.0, description="ready this long, a crash restarts at once and resets back-off"
+    )
+    backoff_initial: Duration = Field(default=1.0, description="first delay after a failure")
+    backoff_max: Duration = Field(default=60.0, description="cap of the doubling delay")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Service:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+
+class Definition(_Model):
+    """A whole `rolehost.toml`."""
+
+    service: Service
+    roles: dict[Annotated[str, Field(pattern=_NAME)], Role] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> Definition:
+        seen: dict[tuple[str, int], str] = {}
+        for role_name, role in self.roles.items():
+            for ep_name, ep in role.endpoints.items():
+                path = f"roles.{role_name}.endpoints.{ep_name}.port"
+                other = seen.setdefault((ep.host, ep.port), path)
+                if other != path:
+                    raise DefinitionError(
+                        None, path, f"port {ep.port} is already used by {other}"
+                    )
+        return self
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be used. `str()` names the file and the key path."""
+
+    def __init__(self, file: Path | None, path: str, message: str) -> None:
+        self.file, self.path, self.message = file, path, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ": ".join(str(p) for p in (self.file, self.path) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class DefinitionErrors(ValueError):
+    """Every problem found in one definition, each a `DefinitionError`."""
+
+    def __init__(self, errors: list[DefinitionError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def load(path: Path) -> Definition:
+    """Read and validate a definition; raise `DefinitionErrors` naming every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DefinitionErrors([DefinitionError(path, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionErrors([DefinitionError(path, "", f"cannot read: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DefinitionErrors([DefinitionError(path, "", f"invalid TOML: {exc}")]) from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], file: Path | None = None) -> Definition:
+    """Validate an already-parsed document. `file` is named in errors and anchors `app`."""
+    try:
+        definition = Definition.model_validate(raw)
+    except ValidationError as exc:
+        raise DefinitionErrors(_merge([_explain(e, file) for e in exc.errors()])) from None
+    if file is not None:
+        base = file.resolve().parent
+        roles = {
+            name: role.model_copy(update={"app": (base / role.app).resolve()})
+            for name, role in definition.roles.items()
+        }
+        definition = definition.model_copy(update={"roles": roles})
+    return definition
+
+
+def _explain(error: Any, file: Path | None) -> DefinitionError:
+    loc = tuple(error["loc"])
+    # Pydantic appends the failing union member or a "[key]" marker; they are noise.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else f"; expected one of: {', '.join(known)}"
+        return DefinitionError(file, path, f"unknown key{hint}")
+    if kind == "missing":
+        return DefinitionError(file, path, "required key is missing")
+    if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), DefinitionError):
+        inner: DefinitionError = error["ctx"]["error"]
+        return DefinitionError(file, inner.path, inner.message)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    message = re.sub(r"^Input should be (a valid )?", "expected ", message)
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
+        message += f", got {error['input']!r}"
+    return DefinitionError(file, path, message)
+
+
+def _merge(errors: list[DefinitionError]) -> list[DefinitionError]:
+    """One error per key path: a union's members each complain about the same value."""
+    by_path: dict[str, list[DefinitionError]] = {}
+    for error in errors:
+        by_path.setdefault(error.path, []).append(error)
+    merged = []
+    for path, group in by_path.items():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        kinds = [m.group(1) for e in group if (m := re.match(r"expected (\w+)", e.message))]
+        got = group[0].message.rpartition(", got ")[2]
+        merged.append(DefinitionError(group[0].file, path, f"expected {' or '.join(kinds)}, got {got}"))
+    return merged
+
+
+_UNION_TAGS = {"str", "list[str]", "int", "float", "bool", "function-after", "function-before"}
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys the model accepts at `loc` (for "did you mean")."""
+    model: Any = Definition
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:  # a dict key such as a role or endpoint name
+            continue
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of `rolehost.toml`, for editors and `rolehost schema`."""
+    schema = Definition.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rolehost.toml"
+    return schema
+

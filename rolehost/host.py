@@ -1,0 +1,392 @@
+"""The host process (the platform's WaWorkerHost): runs one instance of a role.
+
+The controller starts it as `python -m rolehost.host` in a session of its own, with the
+instance's `Context` in `ROLEHOST_CONTEXT`, the instance's folders as its environment
+and one end of a socket pair in `ROLEHOST_CHANNEL_FD`.
+
+Threads, each with one job:
+- main:    import the entry point, on_start, then run (the platform's Run thread);
+- channel: controller messages in, heartbeats out; when the channel reaches EOF the
+           controller is gone, and this thread takes the instance's process tree down;
+- status:  status-check handlers, at the role's interval or on demand;
+- stop:    started once, by a stop message, run() returning or request_recycle();
+- loop:    only if the role uses coroutines: the asyncio loop they all run on.
+
+Speed matters here (a crashed instance waits for this process to boot), so the module
+imports only what every role needs: asyncio, psutil and traceback load on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any, NoReturn
+
+from rolehost import protocol
+from rolehost.entrypoint import RoleEntryPoint
+from rolehost.environment import (
+    Changing,
+    Context,
+    RoleEnvironment,
+    RoleStatus,
+    SettingChange,
+    StatusCheck,
+)
+from rolehost.protocol import ExitCode
+
+
+class Channel:
+    """The host's end of the socket pair."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # the role's own children must not hold it open
+        self.sock = socket.socket(fileno=fd)
+        self._lock = threading.Lock()
+
+    def send(self, type: str, **fields: Any) -> None:
+        data = protocol.encode({"type": type, **fields})
+        with self._lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                pass  # the controller is gone; the channel thread is taking us down
+
+    def serve(self, dispatch: Callable[[protocol.Message], None]) -> None:
+        """Read messages until EOF; send a heartbeat every HEARTBEAT_INTERVAL."""
+        buffer = b""
+        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+        while True:
+            wait = max(0.0, next_beat - time.monotonic())
+            readable, _, _ = select.select([self.sock], [], [], wait)
+            if not readable:
+                self.send("heartbeat")
+                next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+                continue
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                dispatch(protocol.decode(line))
+
+
+class Host:
+    """One instance's lifecycle inside its host process."""
+
+    def __init__(self, context: Context, channel: Channel) -> None:
+        self.context = context
+        self.channel = channel
+        self.role: RoleEntryPoint | None = None
+        self._stop_lock = threading.Lock()
+        self._stop_started = False
+        self._loop: Any = None  # asyncio loop, started on the first coroutine
+        self._run_future: Future[Any] | None = None
+        self._status = _StatusLoop(self)
+
+    # The lifecycle (main thread).
+
+    def boot(self) -> None:
+        try:
+            self.role = load_entry_point(self.context.entry_point, self.context.app_dir)()
+        except BaseException:
+            self._fail("import", ExitCode.BOOT_FAILED)
+        self._send_state("starting")
+        try:
+            started = self.invoke(self.role.on_start)
+        except BaseException:
+            self._stopping_or_fail("on_start")
+        if self._stop_started:
+            self._park()
+        if not started:
+            self.channel.send("recycle", reason=f"on_start returned {started!r}")
+            self._exit(ExitCode.RECYCLE)
+        self._status.start()
+        try:
+            self.invoke(self.role.run, main=True)
+        except BaseException:
+            self._stopping_or_fail("run")
+        self.begin_stop("run() returned", ExitCode.RECYCLE)
+        self._park()
+
+    def invoke(self, fn: Callable[..., Any], *args: Any, main: bool = False) -> Any:
+        """Call user code: a coroutine it returns runs on the role's loop, and we wait."""
+        result = fn(*args)
+        if not hasattr(result, "__await__"):
+            return result
+        future = self._submit(result)
+        if main:
+            self._run_future = future
+        return future.result()
+
+    def _submit(self, coroutine: Any) -> Future[Any]:
+        import asyncio
+
+        with self._stop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=self._loop.run_forever, name="rolehost-loop", daemon=True
+                ).start()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    # Stopping (any thread may ask; the stop thread does it once).
+
+    def request_recycle(self, reason: str) -> None:
+        self.begin_stop(reason, ExitCode.RECYCLE)
+
+    def begin_stop(self, reason: str, code: ExitCode) -> None:
+        with self._stop_lock:
+            if self._stop_started:
+                return
+            self._stop_started = True
+        threading.Thread(
+            target=self._stop, args=(reason, code), name="rolehost-stop", daemon=True
+        ).start()
+
+    def _stop(self, reason: str, code: ExitCode) -> NoReturn:
+        if code is ExitCode.RECYCLE:
+            self.channel.send("recycle", reason=reason)
+        RoleEnvironment.mark_stopping()
+        self._send_state("stopping", reason)
+        timeout = self.context.stop_timeout
+        finished, error = bounded(self._graceful, timeout)
+        if not finished:
+            self._report(
+                "on_stop", f"stopping handlers and on_stop did not finish within "
+                f"stop_timeout ({timeout:g}s); the instance is terminated\n",
+            )
+        elif error:
+            self._report("on_stop", error)
+        self._exit(code)
+
+    def _graceful(self) -> None:
+        for handler in RoleEnvironment.handlers["stopping"]:
+            try:
+                self.invoke(handler)
+            except Exception:
+                self._report("stopping", _traceback())
+        if self._run_future is not None:  # an async run is cancelled, then awaited
+            self._run_future.cancel()
+        if self.role is not None:
+            self.invoke(self.role.on_stop)
+
+    # Messages from the controller (channel thread).
+
+    def dispatch(self, message: protocol.Message) -> None:
+        kind = message["type"]
+        if kind == "stop":
+            self.begin_stop(str(message.get("reason", "stop requested")), ExitCode.STOPPED)
+        elif kind == "status_check":
+            self._status.check_now()
+        elif kind == "changing":
+            _thread(self._changing, message)
+        elif kind == "changed":
+            _thread(self._changed, message)
+
+    def _changing(self, message: protocol.Message) -> None:
+        event = Changing([SettingChange(**c) for c in message.get("changes", [])])
+        for handler in RoleEnvironment.handlers["changing"]:
+            try:
+                self.invoke(handler, event)
+            except Exception:
+                self._report("changing", _traceback())
+        self.channel.send("changing_result", cancel=event.cancelled)
+
+    def _changed(self, message: protocol.Message) -> None:
+        changes = RoleEnvironment.apply_settings(dict(message.get("settings", {})))
+        for handler in RoleEnvironment.handlers["changed"]:
+            try:
+                self.invoke(handler, changes)
+            except Exception:
+                self._report("changed", _traceback())
+
+    def orphaned(self) -> NoReturn:
+        """The controller is gone: nobody else will stop this tree, so take it down now."""
+        try:
+            import psutil
+
+            me = psutil.Process()
+            doomed = me.children(recursive=True)
+            token = os.environ.get(protocol.TOKEN_ENV)
+            if token:  # descendants that detached into a session of their own
+                doomed += [p for p in psutil.process_iter() if _has_token(p, token, me.pid)]
+            for proc in doomed:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+        finally:
+            self._exit(ExitCode.ORPHANED)
+
+    # Reporting and leaving.
+
+    def _send_state(self, state: str, reason: str = "") -> None:
+        self.channel.send("state", state=state, reason=reason)
+
+    def _report(self, where: str, text: str) -> None:
+        sys.stderr.write(f"rolehost: {where}: {text}")
+        self.channel.send("error", where=where, traceback=text)
+
+    def _stopping_or_fail(self, where: str) -> NoReturn:
+        """User code raised. During a stop that is the stop's business; otherwise a crash."""
+        if self._stop_started:
+            self._park()
+        self._fail(where, ExitCode.CRASHED)
+
+    def _fail(self, where: str, code: ExitCode) -> NoReturn:
+        self._report(where, _traceback())
+        self._exit(code)
+
+    def _park(self) -> NoReturn:
+        """Wait for the stop thread, which owns the process's exit."""
+        while True:
+            time.sleep(3600)
+
+    def _exit(self, code: ExitCode) -> NoReturn:
+        # os._exit: the user's sync run() may still be executing on the main thread, and
+        # non-daemon threads of theirs must not keep a stopped instance alive.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+class _StatusLoop:
+    """Runs the status-check handlers; reports ready or busy when the answer changes."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._now = threading.Event()
+        self._last: tuple[RoleStatus, str] | None = None
+
+    def start(self) -> None:
+        _thread(self._serve)
+
+    def check_now(self) -> None:
+        self._now.set()
+
+    def _serve(self) -> None:
+        interval = self.host.context.status_check_interval
+        while not RoleEnvironment.is_stopping:
+            answer = self._check(interval)
+            if answer != self._last and not RoleEnvironment.is_stopping:
+                self._last = answer
+                self.host._send_state(answer[0].value, answer[1])
+            self._now.wait(interval)
+            self._now.clear()
+
+    def _check(self, timeout: float) -> tuple[RoleStatus, str]:
+        handlers = list(RoleEnvironment.handlers["status_check"])
+        if not handlers:
+            return RoleStatus.READY, ""
+        check = StatusCheck()
+
+        def ask() -> None:
+            for handler in handlers:
+                if self.host.invoke(handler, check) in (RoleStatus.BUSY, "busy"):
+                    check.busy()
+
+        finished, error = bounded(ask, timeout)
+        if not finished:
+            return RoleStatus.BUSY, f"status check did not answer within {timeout:g}s"
+        if error:
+            self.host._report("status_check", error)
+            return RoleStatus.BUSY, f"status check raised: {error.strip().splitlines()[-1]}"
+        reason = "a status check reported busy" if check.status is RoleStatus.BUSY else ""
+        return check.status, reason
+
+
+def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:
+    """Run `fn` on a thread of its own for at most `timeout`: (finished, traceback)."""
+    outcome: list[str | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except CancelledError:
+            outcome.append(None)
+        except BaseException:
+            outcome.append(_traceback())
+
+    worker = _thread(target)
+    worker.join(timeout)
+    return (bool(outcome), outcome[0] if outcome else None)
+
+
+def load_entry_point(entry_point: str, app_dir: str) -> type[RoleEntryPoint]:
+    module_name, _, class_name = entry_point.partition(":")
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ImportError(f"module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, RoleEntryPoint)):
+        raise TypeError(f"{entry_point} is not a subclass of rolehost.RoleEntryPoint")
+    return cls
+
+
+def _has_token(proc: Any, token: str, me: int) -> bool:
+    try:
+        return bool(proc.pid != me and proc.environ().get(protocol.TOKEN_ENV) == token)
+    except Exception:  # gone, a zombie, or not ours to read
+        return False
+
+
+def _thread(target: Callable[..., Any], *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _traceback() -> str:
+    import traceback
+
+    return traceback.format_exc()
+
+
+def check(entry_point: str, app_dir: str) -> int:
+    """`python -m rolehost.host --check ENTRY APP`: can this entry point be loaded?"""
+    try:
+        load_entry_point(entry_point, app_dir)
+    except BaseException:
+        sys.stderr.write(_traceback())
+        return 2
+    return 0
+
+
+def main() -> NoReturn:
+    if sys.argv[1:2] == ["--check"]:
+        sys.exit(check(sys.argv[2], sys.argv[3]))
+    context = Context.from_json(os.environ[protocol.CONTEXT_ENV])
+    channel = Channel(int(os.environ[protocol.CHANNEL_FD_ENV]))
+    host = Host(context, channel)
+    RoleEnvironment.bind(context, host)
+    if isinstance(sys.stdout, __import__("io").TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # output reaches the log as it is printed
+
+    def serve() -> None:
+        channel.serve(host.dispatch)
+        host.orphaned()
+
+    threading.Thread(target=serve, name="rolehost-channel", daemon=True).start()
+    host.boot()
+    raise AssertionError("unreachable: boot() always exits")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Child processes of the controller: spawning, exit, channel, output and tree sweeps.
+
+An instance's processes are found three ways, because each alone misses some:
+- the host and its live descendants, by parentage (psutil);
+- the host's process group, which its plain children share (killpg);
+- descendants that detached into a session of their own and were orphaned: the
+  controller is a child subreaper, so they are re-parented to it, and they carry the
+  instance's token in their environment.
+
+Exits are seen through a pidfd, never by polling. The tree is swept while the exited
+host is still an unreaped zombie, so its pid and process group cannot be reused by an
+unrelated process before the sweep signals them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+
+from rolehost import protocol
+
+# Pids the controller reaps itself; the orphan reaper leaves them alone.
+_tracked: set[int] = set()
+KILL_GRACE = 1.0  # seconds a swept process gets between SIGTERM and SIGKILL
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process instead of init (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans() -> None:
+    """Reap exited children that are not ours to wait for (re-parented orphans)."""
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    for child in children:
+        if child.pid in _tracked:
+            continue
+        try:
+            os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def tree_of(root: int | None, token: str) -> list[psutil.Process]:
+    """The live processes of one instance: `root`'s descendants and its token's orphans."""
+    found: dict[int, psutil.Process] = {}
+    if root is not None:
+        try:
+            host = psutil.Process(root)
+            found[root] = host
+            found.update((p.pid, p) for p in host.children(recursive=True))
+        except psutil.Error:
+            pass
+    try:
+        mine = psutil.Process().children()
+    except psutil.Error:
+        mine = []
+    for child in mine:
+        if child.pid in _tracked or child.pid in found or not has_token(child, token):
+            continue
+        found[child.pid] = child
+        try:
+            found.update((p.pid, p) for p in child.children(recursive=True))
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def has_token(proc: psutil.Process, token: str) -> bool:
+    try:
+        return proc.environ().get(protocol.TOKEN_ENV) == token
+    except psutil.Error:
+        return False
+
+
+def signal_tree(root: int | None, token: str, sig: int) -> list[psutil.Process]:
+    """Send `sig` to every process of the instance; return them for waiting."""
+    procs = tree_of(root, token)
+    if root is not None:
+        try:
+            os.killpg(root, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+    return procs
+
+
+def sweep(root: int | None, token: str, exclude: int | None = None) -> int:
+    """Terminate the instance's processes: SIGTERM, then SIGKILL after KILL_GRACE.
+
+    Blocking (it waits); the controller runs it on a worker thread. Returns how many
+    processes it had to signal, besides `exclude` (an exited host waiting to be reaped).
+    """
+    procs = [p for p in signal_tree(root, token, signal.SIGTERM) if p.pid != exclude]
+    if not procs:
+        return 0
+    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=KILL_GRACE)
+    return len(procs)
+
+
+class _Lines(asyncio.Protocol):
+    """Splits a byte stream into newline-terminated records for a callback."""
+
+    def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
+        self._buffer = b""
+        self._on_line = on_line
+        self._on_eof = on_eof
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\n" not in data:
+            return
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self._on_line(line)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._buffer:
+            self._on_line(self._buffer)
+            self._buffer = b""
+        self._on_eof()
+
+
+class _Output(asyncio.Protocol):
+    def __init__(self, on_output: Callable[[bytes], None], done: asyncio.Future[None]) -> None:
+        self._on_output = on_output
+        self._done = done
+
+    def data_received(self, data: bytes) -> None:
+        self._on_output(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+class HostProcess:
+    """A running host process: its channel, its output and its exit.
+
+    `on_message` gets each decoded message; `on_output` each chunk of the merged
+    stdout/stderr of the host and its descendants. `exited` resolves to the exit code
+    (negative: killed by that signal) once the tree has been swept and the host reaped.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], token: str) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.token = token
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.output_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: str,
+        token: str,
+        on_message: Callable[[protocol.Message], None],
+        on_output: Callable[[bytes], None],
+    ) -> HostProcess:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        env = {**env, protocol.CHANNEL_FD_ENV: str(theirs.fileno()), protocol.TOKEN_ENV: token}
+        try:
+            popen = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        _tracked.add(popen.pid)
+        self = cls(popen, token)
+        assert popen.stdout is not None
+        await loop.connect_read_pipe(lambda: _Output(on_output, self.output_done), popen.stdout)
+
+        def on_line(line: bytes) -> None:
+            try:
+                message = protocol.decode(line)
+            except ValueError:
+                return  # a host that garbles its channel is judged by its exit instead
+            on_message(message)
+
+        transport, _ = await loop.create_connection(lambda: _Lines(on_line, lambda: None), sock=ours)
+        self._transport = transport  # type: ignore[assignment]
+        pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(pidfd, self._on_exit, loop, pidfd)
+        return self
+
+    def send(self, message: protocol.Message) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(protocol.encode(message))
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.done()
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree now (the exit is still reported through `exited`)."""
+        signal_tree(self.pid, self.token, signal.SIGKILL)
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        loop.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        # Sweep first: the zombie keeps the pid and process group from being reused.
+        await asyncio.to_thread(sweep, self.pid, self.token, self.pid)
+        _, status = os.waitpid(self.pid, 0)
+        _tracked.discard(self.pid)
+        code = os.waitstatus_to_exitcode(status)
+        self.popen.returncode = code
+        if self._transport is not None:
+            self._transport.close()
+        try:  # output written just before the exit is still in the pipe
+            await asyncio.wait_for(asyncio.shield(self.output_done), KILL_GRACE)
+        except TimeoutError:
+            pass
+        self.exited.set_result(code)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    try:
+        return f"exited with {code} ({protocol.ExitCode(code).name.lower()})"
+    except ValueError:
+        return f"exited with {code}"
+
+
+def closing(obj: Any) -> None:
+    """Close a transport or file-like, ignoring errors (used on teardown paths)."""
+    try:
+        obj.close()
+    except Exception:
+        pass

@@ -1,0 +1,53 @@
+"""Controller <-> host messages: newline-delimited JSON objects over a socket pair.
+
+Every message is an object with a `type`. Host to controller:
+
+- `state`     `{"state": "starting" | "busy" | "ready" | "stopping", "reason": str}`
+- `recycle`   `{"reason": str}`: the host is about to exit to be recycled
+- `error`     `{"where": str, "traceback": str}`: user code failed
+- `heartbeat` `{}`: sent every `HEARTBEAT_INTERVAL` by a thread no user code runs on
+- `changing_result` `{"cancel": bool}`
+
+Controller to host: `stop` `{"reason": str}`, `status_check` `{}`,
+`changing` `{"changes": [...]}`, `changed` `{"settings": {...}}`.
+
+This module is imported by the host process, so it must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from typing import Any
+
+CHANNEL_FD_ENV = "ROLEHOST_CHANNEL_FD"
+CONTEXT_ENV = "ROLEHOST_CONTEXT"
+TOKEN_ENV = "ROLEHOST_INSTANCE_TOKEN"
+
+HEARTBEAT_INTERVAL = 5.0
+# A host whose heartbeat thread has been silent this long is frozen (stopped, or a C
+# extension holding the GIL): the controller recycles it.
+UNRESPONSIVE_AFTER = 6 * HEARTBEAT_INTERVAL
+
+Message = dict[str, Any]
+
+
+class ExitCode(IntEnum):
+    """How a host process ended; the messages before it carry the details."""
+
+    STOPPED = 0  # a requested stop completed
+    CRASHED = 1  # an unhandled exception (Python's own exit status for one)
+    RECYCLE = 75  # on_start returned False, run returned, or request_recycle()
+    BOOT_FAILED = 76  # the entry point could not be imported or constructed
+    ORPHANED = 77  # the controller went away; the host took its tree down
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError(f"not a rolehost message: {line[:200]!r}")
+    return message

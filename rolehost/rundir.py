@@ -1,0 +1,98 @@
+"""The run directory: where a controller keeps its socket, lock, logs and instances.
+
+Default: `.rolehost/` beside the definition. It is 0700 and its control socket 0600,
+so only the user who started the controller can reach it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+class AlreadyRunning(RuntimeError):
+    """Another controller holds this run directory."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def for_definition(cls, definition: Path, run_dir: Path | None = None) -> RunDir:
+        if run_dir is not None:
+            return cls(Path(run_dir).resolve())
+        return cls(Path(definition).resolve().parent / ".rolehost")
+
+    @property
+    def socket(self) -> Path:
+        return self.path / "control.sock"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def instances(self) -> Path:
+        return self.path / "instances"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "controller.pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.logs / "console.log"
+
+    def instance_log(self, instance_id: str) -> Path:
+        return self.logs / f"{instance_id}.log"
+
+    def ensure(self) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)  # an existing folder may have been created looser
+        self.logs.mkdir(exist_ok=True)
+        if len(os.fsencode(self.socket)) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"run directory path too long for a Unix socket ({self.socket}); "
+                "choose a shorter one with --run-dir"
+            )
+
+    def lock(self) -> int:
+        """Take the run directory for this process; AlreadyRunning if another has it.
+
+        The lock is an flock on the pid file, so it dies with its holder, `kill -9`
+        included. Returns the descriptor, which must stay open while the controller runs.
+        """
+        fd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode().strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another controller (pid {holder}) is already running on {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def holder(self) -> int | None:
+        """The pid of the controller holding the lock, or None when none does."""
+        try:
+            fd = os.open(self.pidfile, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode().strip()
+            return int(text) if text.isdigit() else None
+        else:
+            return None
+        finally:
+            os.close(fd)
