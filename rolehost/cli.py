@@ -168,7 +168,10 @@ def stop(file: Path, run_dir: Path | None) -> None:
 
 @cli.command(name="logs")
 @click.argument("instance", required=False)
-@_file
+@click.option(
+    "--file", "file", type=click.Path(path_type=Path), default=Path("rolehost.toml"),
+    show_default=True, help="The service definition (-f is --follow here, as in tail).",
+)
 @_run_dir
 @click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")

@@ -68,6 +68,7 @@ class Console:
         self.enabled = True
         self._width = 8
         self._palette: dict[str, int] = {}
+        self._partial: dict[str, bytes] = {}
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -79,13 +80,21 @@ class Console:
             self.enabled = False  # nobody is reading: stop writing, keep serving
 
     def output(self, source: str, data: bytes) -> None:
+        """Print whole lines of `source`'s output; a partial line waits for its end."""
+        *lines, self._partial[source] = (self._partial.get(source, b"") + data).split(b"\n")
+        for raw in lines:
+            self.line(f"{self._prefix(source)} {raw.decode('utf-8', 'replace').rstrip()}")
+
+    def _prefix(self, source: str) -> str:
         self._width = max(self._width, len(source))
         prefix = f"{time.strftime('%H:%M:%S')} {source:<{self._width}} |"
         if self.color:
             code = self._palette.setdefault(source, self._COLORS[len(self._palette) % 11])
             prefix = f"\x1b[{code}m{prefix}\x1b[0m"
-        for raw in data.splitlines():
-            self.line(f"{prefix} {raw.decode('utf-8', 'replace')}")
+        return prefix
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.line(f"{self._prefix('rolehost')} {describe(event)}")
 
 
 class _Tee:
@@ -94,16 +103,13 @@ class _Tee:
     def __init__(self, file: RotatingFile | None, console: Console | None) -> None:
         self.file, self.console = file, console
         self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
-        self._render = structlog.dev.ConsoleRenderer(
-            colors=bool(console and console.color), pad_event_to=0
-        )
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> str:
         self.recent.append(event)
         if self.file is not None:
             self.file.write(json.dumps(event, default=str).encode() + b"\n")
         if self.console is not None:
-            self.console.line(str(self._render(logger, method, dict(event))))
+            self.console.event(event)
         return ""
 
 
@@ -147,16 +153,30 @@ def tail(path: Path, lines: int) -> list[str]:
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-lines:]]
 
 
+_QUIET = {"event", "timestamp", "level", "instance"}
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One event as a readable line: `web_IN_0: starting -> ready`, or `name k=v ...`."""
+    name = str(event.get("event", ""))
+    level = "" if event.get("level", "info") == "info" else f"[{event['level']}] "
+    if name == "state":
+        reason = f" ({event['reason']})" if event.get("reason") else ""
+        return f"{event.get('instance')}: {event.get('previous')} -> {event.get('state')}{reason}"
+    subject = f"{event['instance']}: " if "instance" in event else ""
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in _QUIET and v is not None)
+    return f"{level}{subject}{name.replace('_', ' ')} {fields}".rstrip()
+
+
 def render_event(line: str) -> str:
-    """A JSON line of the controller's event log as the console shows it."""
+    """A JSON line of the controller's event log, as the console showed it."""
     try:
         event = json.loads(line)
     except ValueError:
         return line
     if not isinstance(event, dict):
         return line
-    renderer = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
-    return str(renderer(None, str(event.get("level", "info")), event))
+    return f"{str(event.get('timestamp', ''))[11:19]} {describe(event)}"
 
 
 def follow(path: Path, on_line: Any) -> None:
