@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httptools
 import structlog
@@ -73,7 +73,7 @@ def _match(method: str, path: str) -> tuple[Handler, dict[str, str]]:
         params = {}
         for want, got in zip(pattern, parts, strict=True):
             if want.startswith("{"):
-                params[want.strip("{}")] = got
+                params[want.strip("{}")] = unquote(got)
             elif want != got:
                 break
         else:

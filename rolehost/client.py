@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ class Client:
         return result
 
     def instance(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/v1/instances/{name}")
+        result: dict[str, Any] = self.request("GET", f"/v1/instances/{quote(name, safe='')}")
         return result
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:

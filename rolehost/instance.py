@@ -327,7 +327,7 @@ class Instance:
             f"waiting for host: not ready within the ready deadline ({deadline:g}s); "
             f"it was {self.state.value}"
         )
-        self.last_error = self._failed_reason
+        self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
         if self.process is not None and self.process.running:
             self.process.kill()

@@ -1,0 +1,253 @@
+"""Rehearse a service from your own tests: a real controller, real processes.
+
+    from rolehost.testing import ServiceHarness
+
+    def test_worker_survives_a_crash():
+        with ServiceHarness("rolehost.toml") as service:
+            service.wait_ready(timeout=30)
+            service.kill("worker/0")
+            service.wait_ready(timeout=30)
+            assert service.instance("worker/0")["restarts"] == 1
+
+The harness starts `rolehost start` on a private run directory, talks to it over the
+control API, and on exit stops it and checks that no process of it is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import psutil
+
+from rolehost import logs
+from rolehost.client import Client, ControllerNotRunning
+from rolehost.instance import parse_instance_name
+from rolehost.rundir import RunDir
+
+T = TypeVar("T")
+POLL = 0.02  # seconds between looks at a condition that has no event to wait on
+
+
+class HarnessError(AssertionError):
+    """The service did not do what the test waited for; the message says what it did."""
+
+
+def wait_until(
+    condition: Callable[[], T | None], timeout: float, what: str,
+    describe: Callable[[], str] | None = None,
+) -> T:
+    """Poll `condition` until it returns something truthy; HarnessError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            detail = f"\n{describe()}" if describe else ""
+            raise HarnessError(f"timed out after {timeout:g}s waiting for {what}{detail}")
+        time.sleep(POLL)
+
+
+def run_dir_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every live process started for `run_dir`: its controller, hosts and their children."""
+    wanted = str(run_dir)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = proc.info["cmdline"] or []
+            if wanted in cmdline or proc.environ().get("ROLEHOST_RUN_DIR") == wanted:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+class ServiceHarness:
+    """A controller for one definition, run in the background for the length of a test."""
+
+    def __init__(
+        self,
+        definition: str | os.PathLike[str],
+        run_dir: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.definition = Path(definition).resolve()
+        self._own_run_dir = run_dir is None
+        # Short, private paths: a Unix socket path must fit in 107 bytes.
+        self.run_dir = RunDir(
+            Path(run_dir).resolve() if run_dir else Path(tempfile.mkdtemp(prefix="rolehost-"))
+        )
+        self.env = {**os.environ, **(env or {})}
+        self.start_timeout = start_timeout
+        self.client = Client(self.run_dir.socket)
+        self.controller: subprocess.Popen[bytes] | None = None
+
+    # Starting and stopping.
+
+    def __enter__(self) -> ServiceHarness:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self.assert_no_processes()
+            if self._own_run_dir and kind is None:
+                shutil.rmtree(self.run_dir.path, ignore_errors=True)
+
+    def start(self) -> None:
+        self.run_dir.ensure()
+        with open(self.run_dir.console_log, "ab") as out:
+            self.controller = subprocess.Popen(
+                [sys.executable, "-m", "rolehost", "start", "-f", str(self.definition),
+                 "--run-dir", str(self.run_dir.path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+            )
+
+        def answering() -> bool:
+            if self.controller is not None and self.controller.poll() is not None:
+                raise HarnessError(
+                    f"the controller exited with {self.controller.returncode}:\n{self.console()}"
+                )
+            try:
+                self.client.status()
+            except (ControllerNotRunning, OSError):
+                return False
+            return True
+
+        wait_until(answering, self.start_timeout, "the controller to answer", self.console)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop gracefully through the API; kill whatever is left after `timeout`."""
+        if self.controller is None:
+            return
+        if self.controller.poll() is None:
+            try:
+                self.client.request("POST", "/v1/shutdown", timeout=timeout)
+            except (ControllerNotRunning, OSError):
+                pass
+            try:
+                self.controller.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.controller.kill()
+                self.controller.wait(10)
+        for proc in run_dir_processes(self.run_dir.path):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def signal_controller(self, sig: int) -> None:
+        assert self.controller is not None
+        self.controller.send_signal(sig)
+
+    def wait_controller_exit(self, timeout: float) -> int:
+        assert self.controller is not None
+        return self.controller.wait(timeout)
+
+    def processes(self) -> list[psutil.Process]:
+        return run_dir_processes(self.run_dir.path)
+
+    def assert_no_processes(self, timeout: float = 5.0) -> None:
+        """No process of this run directory may outlive the service (a few seconds' grace)."""
+        left: list[psutil.Process] = []
+
+        def none_left() -> bool:
+            nonlocal left
+            left = self.processes()
+            return not left
+
+        wait_until(none_left, timeout, "every process of the service to end",
+                   lambda: "\n".join(f"  {p.pid} {' '.join(p.cmdline())}" for p in left))
+
+    # Looking.
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status()
+
+    def instance(self, name: str) -> dict[str, Any]:
+        return self.client.instance(name)
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.client.events()
+
+    def logs(self, name: str) -> str:
+        role, index = parse_instance_name(name)
+        path = self.run_dir.instance_log(f"{role}_IN_{index}")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def console(self) -> str:
+        return "\n".join(logs.tail(self.run_dir.console_log, 40))
+
+    def _describe(self) -> str:
+        try:
+            rows = self.status()["instances"]
+        except (ControllerNotRunning, OSError) as exc:
+            return f"(no status: {exc})\n{self.console()}"
+        return "\n".join(
+            f"  {i['id']}: {i['state']} ({i['reason']}) last_error={i['last_error']}" for i in rows
+        )
+
+    # Waiting.
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until every instance is ready; return the status."""
+
+        def ready() -> dict[str, Any] | None:
+            status = self.status()
+            return status if all(i["state"] == "ready" for i in status["instances"]) else None
+
+        return wait_until(ready, timeout, "every instance to be ready", self._describe)
+
+    def wait_state(self, name: str, states: str | set[str], timeout: float = 60.0) -> dict[str, Any]:
+        wanted = {states} if isinstance(states, str) else states
+
+        def reached() -> dict[str, Any] | None:
+            snapshot = self.instance(name)
+            return snapshot if snapshot["state"] in wanted else None
+
+        return wait_until(reached, timeout, f"{name} to be {' or '.join(sorted(wanted))}",
+                          self._describe)
+
+    def wait_replaced(self, name: str, pid: int, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until `name` is ready again in a host process other than `pid`."""
+
+        def replaced() -> dict[str, Any] | None:
+            snapshot = self.instance(name)
+            return snapshot if snapshot["state"] == "ready" and snapshot["pid"] != pid else None
+
+        return wait_until(replaced, timeout, f"{name} to be ready in a new host", self._describe)
+
+    def wait_event(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, what: str = ""
+    ) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events() if predicate(e)), None)
+
+        return wait_until(found, timeout, what or "an event", self._describe)
+
+    # Acting.
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to an instance's host process; return its pid."""
+        pid = self.instance(name)["pid"]
+        if pid is None:
+            raise HarnessError(f"{name} has no host process ({self._describe()})")
+        os.kill(pid, sig)
+        return int(pid)

@@ -1,0 +1,363 @@
+"""The lifecycle rules of DESIGN.md, with a real controller and real host processes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from datetime import datetime
+
+import pytest
+from conftest import MakeService
+
+from rolehost.testing import wait_until
+
+FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}
+
+
+def test_instances_reach_ready_with_identity(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                me = RoleEnvironment.current_instance
+                probe(f"start:{me.role}:{me.index}:{me.update_domain}:{RoleEnvironment.deployment_id}")
+                return True
+        """,
+        instances=3,
+    )
+    with service.harness() as h:
+        status = h.wait_ready(30)
+        rows = {i["id"]: i for i in status["instances"]}
+        assert sorted(rows) == ["web_IN_0", "web_IN_1", "web_IN_2"]
+        for index in range(3):
+            row = rows[f"web_IN_{index}"]
+            assert row["role"] == "web" and row["index"] == index
+            assert row["update_domain"] == index % 2
+            assert row["state"] == "ready" and row["restarts"] == 0 and row["last_error"] is None
+            assert isinstance(row["pid"], int) and datetime.fromisoformat(row["ready_since"])
+            assert f"start:web:{index}:{index % 2}:{status['deployment_id']} web_IN_{index}" in (
+                service.probes()
+            )
+        assert {p.pid for p in h.processes()} >= {r["pid"] for r in rows.values()}
+
+
+def test_on_start_false_recycles_with_growing_backoff(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe("on_start")
+                return False
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        wait_until(lambda: service.count("on_start") >= 5, 30, "five starts")
+        recycles = [e for e in h.events() if e["event"] == "state" and e["state"] == "recycling"]
+        delays = [float(re.search(r"next try in ([\d.]+)s", e["reason"])[1]) for e in recycles]
+        assert delays[:4] == [0.2, 0.4, 0.8, 1.0]  # doubling from backoff_initial, capped
+        assert "on_start returned False" in recycles[0]["reason"]
+        row = h.instance("web/0")
+        assert row["restarts"] >= 4 and row["attempt"] >= 4
+        assert service.count("on_stop") == 0  # on_start False recycles without a stop
+
+
+def test_on_start_raising_recycles_with_its_traceback(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                raise RuntimeError("cache warm-up failed")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        row = h.wait_state("web/0", "recycling", 30)
+        assert row["last_error"] == "on_start: RuntimeError: cache warm-up failed"
+        assert "Traceback" in h.logs("web/0") and "cache warm-up failed" in h.logs("web/0")
+        assert row["next_try"] is not None
+
+
+def test_run_returning_recycles_gracefully(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_stopping(lambda: probe("stopping"))
+                return True
+            def run(self):
+                probe("run")
+                time.sleep(0.3)
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        wait_until(lambda: service.count("run") >= 2, 30, "a second run")
+        first = service.probes()[:3]
+        assert first == ["run web_IN_0", "stopping web_IN_0", "on_stop web_IN_0"]
+        states = [e["state"] for e in h.events() if e["event"] == "state"]
+        assert states[:6] == ["bootstrapping", "starting", "ready", "stopping", "recycling",
+                              "bootstrapping"]
+        recycling = next(e for e in h.events() if e.get("state") == "recycling")
+        assert recycling["reason"].startswith("run() returned")
+
+
+def test_run_raising_recycles_without_stop(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_stopping(lambda: probe("stopping"))
+                return True
+            def run(self):
+                probe("run")
+                raise ValueError("poison message")
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        wait_until(lambda: service.count("run") >= 2, 30, "a second run")
+        assert service.count("stopping") == 0 and service.count("on_stop") == 0
+        recycling = next(e for e in h.events() if e.get("state") == "recycling")
+        assert "run: ValueError: poison message" in recycling["reason"]
+
+
+def test_on_stop_past_stop_timeout_is_cut_short(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                time.sleep(600)
+        """,
+        role={"stop_timeout": "1s"},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        began = time.monotonic()
+        h.stop(timeout=30)
+        elapsed = time.monotonic() - began
+        assert service.count("on_stop") == 1
+        assert elapsed < 6, f"stop took {elapsed:.1f}s with stop_timeout 1s"
+        log = h.logs("web/0")
+        assert "did not finish within stop_timeout (1s)" in log
+
+
+def test_host_ignoring_stop_is_killed_after_stop_timeout(make_service: MakeService) -> None:
+    # The host process itself hangs (SIGSTOP): only the controller can end it.
+    service = make_service("class Role(RoleEntryPoint): pass", role={"stop_timeout": "1s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.kill("web/0", signal.SIGSTOP)
+        began = time.monotonic()
+        h.stop(timeout=30)
+        assert time.monotonic() - began < 8
+        killed = h.run_dir.logs / "controller.log"
+        assert '"stop_timeout"' in killed.read_text()
+
+
+def test_ready_deadline_missed_marks_failed(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe("on_start")
+                time.sleep(600)
+                return True
+        """,
+        service={"ready_deadline": "1500ms"},
+    )
+    with service.harness() as h:
+        row = h.wait_state("web/0", "failed", 30)
+        assert "ready deadline (1.5s)" in row["last_error"] and "waiting for host" in row["reason"]
+        assert row["pid"] is None
+        wait_until(lambda: len(h.processes()) == 1, 10, "only the controller left")
+        assert service.count("on_start") == 1  # failed is final: no retry
+
+
+def test_async_role_runs_and_stop_cancels_run(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            async def on_start(self):
+                await asyncio.sleep(0.01)
+                RoleEnvironment.on_stopping(self.stopping)
+                probe("on_start")
+                return True
+            async def stopping(self):
+                probe("stopping")
+            async def run(self):
+                probe("run")
+                try:
+                    await asyncio.sleep(600)
+                except asyncio.CancelledError:
+                    probe("cancelled")
+                    raise
+            async def on_stop(self):
+                probe("on_stop")
+        """
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        service.wait_probe("run web_IN_0")
+        h.stop()
+        assert service.probes() == ["on_start web_IN_0", "run web_IN_0", "stopping web_IN_0",
+                                    "cancelled web_IN_0", "on_stop web_IN_0"]
+
+
+def test_request_recycle(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def run(self):
+                probe("run")
+                if not os.path.exists(RoleEnvironment.get_setting("probe") + ".once"):
+                    open(RoleEnvironment.get_setting("probe") + ".once", "w").close()
+                    RoleEnvironment.request_recycle()
+                RoleEnvironment.wait_for_stop()
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        wait_until(lambda: service.count("run") == 2, 30, "the recycled instance to run")
+        h.wait_ready(30)
+        assert service.probes()[:3] == ["run web_IN_0", "on_stop web_IN_0", "run web_IN_0"]
+        recycling = next(e for e in h.events() if e.get("state") == "recycling")
+        assert recycling["reason"].startswith("request_recycle() called")
+
+
+def test_crash_of_a_stable_instance_restarts_at_once(make_service: MakeService) -> None:
+    service = make_service(
+        "class Role(RoleEntryPoint): pass",
+        service={"stable_after": "300ms", "backoff_initial": "30s", "backoff_max": "60s"},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        time.sleep(0.4)  # be ready longer than stable_after: that is the condition under test
+        old = h.kill("web/0")
+        row = h.wait_replaced("web/0", old, 10)  # back-off would have been 30 s
+        assert row["restarts"] == 1
+        assert row["last_error"] == "host killed by SIGKILL"
+        recycling = next(e for e in h.events() if e.get("state") == "recycling")
+        assert "next try in 0s" in recycling["reason"]
+
+
+def test_controller_sigterm_stops_every_instance_gracefully(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                time.sleep(0.2)
+                probe("on_stop")
+        """,
+        instances=3,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        began = time.monotonic()
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 0
+        assert time.monotonic() - began < 5  # in parallel, not 3 x 0.2 s in a row + spawn
+        assert sorted(service.probes()) == [f"on_stop web_IN_{i}" for i in range(3)]
+
+
+def test_controller_sigkill_leaves_no_process(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                # a child, and a grandchild that detaches into a session of its own
+                self.child = subprocess.Popen(["sleep", "600"])
+                subprocess.Popen(["setsid", "sleep", "600"])
+                return True
+        """,
+        instances=2,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert len(h.processes()) == 1 + 2 * 3
+        began = time.monotonic()
+        h.signal_controller(signal.SIGKILL)
+        h.wait_controller_exit(10)
+        wait_until(lambda: not h.processes(), 5, "every process to be gone",
+                   lambda: str([p.cmdline() for p in h.processes()]))
+        assert time.monotonic() - began < 2.5
+
+
+@pytest.mark.parametrize("ending", ["stop", "crash"])
+def test_grandchildren_end_with_their_instance(make_service: MakeService, ending: str) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                subprocess.Popen(["sleep", "600"])
+                # double fork + setsid: the grandchild is orphaned at once
+                subprocess.Popen(["sh", "-c", "setsid sleep 600 & exit 0"]).wait()
+                return True
+            def run(self):
+                RoleEnvironment.wait_for_stop()
+        """,
+        service={**FAST, "stable_after": "0s"},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        sleeps = {p.pid for p in h.processes() if p.name() == "sleep"}
+        assert len(sleeps) == 2
+        if ending == "crash":
+            h.wait_replaced("web/0", h.kill("web/0"), 30)
+            survivors = {p.pid for p in h.processes() if p.name() == "sleep"} & sleeps
+            assert not survivors, "the crashed instance's grandchildren must be gone"
+        else:
+            h.stop()
+        assert not [p for p in h.processes() if p.pid in sleeps]
+
+
+def test_status_check_busy_and_back(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_status_check(self.check)
+                return True
+            def check(self, status):
+                flag = RoleEnvironment.get_setting("probe") + ".busy"
+                if os.path.exists(flag):
+                    status.busy()
+        """,
+        role={"status_check_interval": "200ms"},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        flag = service.probe.with_name("probe.txt.busy")
+        flag.touch()
+        row = h.wait_state("web/0", "busy", 10)
+        assert row["reason"] == "a status check reported busy"
+        flag.unlink()
+        h.wait_state("web/0", "ready", 10)
+
+
+def test_missing_setting_names_the_role_and_known_settings(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.get_setting("greting")
+        """,
+        settings={"greeting": "hi"},
+        service=FAST,
+    )
+    with service.harness() as h:
+        row = h.wait_state("web/0", "recycling", 30)
+        assert row["last_error"] == (
+            "on_start: rolehost.environment.SettingNotFound: role 'web' has no setting "
+            "'greting' (known settings: greeting, probe)"
+        )
