@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def start(file: Path, run_dir: Path | None, detach: bool) -> None:
 def _detach(file: Path, where: RunDir) -> None:
     with open(where.console_log, "ab") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "rolehost", "start", "-f", str(file), "--run-dir", str(where.path)],
+            [sys.executable, "-m", "rolehost", "start", "-f", str(file),
+             "--run-dir", str(where.path)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     client = Client(where.socket, timeout=2.0)
@@ -193,10 +195,8 @@ def logs_command(
     for line in logs.tail(path, lines):
         click.echo(render(line))
     if follow:
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             logs.follow(path, lambda line: click.echo(render(line)))
-        except KeyboardInterrupt:
-            pass
 
 
 @cli.command()

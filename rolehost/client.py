@@ -5,9 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 
 class ControllerNotRunning(ConnectionError):
@@ -41,7 +41,9 @@ class Client:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
         conn = _UnixConnection(self.socket_path, timeout or self.timeout)
         try:
             try:

@@ -39,7 +39,9 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
-        raise ValueError(f"expected a duration such as 90, \"90s\", \"5m\" or \"1h\", got {value!r}")
+        raise ValueError(
+            f"expected a duration such as 90, \"90s\", \"5m\" or \"1h\", got {value!r}"
+        )
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -256,7 +258,9 @@ def _explain(error: Any, file: Path | None) -> DefinitionError:
     if kind == "extra_forbidden":
         known = _fields_at(loc[:-1])
         guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else f"; expected one of: {', '.join(known)}"
+        hint = (
+            f"; did you mean {guess[0]!r}?" if guess else f"; expected one of: {', '.join(known)}"
+        )
         return DefinitionError(file, path, f"unknown key{hint}")
     if kind == "missing":
         return DefinitionError(file, path, "required key is missing")
@@ -282,7 +286,8 @@ def _merge(errors: list[DefinitionError]) -> list[DefinitionError]:
             continue
         kinds = [m.group(1) for e in group if (m := re.match(r"expected (\w+)", e.message))]
         got = group[0].message.rpartition(", got ")[2]
-        merged.append(DefinitionError(group[0].file, path, f"expected {' or '.join(kinds)}, got {got}"))
+        message = f"expected {' or '.join(kinds)}, got {got}"
+        merged.append(DefinitionError(group[0].file, path, message))
     return merged
 
 

@@ -18,6 +18,7 @@ imports only what every role needs: asyncio, psutil and traceback load on demand
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import select
@@ -52,11 +53,9 @@ class Channel:
 
     def send(self, type: str, **fields: Any) -> None:
         data = protocol.encode({"type": type, **fields})
-        with self._lock:
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                pass  # the controller is gone; the channel thread is taking us down
+        # An OSError means the controller is gone; the channel thread is taking us down.
+        with self._lock, contextlib.suppress(OSError):
+            self.sock.sendall(data)
 
     def serve(self, dispatch: Callable[[protocol.Message], None]) -> None:
         """Read messages until EOF; send a heartbeat every HEARTBEAT_INTERVAL."""
@@ -222,10 +221,8 @@ class Host:
             if token:  # descendants that detached into a session of their own
                 doomed += [p for p in psutil.process_iter() if _has_token(p, token, me.pid)]
             for proc in doomed:
-                try:
+                with contextlib.suppress(psutil.Error):
                     proc.kill()
-                except psutil.Error:
-                    pass
         finally:
             self._exit(ExitCode.ORPHANED)
 
@@ -257,10 +254,8 @@ class Host:
         # os._exit: the user's sync run() may still be executing on the main thread, and
         # non-daemon threads of theirs must not keep a stopped instance alive.
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(code)
 
 

@@ -7,6 +7,7 @@ Every state change of an instance happens in `Instance._set`, checked against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -152,10 +153,8 @@ class Instance:
             delay = self._backoff()
             self.next_try = time.time() + delay
             self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
-            except TimeoutError:
-                pass
             self.next_try = None
             if self._stop_requested.is_set():
                 self._set(S.STOPPED, "stop requested")
@@ -209,8 +208,9 @@ class Instance:
 
     async def _watch(self, process: HostProcess) -> int:
         """Wait for the host to exit; if a stop is asked for first, stop it gracefully."""
-        stop = asyncio.ensure_future(self._stop_requested.wait())
-        await asyncio.wait({process.exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_requested.wait())
+        exited: asyncio.Future[Any] = process.exited
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if process.running:
             reason = self._stop_reason

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -104,7 +105,8 @@ class _Tee:
         self.file, self.console = file, console
         self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        event = dict(event)
         self.recent.append(event)
         if self.file is not None:
             self.file.write(json.dumps(event, default=str).encode() + b"\n")

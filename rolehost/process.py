@@ -15,13 +15,13 @@ unrelated process before the sweep signals them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import psutil
 
@@ -52,10 +52,8 @@ def reap_orphans() -> None:
     for child in children:
         if child.pid in _tracked:
             continue
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 def tree_of(root: int | None, token: str) -> list[psutil.Process]:
@@ -76,10 +74,8 @@ def tree_of(root: int | None, token: str) -> list[psutil.Process]:
         if child.pid in _tracked or child.pid in found or not has_token(child, token):
             continue
         found[child.pid] = child
-        try:
+        with contextlib.suppress(psutil.Error):
             found.update((p.pid, p) for p in child.children(recursive=True))
-        except psutil.Error:
-            pass
     return list(found.values())
 
 
@@ -94,15 +90,11 @@ def signal_tree(root: int | None, token: str, sig: int) -> list[psutil.Process]:
     """Send `sig` to every process of the instance; return them for waiting."""
     procs = tree_of(root, token)
     if root is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(sig)
-        except psutil.Error:
-            pass
     return procs
 
 
@@ -117,10 +109,8 @@ def sweep(root: int | None, token: str, exclude: int | None = None) -> int:
         return 0
     _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=KILL_GRACE)
     return len(procs)
 
@@ -221,8 +211,10 @@ class HostProcess:
                 return  # a host that garbles its channel is judged by its exit instead
             on_message(message)
 
-        transport, _ = await loop.create_connection(lambda: _Lines(on_line, lambda: None), sock=ours)
-        self._transport = transport  # type: ignore[assignment]
+        transport, _ = await loop.create_connection(
+            lambda: _Lines(on_line, lambda: None), sock=ours
+        )
+        self._transport = transport
         pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(pidfd, self._on_exit, loop, pidfd)
         return self
@@ -253,10 +245,8 @@ class HostProcess:
         self.popen.returncode = code
         if self._transport is not None:
             self._transport.close()
-        try:  # output written just before the exit is still in the pipe
+        with contextlib.suppress(TimeoutError):  # output written just before the exit
             await asyncio.wait_for(asyncio.shield(self.output_done), KILL_GRACE)
-        except TimeoutError:
-            pass
         self.exited.set_result(code)
 
 
@@ -271,10 +261,3 @@ def describe_exit(code: int) -> str:
     except ValueError:
         return f"exited with {code}"
 
-
-def closing(obj: Any) -> None:
-    """Close a transport or file-like, ignoring errors (used on teardown paths)."""
-    try:
-        obj.close()
-    except Exception:
-        pass

@@ -15,6 +15,7 @@ control API, and on exit stops it and checks that no process of it is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -138,20 +139,16 @@ class ServiceHarness:
         if self.controller is None:
             return
         if self.controller.poll() is None:
-            try:
+            with contextlib.suppress(ControllerNotRunning, OSError):
                 self.client.request("POST", "/v1/shutdown", timeout=timeout)
-            except (ControllerNotRunning, OSError):
-                pass
             try:
                 self.controller.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.controller.kill()
                 self.controller.wait(10)
         for proc in run_dir_processes(self.run_dir.path):
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-            except psutil.Error:
-                pass
 
     def signal_controller(self, sig: int) -> None:
         assert self.controller is not None
@@ -215,7 +212,9 @@ class ServiceHarness:
 
         return wait_until(ready, timeout, "every instance to be ready", self._describe)
 
-    def wait_state(self, name: str, states: str | set[str], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_state(
+        self, name: str, states: str | set[str], timeout: float = 60.0
+    ) -> dict[str, Any]:
         wanted = {states} if isinstance(states, str) else states
 
         def reached() -> dict[str, Any] | None:

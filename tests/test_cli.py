@@ -1,0 +1,222 @@
+"""The command line and the control API, as a user meets them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import MakeService
+
+from rolehost.client import ApiError, Client
+from rolehost.testing import run_dir_processes, wait_until
+
+
+def rolehost(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rolehost", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+GOOD = """
+[service]
+name = "shop"
+
+[roles.web]
+entry_point = "app:Web"
+instances = 1
+
+[roles.web.endpoints.http]
+port = 18080
+"""
+APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\nclass NotARole: pass\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.replace("instances = 1", "instance = 1"),
+         "rolehost.toml: roles.web.instance: unknown key; did you mean 'instances'?"),
+        (lambda t: t.replace("instances = 1", 'instances = "two"'),
+         "rolehost.toml: roles.web.instances: expected integer"),
+        (lambda t: t.replace('name = "shop"', 'name = "shop"\nready_deadline = "soon"'),
+         "rolehost.toml: service.ready_deadline: expected a duration"),
+        (lambda t: t.replace("app:Web", "missing_module:Web"),
+         "rolehost.toml: roles.web.entry_point: cannot load missing_module:Web"),
+        (lambda t: t.replace("app:Web", "app:NotARole"),
+         "app:NotARole is not a subclass of rolehost.RoleEntryPoint"),
+        (lambda t: t + '\n[roles.api]\nentry_point = "app:Web"\n'
+                       '[roles.api.endpoints.http]\nport = 18080\n',
+         "rolehost.toml: roles.api.endpoints.http.port: port 18080 is already used by "
+         "roles.web.endpoints.http.port"),
+        (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-duration", "missing-module", "not-a-role",
+         "duplicate-port", "bad-toml"],
+)
+@pytest.mark.parametrize("command", ["start", "check"])
+def test_bad_definition_exits_2_and_starts_nothing(
+    tmp_path: Path, edit: object, expected: str, command: str
+) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "rolehost.toml").write_text(edit(GOOD))  # type: ignore[operator]
+    done = rolehost(command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert not (tmp_path / ".rolehost" / "control.sock").exists()
+    assert not run_dir_processes(tmp_path / ".rolehost")
+
+
+def test_check_accepts_a_good_definition(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "rolehost.toml").write_text(GOOD)
+    done = rolehost("check", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "role web: 1 instance(s) of app:Web" in done.stdout
+
+
+def test_missing_definition_file(tmp_path: Path) -> None:
+    done = rolehost("start", "-f", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "nope.toml: file not found" in done.stderr
+
+
+def test_detach_status_logs_stop(tmp_path: Path) -> None:
+    """The whole user journey: start --detach, status, logs, stop."""
+    (tmp_path / "app.py").write_text(
+        "from rolehost import RoleEntryPoint\n"
+        "class Web(RoleEntryPoint):\n"
+        "    def on_start(self):\n        print('warming up', flush=True)\n        return True\n"
+    )
+    (tmp_path / "rolehost.toml").write_text(GOOD.replace("instances = 1", "instances = 2"))
+    run_dir = tmp_path / ".rolehost"
+    started = rolehost("start", "--detach", cwd=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "started shop" in started.stdout
+
+        def all_ready() -> bool:
+            out = rolehost("status", "--json", cwd=tmp_path)
+            return all(i["state"] == "ready" for i in json.loads(out.stdout)["instances"])
+
+        wait_until(all_ready, 30, "both instances ready")
+        table = rolehost("status", cwd=tmp_path).stdout
+        assert "web_IN_0" in table and "web_IN_1" in table and "ready" in table
+        logs = rolehost("logs", "web/1", cwd=tmp_path)
+        assert logs.returncode == 0 and "warming up" in logs.stdout
+        events = rolehost("logs", cwd=tmp_path).stdout
+        assert "web_IN_1: starting -> ready" in events
+        again = rolehost("start", cwd=tmp_path)
+        assert again.returncode == 1 and "already running" in again.stderr
+        stopped = rolehost("stop", cwd=tmp_path)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert not run_dir_processes(run_dir)
+        gone = rolehost("status", cwd=tmp_path)
+        assert gone.returncode == 1 and "no controller is running" in gone.stderr
+    finally:
+        for proc in run_dir_processes(run_dir):
+            proc.kill()
+
+
+def test_logs_follow_prints_new_lines(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def run(self):
+                n = 0
+                while not RoleEnvironment.wait_for_stop(0.1):
+                    n += 1
+                    print(f"tick {n}", flush=True)
+        """
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "rolehost", "logs", "web/0", "-f", "-n", "0",
+             "--run-dir", str(h.run_dir.path)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            first = follower.stdout.readline()
+            second = follower.stdout.readline()
+            assert first.startswith("tick ") and second.startswith("tick ")
+            assert int(second.split()[1]) == int(first.split()[1]) + 1
+        finally:
+            follower.kill()
+            follower.wait(10)
+
+
+def test_run_dir_and_socket_are_private(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    old_umask = os.umask(0)  # the loosest umask must not loosen them
+    try:
+        harness = service.harness()
+        harness.start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert stat.S_IMODE(harness.run_dir.path.stat().st_mode) == 0o700
+        assert stat.S_IMODE(harness.run_dir.socket.stat().st_mode) == 0o600
+        controller = psutil.Process(harness.status()["pid"])
+        listening = [c for c in controller.net_connections("inet") if c.status == "LISTEN"]
+        assert listening == []  # no TCP control listener, on any interface
+    finally:
+        harness.stop()
+        harness.assert_no_processes()
+
+
+def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        client = h.client
+        with pytest.raises(ApiError) as unknown:
+            client.instance("web/7")
+        assert unknown.value.status == 404 and "instances: web_IN_0" in str(unknown.value)
+        with pytest.raises(ApiError) as bad_name:
+            client.instance("web")
+        assert bad_name.value.status == 400
+        with pytest.raises(ApiError) as wrong_method:
+            client.request("POST", "/v1/status")
+        assert wrong_method.value.status == 405
+        with pytest.raises(ApiError) as huge:
+            client.request("POST", "/v1/shutdown", body={"x": "y" * (2 * 1024 * 1024)})
+        assert huge.value.status == 413
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(str(h.run_dir.socket))
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+        raw.close()
+        assert h.status()["instances"][0]["state"] == "ready"
+
+
+def test_second_controller_on_the_same_run_dir_is_refused(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        pid = h.status()["pid"]
+        second = rolehost("start", "-f", str(service.toml), "--run-dir", str(h.run_dir.path))
+        assert second.returncode == 1
+        assert f"another controller (pid {pid}) is already running on {h.run_dir.path}" in (
+            second.stderr)
+        assert h.status()["instances"][0]["state"] == "ready"
+
+
+def test_schema_is_json_schema_of_the_model() -> None:
+    done = rolehost("schema")
+    schema = json.loads(done.stdout)
+    assert schema["title"] == "rolehost.toml"
+    assert {"service", "roles"} <= set(schema["properties"])
+    assert "entry_point" in json.dumps(schema)
+
+
+def test_client_reports_no_controller(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionError, match="no controller is running"):
+        Client(tmp_path / "control.sock").status()

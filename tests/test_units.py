@@ -1,0 +1,92 @@
+"""Pure logic: durations, names, definition errors, the transition table, the event log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rolehost import definition
+from rolehost.instance import TRANSITIONS, State, parse_instance_name
+from rolehost.logs import RotatingFile, describe, tail
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(90, 90.0), (1.5, 1.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25),
+     ("2", 2.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert definition.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5 minutes", "", "-1s", True, [1]])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        definition.parse_duration(text)
+
+
+def test_instance_names() -> None:
+    assert parse_instance_name("web/0") == ("web", 0)
+    assert parse_instance_name("web_IN_12") == ("web", 12)
+    assert parse_instance_name("my_role_IN_3") == ("my_role", 3)
+    for bad in ("web", "web/x", "/0", "web_IN_"):
+        with pytest.raises(ValueError, match="not an instance name"):
+            parse_instance_name(bad)
+
+
+def test_defaults_are_the_platforms() -> None:
+    d = definition.parse({"service": {"name": "s"}, "roles": {"w": {"entry_point": "m:C"}}})
+    assert d.service.upgrade_domains == 5
+    assert d.service.ready_deadline == 1800.0  # 30 minutes
+    assert d.roles["w"].stop_timeout == 300.0  # 5 minutes
+    assert (d.service.stable_after, d.service.backoff_initial, d.service.backoff_max) == (
+        60.0, 1.0, 60.0)
+
+
+def test_every_error_is_reported_with_its_key_path() -> None:
+    raw = {
+        "service": {"name": "s", "upgrade_domains": 50, "backof_max": 1},
+        "roles": {"w": {"entry_point": "no-colon", "local_resources": {"c": {"size_mb": 0}}}},
+    }
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(raw, Path("svc.toml"))
+    messages = [str(e) for e in caught.value.errors]
+    assert any(m.startswith("svc.toml: service.upgrade_domains: expected less than or equal to 20")
+               for m in messages)
+    assert "svc.toml: service.backof_max: unknown key; did you mean 'backoff_max'?" in messages
+    assert any(m.startswith("svc.toml: roles.w.entry_point:") for m in messages)
+    assert any(m.startswith("svc.toml: roles.w.local_resources.c.size_mb:") for m in messages)
+
+
+def test_app_is_resolved_beside_the_definition(tmp_path: Path) -> None:
+    raw = {"service": {"name": "s"}, "roles": {"w": {"entry_point": "m:C", "app": "src"}}}
+    d = definition.parse(raw, tmp_path / "rolehost.toml")
+    assert d.roles["w"].app == (tmp_path / "src").resolve()
+
+
+def test_transition_table_is_closed_and_every_state_can_stop() -> None:
+    assert set(TRANSITIONS) == set(State)
+    for state, targets in TRANSITIONS.items():
+        assert targets <= set(State)
+        if state is not State.STOPPED:
+            assert State.STOPPED in targets or State.STOPPING in targets, state
+
+
+def test_rotating_file(tmp_path: Path) -> None:
+    log = RotatingFile(tmp_path / "x.log", max_bytes=100, backups=2)
+    for n in range(30):
+        log.write(f"line {n:02d} .......\n".encode())
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["x.log", "x.log.1", "x.log.2"]
+    assert all(p.stat().st_size <= 100 for p in tmp_path.iterdir())
+    assert tail(tmp_path / "x.log", 1) == ["line 29 ......."]
+
+
+def test_event_lines() -> None:
+    assert describe({"event": "state", "instance": "w_IN_0", "previous": "starting",
+                     "state": "ready", "reason": None}) == "w_IN_0: starting -> ready"
+    line = describe({"event": "host_exited", "instance": "w_IN_0", "level": "info",
+                     "outcome": "killed by SIGKILL"})
+    assert line == "w_IN_0: host exited outcome=killed by SIGKILL"
