@@ -73,7 +73,9 @@ class Protocol(StrEnum):
 
 
 class Endpoint(_Model):
-    """An input endpoint: the balancer listens on `host:port` (the balancer issue)."""
+    """An input endpoint. Each instance gets a private port for it, which the role reads
+    from `RoleEnvironment.current_instance.endpoints` and binds. The built-in balancer
+    that listens on `host:port` is not in this release yet: the port is validated only."""
 
     port: int = Field(ge=1, le=65535, description="public port the balancer listens on")
     protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
@@ -107,7 +109,9 @@ class OncePer(StrEnum):
 
 
 class StartupTask(_Model):
-    """A command run by the bootstrap before the host starts, in file order."""
+    """A command for the bootstrap to run before the host starts, in file order.
+
+    This release parses and validates startup tasks but does not run them yet."""
 
     command: str | list[str] = Field(description="a string split like a shell, or a list")
     shell: bool = Field(default=False, description="run the string through /bin/sh")

@@ -1,0 +1,34 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+$(BIN)/rolehost: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: demo test test-fast lint bench docs clean
+demo: $(BIN)/rolehost  ## run the hello sample in the foreground (Ctrl-C stops it gracefully)
+	cd samples/hello && ../../$(BIN)/rolehost start
+
+test: lint  ## everything CI runs: lint, types, the whole suite (slow tests included)
+	$(BIN)/pytest
+
+test-fast: $(BIN)/rolehost  ## the suite without tests marked slow
+	$(BIN)/pytest -m 'not slow'
+
+lint: $(BIN)/rolehost
+	$(BIN)/ruff check rolehost tests samples bench docs
+	$(BIN)/mypy
+
+bench: $(BIN)/rolehost
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/respawn.py
+
+docs: $(BIN)/rolehost  ## regenerate the reference pages from the model and the CLI
+	$(BIN)/python docs/generate.py
+
+clean:
+	rm -rf $(VENV) .rolehost samples/*/.rolehost
