@@ -1,12 +1,19 @@
-"""An instance's folders: `resources/NAME/` (C:), `os/` (D:) and `app/` (E:).
+"""An instance's folders, and what each maintenance event does to them.
 
-See the disk table in docs/concepts.md for what each maintenance event keeps.
+| folder            | platform drive | holds                                   |
+| `resources/NAME/` | C:             | declared local storage                  |
+| `os/`             | D:             | temp, installed tools, machine state    |
+| `app/`            | E:/F: approot  | a copy of the deployed role code        |
+
+`Maintenance` and `apply` are the disk table of DESIGN.md, in code.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from rolehost.definition import Role
@@ -61,6 +68,47 @@ class Disks:
         for name, spec in role.local_resources.items():
             if spec.clean_on_recycle or not only_clean_on_recycle:
                 wipe(self.resource(name))
+
+
+class Maintenance(StrEnum):
+    """What begins a boot of an instance."""
+
+    DEPLOY = "deploy"  # the deployment starts: app/ deployed
+    RECYCLE = "recycle"  # a crash, on_start False, run returned, request_recycle, `recycle`
+    RESTART = "restart"  # reboot, host-OS update
+    REIMAGE = "reimage"  # guest-OS update
+    REBUILD = "rebuild"
+    AGENT_UPDATE = "agent-update"  # only the host process restarts
+
+    @property
+    def reruns_tasks(self) -> bool:
+        return self is not Maintenance.AGENT_UPDATE
+
+
+def apply(event: Maintenance, disks: Disks, role: Role, run_dir: Path) -> None:
+    """Do to the instance's folders what `event` does to the platform's drives."""
+    if event is Maintenance.AGENT_UPDATE:
+        return
+    if event is Maintenance.REBUILD:
+        wipe(disks.resources)
+    if event in (Maintenance.REIMAGE, Maintenance.REBUILD):
+        wipe(disks.os)
+    disks.clean_resources(role, only_clean_on_recycle=True)
+    disks.create(role)
+    if event is not Maintenance.RECYCLE or not any(disks.app.iterdir()):
+        disks.deploy(role.app, run_dir)
+
+
+def usage_mb(folder: Path) -> float:
+    """Bytes under `folder`, in MiB (files only, links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total / (1024 * 1024)
 
 
 def wipe(folder: Path) -> None:

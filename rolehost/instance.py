@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -21,10 +22,11 @@ import structlog
 
 from rolehost import protocol
 from rolehost.definition import Role, Service
-from rolehost.disks import Disks
+from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
-from rolehost.process import HostProcess, describe_exit
+from rolehost.process import HostProcess, describe_exit, sweep
+from rolehost.tasks import TaskFailed, Tasks, task_path
 
 log = structlog.get_logger()
 
@@ -48,7 +50,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.STARTING: frozenset({S.BUSY, S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
     S.BUSY: frozenset({S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
     S.READY: frozenset({S.BUSY, S.STOPPING, S.RECYCLING, S.STOPPED}),
-    S.STOPPING: frozenset({S.STOPPED, S.RECYCLING, S.FAILED}),
+    S.STOPPING: frozenset({S.STOPPED, S.RECYCLING, S.FAILED, S.BOOTSTRAPPING}),
     S.RECYCLING: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
     S.STOPPED: frozenset({S.BOOTSTRAPPING}),
     S.FAILED: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
@@ -56,6 +58,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
+USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
 
 
 def parse_instance_name(name: str) -> tuple[str, int]:
@@ -76,6 +79,25 @@ class Deployment:
     console: Console | None
 
 
+class OperationError(RuntimeError):
+    """A maintenance operation that cannot be done, or did not end with the instance ready."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Operation:
+    kind: Maintenance
+    cause: str
+    done: asyncio.Future[State]  # the state the instance settled in after it
+    started: bool = False
+
+
+SETTLED = frozenset({S.READY, S.FAILED, S.RECYCLING, S.STOPPED})
+
+
 class Instance:
     def __init__(self, deployment: Deployment, role_name: str, role: Role, index: int) -> None:
         self.deployment = deployment
@@ -90,30 +112,36 @@ class Instance:
         self.state_since = time.time()
         self.reason = ""
         self.process: HostProcess | None = None
-        self.generation = 0
+        self.tasks: Tasks | None = None
+        self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
+        self.hosts = 0  # host processes started
         self.restarts = 0
         self.failures = 0  # consecutive failures before `stable_after`: the back-off exponent
         self.last_error: str | None = None
         self.last_traceback: str | None = None
         self.ready_since: float | None = None
         self.next_try: float | None = None
+        self.usage: dict[str, float] = {}
+        self._measured = 0.0
 
         self._recycle_reason: str | None = None
         self._failed_reason: str | None = None
-        self._run_error: str | None = None  # the error the current host reported
+        self._run_error: str | None = None  # the error the current boot reported
         self._stop_reason = "stop requested"
-        self._stop_requested = asyncio.Event()
-        self._changed = asyncio.Event()
+        self._stop_requested = False
+        self._operation: _Operation | None = None
+        self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
         self._deadline: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
     # The state machine.
 
-    def _set(self, state: State, reason: str = "") -> None:
+    def _set(self, state: State, reason: str = "", force: bool = False) -> None:
+        """The only place an instance changes state. `force` is for a supervisor's crash."""
         if state == self.state:
             return
-        if state not in TRANSITIONS[self.state]:
+        if state not in TRANSITIONS[self.state] and not force:
             raise RuntimeError(f"{self.id}: no transition {self.state} -> {state}")
         previous, self.state, self.reason = self.state, state, reason
         self.state_since = time.time()
@@ -122,44 +150,69 @@ class Instance:
             self._cancel_deadline()
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
                  reason=reason or None)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        operation = self._operation
+        if operation is not None and (operation.started or state is S.STOPPED) and (
+            state in SETTLED
+        ):
+            self._operation = None
+            operation.done.set_result(state)
 
-    async def wait_for(self, states: set[State], timeout: float) -> State:
-        """Wait until the instance is in one of `states`; TimeoutError after `timeout`."""
-        async with asyncio.timeout(timeout):
-            while self.state not in states:
-                await self._changed.wait()
-        return self.state
-
-    # Supervision.
+    # Supervision: one boot after another until stopped.
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.id)
+        self._task.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        """A bug in supervision must show, and must not leave processes behind."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.critical("supervisor_crashed", instance=self.id, error=repr(error), exc_info=error)
+        self.last_error = f"rolehost internal error: {error!r}"
+        if self.tasks is not None:
+            self.tasks.kill()
+        if self.process is not None and self.process.running:
+            self.process.kill()
+        self._set(S.FAILED, self.last_error, force=True)
 
     async def _supervise(self) -> None:
-        reason = "deployment started"
+        kind, reason = Maintenance.DEPLOY, "deployment started"
         while True:
-            await self._incarnation(reason)
-            if self._stop_requested.is_set():
-                self._set(S.STOPPED, "stop requested")
+            await self._run_boot(kind, reason)
+            if self._stop_requested:
+                await self._end_boot()
+                self._set(S.STOPPED, self._stop_reason)
                 return
+            if self._operation is not None:
+                kind, reason = self._take_operation()
+                continue
             if self._failed_reason is not None:
+                await self._end_boot()
                 self._set(S.FAILED, self._failed_reason)
-                await self._stop_requested.wait()
-                self._set(S.STOPPED, "stop requested")
+                await self._interrupt.wait()
+            else:
+                await self._end_boot()
+                reason = self._recycle_reason or self.last_error or "host exited"
+                delay = self._backoff()
+                self.next_try = time.time() + delay
+                self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interrupt.wait(), delay)
+                self.next_try = None
+            if self._stop_requested:
+                self._set(S.STOPPED, self._stop_reason)
                 return
-            reason = self._recycle_reason or self.last_error or "host exited"
-            delay = self._backoff()
-            self.next_try = time.time() + delay
-            self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_requested.wait(), delay)
-            self.next_try = None
-            if self._stop_requested.is_set():
-                self._set(S.STOPPED, "stop requested")
-                return
+            kind, reason = (
+                self._take_operation() if self._operation else (Maintenance.RECYCLE, reason)
+            )
             self.restarts += 1
+
+    def _take_operation(self) -> tuple[Maintenance, str]:
+        assert self._operation is not None
+        self._interrupt.clear()
+        self._operation.started = True
+        return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
 
     def _backoff(self) -> float:
         service = self.deployment.service
@@ -172,30 +225,45 @@ class Instance:
         self.failures += 1
         return float(min(service.backoff_initial * 2 ** (self.failures - 1), service.backoff_max))
 
-    async def _incarnation(self, reason: str) -> None:
-        """Bootstrap, start and watch one host process until it has exited."""
-        self.generation += 1
-        self._recycle_reason = None
+    async def _run_boot(self, kind: Maintenance, reason: str) -> None:
+        """Folders and tasks (unless an agent update), then one host until it has exited."""
+        self._recycle_reason = self._failed_reason = self._run_error = None
         self.ready_since = None
         self._set(S.BOOTSTRAPPING, reason)
+        log.info("boot", instance=self.id, kind=kind.value, cause=reason)
         self._arm_deadline()
         try:
-            await asyncio.to_thread(self._prepare_disks)
-            if self._stop_requested.is_set():
-                return
+            if kind.reruns_tasks or self.tasks is None:
+                await self._end_boot()
+                self.boot += 1
+                await asyncio.to_thread(apply, kind, self.disks, self.role,
+                                        self.deployment.run_dir)
+                self._measure()
+                self.tasks = Tasks(self.role, self.disks, self._environment(self.boot_token),
+                                   self._on_output)
+                if not await self._interruptible(self.tasks.run()):
+                    return
+            self.hosts += 1
+            token = f"{self.boot_token}:h{self.hosts}"
             self.process = await HostProcess.spawn(
                 [sys.executable, "-m", "rolehost.host"],
-                env=self._environment(),
-                cwd=str(self.disks.app),
-                token=f"{self.deployment.id}:{self.id}:{self.generation}",
-                on_message=self._on_message,
-                on_output=self._on_output,
+                env={**self._environment(token), protocol.CONTEXT_ENV: self.context().to_json()},
+                cwd=str(self.disks.app), token=token,
+                on_message=self._on_message, on_output=self._on_output,
             )
-        except Exception as exc:  # a bootstrap failure recycles, like a failed task
-            self._cancel_deadline()
-            self.last_error = f"bootstrap failed: {exc}"
+        except TaskFailed as failed:
+            if self._failed_reason is None:
+                self.last_error = self._run_error = str(failed)
+            return
+        except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
+            self.last_error = self._run_error = f"bootstrap failed: {exc}"
             log.error("bootstrap_failed", instance=self.id, error=str(exc))
             return
+        finally:
+            if self._failed_reason is None and self.state is S.BOOTSTRAPPING and not (
+                self.process and self.process.running
+            ):
+                self._cancel_deadline()
         self._set(S.STARTING, f"host process {self.process.pid} started")
         self._arm_heartbeat()
         code = await self._watch(self.process)
@@ -206,14 +274,31 @@ class Instance:
             self.last_error = self._run_error or f"host {outcome}"
         log.info("host_exited", instance=self.id, pid=self.process.pid, outcome=outcome)
 
+    async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run bootstrap work; False if a stop or an operation interrupted it first."""
+        job = asyncio.ensure_future(work)
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        await asyncio.wait({job, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            return False
+        job.result()  # TaskFailed propagates
+        return True
+
     async def _watch(self, process: HostProcess) -> int:
-        """Wait for the host to exit; if a stop is asked for first, stop it gracefully."""
-        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_requested.wait())
+        """Wait for the host to exit; if a stop or operation comes first, stop it gracefully."""
+        interrupt: asyncio.Future[Any] = asyncio.ensure_future(self._interrupt.wait())
         exited: asyncio.Future[Any] = process.exited
-        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        await asyncio.wait({exited, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
         if process.running:
-            reason = self._stop_reason
+            reason = self._stop_reason if self._stop_requested else (
+                f"{self._operation.kind.value}: {self._operation.cause}"
+                if self._operation else "stop requested"
+            )
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
             process.send({"type": "stop", "reason": reason})
@@ -229,19 +314,32 @@ class Instance:
                 process.kill()
         return await process.exited
 
-    def _prepare_disks(self) -> None:
-        self.disks.create(self.role)
-        if self.generation == 1:
-            self.disks.deploy(self.role.app, self.deployment.run_dir)
-        self.disks.clean_resources(self.role, only_clean_on_recycle=True)
+    async def _end_boot(self) -> None:
+        """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
+        tasks = self.tasks
+        if tasks is None:
+            return
+        self.tasks = None
+        if tasks.foreground:
+            log.info("waiting_for_foreground_tasks", instance=self.id,
+                     tasks=[r.label for r in tasks.foreground])
+            left = await tasks.wait_foreground(self.role.stop_timeout)
+            for run in left:
+                log.error("foreground_task_killed", instance=self.id, task=run.label,
+                          waited=self.role.stop_timeout)
+        tasks.kill()
+        await asyncio.to_thread(sweep, None, self.boot_token)
 
-    def _environment(self) -> dict[str, str]:
-        env = {**os.environ, **self.variables()}
-        env[protocol.CONTEXT_ENV] = self.context().to_json()
-        return env
+    @property
+    def boot_token(self) -> str:
+        return f"{self.deployment.id}:{self.id}:{self.boot}"
+
+    def _environment(self, token: str) -> dict[str, str]:
+        return {**os.environ, **self.variables(), "PATH": task_path(),
+                protocol.TOKEN_ENV: token}
 
     def variables(self) -> dict[str, str]:
-        """The instance's identity and folders, as its processes see them."""
+        """The instance's identity, folders and settings, as its processes see them."""
         variables = {
             "ROLEHOST_RUN_DIR": str(self.deployment.run_dir),
             "ROLEHOST_ROLE": self.role_name,
@@ -254,8 +352,9 @@ class Instance:
             "TMPDIR": str(self.disks.tmp),
         }
         for name in self.role.local_resources:
-            key = "ROLEHOST_RESOURCE_" + name.upper().replace("-", "_")
-            variables[key] = str(self.disks.resource(name))
+            variables[f"ROLEHOST_RESOURCE_{_env_name(name)}"] = str(self.disks.resource(name))
+        for name, value in self.role.settings.items():
+            variables[f"ROLEHOST_SETTING_{_env_name(name)}"] = str(value)
         return variables
 
     def context(self) -> Context:
@@ -301,18 +400,32 @@ class Instance:
             self._run_error = f"{where}: {summary}"
             self.last_error = self._run_error
             log.error("role_error", instance=self.id, where=where, error=summary)
+        elif kind == "heartbeat" and time.monotonic() - self._measured > USAGE_EVERY:
+            self._measure()
 
     def _on_output(self, data: bytes) -> None:
         self.output.write(data)
         if self.deployment.console is not None:
             self.deployment.console.output(self.id, data)
 
+    def _measure(self) -> None:
+        """Refresh local-resource usage off the loop; warn when one is over its size."""
+        self._measured = time.monotonic()
+
+        def measure() -> None:
+            for name, spec in self.role.local_resources.items():
+                used = usage_mb(self.disks.resource(name))
+                if used > spec.size_mb and self.usage.get(name, 0.0) <= spec.size_mb:
+                    log.warning("resource_over_size", instance=self.id, resource=name,
+                                used_mb=round(used, 1), size_mb=spec.size_mb)
+                self.usage[name] = used
+
+        asyncio.get_running_loop().run_in_executor(None, measure)
+
     # Deadlines.
 
     def _arm_deadline(self) -> None:
         self._cancel_deadline()
-        self._failed_reason = None
-        self._run_error = None
         deadline = self.deployment.service.ready_deadline
         self._deadline = asyncio.get_running_loop().call_later(deadline, self._deadline_missed)
 
@@ -323,12 +436,18 @@ class Instance:
 
     def _deadline_missed(self) -> None:
         deadline = self.deployment.service.ready_deadline
+        where = self.state.value
+        if self.state is S.BOOTSTRAPPING and self.tasks is not None:
+            running = [r.label for r in self.tasks.runs if r.state == "running"]
+            where += f", running {', '.join(running)}" if running else ""
         self._failed_reason = (
             f"waiting for host: not ready within the ready deadline ({deadline:g}s); "
-            f"it was {self.state.value}"
+            f"it was {where}"
         )
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
+        if self.tasks is not None:
+            self.tasks.kill()
         if self.process is not None and self.process.running:
             self.process.kill()
 
@@ -354,9 +473,36 @@ class Instance:
     async def stop(self, reason: str) -> None:
         """Graceful stop: `stopping` handlers and on_stop within stop_timeout, then the tree."""
         self._stop_reason = reason
-        self._stop_requested.set()
+        self._stop_requested = True
+        self._interrupt.set()
         if self._task is not None:
             await self._task
+
+    async def maintain(self, kind: Maintenance, cause: str, wait: bool) -> dict[str, Any]:
+        """Carry out a maintenance event; with `wait`, return once ready again.
+
+        OperationError if another operation is under way on this instance, if the
+        instance is stopping for good, or (with `wait`) if it ends failed or recycling.
+        """
+        if self._stop_requested or self.state is S.STOPPED:
+            raise OperationError(f"{self.id} is stopped")
+        if self._operation is not None:
+            raise OperationError(
+                f"{self.id} is busy with another operation ({self._operation.kind.value}: "
+                f"{self._operation.cause})"
+            )
+        operation = _Operation(kind, cause, asyncio.get_running_loop().create_future())
+        self._operation = operation
+        log.info("maintenance", instance=self.id, kind=kind.value, cause=cause)
+        self._interrupt.set()
+        if not wait:
+            return self.snapshot()
+        if await operation.done is not S.READY:
+            raise OperationError(
+                f"{self.id} did not become ready after {kind.value}: it is {self.state.value}"
+                f" ({self.last_error or self.reason})", status=500,
+            )
+        return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -373,14 +519,29 @@ class Instance:
             "next_try": _iso(self.next_try),
             "last_error": self.last_error,
             "ready_since": _iso(self.ready_since) if self.state is S.READY else None,
+            "operation": (
+                {"kind": self._operation.kind.value, "cause": self._operation.cause}
+                if self._operation else None
+            ),
             "endpoints": {
                 name: {"host": ep.host, "port": self.ports[name]}
                 for name, ep in self.role.endpoints.items()
+            },
+            "tasks": self.tasks.snapshot() if self.tasks is not None else [],
+            "resources": {
+                name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb,
+                       "used_mb": round(self.usage.get(name, 0.0), 3),
+                       "over": self.usage.get(name, 0.0) > spec.size_mb}
+                for name, spec in self.role.local_resources.items()
             },
             "dirs": {"root": str(self.disks.root), "app": str(self.disks.app),
                      "os": str(self.disks.os), "resources": str(self.disks.resources)},
             "log": str(self.output.path),
         }
+
+
+def _env_name(name: str) -> str:
+    return name.upper().replace("-", "_")
 
 
 def _iso(timestamp: float | None) -> str | None:

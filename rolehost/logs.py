@@ -127,6 +127,7 @@ def configure(log_dir: Path | None, console: Console | None) -> None:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
             _tee,
         ],
         logger_factory=structlog.ReturnLoggerFactory(),

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psutil
 
@@ -29,6 +29,7 @@ from rolehost import protocol
 
 # Pids the controller reaps itself; the orphan reaper leaves them alone.
 _tracked: set[int] = set()
+_reaping: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 KILL_GRACE = 1.0  # seconds a swept process gets between SIGTERM and SIGKILL
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -115,6 +116,36 @@ def sweep(root: int | None, token: str, exclude: int | None = None) -> int:
     return len(procs)
 
 
+def watch_exit(
+    pid: int, before_reap: Callable[[], Awaitable[None]] | None = None
+) -> asyncio.Future[int]:
+    """A future of `pid`'s exit code (negative: the signal), seen through a pidfd.
+
+    `before_reap` runs while the exited child is still a zombie, holding its pid.
+    """
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    pidfd = os.pidfd_open(pid)
+    _tracked.add(pid)
+
+    async def reap() -> None:
+        if before_reap is not None:
+            await before_reap()
+        _, status = os.waitpid(pid, 0)
+        _tracked.discard(pid)
+        exited.set_result(os.waitstatus_to_exitcode(status))
+
+    def readable() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        task = loop.create_task(reap())
+        _reaping.add(task)
+        task.add_done_callback(_reaping.discard)
+
+    loop.add_reader(pidfd, readable)
+    return exited
+
+
 class _Lines(asyncio.Protocol):
     """Splits a byte stream into newline-terminated records for a callback."""
 
@@ -167,6 +198,8 @@ class HostProcess:
         self.pid = popen.pid
         self.token = token
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._reaped = watch_exit(self.pid, self._sweep)
+        self._reaped.add_done_callback(self._reaped_now)
         self.output_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
 
@@ -199,7 +232,6 @@ class HostProcess:
             raise
         finally:
             theirs.close()
-        _tracked.add(popen.pid)
         self = cls(popen, token)
         assert popen.stdout is not None
         await loop.connect_read_pipe(lambda: _Output(on_output, self.output_done), popen.stdout)
@@ -215,8 +247,6 @@ class HostProcess:
             lambda: _Lines(on_line, lambda: None), sock=ours
         )
         self._transport = transport
-        pidfd = os.pidfd_open(popen.pid)
-        loop.add_reader(pidfd, self._on_exit, loop, pidfd)
         return self
 
     def send(self, message: protocol.Message) -> None:
@@ -231,17 +261,17 @@ class HostProcess:
         """SIGKILL the whole tree now (the exit is still reported through `exited`)."""
         signal_tree(self.pid, self.token, signal.SIGKILL)
 
-    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        loop.create_task(self._finish())
+    async def _sweep(self) -> None:
+        # Before the reap: the zombie keeps the pid and process group from being reused.
+        await asyncio.to_thread(sweep, self.pid, self.token, self.pid)
+
+    def _reaped_now(self, _: asyncio.Future[int]) -> None:
+        task = asyncio.ensure_future(self._finish())
+        _reaping.add(task)
+        task.add_done_callback(_reaping.discard)
 
     async def _finish(self) -> None:
-        # Sweep first: the zombie keeps the pid and process group from being reused.
-        await asyncio.to_thread(sweep, self.pid, self.token, self.pid)
-        _, status = os.waitpid(self.pid, 0)
-        _tracked.discard(self.pid)
-        code = os.waitstatus_to_exitcode(status)
+        code = self._reaped.result()
         self.popen.returncode = code
         if self._transport is not None:
             self._transport.close()
