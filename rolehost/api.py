@@ -103,6 +103,26 @@ async def _events(controller: Controller, request: Request) -> Any:
     return controller.events(int(since))
 
 
+@route("POST", "/v1/operations/{operation}")
+async def _maintain(controller: Controller, request: Request) -> Any:
+    from rolehost.disks import Maintenance
+
+    try:
+        kind = Maintenance(request.params["operation"])
+    except ValueError:
+        raise ApiError(404, f"no such operation: {request.params['operation']}") from None
+    if kind is Maintenance.DEPLOY:
+        raise ApiError(404, "deploy is an operation on the whole service")
+    body = request.json()
+    names, wait = body.get("instances"), body.get("wait", False)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ApiError(400, "instances must be a list of instance names")
+    if not isinstance(wait, bool):
+        raise ApiError(400, "wait must be true or false")
+    cause = str(body.get("cause") or f"{kind.value} requested through the control API")
+    return await controller.maintain(kind, names, wait, cause)
+
+
 @route("POST", "/v1/shutdown")
 async def _shutdown(controller: Controller, request: Request) -> Any:
     await controller.shutdown("stop requested through the control API")

@@ -16,6 +16,7 @@ import click
 from rolehost import definition as model
 from rolehost import logs, preflight
 from rolehost.client import ApiError, Client, ControllerNotRunning
+from rolehost.disks import Maintenance
 from rolehost.instance import parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir
 
@@ -197,6 +198,37 @@ def logs_command(
     if follow:
         with contextlib.suppress(KeyboardInterrupt):
             logs.follow(path, lambda line: click.echo(render(line)))
+
+
+_MAINTENANCE_HELP = {
+    Maintenance.RECYCLE: "Recycle: graceful stop, every disk kept, startup tasks re-run.",
+    Maintenance.RESTART: "Restart (reboot, host-OS update): graceful stop, app/ re-deployed, "
+                         "os/ kept, startup tasks re-run.",
+    Maintenance.REIMAGE: "Reimage (guest-OS update): graceful stop, os/ wiped, app/ re-deployed, "
+                         "startup tasks re-run.",
+    Maintenance.REBUILD: "Rebuild: graceful stop, every disk wiped, startup tasks re-run.",
+    Maintenance.AGENT_UPDATE: "Agent update: only the host process restarts; no task re-runs, "
+                              "no disk changes.",
+}
+
+
+def _maintenance_command(kind: Maintenance) -> click.Command:
+    @click.argument("instances", nargs=-1, required=True)
+    @_file
+    @_run_dir
+    @click.option("--wait", is_flag=True,
+                  help="Return when every instance is ready again; exit 1 if one is not.")
+    def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool) -> None:
+        client = _client(file, run_dir, timeout=24 * 3600)
+        for row in _call(client.maintain, kind.value, list(instances), wait):
+            click.echo(f"{row['id']}: {row['state']}" + ("" if wait else f" ({kind.value} begun)"))
+
+    command.__doc__ = _MAINTENANCE_HELP[kind] + "\n\nINSTANCES are ROLE/INDEX or ROLE_IN_INDEX."
+    return cli.command(name=kind.value)(command)
+
+
+for _kind in _MAINTENANCE_HELP:
+    _maintenance_command(_kind)
 
 
 @cli.command()

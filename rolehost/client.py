@@ -76,6 +76,16 @@ class Client:
         result: list[dict[str, Any]] = self.request("GET", f"/v1/events?since={since}")
         return result
 
+    def maintain(
+        self, kind: str, instances: list[str], wait: bool = False, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """`restart`, `reimage`, `rebuild`, `recycle` or `agent-update` the instances."""
+        result: list[dict[str, Any]] = self.request(
+            "POST", f"/v1/operations/{kind}", {"instances": instances, "wait": wait},
+            timeout=timeout,
+        )
+        return result
+
     def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/v1/shutdown", timeout=timeout)
         return result

@@ -18,6 +18,7 @@ import structlog
 
 from rolehost import api, logs, process
 from rolehost.definition import Definition
+from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, parse_instance_name
 from rolehost.rundir import RunDir
 
@@ -115,6 +116,25 @@ class Controller:
             known = ", ".join(self.instances) or "none"
             raise api.ApiError(404, f"no instance {name!r} (instances: {known})")
         return instance
+
+    async def maintain(
+        self, kind: Maintenance, names: list[str], wait: bool, cause: str
+    ) -> list[dict[str, Any]]:
+        """Carry out `kind` on each named instance at once; every name is checked first."""
+        if not names:
+            raise api.ApiError(400, "name at least one instance")
+        instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
+        busy = [i.id for i in instances if i.operation is not None]
+        if busy:
+            raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
+        results = await asyncio.gather(
+            *(i.maintain(kind, cause, wait) for i in instances), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            status = max(getattr(f, "status", 500) for f in failures)
+            raise api.ApiError(status, "; ".join(str(f) for f in failures))
+        return [r for r in results if isinstance(r, dict)]
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         return logs.recent()[since:]

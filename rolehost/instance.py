@@ -184,7 +184,7 @@ class Instance:
                 await self._end_boot()
                 self._set(S.STOPPED, self._stop_reason)
                 return
-            if self._operation is not None:
+            if self._pending_operation:
                 kind, reason = self._take_operation()
                 continue
             if self._failed_reason is not None:
@@ -204,9 +204,14 @@ class Instance:
                 self._set(S.STOPPED, self._stop_reason)
                 return
             kind, reason = (
-                self._take_operation() if self._operation else (Maintenance.RECYCLE, reason)
+                self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
             )
             self.restarts += 1
+
+    @property
+    def _pending_operation(self) -> bool:
+        """An operation asked for and not yet begun (one under way is settled by `_set`)."""
+        return self._operation is not None and not self._operation.started
 
     def _take_operation(self) -> tuple[Maintenance, str]:
         assert self._operation is not None
@@ -233,7 +238,7 @@ class Instance:
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
         self._arm_deadline()
         try:
-            if kind.reruns_tasks or self.tasks is None:
+            if kind.reruns_tasks or self.tasks is None or self.tasks.ended:
                 await self._end_boot()
                 self.boot += 1
                 await asyncio.to_thread(apply, kind, self.disks, self.role,
@@ -317,9 +322,9 @@ class Instance:
     async def _end_boot(self) -> None:
         """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
         tasks = self.tasks
-        if tasks is None:
+        if tasks is None or tasks.ended:
             return
-        self.tasks = None
+        tasks.ended = True  # kept for `status` until the next boot begins
         if tasks.foreground:
             log.info("waiting_for_foreground_tasks", instance=self.id,
                      tasks=[r.label for r in tasks.foreground])
@@ -487,10 +492,7 @@ class Instance:
         if self._stop_requested or self.state is S.STOPPED:
             raise OperationError(f"{self.id} is stopped")
         if self._operation is not None:
-            raise OperationError(
-                f"{self.id} is busy with another operation ({self._operation.kind.value}: "
-                f"{self._operation.cause})"
-            )
+            raise OperationError(f"{self.id} is busy with another operation ({self.operation})")
         operation = _Operation(kind, cause, asyncio.get_running_loop().create_future())
         self._operation = operation
         log.info("maintenance", instance=self.id, kind=kind.value, cause=cause)
@@ -503,6 +505,12 @@ class Instance:
                 f" ({self.last_error or self.reason})", status=500,
             )
         return self.snapshot()
+
+    @property
+    def operation(self) -> str | None:
+        """The maintenance operation under way, if any: `kind: cause`."""
+        op = self._operation
+        return f"{op.kind.value}: {op.cause}" if op is not None else None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -519,10 +527,7 @@ class Instance:
             "next_try": _iso(self.next_try),
             "last_error": self.last_error,
             "ready_since": _iso(self.ready_since) if self.state is S.READY else None,
-            "operation": (
-                {"kind": self._operation.kind.value, "cause": self._operation.cause}
-                if self._operation else None
-            ),
+            "operation": self.operation,
             "endpoints": {
                 name: {"host": ep.host, "port": self.ports[name]}
                 for name, ep in self.role.endpoints.items()

@@ -95,6 +95,7 @@ class Tasks:
         self.env = env
         self.on_output = on_output
         self.runs = [TaskRun(i, task) for i, task in enumerate(role.startup_tasks)]
+        self.ended = False  # the boot they belong to is over
         self._waits: dict[int, asyncio.Future[int]] = {}
 
     async def run(self) -> None:

@@ -243,6 +243,25 @@ class ServiceHarness:
 
     # Acting.
 
+    def maintain(self, kind: str, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        """Carry out a maintenance event (`restart`, `reimage`, ...) on the instances."""
+        return self.client.maintain(kind, list(names), wait=wait, timeout=24 * 3600)
+
+    def recycle(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.maintain("recycle", *names, wait=wait)
+
+    def restart(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.maintain("restart", *names, wait=wait)
+
+    def reimage(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.maintain("reimage", *names, wait=wait)
+
+    def rebuild(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.maintain("rebuild", *names, wait=wait)
+
+    def agent_update(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
+        return self.maintain("agent-update", *names, wait=wait)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Send `sig` to an instance's host process; return its pid."""
         pid = self.instance(name)["pid"]

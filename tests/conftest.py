@@ -56,6 +56,7 @@ def make_service(tmp_path: Path) -> MakeService:
         role: dict[str, object] | None = None,
         settings: dict[str, object] | None = None,
         entry_point: str = "roles:Role",
+        extra: str = "",
     ) -> Service:
         app = tmp_path / "app"
         app.mkdir(exist_ok=True)
@@ -69,7 +70,7 @@ def make_service(tmp_path: Path) -> MakeService:
                  "[roles.web.settings]", f'probe = "{probe}"',
                  *(f"{k} = {_toml(v)}" for k, v in (settings or {}).items())]
         toml = tmp_path / "rolehost.toml"
-        toml.write_text("\n".join(lines) + "\n")
+        toml.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra))
         return Service(toml, probe)
 
     return make
