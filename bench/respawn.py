@@ -129,6 +129,13 @@ class Probe:
             if accepted:
                 return pid, arrived
 
+    def wait_new(self, timeout: float) -> float:
+        """When a pid that never reported before reported (a replacement has started)."""
+        return self.wait(lambda pid: pid not in self.seen, timeout)[1]
+
+    def wait_pid(self, pid: int, timeout: float) -> float:
+        return self.wait(lambda reported: reported == pid, timeout)[1]
+
     def drain(self) -> None:
         self.sock.setblocking(False)
         try:
@@ -348,7 +355,8 @@ def stable_pid(rh: Rolehost, probe: Probe, killed: int | None) -> int:
             return None
         ready_for = time.time() - datetime.fromisoformat(since).timestamp()
         if ready_for < STABLE_AFTER + STABLE_MARGIN:
-            # Sleep the rest rather than poll: the controller's CPU is part of the result.
+            # Sleep the rest rather than poll: the kill should find the controller idle,
+            # not answering a stream of status requests.
             time.sleep(STABLE_AFTER + STABLE_MARGIN - ready_for)
             return None
         return int(pid)
@@ -370,8 +378,7 @@ def bench_rolehost(work: Path, probe: Probe, kills: int, rng: random.Random) -> 
             time.sleep(rng.uniform(0, JITTER))
             before = time.time()
             os.kill(pid, signal.SIGKILL)
-            _, arrived = probe.wait(lambda p, old=pid: p != old and p not in probe.seen,
-                                    RESPAWN_TIMEOUT)
+            arrived = probe.wait_new(RESPAWN_TIMEOUT)  # the killed pid has reported already
             result.samples.append(arrived - before)
             kill_times.append((pid, before, arrived))
             killed = pid
@@ -402,19 +409,19 @@ def phases(events: list[dict[str, Any]], kills: list[tuple[int, float, float]]) 
         "starting -> on_start": [],
         "on_start -> ready (after the datagram)": [],
     }
+
+    def first(event: str, after: float, **fields: Any) -> float | None:
+        """When the first `event` with these fields was logged at or after `after`."""
+        return next((t for t, e in stamped if t >= after and e["event"] == event
+                     and all(e.get(k) == v for k, v in fields.items())), None)
+
     for pid, killed, reported in kills:
-        exited = next((t for t, e in stamped
-                       if e["event"] == "host_exited" and e.get("pid") == pid), None)
+        exited = first("host_exited", 0.0, pid=pid)
         if exited is None:
             continue
-
-        def first(state: str, after: float) -> float | None:
-            return next((t for t, e in stamped if t >= after and e["event"] == "state"
-                         and e.get("state") == state), None)
-
-        boot = first("bootstrapping", exited)
-        starting = first("starting", boot) if boot is not None else None
-        ready = first("ready", starting) if starting is not None else None
+        boot = first("state", exited, state="bootstrapping")
+        starting = first("state", boot, state="starting") if boot is not None else None
+        ready = first("state", starting, state="ready") if starting is not None else None
         if boot is None or starting is None or ready is None:
             continue
         out["kill -> host_exited"].append(exited - killed)
@@ -430,7 +437,8 @@ def idle_rolehost(work: Path, probe: Probe, seconds: float) -> Idle:
     rh = Rolehost(work, "idle", "idle", IDLE_INSTANCES, probe.port)
     try:
         rh.start()
-        instances = wait_until("10 ready rolehost instances", STARTUP_TIMEOUT, rh.all_ready, 0.2)
+        instances = wait_until(f"{IDLE_INSTANCES} ready rolehost instances", STARTUP_TIMEOUT,
+                               rh.all_ready, 0.2)
         assert rh.pid is not None
         sample_idle(result, rh.pid, [int(i["pid"]) for i in instances], seconds)
     except Exception as exc:  # reported; the other measurements still run
@@ -579,8 +587,7 @@ def bench_supervisord(work: Path, probe: Probe, program: Path, kills: int,
             time.sleep(rng.uniform(0, JITTER))
             before = time.time()
             os.kill(pid, signal.SIGKILL)
-            _, arrived = probe.wait(lambda p, old=pid: p != old and p not in probe.seen,
-                                    RESPAWN_TIMEOUT)
+            arrived = probe.wait_new(RESPAWN_TIMEOUT)  # the killed pid has reported already
             result.samples.append(arrived - before)
             killed = pid
     except Exception as exc:  # reported; the other measurements still run
@@ -617,7 +624,7 @@ def bench_spawn(name: str, settings: str, probe: Probe, program: Path, kills: in
             child = subprocess.Popen([sys.executable, str(program)], env=child_env(),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             try:
-                _, arrived = probe.wait(lambda p, pid=child.pid: p == pid, RESPAWN_TIMEOUT)
+                arrived = probe.wait_pid(child.pid, RESPAWN_TIMEOUT)
                 result.samples.append(arrived - before)
             finally:
                 child.kill()
@@ -721,9 +728,19 @@ def machine() -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "python": platform.python_version(),
         "supervisord": supervisor_version() or "not installed",
-        "rolehost": version("rolehost"),
+        "rolehost": f"{version('rolehost')} ({git_revision()})",
         "platform": platform.platform(),
     }
+
+
+def git_revision() -> str:
+    """The commit measured, and whether the tree had changes: runs are compared by it."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "git unknown"
+    return f"git {done.stdout.strip()}" if done.returncode == 0 else "git unknown"
 
 
 @contextmanager

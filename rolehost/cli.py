@@ -232,14 +232,25 @@ for _kind in _MAINTENANCE_HELP:
 
 
 @cli.command()
+@click.argument("roles", nargs=-1)
 @_file
-def check(file: Path) -> None:
-    """Validate a definition: its keys and values, and that every entry point loads."""
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
+    """Validate a definition, then rehearse: boot one instance of each role (or of ROLES)
+    in a scratch run directory and take it through start, restart, reimage, rebuild and
+    restart, requiring it ready after each. Exit 0 only when every step passed."""
+    from rolehost import rehearsal
+
     definition = _load(file)
-    for name, role in definition.roles.items():
-        click.echo(f"role {name}: {role.instances} instance(s) of {role.entry_point} "
-                   f"from {role.app}")
-    click.echo(f"{file}: ok")
+    unknown = [r for r in roles if r not in definition.roles]
+    if unknown:
+        _fail(f"no role {', '.join(unknown)} in {file} (roles: {', '.join(definition.roles)})",
+              EXIT_BAD_DEFINITION)
+    if not as_json:
+        click.echo(f"{file}: valid; rehearsing {', '.join(roles or definition.roles)}")
+    report = asyncio.run(rehearsal.rehearse(definition, list(roles) or None))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else rehearsal.render(report))
+    sys.exit(0 if report.ok else EXIT_FAILED)
 
 
 @cli.command()

@@ -52,9 +52,8 @@ class Controller:
         loop = asyncio.get_running_loop()
         lock = self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.console)
-        if not process.become_subreaper():
+        if not process.adopt_orphans(loop):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
-        loop.add_signal_handler(signal.SIGCHLD, process.reap_orphans)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         server = await api.serve(self.run_dir.socket, self)

@@ -131,6 +131,7 @@ class Instance:
         self._stop_requested = False
         self._operation: _Operation | None = None
         self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
+        self._changed = asyncio.Event()  # set, and replaced, at every transition
         self._deadline: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -150,6 +151,8 @@ class Instance:
             self._cancel_deadline()
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
                  reason=reason or None)
+        self._changed.set()
+        self._changed = asyncio.Event()
         operation = self._operation
         if operation is not None and (operation.started or state is S.STOPPED) and (
             state in SETTLED
@@ -207,6 +210,12 @@ class Instance:
                 self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
             )
             self.restarts += 1
+
+    async def settled(self) -> State:
+        """Wait until the instance is ready, failed, recycling or stopped."""
+        while self.state not in SETTLED:
+            await self._changed.wait()
+        return self.state
 
     @property
     def _pending_operation(self) -> bool:

@@ -44,6 +44,12 @@ def become_subreaper() -> bool:
         return False
 
 
+def adopt_orphans(loop: asyncio.AbstractEventLoop) -> bool:
+    """Make this process the subreaper of its descendants, and reap the orphans it gets."""
+    loop.add_signal_handler(signal.SIGCHLD, reap_orphans)
+    return become_subreaper()
+
+
 def reap_orphans() -> None:
     """Reap exited children that are not ours to wait for (re-parented orphans)."""
     try:

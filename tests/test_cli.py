@@ -79,7 +79,8 @@ def test_check_accepts_a_good_definition(tmp_path: Path) -> None:
     (tmp_path / "rolehost.toml").write_text(GOOD)
     done = rolehost("check", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "role web: 1 instance(s) of app:Web" in done.stdout
+    assert "rolehost.toml: valid; rehearsing web" in done.stdout
+    assert "rehearsal: every step passed" in done.stdout
 
 
 def test_missing_definition_file(tmp_path: Path) -> None:
