@@ -4,7 +4,9 @@ Inside a host process `RoleEnvironment` is bound to the instance the process run
 elsewhere `RoleEnvironment.is_available` is False and everything else raises
 `RoleEnvironmentError`. Handlers may be plain functions or coroutine functions.
 
-This module is imported by the host process, so it must stay cheap to import.
+This module is imported by every host process before the role's first line runs, so
+it imports nothing that a role does not need at run time: no typing, no dataclasses
+(they bring inspect), and pathlib only when a path is asked for.
 """
 
 from __future__ import annotations
@@ -12,15 +14,53 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
 
 from rolehost.protocol import CONTEXT_ENV
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+    from typing import Any, Protocol, TypeVar
+
+    Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+    class _Runtime(Protocol):
+        """What the environment asks of the process it lives in (the host, or run_role)."""
+
+        def request_recycle(self, reason: str) -> None: ...
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path
+
+    return Path(text)
+
+
+class _Record:
+    """A small immutable value: fields named by __slots__, compared and shown by value."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.__slots__:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
 class RoleEnvironmentError(RuntimeError):
@@ -39,52 +79,76 @@ class RoleStatus(StrEnum):
     BUSY = "busy"
 
 
-@dataclass(frozen=True)
-class InstanceEndpoint:
+class InstanceEndpoint(_Record):
     """Where this instance must listen for one endpoint."""
 
+    __slots__ = ("host", "name", "port", "protocol")
     name: str
     host: str
     port: int
     protocol: str
 
+    def __init__(self, name: str, host: str, port: int, protocol: str) -> None:
+        super().__init__(name=name, host=host, port=port, protocol=protocol)
 
-@dataclass(frozen=True)
-class RoleInstance:
+
+class RoleInstance(_Record):
+    """The instance this process runs: `id` like `web_IN_0`, its role, index and UD."""
+
+    __slots__ = ("endpoints", "id", "index", "role", "update_domain")
     id: str
     role: str
     index: int
     update_domain: int
     endpoints: Mapping[str, InstanceEndpoint]
 
+    def __init__(self, id: str, role: str, index: int, update_domain: int,
+                 endpoints: Mapping[str, InstanceEndpoint]) -> None:
+        super().__init__(id=id, role=role, index=index, update_domain=update_domain,
+                         endpoints=endpoints)
 
-@dataclass(frozen=True)
-class LocalResource:
+
+class LocalResource(_Record):
+    """A declared local storage folder, `resources/NAME/`."""
+
+    __slots__ = ("name", "path", "size_mb")
     name: str
     path: Path
     size_mb: int
 
+    def __init__(self, name: str, path: Path, size_mb: int) -> None:
+        super().__init__(name=name, path=path, size_mb=size_mb)
 
-@dataclass
+
 class Context:
     """Everything a host needs to know about its instance; JSON in `ROLEHOST_CONTEXT`."""
 
-    instance_id: str
-    role: str
-    index: int
-    update_domain: int
-    deployment_id: str
-    entry_point: str
-    app_dir: str
-    os_dir: str
-    stop_timeout: float
-    status_check_interval: float
-    settings: dict[str, Any] = field(default_factory=dict)
-    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
-    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    def __init__(
+        self,
+        instance_id: str,
+        role: str,
+        index: int,
+        update_domain: int,
+        deployment_id: str,
+        entry_point: str,
+        app_dir: str,
+        os_dir: str,
+        stop_timeout: float,
+        status_check_interval: float,
+        settings: dict[str, Any] | None = None,
+        endpoints: dict[str, dict[str, Any]] | None = None,
+        resources: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.instance_id, self.role, self.index = instance_id, role, index
+        self.update_domain, self.deployment_id = update_domain, deployment_id
+        self.entry_point, self.app_dir, self.os_dir = entry_point, app_dir, os_dir
+        self.stop_timeout, self.status_check_interval = stop_timeout, status_check_interval
+        self.settings: dict[str, Any] = settings or {}
+        self.endpoints: dict[str, dict[str, Any]] = endpoints or {}
+        self.resources: dict[str, dict[str, Any]] = resources or {}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(vars(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Context:
@@ -101,11 +165,16 @@ class StatusCheck:
         self.status = RoleStatus.BUSY
 
 
-@dataclass(frozen=True)
-class SettingChange:
+class SettingChange(_Record):
+    """One setting that changed: its name, the old and the new value (None if absent)."""
+
+    __slots__ = ("name", "new", "old")
     name: str
     old: Any
     new: Any
+
+    def __init__(self, name: str, old: Any, new: Any) -> None:
+        super().__init__(name=name, old=old, new=new)
 
 
 class Changing:
@@ -117,12 +186,6 @@ class Changing:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-
-class _Runtime(Protocol):
-    """What the environment asks of the process it lives in (the host, or run_role)."""
-
-    def request_recycle(self, reason: str) -> None: ...
 
 
 class Environment:
@@ -204,15 +267,15 @@ class Environment:
                 f"role {self.context.role!r} has no local resource {name!r} (declared: {known})"
             )
         spec = resources[name]
-        return LocalResource(name=name, path=Path(spec["path"]), size_mb=spec["size_mb"])
+        return LocalResource(name=name, path=_path(spec["path"]), size_mb=spec["size_mb"])
 
     @property
     def os_dir(self) -> Path:
-        return Path(self.context.os_dir)
+        return _path(self.context.os_dir)
 
     @property
     def app_dir(self) -> Path:
-        return Path(self.context.app_dir)
+        return _path(self.context.app_dir)
 
     # Stopping.
 

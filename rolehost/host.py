@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from typing import Any, NoReturn
 
 from rolehost import protocol
 from rolehost.entrypoint import RoleEntryPoint
@@ -41,6 +39,12 @@ from rolehost.environment import (
     StatusCheck,
 )
 from rolehost.protocol import ExitCode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import Future
+    from typing import Any, NoReturn
 
 
 class Channel:
@@ -312,10 +316,8 @@ def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:
         try:
             fn()
             outcome.append(None)
-        except CancelledError:
-            outcome.append(None)
-        except BaseException:
-            outcome.append(_traceback())
+        except BaseException as exc:  # an async run cancelled by the stop is not a failure
+            outcome.append(None if type(exc).__name__ == "CancelledError" else _traceback())
 
     worker = _thread(target)
     worker.join(timeout)
@@ -371,7 +373,7 @@ def main() -> NoReturn:
     channel = Channel(int(os.environ[protocol.CHANNEL_FD_ENV]))
     host = Host(context, channel)
     RoleEnvironment.bind(context, host)
-    if isinstance(sys.stdout, __import__("io").TextIOWrapper):
+    if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # output reaches the log as it is printed
 
     def serve() -> None:

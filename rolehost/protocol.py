@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CHANNEL_FD_ENV = "ROLEHOST_CHANNEL_FD"
 CONTEXT_ENV = "ROLEHOST_CONTEXT"
@@ -29,7 +32,7 @@ HEARTBEAT_INTERVAL = 5.0
 # extension holding the GIL): the controller recycles it.
 UNRESPONSIVE_AFTER = 6 * HEARTBEAT_INTERVAL
 
-Message = dict[str, Any]
+Message = dict[str, "Any"]
 
 
 class ExitCode(IntEnum):
