@@ -25,6 +25,13 @@ from rolehost.rundir import RunDir
 log = structlog.get_logger()
 
 
+def standby_environment(run_dir: Path) -> dict[str, str]:
+    """What a host starts with, before it knows its instance."""
+    from rolehost.tasks import task_path
+
+    return {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
+
+
 class Controller:
     def __init__(
         self,
@@ -39,7 +46,9 @@ class Controller:
         self.console = console
         self.started = time.time()
         self.deployment = Deployment(
-            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path, console=console
+            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path,
+            console=console, standby=process.Standby(standby_environment(run_dir.path),
+                                                     run_dir.path),
         )
         self.instances: dict[str, Instance] = {}
         self._shutdown = asyncio.Event()
@@ -65,11 +74,13 @@ class Controller:
             log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
+            self.deployment.standby.warm()
             for instance in self.instances.values():
                 instance.start()
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
+            await self.deployment.standby.close()
             log.info("controller_stopped")
         finally:
             self._stopped.set()

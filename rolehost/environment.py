@@ -12,11 +12,8 @@ it imports nothing that a role does not need at run time: no typing, no dataclas
 from __future__ import annotations
 
 import json
-import os
 import threading
 from enum import StrEnum
-
-from rolehost.protocol import CONTEXT_ENV
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -212,9 +209,6 @@ class Environment:
 
     def unbind(self) -> None:
         self._context = self._runtime = None
-
-    def bind_from_environ(self, runtime: _Runtime | None) -> None:
-        self.bind(Context.from_json(os.environ[CONTEXT_ENV]), runtime)
 
     @property
     def context(self) -> Context:

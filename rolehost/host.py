@@ -1,8 +1,9 @@
 """The host process (the platform's WaWorkerHost): runs one instance of a role.
 
-The controller starts it as `python -m rolehost.host` in a session of its own, with the
-instance's `Context` in `ROLEHOST_CONTEXT`, the instance's folders as its environment
-and one end of a socket pair in `ROLEHOST_CHANNEL_FD`.
+The controller starts it as `python -m rolehost.host` in a session of its own, with one
+end of a socket pair in `ROLEHOST_CHANNEL_FD`, before it knows which instance it will
+run: a standby that has already paid for the interpreter and these imports. Its first
+message, `assign`, gives it the instance's `Context`, environment and folder.
 
 Threads, each with one job:
 - main:    import the entry point, on_start, then run (the platform's Run thread);
@@ -54,6 +55,20 @@ class Channel:
         os.set_inheritable(fd, False)  # the role's own children must not hold it open
         self.sock = socket.socket(fileno=fd)
         self._lock = threading.Lock()
+        self._buffer = b""
+
+    def receive(self) -> protocol.Message | None:
+        """Block for one message; None at EOF."""
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return protocol.decode(line)
 
     def send(self, type: str, **fields: Any) -> None:
         data = protocol.encode({"type": type, **fields})
@@ -63,8 +78,11 @@ class Channel:
 
     def serve(self, dispatch: Callable[[protocol.Message], None]) -> None:
         """Read messages until EOF; send a heartbeat every HEARTBEAT_INTERVAL."""
-        buffer = b""
+        buffer, self._buffer = self._buffer, b""
         next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            dispatch(protocol.decode(line))
         while True:
             wait = max(0.0, next_beat - time.monotonic())
             readable, _, _ = select.select([self.sock], [], [], wait)
@@ -221,9 +239,11 @@ class Host:
 
             me = psutil.Process()
             doomed = me.children(recursive=True)
-            token = os.environ.get(protocol.TOKEN_ENV)
-            if token:  # descendants that detached into a session of their own
-                doomed += [p for p in psutil.process_iter() if _has_token(p, token, me.pid)]
+            # Descendants that detached into a session of their own, and the tasks of
+            # this boot: the host's token is `BOOT:hN`, the tasks carry `BOOT`.
+            boot = os.environ.get(protocol.TOKEN_ENV, "").rpartition(":")[0]
+            if boot:
+                doomed += [p for p in psutil.process_iter() if _has_token(p, boot, me.pid)]
             for proc in doomed:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
@@ -339,9 +359,10 @@ def load_entry_point(entry_point: str, app_dir: str) -> type[RoleEntryPoint]:
 
 def _has_token(proc: Any, token: str, me: int) -> bool:
     try:
-        return bool(proc.pid != me and proc.environ().get(protocol.TOKEN_ENV) == token)
+        found = proc.environ().get(protocol.TOKEN_ENV, "") if proc.pid != me else ""
     except Exception:  # gone, a zombie, or not ours to read
         return False
+    return bool(found == token or found.startswith(token + ":"))
 
 
 def _thread(target: Callable[..., Any], *args: Any) -> threading.Thread:
@@ -369,8 +390,13 @@ def check(entry_point: str, app_dir: str) -> int:
 def main() -> NoReturn:
     if sys.argv[1:2] == ["--check"]:
         sys.exit(check(sys.argv[2], sys.argv[3]))
-    context = Context.from_json(os.environ[protocol.CONTEXT_ENV])
     channel = Channel(int(os.environ[protocol.CHANNEL_FD_ENV]))
+    assignment = channel.receive()
+    if assignment is None or assignment["type"] != "assign":
+        os._exit(ExitCode.ORPHANED)  # a standby the controller no longer needs
+    os.environ.update(assignment["env"])  # inherited by every process the role starts
+    os.chdir(assignment["cwd"])
+    context = Context(**assignment["context"])
     host = Host(context, channel)
     RoleEnvironment.bind(context, host)
     if isinstance(sys.stdout, io.TextIOWrapper):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from rolehost.definition import Role, Service
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
-from rolehost.process import HostProcess, describe_exit, sweep
+from rolehost.process import HostProcess, Standby, describe_exit, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
 
 log = structlog.get_logger()
@@ -77,6 +76,7 @@ class Deployment:
     service: Service
     run_dir: Path
     console: Console | None
+    standby: Standby
 
 
 class OperationError(RuntimeError):
@@ -259,11 +259,11 @@ class Instance:
                     return
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
-            self.process = await HostProcess.spawn(
-                [sys.executable, "-m", "rolehost.host"],
-                env={**self._environment(token), protocol.CONTEXT_ENV: self.context().to_json()},
-                cwd=str(self.disks.app), token=token,
-                on_message=self._on_message, on_output=self._on_output,
+            self.process = await self.deployment.standby.take()
+            self.process.assign(
+                vars(self.context()), self.variables() | {
+                    "PATH": task_path(), protocol.TOKEN_ENV: token}, str(self.disks.app),
+                token, self._on_message, self._on_output,
             )
         except TaskFailed as failed:
             if self._failed_reason is None:

@@ -4,8 +4,9 @@ An instance's processes are found three ways, because each alone misses some:
 - the host and its live descendants, by parentage (psutil);
 - the host's process group, which its plain children share (killpg);
 - descendants that detached into a session of their own and were orphaned: the
-  controller is a child subreaper, so they are re-parented to it, and they carry the
-  instance's token in their environment.
+  controller is a child subreaper, so they are re-parented to it, and they carry a
+  token in their environment: `DEPLOYMENT:INSTANCE:BOOT` for a boot's startup tasks,
+  `DEPLOYMENT:INSTANCE:BOOT:hN` for its Nth host.
 
 Exits are seen through a pidfd, never by polling. The tree is swept while the exited
 host is still an unreaped zombie, so its pid and process group cannot be reused by an
@@ -21,7 +22,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -63,7 +67,7 @@ def reap_orphans() -> None:
             os.waitpid(child.pid, os.WNOHANG)
 
 
-def tree_of(root: int | None, token: str) -> list[psutil.Process]:
+def tree_of(root: int | None, token: str | None) -> list[psutil.Process]:
     """The live processes of one instance: `root`'s descendants and its token's orphans."""
     found: dict[int, psutil.Process] = {}
     if root is not None:
@@ -78,7 +82,7 @@ def tree_of(root: int | None, token: str) -> list[psutil.Process]:
     except psutil.Error:
         mine = []
     for child in mine:
-        if child.pid in _tracked or child.pid in found or not has_token(child, token):
+        if child.pid in _tracked or child.pid in found or not token or not has_token(child, token):
             continue
         found[child.pid] = child
         with contextlib.suppress(psutil.Error):
@@ -87,13 +91,15 @@ def tree_of(root: int | None, token: str) -> list[psutil.Process]:
 
 
 def has_token(proc: psutil.Process, token: str) -> bool:
+    """Whether `proc` belongs to `token`: a boot's token covers its hosts' (`BOOT:hN`)."""
     try:
-        return proc.environ().get(protocol.TOKEN_ENV) == token
+        found = proc.environ().get(protocol.TOKEN_ENV, "")
     except psutil.Error:
         return False
+    return found == token or found.startswith(token + ":")
 
 
-def signal_tree(root: int | None, token: str, sig: int) -> list[psutil.Process]:
+def signal_tree(root: int | None, token: str | None, sig: int) -> list[psutil.Process]:
     """Send `sig` to every process of the instance; return them for waiting."""
     procs = tree_of(root, token)
     if root is not None:
@@ -105,7 +111,7 @@ def signal_tree(root: int | None, token: str, sig: int) -> list[psutil.Process]:
     return procs
 
 
-def sweep(root: int | None, token: str, exclude: int | None = None) -> int:
+def sweep(root: int | None, token: str | None, exclude: int | None = None) -> int:
     """Terminate the instance's processes: SIGTERM, then SIGKILL after KILL_GRACE.
 
     Blocking (it waits); the controller runs it on a worker thread. Returns how many
@@ -192,40 +198,35 @@ class _Output(asyncio.Protocol):
 
 
 class HostProcess:
-    """A running host process: its channel, its output and its exit.
+    """A host process: its channel, its output and its exit.
 
-    `on_message` gets each decoded message; `on_output` each chunk of the merged
-    stdout/stderr of the host and its descendants. `exited` resolves to the exit code
-    (negative: killed by that signal) once the tree has been swept and the host reaped.
+    Spawned as a standby that belongs to no instance; `assign` makes it one instance's
+    host. Then `on_message` gets each decoded message and `on_output` each chunk of the
+    merged stdout/stderr of the host and its descendants. `exited` resolves to the exit
+    code (negative: killed by that signal) once the tree is swept and the host reaped.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], token: str) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        loop = asyncio.get_running_loop()
         self.popen = popen
         self.pid = popen.pid
-        self.token = token
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.token: str | None = None
+        self.on_message: Callable[[protocol.Message], None] = lambda message: None
+        self.on_output: Callable[[bytes], None] = lambda data: None
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.output_done: asyncio.Future[None] = loop.create_future()
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
-        self.output_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
 
     @classmethod
-    async def spawn(
-        cls,
-        argv: Sequence[str],
-        env: dict[str, str],
-        cwd: str,
-        token: str,
-        on_message: Callable[[protocol.Message], None],
-        on_output: Callable[[bytes], None],
-    ) -> HostProcess:
+    async def spawn(cls, argv: Sequence[str], env: dict[str, str], cwd: str) -> HostProcess:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
-        env = {**env, protocol.CHANNEL_FD_ENV: str(theirs.fileno()), protocol.TOKEN_ENV: token}
         try:
             popen = subprocess.Popen(
                 argv,
-                env=env,
+                env={**env, protocol.CHANNEL_FD_ENV: str(theirs.fileno())},
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -238,22 +239,37 @@ class HostProcess:
             raise
         finally:
             theirs.close()
-        self = cls(popen, token)
+        self = cls(popen)
         assert popen.stdout is not None
-        await loop.connect_read_pipe(lambda: _Output(on_output, self.output_done), popen.stdout)
+        await loop.connect_read_pipe(
+            lambda: _Output(lambda data: self.on_output(data), self.output_done), popen.stdout
+        )
 
         def on_line(line: bytes) -> None:
             try:
                 message = protocol.decode(line)
             except ValueError:
                 return  # a host that garbles its channel is judged by its exit instead
-            on_message(message)
+            self.on_message(message)
 
         transport, _ = await loop.create_connection(
             lambda: _Lines(on_line, lambda: None), sock=ours
         )
         self._transport = transport
         return self
+
+    def assign(
+        self,
+        context: dict[str, Any],
+        env: dict[str, str],
+        cwd: str,
+        token: str,
+        on_message: Callable[[protocol.Message], None],
+        on_output: Callable[[bytes], None],
+    ) -> None:
+        """Make this standby the host of one instance (`env` must carry `token`)."""
+        self.token, self.on_message, self.on_output = token, on_message, on_output
+        self.send({"type": "assign", "context": context, "env": env, "cwd": cwd})
 
     def send(self, message: protocol.Message) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -284,6 +300,48 @@ class HostProcess:
         with contextlib.suppress(TimeoutError):  # output written just before the exit
             await asyncio.wait_for(asyncio.shield(self.output_done), KILL_GRACE)
         self.exited.set_result(code)
+
+
+class Standby:
+    """Keeps one host process started ahead of need, so that no instance waits for an
+    interpreter to boot: a crashed instance's replacement is one `assign` message away.
+    Taking it starts the next one."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.argv = [sys.executable, "-m", "rolehost.host"]
+        self.env, self.cwd = env, str(cwd)
+        self._next: asyncio.Task[HostProcess] | None = None
+        self._closed = False
+
+    def warm(self) -> None:
+        if self._next is None and not self._closed:
+            self._next = asyncio.ensure_future(HostProcess.spawn(self.argv, self.env, self.cwd))
+
+    async def take(self) -> HostProcess:
+        """A standby host: the warm one if it is still up, a new one otherwise."""
+        ready, self._next = self._next, None
+        host = None
+        if ready is not None:
+            with contextlib.suppress(OSError):
+                host = await ready
+        if host is None or not host.running:
+            host = await HostProcess.spawn(self.argv, self.env, self.cwd)
+        self.warm()
+        return host
+
+    async def close(self) -> None:
+        self._closed = True
+        ready, self._next = self._next, None
+        if ready is None:
+            return
+        with contextlib.suppress(OSError):
+            host = await ready
+            host.send({"type": "release"})  # an unassigned standby exits on this
+            try:
+                await asyncio.wait_for(asyncio.shield(host.exited), KILL_GRACE)
+            except TimeoutError:
+                host.kill()
+                await host.exited
 
 
 def describe_exit(code: int) -> str:

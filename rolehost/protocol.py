@@ -8,8 +8,10 @@ Every message is an object with a `type`. Host to controller:
 - `heartbeat` `{}`: sent every `HEARTBEAT_INTERVAL` by a thread no user code runs on
 - `changing_result` `{"cancel": bool}`
 
-Controller to host: `stop` `{"reason": str}`, `status_check` `{}`,
-`changing` `{"changes": [...]}`, `changed` `{"settings": {...}}`.
+Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str}`, which
+makes a standby host the host of one instance (see `process.Standby`); then `stop`
+`{"reason": str}`, `status_check` `{}`, `changing` `{"changes": [...]}`,
+`changed` `{"settings": {...}}`.
 
 This module is imported by the host process, so it must stay cheap to import.
 """
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 CHANNEL_FD_ENV = "ROLEHOST_CHANNEL_FD"
-CONTEXT_ENV = "ROLEHOST_CONTEXT"
 TOKEN_ENV = "ROLEHOST_INSTANCE_TOKEN"
 
 HEARTBEAT_INTERVAL = 5.0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rolehost import logs, process
+from rolehost.controller import standby_environment
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, OperationError, State
@@ -71,7 +72,8 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
     logs.configure(run_dir / "logs", None)
     process.adopt_orphans(asyncio.get_running_loop())
     deployment = Deployment(
-        id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir, console=None
+        id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir, console=None,
+        standby=process.Standby(standby_environment(run_dir), run_dir),
     )
     names = roles or list(definition.roles)
     instances = {n: Instance(deployment, n, definition.roles[n], 0) for n in names}
@@ -79,6 +81,7 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
         results = await asyncio.gather(*(_walk(i) for i in instances.values()))
     finally:
         await asyncio.gather(*(i.stop("rehearsal over") for i in instances.values()))
+        await deployment.standby.close()
         for instance in instances.values():
             instance.output.close()
     report = Report(run_dir, dict(zip(names, results, strict=True)))

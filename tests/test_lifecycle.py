@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -178,7 +179,8 @@ def test_ready_deadline_missed_marks_failed(make_service: MakeService) -> None:
         row = h.wait_state("web/0", "failed", 30)
         assert "ready deadline (1.5s)" in row["last_error"] and "waiting for host" in row["reason"]
         assert row["pid"] is None
-        wait_until(lambda: len(h.processes()) == 1, 10, "only the controller left")
+        # the controller and its standby host, nothing of the instance
+        wait_until(lambda: len(h.processes()) == 2, 10, "only the controller left")
         assert service.count("on_start") == 1  # failed is final: no retry
 
 
@@ -284,7 +286,7 @@ def test_controller_sigkill_leaves_no_process(make_service: MakeService) -> None
     )
     with service.harness() as h:
         h.wait_ready(30)
-        assert len(h.processes()) == 1 + 2 * 3
+        assert len(h.processes()) == 1 + 1 + 2 * 3  # controller, standby, 2 x (host + 2)
         began = time.monotonic()
         h.signal_controller(signal.SIGKILL)
         h.wait_controller_exit(10)
@@ -361,3 +363,24 @@ def test_missing_setting_names_the_role_and_known_settings(make_service: MakeSer
             "on_start: rolehost.environment.SettingNotFound: role 'web' has no setting "
             "'greting' (known settings: greeting, probe)"
         )
+
+
+def test_a_standby_host_waits_and_is_replaced_when_used(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass", service={"stable_after": "0s"})
+    with service.harness() as h:
+        status = h.wait_ready(30)
+
+        def standbys() -> set[int]:
+            hosts = {i["pid"] for i in h.status()["instances"]} | {status["pid"]}
+            return {p.pid for p in h.processes() if p.pid not in hosts
+                    and "rolehost.host" in p.cmdline()}
+
+        first = wait_until(standbys, 10, "a standby host")
+        replaced = h.wait_replaced("web/0", h.kill("web/0"), 30)
+        assert replaced["pid"] in first  # the crash was served by the standby
+        second = wait_until(standbys, 10, "a new standby host")
+        assert not second & first
+        for pid in second:  # a standby killed from outside is simply replaced
+            os.kill(pid, signal.SIGKILL)
+        h.wait_replaced("web/0", h.kill("web/0"), 30)
+        assert h.instance("web/0")["restarts"] == 2
