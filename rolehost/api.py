@@ -111,15 +111,15 @@ async def _maintain(controller: Controller, request: Request) -> Any:
         kind = Maintenance(request.params["operation"])
     except ValueError:
         raise ApiError(404, f"no such operation: {request.params['operation']}") from None
-    if kind is Maintenance.DEPLOY:
-        raise ApiError(404, "deploy is an operation on the whole service")
+    if kind is Maintenance.START:
+        raise ApiError(404, "no such operation: start (instances start with the controller)")
     body = request.json()
     names, wait = body.get("instances"), body.get("wait", False)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ApiError(400, "instances must be a list of instance names")
     if not isinstance(wait, bool):
         raise ApiError(400, "wait must be true or false")
-    cause = str(body.get("cause") or f"{kind.value} requested through the control API")
+    cause = str(body.get("cause") or "requested through the control API")
     return await controller.maintain(kind, names, wait, cause)
 
 

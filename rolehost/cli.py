@@ -75,7 +75,9 @@ def cli() -> None:
 @_file
 @_run_dir
 @click.option("--detach", is_flag=True, help="Run the controller in the background.")
-def start(file: Path, run_dir: Path | None, detach: bool) -> None:
+@click.option("--console/--no-console", default=True, show_default=True,
+              help="Print events and instance output here (they are in the logs either way).")
+def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None:
     """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`)."""
     definition = _load(file)
     where = RunDir.for_definition(file, run_dir)
@@ -90,7 +92,7 @@ def start(file: Path, run_dir: Path | None, detach: bool) -> None:
         return
     from rolehost.controller import Controller
 
-    controller = Controller(definition, file.resolve(), where, logs.Console())
+    controller = Controller(definition, file.resolve(), where, logs.Console() if console else None)
     try:
         asyncio.run(controller.serve())
     except AlreadyRunning as exc:
@@ -101,7 +103,7 @@ def _detach(file: Path, where: RunDir) -> None:
     with open(where.console_log, "ab") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "rolehost", "start", "-f", str(file),
-             "--run-dir", str(where.path)],
+             "--run-dir", str(where.path), "--no-console"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     client = Client(where.socket, timeout=2.0)
@@ -137,11 +139,12 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
     rows = [("INSTANCE", "UD", "STATE", "PID", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
         detail = i["reason"] if i["state"] != "ready" else ""
-        if i["last_error"] and i["state"] in ("recycling", "failed"):
+        if i["last_error"] and i["state"] == "failed":
             detail = i["last_error"]
         if i["next_try"]:
-            detail += f" (next try {i['next_try'][11:19]})"
-        since = (i["state_since"] or "")[11:19]
+            detail = detail.partition("; next try in")[0]
+            detail += f" (next try {logs.clock(i['next_try'])})"
+        since = logs.clock(i["state_since"])
         rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
                      str(i["restarts"]), since, detail))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
@@ -155,17 +158,13 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
 def stop(file: Path, run_dir: Path | None) -> None:
     """Stop every instance gracefully and end the controller."""
     where = RunDir.for_definition(file, run_dir)
-    pid = where.holder()
     _call(Client(where.socket, timeout=24 * 3600).shutdown)
-    if pid is not None:
-        import psutil
-
-        try:
-            psutil.Process(pid).wait(timeout=30)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
+    # The controller releases the run directory's lock as its last act.
+    deadline = time.monotonic() + 30
+    while (pid := where.holder()) is not None:
+        if time.monotonic() > deadline:
             _fail(f"instances stopped, but the controller (pid {pid}) did not exit")
+        time.sleep(0.02)
     click.echo("stopped")
 
 
@@ -191,8 +190,9 @@ def logs_command(
         except ValueError as exc:
             _fail(str(exc), EXIT_BAD_DEFINITION)
         path, render = where.instance_log(f"{role}_IN_{index}"), (lambda line: line)
-        if not path.exists():
-            _fail(f"no log for {instance} in {where.logs}", EXIT_BAD_DEFINITION)
+    if not path.exists():
+        _fail(f"no log {path.name} in {where.logs} (has the service been started?)",
+              EXIT_BAD_DEFINITION)
     for line in logs.tail(path, lines):
         click.echo(render(line))
     if follow:
@@ -221,7 +221,8 @@ def _maintenance_command(kind: Maintenance) -> click.Command:
     def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool) -> None:
         client = _client(file, run_dir, timeout=24 * 3600)
         for row in _call(client.maintain, kind.value, list(instances), wait):
-            click.echo(f"{row['id']}: {row['state']}" + ("" if wait else f" ({kind.value} begun)"))
+            done = row["state"] if wait else f"{kind.value} begun"
+            click.echo(f"{row['id']}: {done}")
 
     command.__doc__ = _MAINTENANCE_HELP[kind] + "\n\nINSTANCES are ROLE/INDEX or ROLE_IN_INDEX."
     return cli.command(name=kind.value)(command)

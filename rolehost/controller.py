@@ -19,7 +19,7 @@ import structlog
 from rolehost import api, logs, process
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
-from rolehost.instance import Deployment, Instance, parse_instance_name
+from rolehost.instance import Deployment, Instance, iso, parse_instance_name
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
@@ -59,7 +59,9 @@ class Controller:
     async def serve(self) -> None:
         """Run the service until asked to stop; return once every instance is stopped."""
         loop = asyncio.get_running_loop()
-        lock = self.run_dir.lock()
+        # Never closed: the kernel drops the lock when this process is gone, so `rolehost
+        # stop` (which waits for it) returns only once nothing of the controller is left.
+        self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.console)
         if not process.adopt_orphans(loop):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
@@ -88,7 +90,6 @@ class Controller:
             self.run_dir.socket.unlink(missing_ok=True)
             for instance in self.instances.values():
                 instance.output.close()
-            os.close(lock)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -111,7 +112,7 @@ class Controller:
             "pid": os.getpid(),
             "run_dir": str(self.run_dir.path),
             "definition": str(self.definition_path),
-            "started": self.started,
+            "started": iso(self.started),
             "upgrade_domains": self.definition.service.upgrade_domains,
             "instances": [i.snapshot() for i in self.instances.values()],
         }
@@ -147,7 +148,8 @@ class Controller:
         return [r for r in results if isinstance(r, dict)]
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
-        return logs.recent()[since:]
+        """Events numbered above `since` (each event's `seq`)."""
+        return logs.recent(since)
 
     async def shutdown(self, reason: str) -> None:
         """Stop every instance gracefully; return when they all are stopped."""

@@ -109,9 +109,9 @@ class OncePer(StrEnum):
 
 
 class StartupTask(_Model):
-    """A command for the bootstrap to run before the host starts, in file order.
-
-    This release parses and validates startup tasks but does not run them yet."""
+    """A command the bootstrap runs before the host starts, in file order, with the
+    instance's app/ as its folder and its identity, folders and settings in its
+    environment. Output goes to the instance log, tagged `[task N]`."""
 
     command: str | list[str] = Field(description="a string split like a shell, or a list")
     shell: bool = Field(default=False, description="run the string through /bin/sh")

@@ -73,7 +73,7 @@ class Disks:
 class Maintenance(StrEnum):
     """What begins a boot of an instance."""
 
-    DEPLOY = "deploy"  # the deployment starts: app/ deployed
+    START = "start"  # the controller starts the instance: app/ deployed afresh
     RECYCLE = "recycle"  # a crash, on_start False, run returned, request_recycle, `recycle`
     RESTART = "restart"  # reboot, host-OS update
     REIMAGE = "reimage"  # guest-OS update

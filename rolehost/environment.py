@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     Handler = TypeVar("Handler", bound=Callable[..., Any])
 
     class _Runtime(Protocol):
-        """What the environment asks of the process it lives in (the host, or run_role)."""
+        """What the environment asks of the process it lives in (the host)."""
 
         def request_recycle(self, reason: str) -> None: ...
 
@@ -215,7 +215,7 @@ class Environment:
         if self._context is None:
             raise RoleEnvironmentError(
                 "RoleEnvironment is only available inside a rolehost instance "
-                "(a host started by `rolehost start`, or rolehost.testing.run_role)"
+                "(a host process started by `rolehost start`)"
             )
         return self._context
 

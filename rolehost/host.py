@@ -112,7 +112,8 @@ class Host:
         self._stop_lock = threading.Lock()
         self._stop_started = False
         self._loop: Any = None  # asyncio loop, started on the first coroutine
-        self._run_future: Future[Any] | None = None
+        self._run_task: Any = None  # the asyncio task of an async run()
+        self._run_over = threading.Event()  # set when that task has finished, cancelled or not
         self._status = _StatusLoop(self)
 
     # The lifecycle (main thread).
@@ -145,10 +146,17 @@ class Host:
         result = fn(*args)
         if not hasattr(result, "__await__"):
             return result
-        future = self._submit(result)
-        if main:
-            self._run_future = future
-        return future.result()
+        return self._submit(self._as_run(result) if main else result).result()
+
+    async def _as_run(self, coroutine: Any) -> Any:
+        """Run the role's async run() so that a stop can cancel it and wait for its end."""
+        import asyncio
+
+        self._run_task = asyncio.current_task()
+        try:
+            return await coroutine
+        finally:
+            self._run_over.set()
 
     def _submit(self, coroutine: Any) -> Future[Any]:
         import asyncio
@@ -197,8 +205,9 @@ class Host:
                 self.invoke(handler)
             except Exception:
                 self._report("stopping", _traceback())
-        if self._run_future is not None:  # an async run is cancelled, then awaited
-            self._run_future.cancel()
+        if self._run_task is not None:  # an async run is cancelled, and its cleanup awaited
+            self._loop.call_soon_threadsafe(self._run_task.cancel)
+            self._run_over.wait()
         if self.role is not None:
             self.invoke(self.role.on_stop)
 

@@ -115,7 +115,7 @@ class Instance:
         self.tasks: Tasks | None = None
         self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
         self.hosts = 0  # host processes started
-        self.restarts = 0
+        self.starts = 0  # boots and host restarts, whatever their cause
         self.failures = 0  # consecutive failures before `stable_after`: the back-off exponent
         self.last_error: str | None = None
         self.last_traceback: str | None = None
@@ -180,7 +180,7 @@ class Instance:
         self._set(S.FAILED, self.last_error, force=True)
 
     async def _supervise(self) -> None:
-        kind, reason = Maintenance.DEPLOY, "deployment started"
+        kind, reason = Maintenance.START, "deployment started"
         while True:
             await self._run_boot(kind, reason)
             if self._stop_requested:
@@ -209,7 +209,6 @@ class Instance:
             kind, reason = (
                 self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
             )
-            self.restarts += 1
 
     async def settled(self) -> State:
         """Wait until the instance is ready, failed, recycling or stopped."""
@@ -243,6 +242,7 @@ class Instance:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
         self._recycle_reason = self._failed_reason = self._run_error = None
         self.ready_since = None
+        self.starts += 1
         self._set(S.BOOTSTRAPPING, reason)
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
         self._arm_deadline()
@@ -253,8 +253,8 @@ class Instance:
                 await asyncio.to_thread(apply, kind, self.disks, self.role,
                                         self.deployment.run_dir)
                 self._measure()
-                self.tasks = Tasks(self.role, self.disks, self._environment(self.boot_token),
-                                   self._on_output)
+                self.tasks = Tasks(self.id, self.role, self.disks,
+                                   self._environment(self.boot_token), self._on_output)
                 if not await self._interruptible(self.tasks.run()):
                     return
             self.hosts += 1
@@ -529,13 +529,13 @@ class Instance:
             "update_domain": self.update_domain,
             "state": self.state.value,
             "reason": self.reason,
-            "state_since": _iso(self.state_since),
+            "state_since": iso(self.state_since),
             "pid": self.process.pid if self.process is not None and self.process.running else None,
-            "restarts": self.restarts,
+            "restarts": max(0, self.starts - 1),
             "attempt": self.failures,
-            "next_try": _iso(self.next_try),
+            "next_try": iso(self.next_try),
             "last_error": self.last_error,
-            "ready_since": _iso(self.ready_since) if self.state is S.READY else None,
+            "ready_since": iso(self.ready_since) if self.state is S.READY else None,
             "operation": self.operation,
             "endpoints": {
                 name: {"host": ep.host, "port": self.ports[name]}
@@ -558,10 +558,11 @@ def _env_name(name: str) -> str:
     return name.upper().replace("-", "_")
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    stamp = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")  # as the event log writes it
 
 
 def _free_port(host: str) -> int:

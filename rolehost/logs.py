@@ -104,9 +104,11 @@ class _Tee:
     def __init__(self, file: RotatingFile | None, console: Console | None) -> None:
         self.file, self.console = file, console
         self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
+        self.seq = 0  # numbers every event, so a reader can ask for what came after one
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-        event = dict(event)
+        self.seq += 1
+        event = {"seq": self.seq, **event}
         self.recent.append(event)
         if self.file is not None:
             self.file.write(json.dumps(event, default=str).encode() + b"\n")
@@ -135,9 +137,11 @@ def configure(log_dir: Path | None, console: Console | None) -> None:
     )
 
 
-def recent() -> list[dict[str, Any]]:
-    """The events logged since `configure`, oldest first (at most the last 10,000)."""
-    return list(_tee.recent) if _tee is not None else []
+def recent(after: int = 0) -> list[dict[str, Any]]:
+    """Events numbered above `after`, oldest first (of the last 10,000 kept)."""
+    if _tee is None:
+        return []
+    return [e for e in _tee.recent if e["seq"] > after]
 
 
 def tail(path: Path, lines: int) -> list[str]:
@@ -156,7 +160,7 @@ def tail(path: Path, lines: int) -> list[str]:
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-lines:]]
 
 
-_QUIET = {"event", "timestamp", "level", "instance"}
+_QUIET = {"event", "timestamp", "level", "instance", "seq"}
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -171,6 +175,18 @@ def describe(event: dict[str, Any]) -> str:
     return f"{level}{subject}{name.replace('_', ' ')} {fields}".rstrip()
 
 
+def clock(iso: str | None) -> str:
+    """`HH:MM:SS` in local time, as the console prints it, from an ISO 8601 timestamp."""
+    if not iso:
+        return ""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return iso
+
+
 def render_event(line: str) -> str:
     """A JSON line of the controller's event log, as the console showed it."""
     try:
@@ -179,7 +195,7 @@ def render_event(line: str) -> str:
         return line
     if not isinstance(event, dict):
         return line
-    return f"{str(event.get('timestamp', ''))[11:19]} {describe(event)}"
+    return f"{clock(event.get('timestamp'))} {describe(event)}"
 
 
 def follow(path: Path, on_line: Any) -> None:

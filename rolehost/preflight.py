@@ -35,9 +35,26 @@ def entry_points(definition: Definition, file: Path | None) -> list[DefinitionEr
             )
         if done.returncode == 0:
             return None
-        detail = "\n    ".join(done.stderr.strip().splitlines()[-12:])
+        detail = "\n    ".join(_user_frames(done.stderr)[-15:])
         return DefinitionError(file, key, f"cannot load {entry_point} from {app}:\n    {detail}")
 
     items = [(n, r.entry_point, r.app) for n, r in definition.roles.items()]
     with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
         return [e for e in pool.map(check, items) if e is not None]
+
+
+def _user_frames(traceback: str) -> list[str]:
+    """A traceback without the frames of importlib and rolehost: they say nothing about
+    the user's module. A frame is its `  File ...` line and the lines indented under it."""
+    kept, skipping = [], False
+    for line in traceback.strip().splitlines():
+        if line.startswith("  File "):
+            skipping = any(s in line for s in ("<frozen importlib", "/importlib/", _PACKAGE))
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return kept
+
+
+_PACKAGE = str(Path(__file__).parent) + "/"

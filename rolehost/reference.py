@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -37,7 +38,7 @@ def configuration() -> str:
         "",
     ]
     for title, cls in _SECTIONS:
-        lines += [f"## `{title}`", "", (cls.__doc__ or "").strip(), "",
+        lines += [f"## `{title}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
                   "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         schema = cls.model_json_schema()
         for name, field in cls.model_fields.items():

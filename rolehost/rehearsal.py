@@ -28,7 +28,7 @@ from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, OperationError, State
 
 STEPS: list[tuple[str, Maintenance]] = [
-    ("start", Maintenance.DEPLOY),
+    ("start", Maintenance.START),
     ("restart", Maintenance.RESTART),
     ("reimage", Maintenance.REIMAGE),
     ("rebuild", Maintenance.REBUILD),
@@ -94,7 +94,7 @@ async def _walk(instance: Instance) -> list[Step]:
     steps: list[Step] = []
     for name, kind in STEPS:
         began = time.monotonic()
-        if kind is Maintenance.DEPLOY:
+        if kind is Maintenance.START:
             instance.start()
             state = await instance.settled()
         else:

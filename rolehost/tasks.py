@@ -86,11 +86,13 @@ class Tasks:
 
     def __init__(
         self,
+        instance_id: str,
         role: Role,
         disks: Disks,
         env: dict[str, str],
         on_output: Callable[[bytes], None],
     ) -> None:
+        self.log = log.bind(instance=instance_id)
         self.disks = disks
         self.env = env
         self.on_output = on_output
@@ -104,7 +106,7 @@ class Tasks:
             marker = self.marker(run.task)
             if marker is not None and marker.exists():
                 run.state, run.reason = "skipped", f"marker {self._where(marker)} exists"
-                log.info("task_skipped", task=run.label, marker=str(marker))
+                self.log.info("task_skipped", task=run.label, marker=str(marker))
                 continue
             exited = await self._start(run)
             if run.task.type is TaskType.simple:
@@ -119,7 +121,7 @@ class Tasks:
         task = run.task
         argv = self._argv(task)
         if task.context is TaskContext.elevated and os.geteuid() != 0:
-            log.warning("elevated_unavailable", task=run.label,
+            self.log.warning("elevated_unavailable", task=run.label,
                         detail="the controller is not root: the task runs as the current user")
         run.state, run.started = "running", time.time()
         loop = asyncio.get_running_loop()
@@ -146,7 +148,7 @@ class Tasks:
 
         await loop.connect_read_pipe(lambda: _Lines(line, lambda: None), popen.stdout)
         self._waits[run.index] = exited
-        log.info("task_started", task=run.label, type=task.type.value, pid=popen.pid)
+        self.log.info("task_started", task=run.label, type=task.type.value, pid=popen.pid)
         return exited
 
     async def _finish(self, run: TaskRun, exited: asyncio.Future[int], marker: Path | None) -> None:
@@ -165,11 +167,11 @@ class Tasks:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(json.dumps({"command": run.task.command,
                                               "completed": datetime.now(UTC).isoformat()}))
-            log.info("task_succeeded", task=run.label, seconds=seconds)
+            self.log.info("task_succeeded", task=run.label, seconds=seconds)
             return
         run.state = "failed"
         run.reason = run.reason or f"exited with {code}"
-        log.error("task_failed", task=run.label, reason=run.reason,
+        self.log.error("task_failed", task=run.label, reason=run.reason,
                   tail=list(run.tail)[-3:], type=run.task.type.value)
 
     def marker(self, task: StartupTask) -> Path | None:

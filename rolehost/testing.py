@@ -5,8 +5,8 @@
     def test_worker_survives_a_crash():
         with ServiceHarness("rolehost.toml") as service:
             service.wait_ready(timeout=30)
-            service.kill("worker/0")
-            service.wait_ready(timeout=30)
+            pid = service.kill("worker/0")
+            service.wait_replaced("worker/0", pid, timeout=30)
             assert service.instance("worker/0")["restarts"] == 1
 
 The harness starts `rolehost start` on a private run directory, talks to it over the
@@ -108,16 +108,24 @@ class ServiceHarness:
         try:
             self.stop()
         finally:
-            self.assert_no_processes()
+            try:
+                self.assert_no_processes()
+            finally:
+                self.kill_leftovers()  # a leak fails the test, and still does not outlive it
             if self._own_run_dir and kind is None:
                 shutil.rmtree(self.run_dir.path, ignore_errors=True)
+
+    def kill_leftovers(self) -> None:
+        for proc in run_dir_processes(self.run_dir.path):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def start(self) -> None:
         self.run_dir.ensure()
         with open(self.run_dir.console_log, "ab") as out:
             self.controller = subprocess.Popen(
                 [sys.executable, "-m", "rolehost", "start", "-f", str(self.definition),
-                 "--run-dir", str(self.run_dir.path)],
+                 "--run-dir", str(self.run_dir.path), "--no-console"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
             )
 
@@ -146,9 +154,6 @@ class ServiceHarness:
             except subprocess.TimeoutExpired:
                 self.controller.kill()
                 self.controller.wait(10)
-        for proc in run_dir_processes(self.run_dir.path):
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
 
     def signal_controller(self, sig: int) -> None:
         assert self.controller is not None
@@ -190,6 +195,7 @@ class ServiceHarness:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def console(self) -> str:
+        """The controller's own output (without --no-console's silence: its errors)."""
         return "\n".join(logs.tail(self.run_dir.console_log, 40))
 
     def _describe(self) -> str:

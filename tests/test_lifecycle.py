@@ -200,6 +200,7 @@ def test_async_role_runs_and_stop_cancels_run(make_service: MakeService) -> None
                 try:
                     await asyncio.sleep(600)
                 except asyncio.CancelledError:
+                    await asyncio.sleep(0.3)  # cleanup that takes a while: on_stop waits
                     probe("cancelled")
                     raise
             async def on_stop(self):
