@@ -123,7 +123,7 @@ class Host:
             self.role = load_entry_point(self.context.entry_point, self.context.app_dir)()
         except BaseException:
             self._fail("import", ExitCode.BOOT_FAILED)
-        self._send_state("starting")
+        self.send_state("starting")
         try:
             started = self.invoke(self.role.on_start)
         except BaseException:
@@ -187,16 +187,16 @@ class Host:
         if code is ExitCode.RECYCLE:
             self.channel.send("recycle", reason=reason)
         RoleEnvironment.mark_stopping()
-        self._send_state("stopping", reason)
+        self.send_state("stopping", reason)
         timeout = self.context.stop_timeout
         finished, error = bounded(self._graceful, timeout)
         if not finished:
-            self._report(
+            self.report(
                 "on_stop", f"stopping handlers and on_stop did not finish within "
                 f"stop_timeout ({timeout:g}s); the instance is terminated\n",
             )
         elif error:
-            self._report("on_stop", error)
+            self.report("on_stop", error)
         self._exit(code)
 
     def _graceful(self) -> None:
@@ -204,7 +204,7 @@ class Host:
             try:
                 self.invoke(handler)
             except Exception:
-                self._report("stopping", _traceback())
+                self.report("stopping", _traceback())
         if self._run_task is not None:  # an async run is cancelled, and its cleanup awaited
             self._loop.call_soon_threadsafe(self._run_task.cancel)
             self._run_over.wait()
@@ -230,7 +230,7 @@ class Host:
             try:
                 self.invoke(handler, event)
             except Exception:
-                self._report("changing", _traceback())
+                self.report("changing", _traceback())
         self.channel.send("changing_result", cancel=event.cancelled)
 
     def _changed(self, message: protocol.Message) -> None:
@@ -239,7 +239,7 @@ class Host:
             try:
                 self.invoke(handler, changes)
             except Exception:
-                self._report("changed", _traceback())
+                self.report("changed", _traceback())
 
     def orphaned(self) -> NoReturn:
         """The controller is gone: nobody else will stop this tree, so take it down now."""
@@ -261,10 +261,10 @@ class Host:
 
     # Reporting and leaving.
 
-    def _send_state(self, state: str, reason: str = "") -> None:
+    def send_state(self, state: str, reason: str = "") -> None:
         self.channel.send("state", state=state, reason=reason)
 
-    def _report(self, where: str, text: str) -> None:
+    def report(self, where: str, text: str) -> None:
         sys.stderr.write(f"rolehost: {where}: {text}")
         self.channel.send("error", where=where, traceback=text)
 
@@ -275,7 +275,7 @@ class Host:
         self._fail(where, ExitCode.CRASHED)
 
     def _fail(self, where: str, code: ExitCode) -> NoReturn:
-        self._report(where, _traceback())
+        self.report(where, _traceback())
         self._exit(code)
 
     def _park(self) -> NoReturn:
@@ -312,7 +312,7 @@ class _StatusLoop:
             answer = self._check(interval)
             if answer != self._last and not RoleEnvironment.is_stopping:
                 self._last = answer
-                self.host._send_state(answer[0].value, answer[1])
+                self.host.send_state(answer[0].value, answer[1])
             self._now.wait(interval)
             self._now.clear()
 
@@ -331,7 +331,7 @@ class _StatusLoop:
         if not finished:
             return RoleStatus.BUSY, f"status check did not answer within {timeout:g}s"
         if error:
-            self.host._report("status_check", error)
+            self.host.report("status_check", error)
             return RoleStatus.BUSY, f"status check raised: {error.strip().splitlines()[-1]}"
         reason = "a status check reported busy" if check.status is RoleStatus.BUSY else ""
         return check.status, reason

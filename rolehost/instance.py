@@ -247,6 +247,15 @@ class Instance:
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
         self._arm_deadline()
         try:
+            if await self._bootstrap(kind):
+                await self._run_host()
+        finally:
+            self._cancel_deadline()
+            self._cancel_heartbeat()
+
+    async def _bootstrap(self, kind: Maintenance) -> bool:
+        """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
+        try:
             if kind.reruns_tasks or self.tasks is None or self.tasks.ended:
                 await self._end_boot()
                 self.boot += 1
@@ -256,33 +265,28 @@ class Instance:
                 self.tasks = Tasks(self.id, self.role, self.disks,
                                    self._environment(self.boot_token), self._on_output)
                 if not await self._interruptible(self.tasks.run()):
-                    return
+                    return False
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
             self.process = await self.deployment.standby.take()
-            self.process.assign(
-                vars(self.context()), self.variables() | {
-                    "PATH": task_path(), protocol.TOKEN_ENV: token}, str(self.disks.app),
-                token, self._on_message, self._on_output,
-            )
         except TaskFailed as failed:
-            if self._failed_reason is None:
+            if self._failed_reason is None:  # a missed deadline explains itself
                 self.last_error = self._run_error = str(failed)
-            return
+            return False
         except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
             self.last_error = self._run_error = f"bootstrap failed: {exc}"
             log.error("bootstrap_failed", instance=self.id, error=str(exc))
-            return
-        finally:
-            if self._failed_reason is None and self.state is S.BOOTSTRAPPING and not (
-                self.process and self.process.running
-            ):
-                self._cancel_deadline()
+            return False
+        environment = self.variables() | {"PATH": task_path(), protocol.TOKEN_ENV: token}
+        self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
+                            self._on_message, self._on_output)
+        return True
+
+    async def _run_host(self) -> None:
+        assert self.process is not None
         self._set(S.STARTING, f"host process {self.process.pid} started")
         self._arm_heartbeat()
         code = await self._watch(self.process)
-        self._cancel_deadline()
-        self._cancel_heartbeat()
         outcome = describe_exit(code)
         if code != protocol.ExitCode.STOPPED and not self._recycle_reason:
             self.last_error = self._run_error or f"host {outcome}"
