@@ -90,12 +90,12 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
     if detach:
         _detach(file, where)
         return
-    from rolehost.controller import Controller
+    from rolehost.controller import Controller, StartError
 
     controller = Controller(definition, file.resolve(), where, logs.Console() if console else None)
     try:
         asyncio.run(controller.serve())
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, StartError) as exc:
         _fail(str(exc))
 
 

@@ -17,12 +17,17 @@ from typing import Any
 import structlog
 
 from rolehost import api, logs, process
+from rolehost.balancer import Balancer
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, iso, parse_instance_name
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
+
+
+class StartError(RuntimeError):
+    """The service cannot start as defined on this machine (a port in use, ...)."""
 
 
 def standby_environment(run_dir: Path) -> dict[str, str]:
@@ -51,6 +56,7 @@ class Controller:
                                                      run_dir.path),
         )
         self.instances: dict[str, Instance] = {}
+        self.balancers: list[Balancer] = []
         self._shutdown = asyncio.Event()
         self._stopped = asyncio.Event()
         self._shutdown_reason = "stop requested"
@@ -70,9 +76,22 @@ class Controller:
         server = await api.serve(self.run_dir.socket, self)
         try:
             for role_name, role in self.definition.roles.items():
+                balancers = {name: Balancer(role_name, name, ep)
+                             for name, ep in role.endpoints.items()}
+                self.balancers += balancers.values()
                 for index in range(role.instances):
                     instance = Instance(self.deployment, role_name, role, index)
+                    for name, balancer in balancers.items():
+                        balancer.add(instance.id, instance.ports[name])
+                    instance.balancers = balancers
                     self.instances[instance.id] = instance
+            for balancer in self.balancers:  # listening first: a port in use starts nothing
+                try:
+                    await balancer.start()
+                except OSError as exc:
+                    host, port = balancer.address
+                    raise StartError(f"cannot listen on {host}:{port} for "
+                                     f"{balancer.role}.{balancer.name}: {exc.strerror}") from None
             log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
@@ -84,8 +103,13 @@ class Controller:
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
             await self.deployment.standby.close()
             log.info("controller_stopped")
+        except StartError as exc:
+            log.error("start_failed", error=str(exc))
+            raise
         finally:
             self._stopped.set()
+            for balancer in self.balancers:
+                await balancer.close()
             await server.close()
             self.run_dir.socket.unlink(missing_ok=True)
             for instance in self.instances.values():
@@ -115,6 +139,7 @@ class Controller:
             "started": iso(self.started),
             "upgrade_domains": self.definition.service.upgrade_domains,
             "instances": [i.snapshot() for i in self.instances.values()],
+            "balancers": [b.snapshot() for b in self.balancers],
         }
 
     def instance(self, name: str) -> Instance:

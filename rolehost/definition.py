@@ -72,14 +72,42 @@ class Protocol(StrEnum):
     tcp = "tcp"
 
 
+class Probe(_Model):
+    """A health probe of each instance's endpoint: an HTTP GET of `path` (2xx/3xx passes),
+    or, without `path`, a TCP connect. An instance enters rotation after `healthy` passes
+    in a row and leaves it after `unhealthy` failures in a row."""
+
+    path: str | None = Field(default=None, pattern=r"^/", description="HTTP path; none: TCP")
+    interval: Duration = Field(default=2.0, gt=0, description="time between probes")
+    timeout: Duration = Field(default=1.0, gt=0, description="a probe slower than this fails")
+    healthy: int = Field(default=1, ge=1, description="passes in a row to enter rotation")
+    unhealthy: int = Field(default=2, ge=1, description="failures in a row to leave it")
+
+
+class Balance(StrEnum):
+    round_robin = "round-robin"
+    least_outstanding = "least-outstanding"
+
+
 class Endpoint(_Model):
-    """An input endpoint. Each instance gets a private port for it, which the role reads
-    from `RoleEnvironment.current_instance.endpoints` and binds. The built-in balancer
-    that listens on `host:port` is not in this release yet: the port is validated only."""
+    """An input endpoint: the built-in balancer listens on `host:port` and spreads the
+    traffic over the instances in rotation. Each instance gets a private port for it,
+    which the role reads from `RoleEnvironment.current_instance.endpoints` and binds."""
 
     port: int = Field(ge=1, le=65535, description="public port the balancer listens on")
     protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
     host: str = Field(default="127.0.0.1", description="address the balancer binds")
+    probe: Probe | None = Field(default=None, description="health probe; none: state only")
+    ignore_status: bool = Field(
+        default=False, description="keep instances in rotation while a status check says busy"
+    )
+    balance: Balance = Field(default=Balance.round_robin, description="how requests are spread")
+    drain_timeout: Duration = Field(
+        default=30.0, description="how long a stopping instance may finish in-flight requests"
+    )
+    queue_timeout: Duration = Field(
+        default=10.0, description="how long a request waits for an instance in rotation"
+    )
 
 
 class LocalResource(_Model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Coroutine
@@ -19,7 +20,8 @@ from typing import Any
 
 import structlog
 
-from rolehost import protocol
+from rolehost import probe, protocol
+from rolehost.balancer import Balancer
 from rolehost.definition import Role, Service
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
@@ -135,6 +137,9 @@ class Instance:
         self._deadline: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
+        self._probes: dict[str, tuple[bool, str]] = {}  # endpoint -> (healthy, last seen)
+        self._draining = False
 
     # The state machine.
 
@@ -153,6 +158,7 @@ class Instance:
                  reason=reason or None)
         self._changed.set()
         self._changed = asyncio.Event()
+        self._update_rotation()
         operation = self._operation
         if operation is not None and (operation.started or state is S.STOPPED) and (
             state in SETTLED
@@ -210,6 +216,29 @@ class Instance:
                 self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
             )
 
+    # Rotation: derived from the state, the probes and a drain, never kept apart.
+
+    def _rotation(self, name: str) -> tuple[bool, str]:
+        endpoint = self.role.endpoints[name]
+        if self._draining:
+            return False, "draining"
+        if self.state is S.BUSY and not endpoint.ignore_status:
+            return False, f"busy: {self.reason}" if self.reason else "busy"
+        if self.state not in (S.READY, S.BUSY):
+            return False, self.state.value
+        if endpoint.probe is not None:
+            healthy, seen = self._probes.get(name, (False, "no probe result yet"))
+            return healthy, "" if healthy else f"probe failing: {seen}"
+        return True, ""
+
+    def _update_rotation(self) -> None:
+        for name, balancer in self.balancers.items():
+            balancer.set_rotation(self.id, *self._rotation(name))
+
+    def _probe_result(self, name: str, healthy: bool, seen: str) -> None:
+        self._probes[name] = (healthy, seen)
+        self._update_rotation()
+
     async def settled(self) -> State:
         """Wait until the instance is ready, failed, recycling or stopped."""
         while self.state not in SETTLED:
@@ -242,6 +271,8 @@ class Instance:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
         self._recycle_reason = self._failed_reason = self._run_error = None
         self.ready_since = None
+        self._draining = False
+        self._probes.clear()
         self.starts += 1
         self._set(S.BOOTSTRAPPING, reason)
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
@@ -286,7 +317,19 @@ class Instance:
         assert self.process is not None
         self._set(S.STARTING, f"host process {self.process.pid} started")
         self._arm_heartbeat()
-        code = await self._watch(self.process)
+        probes = [
+            asyncio.ensure_future(probe.watch(
+                endpoint.host, self.ports[name], endpoint.probe,
+                functools.partial(self._probe_result, name),
+            ))
+            for name, endpoint in self.role.endpoints.items()
+            if endpoint.probe is not None and name in self.balancers
+        ]
+        try:
+            code = await self._watch(self.process)
+        finally:
+            for task in probes:
+                task.cancel()
         outcome = describe_exit(code)
         if code != protocol.ExitCode.STOPPED and not self._recycle_reason:
             self.last_error = self._run_error or f"host {outcome}"
@@ -319,6 +362,7 @@ class Instance:
             )
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
+            await self._drain(reason)
             process.send({"type": "stop", "reason": reason})
             limit = self.role.stop_timeout + STOP_GRACE
             try:
@@ -331,6 +375,13 @@ class Instance:
                 self.last_error = self._run_error
                 process.kill()
         return await process.exited
+
+    async def _drain(self, reason: str) -> None:
+        """Out of rotation first; let requests in flight finish (each endpoint's
+        drain_timeout); only then is the host asked to stop."""
+        self._draining = True
+        if self.balancers:
+            await asyncio.gather(*(b.drain(self.id, reason) for b in self.balancers.values()))
 
     async def _end_boot(self) -> None:
         """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
@@ -519,6 +570,15 @@ class Instance:
             )
         return self.snapshot()
 
+    def _endpoint_status(self, name: str) -> dict[str, Any]:
+        balancer = self.balancers.get(name)
+        if balancer is None:
+            return {}
+        status = balancer.backends[self.id].snapshot()
+        if name in self._probes:
+            status["probe"] = {"healthy": self._probes[name][0], "seen": self._probes[name][1]}
+        return status
+
     @property
     def operation(self) -> str | None:
         """The maintenance operation under way, if any: `kind: cause`."""
@@ -542,7 +602,7 @@ class Instance:
             "ready_since": iso(self.ready_since) if self.state is S.READY else None,
             "operation": self.operation,
             "endpoints": {
-                name: {"host": ep.host, "port": self.ports[name]}
+                name: {"host": ep.host, "port": self.ports[name], **self._endpoint_status(name)}
                 for name, ep in self.role.endpoints.items()
             },
             "tasks": self.tasks.snapshot() if self.tasks is not None else [],

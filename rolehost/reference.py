@@ -20,10 +20,11 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[service]", model.Service),
     ("[roles.NAME]", model.Role),
     ("[roles.NAME.endpoints.NAME]", model.Endpoint),
+    ("[roles.NAME.endpoints.NAME.probe]", model.Probe),
     ("[roles.NAME.local_resources.NAME]", model.LocalResource),
     ("[[roles.NAME.startup_tasks]]", model.StartupTask),
 ]
-_TABLES = {"settings", "endpoints", "local_resources", "startup_tasks"}
+_TABLES = {"settings", "endpoints", "local_resources", "startup_tasks", "probe"}
 
 
 def configuration() -> str:

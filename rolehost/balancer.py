@@ -1,0 +1,162 @@
+"""The built-in load balancer: one per input endpoint, gated by readiness.
+
+An instance is in rotation only while its instance says so (`Instance.in_rotation`:
+ready, probes passing, not draining); the balancer never decides that itself. When none
+is in rotation a request waits up to `queue_timeout` for one, then gets a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from rolehost.definition import Balance, Endpoint, Protocol
+
+if TYPE_CHECKING:
+    from rolehost import proxy
+
+log = structlog.get_logger()
+
+
+class Backend:
+    """One instance behind one endpoint: its private address, rotation and load."""
+
+    def __init__(self, instance_id: str, host: str, port: int) -> None:
+        self.instance_id, self.host, self.port = instance_id, host, port
+        self.in_rotation = False
+        self.why_out = "starting"
+        self.active = 0  # requests (http) or connections (tcp) being served
+        self.served = 0
+        self.idle: list[proxy.BackendConnection] = []  # keep-alive connections to reuse
+        self._idle_changed = asyncio.Event()
+
+    def begin(self) -> None:
+        self.active += 1
+        self.served += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle_changed.set()
+            self._idle_changed = asyncio.Event()
+
+    async def quiet(self) -> None:
+        """Wait until nothing is in flight."""
+        while self.active:
+            await self._idle_changed.wait()
+
+    def close_idle(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"in_rotation": self.in_rotation, "why_out": None if self.in_rotation else
+                self.why_out, "active": self.active, "served": self.served}
+
+
+class Balancer:
+    """Listens on one endpoint's public address and spreads its traffic."""
+
+    def __init__(self, role: str, name: str, endpoint: Endpoint) -> None:
+        self.role, self.name, self.endpoint = role, name, endpoint
+        self.backends: dict[str, Backend] = {}
+        self._turn = itertools.count()
+        self._rotation_changed = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.endpoint.host, self.endpoint.port
+
+    def add(self, instance_id: str, port: int) -> Backend:
+        backend = Backend(instance_id, self.endpoint.host, port)
+        self.backends[instance_id] = backend
+        return backend
+
+    def set_rotation(self, instance_id: str, in_rotation: bool, why_out: str) -> None:
+        backend = self.backends[instance_id]
+        backend.why_out = why_out
+        if backend.in_rotation == in_rotation:
+            return
+        backend.in_rotation = in_rotation
+        if not in_rotation:
+            backend.close_idle()  # idle keep-alive connections go; busy ones finish first
+        log.info("rotation", instance=instance_id, endpoint=f"{self.role}.{self.name}",
+                 in_rotation=in_rotation, reason=None if in_rotation else why_out)
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
+
+    async def drain(self, instance_id: str, reason: str) -> bool:
+        """Out of rotation, then wait for in-flight work; False if drain_timeout ran out."""
+        backend = self.backends[instance_id]
+        self.set_rotation(instance_id, False, f"draining: {reason}")
+        try:
+            await asyncio.wait_for(backend.quiet(), self.endpoint.drain_timeout)
+        except TimeoutError:
+            log.warning("drain_timeout", instance=instance_id, active=backend.active,
+                        endpoint=f"{self.role}.{self.name}")
+            return False
+        return True
+
+    async def pick(self, exclude: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
+        """A backend in rotation; wait up to queue_timeout for one. None: still none."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.endpoint.queue_timeout
+        while True:
+            ready = [b for b in self.backends.values()
+                     if b.in_rotation and b.instance_id not in exclude]
+            if ready:
+                if self.endpoint.balance is Balance.least_outstanding:
+                    least = min(b.active for b in ready)
+                    ready = [b for b in ready if b.active == least]
+                return ready[next(self._turn) % len(ready)]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rotation_changed.wait(), remaining)
+
+    async def start(self) -> None:
+        from rolehost import proxy
+
+        handler = proxy.serve_http if self.endpoint.protocol is Protocol.http else proxy.serve_tcp
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.connections.add(task)
+            try:
+                await handler(self, reader, writer)
+            finally:
+                self.connections.discard(task)
+
+        self._server = await asyncio.start_server(
+            connection, self.endpoint.host, self.endpoint.port, reuse_address=True
+        )
+        log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
+                 address=f"{self.endpoint.host}:{self.endpoint.port}",
+                 protocol=self.endpoint.protocol.value)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(self.connections, timeout=2)
+        for backend in self.backends.values():
+            backend.close_idle()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "role": self.role, "endpoint": self.name, "protocol": self.endpoint.protocol.value,
+            "address": f"{self.endpoint.host}:{self.endpoint.port}",
+            "in_rotation": sorted(b.instance_id for b in self.backends.values() if b.in_rotation),
+            "connections": len(self.connections),
+        }

@@ -1,0 +1,252 @@
+"""The readiness-gated balancer, with real sockets and real traffic."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import MakeService
+
+from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+
+WEB = """
+import hashlib, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/healthz":
+            healthy = not os.path.exists(RoleEnvironment.get_setting("probe") + ".sick")
+            return self.reply(200 if healthy else 503, b"ok" if healthy else b"sick")
+        if url.path == "/slow":
+            time.sleep(float(query["s"]))
+        if url.path == "/big":  # a chunked response of n bytes
+            n, block = int(query["n"]), b"x" * 65536
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while n > 0:
+                part = block[:min(n, len(block))]
+                self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(part), part))
+                n -= len(part)
+            self.wfile.write(b"0\\r\\n\\r\\n")
+            return
+        self.reply(200, RoleEnvironment.current_instance.id.encode())
+
+    def do_POST(self):
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            while (length := int(self.rfile.readline().strip(), 16)):
+                data = self.rfile.read(length)
+                digest.update(data); size += len(data)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            digest.update(data); size += len(data)
+        forwarded = self.headers.get("X-Forwarded-For", "")
+        self.reply(200, f"{size} {digest.hexdigest()} {forwarded}".encode())
+
+    def reply(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        me = RoleEnvironment.current_instance
+        self.server = Server((me.endpoints["http"].host, me.endpoints["http"].port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        delay = RoleEnvironment.get_setting("warmup").split(",")[me.index]
+        time.sleep(float(delay))
+        RoleEnvironment.on_status_check(self.check)
+        return True
+
+    def check(self, status):
+        if os.path.exists(RoleEnvironment.get_setting("probe") + ".busy"):
+            status.busy()
+
+    def on_stop(self):
+        self.server.shutdown()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def web(make_service: MakeService, instances: int, warmup: str = "0,0,0,0", endpoint: str = "",
+        **kwargs: object) -> tuple[ServiceHarness, int]:
+    port = free_port()
+    service = make_service(
+        WEB, instances=instances, settings={"warmup": warmup},
+        role={"status_check_interval": "200ms", "stop_timeout": "10s"}, **kwargs,
+        extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        {endpoint}
+        """,
+    )
+    return service.harness(), port
+
+
+def get(port: int, path: str = "/", timeout: float = 30) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_traffic_reaches_only_ready_instances(make_service: MakeService) -> None:
+    harness, port = web(make_service, 2, warmup="0,3")
+    with harness as h:
+        h.wait_state("web/0", "ready", 30)
+        assert h.instance("web/1")["state"] == "starting"
+        assert {get(port)[1] for _ in range(6)} == {b"web_IN_0"}
+        h.wait_ready(30)
+        assert {get(port)[1] for _ in range(6)} == {b"web_IN_0", b"web_IN_1"}
+        status = h.instance("web/1")["endpoints"]["http"]
+        assert status["in_rotation"] and status["served"] >= 1
+
+
+def test_busy_status_check_takes_an_instance_out_and_back(make_service: MakeService) -> None:
+    harness, port = web(make_service, 2)
+    with harness as h:
+        h.wait_ready(30)
+        flag = h.definition.parent / "probe.txt.busy"
+        flag.touch()  # both instances report busy...
+        h.wait_state("web/0", "busy", 10)
+        h.wait_state("web/1", "busy", 10)
+        endpoint = h.instance("web/0")["endpoints"]["http"]
+        assert not endpoint["in_rotation"] and endpoint["why_out"].startswith("busy")
+        flag.unlink()  # ...then ready again: back in rotation
+        h.wait_ready(10)
+        assert get(port)[0] == 200
+
+
+def test_failing_probe_takes_an_instance_out_and_back(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1, endpoint='probe = { path = "/healthz", '
+                        'interval = "100ms", healthy = 1, unhealthy = 2 }')
+    with harness as h:
+        h.wait_ready(30)
+        wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["in_rotation"], 10, "rotation")
+        sick = h.definition.parent / "probe.txt.sick"
+        sick.touch()
+        def out_of_rotation() -> dict[str, object] | None:
+            endpoint: dict[str, object] = h.instance("web/0")["endpoints"]["http"]
+            return None if endpoint["in_rotation"] else endpoint
+
+        out = wait_until(out_of_rotation, 10, "out of rotation")
+        assert out["why_out"] == "probe failing: HTTP 503"
+        assert h.instance("web/0")["state"] == "ready"  # the instance is fine; its site is not
+        sick.unlink()
+        wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["in_rotation"], 10, "back")
+        assert get(port) == (200, b"web_IN_0")
+
+
+def test_no_instance_ready_waits_then_503(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1, warmup="600", endpoint='queue_timeout = "500ms"')
+    with harness as h:
+        h.wait_state("web/0", "starting", 30)
+        began = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        waited = time.monotonic() - began
+        assert response.status == 503 and response.getheader("Retry-After") == "1"
+        assert 0.45 < waited < 3
+        connection.close()
+
+
+def test_a_request_waits_for_an_instance_to_become_ready(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1, warmup="1.5")
+    with harness as h:
+        h.wait_state("web/0", "starting", 30)
+        assert get(port) == (200, b"web_IN_0")  # queued, not refused
+
+
+def test_a_stopping_instance_finishes_its_requests(make_service: MakeService) -> None:
+    harness, port = web(make_service, 2)
+    with harness as h:
+        h.wait_ready(30)
+        results: list[tuple[int, bytes]] = []
+        slow = [threading.Thread(target=lambda: results.append(get(port, "/slow?s=1.5")))
+                for _ in range(2)]
+        for thread in slow:
+            thread.start()
+        wait_until(lambda: all(h.instance(f"web/{i}")["endpoints"]["http"]["active"] == 1
+                               for i in (0, 1)), 10, "a slow request on each instance")
+        h.restart("web/0", "web/1")  # drain: both slow requests finish first
+        for thread in slow:
+            thread.join(10)
+        assert results == [(200, b"web_IN_0"), (200, b"web_IN_1")] or sorted(results) == [
+            (200, b"web_IN_0"), (200, b"web_IN_1")]
+        drained = [e for e in h.events() if e["event"] == "rotation" and not e["in_rotation"]]
+        assert {e["instance"] for e in drained} >= {"web_IN_0", "web_IN_1"}
+
+
+def test_large_and_chunked_bodies_stream_both_ways(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        size = 12 * 1024 * 1024
+        status, body = get(port, f"/big?n={size}")
+        assert status == 200 and len(body) == size and body == b"x" * size
+
+        blob = bytes(range(256)) * (size // 256)
+
+        def chunks() -> Iterator[bytes]:
+            for offset in range(0, len(blob), 100_000):
+                yield blob[offset:offset + 100_000]
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/upload", body=chunks(), encode_chunked=True,
+                           headers={"X-Forwarded-For": "10.1.2.3"})
+        received, digest, forwarded = connection.getresponse().read().decode().split(" ", 2)
+        assert int(received) == size and digest == hashlib.sha256(blob).hexdigest()
+        assert forwarded == "10.1.2.3, 127.0.0.1"
+        connection.request("POST", "/upload", body=blob)  # Content-Length, same connection
+        assert connection.getresponse().read().split()[0] == str(size).encode()
+        connection.close()
+
+
+@pytest.mark.slow
+def test_zero_failed_requests_through_restarts_and_kills(make_service: MakeService) -> None:
+    harness, port = web(make_service, 3, service={"stable_after": "0s"})
+    with harness as h:
+        h.wait_ready(30)
+        with LoadProbe(f"http://127.0.0.1:{port}/", clients=6) as load:
+            load.wait_requests(200)
+            for index in range(3):
+                h.restart(f"web/{index}")
+            for index in range(3):
+                h.wait_replaced(f"web/{index}", h.kill(f"web/{index}"), 30)
+                h.wait_ready(30)
+            load.wait_requests(load.requests + 200)
+        report = load.report()
+        assert load.failures == [], report
+        assert report["requests"] > 600
+        print(json.dumps(report))
