@@ -149,7 +149,8 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
                      str(i["restarts"]), since, detail))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
     for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[6])
+        line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[6]
+        click.echo(line.rstrip())
 
 
 @cli.command()
@@ -201,7 +202,8 @@ def logs_command(
 
 
 _MAINTENANCE_HELP = {
-    Maintenance.RECYCLE: "Recycle: graceful stop, every disk kept, startup tasks re-run.",
+    Maintenance.RECYCLE: "Recycle: graceful stop, os/ and app/ kept, local resources emptied "
+                         "if clean_on_recycle, startup tasks re-run.",
     Maintenance.RESTART: "Restart (reboot, host-OS update): graceful stop, app/ re-deployed, "
                          "os/ kept, startup tasks re-run.",
     Maintenance.REIMAGE: "Reimage (guest-OS update): graceful stop, os/ wiped, app/ re-deployed, "

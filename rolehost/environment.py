@@ -11,7 +11,6 @@ it imports nothing that a role does not need at run time: no typing, no dataclas
 
 from __future__ import annotations
 
-import json
 import threading
 from enum import StrEnum
 
@@ -118,7 +117,7 @@ class LocalResource(_Record):
 
 
 class Context:
-    """Everything a host needs to know about its instance; JSON in `ROLEHOST_CONTEXT`."""
+    """Everything a host needs to know about its instance, sent in its `assign` message."""
 
     def __init__(
         self,
@@ -144,12 +143,6 @@ class Context:
         self.endpoints: dict[str, dict[str, Any]] = endpoints or {}
         self.resources: dict[str, dict[str, Any]] = resources or {}
 
-    def to_json(self) -> str:
-        return json.dumps(vars(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> Context:
-        return cls(**json.loads(text))
 
 
 class StatusCheck:

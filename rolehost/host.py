@@ -112,8 +112,12 @@ class Host:
         self._stop_lock = threading.Lock()
         self._stop_started = False
         self._loop: Any = None  # asyncio loop, started on the first coroutine
-        self._run_task: Any = None  # the asyncio task of an async run()
-        self._run_over = threading.Event()  # set when that task has finished, cancelled or not
+        # An async run(): its task, whether a stop cancelled it (both touched only on the
+        # loop's thread, so a stop before its first step cannot slip through), its end.
+        self._run_task: Any = None
+        self._run_cancelled = False
+        self._run_submitted = False
+        self._run_over = threading.Event()
         self._status = _StatusLoop(self)
 
     # The lifecycle (main thread).
@@ -146,17 +150,29 @@ class Host:
         result = fn(*args)
         if not hasattr(result, "__await__"):
             return result
-        return self._submit(self._as_run(result) if main else result).result()
+        if main:
+            self._run_submitted = True
+            return self._submit(self._as_run(result)).result()
+        return self._submit(result).result()
 
     async def _as_run(self, coroutine: Any) -> Any:
         """Run the role's async run() so that a stop can cancel it and wait for its end."""
         import asyncio
 
-        self._run_task = asyncio.current_task()
         try:
+            if self._run_cancelled:
+                coroutine.close()
+                raise asyncio.CancelledError
+            self._run_task = asyncio.current_task()
             return await coroutine
         finally:
             self._run_over.set()
+
+    def _cancel_run(self) -> None:
+        """On the loop's thread: cancel run() whether or not it has begun."""
+        self._run_cancelled = True
+        if self._run_task is not None:
+            self._run_task.cancel()
 
     def _submit(self, coroutine: Any) -> Future[Any]:
         import asyncio
@@ -205,8 +221,8 @@ class Host:
                 self.invoke(handler)
             except Exception:
                 self.report("stopping", _traceback())
-        if self._run_task is not None:  # an async run is cancelled, and its cleanup awaited
-            self._loop.call_soon_threadsafe(self._run_task.cancel)
+        if self._run_submitted:  # an async run is cancelled, and its cleanup awaited
+            self._loop.call_soon_threadsafe(self._cancel_run)
             self._run_over.wait()
         if self.role is not None:
             self.invoke(self.role.on_stop)
@@ -401,8 +417,10 @@ def main() -> NoReturn:
         sys.exit(check(sys.argv[2], sys.argv[3]))
     channel = Channel(int(os.environ[protocol.CHANNEL_FD_ENV]))
     assignment = channel.receive()
-    if assignment is None or assignment["type"] != "assign":
-        os._exit(ExitCode.ORPHANED)  # a standby the controller no longer needs
+    if assignment is None:
+        os._exit(ExitCode.ORPHANED)  # the controller went away before it needed us
+    if assignment["type"] != "assign":
+        os._exit(ExitCode.STOPPED)  # released: a standby the controller no longer needs
     os.environ.update(assignment["env"])  # inherited by every process the role starts
     os.chdir(assignment["cwd"])
     context = Context(**assignment["context"])

@@ -54,6 +54,8 @@ def _user_frames(traceback: str) -> list[str]:
             skipping = False
         if not skipping:
             kept.append(line)
+    if len(kept) > 1 and kept[0].startswith("Traceback") and not kept[1].startswith("  File "):
+        kept.pop(0)  # every frame was ours: the header would stand alone
     return kept
 
 

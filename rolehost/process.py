@@ -308,7 +308,8 @@ class Standby:
     Taking it starts the next one."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.argv = [sys.executable, "-m", "rolehost.host"]
+        # -P: no working folder on sys.path; the role's app folder is put there on assign.
+        self.argv = [sys.executable, "-P", "-m", "rolehost.host"]
         self.env, self.cwd = env, str(cwd)
         self._next: asyncio.Task[HostProcess] | None = None
         self._closed = False

@@ -144,7 +144,8 @@ class ServiceHarness:
         wait_until(answering, self.start_timeout, "the controller to answer", self.console)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop gracefully through the API; kill whatever is left after `timeout`."""
+        """Stop gracefully through the API; kill the controller if it is not gone after
+        `timeout`. Leftover processes are for `assert_no_processes` to find."""
         if self.controller is None:
             return
         if self.controller.poll() is None:

@@ -385,3 +385,20 @@ def test_a_standby_host_waits_and_is_replaced_when_used(make_service: MakeServic
             os.kill(pid, signal.SIGKILL)
         h.wait_replaced("web/0", h.kill("web/0"), 30)
         assert h.instance("web/0")["restarts"] == 2
+
+
+def test_the_role_sees_its_app_folder_first_on_sys_path(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                app = str(RoleEnvironment.app_dir)
+                run_dir = os.environ["ROLEHOST_RUN_DIR"]
+                probe(f"first={sys.path[0] == app} "
+                      f"run_dir={any(p.startswith(run_dir) and p != app for p in sys.path)}")
+                return True
+        """
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert service.probes() == ["first=True run_dir=False web_IN_0"]
