@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from rolehost import proxy
 
 log = structlog.get_logger()
+SLOW_START_FLOOR = 0.05
 
 
 class Backend:
@@ -28,6 +30,7 @@ class Backend:
     def __init__(self, instance_id: str, host: str, port: int) -> None:
         self.instance_id, self.host, self.port = instance_id, host, port
         self.in_rotation = False
+        self.joined = 0.0  # loop time it last entered rotation: slow start weighs it
         self.why_out = "starting"
         self.active = 0  # requests (http) or connections (tcp) being served
         self.served = 0
@@ -85,6 +88,7 @@ class Balancer:
         if backend.in_rotation == in_rotation:
             return
         backend.in_rotation = in_rotation
+        backend.joined = asyncio.get_running_loop().time()
         if not in_rotation:
             backend.close_idle()  # idle keep-alive connections go; busy ones finish first
         log.info("rotation", instance=instance_id, endpoint=f"{self.role}.{self.name}",
@@ -115,12 +119,20 @@ class Balancer:
                 if self.endpoint.balance is Balance.least_outstanding:
                     least = min(b.active for b in ready)
                     ready = [b for b in ready if b.active == least]
+                if self.endpoint.slow_start > 0:
+                    weights = [self._weight(b, loop.time()) for b in ready]
+                    if min(weights) < 1.0:
+                        return random.choices(ready, weights)[0]
                 return ready[next(self._turn) % len(ready)]
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rotation_changed.wait(), remaining)
+
+    def _weight(self, backend: Backend, now: float) -> float:
+        """Slow start: a share growing linearly from 5% to 100% over `slow_start`."""
+        return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self.endpoint.slow_start))
 
     async def start(self) -> None:
         from rolehost import proxy

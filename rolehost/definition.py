@@ -108,6 +108,9 @@ class Endpoint(_Model):
     queue_timeout: Duration = Field(
         default=10.0, description="how long a request waits for an instance in rotation"
     )
+    slow_start: Duration = Field(
+        default=0.0, description="a joining instance's share of new requests grows over this"
+    )
 
 
 class LocalResource(_Model):

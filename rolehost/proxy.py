@@ -3,7 +3,8 @@
 HTTP: httptools parses both sides; bodies stream through in chunks (re-framed, never
 buffered whole); backend connections are kept alive and reused; a request whose backend
 fails before any byte of the response came back is tried once more on another instance
-when that is safe (an idempotent method, or nothing of it was sent yet).
+when that is safe (an idempotent method, or nothing of it was sent yet). An Upgrade
+request (WebSocket) becomes a tunnel once the instance answers 101.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Request:
         self.body = Body()
         self.replay: list[bytes] | None = []  # what was read so far, for a retry
         self.replay_size = 0
+        self.tunnel_head = b""  # bytes after an Upgrade request's head: the tunnel's first
 
     @property
     def chunked(self) -> bool:
@@ -194,7 +196,8 @@ async def serve_http(
     try:
         while (request := await requests.get()) is not None:
             if request.upgrade:
-                await _reply(writer, 501, b"Upgrade is not supported by this balancer yet")
+                await reading  # it stopped at the Upgrade head: the tunnel reads from here
+                await _tunnel(balancer, request, reader, writer, client_ip)
                 break
             if not await _forward(balancer, request, writer, client_ip):
                 break
@@ -211,13 +214,18 @@ async def _read_client(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     client: _ClientParser, requests: asyncio.Queue[Request | None],
 ) -> None:
+    data = b""
     try:
         while data := await reader.read(_READ):
             client.parser.feed_data(data)
             if client.current is not None:
                 await client.current.body.room()
-    except httptools.HttpParserUpgrade:
-        pass  # the head is queued; serve_http answers it
+    except httptools.HttpParserUpgrade as upgrade:
+        # The head is queued; what follows it belongs to the tunnel, which reads on itself.
+        assert client.current is not None
+        client.current.tunnel_head = data[upgrade.args[0]:]
+        client.current.body.end()
+        return
     except httptools.HttpParserError as exc:
         await _reply(writer, 400, f"malformed request: {exc}".encode())
     except (ConnectionError, asyncio.CancelledError):
@@ -285,22 +293,66 @@ async def _exchange(
     return keep_client
 
 
+async def _tunnel(
+    balancer: Balancer, request: Request, reader: asyncio.StreamReader,
+    client: asyncio.StreamWriter, client_ip: str,
+) -> None:
+    """An Upgrade (WebSocket, ...): pass the head on; after a 101, relay bytes both ways.
+    The tunnel counts as in flight on its backend, so a drain waits for it."""
+    backend = await balancer.pick()
+    if backend is None:
+        await _reply(client, 503, b"no instance in rotation", retry_after=True)
+        return
+    backend.begin()
+    try:
+        try:
+            upstream = await BackendConnection.open(backend)
+        except (OSError, TimeoutError):
+            await _reply(client, 502, b"the instance refused the connection")
+            return
+        try:
+            await _send_request(upstream, request, client_ip, upgrade=True)
+            response, rest = _ResponseParser(), b""
+            while not response.head_done:
+                data = await upstream.reader.read(_READ)
+                if not data:
+                    await _reply(client, 502, b"the instance closed the connection")
+                    return
+                try:
+                    response.parser.feed_data(data)
+                except httptools.HttpParserUpgrade as upgrade:
+                    rest = data[upgrade.args[0]:]
+            status = response.parser.get_status_code()
+            head = [b"HTTP/1.1 %d %s" % (status, response.reason)]
+            head += [n + b": " + v for n, v in response.headers]
+            client.write(b"\r\n".join(head) + b"\r\n\r\n" + rest)
+            if status != 101:  # refused: whatever body it had is not worth a framing guess
+                return
+            upstream.writer.write(request.tunnel_head)
+            await asyncio.gather(_pipe(reader, upstream.writer), _pipe(upstream.reader, client))
+        finally:
+            upstream.close()
+    finally:
+        backend.end()
+
+
 async def _send_request(
-    connection: BackendConnection, request: Request, client_ip: str
+    connection: BackendConnection, request: Request, client_ip: str, upgrade: bool = False
 ) -> None:
     chunked = request.chunked
     lines = [f"{request.method} ".encode() + request.url + b" HTTP/1.1"]
     forwarded = client_ip.encode()
     for name, value in request.headers:
         lowered = name.lower()
-        if lowered in _HOP:
+        if lowered in _HOP and not (upgrade and lowered in (b"upgrade", b"connection")):
             continue
         if lowered == b"x-forwarded-for":
             forwarded = value + b", " + forwarded
             continue
         lines.append(name + b": " + value)
-    lines += [b"X-Forwarded-For: " + forwarded, b"X-Forwarded-Proto: http",
-              b"Connection: keep-alive"]
+    lines += [b"X-Forwarded-For: " + forwarded, b"X-Forwarded-Proto: http"]
+    if not upgrade:
+        lines.append(b"Connection: keep-alive")
     if chunked:
         lines.append(b"Transfer-Encoding: chunked")
     elif request.length is not None:

@@ -31,6 +31,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200 if healthy else 503, b"ok" if healthy else b"sick")
         if url.path == "/slow":
             time.sleep(float(query["s"]))
+        if url.path == "/ws":  # an upgraded connection that echoes in upper case
+            self.send_response(101)
+            self.send_header("Upgrade", "echo")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while data := self.connection.recv(65536):
+                self.connection.sendall(data.upper())
+            self.close_connection = True
+            return
         if url.path == "/big":  # a chunked response of n bytes
             n, block = int(query["n"]), b"x" * 65536
             self.send_response(200)
@@ -250,3 +260,78 @@ def test_zero_failed_requests_through_restarts_and_kills(make_service: MakeServi
         assert load.failures == [], report
         assert report["requests"] > 600
         print(json.dumps(report))
+
+
+def test_upgrade_becomes_a_tunnel(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as ws:
+            ws.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\n"
+                       b"Connection: Upgrade\r\n\r\nfirst words")
+            received = b""
+            while b"FIRST WORDS" not in received:
+                received += ws.recv(4096)
+            assert received.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            assert b"Upgrade: echo" in received
+            ws.sendall(b"and more")
+            echoed = b""
+            while len(echoed) < 8:
+                echoed += ws.recv(4096)
+            assert echoed == b"AND MORE"
+            tunnels = h.instance("web/0")["endpoints"]["http"]["active"]
+            assert tunnels == 1  # an open tunnel is in flight: a drain would wait for it
+
+
+TCP_ECHO = """
+import socketserver, threading
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        me = RoleEnvironment.current_instance.id.encode()
+        while data := self.request.recv(65536):
+            self.request.sendall(me + b":" + data)
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        endpoint = RoleEnvironment.current_instance.endpoints["echo"]
+        self.server = socketserver.ThreadingTCPServer((endpoint.host, endpoint.port), Echo)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return True
+
+    def on_stop(self):
+        self.server.shutdown()
+"""
+
+
+def test_tcp_endpoint_balances_connections(make_service: MakeService) -> None:
+    port = free_port()
+    service = make_service(TCP_ECHO, instances=2, extra=f"""
+        [roles.web.endpoints.echo]
+        port = {port}
+        protocol = "tcp"
+        """)
+    with service.harness() as h:
+        h.wait_ready(30)
+        seen = set()
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"ping")
+                instance, _, data = conn.recv(4096).partition(b":")
+                assert data == b"ping"
+                seen.add(instance)
+        assert seen == {b"web_IN_0", b"web_IN_1"}
+
+
+def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeService) -> None:
+    # web_IN_0 is at full weight (2 s) well before web_IN_1 joins (4 s).
+    harness, port = web(make_service, 2, warmup="0,4", endpoint='slow_start = "2s"')
+    with harness as h:
+        h.wait_ready(30)
+        early = [get(port)[1] for _ in range(60)]
+        share = early.count(b"web_IN_1") / len(early)
+        assert share < 0.3, share  # an even split would be 0.5
+        time.sleep(2)  # the ramp is time itself: this is what is under test
+        late = [get(port)[1] for _ in range(200)]
+        assert 0.35 < late.count(b"web_IN_1") / len(late) < 0.65
