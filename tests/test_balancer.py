@@ -31,6 +31,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200 if healthy else 503, b"ok" if healthy else b"sick")
         if url.path == "/slow":
             time.sleep(float(query["s"]))
+        if url.path == "/die" and RoleEnvironment.current_instance.index == 0:
+            os._exit(1)  # the host dies with the request read and no byte answered
         if url.path == "/ws":  # an upgraded connection that echoes in upper case
             self.send_response(101)
             self.send_header("Upgrade", "echo")
@@ -335,3 +337,16 @@ def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeS
         time.sleep(2)  # the ramp is time itself: this is what is under test
         late = [get(port)[1] for _ in range(200)]
         assert 0.35 < late.count(b"web_IN_1") / len(late) < 0.65
+
+
+def test_a_request_whose_instance_dies_is_retried_on_another(make_service: MakeService) -> None:
+    harness, port = web(make_service, 2, service={"stable_after": "0s"})
+    with harness as h:
+        h.wait_ready(30)
+        answers = []
+        while h.instance("web/0")["restarts"] == 0 and len(answers) < 20:
+            answers.append(get(port, "/die"))  # round-robin: every other one hits web_IN_0
+        assert h.instance("web/0")["restarts"] >= 1
+        assert set(answers) == {(200, b"web_IN_1")}
+        retried = [e for e in h.events() if e["event"] == "retry"]
+        assert retried and retried[0]["instance"] == "web_IN_0"
