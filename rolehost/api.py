@@ -123,6 +123,45 @@ async def _maintain(controller: Controller, request: Request) -> Any:
     return await controller.maintain(kind, names, wait, cause)
 
 
+@route("POST", "/v1/upgrades/{kind}")
+async def _upgrade(controller: Controller, request: Request) -> Any:
+    from rolehost.walks import Upgrade
+
+    try:
+        upgrade = Upgrade(request.params["kind"])
+    except ValueError:
+        known = ", ".join(u.value for u in Upgrade)
+        raise ApiError(404, f"no such upgrade: {request.params['kind']} ({known})") from None
+    manual = request.json().get("manual", False)
+    if not isinstance(manual, bool):
+        raise ApiError(400, "manual must be true or false")
+    return await controller.upgrade(upgrade, manual)
+
+
+@route("GET", "/v1/walk")
+async def _walk(controller: Controller, request: Request) -> Any:
+    return controller.current_walk().snapshot()
+
+
+@route("POST", "/v1/walk/{action}")
+async def _walk_action(controller: Controller, request: Request) -> Any:
+    from rolehost.instance import OperationError
+
+    walk, action = controller.current_walk(), request.params["action"]
+    if action not in ("next", "abort"):
+        raise ApiError(404, f"no such walk action: {action} (next, abort)")
+    try:
+        walk.next() if action == "next" else walk.abort()
+    except OperationError as exc:
+        raise ApiError(409, str(exc)) from None
+    return walk.snapshot()
+
+
+@route("GET", "/v1/operations")
+async def _operations(controller: Controller, request: Request) -> Any:
+    return controller.operations()
+
+
 @route("POST", "/v1/shutdown")
 async def _shutdown(controller: Controller, request: Request) -> Any:
     await controller.shutdown("stop requested through the control API")

@@ -17,7 +17,7 @@ from rolehost import definition as model
 from rolehost import logs, preflight
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
-from rolehost.instance import parse_instance_name
+from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir
 
 # Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong.
@@ -232,6 +232,94 @@ def _maintenance_command(kind: Maintenance) -> click.Command:
 
 for _kind in _MAINTENANCE_HELP:
     _maintenance_command(_kind)
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["host-os", "guest-os", "agent"]))
+@_file
+@_run_dir
+@click.option("--manual", is_flag=True, help="Pause after each update domain until "
+              "`rolehost walk next`.")
+@click.option("--detach", is_flag=True, help="Start the walk and return at once.")
+def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: bool) -> None:
+    """Walk a platform update across the update domains, one at a time: host-os restarts,
+    guest-os reimages, agent restarts only the host processes. A domain that does not
+    come back halts the walk before the next one is touched."""
+    client = _client(file, run_dir)
+    walk = _call(client.upgrade, kind, manual)
+    click.echo(f"walk {walk['id']}: upgrade {kind} over {len(walk['domains'])} update domains")
+    if not detach:
+        _follow(client)
+
+
+@cli.command()
+@click.argument("action", required=False, type=click.Choice(["next", "abort"]))
+@_file
+@_run_dir
+def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
+    """Show the walk, or act on it: `next` resumes a paused one, `abort` ends a paused or
+    halted one."""
+    client = _client(file, run_dir)
+    snapshot = _call(client.walk, action)
+    if action == "next":
+        _follow(client)
+    else:
+        _print_walk(snapshot)
+
+
+def _follow(client: Client) -> None:
+    """Print the walk's progress as it changes until it ends, pauses or halts."""
+    shown: dict[str, str] = {}
+    while True:
+        snapshot = _call(client.walk)
+        for instance, progress in snapshot["progress"].items():
+            if shown.get(instance) != progress:
+                shown[instance] = progress
+                ud = next(n for n, d in enumerate(snapshot["domains"]) if instance in d)
+                click.echo(f"  UD {ud}  {instance:<16} {progress}")
+        state = snapshot["state"]
+        if state == "succeeded":
+            click.echo(f"walk {snapshot['id']}: every update domain done "
+                       f"in {snapshot['seconds']:.1f}s")
+            return
+        if state == "paused":
+            click.echo(f"walk {snapshot['id']}: paused after update domain "
+                       f"{snapshot['domain']}; `rolehost walk next` to go on")
+            return
+        if state in ("halted", "aborted"):
+            _fail(f"walk {snapshot['id']} {state}: {snapshot['error'] or 'aborted'}"
+                  + ("\n`rolehost walk abort` ends it" if state == "halted" else ""))
+        time.sleep(0.2)
+
+
+def _print_walk(snapshot: dict[str, Any]) -> None:
+    click.echo(f"walk {snapshot['id']}: upgrade {snapshot['upgrade']} ({snapshot['mode']}), "
+               f"{snapshot['state']}, update domain {snapshot['domain']}")
+    for ud, instances in enumerate(snapshot["domains"]):
+        for instance in instances:
+            click.echo(f"  UD {ud}  {instance:<16} {snapshot['progress'][instance]}")
+    if snapshot["error"]:
+        click.echo(f"  error: {snapshot['error']}")
+
+
+@cli.command()
+@_file
+@_run_dir
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
+    """List the management operations of this run directory, across controller restarts."""
+    history = _call(_client(file, run_dir).operations)
+    if as_json:
+        click.echo(json.dumps(history, indent=2))
+        return
+    for op in history["operations"]:
+        began = logs.clock(iso(op["started"]))
+        seconds = f"{op['ended'] - op['started']:.1f}s" if op["ended"] else "-"
+        error = f"  {op['error']}" if op["error"] else ""
+        click.echo(f"{op['id']}  {began}  {op['kind']:<18} {op['outcome']:<12} {seconds:>7}  "
+                   f"{','.join(op['instances'])}{error}")
+    rate = history["success_rate"]
+    click.echo("success rate: " + ("-" if rate is None else f"{rate:.0%}"))
 
 
 @cli.command()

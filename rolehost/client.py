@@ -86,6 +86,22 @@ class Client:
         )
         return result
 
+    def upgrade(self, kind: str, manual: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/upgrades/{kind}", {"manual": manual})
+        return result
+
+    def walk(self, action: str | None = None) -> dict[str, Any]:
+        """The current walk; with `action` ("next", "abort"), act on it first."""
+        if action is None:
+            result: dict[str, Any] = self.request("GET", "/v1/walk")
+        else:
+            result = self.request("POST", f"/v1/walk/{action}")
+        return result
+
+    def operations(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/v1/operations")
+        return result
+
     def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/v1/shutdown", timeout=timeout)
         return result

@@ -20,8 +20,10 @@ from rolehost import api, logs, process
 from rolehost.balancer import Balancer
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
+from rolehost.history import History
 from rolehost.instance import Deployment, Instance, iso, parse_instance_name
 from rolehost.rundir import RunDir
+from rolehost.walks import Upgrade, Walk, domains
 
 log = structlog.get_logger()
 
@@ -57,6 +59,9 @@ class Controller:
         )
         self.instances: dict[str, Instance] = {}
         self.balancers: list[Balancer] = []
+        self.history: History | None = None  # loaded once the run directory is ours
+        self.walk: Walk | None = None
+        self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
         self._stopped = asyncio.Event()
         self._shutdown_reason = "stop requested"
@@ -69,6 +74,7 @@ class Controller:
         # stop` (which waits for it) returns only once nothing of the controller is left.
         self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.console)
+        self.history = History(self.run_dir.path / "history.jsonl")
         if not process.adopt_orphans(loop):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,6 +106,9 @@ class Controller:
                 instance.start()
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
+            if self.walk is not None and self.walk.task is not None and not self.walk.over:
+                self.walk.task.cancel()  # the walk stops where it is; instances stop below
+                await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
             await self.deployment.standby.close()
             log.info("controller_stopped")
@@ -140,6 +149,7 @@ class Controller:
             "upgrade_domains": self.definition.service.upgrade_domains,
             "instances": [i.snapshot() for i in self.instances.values()],
             "balancers": [b.snapshot() for b in self.balancers],
+            "walk": self.walk.snapshot() if self.walk is not None else None,
         }
 
     def instance(self, name: str) -> Instance:
@@ -163,14 +173,53 @@ class Controller:
         busy = [i.id for i in instances if i.operation is not None]
         if busy:
             raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
-        results = await asyncio.gather(
-            *(i.maintain(kind, cause, wait) for i in instances), return_exceptions=True
-        )
+        assert self.history is not None
+        record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
+        started = [i.snapshot() for i in instances]
+        carried_out = asyncio.ensure_future(self._carry_out(kind, instances, cause, record))
+        if not wait:
+            self._background.add(carried_out)
+            carried_out.add_done_callback(self._background.discard)
+            return started
+        results = await carried_out
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             status = max(getattr(f, "status", 500) for f in failures)
             raise api.ApiError(status, "; ".join(str(f) for f in failures))
         return [r for r in results if isinstance(r, dict)]
+
+    async def _carry_out(
+        self, kind: Maintenance, instances: list[Instance], cause: str, record: Any
+    ) -> list[Any]:
+        """Every instance's part of one operation, and its line in the history."""
+        assert self.history is not None
+        results = await asyncio.gather(
+            *(i.maintain(kind, cause, wait=True) for i in instances), return_exceptions=True
+        )
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)
+        return list(results)
+
+    async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
+        """Walk `upgrade` across the update domains; at most one walk at a time."""
+        if self.walk is not None and not self.walk.over:
+            raise api.ApiError(409, f"walk {self.walk.id} is {self.walk.state.value}: one walk "
+                                    "at a time (rolehost walk next / abort)")
+        assert self.history is not None
+        count = self.definition.service.upgrade_domains
+        self.walk = Walk(upgrade, manual, domains(list(self.instances.values()), count),
+                         self.history)
+        self.walk.start()
+        return self.walk.snapshot()
+
+    def current_walk(self) -> Walk:
+        if self.walk is None:
+            raise api.ApiError(404, "no walk has run since the controller started")
+        return self.walk
+
+    def operations(self) -> dict[str, Any]:
+        assert self.history is not None
+        return self.history.summary()
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Events numbered above `since` (each event's `seq`)."""

@@ -241,6 +241,7 @@ async def _forward(
 ) -> bool:
     """Relay one request; True if the client connection may carry another."""
     tried: set[str] = set()
+    retried = False  # a request the backend may have seen is tried again once at most
     while True:
         backend = await balancer.pick(tried)
         if backend is None:
@@ -251,14 +252,20 @@ async def _forward(
         try:
             return await _exchange(backend, request, client, client_ip)
         except BackendFailed as failed:
-            safe = request.method in IDEMPOTENT or not failed.request_sent
+            where = {"instance": backend.instance_id, "reason": str(failed),
+                     "method": request.method, "url": request.url.decode("latin-1")[:200],
+                     "attempt": len(tried)}
             if failed.response_started:
+                log.warning("response_cut", **where)
                 return False  # part of a response is out: only closing can tell the client
-            if len(tried) == 1 and safe and request.replay is not None:
-                log.info("retry", instance=backend.instance_id, reason=str(failed),
-                         method=request.method)
+            if not failed.request_sent:  # nothing left the proxy: any other instance may
+                log.info("retry", **where)
                 continue
-            log.warning("backend_failed", instance=backend.instance_id, reason=str(failed))
+            if not retried and request.method in IDEMPOTENT and request.replay is not None:
+                retried = True
+                log.info("retry", **where)
+                continue
+            log.warning("backend_failed", **where)
             await _reply(client, 502, b"the instance failed before it answered")
             return False
         finally:
@@ -384,7 +391,11 @@ async def _relay_response(
     while True:
         data = await connection.reader.read(_READ)
         if not data:
-            if started and framing == b"close":
+            status = response.parser.get_status_code() if response.head_done else 0
+            if response.head_done and _framing(response, request, status) == b"close":
+                if not started:  # an empty body, delimited by the close itself
+                    await _write(client, _head(response, status, b"close", request.keep_alive),
+                                 False)
                 await _write(client, b"0\r\n\r\n", True)
                 return False, request.keep_alive
             raise BackendFailed("connection closed before the response ended", True, started)
@@ -397,16 +408,19 @@ async def _relay_response(
             await _write(client, b"HTTP/1.1 100 Continue\r\n\r\n", True)
             response = _ResponseParser()
             continue
-        if response.head_done and not started:
+        finished = response.complete or (response.head_done and request.method == "HEAD")
+        if response.head_done and not started and (response.chunks or finished):
+            # The head goes out with the first body bytes (or the end): a backend that dies
+            # between its head and its body has then still sent the client nothing.
             started = True
             framing = _framing(response, request, status)
             await _write(client, _head(response, status, framing, request.keep_alive), False)
-        if response.chunks:
+        if started and response.chunks:
             body, response.chunks = response.chunks, []
             rechunk = framing in (b"chunked", b"close")
             for chunk in body:
                 await _write(client, _frame(chunk, rechunk), False)
-        if response.complete or (started and request.method == "HEAD"):
+        if finished:
             if framing in (b"chunked", b"close"):
                 await _write(client, b"0\r\n\r\n", False)
             await client.drain()

@@ -244,7 +244,8 @@ class ServiceHarness:
 
         def replaced() -> dict[str, Any] | None:
             snapshot = self.instance(name)
-            return snapshot if snapshot["state"] == "ready" and snapshot["pid"] != pid else None
+            new = snapshot["pid"] not in (None, pid)  # None: the old host exited, not yet noted
+            return snapshot if snapshot["state"] == "ready" and new else None
 
         return wait_until(replaced, timeout, f"{name} to be ready in a new host", self._describe)
 
@@ -261,6 +262,32 @@ class ServiceHarness:
     def maintain(self, kind: str, *names: str, wait: bool = True) -> list[dict[str, Any]]:
         """Carry out a maintenance event (`restart`, `reimage`, ...) on the instances."""
         return self.client.maintain(kind, list(names), wait=wait, timeout=24 * 3600)
+
+    def upgrade(self, kind: str, manual: bool = False, wait: bool = True,
+                timeout: float = 600.0) -> dict[str, Any]:
+        """Walk `host-os`, `guest-os` or `agent` over the update domains; with `wait`,
+        return once the walk succeeded, paused or halted (look at its `state`)."""
+        self.client.upgrade(kind, manual)
+        return self.wait_walk(timeout) if wait else self.client.walk()
+
+    def walk_next(self, wait: bool = True, timeout: float = 600.0) -> dict[str, Any]:
+        self.client.walk("next")
+        return self.wait_walk(timeout) if wait else self.client.walk()
+
+    def walk_abort(self) -> dict[str, Any]:
+        return self.client.walk("abort")
+
+    def wait_walk(self, timeout: float = 600.0) -> dict[str, Any]:
+        def settled() -> dict[str, Any] | None:
+            walk = self.client.walk()
+            return walk if walk["state"] != "running" else None
+
+        return wait_until(settled, timeout, "the walk to end, pause or halt", self._describe)
+
+    def operations(self) -> list[dict[str, Any]]:
+        """The history of management operations of this run directory."""
+        result: list[dict[str, Any]] = self.client.operations()["operations"]
+        return result
 
     def recycle(self, *names: str, wait: bool = True) -> list[dict[str, Any]]:
         return self.maintain("recycle", *names, wait=wait)

@@ -1,0 +1,81 @@
+"""The history of management operations: one JSON line per change, in the run directory.
+
+Every operation (a maintenance command, a walk) is written when it begins and again
+when it ends, so the file survives the controller: an operation that began and never
+ended was interrupted, and the next controller says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Operation:
+    kind: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    outcome: str = "running"  # running, succeeded, failed, aborted, interrupted
+    error: str | None = None
+    instances: list[str] = field(default_factory=list)
+
+
+class History:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.operations: dict[str, Operation] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                operation = Operation(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a line cut short by a crash or a full disk
+            self.operations[operation.id] = operation
+        for operation in self.operations.values():
+            if operation.outcome == "running":
+                operation.outcome, operation.ended = "interrupted", time.time()
+                operation.error = "the controller stopped before the operation ended"
+                self._write(operation)
+
+    def begin(self, kind: str, arguments: dict[str, Any], instances: list[str]) -> Operation:
+        operation = Operation(kind, arguments, instances=instances)
+        self.operations[operation.id] = operation
+        self._write(operation)
+        log.info("operation_began", operation=operation.id, kind=kind, instances=instances)
+        return operation
+
+    def end(self, operation: Operation, outcome: str, error: str | None = None) -> None:
+        operation.outcome, operation.error, operation.ended = outcome, error, time.time()
+        self._write(operation)
+        log.info("operation_ended", operation=operation.id, kind=operation.kind,
+                 outcome=outcome, error=error)
+
+    def _write(self, operation: Operation) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(asdict(operation)) + "\n")
+        except OSError as exc:  # a full disk loses history lines, never the controller
+            log.error("history_write_failed", error=str(exc))
+
+    def summary(self) -> dict[str, Any]:
+        ended = [o for o in self.operations.values() if o.outcome != "running"]
+        succeeded = sum(1 for o in ended if o.outcome == "succeeded")
+        return {
+            "operations": [asdict(o) for o in self.operations.values()],
+            "success_rate": round(succeeded / len(ended), 3) if ended else None,
+        }

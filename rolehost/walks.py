@@ -1,0 +1,150 @@
+"""Update-domain walks: a maintenance event applied one update domain at a time.
+
+UD 0 first, then 1, ...: within a UD every instance of every role gets the event at
+once, and the walk moves on only when each is ready again. An instance that ends
+failed, or not ready, halts the walk where it is: a second UD is never taken down
+while the first has not come back. In `manual` mode the walk pauses after each UD
+until `next`; `abort` ends a paused or halted walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from rolehost.disks import Maintenance
+from rolehost.history import History, Operation
+from rolehost.instance import Instance, OperationError
+
+log = structlog.get_logger()
+
+
+class Upgrade(StrEnum):
+    """The platform's monthly updates, and the maintenance event each is per instance."""
+
+    HOST_OS = "host-os"
+    GUEST_OS = "guest-os"
+    AGENT = "agent"
+
+    @property
+    def event(self) -> Maintenance:
+        return {Upgrade.HOST_OS: Maintenance.RESTART, Upgrade.GUEST_OS: Maintenance.REIMAGE,
+                Upgrade.AGENT: Maintenance.AGENT_UPDATE}[self]
+
+
+class WalkState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"  # manual mode, between two UDs
+    HALTED = "halted"  # an instance did not come back: waiting for `abort`
+    SUCCEEDED = "succeeded"
+    ABORTED = "aborted"
+
+
+class Walk:
+    def __init__(
+        self, upgrade: Upgrade, manual: bool, domains: list[list[Instance]], history: History
+    ) -> None:
+        self.upgrade, self.manual, self.domains = upgrade, manual, domains
+        self.state = WalkState.RUNNING
+        self.domain = 0
+        self.error: str | None = None
+        self.progress: dict[str, str] = {i.id: "pending" for d in domains for i in d}
+        self.record: Operation = history.begin(
+            f"upgrade {upgrade.value}", {"mode": "manual" if manual else "auto"},
+            list(self.progress),
+        )
+        self._history = history
+        self._resume = asyncio.Event()
+        self._aborted = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def over(self) -> bool:
+        return self.state in (WalkState.SUCCEEDED, WalkState.ABORTED)
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._walk(), name=f"walk {self.id}")
+
+    async def _walk(self) -> None:
+        try:
+            for number, instances in enumerate(self.domains):
+                self.domain = number
+                if instances and not await self._domain(number, instances):
+                    return
+                if self.manual and number < len(self.domains) - 1:
+                    self.state = WalkState.PAUSED
+                    log.info("walk_paused", walk=self.id, after_domain=number)
+                    await self._resume.wait()
+                    self._resume.clear()
+                    if self._aborted:
+                        return
+                    self.state = WalkState.RUNNING
+            self.state = WalkState.SUCCEEDED
+            self._history.end(self.record, "succeeded")
+        except asyncio.CancelledError:
+            if not self.over:
+                self.state = WalkState.ABORTED
+                self._history.end(self.record, "aborted", "the controller is stopping")
+            raise
+
+    async def _domain(self, number: int, instances: list[Instance]) -> bool:
+        log.info("walk_domain", walk=self.id, domain=number,
+                 instances=[i.id for i in instances])
+        for instance in instances:
+            self.progress[instance.id] = "in progress"
+        cause = f"walk {self.id}, update domain {number}"
+        results = await asyncio.gather(
+            *(i.maintain(self.upgrade.event, cause, wait=True) for i in instances),
+            return_exceptions=True,
+        )
+        failed = []
+        for instance, result in zip(instances, results, strict=True):
+            if isinstance(result, BaseException):
+                self.progress[instance.id] = "failed"
+                failed.append(str(result) if isinstance(result, OperationError) else repr(result))
+            else:
+                self.progress[instance.id] = "ready"
+        if not failed:
+            return True
+        self.state = WalkState.HALTED
+        self.error = f"halted in update domain {number}: " + "; ".join(failed)
+        log.error("walk_halted", walk=self.id, domain=number, error=self.error)
+        await self._resume.wait()  # only `abort` moves a halted walk
+        return False
+
+    def next(self) -> None:
+        if self.state is not WalkState.PAUSED:
+            raise OperationError(f"walk {self.id} is {self.state.value}, not paused")
+        self._resume.set()
+
+    def abort(self) -> None:
+        if self.state not in (WalkState.PAUSED, WalkState.HALTED):
+            raise OperationError(
+                f"walk {self.id} is {self.state.value}: only a paused or halted walk can be aborted"
+            )
+        self._aborted = True
+        outcome = "failed" if self.state is WalkState.HALTED else "aborted"
+        self.state = WalkState.ABORTED
+        self._history.end(self.record, outcome, self.error or "aborted by request")
+        self._resume.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "upgrade": self.upgrade.value, "state": self.state.value,
+            "mode": "manual" if self.manual else "auto", "domain": self.domain,
+            "domains": [[i.id for i in d] for d in self.domains], "progress": self.progress,
+            "error": self.error, "seconds": round(time.time() - self.record.started, 3),
+        }
+
+
+def domains(instances: list[Instance], count: int) -> list[list[Instance]]:
+    """Instances by update domain, UD 0 first."""
+    return [[i for i in instances if i.update_domain == ud] for ud in range(count)]

@@ -1,0 +1,163 @@
+"""Update-domain walks: one UD at a time, halts, manual mode, history, no failed request."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import pytest
+from conftest import MakeService
+from test_balancer import WEB, free_port
+
+from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+
+# on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
+# instance's os/, on_start hangs (a role that cannot come back after the update).
+ROLE = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        marker = RoleEnvironment.os_dir / "marker"
+        probe(f"start os_kept={marker.exists()}")
+        marker.touch()
+        if (RoleEnvironment.os_dir / "stuck").exists():
+            time.sleep(600)
+        return True
+"""
+
+
+def down_windows(events: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]]]:
+    """For each instance, the (first seq, last seq) spans in which it was not ready."""
+    windows: dict[str, list[tuple[int, int]]] = {}
+    left: dict[str, int] = {}
+    for event in events:
+        if event["event"] != "state":
+            continue
+        name = event["instance"]
+        if event["previous"] == "ready" and name not in left:
+            left[name] = event["seq"]
+        elif event["state"] == "ready" and name in left:
+            windows.setdefault(name, []).append((left.pop(name), event["seq"]))
+    return windows
+
+
+def assert_one_domain_down_at_a_time(h: ServiceHarness, domains: int) -> None:
+    windows = down_windows(h.events())
+    spans = [(start, end, int(name.rsplit("_", 1)[1]) % domains)
+             for name, spans in windows.items() for start, end in spans]
+    for a in spans:
+        for b in spans:
+            if a[2] != b[2]:
+                assert a[1] < b[0] or b[1] < a[0], f"UD {a[2]} and UD {b[2]} down together"
+
+
+@pytest.mark.parametrize(("kind", "domains", "os_kept"), [
+    ("host-os", 2, True), ("guest-os", 3, False), ("agent", 2, None),
+])
+def test_walk_takes_one_domain_at_a_time(
+    make_service: MakeService, kind: str, domains: int, os_kept: bool | None
+) -> None:
+    service = make_service(ROLE, instances=4, service={"upgrade_domains": domains})
+    with service.harness() as h:
+        h.wait_ready(30)
+        walk = h.upgrade(kind)
+        assert walk["state"] == "succeeded"
+        assert walk["domains"] == [[f"web_IN_{i}" for i in range(4) if i % domains == ud]
+                                   for ud in range(domains)]
+        assert_one_domain_down_at_a_time(h, domains)
+        assert all(i["restarts"] == 1 for i in h.status()["instances"])
+        starts = [p for p in service.probes() if p.startswith("start")]
+        if os_kept is None:  # an agent update restarts the host only: on_start, not tasks
+            assert len(starts) == 8
+        else:
+            assert starts[4:].count(f"start os_kept={os_kept} web_IN_0") == 1
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == (f"upgrade {kind}", "succeeded")
+
+
+def test_manual_walk_pauses_after_each_domain(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        first = h.status()["instances"][1]["pid"]
+        walk = h.upgrade("host-os", manual=True)
+        assert (walk["state"], walk["domain"]) == ("paused", 0)
+        assert h.instance("web/1")["pid"] == first  # UD 1 untouched while paused
+        with pytest.raises(Exception, match="one walk at a time"):
+            h.upgrade("agent")
+        assert h.walk_next()["state"] == "succeeded"
+        assert h.instance("web/1")["pid"] != first
+
+
+def test_walk_halts_when_a_domain_does_not_come_back(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "ready_deadline": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        untouched = h.instance("web/1")["pid"]
+        (h.run_dir.path / "instances/web_IN_0/os/stuck").touch()
+        walk = h.upgrade("host-os")  # host-os keeps os/: the flag stays and on_start hangs
+        assert walk["state"] == "halted"
+        assert "halted in update domain 0" in walk["error"] and "web_IN_0" in walk["error"]
+        assert "failed" in walk["error"]
+        assert h.instance("web/1")["pid"] == untouched  # never a second domain down
+        assert walk["progress"] == {"web_IN_0": "failed", "web_IN_1": "pending"}
+        assert h.walk_abort()["state"] == "aborted"
+        [record] = h.operations()
+        assert record["outcome"] == "failed" and "ready deadline" in record["error"]
+
+
+def test_history_survives_the_controller(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    first = service.harness()
+    with first as h:
+        h.wait_ready(30)
+        h.restart("web/0")
+        h.upgrade("host-os", manual=True)  # left paused: interrupted by the next kill
+        h.signal_controller(signal.SIGKILL)
+        h.wait_controller_exit(10)
+        wait_until(lambda: not h.processes(), 10, "the instances to follow the controller")
+        second = ServiceHarness(service.toml, run_dir=h.run_dir.path)
+        with second:
+            second.wait_ready(30)
+            history = second.operations()
+            assert [(o["kind"], o["outcome"]) for o in history] == [
+                ("restart", "succeeded"), ("upgrade host-os", "interrupted")]
+            assert "the controller stopped" in history[1]["error"]
+
+
+def test_sigterm_during_a_walk_stops_cleanly(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.upgrade("host-os", manual=True)
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 0
+        lines = (h.run_dir.path / "history.jsonl").read_text().splitlines()
+        assert '"outcome": "aborted"' in lines[-1] and "controller is stopping" in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["host-os", "guest-os", "agent"])
+def test_no_request_fails_during_a_walk(make_service: MakeService, kind: str) -> None:
+    port = free_port()
+    service = make_service(
+        WEB, instances=4, settings={"warmup": "0,0,0,0"}, service={"upgrade_domains": 2},
+        role={"stop_timeout": "10s"},
+        extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        """,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        with LoadProbe(f"http://127.0.0.1:{port}/", clients=6) as load:
+            load.wait_requests(200)
+            steady = load.percentile(99)
+            began = time.monotonic()
+            assert h.upgrade(kind)["state"] == "succeeded"
+            walk_seconds = time.monotonic() - began
+            load.wait_requests(load.requests + 200)
+        assert load.failures == [], load.report()
+        print(f"{kind}: {load.report()} steady p99 {steady * 1000:.1f} ms, "
+              f"walk {walk_seconds:.1f}s")
