@@ -111,8 +111,9 @@ async def _maintain(controller: Controller, request: Request) -> Any:
         kind = Maintenance(request.params["operation"])
     except ValueError:
         raise ApiError(404, f"no such operation: {request.params['operation']}") from None
-    if kind is Maintenance.START:
-        raise ApiError(404, "no such operation: start (instances start with the controller)")
+    if kind in (Maintenance.START, Maintenance.DEPLOY):
+        raise ApiError(404, f"no such operation: {kind.value} (start: instances start with the "
+                            "controller; deploy: rolehost deploy VERSION)")
     body = request.json()
     names, wait = body.get("instances"), body.get("wait", False)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -136,6 +137,28 @@ async def _upgrade(controller: Controller, request: Request) -> Any:
     if not isinstance(manual, bool):
         raise ApiError(400, "manual must be true or false")
     return await controller.upgrade(upgrade, manual)
+
+
+@route("POST", "/v1/packages")
+async def _package(controller: Controller, request: Request) -> Any:
+    version = request.json().get("version")
+    if version is not None and not isinstance(version, str):
+        raise ApiError(400, "version must be a string")
+    return await asyncio.to_thread(controller.package, version)
+
+
+@route("GET", "/v1/packages")
+async def _packages(controller: Controller, request: Request) -> Any:
+    return controller.packages.list()
+
+
+@route("POST", "/v1/deploy/{version}")
+async def _deploy(controller: Controller, request: Request) -> Any:
+    body = request.json()
+    rollback, manual = body.get("rollback", True), body.get("manual", False)
+    if not isinstance(rollback, bool) or not isinstance(manual, bool):
+        raise ApiError(400, "rollback and manual must be true or false")
+    return await controller.deploy(request.params["version"], rollback, manual)
 
 
 @route("GET", "/v1/walk")

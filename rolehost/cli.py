@@ -253,6 +253,49 @@ def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: b
 
 
 @cli.command()
+@_file
+@_run_dir
+@click.option("--version", "version", help="Name the version [default: a content hash].")
+def package(file: Path, run_dir: Path | None, version: str | None) -> None:
+    """Snapshot the definition and each role's app folder as a version to deploy."""
+    info = _call(_client(file, run_dir).package, version)
+    click.echo(f"package {info['version']}: roles {', '.join(info['roles'])}")
+
+
+@cli.command()
+@_file
+@_run_dir
+def packages(file: Path, run_dir: Path | None) -> None:
+    """List the versions in the package store."""
+    client = _client(file, run_dir)
+    running = _call(client.status)["version"]
+    for info in _call(client.packages):
+        mark = "  (running)" if info["version"] == running else ""
+        click.echo(f"{info['version']:<16} {logs.clock(iso(info['created']))}  "
+                   f"{', '.join(info['roles'])}{mark}")
+
+
+@cli.command()
+@click.argument("version")
+@_file
+@_run_dir
+@click.option("--rollback/--no-rollback", default=True, show_default=True,
+              help="If a domain fails, put the instances already moved back on the running "
+                   "version (or leave them for inspection).")
+@click.option("--manual", is_flag=True, help="Pause after each update domain.")
+@click.option("--detach", is_flag=True, help="Start the walk and return at once.")
+def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manual: bool,
+           detach: bool) -> None:
+    """In-place upgrade to VERSION: a preflight (the package, its definition, its entry
+    points) before any instance is touched, then a walk across the update domains."""
+    client = _client(file, run_dir, timeout=120)
+    walk = _call(client.deploy, version, rollback, manual)
+    click.echo(f"walk {walk['id']}: deploy {version} over {len(walk['domains'])} update domains")
+    if not detach:
+        _follow(client)
+
+
+@cli.command()
 @click.argument("action", required=False, type=click.Choice(["next", "abort"]))
 @_file
 @_run_dir
@@ -286,14 +329,14 @@ def _follow(client: Client) -> None:
             click.echo(f"walk {snapshot['id']}: paused after update domain "
                        f"{snapshot['domain']}; `rolehost walk next` to go on")
             return
-        if state in ("halted", "aborted"):
+        if state in ("halted", "aborted", "rolled back"):
             _fail(f"walk {snapshot['id']} {state}: {snapshot['error'] or 'aborted'}"
                   + ("\n`rolehost walk abort` ends it" if state == "halted" else ""))
         time.sleep(0.2)
 
 
 def _print_walk(snapshot: dict[str, Any]) -> None:
-    click.echo(f"walk {snapshot['id']}: upgrade {snapshot['upgrade']} ({snapshot['mode']}), "
+    click.echo(f"walk {snapshot['id']}: {snapshot['label']} ({snapshot['mode']}), "
                f"{snapshot['state']}, update domain {snapshot['domain']}")
     for ud, instances in enumerate(snapshot["domains"]):
         for instance in instances:

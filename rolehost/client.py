@@ -90,6 +90,21 @@ class Client:
         result: dict[str, Any] = self.request("POST", f"/v1/upgrades/{kind}", {"manual": manual})
         return result
 
+    def package(self, version: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/v1/packages", {"version": version})
+        return result
+
+    def packages(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", "/v1/packages")
+        return result
+
+    def deploy(self, version: str, rollback: bool = True, manual: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/deploy/{quote(version, safe='')}",
+            {"rollback": rollback, "manual": manual},
+        )
+        return result
+
     def walk(self, action: str | None = None) -> dict[str, Any]:
         """The current walk; with `action` ("next", "abort"), act on it first."""
         if action is None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import structlog
 
-from rolehost import api, logs, process
+from rolehost import api, logs, packages, preflight, process
 from rolehost.balancer import Balancer
-from rolehost.definition import Definition
+from rolehost.definition import Definition, Role
 from rolehost.disks import Maintenance
 from rolehost.history import History
 from rolehost.instance import Deployment, Instance, iso, parse_instance_name
@@ -61,6 +61,8 @@ class Controller:
         self.balancers: list[Balancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
+        self.version = ""  # the package running: the one `start` made, then each deploy's
+        self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -75,6 +77,10 @@ class Controller:
         self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.console)
         self.history = History(self.run_dir.path / "history.jsonl")
+        # Run what was packaged, not the working tree: see packages.py.
+        started = await asyncio.to_thread(self.packages.create, self.definition_path, None)
+        self.definition = self.packages.load(started["version"])
+        self.version = started["version"]
         if not process.adopt_orphans(loop):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +105,7 @@ class Controller:
                     raise StartError(f"cannot listen on {host}:{port} for "
                                      f"{balancer.role}.{balancer.name}: {exc.strerror}") from None
             log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
+                     version=self.version,
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
             self.deployment.standby.warm()
@@ -142,6 +149,7 @@ class Controller:
         return {
             "service": self.definition.service.name,
             "deployment_id": self.deployment.id,
+            "version": self.version,
             "pid": os.getpid(),
             "run_dir": str(self.run_dir.path),
             "definition": str(self.definition_path),
@@ -202,15 +210,64 @@ class Controller:
 
     async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
         """Walk `upgrade` across the update domains; at most one walk at a time."""
+        self._no_walk_running()
+        return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual)
+
+    async def deploy(self, version: str, rollback: bool, manual: bool) -> dict[str, Any]:
+        """In-place upgrade to a package. Everything that can be checked is checked first,
+        with every instance untouched; then a walk, rolled back if a domain fails."""
+        self._no_walk_running()
+        assert self.history is not None
+        try:
+            new = self.packages.load(version)
+            problems = packages.compatibility(self.definition, new)
+            if problems:
+                raise api.ApiError(409, f"version {version} cannot replace the running one in "
+                                        f"place: {'; '.join(problems)}. A fresh start is "
+                                        "needed (rolehost stop, then rolehost start)")
+            errors = await asyncio.to_thread(preflight.entry_points, new, None)
+            if errors:
+                raise api.ApiError(422, f"version {version} does not load:\n"
+                                        + "\n".join(str(e) for e in errors))
+        except (packages.PackageError, api.ApiError) as exc:
+            # The walk's record tells a deploy that got past its preflight; this one that
+            # it did not.
+            record = self.history.begin(f"deploy {version}", {"version": version}, [])
+            self.history.end(record, "failed", str(exc))
+            status = exc.status
+            raise api.ApiError(status, str(exc)) from None
+        running = {name: role for name, role in self.definition.roles.items()}
+        walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
+                                roles=dict(new.roles), rollback=running if rollback else None)
+
+        def deployed() -> None:
+            self.definition, self.version = new, version
+            log.info("deployed", version=version)
+
+        assert self.walk is not None
+        self.walk.on_success = deployed
+        return walk
+
+    def _no_walk_running(self) -> None:
         if self.walk is not None and not self.walk.over:
             raise api.ApiError(409, f"walk {self.walk.id} is {self.walk.state.value}: one walk "
                                     "at a time (rolehost walk next / abort)")
+
+    def _start_walk(self, label: str, event: Maintenance, manual: bool,
+                    roles: dict[str, Role] | None = None,
+                    rollback: dict[str, Role] | None = None) -> dict[str, Any]:
         assert self.history is not None
         count = self.definition.service.upgrade_domains
-        self.walk = Walk(upgrade, manual, domains(list(self.instances.values()), count),
-                         self.history)
+        self.walk = Walk(label, event, manual, domains(list(self.instances.values()), count),
+                         self.history, roles, rollback)
         self.walk.start()
         return self.walk.snapshot()
+
+    def package(self, version: str | None) -> dict[str, Any]:
+        try:
+            return self.packages.create(self.definition_path, version)
+        except packages.PackageError as exc:
+            raise api.ApiError(exc.status, str(exc)) from None
 
     def current_walk(self) -> Walk:
         if self.walk is None:

@@ -53,16 +53,8 @@ class Disks:
 
     def deploy(self, source: Path, run_dir: Path) -> None:
         """Replace `app/` with a fresh copy of the role's app folder."""
-        run_dir = run_dir.resolve()
-
-        def ignore(folder: str, names: list[str]) -> set[str]:
-            return {
-                n for n in names
-                if n in _NOT_DEPLOYED or (Path(folder) / n).resolve() == run_dir
-            }
-
         wipe(self.app)
-        shutil.copytree(source, self.app, ignore=ignore, symlinks=True, dirs_exist_ok=True)
+        copy_app(source, self.app, run_dir)
 
     def clean_resources(self, role: Role, only_clean_on_recycle: bool) -> None:
         for name, spec in role.local_resources.items():
@@ -79,6 +71,7 @@ class Maintenance(StrEnum):
     REIMAGE = "reimage"  # guest-OS update
     REBUILD = "rebuild"
     AGENT_UPDATE = "agent-update"  # only the host process restarts
+    DEPLOY = "deploy"  # in-place upgrade: app/ from a new version, every other disk kept
 
     @property
     def reruns_tasks(self) -> bool:
@@ -93,10 +86,22 @@ def apply(event: Maintenance, disks: Disks, role: Role, run_dir: Path) -> None:
         wipe(disks.resources)
     if event in (Maintenance.REIMAGE, Maintenance.REBUILD):
         wipe(disks.os)
-    disks.clean_resources(role, only_clean_on_recycle=True)
+    if event is not Maintenance.DEPLOY:
+        disks.clean_resources(role, only_clean_on_recycle=True)
     disks.create(role)
     if event is not Maintenance.RECYCLE or not any(disks.app.iterdir()):
         disks.deploy(role.app, run_dir)
+
+
+def copy_app(source: Path, target: Path, run_dir: Path) -> None:
+    """Copy an app folder, leaving out version control, environments, caches and the
+    run directory (an app folder may well contain it)."""
+    run_dir = run_dir.resolve()
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in _NOT_DEPLOYED or (Path(folder) / n).resolve() == run_dir}
+
+    shutil.copytree(source, target, ignore=ignore, symlinks=True, dirs_exist_ok=True)
 
 
 def usage_mb(folder: Path) -> float:

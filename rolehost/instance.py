@@ -95,6 +95,7 @@ class _Operation:
     cause: str
     done: asyncio.Future[State]  # the state the instance settled in after it
     started: bool = False
+    role: Role | None = None  # a deploy's new version of the role
 
 
 SETTLED = frozenset({S.READY, S.FAILED, S.RECYCLING, S.STOPPED})
@@ -254,6 +255,8 @@ class Instance:
         assert self._operation is not None
         self._interrupt.clear()
         self._operation.started = True
+        if self._operation.role is not None:
+            self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
 
     def _backoff(self) -> float:
@@ -547,7 +550,9 @@ class Instance:
         if self._task is not None:
             await self._task
 
-    async def maintain(self, kind: Maintenance, cause: str, wait: bool) -> dict[str, Any]:
+    async def maintain(
+        self, kind: Maintenance, cause: str, wait: bool, role: Role | None = None
+    ) -> dict[str, Any]:
         """Carry out a maintenance event; with `wait`, return once ready again.
 
         OperationError if another operation is under way on this instance, if the
@@ -557,7 +562,7 @@ class Instance:
             raise OperationError(f"{self.id} is stopped")
         if self._operation is not None:
             raise OperationError(f"{self.id} is busy with another operation ({self.operation})")
-        operation = _Operation(kind, cause, asyncio.get_running_loop().create_future())
+        operation = _Operation(kind, cause, asyncio.get_running_loop().create_future(), role=role)
         self._operation = operation
         log.info("maintenance", instance=self.id, kind=kind.value, cause=cause)
         self._interrupt.set()

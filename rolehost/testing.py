@@ -270,6 +270,16 @@ class ServiceHarness:
         self.client.upgrade(kind, manual)
         return self.wait_walk(timeout) if wait else self.client.walk()
 
+    def package(self, version: str | None = None) -> dict[str, Any]:
+        """Snapshot the definition and the roles' app folders as a deployable version."""
+        return self.client.package(version)
+
+    def deploy(self, version: str, rollback: bool = True, wait: bool = True,
+               timeout: float = 600.0) -> dict[str, Any]:
+        """In-place upgrade to `version`; with `wait`, return once the walk is over."""
+        self.client.deploy(version, rollback)
+        return self.wait_walk(timeout) if wait else self.client.walk()
+
     def walk_next(self, wait: bool = True, timeout: float = 600.0) -> dict[str, Any]:
         self.client.walk("next")
         return self.wait_walk(timeout) if wait else self.client.walk()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 import structlog
 
+from rolehost.definition import Role
 from rolehost.disks import Maintenance
 from rolehost.history import History, Operation
 from rolehost.instance import Instance, OperationError
@@ -42,22 +44,34 @@ class WalkState(StrEnum):
     HALTED = "halted"  # an instance did not come back: waiting for `abort`
     SUCCEEDED = "succeeded"
     ABORTED = "aborted"
+    ROLLED_BACK = "rolled back"  # a deploy that halted, its moved instances put back
 
 
 class Walk:
+    """One walk. A deploy passes the new version's `roles`, and the running ones as
+    `rollback` to put moved instances back if a domain does not come back."""
+
     def __init__(
-        self, upgrade: Upgrade, manual: bool, domains: list[list[Instance]], history: History
+        self,
+        label: str,
+        event: Maintenance,
+        manual: bool,
+        domains: list[list[Instance]],
+        history: History,
+        roles: dict[str, Role] | None = None,
+        rollback: dict[str, Role] | None = None,
     ) -> None:
-        self.upgrade, self.manual, self.domains = upgrade, manual, domains
+        self.label, self.event, self.manual, self.domains = label, event, manual, domains
+        self.roles, self.rollback = roles, rollback
         self.state = WalkState.RUNNING
         self.domain = 0
         self.error: str | None = None
         self.progress: dict[str, str] = {i.id: "pending" for d in domains for i in d}
         self.record: Operation = history.begin(
-            f"upgrade {upgrade.value}", {"mode": "manual" if manual else "auto"},
-            list(self.progress),
+            label, {"mode": "manual" if manual else "auto"}, list(self.progress)
         )
         self._history = history
+        self.on_success: Callable[[], None] | None = None
         self._resume = asyncio.Event()
         self._aborted = False
         self.task: asyncio.Task[None] | None = None
@@ -68,7 +82,7 @@ class Walk:
 
     @property
     def over(self) -> bool:
-        return self.state in (WalkState.SUCCEEDED, WalkState.ABORTED)
+        return self.state in (WalkState.SUCCEEDED, WalkState.ABORTED, WalkState.ROLLED_BACK)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._walk(), name=f"walk {self.id}")
@@ -89,6 +103,8 @@ class Walk:
                     self.state = WalkState.RUNNING
             self.state = WalkState.SUCCEEDED
             self._history.end(self.record, "succeeded")
+            if self.on_success is not None:
+                self.on_success()
         except asyncio.CancelledError:
             if not self.over:
                 self.state = WalkState.ABORTED
@@ -102,7 +118,9 @@ class Walk:
             self.progress[instance.id] = "in progress"
         cause = f"walk {self.id}, update domain {number}"
         results = await asyncio.gather(
-            *(i.maintain(self.upgrade.event, cause, wait=True) for i in instances),
+            *(i.maintain(self.event, cause, wait=True,
+                         role=self.roles[i.role_name] if self.roles else None)
+              for i in instances),
             return_exceptions=True,
         )
         failed = []
@@ -114,11 +132,33 @@ class Walk:
                 self.progress[instance.id] = "ready"
         if not failed:
             return True
-        self.state = WalkState.HALTED
         self.error = f"halted in update domain {number}: " + "; ".join(failed)
         log.error("walk_halted", walk=self.id, domain=number, error=self.error)
+        if self.rollback is not None:
+            await self._roll_back()
+            return False
+        self.state = WalkState.HALTED
         await self._resume.wait()  # only `abort` moves a halted walk
         return False
+
+    async def _roll_back(self) -> None:
+        """Put every instance this walk touched back on the version it had."""
+        assert self.rollback is not None
+        moved = [i for d in self.domains for i in d if self.progress[i.id] != "pending"]
+        cause = f"rollback of walk {self.id}"
+        results = await asyncio.gather(
+            *(i.maintain(Maintenance.DEPLOY, cause, wait=True, role=self.rollback[i.role_name])
+              for i in moved),
+            return_exceptions=True,
+        )
+        for instance, result in zip(moved, results, strict=True):
+            self.progress[instance.id] = "rolled back" if not isinstance(
+                result, BaseException) else f"rollback failed: {result}"
+        back = sum(1 for r in results if not isinstance(r, BaseException))
+        self.error = (f"{self.error}; rolled back {back} of {len(moved)} instances to the "
+                      "running version")
+        self.state = WalkState.ROLLED_BACK
+        self._history.end(self.record, "failed", self.error)
 
     def next(self) -> None:
         if self.state is not WalkState.PAUSED:
@@ -138,7 +178,7 @@ class Walk:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "id": self.id, "upgrade": self.upgrade.value, "state": self.state.value,
+            "id": self.id, "label": self.label, "state": self.state.value,
             "mode": "manual" if self.manual else "auto", "domain": self.domain,
             "domains": [[i.id for i in d] for d in self.domains], "progress": self.progress,
             "error": self.error, "seconds": round(time.time() - self.record.started, 3),

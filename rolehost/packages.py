@@ -1,0 +1,120 @@
+"""The package store: the versions of a service, and what every instance runs.
+
+A package is the definition as it was (kept verbatim) and a copy of each role's app
+folder, under `RUN_DIR/packages/VERSION/`. Loading one points each role's `app` at its
+copy. `rolehost start` packages the definition it is given and runs that package, so
+a restart, a reimage or a rollback re-deploys what was deployed, never the working
+tree the user is editing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rolehost import definition as model
+from rolehost.disks import copy_app
+
+_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class PackageError(ValueError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Packages:
+    def __init__(self, root: Path, run_dir: Path) -> None:
+        self.root, self.run_dir = root, run_dir
+
+    def create(self, source: Path, version: str | None) -> dict[str, Any]:
+        """Snapshot `source` (a definition file) and its roles' app folders."""
+        import re
+
+        try:
+            definition = model.load(source)
+        except model.DefinitionErrors as exc:
+            raise PackageError(f"invalid definition:\n{exc}", 400) from None
+        digest = _digest(source, definition)
+        version = version or digest[:12]
+        if not re.match(_VERSION, version):
+            raise PackageError(f"not a version name: {version!r} (letters, digits, . _ -)", 400)
+        target = self.root / version
+        if target.exists():
+            existing = json.loads((target / "package.json").read_text())
+            if existing["digest"] == digest:
+                return dict(existing)  # the same content: packaging it again changes nothing
+            raise PackageError(f"version {version} exists already, with other content", 409)
+        staging = self.root / f".{version}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "apps").mkdir(parents=True)
+        shutil.copy2(source, staging / "rolehost.toml")
+        for name, role in definition.roles.items():
+            copy_app(role.app, staging / "apps" / name, self.run_dir)
+        info = {"version": version, "created": time.time(), "digest": digest,
+                "source": str(source.resolve()), "roles": sorted(definition.roles)}
+        (staging / "package.json").write_text(json.dumps(info, indent=2))
+        staging.rename(target)  # a package is whole, or not there
+        return info
+
+    def list(self) -> list[dict[str, Any]]:
+        if not self.root.exists():
+            return []
+        found = []
+        for info in sorted(self.root.glob("*/package.json")):
+            try:
+                found.append(json.loads(info.read_text()))
+            except ValueError:
+                continue
+        return sorted(found, key=lambda p: p["created"])
+
+    def load(self, version: str) -> model.Definition:
+        """The package's definition, its roles' apps pointing at the package's copies."""
+        folder = self.root / version
+        if not (folder / "package.json").exists():
+            known = ", ".join(p["version"] for p in self.list()) or "none"
+            raise PackageError(f"no package {version!r} (available: {known}; "
+                               "make one with `rolehost package`)", 404)
+        try:
+            definition = model.load(folder / "rolehost.toml")
+        except model.DefinitionErrors as exc:
+            raise PackageError(f"package {version} has an invalid definition:\n{exc}",
+                               422) from None
+        roles = {name: role.model_copy(update={"app": folder / "apps" / name})
+                 for name, role in definition.roles.items()}
+        return definition.model_copy(update={"roles": roles})
+
+
+def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
+    """What keeps `new` from replacing `running` in place (empty: nothing)."""
+    problems = []
+    if set(running.roles) != set(new.roles):
+        problems.append(f"roles differ ({', '.join(sorted(running.roles))} running, "
+                        f"{', '.join(sorted(new.roles))} in the package)")
+    if running.service.upgrade_domains != new.service.upgrade_domains:
+        problems.append(f"upgrade_domains differ ({running.service.upgrade_domains} running, "
+                        f"{new.service.upgrade_domains} in the package)")
+    for name in set(running.roles) & set(new.roles):
+        old, fresh = running.roles[name], new.roles[name]
+        if old.instances != fresh.instances:
+            problems.append(f"roles.{name}.instances differ ({old.instances} running, "
+                            f"{fresh.instances} in the package)")
+        if old.endpoints != fresh.endpoints:
+            problems.append(f"roles.{name}.endpoints differ")
+    return problems
+
+
+def _digest(source: Path, definition: model.Definition) -> str:
+    digest = hashlib.sha256(source.read_bytes())
+    for name, role in sorted(definition.roles.items()):
+        for path in sorted(p for p in role.app.rglob("*") if p.is_file()):
+            if any(part in {".rolehost", "__pycache__", ".git"} for part in path.parts):
+                continue
+            digest.update(f"{name}:{path.relative_to(role.app)}".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

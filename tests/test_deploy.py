@@ -1,0 +1,121 @@
+"""Versioned deploys: packages, a preflight that touches nothing, walks, rollback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MakeService, Service
+
+from rolehost.client import ApiError
+from rolehost.testing import ServiceHarness
+
+ROLE = """
+VERSION = "v1"
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        marker = RoleEnvironment.os_dir / "marker"
+        probe(f"{VERSION} os_kept={marker.exists()}")
+        marker.touch()
+        return True
+"""
+
+
+def edit(service: Service, old: str, new: str) -> None:
+    code = service.toml.parent / "app" / "roles.py"
+    code.write_text(code.read_text().replace(old, new))
+
+
+def pids(h: ServiceHarness) -> dict[str, int]:
+    return {i["id"]: i["pid"] for i in h.status()["instances"]}
+
+
+def test_deploy_walks_the_new_version_in(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.package("v1")
+        edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
+        assert h.package("v2")["version"] == "v2"
+        assert h.package()["version"]  # a content hash by default
+        walk = h.deploy("v2")
+        assert walk["state"] == "succeeded" and walk["label"] == "deploy v2"
+        assert sorted(service.probes()[2:]) == ["v2 os_kept=True web_IN_0",
+                                                "v2 os_kept=True web_IN_1"]
+        assert h.status()["version"] == "v2"
+
+
+@pytest.mark.parametrize("problem", ["missing", "import", "incompatible", "invalid"])
+def test_a_failed_preflight_touches_nothing(
+    make_service: MakeService, tmp_path: Path, problem: str
+) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        before = pids(h)
+        if problem == "import":
+            edit(service, "class Role", "import not_a_module\nclass Role")
+        elif problem == "incompatible":
+            service.toml.write_text(service.toml.read_text().replace("instances = 2",
+                                                                     "instances = 3"))
+        if problem != "missing":
+            h.package("bad")
+        if problem == "invalid":  # a package whose definition broke in the store
+            stored = h.run_dir.path / "packages/bad/rolehost.toml"
+            stored.write_text(stored.read_text().replace("[service]", "[service]\nnope = 1"))
+        began = time.monotonic()
+        with pytest.raises(ApiError) as failed:
+            h.deploy("bad")
+        seconds = time.monotonic() - began
+        message = str(failed.value)
+        expected = {
+            "missing": f"no package 'bad' (available: {h.status()['version']};",
+            "import": "No module named 'not_a_module'",
+            "incompatible": "roles.web.instances differ (2 running, 3 in the package)",
+            "invalid": "service.nope: unknown key",
+        }[problem]
+        assert expected in message
+        if problem == "incompatible":
+            assert "A fresh start is needed" in message
+        assert seconds < 1.5 if problem == "import" else seconds < 0.5
+        assert pids(h) == before
+        assert not [e for e in h.events() if e["event"] == "maintenance"]
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == ("deploy bad", "failed")
+
+
+def test_a_version_that_fails_is_rolled_back(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "backoff_initial": "5s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        untouched = h.instance("web/1")["pid"]
+        edit(service, 'probe(f"{VERSION}',
+             'raise RuntimeError("v2 is broken")\n        probe(f"{VERSION}')
+        h.package("v2")
+        walk = h.deploy("v2")
+        assert walk["state"] == "rolled back"
+        assert "v2 is broken" in walk["error"] and "rolled back 1 of 1" in walk["error"], walk
+        assert walk["progress"] == {"web_IN_0": "rolled back", "web_IN_1": "pending"}
+        h.wait_ready(30)
+        assert h.instance("web/1")["pid"] == untouched
+        assert service.probes()[-1] == "v1 os_kept=True web_IN_0"  # the old version serves
+        [record] = h.operations()
+        assert record["outcome"] == "failed"
+        assert h.status()["version"] not in ("", "v2")  # still the package start made
+
+
+def test_no_rollback_leaves_the_instances_for_inspection(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "backoff_initial": "30s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        edit(service, 'probe(f"{VERSION}',
+             'raise RuntimeError("v2 is broken")\n        probe(f"{VERSION}')
+        h.package("v2")
+        walk = h.deploy("v2", rollback=False)
+        assert walk["state"] == "halted"
+        assert h.instance("web/0")["state"] == "recycling"  # left on v2 for inspection
+        assert h.walk_abort()["state"] == "aborted"
