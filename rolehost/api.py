@@ -161,6 +161,23 @@ async def _deploy(controller: Controller, request: Request) -> Any:
     return await controller.deploy(request.params["version"], rollback, manual)
 
 
+@route("POST", "/v1/roles/{role}/settings")
+async def _settings(controller: Controller, request: Request) -> Any:
+    settings = request.json().get("settings")
+    if not isinstance(settings, dict) or not settings:
+        raise ApiError(400, "settings must be a non-empty object of names to values")
+    return await controller.configure(request.params["role"], settings,
+                                      "set through the control API")
+
+
+@route("POST", "/v1/roles/{role}/instances")
+async def _scale(controller: Controller, request: Request) -> Any:
+    count = request.json().get("count")
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise ApiError(400, "count must be an integer")
+    return await controller.scale(request.params["role"], count, "requested through the API")
+
+
 @route("GET", "/v1/walk")
 async def _walk(controller: Controller, request: Request) -> Any:
     return controller.current_walk().snapshot()

@@ -82,6 +82,12 @@ class Balancer:
         self.backends[instance_id] = backend
         return backend
 
+    def remove(self, instance_id: str) -> None:
+        backend = self.backends.pop(instance_id)
+        backend.close_idle()
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
+
     def set_rotation(self, instance_id: str, in_rotation: bool, why_out: str) -> None:
         backend = self.backends[instance_id]
         backend.why_out = why_out

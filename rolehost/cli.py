@@ -252,6 +252,47 @@ def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: b
         _follow(client)
 
 
+@cli.group()
+def config() -> None:
+    """Change a role's settings while it runs."""
+
+
+@config.command(name="set")
+@click.argument("role")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@_file
+@_run_dir
+def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Path | None) -> None:
+    """Set settings of ROLE: per update domain (or all at once with change_mode = "blast"),
+    `changing` handlers may cancel, which recycles that instance to apply them. VALUE is
+    read as JSON when it is a number, true or false, and as a string otherwise."""
+    settings = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            _fail(f"not KEY=VALUE: {assignment!r}", EXIT_BAD_DEFINITION)
+        try:
+            parsed = json.loads(value)
+            settings[key] = parsed if isinstance(parsed, int | float | bool) else value
+        except ValueError:
+            settings[key] = value
+    outcome = _call(_client(file, run_dir, timeout=24 * 3600).configure, role, settings)
+    for instance, what in outcome.items():
+        click.echo(f"{instance}: {what}")
+
+
+@cli.command()
+@click.argument("role")
+@click.argument("count", type=click.IntRange(1, 1000))
+@_file
+@_run_dir
+def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
+    """Run COUNT instances of ROLE: new ones get the next indexes (and UDs by the same
+    rule); scaling in stops the highest indexes gracefully."""
+    changed = _call(_client(file, run_dir, timeout=24 * 3600).scale, role, count)
+    click.echo(f"{role}: {count} instance(s)" + (f" ({', '.join(changed)})" if changed else ""))
+
+
 @cli.command()
 @_file
 @_run_dir

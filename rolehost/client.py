@@ -105,6 +105,18 @@ class Client:
         )
         return result
 
+    def configure(self, role: str, settings: dict[str, Any]) -> dict[str, str]:
+        result: dict[str, str] = self.request(
+            "POST", f"/v1/roles/{quote(role, safe='')}/settings", {"settings": settings}
+        )
+        return result
+
+    def scale(self, role: str, count: int) -> list[str]:
+        result: list[str] = self.request(
+            "POST", f"/v1/roles/{quote(role, safe='')}/instances", {"count": count}
+        )
+        return result
+
     def walk(self, action: str | None = None) -> dict[str, Any]:
         """The current walk; with `action` ("next", "abort"), act on it first."""
         if action is None:

@@ -18,7 +18,8 @@ import structlog
 
 from rolehost import api, logs, packages, preflight, process
 from rolehost.balancer import Balancer
-from rolehost.definition import Definition, Role
+from rolehost.definition import Definition, DefinitionErrors, Role
+from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
 from rolehost.instance import Deployment, Instance, iso, parse_instance_name
@@ -28,8 +29,71 @@ from rolehost.walks import Upgrade, Walk, domains
 log = structlog.get_logger()
 
 
+def definition_changes(running: Definition, edited: Definition) -> dict[str, Any]:
+    """What an edit of the definition asks for: new settings and instance counts, which
+    apply in place, and every other key path, which needs a deploy."""
+    settings, instances, deploy = {}, {}, []
+    ignored = {"settings", "instances", "app"}
+    if running.service != edited.service:
+        deploy.append("service")
+    for name in sorted(running.roles.keys() | edited.roles.keys()):
+        old, new = running.roles.get(name), edited.roles.get(name)
+        if old is None or new is None:
+            deploy.append(f"roles.{name}")
+            continue
+        if old.model_dump(exclude=ignored) != new.model_dump(exclude=ignored):
+            deploy += [f"roles.{name}.{k}" for k in sorted(type(old).model_fields)
+                       if k not in ignored and getattr(old, k) != getattr(new, k)]
+        if old.settings != new.settings:
+            settings[name] = dict(new.settings)
+        if old.instances != new.instances:
+            instances[name] = new.instances
+    return {"settings": settings, "instances": instances, "deploy": deploy}
+
+
 class StartError(RuntimeError):
     """The service cannot start as defined on this machine (a port in use, ...)."""
+
+
+class _Watcher:
+    def __init__(self, observer: Any) -> None:
+        self.observer = observer
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(5)
+
+
+def watch_file(
+    path: Path, loop: asyncio.AbstractEventLoop, changed: Any, settle: float = 0.3
+) -> _Watcher:
+    """Call `changed()` on the loop once `path` has been written and left alone for
+    `settle` seconds (editors save in several steps). Woken by file events (watchdog)."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    target, pending = str(path), list[asyncio.TimerHandle]()
+
+    def fire() -> None:
+        pending.clear()
+        changed()
+
+    def on_loop() -> None:
+        for handle in pending:
+            handle.cancel()
+        pending[:] = [loop.call_later(settle, fire)]
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type in ("modified", "created", "moved", "closed") and target in (
+                event.src_path, getattr(event, "dest_path", "")
+            ):
+                loop.call_soon_threadsafe(on_loop)
+
+    observer = Observer()
+    observer.schedule(Handler(), str(path.parent), recursive=False)
+    observer.start()
+    return _Watcher(observer)
 
 
 def standby_environment(run_dir: Path) -> dict[str, str]:
@@ -61,6 +125,7 @@ class Controller:
         self.balancers: list[Balancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
+        self.running = False
         self.version = ""  # the package running: the one `start` made, then each deploy's
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
@@ -88,15 +153,10 @@ class Controller:
         server = await api.serve(self.run_dir.socket, self)
         try:
             for role_name, role in self.definition.roles.items():
-                balancers = {name: Balancer(role_name, name, ep)
-                             for name, ep in role.endpoints.items()}
-                self.balancers += balancers.values()
+                self.balancers += [Balancer(role_name, name, ep)
+                                   for name, ep in role.endpoints.items()]
                 for index in range(role.instances):
-                    instance = Instance(self.deployment, role_name, role, index)
-                    for name, balancer in balancers.items():
-                        balancer.add(instance.id, instance.ports[name])
-                    instance.balancers = balancers
-                    self.instances[instance.id] = instance
+                    self._add_instance(role_name, role, index)
             for balancer in self.balancers:  # listening first: a port in use starts nothing
                 try:
                     await balancer.start()
@@ -109,8 +169,10 @@ class Controller:
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
             self.deployment.standby.warm()
+            self.running = True
             for instance in self.instances.values():
                 instance.start()
+            watcher = watch_file(self.definition_path, loop, self.definition_edited)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
             if self.walk is not None and self.walk.task is not None and not self.walk.over:
@@ -118,6 +180,7 @@ class Controller:
                 await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
             await self.deployment.standby.close()
+            watcher.stop()
             log.info("controller_stopped")
         except StartError as exc:
             log.error("start_failed", error=str(exc))
@@ -262,6 +325,110 @@ class Controller:
                          self.history, roles, rollback)
         self.walk.start()
         return self.walk.snapshot()
+
+    async def configure(
+        self, role_name: str, settings: dict[str, Any], cause: str, replace: bool = False
+    ) -> dict[str, str]:
+        """Change a role's settings (merged, or the whole table with `replace`), per update
+        domain or all at once (`change_mode`); returns what each instance did."""
+        role = self._role(role_name)
+        self._no_walk_running()
+        merged = dict(settings) if replace else {**role.settings, **settings}
+        try:
+            new = Role.model_validate({**role.model_dump(), "settings": merged})
+        except ValueError as exc:
+            raise api.ApiError(400, f"invalid settings for {role_name}: {exc}") from None
+        assert self.history is not None
+        ours = [i for i in self.instances.values() if i.role_name == role_name]
+        record = self.history.begin(f"config {role_name}", {"settings": settings, "cause": cause},
+                                    [i.id for i in ours])
+        count = self.definition.service.upgrade_domains
+        groups = [ours] if self.definition.service.change_mode == "blast" else domains(ours, count)
+        outcome: dict[str, str] = {}
+        try:
+            for group in groups:
+                results = await asyncio.gather(*(i.change_settings(new, cause) for i in group),
+                                               return_exceptions=True)
+                for instance, result in zip(group, results, strict=True):
+                    outcome[instance.id] = (
+                        result if isinstance(result, str) else f"failed: {result}"
+                    )
+        finally:
+            self._set_role(role_name, new)
+            failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
+            self.history.end(record, "failed" if failed else "succeeded", "; ".join(failed) or None)
+        return outcome
+
+    async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
+        """Add instances (new indexes) or stop the highest ones gracefully."""
+        role = self._role(role_name)
+        if not 1 <= count <= 1000:
+            raise api.ApiError(400, "instances must be between 1 and 1000")
+        self._no_walk_running()
+        ours = sorted((i for i in self.instances.values() if i.role_name == role_name),
+                      key=lambda i: i.index)
+        assert self.history is not None
+        record = self.history.begin(f"scale {role_name}", {"instances": count, "cause": cause},
+                                    [])
+        self._set_role(role_name, role.model_copy(update={"instances": count}))
+        added = [self._add_instance(role_name, ours[0].role if ours else role, index)
+                 for index in range(len(ours), count)]
+        removed = ours[count:]
+        await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
+        for instance in removed:
+            for balancer in instance.balancers.values():
+                balancer.remove(instance.id)
+            instance.output.close()
+            del self.instances[instance.id]
+        record.instances = [i.id for i in added + removed]
+        self.history.end(record, "succeeded")
+        return record.instances
+
+    def _add_instance(self, role_name: str, role: Role, index: int) -> Instance:
+        instance = Instance(self.deployment, role_name, role, index)
+        balancers = {b.name: b for b in self.balancers if b.role == role_name}
+        for name, balancer in balancers.items():
+            balancer.add(instance.id, instance.ports[name])
+        instance.balancers = balancers
+        self.instances[instance.id] = instance
+        if self.running:
+            instance.start()
+        return instance
+
+    def _role(self, name: str) -> Role:
+        if name not in self.definition.roles:
+            known = ", ".join(self.definition.roles)
+            raise api.ApiError(404, f"no role {name!r} (roles: {known})")
+        return self.definition.roles[name]
+
+    def _set_role(self, name: str, role: Role) -> None:
+        roles = {**self.definition.roles, name: role}
+        self.definition = self.definition.model_copy(update={"roles": roles})
+
+    def definition_edited(self) -> None:
+        """The definition file changed: apply settings and instance counts; report the rest."""
+        try:
+            edited = load_definition(self.definition_path)
+        except DefinitionErrors as exc:
+            log.error("definition_invalid", file=str(self.definition_path), errors=str(exc))
+            return
+        changed = definition_changes(self.definition, edited)
+        if changed["deploy"]:
+            log.warning("needs_deploy", changed=changed["deploy"],
+                        detail="nothing was applied: package and deploy these changes")
+            return
+        for name, settings in changed["settings"].items():
+            self._background_task(self.configure(name, settings, "definition edited",
+                                                 replace=True))
+        for name, count in changed["instances"].items():
+            self._background_task(self.scale(name, count, "definition edited"))
+
+    def _background_task(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "change_failed", error=str(t.exception())))
 
     def package(self, version: str | None) -> dict[str, Any]:
         try:

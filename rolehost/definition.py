@@ -12,7 +12,7 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -206,6 +206,9 @@ class Service(_Model):
     )
     backoff_initial: Duration = Field(default=1.0, description="first delay after a failure")
     backoff_max: Duration = Field(default=60.0, description="cap of the doubling delay")
+    change_mode: Literal["per-ud", "blast"] = Field(
+        default="per-ud", description="settings changes one update domain at a time, or all at once"
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Service:

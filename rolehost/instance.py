@@ -60,6 +60,8 @@ RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
+CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
+CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
 
 
 def parse_instance_name(name: str) -> tuple[str, int]:
@@ -141,6 +143,7 @@ class Instance:
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
         self._probes: dict[str, tuple[bool, str]] = {}  # endpoint -> (healthy, last seen)
         self._draining = False
+        self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
 
     # The state machine.
 
@@ -472,6 +475,9 @@ class Instance:
             self._run_error = f"{where}: {summary}"
             self.last_error = self._run_error
             log.error("role_error", instance=self.id, where=where, error=summary)
+        elif kind == "changing_result" and self._changing is not None:
+            if not self._changing.done():
+                self._changing.set_result(bool(message.get("cancel")))
         elif kind == "heartbeat" and time.monotonic() - self._measured > USAGE_EVERY:
             self._measure()
 
@@ -574,6 +580,37 @@ class Instance:
                 f" ({self.last_error or self.reason})", status=500,
             )
         return self.snapshot()
+
+    async def change_settings(self, role: Role, cause: str) -> str:
+        """Offer `role`'s settings to the running host: `changing` handlers may cancel, and
+        the instance recycles to apply them; otherwise they apply now and `changed` is
+        raised. Returns what happened: applied, recycled, or (no host) at the next start."""
+        old, new = self.role.settings, role.settings
+        changes = [{"name": k, "old": old.get(k), "new": new.get(k)}
+                   for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        process = self.process
+        if not changes:
+            return "unchanged"
+        if process is None or not process.running or self.state not in (S.READY, S.BUSY):
+            self.role = role
+            return "applied at the next start"
+        self._changing = asyncio.get_running_loop().create_future()
+        process.send({"type": "changing", "changes": changes})
+        try:
+            cancel = await asyncio.wait_for(self._changing, CHANGING_TIMEOUT)
+        except TimeoutError:
+            cancel = True  # no answer: apply by recycling, which needs none
+        finally:
+            self._changing = None
+        log.info("settings_changing", instance=self.id, cause=cause,
+                 changes=[c["name"] for c in changes], cancelled=cancel)
+        if cancel:
+            await self.maintain(Maintenance.RECYCLE, f"settings change: {cause}", wait=True,
+                                role=role)
+            return "recycled"
+        self.role = role
+        process.send({"type": "changed", "settings": dict(role.settings)})
+        return "applied"
 
     def _endpoint_status(self, name: str) -> dict[str, Any]:
         balancer = self.balancers.get(name)

@@ -279,6 +279,17 @@ class HostProcess:
     def running(self) -> bool:
         return not self.exited.done()
 
+    @property
+    def alive(self) -> bool:
+        """Not exited, asking the kernel: `running` turns false only once the exit has
+        been processed, and a standby must not be handed out in between."""
+        if not self.running:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
+
     def kill(self) -> None:
         """SIGKILL the whole tree now (the exit is still reported through `exited`)."""
         signal_tree(self.pid, self.token, signal.SIGKILL)
@@ -325,7 +336,7 @@ class Standby:
         if ready is not None:
             with contextlib.suppress(OSError):
                 host = await ready
-        if host is None or not host.running:
+        if host is None or not host.alive:
             host = await HostProcess.spawn(self.argv, self.env, self.cwd)
         self.warm()
         return host

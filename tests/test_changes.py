@@ -1,0 +1,88 @@
+"""Configuration changes and scaling while the service runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import MakeService
+
+from rolehost.testing import wait_until
+
+ROLE = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        RoleEnvironment.on_changing(self.changing)
+        RoleEnvironment.on_changed(self.changed)
+        probe(f"start color={RoleEnvironment.get_setting('color')}")
+        return True
+
+    def changing(self, event):
+        probe("changing " + ",".join(f"{c.name}:{c.old}->{c.new}" for c in event.changes))
+        if RoleEnvironment.get_setting("cancel"):
+            event.cancel()
+
+    def changed(self, changes):
+        probe(f"changed color={RoleEnvironment.get_setting('color')}")
+"""
+
+
+def test_settings_change_in_place(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, settings={"color": "blue", "cancel": False})
+    with service.harness() as h:
+        h.wait_ready(30)
+        pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "config", "set", "web", "color=green",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["web_IN_0: applied", "web_IN_1: applied"]
+        for i in (0, 1):
+            assert f"changing color:blue->green web_IN_{i}" in service.probes()
+            assert f"changed color=green web_IN_{i}" in service.probes()
+        assert {i["id"]: i["pid"] for i in h.status()["instances"]} == pids  # no restart
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == ("config web", "succeeded")
+
+
+def test_a_cancelled_change_recycles_to_apply(make_service: MakeService) -> None:
+    service = make_service(ROLE, settings={"color": "blue", "cancel": True})
+    with service.harness() as h:
+        h.wait_ready(30)
+        before = h.instance("web/0")["pid"]
+        assert h.client.configure("web", {"color": "red"}) == {"web_IN_0": "recycled"}
+        assert h.instance("web/0")["pid"] != before
+        assert service.probes()[-1] == "start color=red web_IN_0"
+
+
+def test_editing_the_definition_applies_settings_and_reports_the_rest(
+    make_service: MakeService,
+) -> None:
+    service = make_service(ROLE, settings={"color": "blue", "cancel": False})
+    with service.harness() as h:
+        h.wait_ready(30)
+        text = service.toml.read_text()
+        service.toml.write_text(text.replace('color = "blue"', 'color = "teal"'))
+        service.wait_probe("changed color=teal web_IN_0", timeout=10)
+        service.toml.write_text(text.replace('color = "blue"', 'color = "teal"')
+                                .replace("roles:Role", "roles:Other"))
+        event = h.wait_event(lambda e: e["event"] == "needs_deploy", 10)
+        assert event["changed"] == ["roles.web.entry_point"]
+        service.toml.write_text("[service\\n")  # broken: reported, nothing applied
+        h.wait_event(lambda e: e["event"] == "definition_invalid", 10)
+        assert h.instance("web/0")["state"] == "ready"
+
+
+def test_scale_out_and_in(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, settings={"color": "blue", "cancel": False},
+                           service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert h.client.scale("web", 3) == ["web_IN_2"]
+        status = h.wait_ready(30)
+        assert [(i["id"], i["update_domain"]) for i in status["instances"]] == [
+            ("web_IN_0", 0), ("web_IN_1", 1), ("web_IN_2", 0)]
+        removed = h.client.scale("web", 1)
+        assert removed == ["web_IN_1", "web_IN_2"]
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0"]
+        wait_until(lambda: len(h.processes()) == 3, 10, "controller, standby, web_IN_0")
