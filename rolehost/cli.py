@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
+from rolehost import capacity, logs, preflight
 from rolehost import definition as model
-from rolehost import logs, preflight
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
 from rolehost.instance import iso, parse_instance_name
@@ -148,6 +148,8 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
         rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
                      str(i["restarts"]), since, detail))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for advice in result["capacity"]:
+        click.echo(f"capacity: {advice}")
     for row in rows:
         line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[6]
         click.echo(line.rstrip())
@@ -423,8 +425,14 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
               EXIT_BAD_DEFINITION)
     if not as_json:
         click.echo(f"{file}: valid; rehearsing {', '.join(roles or definition.roles)}")
+        for advice in capacity.static_advice(definition):
+            click.echo(f"capacity: {advice}")
     report = asyncio.run(rehearsal.rehearse(definition, list(roles) or None))
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else rehearsal.render(report))
+    if as_json:
+        advice = capacity.static_advice(definition)
+        click.echo(json.dumps({**report.to_json(), "capacity": advice}, indent=2))
+    else:
+        click.echo(rehearsal.render(report))
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from rolehost import api, logs, packages, preflight, process
+from rolehost import api, capacity, logs, packages, preflight, process
 from rolehost.balancer import Balancer
 from rolehost.definition import Definition, DefinitionErrors, Role
 from rolehost.definition import load as load_definition
@@ -209,7 +209,13 @@ class Controller:
     # Operations: what the control API and the CLI offer.
 
     def status(self) -> dict[str, Any]:
+        cpu = {i.id: (i.role_name, i.update_domain, load) for i in self.instances.values()
+               if (load := i.sample_cpu()) is not None}
+        advice = capacity.static_advice(self.definition) + capacity.load_warnings(
+            self.definition, cpu)
         return {
+            "capacity": advice,
+            "cpu": {name: round(load, 1) for name, (_, _, load) in cpu.items()},
             "service": self.definition.service.name,
             "deployment_id": self.deployment.id,
             "version": self.version,

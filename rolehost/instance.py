@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from rolehost import probe, protocol
@@ -60,6 +62,7 @@ RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
+CPU_WINDOW = 30.0  # seconds of CPU samples behind the load estimate
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
 
@@ -128,6 +131,7 @@ class Instance:
         self.next_try: float | None = None
         self.usage: dict[str, float] = {}
         self._measured = 0.0
+        self._cpu: deque[tuple[float, float]] = deque()  # (wall, host CPU seconds) samples
 
         self._recycle_reason: str | None = None
         self._failed_reason: str | None = None
@@ -478,13 +482,33 @@ class Instance:
         elif kind == "changing_result" and self._changing is not None:
             if not self._changing.done():
                 self._changing.set_result(bool(message.get("cancel")))
-        elif kind == "heartbeat" and time.monotonic() - self._measured > USAGE_EVERY:
-            self._measure()
+        elif kind == "heartbeat":
+            self.sample_cpu()
+            if time.monotonic() - self._measured > USAGE_EVERY:
+                self._measure()
 
     def _on_output(self, data: bytes) -> None:
         self.output.write(data)
         if self.deployment.console is not None:
             self.deployment.console.output(self.id, data)
+
+    def sample_cpu(self) -> float | None:
+        """The host's CPU, % of one core, over the last CPU_WINDOW seconds (None: unknown)."""
+        if self.process is None or not self.process.running:
+            self._cpu.clear()
+            return None
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.Error:
+            return None
+        now = time.monotonic()
+        if self._cpu and self._cpu[-1][1] > times.user + times.system:
+            self._cpu.clear()  # a new host since the last sample
+        self._cpu.append((now, times.user + times.system))
+        while len(self._cpu) > 2 and now - self._cpu[1][0] > CPU_WINDOW:
+            self._cpu.popleft()
+        (first, used), (last, now_used) = self._cpu[0], self._cpu[-1]
+        return 100.0 * (now_used - used) / (last - first) if last - first > 0.2 else None
 
     def _measure(self) -> None:
         """Refresh local-resource usage off the loop; warn when one is over its size."""

@@ -138,7 +138,7 @@ def test_sigterm_during_a_walk_stops_cleanly(make_service: MakeService) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["host-os", "guest-os", "agent"])
+@pytest.mark.parametrize("kind", ["host-os", "guest-os", "agent", "deploy"])
 def test_no_request_fails_during_a_walk(make_service: MakeService, kind: str) -> None:
     port = free_port()
     service = make_service(
@@ -155,7 +155,11 @@ def test_no_request_fails_during_a_walk(make_service: MakeService, kind: str) ->
             load.wait_requests(200)
             steady = load.percentile(99)
             began = time.monotonic()
-            assert h.upgrade(kind)["state"] == "succeeded"
+            if kind == "deploy":
+                h.package("v2")
+                assert h.deploy("v2")["state"] == "succeeded"
+            else:
+                assert h.upgrade(kind)["state"] == "succeeded"
             walk_seconds = time.monotonic() - began
             load.wait_requests(load.requests + 200)
         assert load.failures == [], load.report()

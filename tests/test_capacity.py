@@ -1,0 +1,62 @@
+"""Capacity advice: redundancy, headroom, and the load left when a domain is down."""
+
+from __future__ import annotations
+
+from conftest import MakeService
+
+from rolehost import capacity, definition
+from rolehost.testing import wait_until
+
+
+def _definition(instances: int, uds: int) -> definition.Definition:
+    return definition.parse({"service": {"name": "s", "upgrade_domains": uds},
+                             "roles": {"web": {"entry_point": "m:C", "instances": instances}}})
+
+
+def test_static_advice() -> None:
+    assert capacity.static_advice(_definition(1, 2)) == [
+        "role web has one instance: it is down during every walk and maintenance event "
+        "(the platform's SLA needs two)"]
+    assert "it needs 50% of its capacity spare" in capacity.static_advice(_definition(2, 2))[0]
+    assert "it needs 20% of its capacity spare" in capacity.static_advice(_definition(5, 5))[0]
+
+
+def test_load_left_when_the_busiest_domain_is_down() -> None:
+    d = _definition(2, 2)
+    calm = {"web_IN_0": ("web", 0, 40.0), "web_IN_1": ("web", 1, 45.0)}
+    assert capacity.load_warnings(d, calm) == []
+    busy = {"web_IN_0": ("web", 0, 70.0), "web_IN_1": ("web", 1, 60.0)}
+    [warning] = capacity.load_warnings(d, busy)
+    assert warning.startswith("role web: with update domain 0 down, the other 1 instance(s) "
+                              "would each carry 130% of a core")
+
+
+def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def run(self):
+                while not RoleEnvironment.is_stopping:  # about 60% of a core
+                    end = time.perf_counter() + 0.06
+                    while time.perf_counter() < end:
+                        pass
+                    time.sleep(0.04)
+        """,
+        instances=2, service={"upgrade_domains": 2},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+
+        def warned() -> list[str]:
+            return [a for a in h.status()["capacity"] if "would each carry" in a]
+
+        [warning] = wait_until(warned, 20, "a load warning")
+        assert "role web: with update domain" in warning
+        assert all(load > 40 for load in h.status()["cpu"].values())
+
+
+def test_status_and_check_flag_a_single_instance(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert any("has one instance" in a for a in h.status()["capacity"])
