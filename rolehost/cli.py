@@ -423,13 +423,12 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     if unknown:
         _fail(f"no role {', '.join(unknown)} in {file} (roles: {', '.join(definition.roles)})",
               EXIT_BAD_DEFINITION)
+    advice = capacity.static_advice(definition)
     if not as_json:
         click.echo(f"{file}: valid; rehearsing {', '.join(roles or definition.roles)}")
-        for advice in capacity.static_advice(definition):
-            click.echo(f"capacity: {advice}")
+        click.echo("\n".join(f"capacity: {line}" for line in advice))
     report = asyncio.run(rehearsal.rehearse(definition, list(roles) or None))
     if as_json:
-        advice = capacity.static_advice(definition)
         click.echo(json.dumps({**report.to_json(), "capacity": advice}, indent=2))
     else:
         click.echo(rehearsal.render(report))

@@ -82,6 +82,7 @@ class Request:
         self.replay: list[bytes] | None = []  # what was read so far, for a retry
         self.replay_size = 0
         self.tunnel_head = b""  # bytes after an Upgrade request's head: the tunnel's first
+        self.responded = False  # some of a response went to the client: no retry then
 
     @property
     def chunked(self) -> bool:
@@ -146,6 +147,7 @@ class _ResponseParser:
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.keep_alive = False  # read at the head: httptools forgets it once complete
         self.complete = False
         self.chunks: list[bytes] = []
 
@@ -157,6 +159,7 @@ class _ResponseParser:
 
     def on_headers_complete(self) -> None:
         self.head_done = True
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -251,6 +254,8 @@ async def _forward(
         backend.begin()
         try:
             return await _exchange(backend, request, client, client_ip)
+        except ClientGone:
+            return False  # nobody to answer: no retry, and the instance did nothing wrong
         except BackendFailed as failed:
             where = {"instance": backend.instance_id, "reason": str(failed),
                      "method": request.method, "url": request.url.decode("latin-1")[:200],
@@ -278,7 +283,10 @@ async def _exchange(
     connection = None
     while backend.idle and connection is None:
         candidate = backend.idle.pop()
-        connection = candidate if candidate.usable else None
+        if candidate.usable:
+            connection = candidate
+        else:
+            candidate.close()
     try:
         if connection is None:
             connection = await BackendConnection.open(backend)
@@ -287,12 +295,12 @@ async def _exchange(
     try:  # from here on, the backend may have seen (part of) the request
         await _send_request(connection, request, client_ip)
         keep_backend, keep_client = await _relay_response(connection, request, client)
-    except BackendFailed:
-        connection.close()
+    except (BackendFailed, ClientGone):
+        connection.close()  # whatever it was in the middle of is of no use to anyone now
         raise
     except (OSError, asyncio.IncompleteReadError) as exc:
         connection.close()
-        raise BackendFailed(str(exc) or type(exc).__name__, True, False) from None
+        raise BackendFailed(str(exc) or type(exc).__name__, True, request.responded) from None
     if keep_backend and backend.in_rotation:
         backend.idle.append(connection)
     else:
@@ -384,48 +392,69 @@ def _frame(chunk: bytes, chunked: bool) -> bytes:
 async def _relay_response(
     connection: BackendConnection, request: Request, client: asyncio.StreamWriter
 ) -> tuple[bool, bool]:
-    """Stream the response to the client: (backend reusable, client may continue)."""
+    """Stream the response to the client: (backend reusable, client may continue).
+
+    Nothing reaches the client before the head and the first body bytes (or the end)
+    are in: a backend that dies before that has still sent the client nothing, and the
+    request may be tried elsewhere. Each read from the backend is one write to the client.
+    """
     response = _ResponseParser()
-    started = False
     framing = b""
     while True:
         data = await connection.reader.read(_READ)
+        out = bytearray()
         if not data:
             status = response.parser.get_status_code() if response.head_done else 0
             if response.head_done and _framing(response, request, status) == b"close":
-                if not started:  # an empty body, delimited by the close itself
-                    await _write(client, _head(response, status, b"close", request.keep_alive),
-                                 False)
-                await _write(client, b"0\r\n\r\n", True)
+                if not request.responded:  # an empty body, delimited by the close itself
+                    out += _head(response, status, b"close", request.keep_alive)
+                out += b"0\r\n\r\n"
+                await _to_client(client, request, bytes(out), drain=True)
                 return False, request.keep_alive
-            raise BackendFailed("connection closed before the response ended", True, started)
+            raise BackendFailed("connection closed before the response ended", True,
+                                request.responded)
         try:
             response.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            raise BackendFailed(f"malformed response: {exc}", True, started) from None
+            raise BackendFailed(f"malformed response: {exc}", True, request.responded) from None
         status = response.parser.get_status_code()
         if response.head_done and status == 100:  # an interim answer: pass it on, read on
-            await _write(client, b"HTTP/1.1 100 Continue\r\n\r\n", True)
+            await _to_client(client, request, b"HTTP/1.1 100 Continue\r\n\r\n", drain=True)
             response = _ResponseParser()
             continue
         finished = response.complete or (response.head_done and request.method == "HEAD")
-        if response.head_done and not started and (response.chunks or finished):
-            # The head goes out with the first body bytes (or the end): a backend that dies
-            # between its head and its body has then still sent the client nothing.
-            started = True
+        if response.head_done and not request.responded and (response.chunks or finished):
             framing = _framing(response, request, status)
-            await _write(client, _head(response, status, framing, request.keep_alive), False)
-        if started and response.chunks:
-            body, response.chunks = response.chunks, []
+            out += _head(response, status, framing, request.keep_alive)
+        if (request.responded or out) and response.chunks:
             rechunk = framing in (b"chunked", b"close")
-            for chunk in body:
-                await _write(client, _frame(chunk, rechunk), False)
+            for chunk in response.chunks:
+                out += _frame(chunk, rechunk)
+            response.chunks.clear()
+        if finished and framing in (b"chunked", b"close"):
+            out += b"0\r\n\r\n"
+        if out:
+            await _to_client(client, request, bytes(out), drain=finished)
         if finished:
-            if framing in (b"chunked", b"close"):
-                await _write(client, b"0\r\n\r\n", False)
+            return response.keep_alive and framing != b"close", request.keep_alive
+
+
+class ClientGone(Exception):
+    """The client went away while its response was being written."""
+
+
+async def _to_client(
+    client: asyncio.StreamWriter, request: Request, data: bytes, drain: bool
+) -> None:
+    request.responded = True
+    if client.is_closing():
+        raise ClientGone
+    client.write(data)
+    if drain or client.transport.get_write_buffer_size() > 4 * _READ:
+        try:
             await client.drain()
-            keep_backend = bool(response.parser.should_keep_alive()) and framing != b"close"
-            return keep_backend, request.keep_alive
+        except (ConnectionError, OSError):
+            raise ClientGone from None
 
 
 def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
@@ -449,12 +478,6 @@ def _head(response: _ResponseParser, status: int, framing: bytes, keep_alive: bo
         lines.append(b"Transfer-Encoding: chunked")
     lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-async def _write(writer: asyncio.StreamWriter, data: bytes, drain: bool) -> None:
-    writer.write(data)
-    if drain or writer.transport.get_write_buffer_size() > 4 * _READ:
-        await writer.drain()
 
 
 async def _discard(body: Body) -> None:

@@ -22,6 +22,11 @@ from urllib.parse import parse_qs, urlsplit
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self):
+        Handler.connections += 1
+        super().setup()
 
     def do_GET(self):
         url = urlsplit(self.path)
@@ -31,6 +36,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200 if healthy else 503, b"ok" if healthy else b"sick")
         if url.path == "/slow":
             time.sleep(float(query["s"]))
+        if url.path == "/connections":
+            return self.reply(200, str(Handler.connections).encode())
+        if url.path == "/cut":  # half a body, then the host dies
+            self.send_response(200)
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            self.wfile.write(b"x" * 5000)
+            self.wfile.flush()
+            os._exit(1)
         if url.path == "/die" and RoleEnvironment.current_instance.index == 0:
             os._exit(1)  # the host dies with the request read and no byte answered
         if url.path == "/ws":  # an upgraded connection that echoes in upper case
@@ -350,3 +364,43 @@ def test_a_request_whose_instance_dies_is_retried_on_another(make_service: MakeS
         assert set(answers) == {(200, b"web_IN_1")}
         retried = [e for e in h.events() if e["event"] == "retry"]
         assert retried and retried[0]["instance"] == "web_IN_0"
+
+
+def test_backend_connections_are_kept_alive(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(50):
+            connection.request("GET", "/")
+            connection.getresponse().read()
+        connection.request("GET", "/connections")
+        opened = int(connection.getresponse().read())
+        connection.close()
+        assert opened <= 2, f"{opened} backend connections for 51 requests"
+
+
+def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
+    harness, port = web(make_service, 2, service={"stable_after": "0s"})
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while chunk := raw.recv(65536):
+                received += chunk
+        assert received.count(b"HTTP/1.1 ") == 1  # one (cut) response, then the close
+        assert len(received.partition(b"\r\n\r\n")[2]) == 5000
+        assert h.wait_event(lambda e: e["event"] == "response_cut", 10)
+
+
+def test_a_client_that_leaves_is_not_the_instances_fault(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert get(port, "/slow?s=0.5") == (200, b"web_IN_0")  # the others are done by now
+        blamed = [e for e in h.events() if e["event"] in ("retry", "backend_failed")]
+        assert blamed == []

@@ -1,0 +1,1219 @@
+"""The built-in balancer against nginx: throughput, latency, failed requests under restarts.
+
+    python bench/balancer.py [--seconds S] [--json out.json] [--pin] [--profile | --no-profile]
+                             [--keep]
+
+One rolehost service (2 instances of a tiny keep-alive web role) is started with
+`rolehost start --detach`; nginx is then configured as a reverse proxy to the same two
+instances (their private ports, read from `rolehost status --json`), so both contenders
+relay to the very same processes.
+
+1. Throughput and latency: wrk with the same settings against the rolehost balancer and
+   against nginx, alternately (rolehost, nginx, nginx, rolehost) after a warm-up of each;
+   the CPU each proxy and the backends consumed is measured with psutil per run.
+2. Failed requests: steady load from `rolehost.testing.LoadProbe` (exact failure counts
+   and causes) while each instance in turn is restarted (`rolehost restart web/N --wait`,
+   graceful: the balancer drains first), then while each instance's host is SIGKILLed and
+   comes back; the same through nginx, whose upstreams are the same instances, with its
+   defaults (max_fails=1 fail_timeout=10s) and through a second server block with
+   max_fails=0.
+3. If a target is missed (or with --profile), py-spy samples the controller while wrk
+   runs through the balancer, and the report lists where the time goes.
+
+Everything the bench starts carries a token in its environment; at the end it looks with
+psutil for any survivor (and for nginx's processes, whose environment nginx rewrites),
+kills it and reports it. Figures are reported against the targets; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from rolehost.client import Client
+from rolehost.rundir import RunDir
+from rolehost.testing import LoadProbe
+
+T = TypeVar("T")
+
+# Every process the bench starts inherits this variable; its value is unique per run.
+TOKEN_ENV = "ROLEHOST_BENCH_TOKEN"
+TOKEN = uuid.uuid4().hex
+
+INSTANCES = 2
+WRK_THREADS = 2
+WRK_CONNECTIONS = 32
+WARMUP_SECONDS = 3.0
+ROUNDS = ("rolehost", "nginx", "nginx", "rolehost")  # ABBA: drift hits both alike
+LOAD_CLIENTS = 8  # LoadProbe threads during restarts and kills
+LOAD_BEFORE = 200  # requests served before the first disruption, and after the last
+SETTLE = 1.0  # seconds of load between one instance back in rotation and the next action
+STABLE_AFTER = 1.0  # [service] stable_after: a kill after this long restarts at once
+
+STARTUP_TIMEOUT = 60.0  # the controller up and every instance ready and in rotation
+READY_TIMEOUT = 30.0  # an instance ready and in rotation again after a restart or a kill
+RESTART_TIMEOUT = 60.0  # one `rolehost restart --wait`
+STOP_TIMEOUT = 60.0
+NGINX_TIMEOUT = 15.0  # nginx up and answering, or gone after SIGQUIT
+LOAD_TIMEOUT = 30.0  # LoadProbe reaching a request count
+WRK_GRACE = 30.0  # on top of --seconds, before a wrk run is called hung
+
+TARGET_RPS = 0.9  # rolehost requests/s >= 0.9 x nginx's
+TARGET_P99 = 1.5  # rolehost p99 <= 1.5 x nginx's
+
+ROLE = textwrap.dedent('''\
+    """A tiny keep-alive web role: GET anything -> 200 "hello" (6 bytes, Content-Length).
+
+    GET /__connections answers how many connections the instance has accepted so far.
+    """
+
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rolehost import RoleEntryPoint, RoleEnvironment
+
+    RESPONSE = (b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\n"
+                b"Content-Length: 6\\r\\n\\r\\nhello\\n")
+
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+        disable_nagle_algorithm = True
+        server: "Server"
+
+        def setup(self) -> None:
+            super().setup()
+            with self.server.lock:
+                self.server.accepted += 1
+
+        def do_GET(self) -> None:
+            if self.path == "/__connections":
+                body = str(self.server.accepted).encode()
+                self.wfile.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+                                 % (len(body), body))
+                return
+            self.wfile.write(RESPONSE)  # one write: no Nagle / delayed-ACK stall
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # listen backlog; socketserver's 5 drops SYNs under a burst
+        accepted = 0
+        lock = threading.Lock()
+
+
+    class Web(RoleEntryPoint):
+        def on_start(self) -> bool:
+            endpoint = RoleEnvironment.current_instance.endpoints["http"]
+            self.server = Server((endpoint.host, endpoint.port), Handler)
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            return True
+
+        def on_stop(self) -> None:
+            self.server.shutdown()
+            self.server.server_close()  # new connections are refused from here on
+    ''')
+
+# wrk prints this line at the end (latencies in microseconds), so nothing is scraped.
+WRK_SCRIPT = textwrap.dedent("""\
+    done = function(summary, latency, requests)
+      local e = summary.errors
+      io.write(string.format(
+        "BENCH_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"bytes\\": %d, "
+        .. "\\"p50_us\\": %d, \\"p90_us\\": %d, \\"p99_us\\": %d, \\"max_us\\": %d, "
+        .. "\\"mean_us\\": %.1f, \\"connect\\": %d, \\"read\\": %d, \\"write\\": %d, "
+        .. "\\"status\\": %d, \\"timeout\\": %d}\\n",
+        summary.requests, summary.duration, summary.bytes,
+        latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+        latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+    end
+    """)
+
+
+class BenchError(RuntimeError):
+    """One measurement could not be completed (a deadline passed, a tool failed)."""
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, TOKEN_ENV: TOKEN}
+
+
+def wait_until(what: str, timeout: float, check: Callable[[], T | None], every: float = 0.05) -> T:
+    """Poll `check` until it returns something other than None; BenchError at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes] | None:
+    """GET once on a new connection: (status, body), or None if nothing answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
+def accepted(ports: list[int]) -> int | None:
+    """Connections the backends have accepted so far, this question's own included."""
+    total = 0
+    for port in ports:
+        answer = http_get(port, "/__connections")
+        if answer is None or answer[0] != 200:
+            return None
+        total += int(answer[1])
+    return total
+
+
+# Results.
+
+
+@dataclass
+class WrkRun:
+    contender: str
+    label: str  # "warm-up" or "run N"
+    seconds: float
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)  # wrk's socket errors and non-2xx
+    proxy_cpu_s: float = 0.0  # the balancer's process (controller), or nginx's master+worker
+    backends_cpu_s: float = 0.0  # the two instances' host processes
+    wrk_cpu_s: float = 0.0
+    backend_connections: int | None = None  # connections the backends accepted meanwhile
+    error: str | None = None
+
+    @property
+    def proxy_us_per_request(self) -> float | None:
+        return self.proxy_cpu_s / self.requests * 1e6 if self.requests else None
+
+    @property
+    def backends_us_per_request(self) -> float | None:
+        return self.backends_cpu_s / self.requests * 1e6 if self.requests else None
+
+
+@dataclass
+class Action:
+    what: str  # "restart web/0", "SIGKILL web/1 (pid 123)"
+    seconds: float  # until the instance was ready and in rotation again
+
+
+@dataclass
+class Disruption:
+    contender: str
+    scenario: str  # "restart" or "SIGKILL"
+    requests: int = 0
+    failures: int = 0
+    causes: dict[str, int] = field(default_factory=dict)
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    seconds: float = 0.0
+    failing_seconds: float = 0.0  # total of the 50 ms slices in which failures were counted
+    actions: list[Action] = field(default_factory=list)
+    proxy_saw: dict[str, int] = field(default_factory=dict)  # rolehost events / nginx errors
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    contender: str
+    runs: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    proxy_us_per_request: float | None
+    backends_us_per_request: float | None
+
+
+@dataclass
+class Profile:
+    seconds: float
+    rate: int
+    samples: int  # samples with the controller's thread on CPU (py-spy leaves out idle ones)
+    rps: float  # wrk's figure during the profile (py-spy slows the controller a little)
+    requests: int = 0
+    backend_connections: int | None = None
+    self_by_function: list[tuple[str, float]] = field(default_factory=list)  # % of samples
+    total_by_function: list[tuple[str, float]] = field(default_factory=list)
+    self_by_file: list[tuple[str, float]] = field(default_factory=list)
+    svg: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Results:
+    machine: dict[str, str]
+    settings: dict[str, str]
+    wrk: list[WrkRun] = field(default_factory=list)
+    disruptions: list[Disruption] = field(default_factory=list)
+    profile: Profile | None = None
+    survivors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # whatever stopped a whole phase
+
+    def summary(self, contender: str) -> Summary | None:
+        runs = [r for r in self.wrk
+                if r.contender == contender and r.label != "warm-up" and r.error is None]
+        if not runs:
+            return None
+        requests = sum(r.requests for r in runs)
+        proxy = sum(r.proxy_cpu_s for r in runs)
+        backends = sum(r.backends_cpu_s for r in runs)
+        return Summary(
+            contender, len(runs),
+            rps=statistics.fmean(r.rps for r in runs),
+            p50_ms=statistics.fmean(r.p50_ms for r in runs),
+            p99_ms=statistics.fmean(r.p99_ms for r in runs),
+            proxy_us_per_request=proxy / requests * 1e6 if requests else None,
+            backends_us_per_request=backends / requests * 1e6 if requests else None,
+        )
+
+
+# Process hygiene.
+
+
+def ours(work: Path, extra: set[int]) -> list[psutil.Process]:
+    """Live processes of this run: the token in their environment, a command line naming
+    the work folder (nginx rewrites its workers' environment and title), or a pid we
+    recorded (nginx's master and workers)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if (proc.pid in extra and "nginx" in cmdline) or str(work) in cmdline \
+                    or proc.environ().get(TOKEN_ENV) == TOKEN:
+                found.append(proc)
+        except psutil.Error:
+            continue  # gone, or not ours to read
+    return found
+
+
+def kill_ours(work: Path, extra: set[int]) -> list[str]:
+    """SIGKILL whatever is left of ours after a short grace; describe what was killed."""
+    deadline = time.monotonic() + 5.0
+    while (left := ours(work, extra)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = []
+    for proc in left:
+        try:
+            killed.append(f"{proc.pid} {' '.join(proc.cmdline())}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    return killed
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def pin(pids: list[int], cpus: str) -> None:
+    """Every thread of each process onto `cpus` (threads they start later inherit it)."""
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True,
+                       timeout=10, check=False)
+
+
+# rolehost.
+
+
+class Rolehost:
+    """The service under test: a controller over a generated two-instance definition."""
+
+    def __init__(self, work: Path, port: int) -> None:
+        self.root = work / "rolehost"
+        app = self.root / "app"
+        app.mkdir(parents=True)
+        (app / "web_role.py").write_text(ROLE)
+        self.port = port
+        self.definition = self.root / "rolehost.toml"
+        self.definition.write_text(textwrap.dedent(f"""\
+            [service]
+            name = "balbench"
+            upgrade_domains = {INSTANCES}
+            stable_after = "{STABLE_AFTER:g}s"
+
+            [roles.web]
+            entry_point = "web_role:Web"
+            app = "app"
+            instances = {INSTANCES}
+            stop_timeout = "10s"
+
+            [roles.web.endpoints.http]
+            port = {port}
+            drain_timeout = "10s"
+            probe = {{ path = "/healthz", interval = "500ms", timeout = "1s", healthy = 1, unhealthy = 2 }}
+            """))  # noqa: E501
+        self.run_dir = self.root / "run"  # short, for the Unix socket path limit
+        self.client = Client(RunDir.for_definition(self.definition, self.run_dir).socket, 10.0)
+        self.pid: int | None = None
+
+    def cli(self, *args: str, timeout: float) -> str:
+        argv = [sys.executable, "-m", "rolehost", *args, "-f", str(self.definition),
+                "--run-dir", str(self.run_dir)]
+        try:
+            done = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"`rolehost {' '.join(args)}` took over {timeout:g}s") from exc
+        if done.returncode != 0:
+            raise BenchError(f"`rolehost {' '.join(args)}` failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def start(self) -> None:
+        self.cli("start", "--detach", timeout=STARTUP_TIMEOUT)
+        self.pid = int(self.status()["pid"])
+
+    def status(self) -> dict[str, Any]:
+        """`rolehost status --json`, as the brief asks the ports be read."""
+        status: dict[str, Any] = json.loads(self.cli("status", "--json", timeout=30))
+        return status
+
+    def instances(self) -> list[dict[str, Any]]:
+        """The same, through the control API directly: cheaper for polling."""
+        instances: list[dict[str, Any]] = self.client.status()["instances"]
+        return instances
+
+    def serving(self) -> list[dict[str, Any]] | None:
+        """The instances, once each is ready, in rotation and has been ready STABLE_AFTER."""
+        instances = self.instances()
+        now = time.time()
+        for i in instances:
+            since = i["ready_since"]
+            if i["state"] != "ready" or not i["endpoints"]["http"].get("in_rotation") or (
+                    since is None or now - datetime.fromisoformat(since).timestamp()
+                    < STABLE_AFTER + 0.2):
+                return None
+        return instances
+
+    def idle(self) -> bool | None:
+        """True once the balancer holds no client connection."""
+        balancers = self.client.status()["balancers"]
+        return True if all(b["connections"] == 0 for b in balancers) else None
+
+    def events(self, since: int) -> list[dict[str, Any]]:
+        return self.client.events(since)
+
+    def last_seq(self) -> int:
+        events = self.client.events(0)
+        return int(events[-1]["seq"]) if events else 0
+
+    def stop(self) -> None:
+        """`rolehost stop`; if that fails, the controller is killed (its hosts follow)."""
+        try:
+            self.cli("stop", timeout=STOP_TIMEOUT)
+        except BenchError:
+            if self.pid is not None and psutil.pid_exists(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+            raise
+
+
+# nginx.
+
+
+NGINX_FAIL_TIMEOUT = 10.0  # nginx's default fail_timeout, waited out between its rounds
+
+
+def nginx_settings(upstreams: list[int]) -> str:
+    servers = ", ".join(f"127.0.0.1:{p}" for p in upstreams)
+    return (f"worker_processes 1; upstream {{ {servers}; keepalive 32; keepalive_requests "
+            "1000000 }; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+            "keepalive_requests 1000000 (client side); access_log off. Defaults otherwise: "
+            "proxy_next_upstream error timeout (a GET that fails on one upstream before its "
+            "response header is passed to the other), max_fails=1 fail_timeout=10s (one "
+            "failure takes an upstream out for 10 s), proxy_buffering on, tcp_nodelay on. A "
+            "second server block, used only for the failure rounds ('nginx max_fails=0'), "
+            "proxies to the same two instances with max_fails=0 (never taken out)")
+
+
+class Nginx:
+    """nginx in the foreground (`daemon off`), a child of the bench, over a generated config.
+
+    Two server blocks relay to the same two instances: `port` with nginx's defaults for
+    failures (max_fails=1 fail_timeout=10s), `retry_port` with max_fails=0.
+    """
+
+    def __init__(self, work: Path, port: int, retry_port: int, upstreams: list[int]) -> None:
+        self.root = work / "nginx"
+        self.root.mkdir(parents=True)
+        self.port, self.retry_port = port, retry_port
+        self.conf = self.root / "nginx.conf"
+        self.error_log = self.root / "error.log"
+        temp = "\n".join(f"    {kind}_temp_path {self.root}/{kind}_temp;"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        blocks = []
+        for name, listen, extra in (("web", port, ""), ("web_retry", retry_port, " max_fails=0")):
+            servers = "\n".join(f"        server 127.0.0.1:{p}{extra};" for p in upstreams)
+            blocks.append(textwrap.dedent("""\
+                upstream {name} {{
+            {servers}
+                    keepalive 32;
+                    keepalive_requests 1000000;
+                }}
+
+                server {{
+                    listen 127.0.0.1:{listen};
+                    location / {{
+                        proxy_pass http://{name};
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                    }}
+                }}
+            """).format(name=name, servers=servers, listen=listen))
+        self.conf.write_text(textwrap.dedent("""\
+            worker_processes 1;
+            daemon off;
+            pid {root}/nginx.pid;
+            error_log {root}/error.log warn;
+
+            events {{
+                worker_connections 1024;
+            }}
+
+            http {{
+                access_log off;
+                keepalive_requests 1000000;
+            {temp}
+
+            """).format(root=self.root, temp=temp) + "\n".join(blocks) + "}\n")
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pids: set[int] = set()  # master and workers, for the final clean-up check
+
+    def argv(self, *extra: str) -> list[str]:
+        return ["nginx", "-p", f"{self.root}/", "-e", str(self.error_log), "-c", str(self.conf),
+                *extra]
+
+    def start(self) -> None:
+        test = subprocess.run(self.argv("-t"), capture_output=True, text=True, timeout=30,
+                              env=child_env())
+        if test.returncode != 0:
+            raise BenchError(f"nginx -t failed: {test.stderr.strip()}")
+        with open(self.root / "console.log", "ab") as console:
+            self.popen = subprocess.Popen(self.argv(), env=child_env(), stdin=subprocess.DEVNULL,
+                                          stdout=console, stderr=subprocess.STDOUT)
+        self.pids.add(self.popen.pid)
+
+        def answering() -> bool | None:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise BenchError(f"nginx exited with {self.popen.returncode}; see {self.root}")
+            answer = http_get(self.port)
+            return True if answer is not None and answer[0] == 200 else None
+
+        wait_until("nginx to answer", NGINX_TIMEOUT, answering, 0.1)
+        self.pids.update(p.pid for p in self.processes())
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and its workers."""
+        if self.popen is None:
+            return []
+        try:
+            master = psutil.Process(self.popen.pid)
+            return [master, *master.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def error_log_size(self) -> int:
+        return self.error_log.stat().st_size if self.error_log.exists() else 0
+
+    def upstream_errors(self, offset: int) -> dict[str, int]:
+        """What nginx logged about its upstreams since `offset`, by kind."""
+        if not self.error_log.exists():
+            return {}
+        with open(self.error_log, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        kinds: Counter[str] = Counter()
+        for line in text.splitlines():
+            match = re.search(r"\[(?:error|warn)\] \d+#\d+: \*\d+ (.+?) while ", line)
+            if match:
+                kinds[match.group(1)] += 1
+            elif "no live upstreams" in line:
+                kinds["no live upstreams"] += 1
+        return dict(kinds)
+
+    def stop(self) -> None:
+        """SIGQUIT (graceful), then SIGTERM and SIGKILL if it lingers."""
+        if self.popen is None:
+            return
+        self.pids.update(p.pid for p in self.processes())
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGQUIT)
+            try:
+                self.popen.wait(NGINX_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(5)
+
+
+# wrk.
+
+
+def wrk_argv(port: int, seconds: float, script: Path, pinned: bool) -> list[str]:
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency",
+            "-s", str(script), f"http://127.0.0.1:{port}/"]
+    return ["taskset", "-c", "0", *argv] if pinned else argv
+
+
+def run_wrk(run: WrkRun, port: int, script: Path, proxy: list[psutil.Process],
+            backends: list[psutil.Process], ports: list[int], pinned: bool) -> WrkRun:
+    """One wrk run; fills `run` in (its `error` says what went wrong, if anything did)."""
+    connections0 = accepted(ports)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proxy0, backends0 = cpu_seconds(proxy), cpu_seconds(backends)
+    try:
+        done = subprocess.run(wrk_argv(port, run.seconds, script, pinned), env=child_env(),
+                              capture_output=True, text=True, timeout=run.seconds + WRK_GRACE,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        run.error = f"wrk did not finish within {run.seconds + WRK_GRACE:g}s"
+        return run
+    run.proxy_cpu_s = cpu_seconds(proxy) - proxy0
+    run.backends_cpu_s = cpu_seconds(backends) - backends0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.wrk_cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    connections1 = accepted(ports)
+    if connections0 is not None and connections1 is not None:
+        run.backend_connections = connections1 - connections0 - len(ports)  # not the asking
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        run.error = f"wrk failed ({done.returncode}): {(done.stderr or done.stdout).strip()}"
+        return run
+    data = json.loads(line.removeprefix("BENCH_JSON "))
+    run.requests = int(data["requests"])
+    run.rps = run.requests / (data["duration_us"] / 1e6)
+    run.p50_ms, run.p90_ms = data["p50_us"] / 1000, data["p90_us"] / 1000
+    run.p99_ms, run.max_ms = data["p99_us"] / 1000, data["max_us"] / 1000
+    run.errors = {k: int(data[k]) for k in ("connect", "read", "write", "status", "timeout")
+                  if data[k]}
+    return run
+
+
+# The phases.
+
+
+@dataclass
+class Contender:
+    name: str
+    port: int
+    proxy: Callable[[], list[psutil.Process]]
+
+
+def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost, seconds: float,
+               script: Path, pinned: bool) -> None:
+    instances = rh.instances()
+    backends = [psutil.Process(int(i["pid"])) for i in instances]
+    ports = [int(i["endpoints"]["http"]["port"]) for i in instances]
+    if pinned:
+        pin([p.pid for c in contenders.values() for p in c.proxy()] + [p.pid for p in backends],
+            "1")
+    try:
+        for name in ("rolehost", "nginx"):
+            print(f"throughput: warm-up {name} ({WARMUP_SECONDS:g}s)...", file=sys.stderr)
+            c = contenders[name]
+            results.wrk.append(run_wrk(WrkRun(name, "warm-up", WARMUP_SECONDS), c.port, script,
+                                       c.proxy(), backends, ports, pinned))
+        for n, name in enumerate(ROUNDS, 1):
+            print(f"throughput: run {n}/{len(ROUNDS)} {name} ({seconds:g}s)...", file=sys.stderr)
+            c = contenders[name]
+            results.wrk.append(run_wrk(WrkRun(name, f"run {n}", seconds), c.port, script,
+                                       c.proxy(), backends, ports, pinned))
+    finally:
+        if pinned:
+            every = f"0-{(os.cpu_count() or 1) - 1}"
+            pin([p.pid for c in contenders.values() for p in c.proxy()]
+                + [p.pid for p in backends], every)
+
+
+def disrupt(contender: Contender, scenario: str, rh: Rolehost, nginx: Nginx) -> Disruption:
+    """Steady load through `contender` while each instance in turn is restarted or killed."""
+    result = Disruption(contender.name, scenario)
+    wait_until("every instance ready and in rotation", READY_TIMEOUT, rh.serving, 0.1)
+    # The previous load's connections gone: what they log as they close is not this round's.
+    wait_until("no client connection left on the balancer", READY_TIMEOUT, rh.idle, 0.1)
+    seq, log_offset = rh.last_seq(), nginx.error_log_size()
+    began = time.monotonic()
+    load = LoadProbe(f"http://127.0.0.1:{contender.port}/", clients=LOAD_CLIENTS)
+    sampling = threading.Event()
+    failing: list[float] = []  # one entry per 50 ms slice in which failures were counted
+
+    def sample() -> None:
+        seen, then = 0, time.monotonic()
+        while not sampling.wait(0.05):
+            now, count = time.monotonic(), len(load.failures)
+            if count > seen:
+                failing.append(now - then)
+            seen, then = count, now
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    load.start()
+    sampler.start()
+    try:
+        load.wait_requests(LOAD_BEFORE, LOAD_TIMEOUT)
+        for index in range(INSTANCES):
+            name = f"web/{index}"
+            t0 = time.monotonic()
+            if scenario == "restart":
+                rh.cli("restart", name, "--wait", timeout=RESTART_TIMEOUT)
+                what = f"rolehost restart {name} --wait"
+            else:
+                pid = int(rh.instances()[index]["pid"])
+                os.kill(pid, signal.SIGKILL)
+                what = f"SIGKILL {name} (host pid {pid})"
+
+                def replaced(index: int = index, pid: int = pid) -> bool | None:
+                    i = rh.instances()[index]
+                    return True if i["state"] == "ready" and i["pid"] not in (None, pid) \
+                        else None
+
+                wait_until(f"{name} ready in a new host", READY_TIMEOUT, replaced, 0.05)
+
+            def in_rotation(index: int = index) -> bool | None:
+                return True if rh.instances()[index]["endpoints"]["http"].get("in_rotation") \
+                    else None
+
+            wait_until(f"{name} in rotation", READY_TIMEOUT, in_rotation, 0.05)
+            result.actions.append(Action(what, time.monotonic() - t0))
+            time.sleep(SETTLE)
+            if scenario == "SIGKILL" and index + 1 < INSTANCES:  # no back-off for the next
+                wait_until("every instance stable", READY_TIMEOUT, rh.serving, 0.1)
+        load.wait_requests(load.requests + LOAD_BEFORE, LOAD_TIMEOUT)
+    except Exception as exc:  # reported; the other measurements still run
+        result.error = str(exc)
+    finally:
+        load.stop()
+        sampling.set()
+        sampler.join(5)
+        result.seconds = time.monotonic() - began
+        result.failing_seconds = sum(failing)
+    report = load.report()
+    result.requests, result.failures = int(report["requests"]), int(report["failures"])
+    result.causes = dict(Counter(load.failures))
+    result.p50_ms, result.p99_ms = float(report["p50_ms"]), float(report["p99_ms"])
+    result.max_ms = max(load.latencies, default=0.0) * 1000
+    if contender.name == "rolehost":
+        kinds = ("retry", "backend_failed", "drain_timeout", "rotation")
+        seen = Counter(e["event"] for e in rh.events(seq) if e["event"] in kinds)
+        result.proxy_saw = {f"{k} events": seen[k] for k in kinds if seen[k]}
+    else:
+        result.proxy_saw = nginx.upstream_errors(log_offset)
+    return result
+
+
+# Profiling.
+
+
+def find_py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def frame_name(frame: str) -> tuple[str, str]:
+    """('function (short/file.py)', 'short/file.py') from py-spy's 'function (path)'."""
+    match = re.match(r"(.*) \((.*)\)$", frame)
+    if not match:
+        return frame, "?"
+    function, path = match.groups()
+    parts = Path(path).parts
+    if "rolehost" in parts:
+        short = "/".join(parts[parts.index("rolehost"):])
+    elif "asyncio" in parts:
+        short = "/".join(parts[parts.index("asyncio"):])
+    else:
+        short = "/".join(parts[-2:])
+    return f"{function} ({short})", short
+
+
+# The frames every event-loop stack goes through: on nearly every sample, they say nothing.
+TRUNK_FILES = ("<frozen runpy>", "click/core.py", "rolehost/__main__.py", "rolehost/cli.py",
+               "asyncio/runners.py")
+TRUNK_FUNCTIONS = ("BaseEventLoop.run_forever", "BaseEventLoop.run_until_complete",
+                   "BaseEventLoop._run_once", "Handle._run")
+
+
+def trunk(frame: str) -> bool:
+    return frame.startswith(TRUNK_FUNCTIONS) or frame.endswith(
+        tuple(f"({f})" for f in TRUNK_FILES))
+
+
+
+def analyse(collapsed: str, profile: Profile, top: int = 15) -> None:
+    """Self and inclusive shares from py-spy's collapsed stacks ('a;b;c N' per line)."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [frame_name(f) for f in stack.split(";")]
+        frames = [f for f in frames if not f[0].startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += n
+        own[frames[-1][0]] += n
+        files[frames[-1][1]] += n
+        for name in {f[0] for f in frames}:
+            total[name] += n
+    profile.samples = samples
+    if samples:
+        profile.self_by_function = [(k, 100 * v / samples) for k, v in own.most_common(top)]
+        inner = [(k, v) for k, v in total.most_common() if not trunk(k)]
+        profile.total_by_function = [(k, 100 * v / samples) for k, v in inner[:top]]
+        profile.self_by_file = [(k, 100 * v / samples) for k, v in files.most_common(top)]
+
+
+def profile_balancer(work: Path, rh: Rolehost, port: int, seconds: float, script: Path,
+                     keep: bool) -> Profile:
+    rate = 200
+    result = Profile(seconds, rate, 0, 0.0)
+    py_spy = find_py_spy()
+    if py_spy is None:
+        result.error = "py-spy is not installed (pip install py-spy)"
+        return result
+    assert rh.pid is not None
+    raw, svg = work / "profile.txt", work / "profile.svg"
+    spies = []
+    try:
+        for out, fmt in ((raw, "raw"), (svg, "flamegraph")) if keep else ((raw, "raw"),):
+            spies.append(subprocess.Popen(
+                [py_spy, "record", "--pid", str(rh.pid), "--rate", str(rate), "--nonblocking",
+                 "--nolineno", "--format", fmt, "--output", str(out),
+                 "--duration", f"{max(1, round(seconds))}"],
+                env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE))
+        time.sleep(1.0)  # py-spy attached
+        instances = rh.instances()
+        run = run_wrk(WrkRun("rolehost", "profiled", max(1.0, seconds - 2)), port, script,
+                      [psutil.Process(rh.pid)],
+                      [psutil.Process(int(i["pid"])) for i in instances],
+                      [int(i["endpoints"]["http"]["port"]) for i in instances], False)
+        result.backend_connections = run.backend_connections
+        result.requests = run.requests
+        result.rps = run.rps
+        for spy in spies:
+            try:
+                _, stderr = spy.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, stderr = spy.communicate(timeout=10)
+            if spy.returncode != 0:
+                result.error = f"py-spy failed: {stderr.decode(errors='replace').strip()[-300:]}"
+    finally:
+        for spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(10)
+    if raw.exists():
+        analyse(raw.read_text(), result)
+    if keep and svg.exists():
+        result.svg = str(svg)
+    return result
+
+
+# Report.
+
+
+def ratio_text(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f} x"
+
+
+def num(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("pass" if ok else "FAIL")
+
+
+def targets(results: Results) -> list[tuple[str, str, str]]:
+    rh, ng = results.summary("rolehost"), results.summary("nginx")
+    rps = rh.rps / ng.rps if rh and ng and ng.rps else None
+    p99 = rh.p99_ms / ng.p99_ms if rh and ng and ng.p99_ms else None
+    failed = {(d.contender, d.scenario): d for d in results.disruptions}
+    zero = [d for (c, _), d in failed.items() if c == "rolehost"]
+    rows = [
+        (f"rolehost requests/s >= {TARGET_RPS:g} x nginx's", ratio_text(rps),
+         verdict(None if rps is None else rps >= TARGET_RPS)),
+        (f"rolehost p99 <= {TARGET_P99:g} x nginx's", ratio_text(p99),
+         verdict(None if p99 is None else p99 <= TARGET_P99)),
+    ]
+    if zero:
+        total = sum(d.failures for d in zero)
+        complete = all(d.error is None for d in zero)
+        rows.append(("rolehost: 0 failed requests through restarts and SIGKILLs (expected)",
+                     f"{total} failed", verdict(total == 0 and complete)))
+    return rows
+
+
+def markdown(results: Results) -> str:
+    m, s = results.machine, results.settings
+    lines = [
+        "# Balancer: rolehost against nginx", "",
+        "## Machine", "",
+        "| | |", "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in m.items()), "",
+        "## Settings", "",
+        "| | |", "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in s.items()), "",
+        f"On {m['nproc']} cores, wrk, the proxy (rolehost's controller or nginx's worker) and "
+        "the two Python backends all compete for CPU: every figure below includes that "
+        "contention. The CPU columns (psutil, per run) show what each side consumed; "
+        "`proxy us/req` is the proxy's own CPU per request, the least noisy comparison.", "",
+    ]
+    lines += ["## Throughput and latency (wrk, same settings for both)", "",
+              "| contender | run | s | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | "
+              "mean ms (Little) | errors | proxy CPU s | backends CPU s | wrk CPU s | "
+              "proxy us/req | backend conns opened |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: "
+              "| ---: | ---: | ---: | ---: |"]
+    for r in results.wrk:
+        errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
+        if r.error:
+            errors = f"**{r.error}**"
+        lines.append(
+            f"| {r.contender} | {r.label} | {r.seconds:g} | {r.requests} | {r.rps:.0f} "
+            f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
+            f"| {num(WRK_CONNECTIONS / r.rps * 1000 if r.rps else None, '.2f')} | {errors} "
+            f"| {r.proxy_cpu_s:.2f} | {r.backends_cpu_s:.2f} | {r.wrk_cpu_s:.2f} "
+            f"| {num(r.proxy_us_per_request, '.0f')} "
+            f"| {'-' if r.backend_connections is None else r.backend_connections} |")
+    lines += ["", "wrk 4 corrects its latency histogram for coordinated omission: after the run, "
+              "each response slower than the mean interval between two requests of one "
+              "connection adds synthetic samples for the requests that connection would have "
+              "sent meanwhile. So p90/p99 are very sensitive to rare stalls (a dropped SYN "
+              "costs 1 s, a backend thread starved of the GIL); `mean ms (Little)` is "
+              f"{WRK_CONNECTIONS} connections / req/s, the real mean time a request took. "
+              "`backend conns opened`: connections the two instances accepted during the run "
+              "(each counts its own; the health probes' 2 a second are included): a proxy that "
+              "reuses its keep-alive connections opens a few, one that does not opens one per "
+              "request."]
+    rh, ng = results.summary("rolehost"), results.summary("nginx")
+    lines += ["", "Summary (mean over the measured runs; warm-ups left out):", "",
+              "| contender | runs | req/s | p50 ms | p99 ms | proxy CPU us/req | "
+              "backends CPU us/req |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for sm in (rh, ng):
+        if sm is not None:
+            lines.append(f"| {sm.contender} | {sm.runs} | {sm.rps:.0f} | {sm.p50_ms:.2f} "
+                         f"| {sm.p99_ms:.2f} | {num(sm.proxy_us_per_request, '.0f')} "
+                         f"| {num(sm.backends_us_per_request, '.0f')} |")
+    if rh and ng:
+        lines.append(
+            f"| **rolehost / nginx** | | **{rh.rps / ng.rps:.2f} x** "
+            f"| **{rh.p50_ms / ng.p50_ms:.2f} x** | **{rh.p99_ms / ng.p99_ms:.2f} x** "
+            f"| {ratio_text(_div(rh.proxy_us_per_request, ng.proxy_us_per_request), 1)} "
+            f"| {ratio_text(_div(rh.backends_us_per_request, ng.backends_us_per_request))} |")
+
+    lines += ["", "## Failed requests while each instance is restarted, then SIGKILLed", "",
+              f"LoadProbe ({LOAD_CLIENTS} keep-alive clients, GET /) through the contender; "
+              f"{LOAD_BEFORE} requests before the first action and after the last; after each "
+              f"action the bench waits until the instance is ready and in rotation (rolehost's "
+              f"status) and {SETTLE:g} s more. Both contenders relay to the same instances, "
+              "restarted and killed the same way through rolehost.", "",
+              "| contender | scenario | requests | failed | causes | s with failures | p50 ms "
+              "| p99 ms | max ms | s | what the proxy saw | actions (s until back in rotation) |",
+              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for d in results.disruptions:
+        causes = "; ".join(f"{n} x {c}" for c, n in d.causes.items()) or "-"
+        if d.error:
+            causes += f" **error: {d.error}**"
+        saw = ", ".join(f"{n} x {k}" for k, n in d.proxy_saw.items()) or "-"
+        actions = "; ".join(f"{a.what}: {a.seconds:.2f}" for a in d.actions) or "-"
+        lines.append(f"| {d.contender} | {d.scenario} | {d.requests} | **{d.failures}** "
+                     f"| {causes} | {d.failing_seconds:.2f} | {d.p50_ms:.2f} | {d.p99_ms:.2f} "
+                     f"| {d.max_ms:.0f} "
+                     f"| {d.seconds:.1f} | {saw} | {actions} |")
+    lines += ["", "`s with failures`: the total of the 50 ms slices in which the load saw "
+              "failures (a proxy that fails fast fails many requests in little time). `what the "
+              "proxy saw`: for rolehost, controller events (`retry`: a request re-sent to the "
+              "other instance after its backend failed before answering; `backend_failed`: "
+              "a 502 or a closed client connection; `rotation`: in/out of rotation); for "
+              "nginx, its error log (upstream errors, each retried on the other upstream when "
+              "possible; `no live upstreams`: both taken out by max_fails, an immediate 502)."]
+
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {v} | **{ok}** |" for t, v, ok in targets(results)]
+
+    p = results.profile
+    if p is not None:
+        lines += ["", "## Profile: where the controller's time goes under load", ""]
+        if p.error:
+            lines.append(f"**{p.error}**")
+        if p.samples:
+            lines += [
+                f"py-spy record at {p.rate} Hz for {p.seconds:g} s on the controller while wrk "
+                f"ran through the balancer ({p.rps:.0f} req/s under the profiler; the backends "
+                f"accepted {'?' if p.backend_connections is None else p.backend_connections} "
+                f"connections for {p.requests} requests); "
+                f"{p.samples} on-CPU samples (idle ones left out), "
+                f"{100 * p.samples / (p.rate * p.seconds):.0f} % of the wall time. Shares are "
+                "of on-CPU samples.", "",
+                "Self time includes what a function's C calls and system calls cost (py-spy "
+                "without --native). The inclusive list leaves out the trunk every event-loop "
+                "stack goes through (runpy, click, asyncio.run, run_forever, _run_once, "
+                "Handle._run).", "",
+                "| self time: function | % | | inclusive: function | % |",
+                "| --- | ---: | --- | --- | ---: |"]
+            for a, b in zip(p.self_by_function, p.total_by_function, strict=False):
+                lines.append(f"| `{a[0]}` | {a[1]:.1f} | | `{b[0]}` | {b[1]:.1f} |")
+            lines += ["", "| self time by file | % |", "| --- | ---: |"]
+            lines += [f"| `{f}` | {v:.1f} |" for f, v in p.self_by_file]
+            if p.svg:
+                lines += ["", f"Flame graph: `{p.svg}`"]
+
+    if results.errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in results.errors]
+    lines += ["", "## Cleanup", ""]
+    if results.survivors:
+        lines.append(f"**{len(results.survivors)} process(es) started by the bench survived "
+                     "and were killed:**")
+        lines += [f"- `{x}`" for x in results.survivors]
+    else:
+        lines.append("nginx was stopped (SIGQUIT) and rolehost with `rolehost stop`; no process "
+                     "started by the bench (controller, hosts, nginx master and worker, wrk, "
+                     "py-spy) survived: checked with psutil by environment token, command line "
+                     "and recorded pids.")
+    return "\n".join(lines)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def git_revision() -> str:
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "git unknown"
+    return f"git {done.stdout.strip()}" if done.returncode == 0 else "git unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str]:
+    from importlib.metadata import version
+
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu_model(),
+        "load average at start (1/5/15 min)": load,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "nginx": tool_version(["nginx", "-v"]),
+        "wrk": tool_version(["wrk", "-v"]).split(" Copyright")[0],
+        "httptools": version("httptools"),
+        "rolehost": f"{version('rolehost')} ({git_revision()})",
+        "platform": platform.platform(),
+    }
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """A SIGTERM to the bench runs the `finally:` blocks, so nothing it started leaks."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Results:
+    work = Path(tempfile.mkdtemp(prefix="rh-bal-", dir="/tmp"))  # short: socket path limit
+    script = work / "report.lua"
+    script.write_text(WRK_SCRIPT)
+    rh = Rolehost(work, free_port())
+    nginx: Nginx | None = None
+    results = Results(machine(), {})
+    try:
+        print("starting rolehost...", file=sys.stderr)
+        rh.start()
+        wait_until("every instance ready and in rotation", STARTUP_TIMEOUT, rh.serving, 0.1)
+        status = rh.status()  # `rolehost status --json`
+        ports = [int(i["endpoints"]["http"]["port"]) for i in status["instances"]]
+        nginx = Nginx(work, free_port(), free_port(), ports)
+        print("starting nginx...", file=sys.stderr)
+        nginx.start()
+        assert rh.pid is not None
+        controller = psutil.Process(rh.pid)
+        ng = nginx
+        contenders = {
+            "rolehost": Contender("rolehost", rh.port, lambda: [controller]),
+            "nginx": Contender("nginx", ng.port, ng.processes),
+            "nginx max_fails=0": Contender("nginx max_fails=0", ng.retry_port, ng.processes),
+        }
+        results.settings = {
+            "load generator": " ".join(wrk_argv(0, seconds, Path("report.lua"), pinned))
+            .replace("127.0.0.1:0", "127.0.0.1:PORT"),
+            "order": f"warm-up {WARMUP_SECONDS:g} s each, then {', '.join(ROUNDS)}",
+            "pinning": "wrk on CPU 0 (taskset -c 0); proxies and backends on CPU 1 (taskset -a "
+                       "-p -c 1)" if pinned else "none: the kernel schedules all on both cores",
+            "backends": f"{INSTANCES} instances of a ThreadingHTTPServer role (HTTP/1.1 "
+                        "keep-alive, TCP_NODELAY, listen backlog 128), GET / -> 200, 6-byte "
+                        "body with Content-Length, one write; private ports "
+                        f"{', '.join(map(str, ports))}",
+            "rolehost": f"the built-in balancer (controller pid {rh.pid}) on 127.0.0.1:{rh.port}"
+                        ", round-robin, probe GET /healthz every 500 ms, drain_timeout 10s, "
+                        f"stable_after {STABLE_AFTER:g}s",
+            "nginx": f"{tool_version(['nginx', '-v'])} on 127.0.0.1:{ng.port}: "
+                     + nginx_settings(ports),
+        }
+        throughput(results, contenders, rh, seconds, script, pinned)
+        nginx_done = 0.0  # when the last round through nginx's defaults ended
+        for scenario in ("restart", "SIGKILL"):
+            for name in ("rolehost", "nginx", "nginx max_fails=0"):
+                if name == "nginx":  # its failed upstreams come back after fail_timeout
+                    time.sleep(max(0.0, nginx_done + NGINX_FAIL_TIMEOUT - time.monotonic()))
+                print(f"failures: {scenario} through {name}...", file=sys.stderr)
+                results.disruptions.append(disrupt(contenders[name], scenario, rh, ng))
+                if name == "nginx":
+                    nginx_done = time.monotonic()
+        missed = any(v == "FAIL" for _, _, v in targets(results)[:2])
+        if profile or (profile is None and missed):
+            print("profiling the controller with py-spy...", file=sys.stderr)
+            wait_until("every instance ready and in rotation", READY_TIMEOUT, rh.serving, 0.1)
+            results.profile = profile_balancer(work, rh, rh.port, min(seconds, 12.0), script,
+                                               keep)
+    except Exception as exc:
+        results.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        if nginx is not None:
+            try:
+                nginx.stop()
+            except Exception as exc:
+                results.errors.append(f"nginx stop: {exc}")
+        try:
+            rh.stop()
+        except Exception as exc:
+            results.errors.append(f"rolehost stop: {exc}")
+        results.survivors = kill_ours(work, nginx.pids if nginx else set())
+        results.machine["load average at end (1/5/15 min)"] = " / ".join(
+            f"{x:.2f}" for x in os.getloadavg())
+        if keep:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0,
+                        help="length of each measured wrk run (4 of them; default 15)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--pin", action="store_true",
+                        help="wrk on CPU 0, the proxies and backends on CPU 1 (taskset)")
+    profiling = parser.add_mutually_exclusive_group()
+    profiling.add_argument("--profile", dest="profile", action="store_true", default=None,
+                           help="always profile the controller with py-spy")
+    profiling.add_argument("--no-profile", dest="profile", action="store_false",
+                           help="never profile (default: only when a target is missed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (definition, nginx.conf and logs, the "
+                             "controller's logs, the profile and its flame graph)")
+    args = parser.parse_args()
+    if args.seconds < 2:
+        parser.error("--seconds must be at least 2")
+    for tool in ("nginx", "wrk") + (("taskset",) if args.pin else ()):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian: apt-get install -y nginx wrk)")
+
+    with sigterm_as_exit():
+        results = run(args.seconds, args.pin, args.profile, args.keep)
+    print(markdown(results))
+    if args.json:
+        data = asdict(results)
+        for entry, r in zip(data["wrk"], results.wrk, strict=True):
+            entry.update(proxy_us_per_request=r.proxy_us_per_request,
+                         backends_us_per_request=r.backends_us_per_request)
+        data["summary"] = {c: asdict(sm) for c in ("rolehost", "nginx")
+                           if (sm := results.summary(c)) is not None}
+        data["targets"] = [dict(zip(("target", "measured", "verdict"), t, strict=True))
+                           for t in targets(results)]
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
