@@ -12,6 +12,7 @@ from rolehost.environment import (
     SettingChange,
     SettingNotFound,
     StatusCheck,
+    TopologyChange,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "SettingChange",
     "SettingNotFound",
     "StatusCheck",
+    "TopologyChange",
 ]

@@ -354,15 +354,27 @@ def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
 
 
 def _follow(client: Client) -> None:
-    """Print the walk's progress as it changes until it ends, pauses or halts."""
+    """Show the walk's progress until it ends, pauses or halts: on a terminal, one line
+    per instance redrawn in place; elsewhere, a line per change."""
+    terminal = sys.stdout.isatty()
     shown: dict[str, str] = {}
+    drawn = 0
     while True:
         snapshot = _call(client.walk)
-        for instance, progress in snapshot["progress"].items():
-            if shown.get(instance) != progress:
-                shown[instance] = progress
-                ud = next(n for n, d in enumerate(snapshot["domains"]) if instance in d)
-                click.echo(f"  UD {ud}  {instance:<16} {progress}")
+        rows = [(ud, instance, snapshot["progress"][instance])
+                for ud, domain in enumerate(snapshot["domains"]) for instance in domain]
+        if terminal:
+            if drawn:
+                click.echo(f"\x1b[{drawn}A", nl=False)  # back to the top of the block
+            for ud, instance, progress in rows:
+                marker = "*" if ud == snapshot["domain"] and snapshot["state"] == "running" else " "
+                click.echo(f"\x1b[2K {marker}UD {ud}  {instance:<16} {progress}")
+            drawn = len(rows)
+        else:
+            for ud, instance, progress in rows:
+                if shown.get(instance) != progress:
+                    shown[instance] = progress
+                    click.echo(f"  UD {ud}  {instance:<16} {progress}")
         state = snapshot["state"]
         if state == "succeeded":
             click.echo(f"walk {snapshot['id']}: every update domain done "

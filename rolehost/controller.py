@@ -169,6 +169,8 @@ class Controller:
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
             self.deployment.standby.warm()
+            for instance in self.instances.values():  # each was added knowing only those before
+                instance.topology = self.topology()
             self.running = True
             for instance in self.instances.values():
                 instance.start()
@@ -387,8 +389,22 @@ class Controller:
             instance.output.close()
             del self.instances[instance.id]
         record.instances = [i.id for i in added + removed]
-        self.history.end(record, "succeeded")
+        topology = self.topology()
+        others = [i for i in self.instances.values() if i not in added]
+        results = await asyncio.gather(
+            *(i.change_topology(topology, role_name, cause) for i in others),
+            return_exceptions=True,
+        )
+        errors = [f"{i.id}: {r}" for i, r in zip(others, results, strict=True)
+                  if isinstance(r, BaseException)]
+        self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)
         return record.instances
+
+    def topology(self) -> dict[str, list[str]]:
+        roles: dict[str, list[str]] = {name: [] for name in self.definition.roles}
+        for instance in self.instances.values():
+            roles[instance.role_name].append(instance.id)
+        return roles
 
     def _add_instance(self, role_name: str, role: Role, index: int) -> Instance:
         instance = Instance(self.deployment, role_name, role, index)
@@ -397,6 +413,7 @@ class Controller:
             balancer.add(instance.id, instance.ports[name])
         instance.balancers = balancers
         self.instances[instance.id] = instance
+        instance.topology = self.topology()
         if self.running:
             instance.start()
         return instance

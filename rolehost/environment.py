@@ -134,6 +134,7 @@ class Context:
         settings: dict[str, Any] | None = None,
         endpoints: dict[str, dict[str, Any]] | None = None,
         resources: dict[str, dict[str, Any]] | None = None,
+        topology: dict[str, list[str]] | None = None,
     ) -> None:
         self.instance_id, self.role, self.index = instance_id, role, index
         self.update_domain, self.deployment_id = update_domain, deployment_id
@@ -142,6 +143,7 @@ class Context:
         self.settings: dict[str, Any] = settings or {}
         self.endpoints: dict[str, dict[str, Any]] = endpoints or {}
         self.resources: dict[str, dict[str, Any]] = resources or {}
+        self.topology: dict[str, list[str]] = topology or {}
 
 
 
@@ -167,10 +169,20 @@ class SettingChange(_Record):
         super().__init__(name=name, old=old, new=new)
 
 
+class TopologyChange(_Record):
+    """The instances of `role` changed (a scale out or in)."""
+
+    __slots__ = ("role",)
+    role: str
+
+    def __init__(self, role: str) -> None:
+        super().__init__(role=role)
+
+
 class Changing:
     """Passed to `changing` handlers: call `cancel()` to recycle the instance to apply."""
 
-    def __init__(self, changes: list[SettingChange]) -> None:
+    def __init__(self, changes: list[SettingChange | TopologyChange]) -> None:
         self.changes = changes
         self.cancelled = False
 
@@ -228,6 +240,11 @@ class Environment:
             update_domain=ctx.update_domain,
             endpoints={n: InstanceEndpoint(name=n, **e) for n, e in ctx.endpoints.items()},
         )
+
+    @property
+    def roles(self) -> Mapping[str, list[str]]:
+        """The instance ids of every role of the service, as of the last topology change."""
+        return {role: list(ids) for role, ids in self.context.topology.items()}
 
     @property
     def deployment_id(self) -> str:

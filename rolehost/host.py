@@ -38,6 +38,7 @@ from rolehost.environment import (
     RoleStatus,
     SettingChange,
     StatusCheck,
+    TopologyChange,
 )
 from rolehost.protocol import ExitCode
 
@@ -241,7 +242,7 @@ class Host:
             _thread(self._changed, message)
 
     def _changing(self, message: protocol.Message) -> None:
-        event = Changing([SettingChange(**c) for c in message.get("changes", [])])
+        event = Changing(_changes(message))
         for handler in RoleEnvironment.handlers["changing"]:
             try:
                 self.invoke(handler, event)
@@ -250,7 +251,12 @@ class Host:
         self.channel.send("changing_result", cancel=event.cancelled)
 
     def _changed(self, message: protocol.Message) -> None:
-        changes = RoleEnvironment.apply_settings(dict(message.get("settings", {})))
+        changes: list[Any] = []
+        if "settings" in message:
+            changes += RoleEnvironment.apply_settings(dict(message["settings"]))
+        if "topology" in message:
+            self.context.topology = dict(message["topology"])
+            changes += [TopologyChange(r) for r in message.get("topology_changed", [])]
         for handler in RoleEnvironment.handlers["changed"]:
             try:
                 self.invoke(handler, changes)
@@ -351,6 +357,11 @@ class _StatusLoop:
             return RoleStatus.BUSY, f"status check raised: {error.strip().splitlines()[-1]}"
         reason = "a status check reported busy" if check.status is RoleStatus.BUSY else ""
         return check.status, reason
+
+
+def _changes(message: protocol.Message) -> list[Any]:
+    return [SettingChange(**c) for c in message.get("changes", [])] + [
+        TopologyChange(role) for role in message.get("topology_changed", [])]
 
 
 def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:

@@ -115,6 +115,7 @@ class Instance:
         self.disks = Disks(deployment.run_dir / "instances" / self.id)
         self.ports = {name: _free_port(ep.host) for name, ep in role.endpoints.items()}
         self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
+        self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
 
         self.state = S.CREATED
         self.state_since = time.time()
@@ -457,6 +458,7 @@ class Instance:
                 name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb}
                 for name, spec in self.role.local_resources.items()
             },
+            topology=self.topology,
         )
 
     # What the host says.
@@ -606,34 +608,48 @@ class Instance:
         return self.snapshot()
 
     async def change_settings(self, role: Role, cause: str) -> str:
-        """Offer `role`'s settings to the running host: `changing` handlers may cancel, and
-        the instance recycles to apply them; otherwise they apply now and `changed` is
-        raised. Returns what happened: applied, recycled, or (no host) at the next start."""
+        """Offer `role`'s settings to the running host (see `_offer`)."""
         old, new = self.role.settings, role.settings
         changes = [{"name": k, "old": old.get(k), "new": new.get(k)}
                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        process = self.process
         if not changes:
             return "unchanged"
+        return await self._offer({"changes": changes}, {"settings": dict(role.settings)},
+                                 role, cause)
+
+    async def change_topology(self, topology: dict[str, list[str]], role: str,
+                              cause: str) -> str:
+        """Tell the host that `role`'s instances changed (see `_offer`)."""
+        self.topology = topology
+        return await self._offer({"topology_changed": [role]},
+                                 {"topology": topology, "topology_changed": [role]}, self.role,
+                                 cause)
+
+    async def _offer(self, changing: dict[str, Any], changed: dict[str, Any], role: Role,
+                     cause: str) -> str:
+        """`changing` handlers may cancel, and the instance recycles to apply the change;
+        otherwise it applies now and `changed` is raised. Returns what happened:
+        applied, recycled, or (no running host) at the next start."""
+        process = self.process
         if process is None or not process.running or self.state not in (S.READY, S.BUSY):
             self.role = role
             return "applied at the next start"
         self._changing = asyncio.get_running_loop().create_future()
-        process.send({"type": "changing", "changes": changes})
+        process.send({"type": "changing", **changing})
         try:
             cancel = await asyncio.wait_for(self._changing, CHANGING_TIMEOUT)
         except TimeoutError:
             cancel = True  # no answer: apply by recycling, which needs none
         finally:
             self._changing = None
-        log.info("settings_changing", instance=self.id, cause=cause,
-                 changes=[c["name"] for c in changes], cancelled=cancel)
+        log.info("changing", instance=self.id, cause=cause, cancelled=cancel,
+                 changes=[c["name"] for c in changing.get("changes", [])]
+                 + [f"topology of {r}" for r in changing.get("topology_changed", [])])
         if cancel:
-            await self.maintain(Maintenance.RECYCLE, f"settings change: {cause}", wait=True,
-                                role=role)
+            await self.maintain(Maintenance.RECYCLE, f"change: {cause}", wait=True, role=role)
             return "recycled"
         self.role = role
-        process.send({"type": "changed", "settings": dict(role.settings)})
+        process.send({"type": "changed", **changed})
         return "applied"
 
     def _endpoint_status(self, name: str) -> dict[str, Any]:
