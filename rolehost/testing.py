@@ -410,3 +410,166 @@ class LoadProbe:
                 "causes": sorted(set(self.failures)),
                 "p50_ms": round(self.percentile(50) * 1000, 2),
                 "p99_ms": round(self.percentile(99) * 1000, 2)}
+
+
+class RoleRun:
+    """One role run in this process on temporary folders: see `run_role`."""
+
+    def __init__(
+        self,
+        cls: type[Any],
+        settings: Mapping[str, Any] | None = None,
+        resources: Mapping[str, int] | None = None,
+        role: str = "role",
+        index: int = 0,
+        endpoints: Mapping[str, int] | None = None,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        import asyncio
+
+        from rolehost.environment import Context, RoleEnvironment
+
+        self.folder = Path(tempfile.mkdtemp(prefix="rolehost-role-"))
+        for sub in ("app", "os/tmp", *(f"resources/{n}" for n in resources or {})):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self.context = Context(
+            instance_id=f"{role}_IN_{index}", role=role, index=index, update_domain=0,
+            deployment_id="local", entry_point=f"{cls.__module__}:{cls.__qualname__}",
+            app_dir=str(self.folder / "app"), os_dir=str(self.folder / "os"),
+            stop_timeout=stop_timeout, status_check_interval=1.0,
+            settings=dict(settings or {}),
+            endpoints={n: {"host": "127.0.0.1", "port": p, "protocol": "http"}
+                       for n, p in (endpoints or {}).items()},
+            resources={n: {"path": str(self.folder / "resources" / n), "size_mb": size}
+                       for n, size in (resources or {}).items()},
+            topology={role: [f"{role}_IN_{index}"]},
+        )
+        self.environment = RoleEnvironment
+        self.recycle_requested: str | None = None
+        RoleEnvironment.bind(self.context, self)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop_thread.start()
+        self._run: Any = None  # a thread (sync run) or the asyncio task (async run)
+        self._run_over = threading.Event()
+        self._run_asked = False
+        self.stopped = self._closed = False
+        self.role = cls()
+
+    def __enter__(self) -> RoleRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, fn: Any, *args: Any, timeout: float = 30.0) -> Any:
+        """Call user code as the host does: a coroutine runs on the role's event loop."""
+        import asyncio
+
+        result = fn(*args)
+        if hasattr(result, "__await__"):
+            return asyncio.run_coroutine_threadsafe(result, self._loop).result(timeout)
+        return result
+
+    def start(self) -> bool:
+        """on_start(); True if it returned a true value."""
+        return bool(self.call(self.role.on_start))
+
+    def run(self) -> None:
+        """Start run() (sync or async) in the background, as the host does after on_start."""
+        import asyncio
+        import inspect
+
+        self._run_asked = True
+        if inspect.iscoroutinefunction(self.role.run):
+            async def tracked() -> None:
+                self._run = asyncio.current_task()
+                try:
+                    await self.role.run()
+                finally:
+                    self._run_over.set()
+
+            asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        else:
+            self._run = threading.Thread(target=self.role.run, daemon=True)
+            self._run.start()
+
+    def status(self) -> str:
+        """Ask the status-check handlers, as the host does: "ready" or "busy"."""
+        from rolehost.environment import RoleStatus, StatusCheck
+
+        check = StatusCheck()
+        for handler in self.environment.handlers["status_check"]:
+            if self.call(handler, check) in (RoleStatus.BUSY, "busy"):
+                check.busy()
+        return check.status.value
+
+    def change_settings(self, **settings: Any) -> bool:
+        """Offer new settings: True if a `changing` handler cancelled (the host would
+        then recycle); otherwise they apply and the `changed` handlers run."""
+        from rolehost.environment import Changing, SettingChange
+
+        old = self.context.settings
+        event = Changing([SettingChange(k, old.get(k), v) for k, v in settings.items()
+                          if old.get(k) != v])
+        for handler in self.environment.handlers["changing"]:
+            self.call(handler, event)
+        if event.cancelled:
+            return True
+        changes = self.environment.apply_settings({**old, **settings})
+        for handler in self.environment.handlers["changed"]:
+            self.call(handler, changes)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.environment.mark_stopping()
+        for handler in self.environment.handlers["stopping"]:
+            self.call(handler, timeout=timeout)
+        if self._run_asked and self._run is None:  # an async run() not on the loop yet
+            wait_until(lambda: self._run, timeout, "the async run() to begin")
+        if self._run is not None and not isinstance(self._run, threading.Thread):
+            self._loop.call_soon_threadsafe(self._run.cancel)  # as the host: cancel, await
+            self._run_over.wait(timeout)
+        self.call(self.role.on_stop, timeout=timeout)
+        if isinstance(self._run, threading.Thread):
+            self._run.join(timeout)
+
+    def request_recycle(self, reason: str) -> None:
+        self.recycle_requested = reason
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.stop()
+        finally:
+            self.environment.unbind()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5)
+            self._loop.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_role(
+    cls: type[Any],
+    settings: Mapping[str, Any] | None = None,
+    resources: Mapping[str, int] | None = None,
+    **options: Any,
+) -> RoleRun:
+    """Run one role in this process, with a real `RoleEnvironment` on temporary folders,
+    for fast tests of on_start, run, on_stop and event handlers without a controller:
+
+        with run_role(Worker, settings={"greeting": "hi"}, resources={"cache": 10}) as r:
+            assert r.start()
+            r.run()
+            assert r.status() == "ready"
+            r.stop()
+
+    `resources` maps local-resource names to their size_mb.
+    """
+    return RoleRun(cls, settings, resources, **options)

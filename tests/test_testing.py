@@ -1,0 +1,100 @@
+"""rolehost.testing's in-process runner and the pytest plugin's fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rolehost import RoleEntryPoint, RoleEnvironment, StatusCheck
+from rolehost.testing import ServiceHarness
+
+
+class Worker(RoleEntryPoint):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.beats = threading.Event()
+
+    def on_start(self) -> bool:
+        self.greeting = RoleEnvironment.get_setting("greeting")
+        self.cache = RoleEnvironment.local_resource("cache").path
+        RoleEnvironment.on_stopping(lambda: self.calls.append("stopping"))
+        RoleEnvironment.on_status_check(self.check)
+        RoleEnvironment.on_changing(lambda e: e.cancel() if e.changes[0].name == "db" else None)
+        RoleEnvironment.on_changed(lambda changes: self.calls.append(f"changed {changes[0].name}"))
+        self.calls.append("on_start")
+        return True
+
+    def check(self, status: StatusCheck) -> None:
+        if not (self.cache / "warm").exists():
+            status.busy()
+
+    def run(self) -> None:
+        (self.cache / "warm").touch()
+        self.beats.set()
+        RoleEnvironment.wait_for_stop()
+        self.calls.append("run ended")
+
+    def on_stop(self) -> None:
+        self.calls.append("on_stop")
+
+
+class AsyncWorker(RoleEntryPoint):
+    async def on_start(self) -> bool:
+        self.cancelled = False
+        return True
+
+    async def run(self) -> None:
+        try:
+            await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def test_run_role_drives_a_role_in_process(rolehost_role: Any) -> None:
+    with rolehost_role(Worker, settings={"greeting": "hi", "db": "a"},
+                       resources={"cache": 10}) as run:
+        assert run.start()
+        assert run.role.greeting == "hi" and run.role.cache.is_dir()
+        assert RoleEnvironment.current_instance.id == "role_IN_0"
+        assert run.status() == "busy"
+        run.run()
+        assert run.role.beats.wait(5)
+        assert run.status() == "ready"
+        assert run.change_settings(greeting="hello") is False
+        assert RoleEnvironment.get_setting("greeting") == "hello"
+        assert run.change_settings(db="b") is True  # cancelled: the host would recycle
+        RoleEnvironment.request_recycle()
+        assert run.recycle_requested == "request_recycle() called"
+        run.stop()
+        assert run.role.calls == ["on_start", "changed greeting", "stopping", "on_stop",
+                                  "run ended"]
+    assert not RoleEnvironment.is_available
+
+
+def test_run_role_cancels_an_async_run(rolehost_role: Any) -> None:
+    run = rolehost_role(AsyncWorker)
+    assert run.start()
+    run.run()
+    run.stop()
+    assert run.role.cancelled
+
+
+HELLO = Path(__file__).parent.parent / "samples" / "hello" / "rolehost.toml"
+
+
+@pytest.mark.rolehost(str(HELLO))
+def test_the_service_fixture_runs_the_marked_definition(rolehost_service: ServiceHarness) -> None:
+    status = rolehost_service.wait_ready(timeout=30)
+    assert [i["id"] for i in status["instances"]] == ["worker_IN_0", "worker_IN_1"]
+
+
+def test_a_role_stopped_before_run_stops_at_once(rolehost_role: Any) -> None:
+    run = rolehost_role(AsyncWorker)
+    assert run.start()
+    run.stop(timeout=5)  # run() was never started: nothing to cancel or wait for
+    assert not run.role.cancelled
