@@ -1,0 +1,36 @@
+"""A queue worker that loses no message and does none twice, whatever stops it."""
+
+import time
+
+import durable_queue
+from rolehost import RoleEntryPoint, RoleEnvironment
+
+
+class QueueWorker(RoleEntryPoint):
+    def on_start(self) -> bool:
+        self.me = RoleEnvironment.current_instance.id
+        self.db = durable_queue.connect(RoleEnvironment.get_setting("queue"))
+        self.work_seconds = float(RoleEnvironment.get_setting("work_seconds"))
+        # A previous incarnation of this instance may have been killed holding a message:
+        # it left no effect (that commits with the done mark), so it can go out again.
+        returned = durable_queue.release(self.db, self.me)
+        print(f"{self.me}: started, {returned} message(s) returned from before")
+        return True
+
+    def run(self) -> None:
+        while not RoleEnvironment.is_stopping:
+            message = durable_queue.claim(self.db, self.me)
+            if message is None:
+                RoleEnvironment.wait_for_stop(0.05)
+                continue
+            time.sleep(self.work_seconds)  # the work itself
+            if RoleEnvironment.is_stopping:
+                break  # on_stop hands it back: finishing might outlast the stop
+            durable_queue.complete(self.db, message[0], self.me)
+
+    def on_stop(self) -> None:
+        # on_stop runs on another thread than run(): a connection of its own.
+        db = durable_queue.connect(RoleEnvironment.get_setting("queue"))
+        returned = durable_queue.release(db, self.me)
+        db.close()
+        print(f"{self.me}: stopping, {returned} message(s) handed back")
