@@ -3,6 +3,7 @@
 import time
 
 import durable_queue
+
 from rolehost import RoleEntryPoint, RoleEnvironment
 
 
