@@ -121,6 +121,20 @@ class ServiceHarness:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
 
+    async def __aenter__(self) -> ServiceHarness:
+        """The async variant: the blocking work runs on a worker thread."""
+        import asyncio
+
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.__exit__, kind, exc, tb)
+
     def start(self) -> None:
         self.run_dir.ensure()
         with open(self.run_dir.console_log, "ab") as out:

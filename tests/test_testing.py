@@ -98,3 +98,12 @@ def test_a_role_stopped_before_run_stops_at_once(rolehost_role: Any) -> None:
     assert run.start()
     run.stop(timeout=5)  # run() was never started: nothing to cancel or wait for
     assert not run.role.cancelled
+
+
+def test_the_harness_has_an_async_variant() -> None:
+    async def rehearse() -> list[str]:
+        async with ServiceHarness(HELLO) as service:
+            status = await asyncio.to_thread(service.wait_ready, 30)
+            return [i["state"] for i in status["instances"]]
+
+    assert asyncio.run(rehearse()) == ["ready", "ready"]
