@@ -45,26 +45,26 @@ import tempfile
 import textwrap
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
+from common import (
+    BenchError,
+    Controller,
+    child_env,
+    kill_ours,
+    machine,
+    sigterm_as_exit,
+    verdict,
+    wait_until,
+)
 
-from rolehost.client import Client
-from rolehost.rundir import RunDir
 from rolehost.testing import LoadProbe
-
-T = TypeVar("T")
-
-# Every process the bench starts inherits this variable; its value is unique per run.
-TOKEN_ENV = "ROLEHOST_BENCH_TOKEN"
-TOKEN = uuid.uuid4().hex
 
 INSTANCES = 2
 WRK_THREADS = 2
@@ -79,7 +79,6 @@ STABLE_AFTER = 1.0  # [service] stable_after: a kill after this long restarts at
 STARTUP_TIMEOUT = 60.0  # the controller up and every instance ready and in rotation
 READY_TIMEOUT = 30.0  # an instance ready and in rotation again after a restart or a kill
 RESTART_TIMEOUT = 60.0  # one `rolehost restart --wait`
-STOP_TIMEOUT = 60.0
 NGINX_TIMEOUT = 15.0  # nginx up and answering, or gone after SIGQUIT
 LOAD_TIMEOUT = 30.0  # LoadProbe reaching a request count
 WRK_GRACE = 30.0  # on top of --seconds, before a wrk run is called hung
@@ -157,26 +156,6 @@ WRK_SCRIPT = textwrap.dedent("""\
         latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
     end
     """)
-
-
-class BenchError(RuntimeError):
-    """One measurement could not be completed (a deadline passed, a tool failed)."""
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, TOKEN_ENV: TOKEN}
-
-
-def wait_until(what: str, timeout: float, check: Callable[[], T | None], every: float = 0.05) -> T:
-    """Poll `check` until it returns something other than None; BenchError at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
 
 
 def free_port() -> int:
@@ -319,39 +298,16 @@ class Results:
 # Process hygiene.
 
 
-def ours(work: Path, extra: set[int]) -> list[psutil.Process]:
-    """Live processes of this run: the token in their environment, a command line naming
-    the work folder (nginx rewrites its workers' environment and title), or a pid we
-    recorded (nginx's master and workers)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if (proc.pid in extra and "nginx" in cmdline) or str(work) in cmdline \
-                    or proc.environ().get(TOKEN_ENV) == TOKEN:
-                found.append(proc)
-        except psutil.Error:
-            continue  # gone, or not ours to read
-    return found
+def ours_too(work: Path, nginx_pids: set[int]) -> Callable[[psutil.Process], bool]:
+    """Processes of this run without the token: nginx rewrites its workers' environment and
+    title, so a command line naming the work folder, or a pid we recorded (nginx's master
+    and workers)."""
 
+    def match(proc: psutil.Process) -> bool:
+        cmdline = " ".join(proc.cmdline())
+        return (proc.pid in nginx_pids and "nginx" in cmdline) or str(work) in cmdline
 
-def kill_ours(work: Path, extra: set[int]) -> list[str]:
-    """SIGKILL whatever is left of ours after a short grace; describe what was killed."""
-    deadline = time.monotonic() + 5.0
-    while (left := ours(work, extra)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = []
-    for proc in left:
-        try:
-            killed.append(f"{proc.pid} {' '.join(proc.cmdline())}")
-            proc.kill()
-        except psutil.Error:
-            continue
-    return killed
+    return match
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -373,17 +329,15 @@ def pin(pids: list[int], cpus: str) -> None:
 # rolehost.
 
 
-class Rolehost:
+class Rolehost(Controller):
     """The service under test: a controller over a generated two-instance definition."""
 
     def __init__(self, work: Path, port: int) -> None:
-        self.root = work / "rolehost"
-        app = self.root / "app"
+        app = work / "rolehost" / "app"
         app.mkdir(parents=True)
         (app / "web_role.py").write_text(ROLE)
         self.port = port
-        self.definition = self.root / "rolehost.toml"
-        self.definition.write_text(textwrap.dedent(f"""\
+        super().__init__(work / "rolehost", textwrap.dedent(f"""\
             [service]
             name = "balbench"
             upgrade_domains = {INSTANCES}
@@ -399,36 +353,13 @@ class Rolehost:
             port = {port}
             drain_timeout = "10s"
             probe = {{ path = "/healthz", interval = "500ms", timeout = "1s", healthy = 1, unhealthy = 2 }}
-            """))  # noqa: E501
-        self.run_dir = self.root / "run"  # short, for the Unix socket path limit
-        self.client = Client(RunDir.for_definition(self.definition, self.run_dir).socket, 10.0)
-        self.pid: int | None = None
-
-    def cli(self, *args: str, timeout: float) -> str:
-        argv = [sys.executable, "-m", "rolehost", *args, "-f", str(self.definition),
-                "--run-dir", str(self.run_dir)]
-        try:
-            done = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
-                                  timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"`rolehost {' '.join(args)}` took over {timeout:g}s") from exc
-        if done.returncode != 0:
-            raise BenchError(f"`rolehost {' '.join(args)}` failed: {done.stderr.strip()}")
-        return done.stdout
-
-    def start(self) -> None:
-        self.cli("start", "--detach", timeout=STARTUP_TIMEOUT)
-        self.pid = int(self.status()["pid"])
+            """), client_timeout=10.0)  # noqa: E501
 
     def status(self) -> dict[str, Any]:
-        """`rolehost status --json`, as the brief asks the ports be read."""
+        """`rolehost status --json`, as the brief asks the ports be read (`instances` asks
+        the control API directly: cheaper for polling)."""
         status: dict[str, Any] = json.loads(self.cli("status", "--json", timeout=30))
         return status
-
-    def instances(self) -> list[dict[str, Any]]:
-        """The same, through the control API directly: cheaper for polling."""
-        instances: list[dict[str, Any]] = self.client.status()["instances"]
-        return instances
 
     def serving(self) -> list[dict[str, Any]] | None:
         """The instances, once each is ready, in rotation and has been ready STABLE_AFTER."""
@@ -453,15 +384,6 @@ class Rolehost:
     def last_seq(self) -> int:
         events = self.client.events(0)
         return int(events[-1]["seq"]) if events else 0
-
-    def stop(self) -> None:
-        """`rolehost stop`; if that fails, the controller is killed (its hosts follow)."""
-        try:
-            self.cli("stop", timeout=STOP_TIMEOUT)
-        except BenchError:
-            if self.pid is not None and psutil.pid_exists(self.pid):
-                os.kill(self.pid, signal.SIGKILL)
-            raise
 
 
 # nginx.
@@ -884,10 +806,6 @@ def num(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("pass" if ok else "FAIL")
-
-
 def targets(results: Results) -> list[tuple[str, str, str]]:
     rh, ng = results.summary("rolehost"), results.summary("nginx")
     rps = rh.rps / ng.rps if rh and ng and ng.rps else None
@@ -1052,15 +970,6 @@ def tool_version(argv: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
-def git_revision() -> str:
-    try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return "git unknown"
-    return f"git {done.stdout.strip()}" if done.returncode == 0 else "git unknown"
-
-
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1069,35 +978,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> dict[str, str]:
+def machine_details() -> dict[str, str]:
+    """What `machine` lists between the core count and rolehost."""
     from importlib.metadata import version
 
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return {
-        "nproc": str(os.cpu_count()),
         "cpu": cpu_model(),
         "load average at start (1/5/15 min)": load,
         "python": f"{platform.python_version()} ({sys.executable})",
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]).split(" Copyright")[0],
         "httptools": version("httptools"),
-        "rolehost": f"{version('rolehost')} ({git_revision()})",
-        "platform": platform.platform(),
     }
-
-
-@contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """A SIGTERM to the bench runs the `finally:` blocks, so nothing it started leaks."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Results:
@@ -1106,10 +999,10 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Resul
     script.write_text(WRK_SCRIPT)
     rh = Rolehost(work, free_port())
     nginx: Nginx | None = None
-    results = Results(machine(), {})
+    results = Results(machine(machine_details()), {})
     try:
         print("starting rolehost...", file=sys.stderr)
-        rh.start()
+        rh.start(STARTUP_TIMEOUT)
         wait_until("every instance ready and in rotation", STARTUP_TIMEOUT, rh.serving, 0.1)
         status = rh.status()  # `rolehost status --json`
         ports = [int(i["endpoints"]["http"]["port"]) for i in status["instances"]]
@@ -1168,7 +1061,7 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Resul
             rh.stop()
         except Exception as exc:
             results.errors.append(f"rolehost stop: {exc}")
-        results.survivors = kill_ours(work, nginx.pids if nginx else set())
+        results.survivors = kill_ours(also=ours_too(work, nginx.pids if nginx else set()))
         results.machine["load average at end (1/5/15 min)"] = " / ".join(
             f"{x:.2f}" for x in os.getloadavg())
         if keep:

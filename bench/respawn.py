@@ -36,24 +36,24 @@ import sys
 import tempfile
 import textwrap
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
-
-from rolehost.client import Client
-from rolehost.rundir import RunDir
-
-T = TypeVar("T")
-
-# Every process the bench starts inherits this variable; its value is unique per run.
-TOKEN_ENV = "ROLEHOST_BENCH_TOKEN"
-TOKEN = uuid.uuid4().hex
+from common import (
+    STOP_TIMEOUT,
+    BenchError,
+    Controller,
+    child_env,
+    kill_ours,
+    machine,
+    sigterm_as_exit,
+    verdict,
+    wait_until,
+)
 
 STABLE_AFTER = 0.5  # rolehost's [service] stable_after, in seconds
 # Kill only once the instance has been ready this much longer than stable_after: the
@@ -64,7 +64,6 @@ STABLE_MARGIN = 0.1
 JITTER = 1.0
 RESPAWN_TIMEOUT = 15.0  # one kill -> datagram
 STARTUP_TIMEOUT = 90.0  # a controller or supervisord up, all its children running
-STOP_TIMEOUT = 60.0
 IDLE_INSTANCES = 10
 RSS_SAMPLE_INTERVAL = 0.5
 
@@ -76,26 +75,6 @@ TARGET_IDLE_RSS_MB = 60.0
 SUPERVISORD_SETTINGS = (
     "autorestart=true, startsecs=0, startretries=3, stdout to a log file, loglevel=info"
 )
-
-
-class BenchError(RuntimeError):
-    """One measurement could not be completed (a deadline passed, a tool failed)."""
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, TOKEN_ENV: TOKEN}
-
-
-def wait_until(what: str, timeout: float, check: Callable[[], T | None], every: float = 0.02) -> T:
-    """Poll `check` until it returns something other than None; BenchError at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(every)
 
 
 # The probe: what every measured program reports to.
@@ -233,36 +212,6 @@ class Results:
 # Process hygiene.
 
 
-def ours() -> list[psutil.Process]:
-    """Live processes carrying this run's token: everything the bench started, and theirs."""
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TOKEN_ENV) == TOKEN:
-                found.append(proc)
-        except psutil.Error:
-            continue  # gone, or not ours to read
-    return found
-
-
-def kill_ours() -> list[str]:
-    """SIGKILL whatever is left of ours after a short grace; describe what was killed."""
-    # A stopped controller's or supervisord's children may still be on their way out.
-    deadline = time.monotonic() + 5.0
-    while (left := ours()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = []
-    for proc in left:
-        try:
-            killed.append(f"{proc.pid} {' '.join(proc.cmdline())}")
-            proc.kill()
-        except psutil.Error:
-            continue
-    return killed
-
-
 def end(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM a child, SIGKILL it if it lingers, and reap it."""
     if popen.poll() is None:
@@ -277,16 +226,14 @@ def end(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 # rolehost.
 
 
-class Rolehost:
+class Rolehost(Controller):
     """A rolehost controller over a generated definition, in the bench's work folder."""
 
     def __init__(self, work: Path, name: str, role: str, instances: int, port: int) -> None:
-        self.root = work / name
-        app = self.root / "app"
+        app = work / name / "app"
         app.mkdir(parents=True)
         (app / "probe_role.py").write_text(probe_role(port))
-        self.definition = self.root / "rolehost.toml"
-        self.definition.write_text(textwrap.dedent(f"""\
+        super().__init__(work / name, textwrap.dedent(f"""\
             [service]
             name = "{name}"
             stable_after = "{STABLE_AFTER:g}s"
@@ -296,44 +243,11 @@ class Rolehost:
             app = "app"
             instances = {instances}
             stop_timeout = "10s"
-            """))
-        # Outside app/, so it is not deployed; short, for the Unix socket path limit.
-        self.run_dir = self.root / "run"
-        self.client = Client(RunDir.for_definition(self.definition, self.run_dir).socket, 5.0)
-        self.pid: int | None = None
-
-    def cli(self, *args: str, timeout: float) -> str:
-        argv = [sys.executable, "-m", "rolehost", *args, "-f", str(self.definition),
-                "--run-dir", str(self.run_dir)]
-        try:
-            done = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
-                                  timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"`rolehost {args[0]}` took over {timeout:g}s") from exc
-        if done.returncode != 0:
-            raise BenchError(f"`rolehost {args[0]}` failed: {done.stderr.strip()}")
-        return done.stdout
-
-    def start(self) -> None:
-        self.cli("start", "--detach", timeout=STARTUP_TIMEOUT)
-        self.pid = int(self.client.status()["pid"])
-
-    def instances(self) -> list[dict[str, Any]]:
-        instances: list[dict[str, Any]] = self.client.status()["instances"]
-        return instances
+            """), client_timeout=5.0)
 
     def all_ready(self) -> list[dict[str, Any]] | None:
         instances = self.instances()
         return instances if all(i["state"] == "ready" for i in instances) else None
-
-    def stop(self) -> None:
-        """`rolehost stop`; if that fails, the controller and its hosts are killed."""
-        try:
-            self.cli("stop", timeout=STOP_TIMEOUT)
-        except BenchError:
-            if self.pid is not None and psutil.pid_exists(self.pid):
-                os.kill(self.pid, signal.SIGKILL)  # its hosts see EOF and take themselves down
-            raise
 
     def events(self) -> list[dict[str, Any]]:
         path = self.run_dir / "logs" / "controller.log"
@@ -371,7 +285,7 @@ def bench_rolehost(work: Path, probe: Probe, kills: int, rng: random.Random) -> 
     rh = Rolehost(work, "respawn", "probe", 1, probe.port)
     kill_times: list[tuple[int, float, float]] = []  # (pid, killed at, replacement reported)
     try:
-        rh.start()
+        rh.start(STARTUP_TIMEOUT)
         killed: int | None = None
         for _ in range(kills):
             pid = stable_pid(rh, probe, killed)
@@ -436,7 +350,7 @@ def idle_rolehost(work: Path, probe: Probe, seconds: float) -> Idle:
     result = Idle("rolehost controller")
     rh = Rolehost(work, "idle", "idle", IDLE_INSTANCES, probe.port)
     try:
-        rh.start()
+        rh.start(STARTUP_TIMEOUT)
         instances = wait_until(f"{IDLE_INSTANCES} ready rolehost instances", STARTUP_TIMEOUT,
                                rh.all_ready, 0.2)
         assert rh.pid is not None
@@ -475,7 +389,7 @@ def sample_idle(result: Idle, pid: int, children: list[int], seconds: float) -> 
 
 def supervisor_version() -> str | None:
     try:
-        from supervisor.options import VERSION
+        from supervisor.options import VERSION  # type: ignore[import-untyped]
     except ImportError:
         return None
     return str(VERSION)
@@ -539,7 +453,7 @@ class Supervisord:
         call (the socket not there yet) leaves unusable."""
         from xmlrpc.client import ServerProxy
 
-        from supervisor.xmlrpc import SupervisorTransport
+        from supervisor.xmlrpc import SupervisorTransport  # type: ignore[import-untyped]
 
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")
         return ServerProxy("http://127.0.0.1", transport=transport)
@@ -641,10 +555,6 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("pass" if ok else "FAIL")
-
-
 def targets(results: Results) -> list[tuple[str, str, str]]:
     by_name = {r.name: r for r in results.respawn}
     rh, sv, floor = (by_name.get(n) for n in ("rolehost", "supervisord", "bare spawn"))
@@ -721,44 +631,9 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {
-        "nproc": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "supervisord": supervisor_version() or "not installed",
-        "rolehost": f"{version('rolehost')} ({git_revision()})",
-        "platform": platform.platform(),
-    }
-
-
-def git_revision() -> str:
-    """The commit measured, and whether the tree had changes: runs are compared by it."""
-    try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return "git unknown"
-    return f"git {done.stdout.strip()}" if done.returncode == 0 else "git unknown"
-
-
-@contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """A SIGTERM to the bench runs the `finally:` blocks, so nothing it started leaks."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(kills: int, idle_seconds: float, keep: bool) -> Results:
-    results = Results(machine(), kills)
+    results = Results(machine({"python": platform.python_version(),
+                                "supervisord": supervisor_version() or "not installed"}), kills)
     rng = random.Random(1)  # the same pauses before kills on every run
     has_supervisor = supervisor_version() is not None
     # Short: the control socket's path must fit a sockaddr_un.
