@@ -33,6 +33,16 @@ from rolehost.definition import OncePer, Role, StartupTask, TaskContext, TaskTyp
 from rolehost.disks import Disks
 from rolehost.process import _Lines, watch_exit
 
+
+def describe_exit(code: int) -> str:
+    """A task's end in words: `exited with 3`, or `killed by SIGKILL`."""
+    if code >= 0:
+        return f"exited with {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
 log = structlog.get_logger()
 TAIL_LINES = 20
 MARKERS = ".rolehost-markers"
@@ -170,7 +180,7 @@ class Tasks:
             self.log.info("task_succeeded", task=run.label, seconds=seconds)
             return
         run.state = "failed"
-        run.reason = run.reason or f"exited with {code}"
+        run.reason = run.reason or describe_exit(code)
         self.log.error("task_failed", task=run.label, reason=run.reason,
                   tail=list(run.tail)[-3:], type=run.task.type.value)
 
@@ -218,12 +228,16 @@ class Tasks:
     def _kill(run: TaskRun) -> None:
         if run.pid is None:
             return
+        # The whole group first: a shell waiting on its children must not get to exit 0
+        # between their death and its own (a timed-out task once reported exit code 0).
+        descendants = []
         with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(run.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
+            descendants = psutil.Process(run.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.pid, signal.SIGKILL)
+        for child in descendants:  # those that left the group
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [r.snapshot() for r in self.runs]

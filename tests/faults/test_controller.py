@@ -1,0 +1,92 @@
+"""Faults 18 and 20: a second controller on the same run directory; an instance that
+floods its output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import MakeService
+from faultkit import Bystander, role, timed_status
+
+from rolehost import logs
+from rolehost.testing import wait_until
+
+
+def test_second_controller_on_the_same_run_directory(make_service: MakeService) -> None:
+    service = make_service(role("class Role(RoleEntryPoint): pass"), instances=2)
+    with service.harness() as h:
+        h.wait_ready(30)
+        bystander = Bystander(h, "web/0")
+        assert h.controller is not None
+        second = subprocess.run(
+            [sys.executable, "-m", "rolehost", "start", "-f", str(service.toml),
+             "--run-dir", str(h.run_dir.path), "--no-console"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert second.returncode == 1, second
+        assert second.stderr.strip() == (
+            f"rolehost: another controller (pid {h.controller.pid}) is already running on "
+            f"{h.run_dir.path}"), second.stderr
+        # The first one never noticed: same instances, same socket, same lock.
+        bystander.check()
+        assert h.status()["pid"] == h.controller.pid
+        assert h.run_dir.holder() == h.controller.pid
+        assert h.controller.poll() is None
+
+
+FLOOD = """
+class Role(RoleEntryPoint):
+    def run(self):
+        if not faulty():
+            return RoleEnvironment.wait_for_stop()
+        line = b"x" * 1023 + b"\\n"
+        block = line * 1024  # 1 MiB
+        written, began = 0, time.monotonic()
+        while not RoleEnvironment.is_stopping:
+            os.write(1, block)
+            written += len(block)
+            # about 100 MB/s: ahead of schedule, wait
+            ahead = written / 100e6 - (time.monotonic() - began)
+            if ahead > 0:
+                time.sleep(ahead)
+            if written % (50 * len(block)) == 0:
+                with open(RoleEnvironment.get_setting("probe") + ".written", "w") as f:
+                    f.write(str(written))
+"""
+
+
+@pytest.mark.slow
+def test_output_flood(make_service: MakeService) -> None:
+    service = make_service(role(FLOOD), instances=2, role={"stop_timeout": "5s"})
+    written = service.probe.parent / "probe.txt.written"
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        wait_until(written.exists, 10, "the flood to begin")
+        assert h.controller is not None
+        controller = psutil.Process(h.controller.pid)
+        start = int(written.read_text())
+        baseline, rss, latencies = controller.memory_info().rss, [], []
+        began = time.monotonic()
+        while time.monotonic() - began < 5:  # the passing of time is what is measured
+            rss.append(controller.memory_info().rss)
+            latencies.append(timed_status(h))
+            time.sleep(0.1)
+        rate = (int(written.read_text()) - start) / (time.monotonic() - began) / 1e6
+        print(f"flood {rate:.0f} MB/s, controller RSS {baseline / 1e6:.0f} MB then up to "
+              f"{max(rss) / 1e6:.0f} MB, status max {max(latencies) * 1000:.1f} ms")
+        assert rate > 30, f"the flood ran at {rate:.0f} MB/s only"
+        grown = (max(rss) - baseline) / 1e6
+        assert grown < 50, f"the controller's RSS grew by {grown:.0f} MB"
+        assert max(latencies) < 1.0, f"a status call took {max(latencies) * 1000:.0f} ms"
+        log = Path(h.instance("web/0")["log"])
+        files = sorted(log.parent.glob(log.name + "*"))
+        assert [f.name for f in files] == [log.name + s for s in ("", ".1", ".2", ".3")]
+        for f in files:  # one write past the limit at most: rotation happens before one
+            assert f.stat().st_size <= logs.MAX_BYTES + 1024 * 1024, f
+        bystander.check()

@@ -1,0 +1,104 @@
+"""Faults 5-7: a role that hangs where a deadline applies, or will not hear signals."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import MakeService
+from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
+
+from rolehost.testing import wait_until
+
+
+def test_on_start_hangs_past_the_ready_deadline(make_service: MakeService) -> None:
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                if faulty():
+                    self.child = subprocess.Popen(["sleep", "600"])
+                    probe("on_start:hanging")
+                    time.sleep(600)
+                return True
+        """), instances=2, service={**FAST, "ready_deadline": "2s"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        service.wait_probe("on_start:hanging web_IN_0")
+        old = wait_pids(h, "web/0", 2)
+        row = h.wait_state("web/0", "failed", 10)
+        assert row["reason"] == row["last_error"] == (
+            "waiting for host: not ready within the ready deadline (2s); it was starting")
+        assert row["pid"] is None and row["next_try"] is None
+        wait_gone(old)
+        (failed,) = state_events(h, "web_IN_0", "failed")
+        assert failed["previous"] == "starting"
+        assert any(e["event"] == "ready_deadline_missed" for e in h.events())
+        assert service.count("on_start:hanging") == 1  # failed is final: no retry
+        bystander.check()
+
+
+def test_on_stop_hangs_past_stop_timeout(make_service: MakeService) -> None:
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                self.child = subprocess.Popen(["sleep", "600"])
+                return True
+            def on_stop(self):
+                if faulty() and once("stop"):
+                    probe("on_stop:hanging")
+                    time.sleep(600)
+        """), instances=2, service=FAST, role={"stop_timeout": "1s"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        old = instance_pids(h, "web/0")
+        began = time.monotonic()
+        h.restart("web/0", wait=False)
+        service.wait_probe("on_stop:hanging web_IN_0")
+        wait_gone(old, timeout=10)
+        ended = time.monotonic() - began
+        assert ended < 1 + 3, f"the stop took {ended:.1f}s with stop_timeout 1s"
+        row = h.wait_state("web/0", "ready", 30)  # and the restart carries on
+        assert row["last_error"] == (
+            "on_stop: stopping handlers and on_stop did not finish within stop_timeout (1s); "
+            "the instance is terminated")
+        assert "did not finish within stop_timeout (1s)" in h.logs("web/0")
+        bystander.check()
+
+
+def test_role_ignoring_and_blocking_signals_still_stops(make_service: MakeService) -> None:
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                if faulty():
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT,
+                                                              signal.SIGHUP, signal.SIGUSR1})
+                    # a child that inherits the blocked mask and ignores TERM itself too
+                    self.child = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 600"])
+                return True
+            def on_stop(self):
+                probe("on_stop")
+        """), instances=2, service=FAST, role={"stop_timeout": "20s"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        old = wait_pids(h, "web/0", 3)  # host, sh, sleep
+        began = time.monotonic()
+        h.restart("web/0")  # waits until ready again
+        took = time.monotonic() - began
+        # graceful through the channel, not cut by stop_timeout (20 s)
+        assert took < 8, f"the restart took {took:.1f}s"
+        assert service.probes().count("on_stop web_IN_0") == 1
+        wait_gone(old)
+        row = h.instance("web/0")
+        assert row["state"] == "ready" and row["last_error"] is None
+        stop = wait_until(lambda: [e for e in h.events() if e["event"] == "host_exited"
+                                   and e["instance"] == "web_IN_0"], 5, "the host's exit")
+        assert stop[0]["outcome"] == "exited with 0 (stopped)"
+        bystander.check()
+        h.stop(timeout=30)  # the controller's own stop, too, gets past the blocked signals
+        assert service.probes().count("on_stop web_IN_0") == 2

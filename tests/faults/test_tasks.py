@@ -1,0 +1,89 @@
+"""Fault 10: startup tasks that fail, hang, crash in the background, or hold a stop."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import MakeService
+from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
+
+from rolehost.testing import wait_until
+
+ROLE = role("class Role(RoleEntryPoint): pass")
+
+
+def only_instance_0(script: str, **options: str) -> str:
+    """A task that runs `script` in instance 0 and does nothing in instance 1."""
+    command = ["sh", "-c", f'[ "$ROLEHOST_INDEX" != 0 ] && exit 0; {script}']
+    lines = ["[[roles.web.startup_tasks]]",
+             f"command = {json.dumps(command)}",  # a JSON string is a TOML basic string
+             *(f"{key} = {value}" for key, value in options.items())]
+    return "\n".join(lines) + "\n"
+
+
+def test_simple_task_exits_non_zero(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service=FAST, extra=only_instance_0(
+        "echo loading; echo no such table >&2; exit 3"))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        row = h.wait_state("web/0", "recycling", 10)
+        assert row["last_error"].endswith("exited with 3: no such table")
+        assert row["pid"] is None  # the host never started
+        (task,) = row["tasks"]
+        assert task["state"] == "failed" and task["exit_code"] == 3
+        assert task["tail"] == ["loading", "no such table"]
+        assert "[task 1] no such table" in h.logs("web/0")
+        wait_until(lambda: len(state_events(h, "web_IN_0", "recycling")) >= 3, 10,
+                   "retries with back-off")
+        assert not state_events(h, "web_IN_0", "starting")  # no host, ever
+        bystander.check()
+
+
+def test_simple_task_hangs_past_its_timeout(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service=FAST, extra=only_instance_0(
+        "trap '' TERM; sleep 600 & wait", timeout='"500ms"'))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        hung = wait_pids(h, "web/0", 2)  # the shell and its sleep
+        row = h.wait_state("web/0", "recycling", 10)
+        assert row["last_error"].endswith("timed out after 0.5s: no output")
+        assert row["tasks"][0]["state"] == "failed"
+        assert row["tasks"][0]["reason"] == "timed out after 0.5s"
+        wait_gone(hung)
+        bystander.check()
+
+
+def test_background_task_crashes(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service=FAST, extra=only_instance_0(
+        "sleep 0.3; echo lost the queue >&2; kill -SEGV $$", type='"background"'))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        row = h.wait_state("web/0", "ready", 30)
+        event = h.wait_event(lambda e: e["event"] == "task_failed", 10, "the task to fail")
+        assert event["instance"] == "web_IN_0" and event["type"] == "background"
+        assert event["reason"] == "killed by SIGSEGV" and event["tail"] == ["lost the queue"]
+        # the instance is not affected: a background task is the role's own business
+        after = h.instance("web/0")
+        assert (after["state"], after["pid"], after["restarts"]) == ("ready", row["pid"], 0)
+        assert after["tasks"][0]["state"] == "failed"
+        bystander.check()
+
+
+def test_foreground_task_never_exits_during_a_stop(make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service=FAST, role={"stop_timeout": "1s"},
+                           extra=only_instance_0("trap '' TERM; while :; do sleep 0.1; done",
+                                                 type='"foreground"'))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        task = wait_pids(h, "web/0", 2) - {h.instance("web/0")["pid"]}
+        began = time.monotonic()
+        h.restart("web/0")  # the boot ends: the foreground task holds it up to stop_timeout
+        took = time.monotonic() - began
+        assert 1 <= took < 1 + 4, f"the restart took {took:.1f}s with stop_timeout 1s"
+        killed = h.wait_event(lambda e: e["event"] == "foreground_task_killed", 5)
+        assert killed["instance"] == "web_IN_0" and killed["waited"] == 1
+        wait_gone(task)
+        assert not task & instance_pids(h, "web/0")
+        bystander.check()
