@@ -413,7 +413,7 @@ def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
     for op in history["operations"]:
         began = logs.clock(iso(op["started"]))
         seconds = f"{op['ended'] - op['started']:.1f}s" if op["ended"] else "-"
-        error = f"  {op['error']}" if op["error"] else ""
+        error = f"  {op['error'].splitlines()[0]}" if op["error"] else ""
         click.echo(f"{op['id']}  {began}  {op['kind']:<18} {op['outcome']:<12} {seconds:>7}  "
                    f"{','.join(op['instances'])}{error}")
     rate = history["success_rate"]

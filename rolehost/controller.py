@@ -35,7 +35,7 @@ def definition_changes(running: Definition, edited: Definition) -> dict[str, Any
     settings, instances, deploy = {}, {}, []
     ignored = {"settings", "instances", "app"}
     if running.service != edited.service:
-        deploy.append("service")
+        deploy.append("service (needs a fresh start: rolehost stop, rolehost start)")
     for name in sorted(running.roles.keys() | edited.roles.keys()):
         old, new = running.roles.get(name), edited.roles.get(name)
         if old is None or new is None:

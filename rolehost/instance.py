@@ -64,7 +64,6 @@ STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
 CPU_WINDOW = 30.0  # seconds of CPU samples behind the load estimate
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
-CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
 
 
 def parse_instance_name(name: str) -> tuple[str, int]:

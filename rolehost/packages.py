@@ -93,12 +93,13 @@ class Packages:
 def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
     """What keeps `new` from replacing `running` in place (empty: nothing)."""
     problems = []
+    if running.service != new.service:
+        changed = [k for k in type(running.service).model_fields
+                   if getattr(running.service, k) != getattr(new.service, k)]
+        problems.append(f"[service] differs ({', '.join(changed)})")
     if set(running.roles) != set(new.roles):
         problems.append(f"roles differ ({', '.join(sorted(running.roles))} running, "
                         f"{', '.join(sorted(new.roles))} in the package)")
-    if running.service.upgrade_domains != new.service.upgrade_domains:
-        problems.append(f"upgrade_domains differ ({running.service.upgrade_domains} running, "
-                        f"{new.service.upgrade_domains} in the package)")
     for name in set(running.roles) & set(new.roles):
         old, fresh = running.roles[name], new.roles[name]
         if old.instances != fresh.instances:

@@ -344,8 +344,8 @@ class LoadProbe:
             service.restart("web/0")
         assert load.failures == [], load.failures
 
-    Every response that is not 2xx/3xx, and every connection error, is a failure with
-    its cause; a failed connection is opened again and the load goes on.
+    Every response with a status of 400 or more, and every connection error, is a
+    failure with its cause; a failed connection is opened again and the load goes on.
     """
 
     def __init__(self, url: str, clients: int = 4, timeout: float = 30.0,
@@ -460,6 +460,10 @@ class RoleRun:
         )
         self.environment = RoleEnvironment
         self.recycle_requested: str | None = None
+        if RoleEnvironment.is_available:  # one RoleEnvironment per process, as in a host
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise RuntimeError("another role is running in this process: close it first "
+                               "(run_role runs one role at a time, like a host)")
         RoleEnvironment.bind(self.context, self)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -514,7 +518,10 @@ class RoleRun:
 
         check = StatusCheck()
         for handler in self.environment.handlers["status_check"]:
-            if self.call(handler, check) in (RoleStatus.BUSY, "busy"):
+            try:
+                if self.call(handler, check) in (RoleStatus.BUSY, "busy"):
+                    check.busy()
+            except Exception:  # as in the host: a handler that raises reports busy
                 check.busy()
         return check.status.value
 

@@ -157,6 +157,10 @@ class Walk:
         back = sum(1 for r in results if not isinstance(r, BaseException))
         self.error = (f"{self.error}; rolled back {back} of {len(moved)} instances to the "
                       "running version")
+        if back < len(moved):  # what could not be put back waits for a person: halted
+            self.state = WalkState.HALTED
+            await self._resume.wait()
+            return
         self.state = WalkState.ROLLED_BACK
         self._history.end(self.record, "failed", self.error)
 

@@ -47,7 +47,8 @@ def test_deploy_walks_the_new_version_in(make_service: MakeService) -> None:
         assert h.status()["version"] == "v2"
 
 
-@pytest.mark.parametrize("problem", ["missing", "import", "incompatible", "invalid"])
+@pytest.mark.parametrize("problem", ["missing", "import", "incompatible", "service",
+                                     "invalid"])
 def test_a_failed_preflight_touches_nothing(
     make_service: MakeService, tmp_path: Path, problem: str
 ) -> None:
@@ -60,6 +61,9 @@ def test_a_failed_preflight_touches_nothing(
         elif problem == "incompatible":
             service.toml.write_text(service.toml.read_text().replace("instances = 2",
                                                                      "instances = 3"))
+        elif problem == "service":  # service-wide settings are read at start only
+            service.toml.write_text(service.toml.read_text().replace(
+                "[service]", '[service]\nready_deadline = "10m"'))
         if problem != "missing":
             h.package("bad")
         if problem == "invalid":  # a package whose definition broke in the store
@@ -74,10 +78,11 @@ def test_a_failed_preflight_touches_nothing(
             "missing": f"no package 'bad' (available: {h.status()['version']};",
             "import": "No module named 'not_a_module'",
             "incompatible": "roles.web.instances differ (2 running, 3 in the package)",
+            "service": "[service] differs (ready_deadline)",
             "invalid": "service.nope: unknown key",
         }[problem]
         assert expected in message
-        if problem == "incompatible":
+        if problem in ("incompatible", "service"):
             assert "A fresh start is needed" in message
         assert seconds < 1.5 if problem == "import" else seconds < 0.5
         assert pids(h) == before

@@ -107,3 +107,11 @@ def test_the_harness_has_an_async_variant() -> None:
             return [i["state"] for i in status["instances"]]
 
     assert asyncio.run(rehearse()) == ["ready", "ready"]
+
+
+def test_one_role_runs_at_a_time(rolehost_role: Any) -> None:
+    first = rolehost_role(AsyncWorker)
+    with pytest.raises(RuntimeError, match="another role is running in this process"):
+        rolehost_role(AsyncWorker)
+    first.close()
+    assert rolehost_role(AsyncWorker).start()
