@@ -284,6 +284,14 @@ class ServiceHarness:
         self.client.upgrade(kind, manual)
         return self.wait_walk(timeout) if wait else self.client.walk()
 
+    def set_setting(self, role: str, key: str, value: Any) -> dict[str, str]:
+        """Change one setting of a role while it runs; returns what each instance did."""
+        return self.client.configure(role, {key: value})
+
+    def scale(self, role: str, count: int) -> list[str]:
+        """Run `count` instances of `role`; returns the instances added or removed."""
+        return self.client.scale(role, count)
+
     def package(self, version: str | None = None) -> dict[str, Any]:
         """Snapshot the definition and the roles' app folders as a deployable version."""
         return self.client.package(version)

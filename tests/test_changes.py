@@ -50,7 +50,7 @@ def test_a_cancelled_change_recycles_to_apply(make_service: MakeService) -> None
     with service.harness() as h:
         h.wait_ready(30)
         before = h.instance("web/0")["pid"]
-        assert h.client.configure("web", {"color": "red"}) == {"web_IN_0": "recycled"}
+        assert h.set_setting("web", "color", "red") == {"web_IN_0": "recycled"}
         assert h.instance("web/0")["pid"] != before
         assert service.probes()[-1] == "start color=red web_IN_0"
 
@@ -78,7 +78,7 @@ def test_scale_out_and_in(make_service: MakeService) -> None:
                            service={"upgrade_domains": 2})
     with service.harness() as h:
         h.wait_ready(30)
-        assert h.client.scale("web", 3) == ["web_IN_2"]
+        assert h.scale("web", 3) == ["web_IN_2"]
         status = h.wait_ready(30)
         assert [(i["id"], i["update_domain"]) for i in status["instances"]] == [
             ("web_IN_0", 0), ("web_IN_1", 1), ("web_IN_2", 0)]
