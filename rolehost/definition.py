@@ -8,6 +8,7 @@ come from the classes below.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from enum import StrEnum
@@ -42,8 +43,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(
             f"expected a duration such as 90, \"90s\", \"5m\" or \"1h\", got {value!r}"
         )
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be a finite number of seconds, 0 or more, got {value!r}")
     return seconds
 
 

@@ -20,7 +20,8 @@ def test_durations(text: object, seconds: float) -> None:
     assert definition.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["5 minutes", "", "-1s", True, [1]])
+@pytest.mark.parametrize("text", ["5 minutes", "", "-1s", True, [1], float("nan"),
+                                  float("inf"), -0.5])
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         definition.parse_duration(text)
