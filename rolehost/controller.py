@@ -18,7 +18,7 @@ import structlog
 
 from rolehost import api, capacity, logs, packages, preflight, process
 from rolehost.balancer import Balancer
-from rolehost.definition import Definition, DefinitionErrors, Role
+from rolehost.definition import Definition, DefinitionErrors, Role, Secret
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
@@ -45,7 +45,7 @@ def definition_changes(running: Definition, edited: Definition) -> dict[str, Any
             deploy += [f"roles.{name}.{k}" for k in sorted(type(old).model_fields)
                        if k not in ignored and getattr(old, k) != getattr(new, k)]
         if old.settings != new.settings:
-            settings[name] = dict(new.settings)
+            settings[name] = dict(new.settings)  # Secret entries stay wrapped
         if old.instances != new.instances:
             instances[name] = new.instances
     return {"settings": settings, "instances": instances, "deploy": deploy}
@@ -341,14 +341,20 @@ class Controller:
         domain or all at once (`change_mode`); returns what each instance did."""
         role = self._role(role_name)
         self._no_walk_running()
+        # A new value for a secret setting stays secret.
+        settings = {k: Secret(value=v) if k in role.secrets and not isinstance(v, Secret)
+                    else v for k, v in settings.items()}
         merged = dict(settings) if replace else {**role.settings, **settings}
         try:
             new = Role.model_validate({**role.model_dump(), "settings": merged})
-        except ValueError as exc:
-            raise api.ApiError(400, f"invalid settings for {role_name}: {exc}") from None
+        except ValueError:
+            raise api.ApiError(400, f"invalid settings for {role_name}: each must be a string, "
+                                    "number or boolean") from None  # no values: a secret may be one
         assert self.history is not None
         ours = [i for i in self.instances.values() if i.role_name == role_name]
-        record = self.history.begin(f"config {role_name}", {"settings": settings, "cause": cause},
+        shown = new.redacted({k: v.value if isinstance(v, Secret) else v
+                              for k, v in settings.items()})
+        record = self.history.begin(f"config {role_name}", {"settings": shown, "cause": cause},
                                     [i.id for i in ours])
         count = self.definition.service.upgrade_domains
         groups = [ours] if self.definition.service.change_mode == "blast" else domains(ours, count)

@@ -163,6 +163,13 @@ class StartupTask(_Model):
         return value
 
 
+class Secret(_Model):
+    """A setting whose value must not show: in status, events, logs or the history."""
+
+    value: SettingValue
+    secret: bool = True
+
+
 class Role(_Model):
     """One role: a class run by `instances` host processes."""
 
@@ -178,12 +185,25 @@ class Role(_Model):
     status_check_interval: Duration = Field(
         default=5.0, gt=0, description="how often status-check handlers are asked"
     )
-    settings: dict[str, SettingValue] = Field(default_factory=dict)
+    settings: dict[str, SettingValue | Secret] = Field(default_factory=dict)
     endpoints: dict[Annotated[str, Field(pattern=_NAME)], Endpoint] = Field(default_factory=dict)
     local_resources: dict[Annotated[str, Field(pattern=_NAME)], LocalResource] = Field(
         default_factory=dict
     )
     startup_tasks: list[StartupTask] = Field(default_factory=list)
+
+    @property
+    def values(self) -> dict[str, SettingValue]:
+        """The settings as the role reads them: secrets unwrapped."""
+        return {k: v.value if isinstance(v, Secret) else v for k, v in self.settings.items()}
+
+    @property
+    def secrets(self) -> set[str]:
+        return {k for k, v in self.settings.items() if isinstance(v, Secret) and v.secret}
+
+    def redacted(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """`settings` with the values of this role's secret settings hidden."""
+        return {k: "(secret)" if k in self.secrets else v for k, v in settings.items()}
 
     @property
     def module(self) -> str:
@@ -290,6 +310,13 @@ def parse(raw: dict[str, Any], file: Path | None = None) -> Definition:
 
 def _explain(error: Any, file: Path | None) -> DefinitionError:
     loc = tuple(error["loc"])
+    if len(loc) >= 4 and loc[0] == "roles" and loc[2] == "settings":
+        # Whatever the union member said, one message for the setting: what it may be.
+        # (No "got": the value may be a secret's.)
+        return DefinitionError(
+            file, f"roles.{loc[1]}.settings.{loc[3]}",
+            "expected a string, number or boolean, or a table { value = ..., secret = true }",
+        )
     # Pydantic appends the failing union member or a "[key]" marker; they are noise.
     loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -320,7 +347,7 @@ def _merge(errors: list[DefinitionError]) -> list[DefinitionError]:
         by_path.setdefault(error.path, []).append(error)
     merged = []
     for path, group in by_path.items():
-        if len(group) == 1:
+        if len({e.message for e in group}) == 1:
             merged.append(group[0])
             continue
         kinds = [m.group(1) for e in group if (m := re.match(r"expected (\w+)", e.message))]

@@ -432,7 +432,7 @@ class Instance:
         }
         for name in self.role.local_resources:
             variables[f"ROLEHOST_RESOURCE_{_env_name(name)}"] = str(self.disks.resource(name))
-        for name, value in self.role.settings.items():
+        for name, value in self.role.values.items():
             variables[f"ROLEHOST_SETTING_{_env_name(name)}"] = str(value)
         return variables
 
@@ -448,7 +448,7 @@ class Instance:
             os_dir=str(self.disks.os),
             stop_timeout=self.role.stop_timeout,
             status_check_interval=self.role.status_check_interval,
-            settings=dict(self.role.settings),
+            settings=self.role.values,
             endpoints={
                 name: {"host": ep.host, "port": self.ports[name], "protocol": ep.protocol.value}
                 for name, ep in self.role.endpoints.items()
@@ -608,12 +608,12 @@ class Instance:
 
     async def change_settings(self, role: Role, cause: str) -> str:
         """Offer `role`'s settings to the running host (see `_offer`)."""
-        old, new = self.role.settings, role.settings
+        old, new = self.role.values, role.values
         changes = [{"name": k, "old": old.get(k), "new": new.get(k)}
                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         if not changes:
             return "unchanged"
-        return await self._offer({"changes": changes}, {"settings": dict(role.settings)},
+        return await self._offer({"changes": changes}, {"settings": role.values},
                                  role, cause)
 
     async def change_topology(self, topology: dict[str, list[str]], role: str,

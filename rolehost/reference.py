@@ -52,7 +52,9 @@ def configuration() -> str:
                          f"{field.description or ''} |")
         if cls is model.Role:
             lines += ["", "`[roles.NAME.settings]` is a table of names to strings, numbers or "
-                      "booleans, read with `RoleEnvironment.get_setting(name)`."]
+                      "booleans, read with `RoleEnvironment.get_setting(name)`. A setting "
+                      "written `{ value = \"...\", secret = true }` is read the same way, "
+                      "and its value never shows in status, events, logs or the history."]
         lines.append("")
     return "\n".join(lines)
 

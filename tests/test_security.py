@@ -1,0 +1,86 @@
+"""Security by default: who can reach the controller, and what listens where."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+
+import psutil
+import pytest
+from conftest import MakeService
+from test_balancer import WEB, free_port
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_another_user_cannot_reach_the_control_socket(make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    nobody = pwd.getpwnam("nobody")
+    with service.harness() as h:
+        h.wait_ready(30)
+        # A forked child of this (root) process becomes `nobody` and tries to connect.
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child only
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(h.run_dir.socket))
+                os._exit(0)  # connected: the test fails
+            except PermissionError:
+                os._exit(13)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 13  # EACCES, as it should be
+        assert h.status()["instances"][0]["state"] == "ready"  # root still can
+
+
+def test_nothing_listens_beyond_loopback_by_default(make_service: MakeService) -> None:
+    port = free_port()
+    service = make_service(WEB, instances=2, settings={"warmup": "0,0"}, extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        """)
+    with service.harness() as h:
+        status = h.wait_ready(30)
+        pids = [status["pid"], *(i["pid"] for i in status["instances"])]
+        listening = [c.laddr for pid in pids
+                     for c in psutil.Process(pid).net_connections("inet") if c.status == "LISTEN"]
+        assert listening, "the balancer and the instances listen somewhere"
+        assert all(address.ip == "127.0.0.1" for address in listening), listening
+
+
+def test_secret_settings_never_show(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_changed(self.changed)
+                key = RoleEnvironment.get_setting("api_key")
+                probe(f"key length {len(key)}")  # the role reads it; it does not print it
+                return True
+
+            def changed(self, changes):
+                probe(f"key length {len(RoleEnvironment.get_setting('api_key'))}")
+        """,
+        extra="""
+        [roles.web.settings.api_key]
+        value = "s3cr3t-alpha"
+        secret = true
+        """,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert "key length 12 web_IN_0" in service.probes()
+        assert h.set_setting("web", "api_key", "s3cr3t-beta-2") == {"web_IN_0": "applied"}
+        service.wait_probe("key length 13 web_IN_0")
+        shown = json.dumps([h.status(), h.events(), h.operations()])
+        assert "(secret)" in json.dumps(h.operations())
+        written = "".join(p.read_text(errors="replace") for p in h.run_dir.path.rglob("*")
+                          if p.is_file() and "packages" not in p.parts
+                          and p.suffix in (".log", ".jsonl", ".json", ""))
+        for value in ("s3cr3t-alpha", "s3cr3t-beta-2"):
+            assert value not in shown and value not in written
