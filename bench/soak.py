@@ -1,0 +1,191 @@
+"""Soak: random maintenance under load for N minutes; nothing may fail, leak or be lost.
+
+    python bench/soak.py --minutes 30 [--seed N] [--json out.json]
+
+Runs samples/shop (2 web instances behind the balancer, 2 shipping workers) under a
+steady keep-alive load (LoadProbe) and a steady stream of orders, and meanwhile, one
+after the other, random operations: recycle, restart, reimage, rebuild, agent update
+of one instance, upgrade walks, a package and deploy, a settings change, and SIGKILL of
+one host. Reports failed requests (expected 0: at most one web instance is ever down),
+lost orders (placed but never shipped: expected 0), and the controller's RSS and open
+files over time (expected flat). Not part of the default test run (tests/test_soak.py
+runs it for a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+
+SHOP = Path(__file__).resolve().parent.parent / "samples" / "shop"
+OPERATIONS = ["recycle", "restart", "reimage", "rebuild", "agent-update", "upgrade host-os",
+              "upgrade guest-os", "upgrade agent", "deploy", "setting", "kill"]
+
+
+def definition(folder: Path, port: int, db: Path) -> Path:
+    text = (SHOP / "rolehost.toml").read_text()
+    text = (text.replace("port = 8090", f"port = {port}")
+            .replace("/tmp/rolehost-shop-orders.db", str(db))
+            .replace('entry_point = "web:WebRole"', f'entry_point = "web:WebRole"\napp = "{SHOP}"')
+            .replace('entry_point = "worker:ShippingWorker"',
+                     f'entry_point = "worker:ShippingWorker"\napp = "{SHOP}"'))
+    path = folder / "rolehost.toml"
+    path.write_text(text)
+    return path
+
+
+class Orders(threading.Thread):
+    """Places an order every `every` seconds through the balancer; counts the failures."""
+
+    def __init__(self, url: str, every: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every = url, every
+        self.placed = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            request = urllib.request.Request(f"{self.url}/orders", method="POST",
+                                             data=json.dumps({"item": "soak"}).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == 201
+                self.placed += 1
+            except Exception as exc:
+                self.failed.append(f"{type(exc).__name__}: {exc}")
+
+
+def operate(service: ServiceHarness, kind: str, rng: random.Random, version: int) -> str:
+    status = service.status()
+    instances = [i["id"] for i in status["instances"]]
+    target = rng.choice(instances)
+    if kind in ("recycle", "restart", "reimage", "rebuild", "agent-update"):
+        service.maintain(kind, target)
+        return f"{kind} {target}"
+    if kind.startswith("upgrade "):
+        walk = service.upgrade(kind.split()[1])
+        return f"{kind}: {walk['state']}"
+    if kind == "deploy":
+        service.package(f"v{version}")
+        return f"deploy v{version}: {service.deploy(f'v{version}')['state']}"
+    if kind == "setting":
+        service.set_setting("web", "soak", rng.randint(0, 10**6))
+        return "config set web soak=..."
+    pid = service.kill(target)
+    service.wait_replaced(target, pid, 60)
+    return f"SIGKILL {target}"
+
+
+def soak(seconds: float, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    folder = Path(tempfile.mkdtemp(prefix="rolehost-soak-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = folder / "orders.db"
+    samples: list[dict[str, float]] = []
+    done: list[tuple[str, str]] = []  # (kind, what was done)
+    with ServiceHarness(definition(folder, port, db)) as service:
+        service.wait_ready(timeout=120)
+        controller = psutil.Process(service.status()["pid"])
+        url = service.url("web", "http")
+        orders = Orders(url, every=0.05)
+        began = time.monotonic()
+
+        def sample() -> None:
+            samples.append({"t": round(time.monotonic() - began, 1),
+                            "rss_mb": round(controller.memory_info().rss / 2**20, 1),
+                            "fds": controller.num_fds()})
+
+        with LoadProbe(url + "/products", clients=4) as load:
+            orders.start()
+            sample()
+            version, last_sample = 2, time.monotonic()
+            while time.monotonic() - began < seconds:
+                kind = rng.choice(OPERATIONS)
+                done.append((kind, operate(service, kind, rng, version)))
+                version += kind == "deploy"
+                service.wait_ready(timeout=120)
+                if time.monotonic() - last_sample >= 10:
+                    sample()
+                    last_sample = time.monotonic()
+            orders.stop.set()
+            orders.join(60)
+        sample()
+        shipped = sqlite3.connect(db)
+
+        def all_shipped() -> bool:
+            n = shipped.execute("SELECT COUNT(*) FROM orders WHERE state = 'shipped'")
+            return bool(n.fetchone()[0] == orders.placed)
+
+        wait_until(all_shipped, 120, "every order placed to be shipped")
+        counts = dict(shipped.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
+    return {
+        "seconds": round(time.monotonic() - began, 1), "seed": seed, "operations": len(done),
+        "by_kind": {k: sum(1 for kind, _ in done if kind == k) for k in OPERATIONS},
+        "requests": load.requests, "failed_requests": len(load.failures),
+        "failure_causes": sorted(set(load.failures)), "p50_ms": load.report()["p50_ms"],
+        "p99_ms": load.report()["p99_ms"], "orders_placed": orders.placed,
+        "orders_failed_to_place": len(orders.failed), "orders_by_state": counts,
+        "orders_lost": orders.placed - counts.get("shipped", 0), "samples": samples,
+        "log": [what for _, what in done],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    samples = result["samples"]
+    rss = [s["rss_mb"] for s in samples]
+    fds = [s["fds"] for s in samples]
+    return "\n".join([
+        f"Soak of samples/shop for {result['seconds'] / 60:.1f} minutes (seed {result['seed']}): "
+        f"{result['operations']} operations, one after the other.",
+        "",
+        "| operations | requests | failed requests | p50 | p99 | orders placed | orders lost |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {result['operations']} | {result['requests']} | {result['failed_requests']} | "
+        f"{result['p50_ms']} ms | {result['p99_ms']} ms | {result['orders_placed']} | "
+        f"{result['orders_lost']} |",
+        "",
+        "Operations: " + ", ".join(f"{k} {n}" for k, n in result["by_kind"].items()) + ".",
+        "",
+        "| controller | first | min | max | last |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| RSS MB | {rss[0]} | {min(rss)} | {max(rss)} | {rss[-1]} |",
+        f"| open fds | {fds[0]} | {min(fds)} | {max(fds)} | {fds[-1]} |",
+        "",
+        f"Failure causes: {result['failure_causes'] or 'none'}; "
+        f"orders that failed to be placed: {result['orders_failed_to_place']}.",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the harness still cleans up
+    result = soak(args.minutes * 60, args.seed)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
