@@ -167,3 +167,16 @@ def wait_pids(h: ServiceHarness, name: str, count: int, timeout: float = 10.0) -
 
     return wait_until(enough, timeout, f"{count} processes of {name}",
                       lambda: str(sorted(instance_pids(h, name))))
+
+
+# A role whose on_stop hangs, once, in the faulty instance; it holds a child process.
+HANGING_ON_STOP = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        self.child = subprocess.Popen(["sleep", "600"])
+        return True
+    def on_stop(self):
+        if faulty() and once("stop"):
+            probe("on_stop:hanging")
+            time.sleep(600)
+"""

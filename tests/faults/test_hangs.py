@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 
 from conftest import MakeService
-from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
+from faultkit import (
+    FAST,
+    HANGING_ON_STOP,
+    Bystander,
+    instance_pids,
+    role,
+    state_events,
+    wait_gone,
+    wait_pids,
+)
 
 from rolehost.testing import wait_until
 
@@ -38,17 +47,8 @@ def test_on_start_hangs_past_the_ready_deadline(make_service: MakeService) -> No
 
 
 def test_on_stop_hangs_past_stop_timeout(make_service: MakeService) -> None:
-    service = make_service(role(
-        """
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                self.child = subprocess.Popen(["sleep", "600"])
-                return True
-            def on_stop(self):
-                if faulty() and once("stop"):
-                    probe("on_stop:hanging")
-                    time.sleep(600)
-        """), instances=2, service=FAST, role={"stop_timeout": "1s"})
+    service = make_service(role(HANGING_ON_STOP), instances=2, service=FAST,
+                           role={"stop_timeout": "1s"})
     with service.harness() as h:
         bystander = Bystander(h)
         h.wait_state("web/0", "ready", 30)

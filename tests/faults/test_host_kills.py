@@ -10,6 +10,7 @@ import time
 from conftest import MakeService
 from faultkit import (
     FAST,
+    HANGING_ON_STOP,
     Bystander,
     alive,
     instance_pids,
@@ -118,17 +119,8 @@ def test_sigkill_during_run(make_service: MakeService) -> None:
 
 
 def test_sigkill_during_on_stop(make_service: MakeService) -> None:
-    service = make_service(role(
-        """
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                self.child = subprocess.Popen(["sleep", "600"])
-                return True
-            def on_stop(self):
-                if faulty() and once("stop"):
-                    probe("on_stop:hanging")
-                    time.sleep(600)
-        """), instances=2, service=FAST, role={"stop_timeout": "60s"})
+    service = make_service(role(HANGING_ON_STOP), instances=2, service=FAST,
+                           role={"stop_timeout": "60s"})
     with service.harness() as h:
         bystander = Bystander(h)
         h.wait_state("web/0", "ready", 30)
