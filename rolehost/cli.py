@@ -447,6 +447,27 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
+@cli.group()
+def export() -> None:
+    """Write files that run the service under another process manager."""
+
+
+@export.command(name="systemd")
+@_file
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="Folder to write rolehost-NAME.service into.")
+def export_systemd(file: Path, output: Path) -> None:
+    """A systemd unit running `rolehost start` with Type=notify: READY once every role has
+    a ready instance, STATUS with the counts, a watchdog, SIGTERM for a graceful stop."""
+    from rolehost.export import systemd
+
+    definition = _load(file)
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / f"rolehost-{definition.service.name}.service"
+    target.write_text(systemd.unit(definition, file))
+    click.echo(f"wrote {target}")
+
+
 @cli.command()
 def schema() -> None:
     """Print the JSON schema of rolehost.toml (for editors and validators)."""

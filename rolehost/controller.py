@@ -22,7 +22,8 @@ from rolehost.definition import Definition, DefinitionErrors, Role, Secret
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
-from rolehost.instance import Deployment, Instance, iso, parse_instance_name
+from rolehost.instance import Deployment, Instance, State, iso, parse_instance_name
+from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
 from rolehost.walks import Upgrade, Walk, domains
 
@@ -120,7 +121,9 @@ class Controller:
             id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path,
             console=console, standby=process.Standby(standby_environment(run_dir.path),
                                                      run_dir.path),
+            observer=self._state_changed,
         )
+        self.notifier = Notifier()
         self.instances: dict[str, Instance] = {}
         self.balancers: list[Balancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
@@ -175,8 +178,10 @@ class Controller:
             for instance in self.instances.values():
                 instance.start()
             watcher = watch_file(self.definition_path, loop, self.definition_edited)
+            self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
+            self.notifier.stopping()
             if self.walk is not None and self.walk.task is not None and not self.walk.over:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
@@ -207,6 +212,13 @@ class Controller:
         for instance in self.instances.values():
             if instance.process is not None and instance.process.running:
                 instance.process.kill()
+
+    def _state_changed(self, instance: Instance) -> None:
+        counts: dict[str, tuple[int, int]] = {name: (0, 0) for name in self.definition.roles}
+        for each in self.instances.values():
+            ready, total = counts[each.role_name]
+            counts[each.role_name] = (ready + (each.state is State.READY), total + 1)
+        self.notifier.counts(counts)
 
     # Operations: what the control API and the CLI offer.
 

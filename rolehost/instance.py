@@ -12,7 +12,7 @@ import functools
 import os
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -83,6 +83,7 @@ class Deployment:
     run_dir: Path
     console: Console | None
     standby: Standby
+    observer: Callable[[Instance], None] | None = None  # told of every state change
 
 
 class OperationError(RuntimeError):
@@ -167,6 +168,8 @@ class Instance:
         self._changed.set()
         self._changed = asyncio.Event()
         self._update_rotation()
+        if self.deployment.observer is not None:
+            self.deployment.observer(self)
         operation = self._operation
         if operation is not None and (operation.started or state is S.STOPPED) and (
             state in SETTLED

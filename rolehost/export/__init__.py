@@ -1,0 +1,1 @@
+"""Exports of a service to other process managers: `rolehost export KIND`."""

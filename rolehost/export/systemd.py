@@ -1,0 +1,48 @@
+"""A systemd unit that runs `rolehost start` with the notify protocol (`Type=notify`).
+
+systemd then knows the service is up once every role has a ready instance (READY=1),
+shows the instance counts (STATUS=), restarts a controller that hangs (WatchdogSec) or
+fails, and stops it with SIGTERM: the graceful stop of every instance, bounded by the
+roles' stop_timeout and drain_timeout, before systemd's own SIGKILL.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rolehost.definition import Definition
+
+WATCHDOG_SECONDS = 30
+MARGIN = 30  # seconds on top of rolehost's own deadlines before systemd steps in
+
+
+def unit(definition: Definition, file: Path) -> str:
+    file = file.resolve()
+    longest_stop = max(
+        (role.stop_timeout + max((e.drain_timeout for e in role.endpoints.values()), default=0))
+        for role in definition.roles.values()
+    )
+    return "\n".join([
+        "[Unit]",
+        f"Description=rolehost service {definition.service.name}",
+        "After=network.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"WorkingDirectory={file.parent}",
+        f"ExecStart={sys.executable} -m rolehost start -f {file} --no-console",
+        # SIGTERM to the controller only: it stops the instances itself, gracefully.
+        "KillMode=mixed",
+        f"TimeoutStartSec={int(definition.service.ready_deadline) + MARGIN}",
+        f"TimeoutStopSec={int(longest_stop) + MARGIN}",
+        f"WatchdogSec={WATCHDOG_SECONDS}",
+        "Restart=on-failure",
+        # 2: the definition is wrong; starting it again will not help.
+        "RestartPreventExitStatus=2",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])

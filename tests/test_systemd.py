@@ -1,0 +1,56 @@
+"""systemd: the notify protocol against a fake NOTIFY_SOCKET, and the exported unit."""
+
+from __future__ import annotations
+
+import configparser
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import MakeService
+
+
+def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_path: Path) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
+    path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(path))
+    systemd.settimeout(10)
+    received: list[str] = []
+
+    def until(field: str) -> None:
+        deadline = time.monotonic() + 20
+        while not any(field in message for message in received):
+            assert time.monotonic() < deadline, f"no {field} in {received}"
+            received.append(systemd.recv(4096).decode())
+
+    with service.harness(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}) as h:
+        until("READY=1")
+        ready = next(m for m in received if "READY=1" in m)
+        assert "STATUS=web " in ready and "/2 ready" in ready
+        until("WATCHDOG=1")
+        h.wait_ready(30)
+        until("STATUS=web 2/2 ready")
+        h.stop()
+        until("STOPPING=1")
+    systemd.close()
+    assert sum("READY=1" in m for m in received) == 1  # once, not at every change
+
+
+def test_export_systemd_unit(tmp_path: Path) -> None:
+    hello = Path(__file__).parent.parent / "samples" / "hello" / "rolehost.toml"
+    done = subprocess.run([sys.executable, "-m", "rolehost", "export", "systemd", "-f", str(hello),
+                           "-o", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read(tmp_path / "rolehost-hello.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["KillMode"] == "mixed"
+    assert service["ExecStart"] == (f"{sys.executable} -m rolehost start -f {hello.resolve()} "
+                                    "--no-console")
+    assert service["TimeoutStartSec"] == str(1800 + 30)  # ready_deadline (30 m) + margin
+    assert service["TimeoutStopSec"] == str(30 + 30)  # the role's stop_timeout + margin
+    assert service["RestartPreventExitStatus"] == "2"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
