@@ -52,22 +52,32 @@ class Request:
         return data
 
 
+@dataclass
+class Raw:
+    """A response that is not JSON (the metrics' text exposition)."""
+
+    content_type: str
+    body: bytes
+
+
 Handler = Callable[["Controller", Request], Awaitable[Any]]
-_ROUTES: list[tuple[str, list[str], Handler]] = []
+Routes = list[tuple[str, list[str], Handler]]
+_ROUTES: Routes = []  # the control API, on the Unix socket only
+_METRICS_ROUTES: Routes = []  # what the optional TCP metrics listener serves: nothing else
 
 
-def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+def route(method: str, pattern: str, table: Routes = _ROUTES) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
-        _ROUTES.append((method, pattern.strip("/").split("/"), handler))
+        table.append((method, pattern.strip("/").split("/"), handler))
         return handler
 
     return register
 
 
-def _match(method: str, path: str) -> tuple[Handler, dict[str, str]]:
+def _match(method: str, path: str, routes: Routes) -> tuple[Handler, dict[str, str]]:
     parts = path.strip("/").split("/")
     allowed = []
-    for route_method, pattern, handler in _ROUTES:
+    for route_method, pattern, handler in routes:
         if len(pattern) != len(parts):
             continue
         params = {}
@@ -202,6 +212,14 @@ async def _operations(controller: Controller, request: Request) -> Any:
     return controller.operations()
 
 
+@route("GET", "/v1/metrics")
+@route("GET", "/metrics", _METRICS_ROUTES)
+async def _metrics(controller: Controller, request: Request) -> Any:
+    from rolehost import metrics
+
+    return Raw(metrics.CONTENT_TYPE, metrics.exposition())
+
+
 @route("POST", "/v1/shutdown")
 async def _shutdown(controller: Controller, request: Request) -> Any:
     await controller.shutdown("stop requested through the control API")
@@ -211,9 +229,12 @@ async def _shutdown(controller: Controller, request: Request) -> Any:
 class _Connection(asyncio.Protocol):
     """One client connection; requests on it are answered in order."""
 
-    def __init__(self, controller: Controller, pending: set[asyncio.Task[None]]) -> None:
+    def __init__(
+        self, controller: Controller, pending: set[asyncio.Task[None]], routes: Routes
+    ) -> None:
         self.controller = controller
         self.pending = pending
+        self.routes = routes
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._url = b""
@@ -258,7 +279,7 @@ class _Connection(asyncio.Protocol):
         try:
             if self._too_large:
                 raise ApiError(413, f"body larger than {MAX_BODY} bytes")
-            handler, params = _match(method, url.path)
+            handler, params = _match(method, url.path, self.routes)
             request = Request(method, url.path, parse_qs(url.query), bytes(self._body), params)
             status, payload = 200, await handler(self.controller, request)
         except ApiError as exc:
@@ -273,10 +294,13 @@ class _Connection(asyncio.Protocol):
     def _reply(self, status: int, payload: Any, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        body = json.dumps(payload, default=str).encode()
+        if isinstance(payload, Raw):
+            body, content_type = payload.body, payload.content_type
+        else:
+            body, content_type = json.dumps(payload, default=str).encode(), "application/json"
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
@@ -315,5 +339,15 @@ async def serve(path: Path, controller: Controller) -> Server:
     os.chmod(path, 0o600)
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: _Connection(controller, pending), sock=sock)
+    server = await loop.create_unix_server(
+        lambda: _Connection(controller, pending, _ROUTES), sock=sock)
+    return Server(server, pending)
+
+
+async def serve_metrics(host: str, port: int, controller: Controller) -> Server:
+    """The metrics alone over TCP, for a Prometheus that cannot reach the Unix socket."""
+    pending: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _Connection(controller, pending, _METRICS_ROUTES), host, port)
     return Server(server, pending)

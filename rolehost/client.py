@@ -41,6 +41,19 @@ class Client:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
+    def request_raw(self, method: str, path: str) -> str:
+        """A response that is not JSON (the metrics), as text."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            text = response.read().decode()
+        finally:
+            conn.close()
+        if response.status >= 400:
+            raise ApiError(response.status, text)
+        return text
+
     def request(
         self, method: str, path: str, body: Any = None, timeout: float | None = None
     ) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from rolehost import api, capacity, logs, packages, preflight, process
+from rolehost import api, capacity, logs, metrics, packages, preflight, process
 from rolehost.balancer import Balancer
 from rolehost.definition import Definition, DefinitionErrors, Role, Secret
 from rolehost.definition import load as load_definition
@@ -154,7 +154,18 @@ class Controller:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         server = await api.serve(self.run_dir.socket, self)
+        collector = metrics.StateCollector(self)
+        metrics.REGISTRY.register(collector)
+        metrics_server = None
         try:
+            if self.definition.service.metrics:
+                address = self.definition.service.metrics
+                where, _, number = address.rpartition(":")
+                try:
+                    metrics_server = await api.serve_metrics(where, int(number), self)
+                except OSError as exc:
+                    raise StartError(f"cannot serve metrics on {address}: "
+                                     f"{exc.strerror}") from None
             for role_name, role in self.definition.roles.items():
                 self.balancers += [Balancer(role_name, name, ep)
                                    for name, ep in role.endpoints.items()]
@@ -196,6 +207,9 @@ class Controller:
             self._stopped.set()
             for balancer in self.balancers:
                 await balancer.close()
+            if metrics_server is not None:
+                await metrics_server.close()
+            metrics.REGISTRY.unregister(collector)
             await server.close()
             self.run_dir.socket.unlink(missing_ok=True)
             for instance in self.instances.values():

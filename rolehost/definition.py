@@ -227,6 +227,10 @@ class Service(_Model):
     )
     backoff_initial: Duration = Field(default=1.0, description="first delay after a failure")
     backoff_max: Duration = Field(default=60.0, description="cap of the doubling delay")
+    metrics: str | None = Field(
+        default=None, pattern=r"^[^\s:]+:\d{1,5}$",
+        description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",
+    )
     change_mode: Literal["per-ud", "blast"] = Field(
         default="per-ud", description="settings changes one update domain at a time, or all at once"
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from rolehost import metrics
+
 log = structlog.get_logger()
 
 
@@ -62,6 +64,7 @@ class History:
     def end(self, operation: Operation, outcome: str, error: str | None = None) -> None:
         operation.outcome, operation.error, operation.ended = outcome, error, time.time()
         self._write(operation)
+        metrics.OPERATIONS.labels(operation.kind.split()[0], outcome).inc()
         log.info("operation_ended", operation=operation.id, kind=operation.kind,
                  outcome=outcome, error=error)
 

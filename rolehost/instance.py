@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import structlog
 
-from rolehost import probe, protocol
+from rolehost import metrics, probe, protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import Role, Service
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
@@ -149,6 +149,7 @@ class Instance:
         self._probes: dict[str, tuple[bool, str]] = {}  # endpoint -> (healthy, last seen)
         self._draining = False
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
+        self._boot_began = time.time()
 
     # The state machine.
 
@@ -163,6 +164,8 @@ class Instance:
         if state is S.READY and self.ready_since is None:
             self.ready_since = self.state_since
             self._cancel_deadline()
+            metrics.TIME_TO_READY.labels(self.role_name).observe(
+                self.ready_since - self._boot_began)
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
                  reason=reason or None)
         self._changed.set()
@@ -287,6 +290,8 @@ class Instance:
         self._draining = False
         self._probes.clear()
         self.starts += 1
+        self._boot_began = time.time()
+        metrics.STARTS.labels(self.role_name, kind.value).inc()
         self._set(S.BOOTSTRAPPING, reason)
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
         self._arm_deadline()
@@ -552,6 +557,7 @@ class Instance:
         )
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
+        metrics.DEADLINE_MISSES.labels(self.role_name).inc()
         if self.tasks is not None:
             self.tasks.kill()
         if self.process is not None and self.process.running:

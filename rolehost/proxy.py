@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
 import structlog
+
+from rolehost import metrics
 
 if TYPE_CHECKING:
     from rolehost.balancer import Backend, Balancer
@@ -245,15 +248,21 @@ async def _forward(
     """Relay one request; True if the client connection may carry another."""
     tried: set[str] = set()
     retried = False  # a request the backend may have seen is tried again once at most
+    endpoint = f"{balancer.role}.{balancer.name}"
+    began = time.monotonic()
     while True:
         backend = await balancer.pick(tried)
         if backend is None:
+            metrics.ERRORS.labels(endpoint, "503").inc()
             await _reply(client, 503, b"no instance in rotation", retry_after=True)
             return request.keep_alive and request.body.ended
         tried.add(backend.instance_id)
         backend.begin()
         try:
-            return await _exchange(backend, request, client, client_ip)
+            keep = await _exchange(backend, request, client, client_ip)
+            metrics.REQUESTS.labels(endpoint, backend.instance_id).inc()
+            metrics.LATENCY.labels(endpoint).observe(time.monotonic() - began)
+            return keep
         except ClientGone:
             return False  # nobody to answer: no retry, and the instance did nothing wrong
         except BackendFailed as failed:
@@ -261,15 +270,19 @@ async def _forward(
                      "method": request.method, "url": request.url.decode("latin-1")[:200],
                      "attempt": len(tried)}
             if failed.response_started:
+                metrics.ERRORS.labels(endpoint, "cut").inc()
                 log.warning("response_cut", **where)
                 return False  # part of a response is out: only closing can tell the client
             if not failed.request_sent:  # nothing left the proxy: any other instance may
+                metrics.ERRORS.labels(endpoint, "retry").inc()
                 log.info("retry", **where)
                 continue
             if not retried and request.method in IDEMPOTENT and request.replay is not None:
                 retried = True
+                metrics.ERRORS.labels(endpoint, "retry").inc()
                 log.info("retry", **where)
                 continue
+            metrics.ERRORS.labels(endpoint, "502").inc()
             log.warning("backend_failed", **where)
             await _reply(client, 502, b"the instance failed before it answered")
             return False
@@ -513,6 +526,7 @@ async def serve_tcp(
             except (OSError, TimeoutError):
                 continue  # nothing was sent: another instance may take it
             backend.begin()
+            metrics.REQUESTS.labels(f"{balancer.role}.{balancer.name}", backend.instance_id).inc()
             try:
                 await asyncio.gather(_pipe(reader, upstream.writer), _pipe(upstream.reader, writer))
             finally:

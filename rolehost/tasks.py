@@ -29,9 +29,14 @@ from typing import Any
 import psutil
 import structlog
 
+from rolehost import metrics
 from rolehost.definition import OncePer, Role, StartupTask, TaskContext, TaskType
 from rolehost.disks import Disks
 from rolehost.process import _Lines, watch_exit
+
+
+def role_name_of(instance_id: str) -> str:
+    return instance_id.rpartition("_IN_")[0]
 
 
 def describe_exit(code: int) -> str:
@@ -103,6 +108,7 @@ class Tasks:
         on_output: Callable[[bytes], None],
     ) -> None:
         self.log = log.bind(instance=instance_id)
+        self.role = role_name_of(instance_id)
         self.disks = disks
         self.env = env
         self.on_output = on_output
@@ -171,6 +177,7 @@ class Tasks:
             run.reason = f"timed out after {run.task.timeout:g}s"
         run.ended, run.exit_code = time.time(), code
         seconds = round(run.ended - (run.started or run.ended), 3)
+        metrics.TASK_SECONDS.labels(self.role, run.task.type.value).observe(seconds)
         if code == 0 and not run.reason:
             run.state, run.reason = "succeeded", "exited with 0"
             if marker is not None:
@@ -181,6 +188,7 @@ class Tasks:
             return
         run.state = "failed"
         run.reason = run.reason or describe_exit(code)
+        metrics.TASK_FAILURES.labels(self.role, run.task.type.value).inc()
         self.log.error("task_failed", task=run.label, reason=run.reason,
                   tail=list(run.tail)[-3:], type=run.task.type.value)
 

@@ -1,0 +1,76 @@
+"""Prometheus metrics of the controller: `GET /v1/metrics` on the control socket, and on
+`[service] metrics = "host:port"` when set (off by default).
+
+Counters and histograms are updated where things happen; the state of instances and
+balancers is read at scrape time by `StateCollector`, so nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from rolehost.controller import Controller
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+STARTS = Counter("rolehost_instance_starts", "Boots and host restarts of instances, by cause",
+                 ["role", "cause"], registry=REGISTRY)
+TIME_TO_READY = Histogram("rolehost_time_to_ready_seconds",
+                          "From the start of a boot (tasks included) to ready", ["role"],
+                          buckets=_SECONDS, registry=REGISTRY)
+DEADLINE_MISSES = Counter("rolehost_ready_deadline_misses", "Instances that missed the "
+                          "ready deadline", ["role"], registry=REGISTRY)
+TASK_SECONDS = Histogram("rolehost_task_duration_seconds", "Startup tasks' run time",
+                         ["role", "type"], buckets=_SECONDS, registry=REGISTRY)
+TASK_FAILURES = Counter("rolehost_task_failures", "Startup tasks that failed",
+                        ["role", "type"], registry=REGISTRY)
+REQUESTS = Counter("rolehost_balancer_requests", "Requests (http) or connections (tcp) "
+                   "served, by endpoint and instance", ["endpoint", "instance"],
+                   registry=REGISTRY)
+ERRORS = Counter("rolehost_balancer_errors", "Retries, 502s, 503s and cut responses",
+                 ["endpoint", "kind"], registry=REGISTRY)
+LATENCY = Histogram("rolehost_balancer_request_seconds", "Time to relay a request",
+                    ["endpoint"], buckets=_SECONDS, registry=REGISTRY)
+OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
+                     "outcome", ["kind", "outcome"], registry=REGISTRY)
+
+
+class StateCollector(Collector):
+    """Instances by role and state, rotation and load of each backend, at scrape time."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Any]:
+        instances = GaugeMetricFamily("rolehost_instances", "Instances by role and state",
+                                      labels=["role", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for instance in self.controller.instances.values():
+            key = (instance.role_name, instance.state.value)
+            counts[key] = counts.get(key, 0) + 1
+        for (role, state), count in sorted(counts.items()):
+            instances.add_metric([role, state], count)
+        yield instances
+        rotation = GaugeMetricFamily("rolehost_in_rotation", "1 while the instance takes "
+                                     "traffic on the endpoint", labels=["endpoint", "instance"])
+        active = GaugeMetricFamily("rolehost_active", "Requests or connections in flight",
+                                   labels=["endpoint", "instance"])
+        for balancer in self.controller.balancers:
+            endpoint = f"{balancer.role}.{balancer.name}"
+            for backend in balancer.backends.values():
+                rotation.add_metric([endpoint, backend.instance_id], float(backend.in_rotation))
+                active.add_metric([endpoint, backend.instance_id], float(backend.active))
+        yield rotation
+        yield active
+
+
+def exposition() -> bytes:
+    return bytes(generate_latest(REGISTRY))
