@@ -447,6 +447,34 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
+@cli.command(name="run-instance")
+@click.argument("role")
+@_file
+@_run_dir
+@click.option("--index", type=int, help="The instance's index [default: ROLEHOST_INDEX, or "
+              "the ordinal at the end of the host name (a StatefulSet pod), or 0].")
+@click.option("--health", default="127.0.0.1:8484", show_default=True,
+              help="host:port of /startup, /ready, /live and /stop.")
+@click.option("--drain-delay", default=0.0, show_default=True,
+              help="Seconds between leaving rotation (/ready 503) and the stop.")
+def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None, health: str,
+                 drain_delay: float) -> None:
+    """Run one instance of ROLE in the foreground, as a container would: startup tasks,
+    the host and the lifecycle rules, no balancer, and health endpoints for the platform
+    in front. SIGTERM or /stop stops it gracefully."""
+    from rolehost import single
+
+    definition = _load(file)
+    if role not in definition.roles:
+        _fail(f"no role {role!r} in {file} (roles: {', '.join(definition.roles)})",
+              EXIT_BAD_DEFINITION)
+    chosen = single.index_from_environment() if index is None else index
+    try:
+        sys.exit(single.run(definition, file, role, chosen, health, run_dir, drain_delay))
+    except AlreadyRunning as exc:
+        _fail(str(exc))
+
+
 @cli.group()
 def export() -> None:
     """Write files that run the service under another process manager."""

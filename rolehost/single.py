@@ -1,0 +1,128 @@
+"""Single-instance mode (`rolehost run-instance ROLE`): one instance in the foreground,
+for a container. Startup tasks, the host and the lifecycle rules as under the
+controller, no balancer (the platform in front balances), and a small HTTP port:
+
+- `/startup` 200 once the startup tasks ran and on_start returned True;
+- `/ready`   200 only while the instance would be in rotation (ready, not stopping);
+- `/live`    200 while the instance is not failed;
+- `/stop`    starts the graceful stop (a preStop hook): out of rotation at once, a
+             drain delay, then `stopping` handlers and on_stop. SIGTERM does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rolehost import api, logs, process
+from rolehost.api import ApiError, Request, Routes, route
+from rolehost.controller import standby_environment
+from rolehost.definition import Definition
+from rolehost.instance import Deployment, Instance, State
+from rolehost.rundir import RunDir
+
+log = structlog.get_logger()
+ROUTES: Routes = []
+
+
+def index_from_environment() -> int:
+    """ROLEHOST_INDEX, else a StatefulSet pod's ordinal (`web-3` -> 3), else 0."""
+    if (value := os.environ.get("ROLEHOST_INDEX", "")).isdigit():
+        return int(value)
+    match = re.search(r"-(\d+)$", socket.gethostname())
+    return int(match.group(1)) if match else 0
+
+
+class SingleInstance:
+    def __init__(self, definition: Definition, role: str, index: int, run_dir: RunDir,
+                 drain_delay: float) -> None:
+        self.definition, self.role_name, self.run_dir = definition, role, run_dir
+        self.drain_delay = drain_delay
+        self.deployment = Deployment(
+            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path,
+            console=logs.Console(), standby=process.Standby(
+                standby_environment(run_dir.path), run_dir.path),
+            observer=self._observe,
+        )
+        self.instance = Instance(self.deployment, role, definition.roles[role], index)
+        self.started = False  # on_start returned True once, in this process's life
+        self.stopping = False
+        self._stop = asyncio.Event()
+
+    async def serve(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.run_dir.lock()
+        logs.configure(self.run_dir.logs, self.deployment.console)
+        process.adopt_orphans(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_stop)
+        pending: set[asyncio.Task[None]] = set()
+        server = await loop.create_server(
+            lambda: api._Connection(self, pending, ROUTES), host, port)  # type: ignore[arg-type]
+        log.info("instance_mode", instance=self.instance.id, health=f"{host}:{port}")
+        self.deployment.standby.warm()
+        self.instance.start()
+        await self._stop.wait()
+        await asyncio.sleep(self.drain_delay)  # endpoints catch up with /ready going 503
+        await self.instance.stop("stop requested")
+        await self.deployment.standby.close()
+        server.close()
+        self.instance.output.close()
+        return 0 if self.instance.state is State.STOPPED else 1
+
+    def _observe(self, instance: Instance) -> None:
+        if instance.state in (State.READY, State.BUSY):
+            self.started = True
+
+    def begin_stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info("instance_mode_stopping", instance=self.instance.id)
+            self._stop.set()
+
+
+def _answer(ok: bool, what: str) -> dict[str, Any]:
+    if not ok:
+        raise ApiError(503, what)
+    return {"ok": True}
+
+
+@route("GET", "/startup", ROUTES)
+async def _startup(single: Any, request: Request) -> Any:
+    return _answer(single.started, "startup not complete")
+
+
+@route("GET", "/ready", ROUTES)
+async def _ready(single: Any, request: Request) -> Any:
+    ready = single.instance.state is State.READY and not single.stopping
+    return _answer(ready, f"not ready: {single.instance.state.value}")
+
+
+@route("GET", "/live", ROUTES)
+async def _live(single: Any, request: Request) -> Any:
+    return _answer(single.instance.state is not State.FAILED, single.instance.reason)
+
+
+@route("GET", "/stop", ROUTES)
+@route("POST", "/stop", ROUTES)
+async def _stop(single: Any, request: Request) -> Any:
+    single.begin_stop()
+    return {"stopping": True}
+
+
+def run(definition: Definition, file: Path, role: str, index: int, health: str,
+        run_dir: Path | None, drain_delay: float) -> int:
+    where = RunDir(Path(run_dir).resolve() if run_dir else
+                   Path(file).resolve().parent / f".rolehost-{role}-{index}")
+    where.ensure()
+    host, _, port = health.rpartition(":")
+    single = SingleInstance(definition, role, index, where, drain_delay)
+    return asyncio.run(single.serve(host, int(port)))

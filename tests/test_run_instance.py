@@ -1,0 +1,82 @@
+"""`rolehost run-instance`: one instance in the foreground, with health endpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import MakeService
+from test_balancer import free_port
+
+from rolehost.testing import run_dir_processes, wait_until
+
+
+def answer(port: int, path: str, method: str = "GET") -> int:
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("ending", ["stop", "sigterm"])
+def test_run_instance_lifecycle(make_service: MakeService, ending: str) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe(f"start index={RoleEnvironment.current_instance.index}")
+                time.sleep(0.5)
+                return True
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        extra="""
+        [[roles.web.startup_tasks]]
+        command = ["true"]
+        """,
+    )
+    port = free_port()
+    run_dir = service.toml.parent / "instance-run"
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "rolehost", "run-instance", "web", "-f", str(service.toml),
+         "--health", f"127.0.0.1:{port}", "--run-dir", str(run_dir), "--drain-delay", "0.3"],
+        env={**os.environ, "ROLEHOST_INDEX": "3"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: answer(port, "/live") == 200, 30, "/live")
+        wait_until(lambda: answer(port, "/startup") == 200, 30, "/startup")
+        assert answer(port, "/ready") == 200
+        assert service.probes() == ["start index=3 web_IN_3"]
+        if ending == "stop":
+            assert answer(port, "/stop", "POST") == 200
+        else:
+            controller.send_signal(signal.SIGTERM)
+        assert answer(port, "/ready") in (503, 0)  # out of rotation at once
+        assert controller.wait(30) == 0
+        assert service.probes()[-1] == "on_stop web_IN_3"
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        for proc in run_dir_processes(run_dir):
+            proc.kill()
+    assert not run_dir_processes(run_dir)
+
+
+def test_the_index_comes_from_a_statefulset_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rolehost import single
+
+    monkeypatch.delenv("ROLEHOST_INDEX", raising=False)
+    monkeypatch.setattr(single.socket, "gethostname", lambda: "shop-web-7")
+    assert single.index_from_environment() == 7
+    monkeypatch.setenv("ROLEHOST_INDEX", "2")
+    assert single.index_from_environment() == 2
