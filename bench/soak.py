@@ -39,6 +39,9 @@ OPERATIONS = ["recycle", "restart", "reimage", "rebuild", "agent-update", "upgra
 
 def definition(folder: Path, port: int, db: Path) -> Path:
     text = (SHOP / "rolehost.toml").read_text()
+    # A soak packs a month of events into minutes: an instance killed soon after it came
+    # back is not a crash loop here, so back-off must not grow to the 60 s default cap.
+    text = text.replace("[service]", '[service]\nstable_after = "1s"\nbackoff_max = "5s"', 1)
     text = (text.replace("port = 8090", f"port = {port}")
             .replace("/tmp/rolehost-shop-orders.db", str(db))
             .replace('entry_point = "web:WebRole"', f'entry_point = "web:WebRole"\napp = "{SHOP}"')
