@@ -105,6 +105,14 @@ async def _instance(controller: Controller, request: Request) -> Any:
     return controller.instance(request.params["name"]).snapshot()
 
 
+@route("POST", "/v1/instances/{name}/status-check")
+async def _status_check(controller: Controller, request: Request) -> Any:
+    instance = controller.instance(request.params["name"])
+    if not instance.check_status():
+        raise ApiError(409, f"{instance.id} has no running host ({instance.state.value})")
+    return {"requested": True}
+
+
 @route("GET", "/v1/events")
 async def _events(controller: Controller, request: Request) -> Any:
     since = request.query.get("since", ["0"])[0]

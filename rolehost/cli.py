@@ -155,6 +155,18 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
         click.echo(line.rstrip())
 
 
+@cli.command(name="status-check")
+@click.argument("instances", nargs=-1, required=True)
+@_file
+@_run_dir
+def status_check(instances: tuple[str, ...], file: Path, run_dir: Path | None) -> None:
+    """Have INSTANCES run their status checks now rather than at the next interval."""
+    client = _client(file, run_dir)
+    for name in instances:
+        _call(client.check_status, name)
+        click.echo(f"{name}: status check requested")
+
+
 @cli.command()
 @_file
 @_run_dir

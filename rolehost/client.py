@@ -85,6 +85,10 @@ class Client:
         result: dict[str, Any] = self.request("GET", f"/v1/instances/{quote(name, safe='')}")
         return result
 
+    def check_status(self, name: str) -> None:
+        """Have an instance run its status checks now, not at its next interval."""
+        self.request("POST", f"/v1/instances/{quote(name, safe='')}/status-check")
+
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("GET", f"/v1/events?since={since}")
         return result

@@ -615,6 +615,13 @@ class Instance:
             )
         return self.snapshot()
 
+    def check_status(self) -> bool:
+        """Ask the host to run its status checks now; False if no host is running."""
+        if self.process is None or not self.process.running:
+            return False
+        self.process.send({"type": "status_check"})
+        return True
+
     async def change_settings(self, role: Role, cause: str) -> str:
         """Offer `role`'s settings to the running host (see `_offer`)."""
         old, new = self.role.values, role.values

@@ -402,3 +402,23 @@ def test_the_role_sees_its_app_folder_first_on_sys_path(make_service: MakeServic
     with service.harness() as h:
         h.wait_ready(30)
         assert service.probes() == ["first=True run_dir=False web_IN_0"]
+
+
+def test_a_status_check_on_demand(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_status_check(self.check)
+                return True
+            def check(self, status):
+                if os.path.exists(RoleEnvironment.get_setting("probe") + ".busy"):
+                    status.busy()
+        """,
+        role={"status_check_interval": "1h"},  # only on demand, within this test
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        service.probe.with_name("probe.txt.busy").touch()
+        h.client.check_status("web/0")
+        assert h.wait_state("web/0", "busy", 5)["reason"] == "a status check reported busy"
