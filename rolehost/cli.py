@@ -469,8 +469,10 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
               help="host:port of /startup, /ready, /live and /stop.")
 @click.option("--drain-delay", default=0.0, show_default=True,
               help="Seconds between leaving rotation (/ready 503) and the stop.")
+@click.option("--endpoint-host", help="Address the role binds its endpoints on [default: "
+              "each endpoint's host]; 0.0.0.0 in a container.")
 def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None, health: str,
-                 drain_delay: float) -> None:
+                 drain_delay: float, endpoint_host: str | None) -> None:
     """Run one instance of ROLE in the foreground, as a container would: startup tasks,
     the host and the lifecycle rules, no balancer, and health endpoints for the platform
     in front. SIGTERM or /stop stops it gracefully."""
@@ -482,7 +484,8 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
               EXIT_BAD_DEFINITION)
     chosen = single.index_from_environment() if index is None else index
     try:
-        sys.exit(single.run(definition, file, role, chosen, health, run_dir, drain_delay))
+        sys.exit(single.run(definition, file, role, chosen, health, run_dir, drain_delay,
+                            endpoint_host))
     except AlreadyRunning as exc:
         _fail(str(exc))
 

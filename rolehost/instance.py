@@ -114,6 +114,7 @@ class Instance:
         self.update_domain = index % deployment.service.upgrade_domains
         self.disks = Disks(deployment.run_dir / "instances" / self.id)
         self.ports = {name: _free_port(ep.host) for name, ep in role.endpoints.items()}
+        self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
 
@@ -458,7 +459,8 @@ class Instance:
             status_check_interval=self.role.status_check_interval,
             settings=self.role.values,
             endpoints={
-                name: {"host": ep.host, "port": self.ports[name], "protocol": ep.protocol.value}
+                name: {"host": self.endpoint_host or ep.host, "port": self.ports[name],
+                       "protocol": ep.protocol.value}
                 for name, ep in self.role.endpoints.items()
             },
             resources={

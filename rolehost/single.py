@@ -1,6 +1,8 @@
 """Single-instance mode (`rolehost run-instance ROLE`): one instance in the foreground,
 for a container. Startup tasks, the host and the lifecycle rules as under the
-controller, no balancer (the platform in front balances), and a small HTTP port:
+controller, no balancer (the platform in front balances: the instance binds its
+endpoints' declared ports itself), settings overridable by `ROLEHOST_SETTING_NAME`,
+and a small HTTP port:
 
 - `/startup` 200 once the startup tasks ran and on_start returned True;
 - `/ready`   200 only while the instance would be in rotation (ready, not stopping);
@@ -17,6 +19,7 @@ import re
 import signal
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import structlog
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
 from rolehost.controller import standby_environment
-from rolehost.definition import Definition
+from rolehost.definition import Definition, Role, Secret
 from rolehost.instance import Deployment, Instance, State
 from rolehost.rundir import RunDir
 
@@ -41,9 +44,28 @@ def index_from_environment() -> int:
     return int(match.group(1)) if match else 0
 
 
+def settings_from_environment(role: Role, environ: Mapping[str, str]) -> Role:
+    """`ROLEHOST_SETTING_NAME` overrides a declared setting (from a ConfigMap or a Secret,
+    say), read as the type the definition gives it; a secret stays secret."""
+    settings: dict[str, Any] = dict(role.settings)
+    for name, declared in role.settings.items():
+        variable = "ROLEHOST_SETTING_" + name.upper().replace("-", "_")
+        if variable not in environ:
+            continue
+        text = environ[variable]
+        current = declared.value if isinstance(declared, Secret) else declared
+        value: Any = text
+        if isinstance(current, bool):
+            value = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, int | float):
+            value = type(current)(text)
+        settings[name] = Secret(value=value) if isinstance(declared, Secret) else value
+    return role.model_copy(update={"settings": settings})
+
+
 class SingleInstance:
     def __init__(self, definition: Definition, role: str, index: int, run_dir: RunDir,
-                 drain_delay: float) -> None:
+                 drain_delay: float, endpoint_host: str | None = None) -> None:
         self.definition, self.role_name, self.run_dir = definition, role, run_dir
         self.drain_delay = drain_delay
         self.deployment = Deployment(
@@ -52,7 +74,11 @@ class SingleInstance:
                 standby_environment(run_dir.path), run_dir.path),
             observer=self._observe,
         )
-        self.instance = Instance(self.deployment, role, definition.roles[role], index)
+        spec = settings_from_environment(definition.roles[role], os.environ)
+        self.instance = Instance(self.deployment, role, spec, index)
+        # No balancer in front: the instance takes its endpoints' declared ports itself.
+        self.instance.ports = {name: ep.port for name, ep in spec.endpoints.items()}
+        self.instance.endpoint_host = endpoint_host
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self._stop = asyncio.Event()
@@ -119,10 +145,10 @@ async def _stop(single: Any, request: Request) -> Any:
 
 
 def run(definition: Definition, file: Path, role: str, index: int, health: str,
-        run_dir: Path | None, drain_delay: float) -> int:
+        run_dir: Path | None, drain_delay: float, endpoint_host: str | None = None) -> int:
     where = RunDir(Path(run_dir).resolve() if run_dir else
                    Path(file).resolve().parent / f".rolehost-{role}-{index}")
     where.ensure()
     host, _, port = health.rpartition(":")
-    single = SingleInstance(definition, role, index, where, drain_delay)
+    single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host)
     return asyncio.run(single.serve(host, int(port)))

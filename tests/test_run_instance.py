@@ -80,3 +80,60 @@ def test_the_index_comes_from_a_statefulset_host_name(monkeypatch: pytest.Monkey
     assert single.index_from_environment() == 7
     monkeypatch.setenv("ROLEHOST_INDEX", "2")
     assert single.index_from_environment() == 2
+
+
+def test_settings_from_the_environment_keep_their_type_and_secrecy() -> None:
+    from rolehost import definition
+    from rolehost.single import settings_from_environment
+
+    role = definition.parse({"service": {"name": "s"}, "roles": {"web": {
+        "entry_point": "m:C",
+        "settings": {"greeting": "hi", "workers": 2, "ratio": 0.5, "debug": False,
+                     "api-key": {"value": "old", "secret": True}},
+    }}}).roles["web"]
+    changed = settings_from_environment(role, {
+        "ROLEHOST_SETTING_GREETING": "hello", "ROLEHOST_SETTING_WORKERS": "8",
+        "ROLEHOST_SETTING_RATIO": "0.25", "ROLEHOST_SETTING_DEBUG": "true",
+        "ROLEHOST_SETTING_API_KEY": "new", "ROLEHOST_SETTING_UNKNOWN": "ignored"})
+    assert changed.values == {"greeting": "hello", "workers": 8, "ratio": 0.25,
+                              "debug": True, "api-key": "new"}
+    assert changed.secrets == {"api-key"}
+
+
+def test_run_instance_binds_the_declared_port_with_settings_from_env(
+    make_service: MakeService,
+) -> None:
+    port, health = free_port(), free_port()
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                me = RoleEnvironment.current_instance.endpoints["http"]
+                greeting = RoleEnvironment.get_setting("greeting")
+                probe(f"bind {me.host}:{me.port} greeting={greeting}")
+                return True
+        """,
+        settings={"greeting": "hi"},
+        extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        """,
+    )
+    run_dir = service.toml.parent / "instance-run"
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "rolehost", "run-instance", "web", "-f", str(service.toml),
+         "--health", f"127.0.0.1:{health}", "--run-dir", str(run_dir),
+         "--endpoint-host", "0.0.0.0"],
+        env={**os.environ, "ROLEHOST_SETTING_GREETING": "from-configmap"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
+        assert service.probes() == [f"bind 0.0.0.0:{port} greeting=from-configmap web_IN_0"]
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 0
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+        for proc in run_dir_processes(run_dir):
+            proc.kill()
