@@ -471,8 +471,12 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
               help="Seconds between leaving rotation (/ready 503) and the stop.")
 @click.option("--endpoint-host", help="Address the role binds its endpoints on [default: "
               "each endpoint's host]; 0.0.0.0 in a container.")
+@click.option("--resources-dir", type=click.Path(path_type=Path),
+              help="Folder of the local resources (a persistent volume) [default: in the "
+                   "run directory].")
 def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None, health: str,
-                 drain_delay: float, endpoint_host: str | None) -> None:
+                 drain_delay: float, endpoint_host: str | None,
+                 resources_dir: Path | None) -> None:
     """Run one instance of ROLE in the foreground, as a container would: startup tasks,
     the host and the lifecycle rules, no balancer, and health endpoints for the platform
     in front. SIGTERM or /stop stops it gracefully."""
@@ -485,7 +489,7 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
     chosen = single.index_from_environment() if index is None else index
     try:
         sys.exit(single.run(definition, file, role, chosen, health, run_dir, drain_delay,
-                            endpoint_host))
+                            endpoint_host, resources_dir))
     except AlreadyRunning as exc:
         _fail(str(exc))
 

@@ -26,10 +26,12 @@ _NOT_DEPLOYED = {".git", ".hg", ".venv", "venv", "__pycache__", ".rolehost", ".p
 @dataclass(frozen=True)
 class Disks:
     root: Path
+    # Elsewhere than root/resources: a persistent volume, in a container (run-instance).
+    resources_root: Path | None = None
 
     @property
     def resources(self) -> Path:
-        return self.root / "resources"
+        return self.resources_root or self.root / "resources"
 
     @property
     def os(self) -> Path:

@@ -29,6 +29,7 @@ from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
 from rolehost.controller import standby_environment
 from rolehost.definition import Definition, Role, Secret
+from rolehost.disks import Disks
 from rolehost.instance import Deployment, Instance, State
 from rolehost.rundir import RunDir
 
@@ -65,7 +66,8 @@ def settings_from_environment(role: Role, environ: Mapping[str, str]) -> Role:
 
 class SingleInstance:
     def __init__(self, definition: Definition, role: str, index: int, run_dir: RunDir,
-                 drain_delay: float, endpoint_host: str | None = None) -> None:
+                 drain_delay: float, endpoint_host: str | None = None,
+                 resources: Path | None = None) -> None:
         self.definition, self.role_name, self.run_dir = definition, role, run_dir
         self.drain_delay = drain_delay
         self.deployment = Deployment(
@@ -79,6 +81,8 @@ class SingleInstance:
         # No balancer in front: the instance takes its endpoints' declared ports itself.
         self.instance.ports = {name: ep.port for name, ep in spec.endpoints.items()}
         self.instance.endpoint_host = endpoint_host
+        if resources is not None:
+            self.instance.disks = Disks(self.instance.disks.root, resources.resolve())
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self._stop = asyncio.Event()
@@ -145,10 +149,12 @@ async def _stop(single: Any, request: Request) -> Any:
 
 
 def run(definition: Definition, file: Path, role: str, index: int, health: str,
-        run_dir: Path | None, drain_delay: float, endpoint_host: str | None = None) -> int:
+        run_dir: Path | None, drain_delay: float, endpoint_host: str | None = None,
+        resources: Path | None = None) -> int:
     where = RunDir(Path(run_dir).resolve() if run_dir else
                    Path(file).resolve().parent / f".rolehost-{role}-{index}")
     where.ensure()
     host, _, port = health.rpartition(":")
-    single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host)
+    single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host,
+                            resources)
     return asyncio.run(single.serve(host, int(port)))

@@ -111,25 +111,31 @@ def test_run_instance_binds_the_declared_port_with_settings_from_env(
                 me = RoleEnvironment.current_instance.endpoints["http"]
                 greeting = RoleEnvironment.get_setting("greeting")
                 probe(f"bind {me.host}:{me.port} greeting={greeting}")
+                probe(f"data {RoleEnvironment.local_resource('data').path}")
                 return True
         """,
         settings={"greeting": "hi"},
         extra=f"""
         [roles.web.endpoints.http]
         port = {port}
+        [roles.web.local_resources.data]
+        clean_on_recycle = false
         """,
     )
     run_dir = service.toml.parent / "instance-run"
+    volume = service.toml.parent / "volume"
     controller = subprocess.Popen(
         [sys.executable, "-m", "rolehost", "run-instance", "web", "-f", str(service.toml),
          "--health", f"127.0.0.1:{health}", "--run-dir", str(run_dir),
-         "--endpoint-host", "0.0.0.0"],
+         "--endpoint-host", "0.0.0.0", "--resources-dir", str(volume)],
         env={**os.environ, "ROLEHOST_SETTING_GREETING": "from-configmap"},
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     try:
         wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
-        assert service.probes() == [f"bind 0.0.0.0:{port} greeting=from-configmap web_IN_0"]
+        assert service.probes() == [f"bind 0.0.0.0:{port} greeting=from-configmap web_IN_0",
+                                    f"data {volume.resolve()}/data web_IN_0"]
+        assert (volume / "data").is_dir()
         controller.send_signal(signal.SIGTERM)
         assert controller.wait(30) == 0
     finally:
