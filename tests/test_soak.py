@@ -19,5 +19,6 @@ def test_a_short_soak_fails_nothing_and_loses_nothing() -> None:
     result = soak.soak(seconds=15, seed=5)
     assert result["operations"] >= 5
     assert result["failed_requests"] == 0, result["failure_causes"]
-    assert result["orders_lost"] == 0 and result["orders_failed_to_place"] == 0
-    assert result["orders_placed"] > 0
+    assert result["orders_lost"] == 0 and result["orders_placed"] > 0
+    # A POST in flight on a SIGKILLed host may fail (not idempotent: no retry), as a 502.
+    assert all("502" in cause for cause in result["order_failures"]), result["order_failures"]
