@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from rolehost import capacity, logs, preflight
+from rolehost import capacity, logs, preflight, privileges
 from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
@@ -522,4 +522,7 @@ def schema() -> None:
 
 
 def main() -> None:
-    cli(prog_name="rolehost")
+    try:
+        cli(prog_name="rolehost")
+    except privileges.Unusable as exc:  # start, check, run-instance: before anything runs
+        _fail(f"{exc}", EXIT_BAD_DEFINITION)

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +96,6 @@ def watch_file(
     return _Watcher(observer)
 
 
-def standby_environment(run_dir: Path) -> dict[str, str]:
-    """What a host starts with, before it knows its instance."""
-    from rolehost.tasks import task_path
-
-    return {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
-
-
 class Controller:
     def __init__(
         self,
@@ -117,12 +109,8 @@ class Controller:
         self.run_dir = run_dir
         self.console = console
         self.started = time.time()
-        self.deployment = Deployment(
-            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path,
-            console=console, standby=process.Standby(standby_environment(run_dir.path),
-                                                     run_dir.path),
-            observer=self._state_changed,
-        )
+        self.deployment = Deployment.prepare(definition.service, run_dir.path, console,
+                                             self._state_changed)
         self.notifier = Notifier()
         self.instances: dict[str, Instance] = {}
         self.balancers: list[Balancer] = []
@@ -178,7 +166,11 @@ class Controller:
                     host, port = balancer.address
                     raise StartError(f"cannot listen on {host}:{port} for "
                                      f"{balancer.role}.{balancer.name}: {exc.strerror}") from None
+            run_as = self.deployment.run_as
+            if run_as.degraded:
+                log.warning("limited_user_unavailable", detail=run_as.reason)
             log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
+                     limited_user=run_as.name,
                      version=self.version,
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
@@ -249,6 +241,8 @@ class Controller:
             "version": self.version,
             "pid": os.getpid(),
             "run_dir": str(self.run_dir.path),
+            "limited_user": {"name": self.deployment.run_as.name,
+                             "reason": self.deployment.run_as.reason},
             "definition": str(self.definition_path),
             "started": iso(self.started),
             "upgrade_domains": self.definition.service.upgrade_domains,

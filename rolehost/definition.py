@@ -234,6 +234,11 @@ class Service(_Model):
     change_mode: Literal["per-ud", "blast"] = Field(
         default="per-ud", description="settings changes one update domain at a time, or all at once"
     )
+    limited_user: str | None = Field(
+        default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",
+        description="who hosts and limited tasks run as when the controller is root; "
+        "default nobody, or root with a warning if nobody cannot run the interpreter",
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Service:

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from rolehost.definition import Role
+from rolehost.privileges import User
 
 # Never part of a deployed app: version control, environments, caches, run directories.
 _NOT_DEPLOYED = {".git", ".hg", ".venv", "venv", "__pycache__", ".rolehost", ".pytest_cache",
@@ -28,6 +29,7 @@ class Disks:
     root: Path
     # Elsewhere than root/resources: a persistent volume, in a container (run-instance).
     resources_root: Path | None = None
+    owner: User | None = None  # a root controller's limited user: the folders are its own
 
     @property
     def resources(self) -> Path:
@@ -50,13 +52,18 @@ class Disks:
 
     def create(self, role: Role) -> None:
         """Make every folder that does not exist yet; existing content is kept."""
-        for folder in (self.tmp, self.app, *(self.resource(n) for n in role.local_resources)):
+        resources = [self.resource(n) for n in role.local_resources]
+        for folder in (self.tmp, self.app, self.resources, *resources):
             folder.mkdir(parents=True, exist_ok=True)
+        if self.owner is not None:
+            self.owner.give(self.root, self.os, self.tmp, self.app, self.resources, *resources)
 
     def deploy(self, source: Path, run_dir: Path) -> None:
         """Replace `app/` with a fresh copy of the role's app folder."""
         wipe(self.app)
         copy_app(source, self.app, run_dir)
+        if self.owner is not None:
+            self.owner.give_tree(self.app)
 
     def clean_resources(self, role: Role, only_clean_on_recycle: bool) -> None:
         for name, spec in role.local_resources.items():

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import psutil
 import structlog
 
-from rolehost import metrics, probe, protocol
+from rolehost import metrics, privileges, probe, protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import Role, Service
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
@@ -83,7 +84,19 @@ class Deployment:
     run_dir: Path
     console: Console | None
     standby: Standby
+    run_as: privileges.RunAs  # who the hosts and limited tasks run as
     observer: Callable[[Instance], None] | None = None  # told of every state change
+
+    @classmethod
+    def prepare(cls, service: Service, run_dir: Path, console: Console | None,
+                observer: Callable[[Instance], None] | None = None) -> Deployment:
+        """A new deployment in `run_dir`, which must exist; privileges.Unusable if the
+        service's limited_user cannot run its hosts."""
+        run_as = privileges.decide(service.limited_user, run_dir)
+        environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
+        return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
+                   standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
+                   observer=observer)
 
 
 class OperationError(RuntimeError):
@@ -112,7 +125,8 @@ class Instance:
         self.role_name, self.role, self.index = role_name, role, index
         self.id = f"{role_name}_IN_{index}"
         self.update_domain = index % deployment.service.upgrade_domains
-        self.disks = Disks(deployment.run_dir / "instances" / self.id)
+        self.disks = Disks(deployment.run_dir / "instances" / self.id,
+                           owner=deployment.run_as.user)
         self.ports = {name: _free_port(ep.host) for name, ep in role.endpoints.items()}
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
@@ -313,7 +327,8 @@ class Instance:
                                         self.deployment.run_dir)
                 self._measure()
                 self.tasks = Tasks(self.id, self.role, self.disks,
-                                   self._environment(self.boot_token), self._on_output)
+                                   self._environment(self.boot_token), self._on_output,
+                                   self.deployment.run_as.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
             self.hosts += 1
@@ -328,6 +343,8 @@ class Instance:
             log.error("bootstrap_failed", instance=self.id, error=str(exc))
             return False
         environment = self.variables() | {"PATH": task_path(), protocol.TOKEN_ENV: token}
+        if (user := self.deployment.run_as.user) is not None:
+            environment |= user.environment(self.disks.os)
         self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
                             self._on_message, self._on_output)
         return True

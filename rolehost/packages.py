@@ -50,6 +50,7 @@ class Packages:
             if existing["digest"] == digest:
                 return dict(existing)  # the same content: packaging it again changes nothing
             raise PackageError(f"version {version} exists already, with other content", 409)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the role's source
         staging = self.root / f".{version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "apps").mkdir(parents=True)

@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 
 from rolehost import protocol
+from rolehost.privileges import User
 
 # Pids the controller reaps itself; the orphan reaper leaves them alone.
 _tracked: set[int] = set()
@@ -220,12 +221,14 @@ class HostProcess:
         self._transport: asyncio.Transport | None = None
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], env: dict[str, str], cwd: str) -> HostProcess:
+    async def spawn(cls, argv: Sequence[str], env: dict[str, str], cwd: str,
+                    user: User | None = None) -> HostProcess:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         try:
             popen = subprocess.Popen(
                 argv,
+                **(user.spawn_options() if user is not None else {}),
                 env={**env, protocol.CHANNEL_FD_ENV: str(theirs.fileno())},
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
@@ -318,16 +321,17 @@ class Standby:
     interpreter to boot: a crashed instance's replacement is one `assign` message away.
     Taking it starts the next one."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, user: User | None = None) -> None:
         # -P: no working folder on sys.path; the role's app folder is put there on assign.
         self.argv = [sys.executable, "-P", "-m", "rolehost.host"]
-        self.env, self.cwd = env, str(cwd)
+        self.env, self.cwd, self.user = env, str(cwd), user
         self._next: asyncio.Task[HostProcess] | None = None
         self._closed = False
 
     def warm(self) -> None:
         if self._next is None and not self._closed:
-            self._next = asyncio.ensure_future(HostProcess.spawn(self.argv, self.env, self.cwd))
+            spawned = HostProcess.spawn(self.argv, self.env, self.cwd, self.user)
+            self._next = asyncio.ensure_future(spawned)
 
     async def take(self) -> HostProcess:
         """A standby host: the warm one if it is still up, a new one otherwise."""
@@ -337,7 +341,7 @@ class Standby:
             with contextlib.suppress(OSError):
                 host = await ready
         if host is None or not host.alive:
-            host = await HostProcess.spawn(self.argv, self.env, self.cwd)
+            host = await HostProcess.spawn(self.argv, self.env, self.cwd, self.user)
         self.warm()
         return host
 

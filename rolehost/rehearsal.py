@@ -16,13 +16,11 @@ import contextlib
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rolehost import logs, process
-from rolehost.controller import standby_environment
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, OperationError, State
@@ -71,10 +69,7 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
     run_dir = Path(tempfile.mkdtemp(prefix="rolehost-check-"))
     logs.configure(run_dir / "logs", None)
     process.adopt_orphans(asyncio.get_running_loop())
-    deployment = Deployment(
-        id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir, console=None,
-        standby=process.Standby(standby_environment(run_dir), run_dir),
-    )
+    deployment = Deployment.prepare(definition.service, run_dir, None)
     names = roles or list(definition.roles)
     instances = {n: Instance(deployment, n, definition.roles[n], 0) for n in names}
     try:

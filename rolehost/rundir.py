@@ -1,7 +1,9 @@
 """The run directory: where a controller keeps its socket, lock, logs and instances.
 
 Default: `.rolehost/` beside the definition. It is 0700 and its control socket 0600,
-so only the user who started the controller can reach it.
+so only the user who started the controller can reach it. A root controller that drops
+privileges makes it 0711, so its limited user can pass through to `instances/`; the
+socket, `logs/`, `packages/` and the history stay private.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ class RunDir:
         return self.logs / f"{instance_id}.log"
 
     def ensure(self) -> None:
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)  # an existing folder may have been created looser
-        self.logs.mkdir(exist_ok=True)
+        # Private, and so is what it holds: a root controller opens the folder itself to
+        # its limited user (privileges.py), so the folders inside must not rely on it.
+        for folder in (self.path, self.logs):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)  # an existing folder may have been created looser
         if len(os.fsencode(self.socket)) > _MAX_SOCKET_PATH:
             raise ValueError(
                 f"run directory path too long for a Unix socket ({self.socket}); "

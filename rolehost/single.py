@@ -18,8 +18,8 @@ import os
 import re
 import signal
 import socket
-import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,7 @@ import structlog
 
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
-from rolehost.controller import standby_environment
 from rolehost.definition import Definition, Role, Secret
-from rolehost.disks import Disks
 from rolehost.instance import Deployment, Instance, State
 from rolehost.rundir import RunDir
 
@@ -70,19 +68,16 @@ class SingleInstance:
                  resources: Path | None = None) -> None:
         self.definition, self.role_name, self.run_dir = definition, role, run_dir
         self.drain_delay = drain_delay
-        self.deployment = Deployment(
-            id=uuid.uuid4().hex, service=definition.service, run_dir=run_dir.path,
-            console=logs.Console(), standby=process.Standby(
-                standby_environment(run_dir.path), run_dir.path),
-            observer=self._observe,
-        )
+        self.deployment = Deployment.prepare(definition.service, run_dir.path, logs.Console(),
+                                             self._observe)
         spec = settings_from_environment(definition.roles[role], os.environ)
         self.instance = Instance(self.deployment, role, spec, index)
         # No balancer in front: the instance takes its endpoints' declared ports itself.
         self.instance.ports = {name: ep.port for name, ep in spec.endpoints.items()}
         self.instance.endpoint_host = endpoint_host
         if resources is not None:
-            self.instance.disks = Disks(self.instance.disks.root, resources.resolve())
+            self.instance.disks = replace(self.instance.disks,
+                                          resources_root=resources.resolve())
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self._stop = asyncio.Event()

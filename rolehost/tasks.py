@@ -32,6 +32,7 @@ import structlog
 from rolehost import metrics
 from rolehost.definition import OncePer, Role, StartupTask, TaskContext, TaskType
 from rolehost.disks import Disks
+from rolehost.privileges import User
 from rolehost.process import _Lines, watch_exit
 
 
@@ -106,12 +107,14 @@ class Tasks:
         disks: Disks,
         env: dict[str, str],
         on_output: Callable[[bytes], None],
+        limited: User | None = None,
     ) -> None:
         self.log = log.bind(instance=instance_id)
         self.role = role_name_of(instance_id)
         self.disks = disks
         self.env = env
         self.on_output = on_output
+        self.limited = limited  # who limited tasks run as; None: the controller's user
         self.runs = [TaskRun(i, task) for i, task in enumerate(role.startup_tasks)]
         self.ended = False  # the boot they belong to is over
         self._waits: dict[int, asyncio.Future[int]] = {}
@@ -136,16 +139,20 @@ class Tasks:
     async def _start(self, run: TaskRun) -> asyncio.Future[int]:
         task = run.task
         argv = self._argv(task)
+        env, drop = {**self.env, **task.env}, {}
         if task.context is TaskContext.elevated and os.geteuid() != 0:
             self.log.warning("elevated_unavailable", task=run.label,
                         detail="the controller is not root: the task runs as the current user")
+        elif task.context is TaskContext.limited and self.limited is not None:
+            env |= self.limited.environment(self.disks.os)
+            drop = self.limited.spawn_options()
         run.state, run.started = "running", time.time()
         loop = asyncio.get_running_loop()
         try:
             popen = subprocess.Popen(
-                argv, cwd=self.disks.app, env={**self.env, **task.env},
+                argv, cwd=self.disks.app, env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, **drop,
             )
         except OSError as exc:
             failed: asyncio.Future[int] = loop.create_future()

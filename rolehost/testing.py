@@ -85,8 +85,12 @@ class ServiceHarness:
         run_dir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
+        python: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`python`: the interpreter the controller (and so each host) runs on, such as
+        the virtual environment the service runs from in production; default this one."""
         self.definition = Path(definition).resolve()
+        self.python = str(python or sys.executable)
         self._own_run_dir = run_dir is None
         # Short, private paths: a Unix socket path must fit in 107 bytes.
         self.run_dir = RunDir(
@@ -139,7 +143,7 @@ class ServiceHarness:
         self.run_dir.ensure()
         with open(self.run_dir.console_log, "ab") as out:
             self.controller = subprocess.Popen(
-                [sys.executable, "-m", "rolehost", "start", "-f", str(self.definition),
+                [self.python, "-m", "rolehost", "start", "-f", str(self.definition),
                  "--run-dir", str(self.run_dir.path), "--no-console"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
             )

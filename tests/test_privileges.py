@@ -1,0 +1,180 @@
+"""A root controller drops privileges: hosts and limited tasks run as the limited user.
+
+The drop needs an interpreter the limited user can run. The one running these tests may
+not be (pyenv keeps it under /root, which is 0700), so the test that sees the drop runs
+the controller on a virtual environment of the system's Python, with rolehost copied in.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import rolehost
+from rolehost import privileges
+from rolehost.testing import ServiceHarness, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+
+ROLE = '''
+import os
+from pathlib import Path
+from rolehost import RoleEntryPoint, RoleEnvironment
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        seen = Path(RoleEnvironment.local_resource("data").path)
+        try:
+            os.listdir("/root")
+            root_home = "readable"
+        except PermissionError:
+            root_home = "closed"
+        (seen / "host").write_text(f"{os.getuid()} {os.getgid()} {os.environ['HOME']} {root_home}")
+        return True
+'''
+
+DEFINITION = '''
+[service]
+name = "drop"
+{service}
+
+[roles.web]
+entry_point = "roles:Role"
+
+[roles.web.local_resources.data]
+clean_on_recycle = false
+
+[[roles.web.startup_tasks]]
+command = 'echo "$(id -u) $HOME" > "$ROLEHOST_RESOURCE_DATA/limited-task"'
+shell = true
+
+[[roles.web.startup_tasks]]
+command = 'id -u > "$ROLEHOST_RESOURCE_DATA/elevated-task"'
+shell = true
+context = "elevated"
+'''
+
+
+def write_service(folder: Path, service: str = "") -> Path:
+    (folder / "roles.py").write_text(textwrap.dedent(ROLE))
+    definition = folder / "rolehost.toml"
+    definition.write_text(DEFINITION.format(service=service))
+    return definition
+
+
+@pytest.fixture(scope="module")
+def reachable_python() -> Iterator[Path]:
+    """A virtual environment of the system's Python that `nobody` can run: rolehost copied
+    in, its dependencies (for the root controller only) taken from this environment."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = next((Path(d, version) for d in ("/usr/bin", "/usr/local/bin")
+                   if Path(d, version).exists()), None)
+    if system is None:
+        pytest.skip(f"no system {version} to build an environment nobody can run")
+    folder = Path(tempfile.mkdtemp(prefix="rolehost-sysenv-"))
+    try:
+        os.chmod(folder, 0o755)
+        subprocess.run([system, "-m", "venv", "--without-pip", folder / "venv"], check=True,
+                       timeout=60)
+        python = folder / "venv" / "bin" / "python"
+        purelib = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+        shutil.copytree(Path(rolehost.__file__).parent, Path(purelib, "rolehost"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        Path(purelib, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        problem = privileges.check(privileges.User.named("nobody"), folder, str(python))
+        if problem is not None:
+            pytest.skip(f"the system's Python is closed to nobody too: {problem}")
+        yield python
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def uids_of(pid: int) -> tuple[int, int]:
+    uids = psutil.Process(pid).uids()
+    return uids.real, uids.effective
+
+
+@pytest.mark.slow
+def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    definition = write_service(tmp_path)
+    with ServiceHarness(definition, python=reachable_python) as h:
+        status = h.wait_ready(60)
+        assert status["limited_user"]["name"] == "nobody"
+        instance = status["instances"][0]
+        assert uids_of(instance["pid"]) == (nobody.pw_uid, nobody.pw_uid)
+        assert psutil.Process(instance["pid"]).gids().real == nobody.pw_gid
+        assert uids_of(status["pid"]) == (0, 0)  # the controller keeps root
+
+        root = h.run_dir.path / "instances" / "web_IN_0"
+        data = root / "resources" / "data"
+        host_saw = f"{nobody.pw_uid} {nobody.pw_gid} {root / 'os'} closed"
+        assert (data / "host").read_text() == host_saw
+        assert (data / "limited-task").read_text().split() == [str(nobody.pw_uid), str(root / "os")]
+        assert (data / "elevated-task").read_text().strip() == "0"
+        for folder in (root, root / "os", root / "app", data):
+            assert folder.stat().st_uid == nobody.pw_uid, folder
+        assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
+
+        # Only what the limited user needs is opened to it.
+        mode = {p: stat.S_IMODE(p.stat().st_mode) for p in (
+            h.run_dir.path, h.run_dir.path / "instances", h.run_dir.logs,
+            h.run_dir.path / "packages", h.run_dir.socket)}
+        assert mode == {h.run_dir.path: 0o711, h.run_dir.path / "instances": 0o711,
+                        h.run_dir.logs: 0o700, h.run_dir.path / "packages": 0o700,
+                        h.run_dir.socket: 0o600}
+
+        # A reimage wipes os/ and deploys app/ again: both are the limited user's again.
+        (data / "host").unlink()
+        h.reimage("web_IN_0")
+        wait_until(lambda: (data / "host").exists(), 30, "the host to start again")
+        assert (data / "host").read_text().startswith(f"{nobody.pw_uid} ")
+        assert (root / "os").stat().st_uid == nobody.pw_uid
+        assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
+
+
+def test_default_user_that_cannot_run_the_interpreter_is_shown(tmp_path: Path) -> None:
+    problem = privileges.check(privileges.User.named("nobody"), Path(tempfile.gettempdir()))
+    if problem is None:
+        pytest.skip("nobody can run this interpreter: the default drop works here")
+    with ServiceHarness(write_service(tmp_path)) as h:
+        status = h.wait_ready(30)
+        assert status["limited_user"]["name"] == "root"
+        assert "nobody cannot run" in status["limited_user"]["reason"]
+        assert "[service] limited_user" in status["limited_user"]["reason"]
+        assert "limited_user_unavailable" in (h.run_dir.logs / "controller.log").read_text()
+
+
+@pytest.mark.parametrize("user, expected", [
+    ("nobody", "limited_user = 'nobody': nobody cannot run"),
+    ("no_such_user", "there is no user 'no_such_user'"),
+])
+def test_a_named_user_that_cannot_run_the_hosts_starts_nothing(
+        tmp_path: Path, user: str, expected: str) -> None:
+    if user == "nobody" and privileges.check(
+            privileges.User.named("nobody"), Path(tempfile.gettempdir())) is None:
+        pytest.skip("nobody can run this interpreter")
+    definition = write_service(tmp_path, f'limited_user = "{user}"')
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "rolehost", "start", "-f", str(definition),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert "[service] limited_user" in done.stderr
+    assert not (run_dir / "control.sock").exists()
+    assert not (run_dir / "instances" / "web_IN_0").exists()
