@@ -132,6 +132,8 @@ class Controller:
         # stop` (which waits for it) returns only once nothing of the controller is left.
         self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.console)
+        if swept := await asyncio.to_thread(process.sweep_leftovers, self.run_dir.path):
+            log.warning("leftovers_swept", count=len(swept), processes=swept)
         self.history = History(self.run_dir.path / "history.jsonl")
         # Run what was packaged, not the working tree: see packages.py.
         started = await asyncio.to_thread(self.packages.create, self.definition_path, None)

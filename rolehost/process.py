@@ -129,6 +129,41 @@ def sweep(root: int | None, token: str | None, exclude: int | None = None) -> in
     return len(procs)
 
 
+def leftovers(run_dir: Path) -> list[psutil.Process]:
+    """Processes an earlier controller of `run_dir` started and could not take down: it
+    was killed while a startup task's detached descendant ran, say (a host takes its own
+    tree down when its controller goes; a task has no one to). Found by their token and
+    run directory, both in the environment they were started with."""
+    wanted = str(run_dir)
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if protocol.TOKEN_ENV in env and env.get("ROLEHOST_RUN_DIR") == wanted:
+            found.append(proc)
+    return found
+
+
+def sweep_leftovers(run_dir: Path) -> list[str]:
+    """Terminate `leftovers(run_dir)`; return what they were, for the log."""
+    procs = leftovers(run_dir)
+    described = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{proc.pid} {' '.join(proc.cmdline())}")
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=KILL_GRACE)
+    return described
+
+
 def watch_exit(
     pid: int, before_reap: Callable[[], Awaitable[None]] | None = None
 ) -> asyncio.Future[int]:

@@ -86,6 +86,8 @@ class SingleInstance:
         loop = asyncio.get_running_loop()
         self.run_dir.lock()
         logs.configure(self.run_dir.logs, self.deployment.console)
+        if swept := await asyncio.to_thread(process.sweep_leftovers, self.run_dir.path):
+            log.warning("leftovers_swept", count=len(swept), processes=swept)
         process.adopt_orphans(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_stop)

@@ -1,8 +1,9 @@
-"""Faults 18 and 20: a second controller on the same run directory; an instance that
-floods its output."""
+"""Faults 15b, 18 and 20: what a killed controller leaves behind; a second controller on
+the same run directory; an instance that floods its output."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,46 @@ from conftest import MakeService
 from faultkit import Bystander, role, timed_status
 
 from rolehost import logs
-from rolehost.testing import wait_until
+from rolehost.testing import ServiceHarness, wait_until
+
+# A startup task that detaches a child into a session of its own, then hangs.
+DETACHES = ("import subprocess, sys, time; "
+            "child = subprocess.Popen(['sleep', '300'], start_new_session=True); "
+            "open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(300)")
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_controller_leftovers_are_swept_at_the_next_start(
+        make_service: MakeService, tmp_path: Path) -> None:
+    pidfile = tmp_path / "detached.pid"
+    service = make_service(role("class Role(RoleEntryPoint): pass"), extra=f"""
+        [[roles.web.startup_tasks]]
+        command = ["python", "-c", "{DETACHES}", "{pidfile}"]
+        """)
+    with service.harness() as h:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text() != "", 30, "the task")
+        detached = psutil.Process(int(pidfile.read_text()))
+        h.signal_controller(signal.SIGKILL)
+        h.wait_controller_exit(10)
+        # The task dies with its controller (parent-death signal); what it detached does
+        # not: no host runs yet to take the tree down, and its subreaper is gone.
+        wait_until(lambda: [p.pid for p in h.processes()] == [detached.pid], 10,
+                   "the task to follow the controller", lambda: str(h.processes()))
+        pidfile.unlink()
+        with ServiceHarness(service.toml, run_dir=h.run_dir.path) as second:
+            wait_until(lambda: gone(detached), 10, "the next start to sweep the leftover")
+            log = (second.run_dir.logs / "controller.log").read_text()
+            swept = [line for line in log.splitlines() if "leftovers_swept" in line]
+            assert len(swept) == 1 and f"{detached.pid} sleep 300" in swept[0], swept
+            # The instance boots again, as after any start: its task runs again.
+            wait_until(pidfile.exists, 30, "the task to run again")
+            assert second.instance("web/0")["state"] == "bootstrapping"
 
 
 def test_second_controller_on_the_same_run_directory(make_service: MakeService) -> None:
