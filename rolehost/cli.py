@@ -515,6 +515,32 @@ def export_systemd(file: Path, output: Path) -> None:
     click.echo(f"wrote {target}")
 
 
+@export.command(name="kubernetes")
+@_file
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="Folder to write SERVICE-ROLE.yaml (and "
+              "SERVICE-ROLE-secret.yaml) into.")
+@click.option("--image", help="Container image with the apps, rolehost, python3 and the "
+              "definition at /app/rolehost.toml [default: SERVICE:latest].")
+def export_kubernetes(file: Path, output: Path, image: str | None) -> None:
+    """Manifests per role: a Deployment (a StatefulSet for persistent local resources)
+    running `rolehost run-instance`, probes, a preStop drain, a rolling update and a
+    PodDisruptionBudget of one update domain, a Service per endpoint, a ConfigMap and
+    a Secret for the settings."""
+    from rolehost.export import kubernetes
+
+    definition = _load(file)
+    try:
+        written = kubernetes.write(definition, output, image)
+    except model.DefinitionError as exc:
+        _fail(f"cannot export to Kubernetes:\n{model.DefinitionError(file, exc.path, exc.message)}",
+              EXIT_BAD_DEFINITION)
+    except OSError as exc:
+        _fail(f"cannot write the manifests: {exc}")
+    for target in written:
+        click.echo(f"wrote {target}")
+
+
 @cli.command()
 def schema() -> None:
     """Print the JSON schema of rolehost.toml (for editors and validators)."""

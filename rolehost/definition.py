@@ -214,6 +214,17 @@ class Role(_Model):
         return self.entry_point.partition(":")[2]
 
 
+def setting_variable(name: str) -> str:
+    """The environment variable that carries setting `name` to tasks, and overrides it
+    under `rolehost run-instance`."""
+    return "ROLEHOST_SETTING_" + name.upper().replace("-", "_")
+
+
+def resource_variable(name: str) -> str:
+    """The environment variable that carries the path of local resource `name`."""
+    return "ROLEHOST_RESOURCE_" + name.upper().replace("-", "_")
+
+
 class Service(_Model):
     """Service-wide settings: update domains, deadlines and the crash back-off."""
 

@@ -25,7 +25,7 @@ import structlog
 
 from rolehost import metrics, privileges, probe, protocol
 from rolehost.balancer import Balancer
-from rolehost.definition import Role, Service
+from rolehost.definition import Role, Service, resource_variable, setting_variable
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
@@ -457,9 +457,9 @@ class Instance:
             "TMPDIR": str(self.disks.tmp),
         }
         for name in self.role.local_resources:
-            variables[f"ROLEHOST_RESOURCE_{_env_name(name)}"] = str(self.disks.resource(name))
+            variables[resource_variable(name)] = str(self.disks.resource(name))
         for name, value in self.role.values.items():
-            variables[f"ROLEHOST_SETTING_{_env_name(name)}"] = str(value)
+            variables[setting_variable(name)] = str(value)
         return variables
 
     def context(self) -> Context:
@@ -732,10 +732,6 @@ class Instance:
                      "os": str(self.disks.os), "resources": str(self.disks.resources)},
             "log": str(self.output.path),
         }
-
-
-def _env_name(name: str) -> str:
-    return name.upper().replace("-", "_")
 
 
 def iso(timestamp: float | None) -> str | None:

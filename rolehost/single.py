@@ -27,7 +27,7 @@ import structlog
 
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
-from rolehost.definition import Definition, Role, Secret
+from rolehost.definition import Definition, Role, Secret, setting_variable
 from rolehost.instance import Deployment, Instance, State
 from rolehost.rundir import RunDir
 
@@ -48,7 +48,7 @@ def settings_from_environment(role: Role, environ: Mapping[str, str]) -> Role:
     say), read as the type the definition gives it; a secret stays secret."""
     settings: dict[str, Any] = dict(role.settings)
     for name, declared in role.settings.items():
-        variable = "ROLEHOST_SETTING_" + name.upper().replace("-", "_")
+        variable = setting_variable(name)
         if variable not in environ:
             continue
         text = environ[variable]
