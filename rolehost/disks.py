@@ -59,9 +59,17 @@ class Disks:
             self.owner.give(self.root, self.os, self.tmp, self.app, self.resources, *resources)
 
     def deploy(self, source: Path, run_dir: Path) -> None:
-        """Replace `app/` with a fresh copy of the role's app folder."""
+        """Replace `app/` with a fresh copy of the role's app folder. A copy that fails (a
+        full disk) leaves `app/` empty, so that the next boot, a recycle too, deploys it
+        again rather than run half an app."""
         wipe(self.app)
-        copy_app(source, self.app, run_dir)
+        try:
+            copy_app(source, self.app, run_dir)
+        except OSError as exc:  # shutil.Error too: one (src, dst, why) per file that failed
+            wipe(self.app)
+            errors = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
+            why = str(errors[0][2]) if isinstance(errors, list) and errors else str(exc)
+            raise OSError(f"cannot copy the app into {self.app}: {why}") from None
         if self.owner is not None:
             self.owner.give_tree(self.app)
 

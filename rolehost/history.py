@@ -3,10 +3,17 @@
 Every operation (a maintenance command, a walk) is written when it begins and again
 when it ends, so the file survives the controller: an operation that began and never
 ended was interrupted, and the next controller says so.
+
+Each line is the whole operation as it stands, and the last line of an operation wins.
+So a write that fails (a full disk) loses nothing for good while the controller runs:
+the operation stays in memory (and in the API), one `history_write_failed` event says
+so, and the next write that works appends what is missing first
+(`history_write_resumed`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import uuid
@@ -16,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from rolehost import metrics
+from rolehost import logs, metrics
 
 log = structlog.get_logger()
 
@@ -37,6 +44,9 @@ class History:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.operations: dict[str, Operation] = {}
+        self._unwritten: dict[str, Operation] = {}  # changed since their last line was written
+        self._failing_since: float | None = None
+        self._full = False  # the last write failed for want of space
         self._load()
 
     def _load(self) -> None:
@@ -69,11 +79,28 @@ class History:
                  outcome=outcome, error=error)
 
     def _write(self, operation: Operation) -> None:
+        """Append the operation's line, after those that could not be written before."""
+        behind = list(self._unwritten)  # operations with a line that could not be written
+        self._unwritten[operation.id] = operation
+        if self._full and logs.out_of_space(self.path.parent):
+            return  # still full: not even tried
+        lines = "".join(json.dumps(asdict(o)) + "\n" for o in self._unwritten.values())
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(asdict(operation)) + "\n")
-        except OSError as exc:  # a full disk loses history lines, never the controller
-            log.error("history_write_failed", error=str(exc))
+            logs.append(self.path, lines.encode())
+        except OSError as exc:  # a full disk delays history lines, never the controller
+            self._full = exc.errno == errno.ENOSPC
+            if self._failing_since is None:  # once, not at every operation
+                self._failing_since = time.time()
+                log.error("history_write_failed", file=str(self.path),
+                          error=exc.strerror or str(exc),
+                          detail="operations are kept in memory and written once there is space")
+            return
+        self._unwritten.clear()
+        self._full = False
+        if self._failing_since is not None:
+            since, self._failing_since = self._failing_since, None
+            log.warning("history_write_resumed", file=str(self.path), caught_up=behind,
+                        since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)))
 
     def summary(self) -> dict[str, Any]:
         ended = [o for o in self.operations.values() if o.outcome != "running"]

@@ -6,10 +6,15 @@
   and to the console prefixed with the instance id (like honcho).
 - Only files are rotated; the console, a pipe or a terminal, is only ever appended to,
   and a console that goes away (EPIPE) silences the console, never the controller.
+- A write that fails (a full disk: ENOSPC, EDQUOT) loses lines, never the controller:
+  one `log_write_failed` event when it begins, and when writing works again a
+  `log_write_resumed` event, and a line in the file, saying how much was lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -17,45 +22,151 @@ import time
 from collections import deque
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import structlog
 
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 3
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+log = structlog.get_logger()
+
+
+def append(path: Path, data: bytes) -> None:
+    """Append `data` to `path` whole or not at all: a write cut short (a full disk)
+    is cut off again, so that the file never holds half a line. OSError if it failed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _write_all(fd, data, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def out_of_space(where: int | Path) -> bool:
+    """True if the file system of `where` (an open descriptor or a path) has no block left
+    for this process. While it has none, a short line that still fits in the last, partly
+    used block of a file does not mean there is space again."""
+    try:
+        st = os.fstatvfs(where) if isinstance(where, int) else os.statvfs(where)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
+
+
+def _write_all(fd: int, data: bytes, size: int) -> None:
+    """Write all of `data` at the end of `fd`, a file `size` bytes long until now; if a
+    write fails, cut the file back to `size` (best effort) and raise."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
 
 
 class RotatingFile:
-    """An append-only file that moves itself to `.1`, `.2`, ... past `max_bytes`."""
+    """An append-only file that moves itself to `.1`, `.2`, ... past `max_bytes`.
 
-    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
+    A write that fails loses its data, never the caller: the file is cut back to its last
+    whole write and the loss is counted. The first failure logs `log_write_failed`; the
+    first write that works again logs `log_write_resumed` with what was lost, and (with
+    `marker`, for text files) is preceded in the file by a line that says so.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
+                 marker: bool = True) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.marker = marker
+        self.lost_lines = self.lost_bytes = 0
+        self._failing_since: float | None = None
+        self._error, self._errno = "", 0
+        self._whole_line = True  # the file ends with a newline (or is empty)
+        self._closed = False
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - lives as long as we do
-        self._size = self._file.tell()
+        self._fd: int | None = None
+        self._size = 0
+        # If it fails, the first write opens it again, and reports the failure if it stays.
+        with contextlib.suppress(OSError):
+            self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
-        if self._size + len(data) > self.max_bytes and self._size > 0:
-            self._rotate()
+        if not data or self._closed:
+            return
+        if self._failing_since is not None and self._errno == errno.ENOSPC and out_of_space(
+            self.path.parent if self._fd is None else self._fd
+        ):
+            self._lost(data, None)  # still full: not even tried
+            return
         try:
-            self._file.write(data)
-            self._file.flush()
-        except OSError:
-            return  # a full disk loses log lines, never the controller
-        self._size += len(data)
+            if self._fd is None:
+                self._open()
+            if self._size + len(data) > self.max_bytes and self._size > 0:
+                self._rotate()
+            assert self._fd is not None
+            payload = self._gap() + data if self._failing_since is not None else data
+            _write_all(self._fd, payload, self._size)
+        except OSError as exc:
+            self._lost(data, exc)
+            return
+        self._size += len(payload)
+        self._whole_line = payload.endswith(b"\n")
+        if self._failing_since is not None:
+            self._resumed()
+
+    def _gap(self) -> bytes:
+        """The line that marks where lines were lost (empty without `marker`)."""
+        if not self.marker:
+            return b""
+        lead = b"" if self._whole_line else b"\n"
+        since = time.strftime("%H:%M:%S", time.localtime(self._failing_since))
+        return lead + (
+            f"[rolehost] {self.lost_lines} lines ({self.lost_bytes} bytes) of output lost here "
+            f"from {since} to {time.strftime('%H:%M:%S')}: {self._error}\n"
+        ).encode()
+
+    def _lost(self, data: bytes, exc: OSError | None) -> None:
+        self.lost_bytes += len(data)
+        self.lost_lines += data.count(b"\n")
+        if self._failing_since is not None or exc is None:
+            return  # said once already: a full disk must not become a flood of warnings
+        self._failing_since, self._errno = time.time(), exc.errno or 0
+        self._error = exc.strerror or str(exc)
+        # For the event log itself, this event is only kept in memory and on the console.
+        log.warning("log_write_failed", file=str(self.path), error=self._error,
+                    detail="lines are lost until writing works again; rolehost goes on")
+
+    def _resumed(self) -> None:
+        since, lines, lost = self._failing_since, self.lost_lines, self.lost_bytes
+        self._failing_since, self.lost_lines, self.lost_bytes = None, 0, 0
+        log.warning("log_write_resumed", file=str(self.path), lines_lost=lines, bytes_lost=lost,
+                    since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+                    error=self._error)
 
     def _rotate(self) -> None:
-        self._file.close()
+        self._close_fd()
         for n in range(self.backups - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{n}")
             if older.exists():
                 older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
-        self._size = 0
+        self._open()
+        self._whole_line = True
 
     def close(self) -> None:
-        self._file.close()
+        self._closed = True
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Console:
@@ -77,8 +188,12 @@ class Console:
         try:
             self.stream.write(text + "\n")
             self.stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                return  # a console redirected to a full disk: this line is lost, not the next
             self.enabled = False  # nobody is reading: stop writing, keep serving
+        except ValueError:
+            self.enabled = False  # closed
 
     def output(self, source: str, data: bytes) -> None:
         """Print whole lines of `source`'s output; a partial line waits for its end."""
@@ -123,7 +238,8 @@ _tee: _Tee | None = None
 def configure(log_dir: Path | None, console: Console | None) -> None:
     """Route structlog to `log_dir/controller.log` and the console."""
     global _tee
-    file = RotatingFile(log_dir / "controller.log") if log_dir is not None else None
+    # JSON lines: no marker line in it; the `log_write_resumed` event says what was lost.
+    file = RotatingFile(log_dir / "controller.log", marker=False) if log_dir is not None else None
     _tee = _Tee(file, console)
     structlog.configure(
         processors=[
