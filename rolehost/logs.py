@@ -36,7 +36,7 @@ log = structlog.get_logger()
 def append(path: Path, data: bytes) -> None:
     """Append `data` to `path` whole or not at all: a write cut short (a full disk)
     is cut off again, so that the file never holds half a line. OSError if it failed."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         _write_all(fd, data, os.fstat(fd).st_size)
     finally:
@@ -93,7 +93,7 @@ class RotatingFile:
             self._open()
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:

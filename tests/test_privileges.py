@@ -145,6 +145,8 @@ def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path:
         assert (data / "host").read_text().startswith(f"{nobody.pw_uid} ")
         assert (root / "os").stat().st_uid == nobody.pw_uid
         assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
+        for private in (h.run_dir.path / "history.jsonl", h.run_dir.logs / "web_IN_0.log"):
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 
 
 def test_default_user_that_cannot_run_the_interpreter_is_shown(tmp_path: Path) -> None:
