@@ -97,6 +97,9 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
         asyncio.run(controller.serve())
     except (AlreadyRunning, StartError) as exc:
         _fail(str(exc))
+    finally:
+        if controller.console is not None:
+            controller.console.flush()  # its last lines, "controller stopped" among them
 
 
 def _detach(file: Path, where: RunDir) -> None:

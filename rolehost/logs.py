@@ -5,7 +5,8 @@
 - Each instance's merged stdout/stderr goes to `logs/INSTANCE.log`, rotated by size,
   and to the console prefixed with the instance id (like honcho).
 - Only files are rotated; the console, a pipe or a terminal, is only ever appended to,
-  and a console that goes away (EPIPE) silences the console, never the controller.
+  by a thread of its own: a console that blocks drops lines, one that goes away (EPIPE)
+  is silenced; neither ever holds up the controller.
 - A write that fails (a full disk: ENOSPC, EDQUOT) loses lines, never the controller:
   one `log_write_failed` event when it begins, and when writing works again a
   `log_write_resumed` event, and a line in the file, saying how much was lost.
@@ -17,7 +18,9 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import MutableMapping
@@ -170,21 +173,64 @@ class RotatingFile:
 
 
 class Console:
-    """The controller's terminal: event lines and prefixed instance output."""
+    """The controller's terminal: event lines and prefixed instance output.
+
+    A thread of its own writes them: a terminal paused with Ctrl-S, or a pipe that nobody
+    drains (`rolehost start | less`, left on one page), blocks that thread, never the
+    controller and its balancers. Past `BACKLOG` lines waiting, lines are dropped and
+    counted, and the count is printed when the console moves again.
+    """
 
     _COLORS = (36, 33, 32, 35, 34, 91, 92, 93, 94, 95, 96)
+    BACKLOG = 10_000
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.color = bool(getattr(self.stream, "isatty", lambda: False)())
         self.enabled = True
+        self.dropped = 0  # lines dropped since the last that got through
         self._width = 8
         self._palette: dict[str, int] = {}
         self._partial: dict[str, bytes] = {}
+        self._queue: queue.Queue[str | threading.Event] = queue.Queue(self.BACKLOG)
+        self._writer: threading.Thread | None = None
 
     def line(self, text: str) -> None:
         if not self.enabled:
             return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="console", daemon=True)
+            self._writer.start()
+        try:
+            if self.dropped:
+                self._queue.put_nowait(f"[rolehost] {self.dropped} console lines dropped: "
+                                       "the console was not reading (they are in the logs)")
+                self.dropped = 0
+            self._queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait up to `timeout` for the lines given so far to be written; False if the
+        console did not take them in time (a line written later, or never)."""
+        if self._writer is None or not self.enabled:
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def _write(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+            elif self.enabled:
+                self._print(item)
+
+    def _print(self, text: str) -> None:
         try:
             self.stream.write(text + "\n")
             self.stream.flush()

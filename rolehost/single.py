@@ -154,4 +154,8 @@ def run(definition: Definition, file: Path, role: str, index: int, health: str,
     host, _, port = health.rpartition(":")
     single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host,
                             resources)
-    return asyncio.run(single.serve(host, int(port)))
+    try:
+        return asyncio.run(single.serve(host, int(port)))
+    finally:
+        if single.deployment.console is not None:
+            single.deployment.console.flush()

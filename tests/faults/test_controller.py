@@ -1,5 +1,6 @@
-"""Faults 15b, 18 and 20: what a killed controller leaves behind; a second controller on
-the same run directory; an instance that floods its output."""
+"""Faults 15b, 18, 20 and 20b: what a killed controller leaves behind; a second
+controller on the same run directory; an instance that floods its output; a console that
+nobody reads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from conftest import MakeService
 from faultkit import Bystander, role, timed_status
 
 from rolehost import logs
-from rolehost.testing import ServiceHarness, wait_until
+from rolehost.client import Client
+from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 
 # A startup task that detaches a child into a session of its own, then hangs.
 DETACHES = ("import subprocess, sys, time; "
@@ -130,3 +132,53 @@ def test_output_flood(make_service: MakeService) -> None:
         for f in files:  # one write past the limit at most: rotation happens before one
             assert f.stat().st_size <= logs.MAX_BYTES + 1024 * 1024, f
         bystander.check()
+
+
+CHATTY = """
+class Role(RoleEntryPoint):
+    def run(self):
+        line = "y" * 199
+        while not RoleEnvironment.is_stopping:
+            for _ in range(50):
+                print(line)
+            sys.stdout.flush()
+            time.sleep(0.01)  # about 1 MB/s
+"""
+
+
+@pytest.mark.slow
+def test_console_nobody_reads(make_service: MakeService, tmp_path: Path) -> None:
+    """`rolehost start | less`, left on its first page: the pipe fills, and the console's
+    writes block. They block the console's own thread, never the controller."""
+    service = make_service(role(CHATTY))
+    run_dir = tmp_path / "run"
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "rolehost", "start", "-f", str(service.toml),
+         "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = Client(run_dir / "control.sock", timeout=5)
+    log = run_dir / "logs" / "web_IN_0.log"
+    try:
+        wait_until(lambda: log.exists() and log.stat().st_size > 4 * 1024 * 1024, 30,
+                   "4 MB of output: the pipe (64 kB) and the console's backlog are full")
+        began, size = time.monotonic(), log.stat().st_size
+        while time.monotonic() - began < 2:
+            asked = time.monotonic()
+            assert client.status()["instances"][0]["state"] == "ready"
+            assert time.monotonic() - asked < 1.0, "the controller stalled on its console"
+            time.sleep(0.1)
+        assert log.stat().st_size > size, "instance output stopped reaching the log"
+        # The reader comes back: the console resumes and says how much it dropped.
+        assert controller.stdout is not None
+        seen, deadline = b"", time.monotonic() + 30
+        while b"console lines dropped" not in seen:  # the role never stops printing
+            assert time.monotonic() < deadline, "no word of the dropped lines"
+            seen = seen[-4096:] + controller.stdout.read1(65536)
+        client.shutdown()
+        rest = controller.communicate(timeout=60)[0]
+        assert controller.returncode == 0
+        assert rest.splitlines()[-1].endswith(b"controller stopped"), rest[-300:]
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.communicate(timeout=10)
+        wait_until(lambda: not run_dir_processes(run_dir), 10, "the service to be gone")

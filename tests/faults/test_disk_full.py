@@ -239,9 +239,11 @@ def test_console_and_history_on_a_full_disk(small_disk: Path) -> None:
     with open(small_disk / "console.txt", "w") as stream:
         console = logs.Console(stream)
         console.line("before")
+        assert console.flush()
         fill(filler)
         for n in range(100):  # 10 kB: more than what is left of the file's page
             console.line(f"lost {n:03d} " + "." * 90)  # nothing escapes
+        assert console.flush()
         assert console.enabled
         lost = history.begin("restart", {}, ["web_IN_0"])
         history.end(lost, "failed", "no space")
@@ -250,6 +252,7 @@ def test_console_and_history_on_a_full_disk(small_disk: Path) -> None:
 
         filler.unlink()
         console.line("after")
+        assert console.flush()
         assert "after" in (small_disk / "console.txt").read_text()
         later = history.begin("reimage", {}, ["web_IN_1"])  # catches up first
     operations = History(small_disk / "history.jsonl").operations
