@@ -114,7 +114,8 @@ def _detach(file: Path, where: RunDir) -> None:
     while time.monotonic() < deadline:
         if child.poll() is not None:
             tail = "\n".join(logs.tail(where.console_log, 20))
-            _fail(f"the controller exited with {child.returncode}:\n{tail}")
+            _fail(f"the controller exited with {child.returncode}:\n{tail}",
+                  EXIT_BAD_DEFINITION if child.returncode == EXIT_BAD_DEFINITION else EXIT_FAILED)
         try:
             status = client.status()
         except (ControllerNotRunning, OSError):

@@ -161,20 +161,21 @@ def test_default_user_that_cannot_run_the_interpreter_is_shown(tmp_path: Path) -
         assert "limited_user_unavailable" in (h.run_dir.logs / "controller.log").read_text()
 
 
-@pytest.mark.parametrize("user, expected", [
-    ("nobody", "limited_user = 'nobody': nobody cannot run"),
-    ("no_such_user", "there is no user 'no_such_user'"),
+@pytest.mark.parametrize("user, expected, detach", [
+    ("nobody", "limited_user = 'nobody': nobody cannot run", False),
+    ("no_such_user", "there is no user 'no_such_user'", False),
+    ("no_such_user", "there is no user 'no_such_user'", True),
 ])
 def test_a_named_user_that_cannot_run_the_hosts_starts_nothing(
-        tmp_path: Path, user: str, expected: str) -> None:
+        tmp_path: Path, user: str, expected: str, detach: bool) -> None:
     if user == "nobody" and privileges.check(
             privileges.User.named("nobody"), Path(tempfile.gettempdir())) is None:
         pytest.skip("nobody can run this interpreter")
     definition = write_service(tmp_path, f'limited_user = "{user}"')
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "rolehost", "start", "-f", str(definition),
-                           "--run-dir", str(run_dir)], capture_output=True, text=True,
-                          timeout=60)
+                           "--run-dir", str(run_dir), *(["--detach"] if detach else [])],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
     assert "[service] limited_user" in done.stderr
