@@ -119,14 +119,19 @@ def sweep(root: int | None, token: str | None, exclude: int | None = None) -> in
     processes it had to signal, besides `exclude` (an exited host waiting to be reaped).
     """
     procs = [p for p in signal_tree(root, token, signal.SIGTERM) if p.pid != exclude]
-    if not procs:
-        return 0
-    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE)
+    _kill_after_grace(procs)
+    return len(procs)
+
+
+def _kill_after_grace(terminated: list[psutil.Process]) -> None:
+    """SIGKILL what is still alive of `terminated` (sent SIGTERM) after KILL_GRACE."""
+    if not terminated:
+        return
+    _, alive = psutil.wait_procs(terminated, timeout=KILL_GRACE)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=KILL_GRACE)
-    return len(procs)
 
 
 def leftovers(run_dir: Path) -> list[psutil.Process]:
@@ -156,11 +161,7 @@ def sweep_leftovers(run_dir: Path) -> list[str]:
         with contextlib.suppress(psutil.Error):
             described.append(f"{proc.pid} {' '.join(proc.cmdline())}")
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=KILL_GRACE)
+    _kill_after_grace(procs)
     return described
 
 
