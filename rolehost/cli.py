@@ -94,7 +94,10 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
 
     controller = Controller(definition, file.resolve(), where, logs.Console() if console else None)
     try:
-        asyncio.run(controller.serve())
+        from rolehost.process import event_loop  # uvloop's when installed
+
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(controller.serve())
     except (AlreadyRunning, StartError) as exc:
         _fail(str(exc))
     finally:

@@ -49,9 +49,36 @@ def become_subreaper() -> bool:
         return False
 
 
+def event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for the controller: uvloop's when it is installed (the balancer
+    relays faster on it), asyncio's otherwise, or when ROLEHOST_LOOP=asyncio."""
+    if os.environ.get("ROLEHOST_LOOP") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def adopt_orphans(loop: asyncio.AbstractEventLoop) -> bool:
     """Make this process the subreaper of its descendants, and reap the orphans it gets."""
-    loop.add_signal_handler(signal.SIGCHLD, reap_orphans)
+    try:
+        loop.add_signal_handler(signal.SIGCHLD, reap_orphans)
+    except RuntimeError:
+        # uvloop refuses SIGCHLD: libuv wants it for the children it spawns itself, and
+        # rolehost spawns none through the loop (subprocess.Popen and pidfds only). A plain
+        # handler does what add_signal_handler would: Python's C handler writes to the
+        # wake-up fd uvloop set (signal.set_wakeup_fd), uvloop runs this handler on the
+        # main thread, and the reap itself runs as a loop callback, never in the middle of
+        # a spawn (a pid is in `_tracked` before the loop runs anything else).
+        def on_sigchld(signum: int, frame: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to reap for
+                loop.call_soon_threadsafe(reap_orphans)
+
+        signal.signal(signal.SIGCHLD, on_sigchld)
+        signal.siginterrupt(signal.SIGCHLD, False)  # SA_RESTART, as add_signal_handler
     return become_subreaper()
 
 

@@ -155,7 +155,8 @@ def run(definition: Definition, file: Path, role: str, index: int, health: str,
     single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host,
                             resources)
     try:
-        return asyncio.run(single.serve(host, int(port)))
+        with asyncio.Runner(loop_factory=process.event_loop) as runner:  # uvloop's if any
+            return runner.run(single.serve(host, int(port)))
     finally:
         if single.deployment.console is not None:
             single.deployment.console.flush()
