@@ -1,7 +1,7 @@
 """The built-in balancer against nginx: throughput, latency, failed requests under restarts.
 
-    python bench/balancer.py [--seconds S] [--json out.json] [--pin] [--profile | --no-profile]
-                             [--keep]
+    python bench/balancer.py [--seconds S] [--rounds N] [--throughput-only] [--json out.json]
+                             [--pin] [--profile | --no-profile] [--keep]
 
 One rolehost service (2 instances of a tiny keep-alive web role) is started with
 `rolehost start --detach`; nginx is then configured as a reverse proxy to the same two
@@ -287,9 +287,9 @@ class Results:
         backends = sum(r.backends_cpu_s for r in runs)
         return Summary(
             contender, len(runs),
-            rps=statistics.fmean(r.rps for r in runs),
-            p50_ms=statistics.fmean(r.p50_ms for r in runs),
-            p99_ms=statistics.fmean(r.p99_ms for r in runs),
+            rps=statistics.median(r.rps for r in runs),
+            p50_ms=statistics.median(r.p50_ms for r in runs),
+            p99_ms=statistics.median(r.p99_ms for r in runs),
             proxy_us_per_request=proxy / requests * 1e6 if requests else None,
             backends_us_per_request=backends / requests * 1e6 if requests else None,
         )
@@ -390,12 +390,21 @@ class Rolehost(Controller):
 
 
 NGINX_FAIL_TIMEOUT = 10.0  # nginx's default fail_timeout, waited out between its rounds
+# Idle upstream connections nginx's worker keeps. Its cache is one for both upstreams, so
+# with fewer slots than clients x upstreams a request often finds only the other upstream's
+# connections idle, opens one and evicts another (about 1,000 new backend connections per
+# 10 s run with 32): rolehost keeps every idle connection, per instance.
+NGINX_KEEPALIVE = 2 * WRK_CONNECTIONS
 
 
 def nginx_settings(upstreams: list[int]) -> str:
     servers = ", ".join(f"127.0.0.1:{p}" for p in upstreams)
-    return (f"worker_processes 1; upstream {{ {servers}; keepalive 32; keepalive_requests "
-            "1000000 }; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+    return (f"worker_processes 1; upstream {{ {servers}; keepalive {NGINX_KEEPALIVE}; "
+            "keepalive_requests "
+            "1000000 }; proxy_http_version 1.1; proxy_set_header Connection keep-alive; "
+            "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header "
+            "X-Forwarded-Proto $scheme (the three headers rolehost sends, so the instances "
+            "parse the same requests from both); "
             "keepalive_requests 1000000 (client side); access_log off. Defaults otherwise: "
             "proxy_next_upstream error timeout (a GET that fails on one upstream before its "
             "response header is passed to the other), max_fails=1 fail_timeout=10s (one "
@@ -425,7 +434,7 @@ class Nginx:
             blocks.append(textwrap.dedent("""\
                 upstream {name} {{
             {servers}
-                    keepalive 32;
+                    keepalive {keepalive};
                     keepalive_requests 1000000;
                 }}
 
@@ -434,10 +443,12 @@ class Nginx:
                     location / {{
                         proxy_pass http://{name};
                         proxy_http_version 1.1;
-                        proxy_set_header Connection "";
+                        proxy_set_header Connection keep-alive;
+                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+                        proxy_set_header X-Forwarded-Proto $scheme;
                     }}
                 }}
-            """).format(name=name, servers=servers, listen=listen))
+            """).format(name=name, servers=servers, listen=listen, keepalive=NGINX_KEEPALIVE))
         self.conf.write_text(textwrap.dedent("""\
             worker_processes 1;
             daemon off;
@@ -582,7 +593,7 @@ class Contender:
 
 
 def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost, seconds: float,
-               script: Path, pinned: bool) -> None:
+               script: Path, pinned: bool, rounds: int = 1) -> None:
     instances = rh.instances()
     backends = [psutil.Process(int(i["pid"])) for i in instances]
     ports = [int(i["endpoints"]["http"]["port"]) for i in instances]
@@ -595,8 +606,9 @@ def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost,
             c = contenders[name]
             results.wrk.append(run_wrk(WrkRun(name, "warm-up", WARMUP_SECONDS), c.port, script,
                                        c.proxy(), backends, ports, pinned))
-        for n, name in enumerate(ROUNDS, 1):
-            print(f"throughput: run {n}/{len(ROUNDS)} {name} ({seconds:g}s)...", file=sys.stderr)
+        order = ROUNDS * rounds
+        for n, name in enumerate(order, 1):
+            print(f"throughput: run {n}/{len(order)} {name} ({seconds:g}s)...", file=sys.stderr)
             c = contenders[name]
             results.wrk.append(run_wrk(WrkRun(name, f"run {n}", seconds), c.port, script,
                                        c.proxy(), backends, ports, pinned))
@@ -869,7 +881,7 @@ def markdown(results: Results) -> str:
               "reuses its keep-alive connections opens a few, one that does not opens one per "
               "request."]
     rh, ng = results.summary("rolehost"), results.summary("nginx")
-    lines += ["", "Summary (mean over the measured runs; warm-ups left out):", "",
+    lines += ["", "Summary (median of the measured runs; warm-ups left out):", "",
               "| contender | runs | req/s | p50 ms | p99 ms | proxy CPU us/req | "
               "backends CPU us/req |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -970,6 +982,18 @@ def tool_version(argv: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
+def uvloop_version() -> str:
+    """uvloop's version: the controller's event loop when it is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if os.environ.get("ROLEHOST_LOOP") == "asyncio":
+            return f"{version('uvloop')}, not used: ROLEHOST_LOOP=asyncio"
+        return f"{version('uvloop')} (the controller's event loop)"
+    except PackageNotFoundError:
+        return "not installed: the controller runs asyncio's own event loop"
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -990,10 +1014,12 @@ def machine_details() -> dict[str, str]:
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]).split(" Copyright")[0],
         "httptools": version("httptools"),
+        "uvloop": uvloop_version(),
     }
 
 
-def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Results:
+def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: int = 1,
+        throughput_only: bool = False) -> Results:
     work = Path(tempfile.mkdtemp(prefix="rh-bal-", dir="/tmp"))  # short: socket path limit
     script = work / "report.lua"
     script.write_text(WRK_SCRIPT)
@@ -1020,7 +1046,8 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Resul
         results.settings = {
             "load generator": " ".join(wrk_argv(0, seconds, Path("report.lua"), pinned))
             .replace("127.0.0.1:0", "127.0.0.1:PORT"),
-            "order": f"warm-up {WARMUP_SECONDS:g} s each, then {', '.join(ROUNDS)}",
+            "order": f"warm-up {WARMUP_SECONDS:g} s each, then {', '.join(ROUNDS)}"
+                     + (f", {rounds} times over" if rounds > 1 else ""),
             "pinning": "wrk on CPU 0 (taskset -c 0); proxies and backends on CPU 1 (taskset -a "
                        "-p -c 1)" if pinned else "none: the kernel schedules all on both cores",
             "backends": f"{INSTANCES} instances of a ThreadingHTTPServer role (HTTP/1.1 "
@@ -1033,9 +1060,9 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool) -> Resul
             "nginx": f"{tool_version(['nginx', '-v'])} on 127.0.0.1:{ng.port}: "
                      + nginx_settings(ports),
         }
-        throughput(results, contenders, rh, seconds, script, pinned)
+        throughput(results, contenders, rh, seconds, script, pinned, rounds)
         nginx_done = 0.0  # when the last round through nginx's defaults ended
-        for scenario in ("restart", "SIGKILL"):
+        for scenario in () if throughput_only else ("restart", "SIGKILL"):
             for name in ("rolehost", "nginx", "nginx max_fails=0"):
                 if name == "nginx":  # its failed upstreams come back after fail_timeout
                     time.sleep(max(0.0, nginx_done + NGINX_FAIL_TIMEOUT - time.monotonic()))
@@ -1076,6 +1103,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0,
                         help="length of each measured wrk run (4 of them; default 15)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the rolehost, nginx, nginx, rolehost order N times "
+                             "(default 1); the summary is the median of the runs")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the wrk runs (and the profile): no restarts or kills")
     parser.add_argument("--pin", action="store_true",
                         help="wrk on CPU 0, the proxies and backends on CPU 1 (taskset)")
     profiling = parser.add_mutually_exclusive_group()
@@ -1089,12 +1121,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.seconds < 2:
         parser.error("--seconds must be at least 2")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     for tool in ("nginx", "wrk") + (("taskset",) if args.pin else ()):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: apt-get install -y nginx wrk)")
 
     with sigterm_as_exit():
-        results = run(args.seconds, args.pin, args.profile, args.keep)
+        results = run(args.seconds, args.pin, args.profile, args.keep, args.rounds,
+                      args.throughput_only)
     print(markdown(results))
     if args.json:
         data = asdict(results)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -35,7 +36,8 @@ class Backend:
         self.active = 0  # requests (http) or connections (tcp) being served
         self.served = 0
         self.idle: list[proxy.BackendConnection] = []  # keep-alive connections to reuse
-        self._idle_changed = asyncio.Event()
+        self._quiet: asyncio.Event | None = None  # set when `active` drops to 0, if awaited
+        self.requests_metric: Any = None  # its child of metrics.REQUESTS, once it served
 
     def begin(self) -> None:
         self.active += 1
@@ -43,14 +45,16 @@ class Backend:
 
     def end(self) -> None:
         self.active -= 1
-        if self.active == 0:
-            self._idle_changed.set()
-            self._idle_changed = asyncio.Event()
+        if self.active == 0 and self._quiet is not None:
+            self._quiet.set()
+            self._quiet = None
 
     async def quiet(self) -> None:
         """Wait until nothing is in flight."""
         while self.active:
-            await self._idle_changed.wait()
+            if self._quiet is None:
+                self._quiet = asyncio.Event()
+            await self._quiet.wait()
 
     def close_idle(self) -> None:
         for connection in self.idle:
@@ -68,10 +72,14 @@ class Balancer:
     def __init__(self, role: str, name: str, endpoint: Endpoint) -> None:
         self.role, self.name, self.endpoint = role, name, endpoint
         self.backends: dict[str, Backend] = {}
+        self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
+        self.latency_metric: Any = None  # its child of metrics.LATENCY, once it relayed
         self._turn = itertools.count()
+        self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
-        self.connections: set[asyncio.Task[None]] = set()
+        # Client connections: tasks (tcp) and proxy.HttpClient protocols (http).
+        self.connections: set[asyncio.Task[None] | proxy.HttpClient] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -80,11 +88,13 @@ class Balancer:
     def add(self, instance_id: str, port: int) -> Backend:
         backend = Backend(instance_id, self.endpoint.host, port)
         self.backends[instance_id] = backend
+        self._ready = None
         return backend
 
     def remove(self, instance_id: str) -> None:
         backend = self.backends.pop(instance_id)
         backend.close_idle()
+        self._ready = None
         self._rotation_changed.set()
         self._rotation_changed = asyncio.Event()
 
@@ -94,6 +104,7 @@ class Balancer:
         if backend.in_rotation == in_rotation:
             return
         backend.in_rotation = in_rotation
+        self._ready = None
         backend.joined = asyncio.get_running_loop().time()
         if not in_rotation:
             backend.close_idle()  # idle keep-alive connections go; busy ones finish first
@@ -114,22 +125,33 @@ class Balancer:
             return False
         return True
 
-    async def pick(self, exclude: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
+    def pick_now(self, exclude: Collection[str] = ()) -> Backend | None:
+        """A backend in rotation, or None if there is none right now."""
+        ready = self._ready
+        if ready is None:
+            ready = self._ready = [b for b in self.backends.values() if b.in_rotation]
+        if exclude:
+            ready = [b for b in ready if b.instance_id not in exclude]
+        if not ready:
+            return None
+        if self.endpoint.balance is Balance.least_outstanding:
+            least = min(b.active for b in ready)
+            ready = [b for b in ready if b.active == least]
+        if self.endpoint.slow_start > 0:
+            now = asyncio.get_running_loop().time()
+            weights = [self._weight(b, now) for b in ready]
+            if min(weights) < 1.0:
+                return random.choices(ready, weights)[0]
+        return ready[next(self._turn) % len(ready)]
+
+    async def pick(self, exclude: Collection[str] = ()) -> Backend | None:
         """A backend in rotation; wait up to queue_timeout for one. None: still none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.endpoint.queue_timeout
         while True:
-            ready = [b for b in self.backends.values()
-                     if b.in_rotation and b.instance_id not in exclude]
-            if ready:
-                if self.endpoint.balance is Balance.least_outstanding:
-                    least = min(b.active for b in ready)
-                    ready = [b for b in ready if b.active == least]
-                if self.endpoint.slow_start > 0:
-                    weights = [self._weight(b, loop.time()) for b in ready]
-                    if min(weights) < 1.0:
-                        return random.choices(ready, weights)[0]
-                return ready[next(self._turn) % len(ready)]
+            backend = self.pick_now(exclude)
+            if backend is not None:
+                return backend
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -143,20 +165,23 @@ class Balancer:
     async def start(self) -> None:
         from rolehost import proxy
 
-        handler = proxy.serve_http if self.endpoint.protocol is Protocol.http else proxy.serve_tcp
-
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
             self.connections.add(task)
             try:
-                await handler(self, reader, writer)
+                await proxy.serve_tcp(self, reader, writer)
             finally:
                 self.connections.discard(task)
 
-        self._server = await asyncio.start_server(
-            connection, self.endpoint.host, self.endpoint.port, reuse_address=True
-        )
+        if self.endpoint.protocol is Protocol.http:  # protocols: see proxy.HttpClient
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: proxy.HttpClient(self), self.endpoint.host, self.endpoint.port,
+                reuse_address=True)
+        else:
+            self._server = await asyncio.start_server(
+                connection, self.endpoint.host, self.endpoint.port, reuse_address=True
+            )
         log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
                  address=f"{self.endpoint.host}:{self.endpoint.port}",
                  protocol=self.endpoint.protocol.value)
@@ -164,10 +189,18 @@ class Balancer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self.connections):
-            task.cancel()
-        if self.connections:
-            await asyncio.wait(self.connections, timeout=2)
+        tasks = []
+        for connection in list(self.connections):
+            if isinstance(connection, asyncio.Task):
+                connection.cancel()
+                tasks.append(connection)
+            else:
+                if connection.task is not None:
+                    tasks.append(connection.task)
+                connection.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await asyncio.sleep(0)  # closed connections are let go (connection_lost)
         for backend in self.backends.values():
             backend.close_idle()
 

@@ -5,6 +5,12 @@ buffered whole); backend connections are kept alive and reused; a request whose 
 fails before any byte of the response came back is tried once more on another instance
 when that is safe (an idempotent method, or nothing of it was sent yet). An Upgrade
 request (WebSocket) becomes a tunnel once the instance answers 101.
+
+The HTTP relay is built on protocols, not streams: the usual request (body all in, an
+instance in rotation with an idle keep-alive connection) goes from the client's
+`data_received` to the instance's transport, and its response from the instance's
+`data_received` to the client's transport, with no task, future or buffer copy in
+between. Whatever has to wait goes through a task (`HttpClient._serve`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import httptools
 import structlog
@@ -42,58 +49,81 @@ class BackendFailed(Exception):
 
 
 class Body:
-    """A request body on its way: chunks the client parser puts, the relay gets."""
+    """A request body on its way: chunks the client connection puts, the relay takes.
 
-    def __init__(self) -> None:
+    `on_flow` is called when it becomes `full` (more than _BODY_QUEUE chunks wait: the
+    client connection pauses reading) and when it stops being full (it reads on)."""
+
+    __slots__ = ("_chunks", "_waiter", "discarding", "ended", "on_flow")
+
+    def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self._chunks: deque[bytes] = deque()
-        self._changed = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self.ended = False
+        self.discarding = False  # the relay is done with it: the rest is read and dropped
+        self.on_flow = on_flow
+
+    @property
+    def full(self) -> bool:
+        return len(self._chunks) > _BODY_QUEUE
 
     def put(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._changed.set()
+        if not self.discarding:
+            self._chunks.append(chunk)
+            self._wake()
+            if len(self._chunks) == _BODY_QUEUE + 1 and self.on_flow is not None:
+                self.on_flow()
 
     def end(self) -> None:
         self.ended = True
-        self._changed.set()
+        self._wake()
+
+    def discard(self) -> None:
+        full = self.full
+        self.discarding = True
+        self._chunks.clear()
+        if full and self.on_flow is not None:
+            self.on_flow()
+
+    def take(self) -> bytes | None:
+        """The next chunk if one is in, without waiting."""
+        if not self._chunks:
+            return None
+        chunk = self._chunks.popleft()
+        if len(self._chunks) == _BODY_QUEUE and self.on_flow is not None:
+            self.on_flow()
+        return chunk
 
     async def get(self) -> bytes | None:
+        """The next chunk; None at the end."""
         while not self._chunks and not self.ended:
-            self._changed.clear()
-            await self._changed.wait()
-        if self._chunks:
-            chunk = self._chunks.popleft()
-            self._changed.set()  # room for the reader
-            return chunk
-        return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.take()
 
-    async def room(self) -> None:
-        while len(self._chunks) > _BODY_QUEUE:
-            self._changed.clear()
-            await self._changed.wait()
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class Request:
-    def __init__(self) -> None:
+    __slots__ = ("began", "body", "headers", "keep_alive", "method", "replay", "replay_size",
+                 "responded", "upgrade", "url")
+
+    def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = "GET"
-        self.version = "1.1"
         self.keep_alive = True
         self.upgrade = False
-        self.body = Body()
+        self.body = Body(on_flow)
         self.replay: list[bytes] | None = []  # what was read so far, for a retry
         self.replay_size = 0
-        self.tunnel_head = b""  # bytes after an Upgrade request's head: the tunnel's first
         self.responded = False  # some of a response went to the client: no retry then
-
-    @property
-    def chunked(self) -> bool:
-        return any(k.lower() == b"transfer-encoding" for k, _ in self.headers)
-
-    @property
-    def length(self) -> bytes | None:
-        return next((v for k, v in self.headers if k.lower() == b"content-length"), None)
+        self.began = 0.0  # when its relay began, for the latency histogram
 
     def remember(self, chunk: bytes) -> None:
         if self.replay is None:
@@ -105,16 +135,146 @@ class Request:
             self.replay.append(chunk)
 
 
-class _ClientParser:
-    """httptools callbacks for requests from one client connection."""
+class _Peer(asyncio.Protocol):
+    """One end of a relay: its transport, and `drain` for writers that must wait while the
+    transport's buffer is over its high-water mark."""
 
-    def __init__(self, requests: asyncio.Queue[Request | None]) -> None:
-        self.requests = requests
-        self.current: Request | None = None
+    transport: asyncio.Transport
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake(exc or ConnectionResetError("the connection was closed"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake(None)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the connection was closed")
+        if self._paused:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _wake(self, exc: Exception | None) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+
+class HttpClient(_Peer):
+    """One client connection of an HTTP endpoint: its requests, relayed one after the other.
+
+    The usual request (its body all in, an instance in rotation with an idle keep-alive
+    connection) is relayed in callbacks alone: parsed here, written to the instance, its
+    response relayed by `_Exchange` as it comes. Anything that has to wait (an instance to
+    come into rotation, a connection to open, a body still arriving, a retry, an Upgrade)
+    is relayed by a task, `_serve`; the connection goes on in callbacks after it.
+    """
+
+    def __init__(self, balancer: Balancer) -> None:
+        super().__init__()
+        self.balancer = balancer
         self.parser = httptools.HttpRequestParser(self)
+        self.ip = b"unix"
+        self.current: Request | None = None  # the request being parsed
+        self.pending: deque[Request] = deque()  # parsed heads waiting for their turn
+        self.active: Request | None = None  # the request being relayed
+        self.exchange: _Exchange | None = None  # its exchange with an instance, if any
+        self.task: asyncio.Task[None] | None = None  # the slow path relaying it, if any
+        self.ended = False  # no request will follow the parsed ones
+        self.malformed: bytes | None = None  # the 400 to send once those are answered
+        self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
+        self.reading_paused = False
+
+    # The connection.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.ip = (peer[0] if isinstance(peer, tuple) else "unix").encode()
+        self.transport.set_write_buffer_limits(high=4 * _READ)
+        self.balancer.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.balancer.connections.discard(self)
+        self.close()
+
+    def close(self) -> None:
+        """Give up on the connection and whatever is in flight on it."""
+        self.ended = True
+        if self.exchange is not None:
+            self.exchange.abort()
+        if self.task is not None:
+            self.task.cancel()
+        for body in (self.current.body if self.current else None, self.tunnel):
+            if body is not None:
+                body.end()
+        self.transport.close()
+
+    def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            self.tunnel.end()  # passed on as a half close
+        elif self.current is not None and not self.current.body.ended:
+            self.close()  # a request cut short can never be relayed whole
+        else:
+            self.ended = True  # what was asked is still answered (a half-closing client)
+            if self.active is None and not self.pending:
+                self.transport.close()
+        return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.exchange is not None:
+            self.exchange.pause_backend()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.exchange is not None:
+            self.exchange.resume_backend()
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # Parsing.
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.put(data)
+        elif not self.ended:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # The head is queued; what follows it belongs to the tunnel.
+                assert self.current is not None
+                self.current.body.end()
+                self.current = None
+                self.tunnel = Body(self._flow)
+                if rest := data[upgrade.args[0]:]:
+                    self.tunnel.put(rest)
+            except httptools.HttpParserError as exc:
+                self._malformed(f"malformed request: {exc}".encode())
+            if self.active is None:
+                self._next()
 
     def on_message_begin(self) -> None:
-        self.current = Request()
+        self.current = Request(self._flow)
 
     def on_url(self, url: bytes) -> None:
         assert self.current is not None
@@ -127,11 +287,13 @@ class _ClientParser:
     def on_headers_complete(self) -> None:
         request = self.current
         assert request is not None
-        request.method = self.parser.get_method().decode("ascii", "replace")
-        request.version = self.parser.get_http_version()
-        request.keep_alive = bool(self.parser.should_keep_alive())
-        request.upgrade = bool(self.parser.should_upgrade())
-        self.requests.put_nowait(request)
+        parser = self.parser
+        request.method = parser.get_method().decode("ascii", "replace")
+        request.keep_alive = bool(parser.should_keep_alive())
+        request.upgrade = bool(parser.should_upgrade())
+        self.pending.append(request)
+        if len(self.pending) > _BODY_QUEUE:
+            self._flow()
 
     def on_body(self, body: bytes) -> None:
         assert self.current is not None
@@ -141,9 +303,100 @@ class _ClientParser:
         assert self.current is not None
         self.current.body.end()
 
+    def _malformed(self, reason: bytes) -> None:
+        """Answer what came before, then 400 and close; a request it cut short is dropped."""
+        self.ended, self.malformed = True, reason
+        cut = self.current
+        if cut is not None and not cut.body.ended:
+            if cut in self.pending:
+                self.pending.remove(cut)
+            elif cut is self.active:  # its relay cannot complete: nothing more is answered
+                self.close()
+            cut.body.end()
+
+    def _flow(self) -> None:
+        """Read while what was read is being used: a body or a tunnel a little ahead of the
+        instance, a few pipelined requests."""
+        full = (len(self.pending) > _BODY_QUEUE
+                or (self.current is not None and self.current.body.full)
+                or (self.tunnel is not None and self.tunnel.full))
+        if full != self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = full
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # Relaying.
+
+    def _next(self) -> None:
+        """Start relaying the next request; or, when none will come, end the connection."""
+        if not self.pending:
+            if self.malformed is not None:
+                self.write(_reply_bytes(400, self.malformed))
+                self.transport.close()
+            elif self.ended:
+                self.transport.close()
+            return
+        request = self.active = self.pending.popleft()
+        if self.reading_paused:
+            self._flow()
+        request.began = time.monotonic()
+        backend = None
+        if not request.upgrade:
+            backend = self.balancer.pick_now()
+            if backend is not None and request.body.ended:
+                connection = _idle(backend)
+                if connection is not None:  # the fast path
+                    backend.begin()
+                    _Exchange(self, request, backend, connection, self._exchanged).start()
+                    return
+        self.task = asyncio.get_running_loop().create_task(self._serve(request, backend))
+
+    def _exchanged(self, exchange: _Exchange, outcome: bool | Exception) -> None:
+        """The end of a fast-path exchange."""
+        backend, request = exchange.backend, exchange.request
+        backend.end()
+        if outcome is True or outcome is False:
+            _served(self.balancer, backend, request.began)
+            self._finished(request, outcome)
+        elif isinstance(outcome, BackendFailed):  # the slow path decides whether to retry
+            self.task = asyncio.get_running_loop().create_task(
+                self._serve(request, backend, outcome))
+        else:  # the client left: nobody to answer, and the instance did nothing wrong
+            self._finished(request, False)
+
+    async def _serve(self, request: Request, backend: Backend | None,
+                     failure: BackendFailed | None = None) -> None:
+        keep = False
+        try:
+            if request.upgrade:
+                await _tunnel(self, request)
+            else:
+                keep = await _forward(self, request, backend, failure)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.task = None
+            self._finished(request, keep)
+
+    def _finished(self, request: Request, keep: bool) -> None:
+        self.active = None
+        if not keep or self.lost:
+            self.ended = True
+            self.transport.close()
+            return
+        if not request.body.ended:  # the relay stopped early: the rest is read and dropped
+            request.body.discard()
+        self._next()
+
 
 class _ResponseParser:
-    """httptools callbacks for one response from a backend."""
+    """httptools callbacks for one response from a backend: interim (1xx) answers first,
+    then the response itself; anything after it is only noted (`extra`)."""
+
+    __slots__ = ("_interim_now", "chunks", "complete", "extra", "head_done", "headers",
+                 "interim", "keep_alive", "parser", "reason")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -152,197 +405,405 @@ class _ResponseParser:
         self.head_done = False
         self.keep_alive = False  # read at the head: httptools forgets it once complete
         self.complete = False
+        self.extra = False  # bytes past the end of the response: the connection is not reused
         self.chunks: list[bytes] = []
+        self.interim: list[bytes] = []  # heads of 1xx answers, to pass on
+        self._interim_now = False
+
+    def reset(self) -> None:
+        """Ready for the next response on the same connection (the parser and its
+        callbacks refer to each other: one pair per connection, not per response)."""
+        self.reason, self.headers = b"", []
+        self.head_done = self.keep_alive = self.complete = self.extra = False
+        self.chunks.clear()
+        self.interim.clear()
+
+    # No on_message_begin (one callback less per response): a response after the complete
+    # one shows in its first callback, or in a parse error.
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        if self.complete:
+            self.extra = True
+        else:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.complete:
+            self.extra = True
+        else:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            self.extra = True
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # an interim answer (100 Continue, ...)
+            lines = [b"HTTP/1.1 %d %s" % (status, self.reason)]
+            lines += [n + b": " + v for n, v in self.headers if n.lower() not in _HOP]
+            self.interim.append(b"\r\n".join(lines) + b"\r\n\r\n")
+            self.reason, self.headers, self._interim_now = b"", [], True
+            return
         self.head_done = True
         self.keep_alive = bool(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
+        if self.complete:
+            self.extra = True
+        else:
+            self.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self._interim_now:
+            self._interim_now = False
+        else:
+            self.complete = True
 
 
-class BackendConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class BackendConnection(_Peer):
+    """A keep-alive connection to one instance; it carries one exchange at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchange: _Exchange | None = None
+        self.response: _ResponseParser | None = None  # the last one, reused when it ended
+
+    def parser(self) -> _ResponseParser:
+        """A response parser for the next exchange: the last one if its response ended
+        cleanly (a HEAD response, say, leaves it expecting a body)."""
+        response = self.response
+        if response is None or not response.complete or response.extra:
+            response = self.response = _ResponseParser()
+        else:
+            response.reset()
+        return response
 
     @classmethod
     async def open(cls, backend: Backend) -> BackendConnection:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(backend.host, backend.port), CONNECT_TIMEOUT
+        loop = asyncio.get_running_loop()
+        _, connection = await asyncio.wait_for(
+            loop.create_connection(cls, backend.host, backend.port), CONNECT_TIMEOUT
         )
-        return cls(reader, writer)
+        return connection
 
     @property
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        return not self.lost and not self.transport.is_closing()
 
     def close(self) -> None:
-        self.writer.close()
+        self.transport.close()
+        self._wake(ConnectionResetError("the connection was closed"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_data(data)
+        else:  # nothing was asked: whatever this is, the connection is of no use
+            self.close()
+
+    def eof_received(self) -> bool:
+        if self.exchange is not None:
+            self.exchange.backend_closed(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.exchange is not None:
+            self.exchange.backend_closed(exc)
 
 
-async def serve_http(
-    balancer: Balancer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """Serve one client connection: its requests, one after the other."""
-    requests: asyncio.Queue[Request | None] = asyncio.Queue()
-    client = _ClientParser(requests)
-    peer = writer.get_extra_info("peername")
-    client_ip = peer[0] if isinstance(peer, tuple) else "unix"
-    reading = asyncio.ensure_future(_read_client(reader, writer, client, requests))
-    try:
-        while (request := await requests.get()) is not None:
-            if request.upgrade:
-                await reading  # it stopped at the Upgrade head: the tunnel reads from here
-                await _tunnel(balancer, request, reader, writer, client_ip)
-                break
-            if not await _forward(balancer, request, writer, client_ip):
-                break
-            await _discard(request.body)  # keep the stream in step if the relay stopped early
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        reading.cancel()
-        with contextlib.suppress(Exception):
-            writer.close()
+class _Exchange:
+    """One attempt at one request on one backend connection.
+
+    `start` writes the request (what of its body is in; `pump` streams the rest); the
+    response is relayed to the client in the connection's callbacks as it comes. Nothing
+    reaches the client before the head and the first body bytes (or the end) are in: a
+    backend that dies before that has still sent the client nothing, and the request may
+    be tried elsewhere. The outcome (client may continue: bool, or BackendFailed, or
+    ClientGone) goes to `on_done`, or to the future `done` when there is no `on_done`.
+    """
+
+    __slots__ = ("backend", "backend_paused", "chunked", "client", "connection", "done",
+                 "framing", "on_done", "over", "request", "response", "sent", "started")
+
+    def __init__(self, client: HttpClient, request: Request, backend: Backend,
+                 connection: BackendConnection,
+                 on_done: Callable[[_Exchange, bool | Exception], None] | None) -> None:
+        self.client, self.request, self.backend = client, request, backend
+        self.connection, self.on_done = connection, on_done
+        self.done: asyncio.Future[bool] | None = None
+        if on_done is None:
+            self.done = asyncio.get_running_loop().create_future()
+        self.response = connection.parser()
+        self.framing = b""
+        self.chunked = False
+        self.started = False  # the response's head went to the client
+        self.sent = False  # all of the request went to the instance
+        self.over = False
+        self.backend_paused = False
+        connection.exchange = client.exchange = self
+        if client._paused:
+            self.pause_backend()
+
+    def start(self) -> None:
+        """The head, what an earlier attempt sent of the body, and what of it is in now."""
+        request = self.request
+        head, self.chunked = _request_head(request, self.client.ip)
+        parts = [head]
+        if request.replay:
+            parts += [_frame(done, self.chunked) for done in request.replay]
+        while (chunk := request.body.take()) is not None:
+            request.remember(chunk)
+            parts.append(_frame(chunk, self.chunked))
+        if request.body.ended:
+            if self.chunked:
+                parts.append(b"0\r\n\r\n")
+            self.sent = True
+        self.connection.transport.write(b"".join(parts) if len(parts) > 1 else head)
+
+    async def pump(self) -> None:
+        """The rest of the body, as the client sends it."""
+        request, connection = self.request, self.connection
+        try:
+            while (chunk := await request.body.get()) is not None:
+                if self.over:
+                    continue  # the exchange ended early: the rest is only read
+                request.remember(chunk)
+                connection.transport.write(_frame(chunk, self.chunked))
+                await connection.drain()
+            if not self.over:
+                if self.chunked:
+                    connection.transport.write(b"0\r\n\r\n")
+                self.sent = True
+        except (ConnectionError, OSError) as exc:
+            self.fail(BackendFailed(str(exc) or type(exc).__name__, True, request.responded))
+
+    def response_data(self, data: bytes) -> None:
+        response, request = self.response, self.request
+        try:
+            response.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if response.complete:  # what follows a complete response: it is not reused
+                response.extra = True
+            else:
+                self.fail(BackendFailed(f"malformed response: {exc}", True, request.responded))
+                return
+        out = response.interim
+        finished = response.head_done and (response.complete or request.method == "HEAD")
+        if response.head_done and not self.started and (response.chunks or finished):
+            head, self.framing = _head(response, request)
+            out.append(head)
+            self.started = True
+        if self.started and response.chunks:
+            if self.framing in (b"chunked", b"close"):
+                out += [_frame(chunk, True) for chunk in response.chunks]
+            else:
+                out += response.chunks
+            response.chunks.clear()
+        if finished and self.framing in (b"chunked", b"close"):
+            out.append(b"0\r\n\r\n")
+        if out:
+            if not self._to_client(out):
+                return
+            out.clear()
+        if finished:
+            keep = response.keep_alive and not response.extra and self.framing != b"close"
+            self._end(keep and self.sent, request.keep_alive)
+
+    def backend_closed(self, exc: Exception | None) -> None:
+        """The instance closed the connection (exc: with an error)."""
+        response, request = self.response, self.request
+        if exc is None and response.head_done:
+            status = response.parser.get_status_code()
+            if _framing(response, request, status) == b"close":  # the close ends the body
+                out = response.interim
+                if not self.started:  # an empty body
+                    self.framing = b"close"
+                    out.append(_head(response, request)[0])
+                out.append(b"0\r\n\r\n")
+                if self._to_client(out):
+                    self._end(False, request.keep_alive)
+                return
+        why = (str(exc) or type(exc).__name__) if exc is not None else \
+            "connection closed before the response ended"
+        self.fail(BackendFailed(why, True, request.responded))
+
+    def _to_client(self, out: list[bytes]) -> bool:
+        self.request.responded = True
+        client = self.client
+        if client.lost or client.transport.is_closing():
+            self.abort()
+            return False
+        client.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        return True
+
+    def pause_backend(self) -> None:
+        if not self.backend_paused and not self.connection.lost:
+            self.backend_paused = True
+            self.connection.transport.pause_reading()
+
+    def resume_backend(self) -> None:
+        if self.backend_paused and not self.connection.lost:
+            self.backend_paused = False
+            self.connection.transport.resume_reading()
+
+    def fail(self, failed: BackendFailed) -> None:
+        self._end(False, failed)
+
+    def abort(self) -> None:
+        """The client is gone."""
+        self._end(False, ClientGone())
+
+    def _end(self, keep_backend: bool, outcome: bool | Exception) -> None:
+        if self.over:
+            return
+        self.over = True
+        connection, backend, client = self.connection, self.backend, self.client
+        connection.exchange = None
+        if client.exchange is self:
+            client.exchange = None
+        if keep_backend and backend.in_rotation and connection.usable:
+            self.resume_backend()
+            backend.idle.append(connection)
+        else:
+            connection.close()
+        if self.on_done is not None:
+            self.on_done(self, outcome)
+        elif self.done is not None and not self.done.done():
+            if isinstance(outcome, Exception):
+                self.done.set_exception(outcome)
+            else:
+                self.done.set_result(outcome)
 
 
-async def _read_client(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-    client: _ClientParser, requests: asyncio.Queue[Request | None],
-) -> None:
-    data = b""
-    try:
-        while data := await reader.read(_READ):
-            client.parser.feed_data(data)
-            if client.current is not None:
-                await client.current.body.room()
-    except httptools.HttpParserUpgrade as upgrade:
-        # The head is queued; what follows it belongs to the tunnel, which reads on itself.
-        assert client.current is not None
-        client.current.tunnel_head = data[upgrade.args[0]:]
-        client.current.body.end()
-        return
-    except httptools.HttpParserError as exc:
-        await _reply(writer, 400, f"malformed request: {exc}".encode())
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        if client.current is not None and not client.current.body.ended:
-            client.current.body.end()
-        requests.put_nowait(None)
+class ClientGone(Exception):
+    """The client went away while its response was being written."""
 
 
-async def _forward(
-    balancer: Balancer, request: Request, client: asyncio.StreamWriter, client_ip: str
-) -> bool:
-    """Relay one request; True if the client connection may carry another."""
+def _idle(backend: Backend) -> BackendConnection | None:
+    """An idle keep-alive connection to `backend`, if one is still good."""
+    while backend.idle:
+        connection = backend.idle.pop()
+        if connection.usable:
+            return connection
+        connection.close()
+    return None
+
+
+def _served(balancer: Balancer, backend: Backend, began: float) -> None:
+    """Count a relayed request (the metrics' children are looked up once per backend)."""
+    if backend.requests_metric is None:
+        backend.requests_metric = metrics.REQUESTS.labels(balancer.label, backend.instance_id)
+    if balancer.latency_metric is None:
+        balancer.latency_metric = metrics.LATENCY.labels(balancer.label)
+    backend.requests_metric.inc()
+    balancer.latency_metric.observe(time.monotonic() - began)
+
+
+async def _forward(client: HttpClient, request: Request, backend: Backend | None = None,
+                   failure: BackendFailed | None = None) -> bool:
+    """Relay one request; True if the client connection may carry another.
+
+    `backend`: the instance already picked for it, if any; with `failure`, what became of
+    the first attempt there (made by the fast path)."""
+    balancer = client.balancer
     tried: set[str] = set()
     retried = False  # a request the backend may have seen is tried again once at most
-    endpoint = f"{balancer.role}.{balancer.name}"
-    began = time.monotonic()
+    endpoint = balancer.label
     while True:
-        backend = await balancer.pick(tried)
-        if backend is None:
-            metrics.ERRORS.labels(endpoint, "503").inc()
-            await _reply(client, 503, b"no instance in rotation", retry_after=True)
-            return request.keep_alive and request.body.ended
+        if failure is None:
+            if backend is None:
+                backend = await balancer.pick(tried)
+            if backend is None:
+                metrics.ERRORS.labels(endpoint, "503").inc()
+                await _reply(client, 503, b"no instance in rotation", retry_after=True)
+                return request.keep_alive and request.body.ended
+            tried.add(backend.instance_id)
+            backend.begin()
+            try:
+                keep = await _exchange(client, backend, request)
+            except ClientGone:
+                return False  # nobody to answer: no retry, and the instance did nothing wrong
+            except BackendFailed as exc:
+                failure = exc
+            else:
+                _served(balancer, backend, request.began)
+                return keep
+            finally:
+                backend.end()
+        assert backend is not None and failure is not None
         tried.add(backend.instance_id)
-        backend.begin()
+        failed, failure, instance, backend = failure, None, backend.instance_id, None
+        where = {"instance": instance, "reason": str(failed), "method": request.method,
+                 "url": request.url.decode("latin-1")[:200], "attempt": len(tried)}
+        if failed.response_started:
+            metrics.ERRORS.labels(endpoint, "cut").inc()
+            log.warning("response_cut", **where)
+            return False  # part of a response is out: only closing can tell the client
+        if not failed.request_sent:  # nothing left the proxy: any other instance may
+            metrics.ERRORS.labels(endpoint, "retry").inc()
+            log.info("retry", **where)
+            continue
+        if not retried and request.method in IDEMPOTENT and request.replay is not None:
+            retried = True
+            metrics.ERRORS.labels(endpoint, "retry").inc()
+            log.info("retry", **where)
+            continue
+        metrics.ERRORS.labels(endpoint, "502").inc()
+        log.warning("backend_failed", **where)
+        await _reply(client, 502, b"the instance failed before it answered")
+        return False
+
+
+async def _exchange(client: HttpClient, backend: Backend, request: Request) -> bool:
+    connection = _idle(backend)
+    if connection is None:
         try:
-            keep = await _exchange(backend, request, client, client_ip)
-            metrics.REQUESTS.labels(endpoint, backend.instance_id).inc()
-            metrics.LATENCY.labels(endpoint).observe(time.monotonic() - began)
-            return keep
-        except ClientGone:
-            return False  # nobody to answer: no retry, and the instance did nothing wrong
-        except BackendFailed as failed:
-            where = {"instance": backend.instance_id, "reason": str(failed),
-                     "method": request.method, "url": request.url.decode("latin-1")[:200],
-                     "attempt": len(tried)}
-            if failed.response_started:
-                metrics.ERRORS.labels(endpoint, "cut").inc()
-                log.warning("response_cut", **where)
-                return False  # part of a response is out: only closing can tell the client
-            if not failed.request_sent:  # nothing left the proxy: any other instance may
-                metrics.ERRORS.labels(endpoint, "retry").inc()
-                log.info("retry", **where)
-                continue
-            if not retried and request.method in IDEMPOTENT and request.replay is not None:
-                retried = True
-                metrics.ERRORS.labels(endpoint, "retry").inc()
-                log.info("retry", **where)
-                continue
-            metrics.ERRORS.labels(endpoint, "502").inc()
-            log.warning("backend_failed", **where)
-            await _reply(client, 502, b"the instance failed before it answered")
-            return False
-        finally:
-            backend.end()
-
-
-async def _exchange(
-    backend: Backend, request: Request, client: asyncio.StreamWriter, client_ip: str
-) -> bool:
-    connection = None
-    while backend.idle and connection is None:
-        candidate = backend.idle.pop()
-        if candidate.usable:
-            connection = candidate
-        else:
-            candidate.close()
-    try:
-        if connection is None:
             connection = await BackendConnection.open(backend)
-    except (OSError, TimeoutError) as exc:
-        raise BackendFailed(f"connect: {exc}", False, False) from None
-    try:  # from here on, the backend may have seen (part of) the request
-        await _send_request(connection, request, client_ip)
-        keep_backend, keep_client = await _relay_response(connection, request, client)
-    except (BackendFailed, ClientGone):
-        connection.close()  # whatever it was in the middle of is of no use to anyone now
+        except (OSError, TimeoutError) as exc:
+            raise BackendFailed(f"connect: {exc}", False, False) from None
+    if client.lost:
+        connection.close()
+        raise ClientGone
+    # from here on, the backend may have seen (part of) the request
+    exchange = _Exchange(client, request, backend, connection, None)
+    assert exchange.done is not None
+    try:
+        exchange.start()
+        if not exchange.sent:
+            await exchange.pump()
+        return await exchange.done
+    except asyncio.CancelledError:
+        exchange.abort()
+        if exchange.done.done() and not exchange.done.cancelled():
+            exchange.done.exception()  # retrieved: nobody is left to
         raise
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        connection.close()
-        raise BackendFailed(str(exc) or type(exc).__name__, True, request.responded) from None
-    if keep_backend and backend.in_rotation:
-        backend.idle.append(connection)
-    else:
-        connection.close()
-    return keep_client
 
 
-async def _tunnel(
-    balancer: Balancer, request: Request, reader: asyncio.StreamReader,
-    client: asyncio.StreamWriter, client_ip: str,
-) -> None:
+async def _open(backend: Backend) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(backend.host, backend.port), CONNECT_TIMEOUT
+    )
+
+
+async def _tunnel(client: HttpClient, request: Request) -> None:
     """An Upgrade (WebSocket, ...): pass the head on; after a 101, relay bytes both ways.
     The tunnel counts as in flight on its backend, so a drain waits for it."""
-    backend = await balancer.pick()
+    backend = await client.balancer.pick()
     if backend is None:
         await _reply(client, 503, b"no instance in rotation", retry_after=True)
         return
     backend.begin()
     try:
         try:
-            upstream = await BackendConnection.open(backend)
+            reader, writer = await _open(backend)
         except (OSError, TimeoutError):
             await _reply(client, 502, b"the instance refused the connection")
             return
         try:
-            await _send_request(upstream, request, client_ip, upgrade=True)
+            writer.write(_request_head(request, client.ip, upgrade=True)[0])
             response, rest = _ResponseParser(), b""
             while not response.head_done:
-                data = await upstream.reader.read(_READ)
+                data = await reader.read(_READ)
                 if not data:
                     await _reply(client, 502, b"the instance closed the connection")
                     return
@@ -350,31 +811,60 @@ async def _tunnel(
                     response.parser.feed_data(data)
                 except httptools.HttpParserUpgrade as upgrade:
                     rest = data[upgrade.args[0]:]
+                except httptools.HttpParserError:
+                    await _reply(client, 502, b"the instance sent a malformed response")
+                    return
             status = response.parser.get_status_code()
             head = [b"HTTP/1.1 %d %s" % (status, response.reason)]
             head += [n + b": " + v for n, v in response.headers]
             client.write(b"\r\n".join(head) + b"\r\n\r\n" + rest)
-            if status != 101:  # refused: whatever body it had is not worth a framing guess
-                return
-            upstream.writer.write(request.tunnel_head)
-            await asyncio.gather(_pipe(reader, upstream.writer), _pipe(upstream.reader, client))
+            if status != 101 or client.tunnel is None:
+                return  # refused: whatever body it had is not worth a framing guess
+            await asyncio.gather(_tunnel_out(client.tunnel, writer), _tunnel_in(reader, client))
         finally:
-            upstream.close()
+            writer.close()
     finally:
         backend.end()
 
 
-async def _send_request(
-    connection: BackendConnection, request: Request, client_ip: str, upgrade: bool = False
-) -> None:
-    chunked = request.chunked
-    lines = [f"{request.method} ".encode() + request.url + b" HTTP/1.1"]
-    forwarded = client_ip.encode()
+async def _tunnel_out(source: Body, sink: asyncio.StreamWriter) -> None:
+    try:
+        while (chunk := await source.get()) is not None:
+            sink.write(chunk)
+            await sink.drain()
+        if sink.can_write_eof():
+            sink.write_eof()
+    except (ConnectionError, OSError):
+        sink.close()
+
+
+async def _tunnel_in(source: asyncio.StreamReader, client: HttpClient) -> None:
+    try:
+        while data := await source.read(_READ):
+            client.write(data)
+            await client.drain()
+        if not client.lost and client.transport.can_write_eof():
+            client.transport.write_eof()
+    except (ConnectionError, OSError):
+        client.transport.close()
+
+
+def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
+                  ) -> tuple[bytes, bool]:
+    """The head to send the instance, and whether the body goes chunked."""
+    lines = [request.method.encode() + b" " + request.url + b" HTTP/1.1"]
+    forwarded = client_ip
+    chunked, length = False, None
     for name, value in request.headers:
         lowered = name.lower()
-        if lowered in _HOP and not (upgrade and lowered in (b"upgrade", b"connection")):
-            continue
-        if lowered == b"x-forwarded-for":
+        if lowered in _HOP:
+            if lowered == b"transfer-encoding":
+                chunked = True
+            elif lowered == b"content-length" and length is None:
+                length = value
+            if not (upgrade and lowered in (b"upgrade", b"connection")):
+                continue
+        elif lowered == b"x-forwarded-for":
             forwarded = value + b", " + forwarded
             continue
         lines.append(name + b": " + value)
@@ -383,91 +873,13 @@ async def _send_request(
         lines.append(b"Connection: keep-alive")
     if chunked:
         lines.append(b"Transfer-Encoding: chunked")
-    elif request.length is not None:
-        lines.append(b"Content-Length: " + request.length)
-    writer = connection.writer
-    writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
-    for done in list(request.replay or []):  # what an earlier attempt already read
-        writer.write(_frame(done, chunked))
-    while (chunk := await request.body.get()) is not None:
-        request.remember(chunk)
-        writer.write(_frame(chunk, chunked))
-        await writer.drain()
-    if chunked:
-        writer.write(b"0\r\n\r\n")
-    await writer.drain()
+    elif length is not None:
+        lines.append(b"Content-Length: " + length)
+    return b"\r\n".join(lines) + b"\r\n\r\n", chunked
 
 
 def _frame(chunk: bytes, chunked: bool) -> bytes:
     return b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
-
-
-async def _relay_response(
-    connection: BackendConnection, request: Request, client: asyncio.StreamWriter
-) -> tuple[bool, bool]:
-    """Stream the response to the client: (backend reusable, client may continue).
-
-    Nothing reaches the client before the head and the first body bytes (or the end)
-    are in: a backend that dies before that has still sent the client nothing, and the
-    request may be tried elsewhere. Each read from the backend is one write to the client.
-    """
-    response = _ResponseParser()
-    framing = b""
-    while True:
-        data = await connection.reader.read(_READ)
-        out = bytearray()
-        if not data:
-            status = response.parser.get_status_code() if response.head_done else 0
-            if response.head_done and _framing(response, request, status) == b"close":
-                if not request.responded:  # an empty body, delimited by the close itself
-                    out += _head(response, status, b"close", request.keep_alive)
-                out += b"0\r\n\r\n"
-                await _to_client(client, request, bytes(out), drain=True)
-                return False, request.keep_alive
-            raise BackendFailed("connection closed before the response ended", True,
-                                request.responded)
-        try:
-            response.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            raise BackendFailed(f"malformed response: {exc}", True, request.responded) from None
-        status = response.parser.get_status_code()
-        if response.head_done and status == 100:  # an interim answer: pass it on, read on
-            await _to_client(client, request, b"HTTP/1.1 100 Continue\r\n\r\n", drain=True)
-            response = _ResponseParser()
-            continue
-        finished = response.complete or (response.head_done and request.method == "HEAD")
-        if response.head_done and not request.responded and (response.chunks or finished):
-            framing = _framing(response, request, status)
-            out += _head(response, status, framing, request.keep_alive)
-        if (request.responded or out) and response.chunks:
-            rechunk = framing in (b"chunked", b"close")
-            for chunk in response.chunks:
-                out += _frame(chunk, rechunk)
-            response.chunks.clear()
-        if finished and framing in (b"chunked", b"close"):
-            out += b"0\r\n\r\n"
-        if out:
-            await _to_client(client, request, bytes(out), drain=finished)
-        if finished:
-            return response.keep_alive and framing != b"close", request.keep_alive
-
-
-class ClientGone(Exception):
-    """The client went away while its response was being written."""
-
-
-async def _to_client(
-    client: asyncio.StreamWriter, request: Request, data: bytes, drain: bool
-) -> None:
-    request.responded = True
-    if client.is_closing():
-        raise ClientGone
-    client.write(data)
-    if drain or client.transport.get_write_buffer_size() > 4 * _READ:
-        try:
-            await client.drain()
-        except (ConnectionError, OSError):
-            raise ClientGone from None
 
 
 def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
@@ -482,32 +894,53 @@ def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
     return b"close"  # read until the backend closes; the client gets it chunked
 
 
-def _head(response: _ResponseParser, status: int, framing: bytes, keep_alive: bool) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, response.reason or b"")]
-    lines += [n + b": " + v for n, v in response.headers if n.lower() not in _HOP]
-    if framing.startswith(b"length:"):
-        lines.append(b"Content-Length: " + framing[7:])
-    elif framing in (b"chunked", b"close"):
-        lines.append(b"Transfer-Encoding: chunked")
-    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}  # b"HTTP/1.1 200 OK\r\n", ...
 
 
-async def _discard(body: Body) -> None:
-    while await body.get() is not None:
-        pass
+def _head(response: _ResponseParser, request: Request) -> tuple[bytes, bytes]:
+    """The response's head for the client, and its framing (as `_framing` says)."""
+    status = response.parser.get_status_code()
+    line = _STATUS_LINES.get((status, response.reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, response.reason)
+        if len(_STATUS_LINES) < 256:  # a few statuses and reasons in practice
+            _STATUS_LINES[status, response.reason] = line
+    lines = [line]
+    length, chunked = None, False
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered not in _HOP:
+            lines.append(name + b": " + value + b"\r\n")
+        elif lowered == b"content-length":
+            if length is None:
+                length = value
+        elif lowered == b"transfer-encoding":
+            chunked = True
+    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        framing = b"none"
+    elif length is not None:
+        framing = b"length:" + length
+        lines.append(b"Content-Length: " + length + b"\r\n")
+    else:  # chunked, or read until the backend closes: the client gets it chunked
+        framing = b"chunked" if chunked else b"close"
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"Connection: keep-alive\r\n\r\n" if request.keep_alive else
+                 b"Connection: close\r\n\r\n")
+    return b"".join(lines), framing
 
 
-async def _reply(
-    writer: asyncio.StreamWriter, status: int, text: bytes, retry_after: bool = False
-) -> None:
+def _reply_bytes(status: int, text: bytes, retry_after: bool = False) -> bytes:
     reasons = {400: b"Bad Request", 501: b"Not Implemented", 502: b"Bad Gateway",
                503: b"Service Unavailable"}
     extra = b"Retry-After: 1\r\n" if retry_after else b""
-    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
-                 % (status, reasons.get(status, b"Error"), len(text), extra, text))
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (status, reasons.get(status, b"Error"), len(text), extra, text))
+
+
+async def _reply(client: HttpClient, status: int, text: bytes, retry_after: bool = False) -> None:
+    client.write(_reply_bytes(status, text, retry_after))
     with contextlib.suppress(ConnectionError):
-        await writer.drain()
+        await client.drain()
 
 
 async def serve_tcp(
@@ -522,13 +955,13 @@ async def serve_tcp(
                 return
             tried.add(backend.instance_id)
             try:
-                upstream = await BackendConnection.open(backend)
+                upstream_reader, upstream = await _open(backend)
             except (OSError, TimeoutError):
                 continue  # nothing was sent: another instance may take it
             backend.begin()
-            metrics.REQUESTS.labels(f"{balancer.role}.{balancer.name}", backend.instance_id).inc()
+            metrics.REQUESTS.labels(balancer.label, backend.instance_id).inc()
             try:
-                await asyncio.gather(_pipe(reader, upstream.writer), _pipe(upstream.reader, writer))
+                await asyncio.gather(_pipe(reader, upstream), _pipe(upstream_reader, writer))
             finally:
                 backend.end()
                 upstream.close()
