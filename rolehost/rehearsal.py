@@ -68,8 +68,9 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
     every step passed, and kept for inspection otherwise."""
     run_dir = Path(tempfile.mkdtemp(prefix="rolehost-check-"))
     logs.configure(run_dir / "logs", None)
-    process.adopt_orphans(asyncio.get_running_loop())
+    # Before the orphan reaper is on: the privilege check waits for a child of its own.
     deployment = Deployment.prepare(definition.service, run_dir, None)
+    process.adopt_orphans(asyncio.get_running_loop())
     names = roles or list(definition.roles)
     instances = {n: Instance(deployment, n, definition.roles[n], 0) for n in names}
     try:
