@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from conftest import MakeService
 
 from rolehost import capacity, definition
@@ -50,12 +52,16 @@ def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) 
     with service.harness() as h:
         h.wait_ready(30)
 
-        def warned() -> list[str]:
-            return [a for a in h.status()["capacity"] if "would each carry" in a]
+        def warned() -> dict[str, Any] | None:
+            status = h.status()
+            return status if any("would each carry" in a for a in status["capacity"]) else None
 
-        [warning] = wait_until(warned, 20, "a load warning")
+        status = wait_until(warned, 20, "a load warning")
+        [warning] = [a for a in status["capacity"] if "would each carry" in a]
         assert "role web: with update domain" in warning
-        assert all(load > 40 for load in h.status()["cpu"].values())
+        # The figures the warning came from, in the same answer.
+        assert set(status["cpu"]) == {"web_IN_0", "web_IN_1"}
+        assert sum(status["cpu"].values()) >= 99.9  # over 100, each figure rounded to 0.1
 
 
 def test_status_and_check_flag_a_single_instance(make_service: MakeService) -> None:
