@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,30 @@ def test_event_lines() -> None:
     line = describe({"event": "host_exited", "instance": "w_IN_0", "level": "info",
                      "outcome": "killed by SIGKILL"})
     assert line == "w_IN_0: host exited outcome=killed by SIGKILL"
+
+
+def test_history_keeps_the_last_operations_in_memory_and_all_in_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rolehost import history
+
+    monkeypatch.setattr(history, "KEPT", 5)
+    path = tmp_path / "history.jsonl"
+    kept = history.History(path)
+    running = kept.begin("upgrade host-os", {}, ["web_IN_0"])  # the oldest, never ended
+    ended = []
+    for n in range(8):
+        operation = kept.begin("restart", {"n": n}, ["web_IN_1"])
+        kept.end(operation, "succeeded")
+        ended.append(operation.id)
+    # Bounded, oldest ended ones dropped first, the running one kept whatever its age.
+    assert list(kept.operations) == [running.id, *ended[-4:]]
+    assert kept.summary()["success_rate"] == 1.0
+    lines = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert set(lines) == {running.id, *ended}  # the file forgets nothing
+
+    # The next controller: the never-ended one is now interrupted, so ended, and the
+    # oldest: it is in the file, and no longer in memory.
+    reloaded = history.History(path)
+    assert list(reloaded.operations) == ended[-5:]
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert (last["id"], last["outcome"]) == (running.id, "interrupted")
