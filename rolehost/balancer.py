@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from rolehost import metrics
 from rolehost.definition import Balance, Endpoint, Protocol
 
 if TYPE_CHECKING:
@@ -34,14 +35,12 @@ class Backend:
         self.joined = 0.0  # loop time it last entered rotation: slow start weighs it
         self.why_out = "starting"
         self.active = 0  # requests (http) or connections (tcp) being served
-        self.served = 0
+        self.served = 0  # requests relayed whole (http), connections handed over (tcp)
         self.idle: list[proxy.BackendConnection] = []  # keep-alive connections to reuse
         self._quiet: asyncio.Event | None = None  # set when `active` drops to 0, if awaited
-        self.requests_metric: Any = None  # its child of metrics.REQUESTS, once it served
 
     def begin(self) -> None:
         self.active += 1
-        self.served += 1
 
     def end(self) -> None:
         self.active -= 1
@@ -73,7 +72,7 @@ class Balancer:
         self.role, self.name, self.endpoint = role, name, endpoint
         self.backends: dict[str, Backend] = {}
         self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
-        self.latency_metric: Any = None  # its child of metrics.LATENCY, once it relayed
+        self.latency = metrics.Tally()  # seconds to relay a request
         self._turn = itertools.count()
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()

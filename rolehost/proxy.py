@@ -690,13 +690,9 @@ def _idle(backend: Backend) -> BackendConnection | None:
 
 
 def _served(balancer: Balancer, backend: Backend, began: float) -> None:
-    """Count a relayed request (the metrics' children are looked up once per backend)."""
-    if backend.requests_metric is None:
-        backend.requests_metric = metrics.REQUESTS.labels(balancer.label, backend.instance_id)
-    if balancer.latency_metric is None:
-        balancer.latency_metric = metrics.LATENCY.labels(balancer.label)
-    backend.requests_metric.inc()
-    balancer.latency_metric.observe(time.monotonic() - began)
+    """Count a relayed request."""
+    backend.served += 1
+    balancer.latency.observe(time.monotonic() - began)
 
 
 async def _forward(client: HttpClient, request: Request, backend: Backend | None = None,
@@ -959,7 +955,7 @@ async def serve_tcp(
             except (OSError, TimeoutError):
                 continue  # nothing was sent: another instance may take it
             backend.begin()
-            metrics.REQUESTS.labels(balancer.label, backend.instance_id).inc()
+            backend.served += 1
             try:
                 await asyncio.gather(_pipe(reader, upstream), _pipe(upstream_reader, writer))
             finally:
