@@ -8,9 +8,12 @@ An instance's processes are found three ways, because each alone misses some:
   token in their environment: `DEPLOYMENT:INSTANCE:BOOT` for a boot's startup tasks,
   `DEPLOYMENT:INSTANCE:BOOT:hN` for its Nth host.
 
-Exits are seen through a pidfd, never by polling. The tree is swept while the exited
-host is still an unreaped zombie, so its pid and process group cannot be reused by an
-unrelated process before the sweep signals them.
+Exits are seen through a pidfd, never by polling. Where pidfd_open is unavailable (Linux
+before 5.3, valgrind, a seccomp profile that denies it), they are seen on SIGCHLD
+instead, by a waitid(WNOWAIT) of each child watched that way: still no polling. Either
+way, the tree is swept while the exited host is still an unreaped zombie, so its pid
+and process group cannot be reused by an unrelated process before the sweep signals
+them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -28,12 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import structlog
 
 from rolehost import protocol
 from rolehost.privileges import User
 
+log = structlog.get_logger()
+
 # Pids the controller reaps itself; the orphan reaper leaves them alone.
 _tracked: set[int] = set()
+# Pids watched without a pidfd, each with what to run once it has exited (a zombie).
+_unwatched: dict[int, Callable[[], None]] = {}
+_pidfd_unavailable: OSError | None = None  # why pidfd_open failed, once it did
+_sigchld_loop: asyncio.AbstractEventLoop | None = None  # the loop SIGCHLD is handled on
+_reap_orphans = False  # adopt_orphans asked for it: this process is a subreaper
 _reaping: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 KILL_GRACE = 1.0  # seconds a swept process gets between SIGTERM and SIGKILL
 
@@ -64,22 +76,55 @@ def event_loop() -> asyncio.AbstractEventLoop:
 
 def adopt_orphans(loop: asyncio.AbstractEventLoop) -> bool:
     """Make this process the subreaper of its descendants, and reap the orphans it gets."""
+    global _reap_orphans
+    _reap_orphans = True
+    _handle_sigchld(loop)
+    return become_subreaper()
+
+
+def _handle_sigchld(loop: asyncio.AbstractEventLoop) -> None:
+    """Run `_on_sigchld` on `loop` at each SIGCHLD (once installed, the next calls for the
+    same loop do nothing)."""
+    global _sigchld_loop
+    if _sigchld_loop is loop:
+        return
     try:
-        loop.add_signal_handler(signal.SIGCHLD, reap_orphans)
+        loop.add_signal_handler(signal.SIGCHLD, _on_sigchld)
     except RuntimeError:
         # uvloop refuses SIGCHLD: libuv wants it for the children it spawns itself, and
         # rolehost spawns none through the loop (subprocess.Popen and pidfds only). A plain
         # handler does what add_signal_handler would: Python's C handler writes to the
         # wake-up fd uvloop set (signal.set_wakeup_fd), uvloop runs this handler on the
-        # main thread, and the reap itself runs as a loop callback, never in the middle of
+        # main thread, and the work itself runs as a loop callback, never in the middle of
         # a spawn (a pid is in `_tracked` before the loop runs anything else).
         def on_sigchld(signum: int, frame: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to reap for
-                loop.call_soon_threadsafe(reap_orphans)
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to do for it
+                loop.call_soon_threadsafe(_on_sigchld)
 
         signal.signal(signal.SIGCHLD, on_sigchld)
         signal.siginterrupt(signal.SIGCHLD, False)  # SA_RESTART, as add_signal_handler
-    return become_subreaper()
+    _sigchld_loop = loop
+
+
+def _on_sigchld() -> None:
+    # Exits watched without a pidfd first: they only look (WNOWAIT), and their pids are
+    # in `_tracked`, so the orphan reaper would leave them alone anyway.
+    _check_unwatched()
+    if _reap_orphans:
+        reap_orphans()
+
+
+def _check_unwatched() -> None:
+    """Run the exit callback of each pid in `_unwatched` that has exited, leaving it a
+    zombie (the callback reaps it, after its sweep)."""
+    for pid, on_exit in list(_unwatched.items()):
+        try:
+            gone = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped by someone else: a pidfd would turn readable
+            gone = True  # too, and the callback's waitpid says so
+        if gone:
+            del _unwatched[pid]
+            on_exit()
 
 
 def reap_orphans() -> None:
@@ -195,13 +240,14 @@ def sweep_leftovers(run_dir: Path) -> list[str]:
 def watch_exit(
     pid: int, before_reap: Callable[[], Awaitable[None]] | None = None
 ) -> asyncio.Future[int]:
-    """A future of `pid`'s exit code (negative: the signal), seen through a pidfd.
+    """A future of `pid`'s exit code (negative: the signal), seen through a pidfd, or
+    on SIGCHLD where pidfd_open is unavailable.
 
     `before_reap` runs while the exited child is still a zombie, holding its pid.
     """
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
-    pidfd = os.pidfd_open(pid)
+    pidfd = _pidfd_open(pid)
     _tracked.add(pid)
 
     async def reap() -> None:
@@ -211,15 +257,45 @@ def watch_exit(
         _tracked.discard(pid)
         exited.set_result(os.waitstatus_to_exitcode(status))
 
-    def readable() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+    def start_reap() -> None:
         task = loop.create_task(reap())
         _reaping.add(task)
         task.add_done_callback(_reaping.discard)
 
+    if pidfd is None:
+        _handle_sigchld(loop)
+        _unwatched[pid] = start_reap
+        # An exit before the handler was installed, or before `pid` was in `_unwatched`,
+        # sent a SIGCHLD that found nothing to do: look once now.
+        loop.call_soon(_check_unwatched)
+        return exited
+
+    def readable() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        start_reap()
+
     loop.add_reader(pidfd, readable)
     return exited
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for `pid`, or None where the kernel or a sandbox does not provide them."""
+    global _pidfd_unavailable
+    if _pidfd_unavailable is not None:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except AttributeError as exc:  # a Python built without it
+        _pidfd_unavailable = OSError(errno.ENOSYS, str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):
+            raise
+        _pidfd_unavailable = exc
+    log.warning("pidfd_unavailable", error=_pidfd_unavailable.strerror,
+                errno=errno.errorcode.get(_pidfd_unavailable.errno or 0, "?"),
+                detail="child exits are seen on SIGCHLD instead")
+    return None
 
 
 class _Lines(asyncio.Protocol):
