@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-$(BIN)/rolehost: pyproject.toml
+# setup.py compiles the relay with mypyc, next to its sources: edits to them reinstall.
+$(BIN)/rolehost: pyproject.toml setup.py rolehost/proxy.py rolehost/balancer.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -20,7 +21,7 @@ test-fast: $(BIN)/rolehost  ## the suite without tests marked slow
 	$(BIN)/pytest -m 'not slow'
 
 lint: $(BIN)/rolehost
-	$(BIN)/ruff check rolehost tests samples bench docs
+	$(BIN)/ruff check rolehost tests samples bench docs setup.py
 	$(BIN)/mypy
 
 bench: $(BIN)/rolehost

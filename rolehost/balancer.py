@@ -26,6 +26,14 @@ log = structlog.get_logger()
 SLOW_START_FLOOR = 0.05
 
 
+def relay_build() -> str:
+    """How the relay runs: "compiled" when setup.py's mypyc build is installed (the
+    usual case), "interpreted" when it could not be (no C compiler)."""
+    from rolehost import proxy
+
+    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "compiled"
+
+
 class Backend:
     """One instance behind one endpoint: its private address, rotation and load."""
 

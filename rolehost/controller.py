@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from rolehost import api, capacity, logs, metrics, packages, preflight, process
-from rolehost.balancer import Balancer
+from rolehost.balancer import Balancer, relay_build
 from rolehost.definition import Definition, DefinitionErrors, Role, Secret
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
@@ -172,7 +172,7 @@ class Controller:
             if run_as.degraded:
                 log.warning("limited_user_unavailable", detail=run_as.reason)
             log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
-                     limited_user=run_as.name,
+                     limited_user=run_as.name, relay=relay_build(),
                      version=self.version,
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rolehost import balancer, proxy
 from rolehost.testing import ServiceHarness, wait_until
 
 # Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can
@@ -21,6 +22,21 @@ def probe(event):
     with open(RoleEnvironment.get_setting("probe"), "a") as f:
         f.write(f"{event} {RoleEnvironment.current_instance.id}\\n")
 '''
+
+
+def pytest_report_header() -> str:
+    return f"rolehost relay: {balancer.relay_build()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test an editable install's mypyc build of code edited since (setup.py):
+    the tests would pass or fail on the old code."""
+    for module in (proxy, balancer):
+        built = Path(module.__file__ or "")
+        source = built.with_name(module.__name__.rpartition(".")[2] + ".py")
+        if built != source and source.stat().st_mtime > built.stat().st_mtime:
+            pytest.exit(f"{source} changed after it was compiled into {built.name}: "
+                        "reinstall (`pip install -e .`, or `make test`) and run again", 2)
 
 
 @dataclass

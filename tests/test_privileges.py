@@ -93,7 +93,7 @@ def reachable_python() -> Iterator[Path]:
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True, timeout=30).stdout.strip()
         shutil.copytree(Path(rolehost.__file__).parent, Path(purelib, "rolehost"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         Path(purelib, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         problem = privileges.check(privileges.User.named("nobody"), folder, str(python))
         if problem is not None:
