@@ -78,6 +78,9 @@ class Balancer:
 
     def __init__(self, role: str, name: str, endpoint: Endpoint) -> None:
         self.role, self.name, self.endpoint = role, name, endpoint
+        # Read on every pick: kept as plain attributes, not looked up on the model each time.
+        self._least_outstanding = endpoint.balance is Balance.least_outstanding
+        self._slow_start = endpoint.slow_start
         self.backends: dict[str, Backend] = {}
         self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
         self.latency = metrics.Tally()  # seconds to relay a request
@@ -141,10 +144,10 @@ class Balancer:
             ready = [b for b in ready if b.instance_id not in exclude]
         if not ready:
             return None
-        if self.endpoint.balance is Balance.least_outstanding:
+        if self._least_outstanding:
             least = min(b.active for b in ready)
             ready = [b for b in ready if b.active == least]
-        if self.endpoint.slow_start > 0:
+        if self._slow_start > 0:
             now = asyncio.get_running_loop().time()
             weights = [self._weight(b, now) for b in ready]
             if min(weights) < 1.0:
@@ -167,7 +170,7 @@ class Balancer:
 
     def _weight(self, backend: Backend, now: float) -> float:
         """Slow start: a share growing linearly from 5% to 100% over `slow_start`."""
-        return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self.endpoint.slow_start))
+        return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self._slow_start))
 
     async def start(self) -> None:
         from rolehost import proxy

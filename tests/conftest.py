@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rolehost import balancer, proxy
+from rolehost import balancer, metrics, proxy  # noqa: F401 (compiled: checked below)
 from rolehost.testing import ServiceHarness, wait_until
 
 # Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can
@@ -31,12 +32,13 @@ def pytest_report_header() -> str:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test an editable install's mypyc build of code edited since (setup.py):
     the tests would pass or fail on the old code."""
-    for module in (proxy, balancer):
-        built = Path(module.__file__ or "")
-        source = built.with_name(module.__name__.rpartition(".")[2] + ".py")
-        if built != source and source.stat().st_mtime > built.stat().st_mtime:
-            pytest.exit(f"{source} changed after it was compiled into {built.name}: "
-                        "reinstall (`pip install -e .`, or `make test`) and run again", 2)
+    for name, module in list(sys.modules.items()):
+        built = Path(getattr(module, "__file__", None) or "x.py")
+        if name.startswith("rolehost.") and built.suffix == ".so":
+            source = built.with_name(name.rpartition(".")[2] + ".py")
+            if source.stat().st_mtime > built.stat().st_mtime:
+                pytest.exit(f"{source} changed after it was compiled into {built.name}: "
+                            "reinstall (`pip install -e .`, or `make test`) and run again", 2)
 
 
 @dataclass
