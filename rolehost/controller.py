@@ -318,7 +318,8 @@ class Controller:
                 raise api.ApiError(409, f"version {version} cannot replace the running one in "
                                         f"place: {'; '.join(problems)}. A fresh start is "
                                         "needed (rolehost stop, then rolehost start)")
-            errors = await asyncio.to_thread(preflight.entry_points, new, None)
+            # On the loop, not a thread: the orphan reaper must not take their exits.
+            errors = await preflight.check_entry_points(new, None)
             if errors:
                 raise api.ApiError(422, f"version {version} does not load:\n"
                                         + "\n".join(str(e) for e in errors))

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,12 @@ def adopt_orphans(loop: asyncio.AbstractEventLoop) -> bool:
     _reap_orphans = True
     _handle_sigchld(loop)
     return become_subreaper()
+
+
+def reaping_orphans() -> bool:
+    """Whether this process reaps orphans (`adopt_orphans`): then it must wait for its
+    own children on the loop (`watch_exit`, `run`), never on another thread."""
+    return _reap_orphans
 
 
 def _handle_sigchld(loop: asyncio.AbstractEventLoop) -> None:
@@ -277,6 +284,101 @@ def watch_exit(
 
     loop.add_reader(pidfd, readable)
     return exited
+
+
+@dataclass(frozen=True)
+class Completed:
+    """How a child of `run` ended: its exit code (negative: the signal) and its output."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed:
+    """Run a short-lived child of this process's own to its end, on the loop.
+
+    Never `subprocess.run` (or any wait) on a worker thread while the orphan reaper is
+    on: the reaper may reap the child between its exit and that wait, and subprocess
+    then reports exit code 0 (its waitpid gets ECHILD). Here the child is spawned on
+    the loop thread and handed to `watch_exit` at once, so its pid is in `_tracked`
+    before the reaper can run. It gets a session of its own and no stdin. Its tree is
+    swept before it is reaped; on `timeout` (TimeoutError) or cancellation it is killed
+    with SIGKILL first. Either way it is reaped before this returns.
+
+    The output is read from pipes of our own with `add_reader`, not `connect_read_pipe`:
+    uvloop's pipe transport closes its descriptor twice (MagicStack/uvloop#763), which
+    can close a file another thread (a sweep's psutil) has just opened under that number.
+    """
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+
+    async def sweep_tree() -> None:  # while the exited child holds its pid and group
+        try:
+            await asyncio.to_thread(sweep, popen.pid, None, popen.pid)
+        except Exception as exc:  # it must still be reaped, and `run` return
+            log.warning("sweep_failed", pid=popen.pid, argv=list(argv), error=repr(exc))
+
+    exited = watch_exit(popen.pid, sweep_tree)
+    exited.add_done_callback(lambda f: setattr(popen, "returncode", f.result()))
+    output = {out_r: bytearray(), err_r: bytearray()}
+    try:
+        drained = [_read_to_end(loop, fd, into) for fd, into in output.items()]
+        async with asyncio.timeout(timeout):
+            code = await asyncio.shield(exited)
+        # What it wrote just before it exited; a descendant that kept a pipe open was
+        # swept with it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*drained), KILL_GRACE)
+    except BaseException:
+        if not exited.done():  # not reaped yet: the pid and group are still its own
+            signal_tree(popen.pid, None, signal.SIGKILL)
+            await asyncio.shield(exited)
+        raise
+    finally:
+        for fd in output:
+            loop.remove_reader(fd)
+            os.close(fd)
+    return Completed(code, bytes(output[out_r]), bytes(output[err_r]))
+
+
+def _read_to_end(
+    loop: asyncio.AbstractEventLoop, fd: int, into: bytearray
+) -> asyncio.Future[None]:
+    """Append what can be read from `fd` to `into`; resolves at end of file, when it
+    stops reading (`fd` stays open: its owner closes it)."""
+    ended: asyncio.Future[None] = loop.create_future()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            into.extend(data)
+            return
+        loop.remove_reader(fd)
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    return ended
 
 
 def _pidfd_open(pid: int) -> int | None:
