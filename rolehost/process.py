@@ -30,7 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import psutil
 import structlog
@@ -250,7 +250,9 @@ def watch_exit(
     """A future of `pid`'s exit code (negative: the signal), seen through a pidfd, or
     on SIGCHLD where pidfd_open is unavailable.
 
-    `before_reap` runs while the exited child is still a zombie, holding its pid.
+    `before_reap` runs while the exited child is still a zombie, holding its pid. If it
+    fails, the failure is logged and the child is reaped all the same: a future that
+    never resolves would leave its instance waiting forever.
     """
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[int] = loop.create_future()
@@ -259,7 +261,10 @@ def watch_exit(
 
     async def reap() -> None:
         if before_reap is not None:
-            await before_reap()
+            try:
+                await before_reap()
+            except Exception as exc:
+                log.error("before_reap_failed", pid=pid, error=repr(exc))
         _, status = os.waitpid(pid, 0)
         _tracked.discard(pid)
         exited.set_result(os.waitstatus_to_exitcode(status))
@@ -306,37 +311,23 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
     swept before it is reaped; on `timeout` (TimeoutError) or cancellation it is killed
     with SIGKILL first. Either way it is reaped before this returns.
 
-    The output is read from pipes of our own with `add_reader`, not `connect_read_pipe`:
-    uvloop's pipe transport closes its descriptor twice (MagicStack/uvloop#763), which
-    can close a file another thread (a sweep's psutil) has just opened under that number.
     """
-    loop = asyncio.get_running_loop()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        popen = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-            start_new_session=True,
-        )
-    except BaseException:
-        os.close(out_r)
-        os.close(err_r)
-        raise
-    finally:
-        os.close(out_w)
-        os.close(err_w)
+    popen = subprocess.Popen(
+        argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )
+    assert popen.stdout is not None and popen.stderr is not None
 
     async def sweep_tree() -> None:  # while the exited child holds its pid and group
-        try:
-            await asyncio.to_thread(sweep, popen.pid, None, popen.pid)
-        except Exception as exc:  # it must still be reaped, and `run` return
-            log.warning("sweep_failed", pid=popen.pid, argv=list(argv), error=repr(exc))
+        await asyncio.to_thread(sweep, popen.pid, None, popen.pid)
 
     exited = watch_exit(popen.pid, sweep_tree)
     exited.add_done_callback(lambda f: setattr(popen, "returncode", f.result()))
-    output = {out_r: bytearray(), err_r: bytearray()}
+    stdout, stderr = bytearray(), bytearray()
+    pipes = (popen.stdout, popen.stderr)
+    drained = [read_pipe(pipe, _Collect(into)) for pipe, into in zip(pipes, (stdout, stderr),
+                                                                     strict=True)]
     try:
-        drained = [_read_to_end(loop, fd, into) for fd, into in output.items()]
         async with asyncio.timeout(timeout):
             code = await asyncio.shield(exited)
         # What it wrote just before it exited; a descendant that kept a pipe open was
@@ -349,19 +340,28 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
             await asyncio.shield(exited)
         raise
     finally:
-        for fd in output:
-            loop.remove_reader(fd)
-            os.close(fd)
-    return Completed(code, bytes(output[out_r]), bytes(output[err_r]))
+        loop = asyncio.get_running_loop()
+        for pipe in pipes:  # a pipe still open: a descendant the sweep could not end
+            if not pipe.closed:
+                loop.remove_reader(pipe.fileno())
+                pipe.close()
+    return Completed(code, bytes(stdout), bytes(stderr))
 
 
-def _read_to_end(
-    loop: asyncio.AbstractEventLoop, fd: int, into: bytearray
-) -> asyncio.Future[None]:
-    """Append what can be read from `fd` to `into`; resolves at end of file, when it
-    stops reading (`fd` stays open: its owner closes it)."""
+def read_pipe(pipe: IO[bytes], protocol: asyncio.BaseProtocol) -> asyncio.Future[None]:
+    """Feed what `pipe` delivers to `protocol` (`data_received`, then `connection_lost`
+    at its end, when `pipe` is closed); the future resolves then.
+
+    In place of `loop.connect_read_pipe`: uvloop's pipe transport closes its descriptor
+    twice (MagicStack/uvloop#763), which can close a file another thread (a sweep's
+    psutil) has just opened under that number. Here the pipe is closed once, by its
+    file object, on both loops.
+    """
+    loop = asyncio.get_running_loop()
     ended: asyncio.Future[None] = loop.create_future()
+    fd = pipe.fileno()
     os.set_blocking(fd, False)
+    receive = cast(asyncio.Protocol, protocol).data_received
 
     def readable() -> None:
         try:
@@ -371,14 +371,24 @@ def _read_to_end(
         except OSError:
             data = b""
         if data:
-            into.extend(data)
+            receive(data)
             return
         loop.remove_reader(fd)
+        pipe.close()
+        protocol.connection_lost(None)
         if not ended.done():
             ended.set_result(None)
 
     loop.add_reader(fd, readable)
     return ended
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self, into: bytearray) -> None:
+        self.into = into
+
+    def data_received(self, data: bytes) -> None:
+        self.into.extend(data)
 
 
 def _pidfd_open(pid: int) -> int | None:
@@ -485,9 +495,7 @@ class HostProcess:
             theirs.close()
         self = cls(popen)
         assert popen.stdout is not None
-        await loop.connect_read_pipe(
-            lambda: _Output(lambda data: self.on_output(data), self.output_done), popen.stdout
-        )
+        read_pipe(popen.stdout, _Output(lambda data: self.on_output(data), self.output_done))
 
         def on_line(line: bytes) -> None:
             try:
