@@ -11,19 +11,42 @@ import asyncio
 import contextlib
 import itertools
 import random
+from bisect import bisect_left
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rolehost import metrics
 from rolehost.definition import Balance, Endpoint, Protocol
+from rolehost.metrics import SECONDS
 
 if TYPE_CHECKING:
     from rolehost import proxy
 
 log = structlog.get_logger()
 SLOW_START_FLOOR = 0.05
+
+
+class Tally:
+    """A latency histogram kept as plain counts (metrics.StateCollector reads it)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(SECONDS) + 1)  # the last one: over the largest bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(SECONDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Prometheus' cumulative buckets: (le, observations <= le)."""
+        total, cumulative = 0, []
+        for bound, count in zip((*map(str, SECONDS), "+Inf"), self.counts, strict=True):
+            total += count
+            cumulative.append((bound, float(total)))
+        return cumulative
 
 
 def relay_build() -> str:
@@ -83,7 +106,7 @@ class Balancer:
         self._slow_start = endpoint.slow_start
         self.backends: dict[str, Backend] = {}
         self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
-        self.latency = metrics.Tally()  # seconds to relay a request
+        self.latency = Tally()  # seconds to relay a request
         self._turn = itertools.count()
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()

@@ -3,14 +3,14 @@
 
 Counters and histograms are updated where things happen; the state of instances and
 balancers is read at scrape time by `StateCollector`, so nothing is kept twice. The
-balancer's own figures are among that state: it counts every request it relays, and a
-prometheus_client child costs a lock and several calls per update (a tenth of the
-relay's Python time), where a plain count costs an addition (everything runs on the loop).
+balancer's own figures are among that state: it counts every request it relays
+(`Backend.served`, `balancer.Tally`), and a prometheus_client child costs a lock and
+several calls per update (a tenth of the relay's Python time), where a plain count costs
+an addition (everything runs on the loop).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,45 +27,23 @@ if TYPE_CHECKING:
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
 STARTS = Counter("rolehost_instance_starts", "Boots and host restarts of instances, by cause",
                  ["role", "cause"], registry=REGISTRY)
 TIME_TO_READY = Histogram("rolehost_time_to_ready_seconds",
                           "From the start of a boot (tasks included) to ready", ["role"],
-                          buckets=_SECONDS, registry=REGISTRY)
+                          buckets=SECONDS, registry=REGISTRY)
 DEADLINE_MISSES = Counter("rolehost_ready_deadline_misses", "Instances that missed the "
                           "ready deadline", ["role"], registry=REGISTRY)
 TASK_SECONDS = Histogram("rolehost_task_duration_seconds", "Startup tasks' run time",
-                         ["role", "type"], buckets=_SECONDS, registry=REGISTRY)
+                         ["role", "type"], buckets=SECONDS, registry=REGISTRY)
 TASK_FAILURES = Counter("rolehost_task_failures", "Startup tasks that failed",
                         ["role", "type"], registry=REGISTRY)
 ERRORS = Counter("rolehost_balancer_errors", "Retries, 502s, 503s and cut responses",
                  ["endpoint", "kind"], registry=REGISTRY)
 OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
                      "outcome", ["kind", "outcome"], registry=REGISTRY)
-
-
-class Tally:
-    """A histogram its owner keeps as plain counts, read at scrape time."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_SECONDS) + 1)  # the last one: over the largest bound
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(_SECONDS, seconds)] += 1
-        self.sum += seconds
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Prometheus' cumulative buckets: (le, observations <= le)."""
-        total, cumulative = 0, []
-        for bound, count in zip((*map(str, _SECONDS), "+Inf"), self.counts, strict=True):
-            total += count
-            cumulative.append((bound, float(total)))
-        return cumulative
 
 
 class StateCollector(Collector):
