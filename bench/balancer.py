@@ -57,6 +57,7 @@ from common import (
     BenchError,
     Controller,
     child_env,
+    cleanup_section,
     kill_ours,
     machine,
     sigterm_as_exit,
@@ -956,16 +957,12 @@ def markdown(results: Results) -> str:
 
     if results.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in results.errors]
-    lines += ["", "## Cleanup", ""]
-    if results.survivors:
-        lines.append(f"**{len(results.survivors)} process(es) started by the bench survived "
-                     "and were killed:**")
-        lines += [f"- `{x}`" for x in results.survivors]
-    else:
-        lines.append("nginx was stopped (SIGQUIT) and rolehost with `rolehost stop`; no process "
-                     "started by the bench (controller, hosts, nginx master and worker, wrk, "
-                     "py-spy) survived: checked with psutil by environment token, command line "
-                     "and recorded pids.")
+    lines += cleanup_section(
+        results.survivors,
+        "nginx was stopped (SIGQUIT) and rolehost with `rolehost stop`; no process "
+        "started by the bench (controller, hosts, nginx master and worker, wrk, "
+        "py-spy) survived: checked with psutil by environment token, command line and "
+        "recorded pids.")
     return "\n".join(lines)
 
 

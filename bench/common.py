@@ -154,6 +154,16 @@ class Controller:
 # Report.
 
 
+def cleanup_section(survivors: list[str], clean: str) -> list[str]:
+    """The report's closing section: what survived the bench (and was killed), or
+    `clean`, which says how everything was stopped and checked."""
+    lines = ["", "## Cleanup", ""]
+    if not survivors:
+        return [*lines, clean]
+    return [*lines, f"**{len(survivors)} process(es) started by the bench survived and were "
+            "killed:**", *(f"- `{x}`" for x in survivors)]
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("pass" if ok else "FAIL")
 

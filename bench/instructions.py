@@ -52,7 +52,15 @@ from typing import Any
 
 import balancer as balancer_bench  # bench/balancer.py: the role, the definition, nginx's config
 import psutil
-from common import BenchError, child_env, kill_ours, machine, sigterm_as_exit, wait_until
+from common import (
+    BenchError,
+    child_env,
+    cleanup_section,
+    kill_ours,
+    machine,
+    sigterm_as_exit,
+    wait_until,
+)
 
 import rolehost
 
@@ -1015,17 +1023,13 @@ def markdown(results: Results) -> str:
                       f"{k} {v:.0f} s" for k, v in results.startup.items()) + "."]
     if results.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in results.errors]
-    lines += ["", "## Cleanup", ""]
-    if results.survivors:
-        lines.append(f"**{len(results.survivors)} process(es) started by the bench survived "
-                     "and were killed:**")
-        lines += [f"- `{x}`" for x in results.survivors]
-    else:
-        lines.append("Each controller was stopped with `rolehost stop` and each nginx with "
-                     "SIGQUIT, and the bench waited for their processes (valgrind included); "
-                     "no process started by the bench (valgrind, controllers, hosts, nginx, "
-                     "strace) survived: checked with psutil by environment token, command line "
-                     "and recorded pids.")
+    lines += cleanup_section(
+        results.survivors,
+        "Each controller was stopped with `rolehost stop` and each nginx with "
+        "SIGQUIT, and the bench waited for their processes (valgrind included); no "
+        "process started by the bench (valgrind, controllers, hosts, nginx, strace) "
+        "survived: checked with psutil by environment token, command line and "
+        "recorded pids.")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ from common import (
     BenchError,
     Controller,
     child_env,
+    cleanup_section,
     kill_ours,
     machine,
     sigterm_as_exit,
@@ -620,14 +621,10 @@ def markdown(results: Results) -> str:
         lines.append(f"| {name} | {i.seconds:.1f} | {cpu} | {rss} | {kids} |")
     lines += ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t} | {v} | **{ok}** |" for t, v, ok in targets(results)]
-    lines += ["", "## Cleanup", ""]
-    if results.survivors:
-        lines.append(f"**{len(results.survivors)} process(es) started by the bench survived "
-                     "and were killed:**")
-        lines += [f"- `{s}`" for s in results.survivors]
-    else:
-        lines.append("No process started by the bench (rolehost, supervisord or their "
-                     "children) survived: checked with psutil by environment token.")
+    lines += cleanup_section(
+        results.survivors,
+        "No process started by the bench (rolehost, supervisord or their children) "
+        "survived: checked with psutil by environment token.")
     return "\n".join(lines)
 
 
