@@ -698,14 +698,8 @@ def callgrind_phase(results: Results, work: Path, requests: int, connections: in
     service = Service(folder, rh_cg.prefix(), child_env())
     nginx: SingleNginx | None = None
     try:
-        print("callgrind: starting rolehost's controller under valgrind (slow)...",
-              file=sys.stderr)
-        began = time.monotonic()
-        service.start_foreground(VALGRIND_STARTUP_TIMEOUT)
-        results.startup[COMPILED] = \
-            time.monotonic() - began
+        start_measured(service, COMPILED, results)
         rh_cg.pid = service.pid
-        results.relay[COMPILED] = service.relay()
         print("callgrind: starting nginx under valgrind...", file=sys.stderr)
         ports = service.ports()
         results.settings["nginx"] = nginx_text(ports)
@@ -726,6 +720,17 @@ def callgrind_phase(results: Results, work: Path, requests: int, connections: in
         service.shutdown()
 
 
+def start_measured(service: Service, contender: str, results: Results) -> None:
+    """Start `contender`'s controller under valgrind; note how long it took and which
+    relay it loaded."""
+    print(f"callgrind: starting the controller for {contender} under valgrind (slow)...",
+          file=sys.stderr)
+    began = time.monotonic()
+    service.start_foreground(VALGRIND_STARTUP_TIMEOUT)
+    results.startup[contender] = time.monotonic() - began
+    results.relay[contender] = service.relay()
+
+
 def interpreted_phase(results: Results, work: Path, requests: int, connections: int) -> None:
     """A controller that cannot import the mypyc build: a copy of the `rolehost` package
     without its extensions first on its PYTHONPATH (its hosts inherit it; they do not
@@ -739,14 +744,8 @@ def interpreted_phase(results: Results, work: Path, requests: int, connections: 
     cg = Callgrind(folder, "rolehost")
     service = Service(folder, cg.prefix(), {**child_env(), "PYTHONPATH": str(pure)})
     try:
-        print("callgrind: starting the interpreted controller under valgrind (slow)...",
-              file=sys.stderr)
-        began = time.monotonic()
-        service.start_foreground(VALGRIND_STARTUP_TIMEOUT)
-        results.startup[INTERPRETED] = \
-            time.monotonic() - began
+        start_measured(service, INTERPRETED, results)
         cg.pid = service.pid
-        results.relay[INTERPRETED] = service.relay()
         if not results.relay[INTERPRETED].startswith("interpreted"):
             raise BenchError(f"the controller still loaded the compiled relay: "
                              f"{results.relay[INTERPRETED]}")
