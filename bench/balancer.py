@@ -57,7 +57,7 @@ from common import (
     BenchError,
     Controller,
     child_env,
-    cleanup_section,
+    closing_sections,
     kill_ours,
     machine,
     sigterm_as_exit,
@@ -955,10 +955,8 @@ def markdown(results: Results) -> str:
             if p.svg:
                 lines += ["", f"Flame graph: `{p.svg}`"]
 
-    if results.errors:
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in results.errors]
-    lines += cleanup_section(
-        results.survivors,
+    lines += closing_sections(
+        results.errors, results.survivors,
         "nginx was stopped (SIGQUIT) and rolehost with `rolehost stop`; no process "
         "started by the bench (controller, hosts, nginx master and worker, wrk, "
         "py-spy) survived: checked with psutil by environment token, command line and "

@@ -154,10 +154,11 @@ class Controller:
 # Report.
 
 
-def cleanup_section(survivors: list[str], clean: str) -> list[str]:
-    """The report's closing section: what survived the bench (and was killed), or
-    `clean`, which says how everything was stopped and checked."""
-    lines = ["", "## Cleanup", ""]
+def closing_sections(errors: list[str], survivors: list[str], clean: str) -> list[str]:
+    """The report's last sections: the errors met, if any; then what survived the bench
+    (and was killed), or `clean`, which says how everything was stopped and checked."""
+    lines = ["", "## Errors", "", *(f"- {e}" for e in errors)] if errors else []
+    lines += ["", "## Cleanup", ""]
     if not survivors:
         return [*lines, clean]
     return [*lines, f"**{len(survivors)} process(es) started by the bench survived and were "

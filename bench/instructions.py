@@ -55,7 +55,7 @@ import psutil
 from common import (
     BenchError,
     child_env,
-    cleanup_section,
+    closing_sections,
     kill_ours,
     machine,
     sigterm_as_exit,
@@ -1020,10 +1020,8 @@ def markdown(results: Results) -> str:
         lines += ["", "A controller's start under valgrind (instrumentation off), until both "
                   "instances were ready and in rotation: " + ", ".join(
                       f"{k} {v:.0f} s" for k, v in results.startup.items()) + "."]
-    if results.errors:
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in results.errors]
-    lines += cleanup_section(
-        results.survivors,
+    lines += closing_sections(
+        results.errors, results.survivors,
         "Each controller was stopped with `rolehost stop` and each nginx with "
         "SIGQUIT, and the bench waited for their processes (valgrind included); no "
         "process started by the bench (valgrind, controllers, hosts, nginx, strace) "

@@ -48,7 +48,7 @@ from common import (
     BenchError,
     Controller,
     child_env,
-    cleanup_section,
+    closing_sections,
     kill_ours,
     machine,
     sigterm_as_exit,
@@ -621,8 +621,8 @@ def markdown(results: Results) -> str:
         lines.append(f"| {name} | {i.seconds:.1f} | {cpu} | {rss} | {kids} |")
     lines += ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {t} | {v} | **{ok}** |" for t, v, ok in targets(results)]
-    lines += cleanup_section(
-        results.survivors,
+    lines += closing_sections(
+        [], results.survivors,
         "No process started by the bench (rolehost, supervisord or their children) "
         "survived: checked with psutil by environment token.")
     return "\n".join(lines)
