@@ -325,7 +325,7 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
     exited.add_done_callback(lambda f: setattr(popen, "returncode", f.result()))
     stdout, stderr = bytearray(), bytearray()
     pipes = (popen.stdout, popen.stderr)
-    drained = [read_pipe(pipe, _Collect(into)) for pipe, into in zip(pipes, (stdout, stderr),
+    drained = [read_pipe(pipe, _Chunks(into.extend)) for pipe, into in zip(pipes, (stdout, stderr),
                                                                      strict=True)]
     try:
         async with asyncio.timeout(timeout):
@@ -383,12 +383,14 @@ def read_pipe(pipe: IO[bytes], protocol: asyncio.BaseProtocol) -> asyncio.Future
     return ended
 
 
-class _Collect(asyncio.Protocol):
-    def __init__(self, into: bytearray) -> None:
-        self.into = into
+class _Chunks(asyncio.Protocol):
+    """Hands each chunk read to a callback."""
+
+    def __init__(self, on_chunk: Callable[[bytes], None]) -> None:
+        self._on_chunk = on_chunk
 
     def data_received(self, data: bytes) -> None:
-        self.into.extend(data)
+        self._on_chunk(data)
 
 
 def _pidfd_open(pid: int) -> int | None:
@@ -436,19 +438,6 @@ class _Lines(asyncio.Protocol):
         self._on_eof()
 
 
-class _Output(asyncio.Protocol):
-    def __init__(self, on_output: Callable[[bytes], None], done: asyncio.Future[None]) -> None:
-        self._on_output = on_output
-        self._done = done
-
-    def data_received(self, data: bytes) -> None:
-        self._on_output(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._done.done():
-            self._done.set_result(None)
-
-
 class HostProcess:
     """A host process: its channel, its output and its exit.
 
@@ -466,7 +455,7 @@ class HostProcess:
         self.on_message: Callable[[protocol.Message], None] = lambda message: None
         self.on_output: Callable[[bytes], None] = lambda data: None
         self.exited: asyncio.Future[int] = loop.create_future()
-        self.output_done: asyncio.Future[None] = loop.create_future()
+        self.output_done: asyncio.Future[None] = loop.create_future()  # see spawn
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
         self._transport: asyncio.Transport | None = None
@@ -495,7 +484,7 @@ class HostProcess:
             theirs.close()
         self = cls(popen)
         assert popen.stdout is not None
-        read_pipe(popen.stdout, _Output(lambda data: self.on_output(data), self.output_done))
+        self.output_done = read_pipe(popen.stdout, _Chunks(lambda data: self.on_output(data)))
 
         def on_line(line: bytes) -> None:
             try:
