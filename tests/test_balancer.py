@@ -71,7 +71,19 @@ class Handler(BaseHTTPRequestHandler):
                 n -= len(part)
             self.wfile.write(b"0\\r\\n\\r\\n")
             return
+        if url.path == "/headers":  # the request's head as the instance got it
+            return self.reply(200, "".join(f"{k}: {v}\\n" for k, v in self.headers.items()).encode())
+        if url.path == "/reason":
+            self.send_response(200, query["r"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.reply(200, RoleEnvironment.current_instance.id.encode())
+
+    def do_HEAD(self):  # what a GET of 1234 bytes would send, without them
+        self.send_response(200)
+        self.send_header("Content-Length", "1234")
+        self.end_headers()
 
     def do_POST(self):
         digest, size = hashlib.sha256(), 0
@@ -383,6 +395,42 @@ def test_backend_connections_are_kept_alive(make_service: MakeService) -> None:
         opened = int(connection.getresponse().read())
         connection.close()
         assert opened <= 2, f"{opened} backend connections for 51 requests"
+
+
+def test_heads_are_rewritten_hop_by_hop_and_passed_on_otherwise(
+        make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", "/headers", headers={
+                "X-Forwarded-For": "10.0.0.1", "Keep-Alive": "timeout=5", "TE": "trailers",
+                "Connection": "keep-alive, TE", "X-Custom": "a", "x-lower": "b"})
+            response = connection.getresponse()
+            seen = dict(line.split(": ", 1) for line in response.read().decode().splitlines())
+            assert seen["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+            assert seen["X-Forwarded-Proto"] == "http"
+            assert seen["X-Custom"] == "a" and seen["x-lower"] == "b"
+            assert seen["Connection"] == "keep-alive"
+            assert "Keep-Alive" not in seen and "TE" not in seen
+
+            # A HEAD's Content-Length says what a GET would get; no body follows it.
+            connection.request("HEAD", "/")
+            response = connection.getresponse()
+            assert response.status == 200 and response.getheader("Content-Length") == "1234"
+            assert response.read() == b""
+
+            # Reasons pass on as the instance gave them, the same status with another too.
+            for reason in ("Fine", "Quite Fine", "OK"):
+                connection.request("GET", "/reason?r=" + reason.replace(" ", "+"))
+                response = connection.getresponse()
+                response.read()
+                assert (response.status, response.reason) == (200, reason)
+            connection.request("GET", "/")
+            assert connection.getresponse().read() == b"web_IN_0"  # the framing held
+        finally:
+            connection.close()
 
 
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
