@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 import structlog
@@ -32,14 +32,17 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}
+# Final: mypyc then reads these as statics, not from the module's dict on every use.
+IDEMPOTENT: Final = {b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"}
 # Hop-by-hop headers, and the framing headers the proxy writes itself.
-_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+_HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
         b"transfer-encoding", b"content-length"}
-REPLAY_LIMIT = 1024 * 1024  # a body larger than this is not kept for a retry
-_READ = 65536
-_BODY_QUEUE = 16  # chunks read ahead of the backend before the client is paused
-CONNECT_TIMEOUT = 5.0
+# Their lengths: most headers are told apart from them without lowering and hashing.
+_HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
+REPLAY_LIMIT: Final = 1024 * 1024  # a body larger than this is not kept for a retry
+_READ: Final = 65536
+_BODY_QUEUE: Final = 16  # chunks read ahead of the backend before the client is paused
+CONNECT_TIMEOUT: Final = 5.0
 
 
 class BackendFailed(Exception):
@@ -57,7 +60,7 @@ class Body:
     __slots__ = ("_chunks", "_waiter", "discarding", "ended", "on_flow")
 
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []  # a few at most: popping the front is cheap
         self._waiter: asyncio.Future[None] | None = None
         self.ended = False
         self.discarding = False  # the relay is done with it: the rest is read and dropped
@@ -89,7 +92,7 @@ class Body:
         """The next chunk if one is in, without waiting."""
         if not self._chunks:
             return None
-        chunk = self._chunks.popleft()
+        chunk = self._chunks.pop(0)
         if len(self._chunks) == _BODY_QUEUE and self.on_flow is not None:
             self.on_flow()
         return chunk
@@ -116,7 +119,7 @@ class Request:
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.method = "GET"
+        self.method = b"GET"
         self.keep_alive = True
         self.upgrade = False
         self.body = Body(on_flow)
@@ -200,6 +203,7 @@ class HttpClient(_Peer):
         self.malformed: bytes | None = None  # the 400 to send once those are answered
         self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
         self.reading_paused = False
+        self.on_flow = self._flow  # one bound method for all its requests' bodies
 
     # The connection.
 
@@ -274,7 +278,7 @@ class HttpClient(_Peer):
                 self._next()
 
     def on_message_begin(self) -> None:
-        self.current = Request(self._flow)
+        self.current = Request(self.on_flow)
 
     def on_url(self, url: bytes) -> None:
         assert self.current is not None
@@ -288,7 +292,7 @@ class HttpClient(_Peer):
         request = self.current
         assert request is not None
         parser = self.parser
-        request.method = parser.get_method().decode("ascii", "replace")
+        request.method = parser.get_method()
         request.keep_alive = bool(parser.should_keep_alive())
         request.upgrade = bool(parser.should_upgrade())
         self.pending.append(request)
@@ -349,7 +353,7 @@ class HttpClient(_Peer):
                 connection = _idle(backend)
                 if connection is not None:  # the fast path
                     backend.begin()
-                    _Exchange(self, request, backend, connection, self._exchanged).start()
+                    _Exchange(self, request, backend, connection, False).start()
                     return
         self.task = asyncio.get_running_loop().create_task(self._serve(request, backend))
 
@@ -519,19 +523,19 @@ class _Exchange:
     reaches the client before the head and the first body bytes (or the end) are in: a
     backend that dies before that has still sent the client nothing, and the request may
     be tried elsewhere. The outcome (client may continue: bool, or BackendFailed, or
-    ClientGone) goes to `on_done`, or to the future `done` when there is no `on_done`.
+    ClientGone) goes to the future `done` (`awaited`: the slow path waits for it), or else
+    straight to the client connection's `_exchanged` (the fast path).
     """
 
     __slots__ = ("backend", "backend_paused", "chunked", "client", "connection", "done",
-                 "framing", "on_done", "over", "request", "response", "sent", "started")
+                 "framing", "over", "request", "response", "sent", "started")
 
     def __init__(self, client: HttpClient, request: Request, backend: Backend,
-                 connection: BackendConnection,
-                 on_done: Callable[[_Exchange, bool | Exception], None] | None) -> None:
+                 connection: BackendConnection, awaited: bool) -> None:
         self.client, self.request, self.backend = client, request, backend
-        self.connection, self.on_done = connection, on_done
+        self.connection = connection
         self.done: asyncio.Future[bool] | None = None
-        if on_done is None:
+        if awaited:
             self.done = asyncio.get_running_loop().create_future()
         self.response = connection.parser()
         self.framing = b""
@@ -588,7 +592,7 @@ class _Exchange:
                 self.fail(BackendFailed(f"malformed response: {exc}", True, request.responded))
                 return
         out = response.interim
-        finished = response.head_done and (response.complete or request.method == "HEAD")
+        finished = response.head_done and (response.complete or request.method == b"HEAD")
         if response.head_done and not self.started and (response.chunks or finished):
             head, self.framing = _head(response, request)
             out.append(head)
@@ -666,13 +670,14 @@ class _Exchange:
             backend.idle.append(connection)
         else:
             connection.close()
-        if self.on_done is not None:
-            self.on_done(self, outcome)
-        elif self.done is not None and not self.done.done():
+        done = self.done
+        if done is None:
+            client._exchanged(self, outcome)
+        elif not done.done():
             if isinstance(outcome, Exception):
-                self.done.set_exception(outcome)
+                done.set_exception(outcome)
             else:
-                self.done.set_result(outcome)
+                done.set_result(outcome)
 
 
 class ClientGone(Exception):
@@ -729,7 +734,8 @@ async def _forward(client: HttpClient, request: Request, backend: Backend | None
         assert backend is not None and failure is not None
         tried.add(backend.instance_id)
         failed, failure, instance, backend = failure, None, backend.instance_id, None
-        where = {"instance": instance, "reason": str(failed), "method": request.method,
+        where = {"instance": instance, "reason": str(failed),
+                 "method": request.method.decode("latin-1"),
                  "url": request.url.decode("latin-1")[:200], "attempt": len(tried)}
         if failed.response_started:
             metrics.ERRORS.labels(endpoint, "cut").inc()
@@ -761,7 +767,7 @@ async def _exchange(client: HttpClient, backend: Backend, request: Request) -> b
         connection.close()
         raise ClientGone
     # from here on, the backend may have seen (part of) the request
-    exchange = _Exchange(client, request, backend, connection, None)
+    exchange = _Exchange(client, request, backend, connection, True)
     assert exchange.done is not None
     try:
         exchange.start()
@@ -848,30 +854,34 @@ async def _tunnel_in(source: asyncio.StreamReader, client: HttpClient) -> None:
 def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
                   ) -> tuple[bytes, bool]:
     """The head to send the instance, and whether the body goes chunked."""
-    lines = [request.method.encode() + b" " + request.url + b" HTTP/1.1"]
+    # mypyc builds each `%` of bytes in one allocation; the join copies a few pieces.
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url)]
     forwarded = client_ip
-    chunked, length = False, None
+    chunked, length = False, b""
     for name, value in request.headers:
-        lowered = name.lower()
-        if lowered in _HOP:
-            if lowered == b"transfer-encoding":
-                chunked = True
-            elif lowered == b"content-length" and length is None:
-                length = value
-            if not (upgrade and lowered in (b"upgrade", b"connection")):
+        size = len(name)
+        if size in _HOP_LENGTHS or size == 15:  # 15: x-forwarded-for
+            lowered = name.lower()
+            if lowered in _HOP:
+                if lowered == b"transfer-encoding":
+                    chunked = True
+                elif lowered == b"content-length" and not length:
+                    length = value
+                if not (upgrade and lowered in (b"upgrade", b"connection")):
+                    continue
+            elif lowered == b"x-forwarded-for":
+                forwarded = b"%s, %s" % (value, forwarded)
                 continue
-        elif lowered == b"x-forwarded-for":
-            forwarded = value + b", " + forwarded
-            continue
-        lines.append(name + b": " + value)
-    lines += [b"X-Forwarded-For: " + forwarded, b"X-Forwarded-Proto: http"]
-    if not upgrade:
-        lines.append(b"Connection: keep-alive")
+        parts.append(b"%s: %s\r\n" % (name, value))
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-    elif length is not None:
-        lines.append(b"Content-Length: " + length)
-    return b"\r\n".join(lines) + b"\r\n\r\n", chunked
+        framing = b"Transfer-Encoding: chunked\r\n"
+    elif length:
+        framing = b"Content-Length: %s\r\n" % length
+    else:
+        framing = b""
+    parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n%s%s\r\n"
+                 % (forwarded, b"" if upgrade else b"Connection: keep-alive\r\n", framing))
+    return b"".join(parts), chunked
 
 
 def _frame(chunk: bytes, chunked: bool) -> bytes:
@@ -880,7 +890,7 @@ def _frame(chunk: bytes, chunked: bool) -> bytes:
 
 def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
     """How the body reaches the client: its length, re-chunked, or none."""
-    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if request.method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
         return b"none"
     for name, value in response.headers:
         if name.lower() == b"content-length":
@@ -890,39 +900,50 @@ def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
     return b"close"  # read until the backend closes; the client gets it chunked
 
 
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}  # b"HTTP/1.1 200 OK\r\n", ...
+# b"HTTP/1.1 200 OK\r\n" by status, with its reason: a few statuses and reasons in practice.
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}
 
 
 def _head(response: _ResponseParser, request: Request) -> tuple[bytes, bytes]:
     """The response's head for the client, and its framing (as `_framing` says)."""
-    status = response.parser.get_status_code()
-    line = _STATUS_LINES.get((status, response.reason))
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, response.reason)
-        if len(_STATUS_LINES) < 256:  # a few statuses and reasons in practice
-            _STATUS_LINES[status, response.reason] = line
-    lines = [line]
-    length, chunked = None, False
+    status: int = response.parser.get_status_code()
+    reason = response.reason
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        line = cached[1]
+    else:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[status] = (reason, line)
+    parts = [line]
+    length, chunked = b"", False
     for name, value in response.headers:
-        lowered = name.lower()
-        if lowered not in _HOP:
-            lines.append(name + b": " + value + b"\r\n")
-        elif lowered == b"content-length":
-            if length is None:
-                length = value
-        elif lowered == b"transfer-encoding":
-            chunked = True
-    if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        if len(name) in _HOP_LENGTHS:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                if not length:
+                    length = value
+                continue
+            if lowered == b"transfer-encoding":
+                chunked = True
+                continue
+            if lowered in _HOP:
+                continue
+        parts.append(b"%s: %s\r\n" % (name, value))
+    connection = b"keep-alive" if request.keep_alive else b"close"
+    if request.method == b"HEAD" or status == 204 or status == 304 or 100 <= status < 200:
         framing = b"none"
-    elif length is not None:
+        if length and status >= 200 and status != 204:  # a HEAD's: what a GET would get
+            parts.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
+        else:
+            parts.append(b"Connection: %s\r\n\r\n" % connection)
+    elif length:
         framing = b"length:" + length
-        lines.append(b"Content-Length: " + length + b"\r\n")
+        parts.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
     else:  # chunked, or read until the backend closes: the client gets it chunked
         framing = b"chunked" if chunked else b"close"
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"Connection: keep-alive\r\n\r\n" if request.keep_alive else
-                 b"Connection: close\r\n\r\n")
-    return b"".join(lines), framing
+        parts.append(b"Transfer-Encoding: chunked\r\nConnection: %s\r\n\r\n" % connection)
+    return b"".join(parts), framing
 
 
 def _reply_bytes(status: int, text: bytes, retry_after: bool = False) -> bytes:
