@@ -814,10 +814,10 @@ def machine_details() -> dict[str, str]:
 def relay_build() -> str:
     """Whether the mypyc extensions the compiled controller loads were built from the
     sources as they are (an editable install's build goes stale when a source changes)."""
-    from rolehost import balancer, metrics, proxy
+    from rolehost import balancer, proxy
 
     stale, built = [], []
-    for module in (proxy, balancer, metrics):
+    for module in (proxy, balancer):  # setup.py's COMPILED
         path = Path(module.__file__ or "")
         if path.suffix != ".so":
             return f"{path.name} is not compiled: the compiled row measures the interpreted relay"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rolehost import balancer, metrics, proxy  # noqa: F401 (compiled: checked below)
+from rolehost import balancer, proxy  # noqa: F401 (compiled: checked below)
 from rolehost.testing import ServiceHarness, wait_until
 
 # Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can

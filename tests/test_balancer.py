@@ -72,7 +72,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\\r\\n\\r\\n")
             return
         if url.path == "/headers":  # the request's head as the instance got it
-            return self.reply(200, "".join(f"{k}: {v}\\n" for k, v in self.headers.items()).encode())
+            lines = "".join(f"{k}: {v}\\n" for k, v in self.headers.items())
+            return self.reply(200, lines.encode())
         if url.path == "/reason":
             self.send_response(200, query["r"])
             self.send_header("Content-Length", "0")
