@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final
@@ -116,7 +115,7 @@ class Balancer:
         self.backends: dict[str, Backend] = {}
         self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
         self.latency = Tally()  # seconds to relay a request
-        self._turn = itertools.count()
+        self._turn = 0  # round-robin's position
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
@@ -184,7 +183,8 @@ class Balancer:
             weights = [self._weight(b, now) for b in ready]
             if min(weights) < 1.0:
                 return random.choices(ready, weights)[0]
-        return ready[next(self._turn) % len(ready)]
+        self._turn += 1
+        return ready[self._turn % len(ready)]
 
     async def pick(self, exclude: Collection[str] = ()) -> Backend | None:
         """A backend in rotation; wait up to queue_timeout for one. None: still none."""
