@@ -109,7 +109,12 @@ def decide(limited_user: str | None, run_dir: Path) -> RunAs:
 
 def check(user: User, instances: Path, python: str = sys.executable) -> str | None:
     """Why `user` cannot run a host on `python` whose folders are under `instances`,
-    or None."""
+    or None. Refused in a process whose orphan reaper is on: the reaper could reap the
+    probe before `subprocess.run` waits for it, so `decide` comes before `adopt_orphans`."""
+    from rolehost import process  # which imports this module for User
+
+    if process.reaping_orphans():
+        raise RuntimeError("this process reaps orphans: decide who runs limited work first")
     argv = [python, "-P", "-c", _PROBE, str(instances)]
     try:
         done = subprocess.run(argv, cwd="/", capture_output=True, text=True, timeout=60,

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import pytest
 import uvloop
 from conftest import MakeService
 
-from rolehost import preflight, process
+from rolehost import preflight, privileges, process
 from rolehost.client import ApiError
 from rolehost.definition import load
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
@@ -349,3 +350,13 @@ def test_the_blocking_preflight_is_refused_where_orphans_are_reaped(
     monkeypatch.setattr(process, "_reap_orphans", True)
     with pytest.raises(RuntimeError, match="await check_entry_points"):
         preflight.entry_points(load(_definition(tmp_path, {"good": ""})), None)
+
+
+def test_the_privilege_probe_is_refused_where_orphans_are_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # privileges.check waits for its probe with subprocess.run; the reaper could take it.
+    monkeypatch.setattr(process, "_reap_orphans", True)
+    user = privileges.User.named(pwd.getpwuid(os.getuid()).pw_name)
+    with pytest.raises(RuntimeError, match="decide who runs limited work first"):
+        privileges.check(user, tmp_path)
