@@ -143,6 +143,7 @@ class _Peer(asyncio.Protocol):
     transport's buffer is over its high-water mark."""
 
     transport: asyncio.Transport
+    send: Callable[[bytes], None]  # transport.write
 
     def __init__(self) -> None:
         self.lost = False
@@ -151,6 +152,7 @@ class _Peer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.send = self.transport.write  # looked up once, not at every write
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -193,6 +195,7 @@ class HttpClient(_Peer):
         super().__init__()
         self.balancer = balancer
         self.parser = httptools.HttpRequestParser(self)
+        self.feed = self.parser.feed_data  # looked up once, not at every read
         self.ip = b"unix"
         self.current: Request | None = None  # the request being parsed
         self.pending: deque[Request] = deque()  # parsed heads waiting for their turn
@@ -263,7 +266,7 @@ class HttpClient(_Peer):
             self.tunnel.put(data)
         elif not self.ended:
             try:
-                self.parser.feed_data(data)
+                self.feed(data)
             except httptools.HttpParserUpgrade as upgrade:
                 # The head is queued; what follows it belongs to the tunnel.
                 assert self.current is not None
@@ -277,12 +280,14 @@ class HttpClient(_Peer):
             if self.active is None:
                 self._next()
 
-    def on_message_begin(self) -> None:
-        self.current = Request(self.on_flow)
+    # No on_message_begin (one callback less per request): a request begins with the first
+    # piece of its URL, which every request line has.
 
     def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.url += url
+        request = self.current
+        if request is None or request.body.ended:
+            request = self.current = Request(self.on_flow)
+        request.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
@@ -399,11 +404,12 @@ class _ResponseParser:
     """httptools callbacks for one response from a backend: interim (1xx) answers first,
     then the response itself; anything after it is only noted (`extra`)."""
 
-    __slots__ = ("_interim_now", "chunks", "complete", "extra", "head_done", "headers",
+    __slots__ = ("_interim_now", "chunks", "complete", "extra", "feed", "head_done", "headers",
                  "interim", "keep_alive", "parser", "reason")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
+        self.feed = self.parser.feed_data  # looked up once, not at every read
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
@@ -562,7 +568,7 @@ class _Exchange:
             if self.chunked:
                 parts.append(b"0\r\n\r\n")
             self.sent = True
-        self.connection.transport.write(b"".join(parts) if len(parts) > 1 else head)
+        self.connection.send(b"".join(parts) if len(parts) > 1 else head)
 
     async def pump(self) -> None:
         """The rest of the body, as the client sends it."""
@@ -584,7 +590,7 @@ class _Exchange:
     def response_data(self, data: bytes) -> None:
         response, request = self.response, self.request
         try:
-            response.parser.feed_data(data)
+            response.feed(data)
         except httptools.HttpParserError as exc:
             if response.complete:  # what follows a complete response: it is not reused
                 response.extra = True
@@ -594,8 +600,7 @@ class _Exchange:
         out = response.interim
         finished = response.head_done and (response.complete or request.method == b"HEAD")
         if response.head_done and not self.started and (response.chunks or finished):
-            head, self.framing = _head(response, request)
-            out.append(head)
+            self.framing = _head(response, request, out)
             self.started = True
         if self.started and response.chunks:
             if self.framing in (b"chunked", b"close"):
@@ -621,8 +626,8 @@ class _Exchange:
             if _framing(response, request, status) == b"close":  # the close ends the body
                 out = response.interim
                 if not self.started:  # an empty body
+                    _head(response, request, out)
                     self.framing = b"close"
-                    out.append(_head(response, request)[0])
                 out.append(b"0\r\n\r\n")
                 if self._to_client(out):
                     self._end(False, request.keep_alive)
@@ -637,7 +642,7 @@ class _Exchange:
         if client.lost or client.transport.is_closing():
             self.abort()
             return False
-        client.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        client.send(b"".join(out) if len(out) > 1 else out[0])
         return True
 
     def pause_backend(self) -> None:
@@ -892,9 +897,8 @@ def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
     """How the body reaches the client: its length, re-chunked, or none."""
     if request.method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
         return b"none"
-    for name, value in response.headers:
-        if name.lower() == b"content-length":
-            return b"length:" + value
+    if any(n.lower() == b"content-length" for n, _ in response.headers):
+        return b"length"
     if any(n.lower() == b"transfer-encoding" for n, _ in response.headers):
         return b"chunked"
     return b"close"  # read until the backend closes; the client gets it chunked
@@ -904,8 +908,9 @@ def _framing(response: _ResponseParser, request: Request, status: int) -> bytes:
 _STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}
 
 
-def _head(response: _ResponseParser, request: Request) -> tuple[bytes, bytes]:
-    """The response's head for the client, and its framing (as `_framing` says)."""
+def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> bytes:
+    """Append the response's head for the client to `out` (which the body joins, to go out
+    in one write); its framing, as `_framing` says."""
     status: int = response.parser.get_status_code()
     reason = response.reason
     cached = _STATUS_LINES.get(status)
@@ -915,7 +920,7 @@ def _head(response: _ResponseParser, request: Request) -> tuple[bytes, bytes]:
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[status] = (reason, line)
-    parts = [line]
+    out.append(line)
     length, chunked = b"", False
     for name, value in response.headers:
         if len(name) in _HOP_LENGTHS:
@@ -929,21 +934,21 @@ def _head(response: _ResponseParser, request: Request) -> tuple[bytes, bytes]:
                 continue
             if lowered in _HOP:
                 continue
-        parts.append(b"%s: %s\r\n" % (name, value))
+        out.append(b"%s: %s\r\n" % (name, value))
     connection = b"keep-alive" if request.keep_alive else b"close"
     if request.method == b"HEAD" or status == 204 or status == 304 or 100 <= status < 200:
         framing = b"none"
         if length and status >= 200 and status != 204:  # a HEAD's: what a GET would get
-            parts.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
+            out.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
         else:
-            parts.append(b"Connection: %s\r\n\r\n" % connection)
+            out.append(b"Connection: %s\r\n\r\n" % connection)
     elif length:
-        framing = b"length:" + length
-        parts.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
+        framing = b"length"
+        out.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
     else:  # chunked, or read until the backend closes: the client gets it chunked
         framing = b"chunked" if chunked else b"close"
-        parts.append(b"Transfer-Encoding: chunked\r\nConnection: %s\r\n\r\n" % connection)
-    return b"".join(parts), framing
+        out.append(b"Transfer-Encoding: chunked\r\nConnection: %s\r\n\r\n" % connection)
+    return framing
 
 
 def _reply_bytes(status: int, text: bytes, retry_after: bool = False) -> bytes:
