@@ -197,6 +197,7 @@ class WrkRun:
     contender: str
     label: str  # "warm-up" or "run N"
     seconds: float
+    connections: int  # wrk's -c
     requests: int = 0
     rps: float = 0.0
     p50_ms: float = 0.0
@@ -277,6 +278,7 @@ class Results:
     profile: Profile | None = None
     survivors: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # whatever stopped a whole phase
+    connections: int = WRK_CONNECTIONS  # wrk's, in the throughput runs
 
     def summary(self, contender: str) -> Summary | None:
         runs = [r for r in self.wrk
@@ -394,13 +396,16 @@ NGINX_FAIL_TIMEOUT = 10.0  # nginx's default fail_timeout, waited out between it
 # Idle upstream connections nginx's worker keeps. Its cache is one for both upstreams, so
 # with fewer slots than clients x upstreams a request often finds only the other upstream's
 # connections idle, opens one and evicts another (about 1,000 new backend connections per
-# 10 s run with 32): rolehost keeps every idle connection, per instance.
-NGINX_KEEPALIVE = 2 * WRK_CONNECTIONS
+# 10 s run with 32): rolehost keeps every idle connection, per instance. So nginx keeps
+# twice as many as wrk has connections.
+def nginx_keepalive(connections: int) -> int:
+    return 2 * connections
 
 
-def nginx_settings(upstreams: list[int]) -> str:
+def nginx_settings(upstreams: list[int], connections: int = WRK_CONNECTIONS) -> str:
     servers = ", ".join(f"127.0.0.1:{p}" for p in upstreams)
-    return (f"worker_processes 1; upstream {{ {servers}; keepalive {NGINX_KEEPALIVE}; "
+    return (f"worker_processes 1; upstream {{ {servers}; "
+            f"keepalive {nginx_keepalive(connections)}; "
             "keepalive_requests "
             "1000000 }; proxy_http_version 1.1; proxy_set_header Connection keep-alive; "
             "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header "
@@ -421,7 +426,8 @@ class Nginx:
     failures (max_fails=1 fail_timeout=10s), `retry_port` with max_fails=0.
     """
 
-    def __init__(self, work: Path, port: int, retry_port: int, upstreams: list[int]) -> None:
+    def __init__(self, work: Path, port: int, retry_port: int, upstreams: list[int],
+                 connections: int = WRK_CONNECTIONS) -> None:
         self.root = work / "nginx"
         self.root.mkdir(parents=True)
         self.port, self.retry_port = port, retry_port
@@ -449,7 +455,8 @@ class Nginx:
                         proxy_set_header X-Forwarded-Proto $scheme;
                     }}
                 }}
-            """).format(name=name, servers=servers, listen=listen, keepalive=NGINX_KEEPALIVE))
+            """).format(name=name, servers=servers, listen=listen,
+                        keepalive=nginx_keepalive(connections)))
         self.conf.write_text(textwrap.dedent("""\
             worker_processes 1;
             daemon off;
@@ -543,8 +550,9 @@ class Nginx:
 # wrk.
 
 
-def wrk_argv(port: int, seconds: float, script: Path, pinned: bool) -> list[str]:
-    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds:g}s", "--latency",
+def wrk_argv(port: int, seconds: float, connections: int, script: Path, pinned: bool
+             ) -> list[str]:
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "-s", str(script), f"http://127.0.0.1:{port}/"]
     return ["taskset", "-c", "0", *argv] if pinned else argv
 
@@ -556,7 +564,8 @@ def run_wrk(run: WrkRun, port: int, script: Path, proxy: list[psutil.Process],
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proxy0, backends0 = cpu_seconds(proxy), cpu_seconds(backends)
     try:
-        done = subprocess.run(wrk_argv(port, run.seconds, script, pinned), env=child_env(),
+        done = subprocess.run(wrk_argv(port, run.seconds, run.connections, script, pinned),
+                              env=child_env(),
                               capture_output=True, text=True, timeout=run.seconds + WRK_GRACE,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -605,14 +614,16 @@ def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost,
         for name in ("rolehost", "nginx"):
             print(f"throughput: warm-up {name} ({WARMUP_SECONDS:g}s)...", file=sys.stderr)
             c = contenders[name]
-            results.wrk.append(run_wrk(WrkRun(name, "warm-up", WARMUP_SECONDS), c.port, script,
-                                       c.proxy(), backends, ports, pinned))
+            results.wrk.append(run_wrk(
+                WrkRun(name, "warm-up", WARMUP_SECONDS, results.connections), c.port, script,
+                c.proxy(), backends, ports, pinned))
         order = ROUNDS * rounds
         for n, name in enumerate(order, 1):
             print(f"throughput: run {n}/{len(order)} {name} ({seconds:g}s)...", file=sys.stderr)
             c = contenders[name]
-            results.wrk.append(run_wrk(WrkRun(name, f"run {n}", seconds), c.port, script,
-                                       c.proxy(), backends, ports, pinned))
+            results.wrk.append(run_wrk(
+                WrkRun(name, f"run {n}", seconds, results.connections), c.port, script,
+                c.proxy(), backends, ports, pinned))
     finally:
         if pinned:
             every = f"0-{(os.cpu_count() or 1) - 1}"
@@ -760,8 +771,8 @@ def analyse(collapsed: str, profile: Profile, top: int = 15) -> None:
         profile.self_by_file = [(k, 100 * v / samples) for k, v in files.most_common(top)]
 
 
-def profile_balancer(work: Path, rh: Rolehost, port: int, seconds: float, script: Path,
-                     keep: bool) -> Profile:
+def profile_balancer(work: Path, rh: Rolehost, port: int, seconds: float, connections: int,
+                     script: Path, keep: bool) -> Profile:
     rate = 200
     result = Profile(seconds, rate, 0, 0.0)
     py_spy = find_py_spy()
@@ -781,7 +792,8 @@ def profile_balancer(work: Path, rh: Rolehost, port: int, seconds: float, script
                 stderr=subprocess.PIPE))
         time.sleep(1.0)  # py-spy attached
         instances = rh.instances()
-        run = run_wrk(WrkRun("rolehost", "profiled", max(1.0, seconds - 2)), port, script,
+        run = run_wrk(WrkRun("rolehost", "profiled", max(1.0, seconds - 2), connections), port,
+                      script,
                       [psutil.Process(rh.pid)],
                       [psutil.Process(int(i["pid"])) for i in instances],
                       [int(i["endpoints"]["http"]["port"]) for i in instances], False)
@@ -867,7 +879,7 @@ def markdown(results: Results) -> str:
         lines.append(
             f"| {r.contender} | {r.label} | {r.seconds:g} | {r.requests} | {r.rps:.0f} "
             f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
-            f"| {num(WRK_CONNECTIONS / r.rps * 1000 if r.rps else None, '.2f')} | {errors} "
+            f"| {num(r.connections / r.rps * 1000 if r.rps else None, '.2f')} | {errors} "
             f"| {r.proxy_cpu_s:.2f} | {r.backends_cpu_s:.2f} | {r.wrk_cpu_s:.2f} "
             f"| {num(r.proxy_us_per_request, '.0f')} "
             f"| {'-' if r.backend_connections is None else r.backend_connections} |")
@@ -876,7 +888,7 @@ def markdown(results: Results) -> str:
               "connection adds synthetic samples for the requests that connection would have "
               "sent meanwhile. So p90/p99 are very sensitive to rare stalls (a dropped SYN "
               "costs 1 s, a backend thread starved of the GIL); `mean ms (Little)` is "
-              f"{WRK_CONNECTIONS} connections / req/s, the real mean time a request took. "
+              f"{results.connections} connections / req/s, the real mean time a request took. "
               "`backend conns opened`: connections the two instances accepted during the run "
               "(each counts its own; the health probes' 2 a second are included): a proxy that "
               "reuses its keep-alive connections opens a few, one that does not opens one per "
@@ -1014,20 +1026,20 @@ def machine_details() -> dict[str, str]:
 
 
 def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: int = 1,
-        throughput_only: bool = False) -> Results:
+        throughput_only: bool = False, connections: int = WRK_CONNECTIONS) -> Results:
     work = Path(tempfile.mkdtemp(prefix="rh-bal-", dir="/tmp"))  # short: socket path limit
     script = work / "report.lua"
     script.write_text(WRK_SCRIPT)
     rh = Rolehost(work, free_port())
     nginx: Nginx | None = None
-    results = Results(machine(machine_details()), {})
+    results = Results(machine(machine_details()), {}, connections=connections)
     try:
         print("starting rolehost...", file=sys.stderr)
         rh.start(STARTUP_TIMEOUT)
         wait_until("every instance ready and in rotation", STARTUP_TIMEOUT, rh.serving, 0.1)
         status = rh.status()  # `rolehost status --json`
         ports = [int(i["endpoints"]["http"]["port"]) for i in status["instances"]]
-        nginx = Nginx(work, free_port(), free_port(), ports)
+        nginx = Nginx(work, free_port(), free_port(), ports, connections)
         print("starting nginx...", file=sys.stderr)
         nginx.start()
         assert rh.pid is not None
@@ -1039,7 +1051,8 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
             "nginx max_fails=0": Contender("nginx max_fails=0", ng.retry_port, ng.processes),
         }
         results.settings = {
-            "load generator": " ".join(wrk_argv(0, seconds, Path("report.lua"), pinned))
+            "load generator": " ".join(wrk_argv(0, seconds, connections, Path("report.lua"),
+                                                pinned))
             .replace("127.0.0.1:0", "127.0.0.1:PORT"),
             "order": f"warm-up {WARMUP_SECONDS:g} s each, then {', '.join(ROUNDS)}"
                      + (f", {rounds} times over" if rounds > 1 else ""),
@@ -1053,7 +1066,7 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
                         ", round-robin, probe GET /healthz every 500 ms, drain_timeout 10s, "
                         f"stable_after {STABLE_AFTER:g}s",
             "nginx": f"{tool_version(['nginx', '-v'])} on 127.0.0.1:{ng.port}: "
-                     + nginx_settings(ports),
+                     + nginx_settings(ports, connections),
         }
         throughput(results, contenders, rh, seconds, script, pinned, rounds)
         nginx_done = 0.0  # when the last round through nginx's defaults ended
@@ -1069,8 +1082,8 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
         if profile or (profile is None and missed):
             print("profiling the controller with py-spy...", file=sys.stderr)
             wait_until("every instance ready and in rotation", READY_TIMEOUT, rh.serving, 0.1)
-            results.profile = profile_balancer(work, rh, rh.port, min(seconds, 12.0), script,
-                                               keep)
+            results.profile = profile_balancer(work, rh, rh.port, min(seconds, 12.0),
+                                               connections, script, keep)
     except Exception as exc:
         results.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -1103,6 +1116,10 @@ def main() -> None:
                              "(default 1); the summary is the median of the runs")
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the wrk runs (and the profile): no restarts or kills")
+    parser.add_argument("--connections", type=int, default=WRK_CONNECTIONS,
+                        help=f"wrk's connections in the throughput runs (default "
+                             f"{WRK_CONNECTIONS}); nginx keeps twice as many idle upstream "
+                             "connections")
     parser.add_argument("--pin", action="store_true",
                         help="wrk on CPU 0, the proxies and backends on CPU 1 (taskset)")
     profiling = parser.add_mutually_exclusive_group()
@@ -1118,13 +1135,15 @@ def main() -> None:
         parser.error("--seconds must be at least 2")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.connections < WRK_THREADS:
+        parser.error(f"--connections must be at least {WRK_THREADS} (wrk's threads)")
     for tool in ("nginx", "wrk") + (("taskset",) if args.pin else ()):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: apt-get install -y nginx wrk)")
 
     with sigterm_as_exit():
         results = run(args.seconds, args.pin, args.profile, args.keep, args.rounds,
-                      args.throughput_only)
+                      args.throughput_only, args.connections)
     print(markdown(results))
     if args.json:
         data = asdict(results)
