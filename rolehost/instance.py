@@ -193,7 +193,8 @@ class Instance:
             state in SETTLED
         ):
             self._operation = None
-            operation.done.set_result(state)
+            if not operation.done.done():  # cancelled: its waiter was (a walk cut short)
+                operation.done.set_result(state)
 
     # Supervision: one boot after another until stopped.
 

@@ -267,7 +267,8 @@ def watch_exit(
                 log.error("before_reap_failed", pid=pid, error=repr(exc))
         _, status = os.waitpid(pid, 0)
         _tracked.discard(pid)
-        exited.set_result(os.waitstatus_to_exitcode(status))
+        if not exited.done():  # cancelled by a waiter that was: the child is reaped all the same
+            exited.set_result(os.waitstatus_to_exitcode(status))
 
     def start_reap() -> None:
         task = loop.create_task(reap())
@@ -551,7 +552,8 @@ class HostProcess:
             self._transport.close()
         with contextlib.suppress(TimeoutError):  # output written just before the exit
             await asyncio.wait_for(asyncio.shield(self.output_done), KILL_GRACE)
-        self.exited.set_result(code)
+        if not self.exited.done():  # cancelled by a waiter that was
+            self.exited.set_result(code)
 
 
 class Standby:

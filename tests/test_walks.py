@@ -138,6 +138,26 @@ def test_sigterm_during_a_walk_stops_cleanly(make_service: MakeService) -> None:
         assert '"outcome": "aborted"' in lines[-1] and "controller is stopping" in lines[-1]
 
 
+def test_sigterm_while_a_walk_waits_on_an_instance_stops_cleanly(
+        make_service: MakeService) -> None:
+    # The walk is cancelled while it awaits the instance's operation; the instance then
+    # settles (stopped) with that operation still its own.
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2},
+                           role={"stop_timeout": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        (h.run_dir.path / "instances/web_IN_0/os/stuck").touch()  # on_start will hang
+        h.upgrade("host-os", wait=False)
+        service.wait_probe("start os_kept=True web_IN_0")  # the walk waits on it now
+        h.signal_controller(signal.SIGTERM)
+        code = h.wait_controller_exit(30)
+        console = h.run_dir.console_log.read_text()
+        assert code == 0, console
+        assert "supervisor_crashed" not in console and "InvalidStateError" not in console
+        lines = (h.run_dir.path / "history.jsonl").read_text().splitlines()
+        assert '"outcome": "aborted"' in lines[-1] and "controller is stopping" in lines[-1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["host-os", "guest-os", "agent", "deploy"])
 def test_no_request_fails_during_a_walk(make_service: MakeService, kind: str) -> None:
