@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import MakeService
 
+from rolehost.balancer import relay_build
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 WEB = """
@@ -172,6 +173,9 @@ def test_traffic_reaches_only_ready_instances(make_service: MakeService) -> None
         assert {get(port)[1] for _ in range(6)} == {b"web_IN_0", b"web_IN_1"}
         status = h.instance("web/1")["endpoints"]["http"]
         assert status["in_rotation"] and status["served"] >= 1
+        # The controller says which relay it runs: the one this interpreter would load.
+        [started] = [e for e in h.events() if e["event"] == "controller_started"]
+        assert started["relay"] == relay_build()
 
 
 def test_busy_status_check_takes_an_instance_out_and_back(make_service: MakeService) -> None:
