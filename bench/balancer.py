@@ -59,6 +59,8 @@ from common import (
     child_env,
     closing_sections,
     kill_ours,
+    leave,
+    load_average,
     machine,
     sigterm_as_exit,
     verdict,
@@ -1013,10 +1015,9 @@ def machine_details() -> dict[str, str]:
     """What `machine` lists between the core count and rolehost."""
     from importlib.metadata import version
 
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return {
         "cpu": cpu_model(),
-        "load average at start (1/5/15 min)": load,
+        "load average at start (1/5/15 min)": load_average(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]).split(" Copyright")[0],
@@ -1097,12 +1098,8 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
         except Exception as exc:
             results.errors.append(f"rolehost stop: {exc}")
         results.survivors = kill_ours(also=ours_too(work, nginx.pids if nginx else set()))
-        results.machine["load average at end (1/5/15 min)"] = " / ".join(
-            f"{x:.2f}" for x in os.getloadavg())
-        if keep:
-            print(f"work folder kept: {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        results.machine["load average at end (1/5/15 min)"] = load_average()
+        leave(work, keep)
     return results
 
 

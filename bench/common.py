@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,19 @@ def machine(details: dict[str, str]) -> dict[str, str]:
         "rolehost": f"{version('rolehost')} ({git_revision()})",
         "platform": platform.platform(),
     }
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as the reports print them."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def leave(work: Path, keep: bool) -> None:
+    """The bench's work folder: kept (and said where), or removed."""
+    if keep:
+        print(f"work folder kept: {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def git_revision() -> str:

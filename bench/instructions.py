@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
@@ -57,6 +56,8 @@ from common import (
     child_env,
     closing_sections,
     kill_ours,
+    leave,
+    load_average,
     machine,
     sigterm_as_exit,
     wait_until,
@@ -783,12 +784,8 @@ def run(requests: int, connections: int, rounds: int, keep: bool) -> Results:
         # balancer.py's matcher: the token, the work folder on the command line (valgrind's
         # too: it is in --callgrind-out-file), or one of nginx's recorded pids.
         results.survivors = kill_ours(also=balancer_bench.ours_too(work, nginx_pids))
-        results.machine["load average at end (1/5/15 min)"] = " / ".join(
-            f"{x:.2f}" for x in os.getloadavg())
-        if keep:
-            print(f"work folder kept: {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        results.machine["load average at end (1/5/15 min)"] = load_average()
+        leave(work, keep)
         results.seconds = time.monotonic() - began
     return results
 
@@ -797,10 +794,9 @@ def machine_details() -> dict[str, str]:
     from importlib.metadata import version
 
     tool = balancer_bench.tool_version
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return {
         "cpu": balancer_bench.cpu_model(),
-        "load average at start (1/5/15 min)": load,
+        "load average at start (1/5/15 min)": load_average(),
         "python": f"{sys.version.split()[0]} ({sys.executable})",
         "valgrind": tool(["valgrind", "--version"]),
         "nginx": tool(["nginx", "-v"]),

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -50,6 +49,7 @@ from common import (
     child_env,
     closing_sections,
     kill_ours,
+    leave,
     machine,
     sigterm_as_exit,
     verdict,
@@ -665,10 +665,7 @@ def run(kills: int, idle_seconds: float, keep: bool) -> Results:
     finally:
         results.survivors = kill_ours()
         probe.close()
-        if keep:
-            print(f"work folder kept: {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave(work, keep)
     return results
 
 
