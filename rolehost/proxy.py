@@ -35,8 +35,8 @@ log = structlog.get_logger()
 # Final: mypyc then reads these as statics, not from the module's dict on every use.
 IDEMPOTENT: Final = {b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"}
 # Hop-by-hop headers, and the framing headers the proxy writes itself.
-_HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
-        b"transfer-encoding", b"content-length"}
+_HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+               b"upgrade", b"transfer-encoding", b"content-length"}
 # Their lengths: most headers are told apart from them without lowering and hashing.
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
 REPLAY_LIMIT: Final = 1024 * 1024  # a body larger than this is not kept for a retry
@@ -358,7 +358,7 @@ class HttpClient(_Peer):
                 connection = _idle(backend)
                 if connection is not None:  # the fast path
                     backend.begin()
-                    _Exchange(self, request, backend, connection, False).start()
+                    _Exchange(self, request, backend, connection, awaited=False).start()
                     return
         self.task = asyncio.get_running_loop().create_task(self._serve(request, backend))
 
@@ -772,7 +772,7 @@ async def _exchange(client: HttpClient, backend: Backend, request: Request) -> b
         connection.close()
         raise ClientGone
     # from here on, the backend may have seen (part of) the request
-    exchange = _Exchange(client, request, backend, connection, True)
+    exchange = _Exchange(client, request, backend, connection, awaited=True)
     assert exchange.done is not None
     try:
         exchange.start()
