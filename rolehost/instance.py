@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import structlog
 
-from rolehost import metrics, privileges, probe, protocol
+from rolehost import metrics, ports, privileges, probe, protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import Role, Service, resource_variable, setting_variable
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
@@ -86,6 +86,7 @@ class Deployment:
     standby: Standby
     run_as: privileges.RunAs  # who the hosts and limited tasks run as
     observer: Callable[[Instance], None] | None = None  # told of every state change
+    ports: set[int] = field(default_factory=set)  # private ports given to instances
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,
@@ -127,7 +128,10 @@ class Instance:
         self.update_domain = index % deployment.service.upgrade_domains
         self.disks = Disks(deployment.run_dir / "instances" / self.id,
                            owner=deployment.run_as.user)
-        self.ports = {name: _free_port(ep.host) for name, ep in role.endpoints.items()}
+        self.ports: dict[str, int] = {}
+        for name, endpoint in role.endpoints.items():
+            self.ports[name] = ports.choose(endpoint.host, deployment.ports)
+            deployment.ports.add(self.ports[name])
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
@@ -740,11 +744,3 @@ def iso(timestamp: float | None) -> str | None:
         return None
     stamp = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")  # as the event log writes it
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

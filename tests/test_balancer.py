@@ -14,6 +14,7 @@ import pytest
 from conftest import MakeService
 
 from rolehost.balancer import relay_build
+from rolehost.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 WEB = """
@@ -173,6 +174,9 @@ def test_traffic_reaches_only_ready_instances(make_service: MakeService) -> None
         assert {get(port)[1] for _ in range(6)} == {b"web_IN_0", b"web_IN_1"}
         status = h.instance("web/1")["endpoints"]["http"]
         assert status["in_rotation"] and status["served"] >= 1
+        # Private ports come from below the ephemeral range (rolehost/ports.py).
+        assert all(i["endpoints"]["http"]["port"] in private_range()
+                   for i in h.status()["instances"])
         # The controller says which relay it runs: the one this interpreter would load.
         [started] = [e for e in h.events() if e["event"] == "controller_started"]
         assert started["relay"] == relay_build()

@@ -1,0 +1,58 @@
+"""Private ports: where each instance listens, behind its role's public endpoint.
+
+An instance keeps its port for life, through every restart and reimage. So the port is
+chosen below the kernel's ephemeral range: a port from that range is free when chosen,
+but while the instance is down between two boots the kernel may hand it to any outgoing
+connection on the machine (the balancer's own, a probe's, a client's) as its local port,
+and the instance's next bind fails. Below the range only a listener can take a port, and
+a listener that took it would have been seen when it was chosen.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Collection
+from pathlib import Path
+
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL_LOW = 32768  # Linux's default; where the file is missing (macOS: 49152)
+SPAN = 2768  # ports just below the range: 30000-32767 under Linux's default
+
+
+def private_range(ephemeral: Path = EPHEMERAL) -> range:
+    """The ports instances get: the SPAN ports just below the ephemeral range (never
+    below 1024). Empty when the ephemeral range starts at 1025 or lower."""
+    try:
+        low = int(ephemeral.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = DEFAULT_EPHEMERAL_LOW
+    return range(max(1024, low - SPAN), max(1024, low))
+
+
+def choose(host: str, taken: Collection[int], span: range | None = None) -> int:
+    """A port of `span` (private_range()) that nothing listens on and that is not in
+    `taken` (the ports given to instances already, bound or not), from a random start, so
+    that controllers choosing at once rarely pick the same. Where the span is empty, any
+    free port the kernel gives. OSError if every port of the span is in use."""
+    span = private_range() if span is None else span
+    if not span:
+        return _bound(host, 0)
+    start = random.randrange(len(span))
+    for step in range(len(span)):
+        port = span[(start + step) % len(span)]
+        if port in taken:
+            continue
+        try:
+            return _bound(host, port)
+        except OSError:
+            continue  # a listener has it
+    raise OSError(f"no free private port in {span.start}-{span.stop - 1} on {host}")
+
+
+def _bound(host: str, port: int) -> int:
+    """Bind `port` (0: any) as a server would (SO_REUSEADDR), release it, return it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        return int(s.getsockname()[1])
