@@ -51,8 +51,9 @@ def choose(host: str, taken: Collection[int], span: range | None = None) -> int:
 
 
 def _bound(host: str, port: int) -> int:
-    """Bind `port` (0: any) as a server would (SO_REUSEADDR), release it, return it."""
+    """Bind `port` (0: any), release it, return it. Without SO_REUSEADDR: a port with a
+    connection lingering in TIME_WAIT is passed over, as a server that does not set it
+    could not bind it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         return int(s.getsockname()[1])
