@@ -282,6 +282,21 @@ class Results:
     errors: list[str] = field(default_factory=list)  # whatever stopped a whole phase
     connections: int = WRK_CONNECTIONS  # wrk's, in the throughput runs
 
+    def round_ratios(self) -> list[float]:
+        """Per round of ROUNDS (rolehost, nginx, nginx, rolehost): rolehost's requests/s over
+        nginx's. A drift of the machine within a round hits both alike."""
+        runs = [r for r in self.wrk if r.label.startswith("run ")]
+        ratios = []
+        for start in range(0, len(runs) - len(ROUNDS) + 1, len(ROUNDS)):
+            quartet = runs[start:start + len(ROUNDS)]
+            if any(r.error is not None for r in quartet):
+                continue
+            ours = sum(r.rps for r in quartet if r.contender == "rolehost")
+            theirs = sum(r.rps for r in quartet if r.contender == "nginx")
+            if theirs:
+                ratios.append(ours / theirs)
+        return ratios
+
     def summary(self, contender: str) -> Summary | None:
         runs = [r for r in self.wrk
                 if r.contender == contender and r.label != "warm-up" and r.error is None]
@@ -911,6 +926,10 @@ def markdown(results: Results) -> str:
             f"| **{rh.p50_ms / ng.p50_ms:.2f} x** | **{rh.p99_ms / ng.p99_ms:.2f} x** "
             f"| {ratio_text(_div(rh.proxy_us_per_request, ng.proxy_us_per_request), 1)} "
             f"| {ratio_text(_div(rh.backends_us_per_request, ng.backends_us_per_request))} |")
+    if ratios := results.round_ratios():
+        lines += ["", "Requests/s ratio per round (rolehost's two runs over nginx's two in one "
+                  f"{', '.join(ROUNDS)} round): "
+                  + ", ".join(f"{r:.2f} x" for r in ratios) + "."]
 
     lines += ["", "## Failed requests while each instance is restarted, then SIGKILLed", "",
               f"LoadProbe ({LOAD_CLIENTS} keep-alive clients, GET /) through the contender; "
@@ -1149,6 +1168,7 @@ def main() -> None:
                          backends_us_per_request=r.backends_us_per_request)
         data["summary"] = {c: asdict(sm) for c in ("rolehost", "nginx")
                            if (sm := results.summary(c)) is not None}
+        data["round_ratios"] = results.round_ratios()
         data["targets"] = [dict(zip(("target", "measured", "verdict"), t, strict=True))
                            for t in targets(results)]
         args.json.write_text(json.dumps(data, indent=2) + "\n")
