@@ -456,7 +456,8 @@ class HostProcess:
         self.on_message: Callable[[protocol.Message], None] = lambda message: None
         self.on_output: Callable[[bytes], None] = lambda data: None
         self.exited: asyncio.Future[int] = loop.create_future()
-        self.output_done: asyncio.Future[None] = loop.create_future()  # see spawn
+        assert popen.stdout is not None  # spawn's pipe: the host's output and its tree's
+        self.output_done = read_pipe(popen.stdout, _Chunks(lambda data: self.on_output(data)))
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
         self._transport: asyncio.Transport | None = None
@@ -484,8 +485,6 @@ class HostProcess:
         finally:
             theirs.close()
         self = cls(popen)
-        assert popen.stdout is not None
-        self.output_done = read_pipe(popen.stdout, _Chunks(lambda data: self.on_output(data)))
 
         def on_line(line: bytes) -> None:
             try:
