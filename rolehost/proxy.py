@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -827,22 +828,11 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
             client.write(b"\r\n".join(head) + b"\r\n\r\n" + rest)
             if status != 101 or client.tunnel is None:
                 return  # refused: whatever body it had is not worth a framing guess
-            await asyncio.gather(_tunnel_out(client.tunnel, writer), _tunnel_in(reader, client))
+            await asyncio.gather(_pipe(client.tunnel.get, writer), _tunnel_in(reader, client))
         finally:
             writer.close()
     finally:
         backend.end()
-
-
-async def _tunnel_out(source: Body, sink: asyncio.StreamWriter) -> None:
-    try:
-        while (chunk := await source.get()) is not None:
-            sink.write(chunk)
-            await sink.drain()
-        if sink.can_write_eof():
-            sink.write_eof()
-    except (ConnectionError, OSError):
-        sink.close()
 
 
 async def _tunnel_in(source: asyncio.StreamReader, client: HttpClient) -> None:
@@ -983,7 +973,8 @@ async def serve_tcp(
             backend.begin()
             backend.served += 1
             try:
-                await asyncio.gather(_pipe(reader, upstream), _pipe(upstream_reader, writer))
+                await asyncio.gather(_pipe(functools.partial(reader.read, _READ), upstream),
+                                     _pipe(functools.partial(upstream_reader.read, _READ), writer))
             finally:
                 backend.end()
                 upstream.close()
@@ -993,9 +984,12 @@ async def serve_tcp(
             writer.close()
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pipe(read: Callable[[], Awaitable[bytes | None]], sink: asyncio.StreamWriter
+                ) -> None:
+    """What `read` gives (until b"" or None), written to `sink`; then its end, passed on as
+    a half close. A tunnel's way out, and both ways of a TCP connection."""
     try:
-        while data := await source.read(_READ):
+        while data := await read():
             sink.write(data)
             await sink.drain()
         if sink.can_write_eof():
