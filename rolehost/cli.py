@@ -49,7 +49,8 @@ def _call(fn: Any, *args: Any) -> Any:
     except ControllerNotRunning as exc:
         _fail(str(exc))
     except ApiError as exc:
-        _fail(str(exc), EXIT_BAD_DEFINITION if exc.status in (400, 404) else EXIT_FAILED)
+        # 400, 404: a bad name or argument; 422: a package's definition or entry point.
+        _fail(str(exc), EXIT_BAD_DEFINITION if exc.status in (400, 404, 422) else EXIT_FAILED)
 
 
 def _load(file: Path) -> model.Definition:

@@ -198,6 +198,23 @@ def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: Make
         assert h.status()["instances"][0]["state"] == "ready"
 
 
+def test_a_deploy_of_a_bad_version_exits_2_and_touches_nothing(
+        make_service: MakeService) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        pid = h.instance("web/0")["pid"]
+        where = ("-f", str(service.toml), "--run-dir", str(h.run_dir.path))
+        missing = rolehost("deploy", "v9", *where)
+        assert missing.returncode == 2 and "no package 'v9'" in missing.stderr
+        h.package("bad")
+        stored = h.run_dir.path / "packages/bad/rolehost.toml"
+        stored.write_text(stored.read_text().replace("[service]", "[service]\nnope = 1"))
+        invalid = rolehost("deploy", "bad", *where)
+        assert invalid.returncode == 2 and "service.nope" in invalid.stderr
+        assert h.instance("web/0")["pid"] == pid
+
+
 def test_second_controller_on_the_same_run_dir_is_refused(make_service: MakeService) -> None:
     service = make_service("class Role(RoleEntryPoint): pass")
     with service.harness() as h:
