@@ -264,15 +264,18 @@ class _Tee:
 
     def __init__(self, file: RotatingFile | None, console: Console | None) -> None:
         self.file, self.console = file, console
-        self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
+        # Each as its JSON line, the one the file gets: a snapshot, where a dict would keep
+        # the objects the event named (a walk's progress, say) as they change later.
+        self.recent: deque[tuple[int, str]] = deque(maxlen=10_000)
         self.seq = 0  # numbers every event, so a reader can ask for what came after one
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         self.seq += 1
         event = {"seq": self.seq, **event}
-        self.recent.append(event)
+        line = json.dumps(event, default=str)
+        self.recent.append((self.seq, line))
         if self.file is not None:
-            self.file.write(json.dumps(event, default=str).encode() + b"\n")
+            self.file.write(line.encode() + b"\n")
         if self.console is not None:
             self.console.event(event)
         return ""
@@ -303,7 +306,7 @@ def recent(after: int = 0) -> list[dict[str, Any]]:
     """Events numbered above `after`, oldest first (of the last 10,000 kept)."""
     if _tee is None:
         return []
-    return [e for e in _tee.recent if e["seq"] > after]
+    return [json.loads(line) for seq, line in _tee.recent if seq > after]
 
 
 def tail(path: Path, lines: int) -> list[str]:

@@ -94,6 +94,27 @@ def test_event_lines() -> None:
     assert line == "w_IN_0: host exited outcome=killed by SIGKILL"
 
 
+def test_the_event_ring_keeps_each_event_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import structlog
+
+    from rolehost import logs
+
+    monkeypatch.setattr(logs, "_tee", None)
+    logs.configure(tmp_path, None)
+    try:
+        progress = {"web_IN_0": "pending"}
+        structlog.get_logger().info("walk_step", progress=progress)
+        progress["web_IN_0"] = "done"  # the walk goes on after it logged
+        [event] = [e for e in logs.recent() if e["event"] == "walk_step"]
+        assert event["progress"] == {"web_IN_0": "pending"}
+        line = (tmp_path / "controller.log").read_text().splitlines()[-1]
+        assert json.loads(line) == event  # the ring and the file say the same
+        assert logs.recent(event["seq"]) == []
+    finally:
+        structlog.reset_defaults()
+
+
 def test_history_keeps_the_last_operations_in_memory_and_all_in_its_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rolehost import history
