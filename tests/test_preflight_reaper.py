@@ -199,12 +199,12 @@ def test_a_version_that_does_not_import_is_refused_every_time(tmp_path: Path) ->
                 outcomes.append((200, []))
                 h.wait_walk(120)  # the walk fails and rolls back; the next deploy may start
         assert outcomes == [(422, list(range(roles)))] * 10, outcomes
-        # The CLI says so too, with its exit code for a failed operation.
+        # The CLI says so too, with its exit code for a bad definition (as `start` would).
         cli = subprocess.run(
             [sys.executable, "-m", "rolehost", "deploy", "v2", "-f", str(toml),
              "--run-dir", str(h.run_dir.path)],
             capture_output=True, text=True, timeout=60)
-        assert cli.returncode == 1, cli
+        assert cli.returncode == 2, cli
         assert "version v2 does not load" in cli.stderr and "role3 is broken" in cli.stderr
         assert _pids(h) == before
         assert all(_alive(pid) for pid in before.values())
