@@ -30,7 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import psutil
 import structlog
@@ -311,7 +311,6 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
     before the reaper can run. It gets a session of its own and no stdin. Its tree is
     swept before it is reaped; on `timeout` (TimeoutError) or cancellation it is killed
     with SIGKILL first. Either way it is reaped before this returns.
-
     """
     popen = subprocess.Popen(
         argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -326,8 +325,8 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
     exited.add_done_callback(lambda f: setattr(popen, "returncode", f.result()))
     stdout, stderr = bytearray(), bytearray()
     pipes = (popen.stdout, popen.stderr)
-    drained = [read_pipe(pipe, _Chunks(into.extend)) for pipe, into in zip(pipes, (stdout, stderr),
-                                                                     strict=True)]
+    drained = [read_pipe(pipe, _Chunks(into.extend))
+               for pipe, into in zip(pipes, (stdout, stderr), strict=True)]
     try:
         async with asyncio.timeout(timeout):
             code = await asyncio.shield(exited)
@@ -349,7 +348,7 @@ async def run(argv: Sequence[str], cwd: str | Path, timeout: float) -> Completed
     return Completed(code, bytes(stdout), bytes(stderr))
 
 
-def read_pipe(pipe: IO[bytes], protocol: asyncio.BaseProtocol) -> asyncio.Future[None]:
+def read_pipe(pipe: IO[bytes], protocol: asyncio.Protocol) -> asyncio.Future[None]:
     """Feed what `pipe` delivers to `protocol` (`data_received`, then `connection_lost`
     at its end, when `pipe` is closed); the future resolves then.
 
@@ -362,7 +361,7 @@ def read_pipe(pipe: IO[bytes], protocol: asyncio.BaseProtocol) -> asyncio.Future
     ended: asyncio.Future[None] = loop.create_future()
     fd = pipe.fileno()
     os.set_blocking(fd, False)
-    receive = cast(asyncio.Protocol, protocol).data_received
+    receive = protocol.data_received
 
     def readable() -> None:
         try:
