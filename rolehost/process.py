@@ -412,7 +412,7 @@ def _pidfd_open(pid: int) -> int | None:
     return None
 
 
-class _Lines(asyncio.Protocol):
+class Lines(asyncio.Protocol):
     """Splits a byte stream into newline-terminated records for a callback."""
 
     def __init__(self, on_line: Callable[[bytes], None], on_eof: Callable[[], None]) -> None:
@@ -493,7 +493,7 @@ class HostProcess:
             self.on_message(message)
 
         transport, _ = await loop.create_connection(
-            lambda: _Lines(on_line, lambda: None), sock=ours
+            lambda: Lines(on_line, lambda: None), sock=ours
         )
         self._transport = transport
         return self

@@ -33,7 +33,7 @@ from rolehost import metrics
 from rolehost.definition import OncePer, Role, StartupTask, TaskContext, TaskType
 from rolehost.disks import Disks
 from rolehost.privileges import User
-from rolehost.process import _Lines, read_pipe, watch_exit
+from rolehost.process import Lines, read_pipe, watch_exit
 
 
 def role_name_of(instance_id: str) -> str:
@@ -169,7 +169,7 @@ class Tasks:
             run.tail.append(data.decode("utf-8", "replace"))
             self.on_output(tag + data + b"\n")
 
-        read_pipe(popen.stdout, _Lines(line, lambda: None))
+        read_pipe(popen.stdout, Lines(line, lambda: None))
         self._waits[run.index] = exited
         self.log.info("task_started", task=run.label, type=task.type.value, pid=popen.pid)
         return exited

@@ -21,14 +21,14 @@ import pytest
 READER = textwrap.dedent("""\
     import asyncio, os, subprocess, sys
     import uvloop
-    from rolehost.process import _Lines, read_pipe
+    from rolehost.process import Lines, read_pipe
 
     async def main() -> None:
         child = subprocess.Popen(["printf", "one\\\\ntwo\\\\nthree"], stdout=subprocess.PIPE)
         lines, ended = [], []
         print("fd", child.stdout.fileno(), os.getpid(), flush=True)
         await asyncio.wait_for(
-            read_pipe(child.stdout, _Lines(lines.append, lambda: ended.append(1))), 10)
+            read_pipe(child.stdout, Lines(lines.append, lambda: ended.append(1))), 10)
         assert child.stdout.closed, "the pipe is closed at its end"
         assert lines == [b"one", b"two", b"three"] and ended == [1], (lines, ended)
         assert child.wait(10) == 0
