@@ -7,9 +7,11 @@ operations that the API and the CLI are skins over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,7 @@ class Controller:
         self.balancers: list[Balancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
+        self.changing: str | None = None  # a settings change, a scale or a deploy's checks
         self.running = False
         self.version = ""  # the package running: the one `start` made, then each deploy's
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
@@ -271,6 +274,7 @@ class Controller:
         if not names:
             raise api.ApiError(400, "name at least one instance")
         instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
+        self._one_at_a_time(instances=False)
         busy = [i.id for i in instances if i.operation is not None]
         if busy:
             raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
@@ -302,14 +306,30 @@ class Controller:
         return list(results)
 
     async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
-        """Walk `upgrade` across the update domains; at most one walk at a time."""
-        self._no_walk_running()
+        """Walk `upgrade` across the update domains."""
+        self._one_at_a_time()
         return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual)
 
     async def deploy(self, version: str, rollback: bool, manual: bool) -> dict[str, Any]:
         """In-place upgrade to a package. Everything that can be checked is checked first,
         with every instance untouched; then a walk, rolled back if a domain fails."""
-        self._no_walk_running()
+        with self._exclusive(f"deploy {version}"):  # the checks await: nothing may start
+            new = await self._deployable(version)
+            running = dict(self.definition.roles)
+            walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
+                                    roles=dict(new.roles), rollback=running if rollback else None)
+
+        def deployed() -> None:
+            self.definition, self.version = new, version
+            log.info("deployed", version=version)
+
+        assert self.walk is not None
+        self.walk.on_success = deployed
+        return walk
+
+    async def _deployable(self, version: str) -> Definition:
+        """The package `version`, once everything that can be checked with every instance
+        untouched is: it can replace the running one in place, and its entry points load."""
         assert self.history is not None
         try:
             new = self.packages.load(version)
@@ -328,24 +348,30 @@ class Controller:
             # it did not.
             record = self.history.begin(f"deploy {version}", {"version": version}, [])
             self.history.end(record, "failed", str(exc))
-            status = exc.status
-            raise api.ApiError(status, str(exc)) from None
-        running = {name: role for name, role in self.definition.roles.items()}
-        walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
-                                roles=dict(new.roles), rollback=running if rollback else None)
+            raise api.ApiError(exc.status, str(exc)) from None
+        return new
 
-        def deployed() -> None:
-            self.definition, self.version = new, version
-            log.info("deployed", version=version)
-
-        assert self.walk is not None
-        self.walk.on_success = deployed
-        return walk
-
-    def _no_walk_running(self) -> None:
+    def _one_at_a_time(self, instances: bool = True) -> None:
+        """409 while a walk, a settings change or a scale is under way, and (`instances`)
+        while any instance has an operation under way. Two at once could take down a
+        second update domain before the first came back, or lose one change to the other."""
         if self.walk is not None and not self.walk.over:
-            raise api.ApiError(409, f"walk {self.walk.id} is {self.walk.state.value}: one walk "
-                                    "at a time (rolehost walk next / abort)")
+            raise api.ApiError(409, f"walk {self.walk.id} is {self.walk.state.value}: one "
+                                    "operation at a time (rolehost walk next / abort)")
+        if self.changing is not None:
+            raise api.ApiError(409, f"{self.changing} is under way: one operation at a time")
+        if instances and (busy := [i.id for i in self.instances.values() if i.operation]):
+            raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the service for `what` (a service-wide operation that is not a walk)."""
+        self._one_at_a_time()
+        self.changing = what
+        try:
+            yield
+        finally:
+            self.changing = None
 
     def _start_walk(self, label: str, event: Maintenance, manual: bool,
                     roles: dict[str, Role] | None = None,
@@ -363,7 +389,7 @@ class Controller:
         """Change a role's settings (merged, or the whole table with `replace`), per update
         domain or all at once (`change_mode`); returns what each instance did."""
         role = self._role(role_name)
-        self._no_walk_running()
+        self._one_at_a_time()
         # A new value for a secret setting stays secret.
         settings = {k: Secret(value=v) if k in role.secrets and not isinstance(v, Secret)
                     else v for k, v in settings.items()}
@@ -373,6 +399,11 @@ class Controller:
         except ValueError:
             raise api.ApiError(400, f"invalid settings for {role_name}: each must be a string, "
                                     "number or boolean") from None  # no values: a secret may be one
+        with self._exclusive(f"config {role_name}"):
+            return await self._change_settings(role_name, new, settings, cause)
+
+    async def _change_settings(self, role_name: str, new: Role, settings: dict[str, Any],
+                               cause: str) -> dict[str, str]:
         assert self.history is not None
         ours = [i for i in self.instances.values() if i.role_name == role_name]
         shown = new.redacted({k: v.value if isinstance(v, Secret) else v
@@ -401,7 +432,10 @@ class Controller:
         role = self._role(role_name)
         if not 1 <= count <= 1000:
             raise api.ApiError(400, "instances must be between 1 and 1000")
-        self._no_walk_running()
+        with self._exclusive(f"scale {role_name}"):
+            return await self._scale(role_name, role, count, cause)
+
+    async def _scale(self, role_name: str, role: Role, count: int, cause: str) -> list[str]:
         ours = sorted((i for i in self.instances.values() if i.role_name == role_name),
                       key=lambda i: i.index)
         assert self.history is not None
@@ -470,11 +504,15 @@ class Controller:
             log.warning("needs_deploy", changed=changed["deploy"],
                         detail="nothing was applied: package and deploy these changes")
             return
-        for name, settings in changed["settings"].items():
-            self._background_task(self.configure(name, settings, "definition edited",
-                                                 replace=True))
-        for name, count in changed["instances"].items():
-            self._background_task(self.scale(name, count, "definition edited"))
+        self._background_task(self._apply_edit(changed["settings"], changed["instances"]))
+
+    async def _apply_edit(self, settings: dict[str, dict[str, Any]],
+                          counts: dict[str, int]) -> None:
+        """One change after the other: each holds the service while it runs."""
+        for name, values in settings.items():
+            await _reported(self.configure(name, values, "definition edited", replace=True))
+        for name, count in counts.items():
+            await _reported(self.scale(name, count, "definition edited"))
 
     def _background_task(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -508,3 +546,12 @@ class Controller:
             self._shutdown_reason = reason
             self._shutdown.set()
         await self._stopped.wait()
+
+
+async def _reported(change: Awaitable[object]) -> None:
+    """A change an edit asked for: nobody waits for its answer, so a refusal is logged (and
+    the next change is still tried)."""
+    try:
+        await change
+    except api.ApiError as exc:
+        log.error("change_failed", error=str(exc))

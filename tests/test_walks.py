@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import MakeService
 from test_balancer import WEB, free_port
 
+from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 # on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
@@ -84,10 +86,70 @@ def test_manual_walk_pauses_after_each_domain(make_service: MakeService) -> None
         walk = h.upgrade("host-os", manual=True)
         assert (walk["state"], walk["domain"]) == ("paused", 0)
         assert h.instance("web/1")["pid"] == first  # UD 1 untouched while paused
-        with pytest.raises(Exception, match="one walk at a time"):
+        with pytest.raises(Exception, match="one operation at a time"):
             h.upgrade("agent")
         assert h.walk_next()["state"] == "succeeded"
         assert h.instance("web/1")["pid"] != first
+
+
+# on_start waits while a `hold` file is in os/; a changing handler cancels, so a settings
+# change recycles (and waits there too).
+HELD = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        RoleEnvironment.on_changing(lambda event: event.cancel())
+        probe("start")
+        while (RoleEnvironment.os_dir / "hold").exists():
+            time.sleep(0.05)
+        return True
+"""
+
+
+def refused(h: ServiceHarness, why: str) -> None:
+    """Every other kind of operation is refused with 409 while one is under way."""
+    for attempt in (lambda: h.maintain("reimage", "web/1"), lambda: h.upgrade("agent"),
+                    lambda: h.set_setting("web", "color", "red"), lambda: h.scale("web", 3)):
+        with pytest.raises(ApiError, match=why) as raised:
+            attempt()
+        assert raised.value.status == 409
+
+
+def test_one_operation_at_a_time(make_service: MakeService) -> None:
+    """A walk, a settings change, a scale and an operation on an instance exclude each
+    other: two at once could take down a second update domain before the first came back
+    (an instance's own operation excludes only the service-wide ones)."""
+    service = make_service(HELD, instances=2, service={"upgrade_domains": 2},
+                           settings={"color": "blue"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        hold = h.run_dir.path / "instances/web_IN_0/os/hold"
+
+        h.upgrade("host-os", manual=True)  # paused after UD 0
+        refused(h, "is paused: one operation at a time")
+        assert h.walk_next()["state"] == "succeeded"
+
+        hold.touch()
+        h.maintain("restart", "web/0", wait=False)
+        wait_until(lambda: service.count("start") == 5, 30, "web_IN_0 to hold in on_start")
+        for attempt in (lambda: h.upgrade("agent"), lambda: h.scale("web", 3),
+                        lambda: h.set_setting("web", "color", "red")):
+            with pytest.raises(ApiError, match="under way on web_IN_0"):
+                attempt()
+        hold.unlink()
+        h.wait_ready(30)
+
+        hold.touch()
+        changing = threading.Thread(target=h.set_setting, args=("web", "color", "green"))
+        changing.start()  # per update domain: web_IN_0 recycles and holds
+        wait_until(lambda: service.count("start") == 6, 30, "web_IN_0 to hold after a change")
+        refused(h, "config web is under way")
+        hold.unlink()
+        changing.join(60)
+        assert not changing.is_alive()
+        assert [i["state"] for i in h.status()["instances"]] == ["ready", "ready"]
+        assert [(r["kind"], r["outcome"]) for r in h.operations()] == [
+            ("upgrade host-os", "succeeded"), ("restart", "succeeded"),
+            ("config web", "succeeded")]
 
 
 def test_walk_halts_when_a_domain_does_not_come_back(make_service: MakeService) -> None:
