@@ -194,6 +194,8 @@ class Balancer:
             backend = self.pick_now(exclude)
             if backend is not None:
                 return backend
+            if exclude and self.backends.keys() <= set(exclude):
+                return None  # every instance was tried: waiting brings no other
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None

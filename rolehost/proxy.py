@@ -115,7 +115,7 @@ class Body:
 
 class Request:
     __slots__ = ("began", "body", "headers", "keep_alive", "method", "replay", "replay_size",
-                 "responded", "upgrade", "url")
+                 "responded", "trailing", "upgrade", "url")
 
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self.url = b""
@@ -123,6 +123,7 @@ class Request:
         self.method = b"GET"
         self.keep_alive = True
         self.upgrade = False
+        self.trailing = False  # the head is complete: header fields now are trailer fields
         self.body = Body(on_flow)
         self.replay: list[bytes] | None = []  # what was read so far, for a retry
         self.replay_size = 0
@@ -291,12 +292,17 @@ class HttpClient(_Peer):
         request.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.current is not None
-        self.current.headers.append((name, value))
+        request = self.current
+        assert request is not None
+        # A chunked body's trailer is dropped: merged into the head, it could smuggle in
+        # fields (a second Host, credentials) the head never had (RFC 9110, 6.5.1).
+        if not request.trailing:
+            request.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         request = self.current
         assert request is not None
+        request.trailing = True
         parser = self.parser
         request.method = parser.get_method()
         request.keep_alive = bool(parser.should_keep_alive())
@@ -441,7 +447,7 @@ class _ResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:
             self.extra = True
-        else:
+        elif not self.head_done:  # a trailer field is dropped, as a request's is
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -716,10 +722,17 @@ async def _forward(client: HttpClient, request: Request, backend: Backend | None
     tried: set[str] = set()
     retried = False  # a request the backend may have seen is tried again once at most
     endpoint = balancer.label
+    failed: BackendFailed | None = None  # the last attempt's
+    where: dict[str, object] = {}  # and how the log tells it
     while True:
         if failure is None:
             if backend is None:
                 backend = await balancer.pick(tried)
+            if backend is None and failed is not None:  # a retry with nowhere else to go
+                metrics.ERRORS.labels(endpoint, "502").inc()
+                log.warning("backend_failed", **where, detail="no other instance to try")
+                await _reply(client, 502, b"the instance failed before it answered")
+                return False
             if backend is None:
                 metrics.ERRORS.labels(endpoint, "503").inc()
                 await _reply(client, 503, b"no instance in rotation", retry_after=True)
@@ -807,9 +820,17 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
         except (OSError, TimeoutError):
             await _reply(client, 502, b"the instance refused the connection")
             return
+        outbound: asyncio.Future[None] | None = None
         try:
-            writer.write(_request_head(request, client.ip, upgrade=True)[0])
-            response, rest = _ResponseParser(), b""
+            head, chunked = _request_head(request, client.ip, upgrade=True)
+            writer.write(head)
+            # httptools hands over all that follows an Upgrade's head as tunnel bytes, a
+            # body too. With a body they go at once, so that the instance can read it and
+            # answer; else only after a 101 (a client's early words could be lost on a
+            # server that reads the head through a buffer of its own).
+            if client.tunnel is not None and (chunked or _has_length(request)):
+                outbound = asyncio.ensure_future(_pipe(client.tunnel.get, writer))
+            response, rest, upgraded = _ResponseParser(), b"", False
             while not response.head_done:
                 data = await reader.read(_READ)
                 if not data:
@@ -818,21 +839,52 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
                 try:
                     response.parser.feed_data(data)
                 except httptools.HttpParserUpgrade as upgrade:
-                    rest = data[upgrade.args[0]:]
+                    rest, upgraded = data[upgrade.args[0]:], True
                 except httptools.HttpParserError:
                     await _reply(client, 502, b"the instance sent a malformed response")
                     return
             status = response.parser.get_status_code()
-            head = [b"HTTP/1.1 %d %s" % (status, response.reason)]
-            head += [n + b": " + v for n, v in response.headers]
-            client.write(b"\r\n".join(head) + b"\r\n\r\n" + rest)
             if status != 101 or client.tunnel is None:
-                return  # refused: whatever body it had is not worth a framing guess
-            await asyncio.gather(_pipe(client.tunnel.get, writer), _tunnel_in(reader, client))
+                await _refused(client, reader, response, rest, upgraded)
+                return
+            lines = [b"HTTP/1.1 101 %s" % response.reason]
+            lines += [n + b": " + v for n, v in response.headers]
+            client.write(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
+            outbound = outbound or asyncio.ensure_future(_pipe(client.tunnel.get, writer))
+            await asyncio.gather(outbound, _tunnel_in(reader, client))
         finally:
+            if outbound is not None and not outbound.done():
+                outbound.cancel()
+                await asyncio.gather(outbound, return_exceptions=True)
             writer.close()
     finally:
         backend.end()
+
+
+def _has_length(request: Request) -> bool:
+    """A Content-Length other than 0."""
+    return any(n.lower() == b"content-length" and v.strip() not in (b"", b"0")
+               for n, v in request.headers)
+
+
+async def _refused(client: HttpClient, reader: asyncio.StreamReader,
+                   response: _ResponseParser, rest: bytes, upgraded: bool) -> None:
+    """An instance's answer other than 101 to an Upgrade, body and all. The connection
+    closes after it (it has become a tunnel on the client's side), so the close ends the
+    body: no framing to rewrite."""
+    status = response.parser.get_status_code()
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason)]
+    head += [b"%s: %s\r\n" % (n, v) for n, v in response.headers if n.lower() not in _HOP]
+    client.write(b"".join(head) + b"Connection: close\r\n\r\n" + b"".join(response.chunks) + rest)
+    response.chunks.clear()
+    while not (response.complete or upgraded) and (data := await reader.read(_READ)):
+        try:
+            response.parser.feed_data(data)
+        except httptools.HttpParserError:
+            break  # what came is out; the close tells the client it is all there is
+        client.write(b"".join(response.chunks))
+        response.chunks.clear()
+        await client.drain()
 
 
 async def _tunnel_in(source: asyncio.StreamReader, client: HttpClient) -> None:
@@ -851,25 +903,34 @@ def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
     """The head to send the instance, and whether the body goes chunked."""
     # mypyc builds each `%` of bytes in one allocation; the join copies a few pieces.
     parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url)]
-    forwarded = client_ip
-    chunked, length = False, b""
+    forwarded = coding = length = b""
+    named: set[bytes] | None = None
     for name, value in request.headers:
         size = len(name)
-        if size in _HOP_LENGTHS or size == 15:  # 15: x-forwarded-for
+        # 15: x-forwarded-for; x-forwarded-proto has transfer-encoding's 17
+        if size in _HOP_LENGTHS or size == 15:
             lowered = name.lower()
             if lowered in _HOP:
                 if lowered == b"transfer-encoding":
-                    chunked = True
-                elif lowered == b"content-length" and not length:
-                    length = value
+                    coding = b"%s, %s" % (coding, value) if coding else value
+                elif lowered == b"content-length":
+                    length = length or value
+                elif lowered == b"connection":
+                    named = _named(value, named)
                 if not (upgrade and lowered in (b"upgrade", b"connection")):
                     continue
-            elif lowered == b"x-forwarded-for":
-                forwarded = b"%s, %s" % (value, forwarded)
+            elif lowered == b"x-forwarded-for":  # the hops so far, in their order
+                forwarded = b"%s, %s" % (forwarded, value) if forwarded else value
                 continue
+            elif lowered == b"x-forwarded-proto":
+                continue  # what the client spoke to the balancer, set below
         parts.append(b"%s: %s\r\n" % (name, value))
-    if chunked:
-        framing = b"Transfer-Encoding: chunked\r\n"
+    if named:
+        parts[1:] = _without(parts[1:], named)
+    forwarded = b"%s, %s" % (forwarded, client_ip) if forwarded else client_ip
+    chunked = bool(coding)
+    if chunked:  # its codings kept, chunked last (httptools refuses a request otherwise)
+        framing = b"Transfer-Encoding: %s\r\n" % coding
     elif length:
         framing = b"Content-Length: %s\r\n" % length
     else:
@@ -877,6 +938,36 @@ def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
     parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n%s%s\r\n"
                  % (forwarded, b"" if upgrade else b"Connection: keep-alive\r\n", framing))
     return b"".join(parts), chunked
+
+
+# Connection options that name no other header field (or only a hop-by-hop one anyway).
+_CONNECTION_OPTIONS: Final = {b"keep-alive", b"close", b"upgrade"}
+
+
+def _named(connection: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """Add the header fields a Connection header names to `named`: they are hop-by-hop
+    too, and go no further (RFC 9110, 7.6.1). None while it names none."""
+    for token in connection.lower().split(b","):
+        token = token.strip()
+        if token and token not in _CONNECTION_OPTIONS:
+            named = named or set()
+            named.add(token)
+    return named
+
+
+def _without(lines: list[bytes], named: set[bytes]) -> list[bytes]:
+    """The header lines ("name: value") of the fields not in `named`."""
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in named]
+
+
+def _chunked_last(coding: bytes) -> bytes:
+    """The Transfer-Encoding of a body that goes out chunked: the codings it came with
+    (gzip, ...: the relay passes them on untouched), then chunked."""
+    if not coding:
+        return b"chunked"
+    if coding.rsplit(b",", 1)[-1].strip().lower() == b"chunked":
+        return coding
+    return coding + b", chunked"
 
 
 def _frame(chunk: bytes, chunked: bool) -> bytes:
@@ -910,21 +1001,26 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[status] = (reason, line)
+    first = len(out)
     out.append(line)
-    length, chunked = b"", False
+    length = coding = b""
+    named: set[bytes] | None = None
     for name, value in response.headers:
         if len(name) in _HOP_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
-                if not length:
-                    length = value
+                length = length or value
                 continue
             if lowered == b"transfer-encoding":
-                chunked = True
+                coding = b"%s, %s" % (coding, value) if coding else value
                 continue
             if lowered in _HOP:
+                if lowered == b"connection":
+                    named = _named(value, named)
                 continue
         out.append(b"%s: %s\r\n" % (name, value))
+    if named:
+        out[first + 1:] = _without(out[first + 1:], named)
     connection = b"keep-alive" if request.keep_alive else b"close"
     if request.method == b"HEAD" or status == 204 or status == 304 or 100 <= status < 200:
         framing = b"none"
@@ -936,8 +1032,9 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
         framing = b"length"
         out.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
     else:  # chunked, or read until the backend closes: the client gets it chunked
-        framing = b"chunked" if chunked else b"close"
-        out.append(b"Transfer-Encoding: chunked\r\nConnection: %s\r\n\r\n" % connection)
+        framing = b"chunked" if coding else b"close"
+        out.append(b"Transfer-Encoding: %s\r\nConnection: %s\r\n\r\n"
+                   % (_chunked_last(coding), connection))
     return framing
 
 

@@ -81,6 +81,17 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if url.path == "/trailer":  # a chunked body with a trailer field, in another coding
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", query.get("te", "chunked"))
+            self.send_header("Connection", "X-Internal")
+            self.send_header("X-Internal", "secret")  # named by Connection: hop-by-hop
+            self.end_headers()
+            self.wfile.write(b"2\\r\\nhi\\r\\n0\\r\\nX-Sum: abc\\r\\n\\r\\n")
+            return
+        if url.path == "/two-lengths":  # a malformed response
+            self.wfile.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Length: 3\\r\\n\\r\\nab")
+            return
         self.reply(200, RoleEnvironment.current_instance.id.encode())
 
     def do_HEAD(self):  # what a GET of 1234 bytes would send, without them
@@ -90,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         digest, size = hashlib.sha256(), 0
-        if self.headers.get("Transfer-Encoding") == "chunked":
+        if self.headers.get("Transfer-Encoding", "").endswith("chunked"):
             while (length := int(self.rfile.readline().strip(), 16)):
                 data = self.rfile.read(length)
                 digest.update(data); size += len(data)
@@ -99,6 +110,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             data = self.rfile.read(int(self.headers["Content-Length"]))
             digest.update(data); size += len(data)
+        if self.path == "/headers":
+            return self.reply(200, "".join(f"{k}: {v}\\n" for k, v in self.headers.items()).encode())
         forwarded = self.headers.get("X-Forwarded-For", "")
         self.reply(200, f"{size} {digest.hexdigest()} {forwarded}".encode())
 
@@ -440,6 +453,71 @@ def test_heads_are_rewritten_hop_by_hop_and_passed_on_otherwise(
             assert connection.getresponse().read() == b"web_IN_0"  # the framing held
         finally:
             connection.close()
+
+
+def raw_response(raw: socket.socket) -> tuple[bytes, bytes]:
+    """Head and body of one response, read from a socket until the peer closes it."""
+    received = b""
+    while chunk := raw.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_trailers_named_fields_and_codings_stay_what_they_are(make_service: MakeService) -> None:
+    """A trailer never joins the head (it could smuggle in a second Host, say); fields a
+    Connection header names go no further; a coding besides chunked is kept; forwarding
+    fields keep their order, and X-Forwarded-Proto is the balancer's own."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"POST /headers HTTP/1.1\r\nHost: good\r\n"
+                        b"Transfer-Encoding: gzip, chunked\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                        b"X-Forwarded-For: 10.0.0.2\r\nX-Forwarded-Proto: https\r\n"
+                        b"Connection: close, X-Internal\r\nX-Internal: secret\r\n\r\n"
+                        b"2\r\nhi\r\n0\r\nHost: evil\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+            head, body = raw_response(raw)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        seen = [tuple(line.split(": ", 1)) for line in body.decode().splitlines()]
+        assert [v for k, v in seen if k == "Host"] == ["good"]
+        assert [v for k, v in seen if k == "X-Forwarded-For"] == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
+        assert [v for k, v in seen if k == "X-Forwarded-Proto"] == ["http"]
+        assert [v for k, v in seen if k == "Transfer-Encoding"] == ["gzip, chunked"]
+        assert "X-Internal" not in dict(seen)
+
+        for coding in ("chunked", "gzip, chunked"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"GET /trailer?te=%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                            % coding.replace(", ", "%2C+").encode())
+                head, body = raw_response(raw)
+            fields = head.decode().split("\r\n")[1:]
+            assert f"Transfer-Encoding: {coding}" in fields
+            assert not any(f.startswith(("X-Sum", "X-Internal")) for f in fields), fields
+            assert body == b"2\r\nhi\r\n0\r\n\r\n"
+
+
+def test_an_upgrade_with_a_body_or_refused_is_relayed_whole(make_service: MakeService) -> None:
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"POST /digest HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\n"
+                        b"Connection: Upgrade\r\nContent-Length: 5\r\n\r\nhello")
+            head, body = raw_response(raw)  # the instance answers 200: no tunnel, the close
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
+        assert body.split()[:2] == [b"5", hashlib.sha256(b"hello").hexdigest().encode()]
+
+
+def test_a_bad_answer_from_the_only_instance_is_a_502_at_once(make_service: MakeService) -> None:
+    """A retry has nowhere to go: the answer is the failure, not a wait for another
+    instance ending in a 503."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        status, body = get(port, "/two-lengths")
+        assert (status, body) == (502, b"the instance failed before it answered")
+        assert h.wait_event(lambda e: e["event"] == "backend_failed", 10)["attempt"] == 1
 
 
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
