@@ -634,8 +634,9 @@ class Instance:
             return self.snapshot()
         if await operation.done is not S.READY:
             raise OperationError(
+                # The state's own reason: last_error may be an older crash's.
                 f"{self.id} did not become ready after {kind.value}: it is {self.state.value}"
-                f" ({self.last_error or self.reason})", status=500,
+                f" ({self.reason or self.last_error})", status=500,
             )
         return self.snapshot()
 

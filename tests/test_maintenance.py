@@ -316,6 +316,27 @@ def test_wait_reports_an_instance_that_does_not_come_back(make_service: MakeServ
         assert "tool missing from os/" in cli.stderr
 
 
+def test_wait_names_why_now_not_an_older_crash(make_service: MakeService) -> None:
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                return not (RoleEnvironment.os_dir / "refuse").exists()
+        """,
+        service={"backoff_initial": "1s", "backoff_max": "1s"},
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        first = h.instance("web/0")["pid"]
+        h.kill("web/0")  # last_error: the kill
+        h.wait_replaced("web/0", first, 60)
+        (h.run_dir.path / "instances/web_IN_0/os/refuse").touch()
+        with pytest.raises(ApiError) as refused:
+            h.maintain("restart", "web/0")
+        assert "on_start returned False" in str(refused.value)
+        assert "SIGKILL" not in str(refused.value)
+
+
 def test_harness_in_a_user_test(make_service: MakeService) -> None:
     """ServiceHarness as a user meets it: restart under a test, then prove it is clean."""
     service = make_service("class Role(RoleEntryPoint): pass")
