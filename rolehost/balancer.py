@@ -119,6 +119,7 @@ class Balancer:
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+        self._sweep: asyncio.Task[None] | None = None
         # Client connections: tasks (tcp) and proxy.HttpClient protocols (http).
         self.connections: set[asyncio.Task[None] | proxy.HttpClient] = set()
 
@@ -219,9 +220,12 @@ class Balancer:
                 self.connections.discard(task)
 
         if self.endpoint.protocol is Protocol.http:  # protocols: see proxy.HttpClient
-            self._server = await asyncio.get_running_loop().create_server(
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
                 lambda: proxy.HttpClient(self), self.endpoint.host, self.endpoint.port,
                 reuse_address=True)
+            if self.endpoint.idle_timeout > 0:
+                self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
         else:
             self._server = await asyncio.start_server(
                 connection, self.endpoint.host, self.endpoint.port, reuse_address=True
@@ -230,7 +234,22 @@ class Balancer:
                  address=f"{self.endpoint.host}:{self.endpoint.port}",
                  protocol=self.endpoint.protocol.value)
 
+    async def _close_silent(self, timeout: float) -> None:
+        """Close the HTTP clients silent for `timeout` while the balancer waits on them (a
+        slow-loris holds a connection, and a descriptor, open forever otherwise). Looked
+        at four times per timeout, rather than a timer per request."""
+        from rolehost import proxy
+
+        step = timeout / 4
+        while True:
+            await asyncio.sleep(step)
+            for client in list(self.connections):
+                if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
+                    client.close()
+
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self._server is not None:
             self._server.close()
         tasks = []

@@ -112,6 +112,10 @@ class Endpoint(_Model):
     slow_start: Duration = Field(
         default=0.0, description="a joining instance's share of new requests grows over this"
     )
+    idle_timeout: Duration = Field(
+        default=60.0, description="http: a client connection silent this long while the "
+        "balancer waits on it (between requests, or within one) is closed; 0: never"
+    )
 
 
 class LocalResource(_Model):

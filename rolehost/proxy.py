@@ -41,6 +41,9 @@ _HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trail
 # Their lengths: most headers are told apart from them without lowering and hashing.
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
 REPLAY_LIMIT: Final = 1024 * 1024  # a body larger than this is not kept for a retry
+# A request head (its line and fields) larger than this is answered 431: httptools keeps
+# a field whole until it ends, and the relay the head, so nothing else bounds them.
+HEAD_LIMIT: Final = 64 * 1024
 _READ: Final = 65536
 _BODY_QUEUE: Final = 16  # chunks read ahead of the backend before the client is paused
 CONNECT_TIMEOUT: Final = 5.0
@@ -205,7 +208,11 @@ class HttpClient(_Peer):
         self.exchange: _Exchange | None = None  # its exchange with an instance, if any
         self.task: asyncio.Task[None] | None = None  # the slow path relaying it, if any
         self.ended = False  # no request will follow the parsed ones
-        self.malformed: bytes | None = None  # the 400 to send once those are answered
+        self.malformed: bytes | None = None  # the 4xx answer to send once those are answered
+        self.unheaded = 0  # bytes read since a request's head, or its body, last moved on
+        self.reads = 0  # data_received calls, by which the balancer's sweep tells silence
+        self._reads_seen = 0
+        self._silent = 0.0
         self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
         self.reading_paused = False
         self.on_flow = self._flow  # one bound method for all its requests' bodies
@@ -257,6 +264,17 @@ class HttpClient(_Peer):
         if self.exchange is not None:
             self.exchange.resume_backend()
 
+    def silent_for(self, step: float) -> float:
+        """Seconds, counted in the sweep's `step`s, that the client has sent nothing while
+        the balancer waits on it: between requests, or within one not all in. Waiting on
+        an instance, or in a tunnel, the silence is not the client's."""
+        waiting = self.tunnel is None and (self.active is None or not self.active.body.ended)
+        if self.reads != self._reads_seen or not waiting:
+            self._reads_seen, self._silent = self.reads, 0.0
+        else:
+            self._silent += step
+        return self._silent
+
     def write(self, data: bytes) -> None:
         if not self.lost and not self.transport.is_closing():
             self.transport.write(data)
@@ -264,9 +282,11 @@ class HttpClient(_Peer):
     # Parsing.
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         if self.tunnel is not None:
             self.tunnel.put(data)
         elif not self.ended:
+            self.unheaded += len(data)
             try:
                 self.feed(data)
             except httptools.HttpParserUpgrade as upgrade:
@@ -278,7 +298,9 @@ class HttpClient(_Peer):
                 if rest := data[upgrade.args[0]:]:
                     self.tunnel.put(rest)
             except httptools.HttpParserError as exc:
-                self._malformed(f"malformed request: {exc}".encode())
+                self._malformed(_reply_bytes(400, f"malformed request: {exc}".encode()))
+            if self.unheaded > HEAD_LIMIT and not self.ended:
+                self._malformed(_reply_bytes(431, b"request head too large"))
             if self.active is None:
                 self._next()
 
@@ -303,6 +325,7 @@ class HttpClient(_Peer):
         request = self.current
         assert request is not None
         request.trailing = True
+        self.unheaded = 0
         parser = self.parser
         request.method = parser.get_method()
         request.keep_alive = bool(parser.should_keep_alive())
@@ -314,14 +337,16 @@ class HttpClient(_Peer):
     def on_body(self, body: bytes) -> None:
         assert self.current is not None
         self.current.body.put(body)
+        self.unheaded = 0
 
     def on_message_complete(self) -> None:
         assert self.current is not None
         self.current.body.end()
 
-    def _malformed(self, reason: bytes) -> None:
-        """Answer what came before, then 400 and close; a request it cut short is dropped."""
-        self.ended, self.malformed = True, reason
+    def _malformed(self, answer: bytes) -> None:
+        """Answer what came before, then `answer` and close; a request it cut short is
+        dropped."""
+        self.ended, self.malformed = True, answer
         cut = self.current
         if cut is not None and not cut.body.ended:
             if cut in self.pending:
@@ -349,7 +374,7 @@ class HttpClient(_Peer):
         """Start relaying the next request; or, when none will come, end the connection."""
         if not self.pending:
             if self.malformed is not None:
-                self.write(_reply_bytes(400, self.malformed))
+                self.write(self.malformed)
                 self.transport.close()
             elif self.ended:
                 self.transport.close()
@@ -1039,8 +1064,8 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
 
 
 def _reply_bytes(status: int, text: bytes, retry_after: bool = False) -> bytes:
-    reasons = {400: b"Bad Request", 501: b"Not Implemented", 502: b"Bad Gateway",
-               503: b"Service Unavailable"}
+    reasons = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+               501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
     extra = b"Retry-After: 1\r\n" if retry_after else b""
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
             % (status, reasons.get(status, b"Error"), len(text), extra, text))

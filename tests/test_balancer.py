@@ -520,6 +520,27 @@ def test_a_bad_answer_from_the_only_instance_is_a_502_at_once(make_service: Make
         assert h.wait_event(lambda e: e["event"] == "backend_failed", 10)["attempt"] == 1
 
 
+def test_a_client_cannot_hold_memory_or_a_connection_by_not_sending(
+        make_service: MakeService) -> None:
+    harness, port = web(make_service, 1, endpoint='idle_timeout = "1s"')
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024))
+            head, _ = raw_response(raw)  # the head never ends: 431 past 64 KiB, then the close
+        assert head.startswith(b"HTTP/1.1 431 ")
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as partial, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            partial.sendall(b"GET / HTTP/1.1\r\nHo")
+            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = raw_response(idle)  # answered, then closed once silent
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b"web_IN_0"
+            assert partial.recv(100) == b""  # closed mid-head, nothing answered
+        # A request an instance takes longer than that to answer is the instance's time.
+        assert get(port, "/slow?s=2.5") == (200, b"web_IN_0")
+
+
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
     harness, port = web(make_service, 2, service={"stable_after": "0s"})
     with harness as h:
