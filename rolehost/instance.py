@@ -325,7 +325,9 @@ class Instance:
     async def _bootstrap(self, kind: Maintenance) -> bool:
         """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
         try:
-            if kind.reruns_tasks or self.tasks is None or self.tasks.ended:
+            # An agent update restarts the host of a boot whose tasks are done; a boot
+            # cut short in its tasks starts over, tasks and all.
+            if kind.reruns_tasks or self.tasks is None or self.tasks.ended or not self.tasks.done:
                 await self._end_boot()
                 self.boot += 1
                 await asyncio.to_thread(apply, kind, self.disks, self.role,

@@ -117,6 +117,7 @@ class Tasks:
         self.limited = limited  # who limited tasks run as; None: the controller's user
         self.runs = [TaskRun(i, task) for i, task in enumerate(role.startup_tasks)]
         self.ended = False  # the boot they belong to is over
+        self.done = False  # run() returned: every simple task succeeded or was skipped
         self._waits: dict[int, asyncio.Future[int]] = {}
 
     async def run(self) -> None:
@@ -129,12 +130,17 @@ class Tasks:
                 continue
             exited = await self._start(run)
             if run.task.type is TaskType.simple:
-                await self._finish(run, exited, marker)
+                try:
+                    await self._finish(run, exited, marker)
+                except asyncio.CancelledError:  # the boot was cut short; kill() follows
+                    run.state, run.reason = "interrupted", "the boot ended before the task did"
+                    raise
                 if run.state == "failed":
                     raise TaskFailed(run)
             else:
                 task = asyncio.ensure_future(self._finish(run, exited, marker))
                 task.add_done_callback(lambda t: t.exception())
+        self.done = True
 
     async def _start(self, run: TaskRun) -> asyncio.Future[int]:
         task = run.task
@@ -236,7 +242,7 @@ class Tasks:
     def kill(self) -> None:
         """SIGKILL every task of this boot that still runs, with its descendants."""
         for run in self.runs:
-            if run.state == "running":
+            if run.state in ("running", "interrupted"):
                 self._kill(run)
 
     @staticmethod

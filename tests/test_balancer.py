@@ -90,7 +90,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"2\\r\\nhi\\r\\n0\\r\\nX-Sum: abc\\r\\n\\r\\n")
             return
         if url.path == "/two-lengths":  # a malformed response
-            self.wfile.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Length: 3\\r\\n\\r\\nab")
+            self.wfile.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n"
+                             b"Content-Length: 3\\r\\n\\r\\nab")
             return
         self.reply(200, RoleEnvironment.current_instance.id.encode())
 
@@ -111,7 +112,8 @@ class Handler(BaseHTTPRequestHandler):
             data = self.rfile.read(int(self.headers["Content-Length"]))
             digest.update(data); size += len(data)
         if self.path == "/headers":
-            return self.reply(200, "".join(f"{k}: {v}\\n" for k, v in self.headers.items()).encode())
+            lines = "".join(f"{k}: {v}\\n" for k, v in self.headers.items())
+            return self.reply(200, lines.encode())
         forwarded = self.headers.get("X-Forwarded-For", "")
         self.reply(200, f"{size} {digest.hexdigest()} {forwarded}".encode())
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import MakeService, Service
@@ -142,6 +143,45 @@ def test_hanging_task_misses_the_ready_deadline(make_service: MakeService) -> No
         assert "ready deadline (1s)" in row["last_error"]
         assert "running task 1 (sleep 600)" in row["last_error"]
         wait_until(lambda: len(h.processes()) == 2, 10, "the task to be gone")  # + standby
+
+
+def test_an_agent_update_mid_task_runs_the_tasks_again(make_service: MakeService) -> None:
+    """An agent update restarts only the host of a boot whose tasks are done. One that
+    cuts a boot short in its tasks starts the boot over: the host never starts before a
+    simple task has succeeded."""
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                done = os.path.exists(RoleEnvironment.get_setting("probe") + ".done")
+                probe(f"start done={done}")
+                return True
+        """,
+        service={"backoff_initial": "0.1s"},
+        extra="""
+        [[roles.web.startup_tasks]]
+        shell = true
+        command = '''
+        rm -f "$ROLEHOST_SETTING_PROBE.done"
+        while [ -e "$ROLEHOST_SETTING_PROBE.hold" ]; do sleep 0.05; done
+        touch "$ROLEHOST_SETTING_PROBE.done"'''
+        """,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        hold = Path(f"{service.probe}.hold")
+        hold.touch()
+        h.kill("web/0")
+        wait_until(lambda: h.instance("web/0")["tasks"][0]["state"] == "running", 30,
+                   "the recycle's task to run")
+        h.agent_update("web/0", wait=False)
+        h.wait_event(lambda e: e["event"] == "boot" and e["kind"] == "agent-update", 30)
+        wait_until(lambda: h.instance("web/0")["tasks"][0]["state"] == "running", 30,
+                   "the task to run again")
+        assert h.instance("web/0")["state"] == "bootstrapping"
+        hold.unlink()
+        h.wait_ready(30)
+        assert [p.split()[1] for p in service.probes()] == ["done=True", "done=True"]
 
 
 def test_task_timeout(make_service: MakeService) -> None:
