@@ -672,6 +672,8 @@ class Instance:
         """`changing` handlers may cancel, and the instance recycles to apply the change;
         otherwise it applies now and `changed` is raised. Returns what happened:
         applied, recycled, or (no running host) at the next start."""
+        while self.state is S.STARTING:  # its host has the old values: offer once it is up
+            await self._changed.wait()
         process = self.process
         if process is None or not process.running or self.state not in (S.READY, S.BUSY):
             self.role = role

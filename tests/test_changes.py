@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 from conftest import MakeService
 
@@ -53,6 +55,40 @@ def test_a_cancelled_change_recycles_to_apply(make_service: MakeService) -> None
         assert h.set_setting("web", "color", "red") == {"web_IN_0": "recycled"}
         assert h.instance("web/0")["pid"] != before
         assert service.probes()[-1] == "start color=red web_IN_0"
+
+
+HELD = ROLE.replace(
+    '        probe(f"start color',
+    '        while os.path.exists(RoleEnvironment.get_setting("probe") + ".hold"):\n'
+    '            time.sleep(0.05)\n'
+    '        probe(f"start color',
+)
+
+
+def test_a_change_while_on_start_runs_is_offered_once_it_is_ready(
+    make_service: MakeService,
+) -> None:
+    """The host got its settings when it started: 'at the next start' would leave it on
+    the old ones until some later restart."""
+    service = make_service(HELD, settings={"color": "blue", "cancel": False},
+                           service={"backoff_initial": "0.1s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        hold = Path(f"{service.probe}.hold")
+        hold.touch()
+        h.kill("web/0")  # a recycle of its own: no operation holds the service
+        h.wait_state("web/0", "starting", 30)
+        outcome: list[dict[str, str]] = []
+        change = threading.Thread(
+            target=lambda: outcome.append(h.set_setting("web", "color", "red")))
+        change.start()
+        wait_until(lambda: [r["kind"] for r in h.operations()] == ["config web"], 30,
+                   "the change to begin")
+        hold.unlink()
+        change.join(60)
+        assert outcome == [{"web_IN_0": "applied"}]
+        assert service.probes()[-2:] == ["changing color:blue->red web_IN_0",
+                                         "changed color=red web_IN_0"]
 
 
 def test_editing_the_definition_applies_settings_and_reports_the_rest(
