@@ -216,9 +216,12 @@ def _kill_after_grace(terminated: list[psutil.Process]) -> None:
 def leftovers(run_dir: Path) -> list[psutil.Process]:
     """Processes an earlier controller of `run_dir` started and could not take down: it
     was killed while a startup task's detached descendant ran, say (a host takes its own
-    tree down when its controller goes; a task has no one to). Found by their token and
-    run directory, both in the environment they were started with."""
+    tree down when its controller goes; a task has no one to), or while a host was
+    stopped (SIGSTOP), unable to see it go. Found by their run directory, and their
+    token or (a host, whose token came in `assign`) channel, in the environment they
+    were started with: what /proc shows."""
     wanted = str(run_dir)
+    marks = (protocol.TOKEN_ENV, protocol.CHANNEL_FD_ENV)
     found = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
@@ -227,7 +230,7 @@ def leftovers(run_dir: Path) -> list[psutil.Process]:
             env = proc.environ()
         except psutil.Error:
             continue
-        if protocol.TOKEN_ENV in env and env.get("ROLEHOST_RUN_DIR") == wanted:
+        if env.get("ROLEHOST_RUN_DIR") == wanted and any(mark in env for mark in marks):
             found.append(proc)
     return found
 

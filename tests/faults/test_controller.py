@@ -1,4 +1,4 @@
-"""Faults 15b, 18, 20 and 20b: what a killed controller leaves behind; a second
+"""Faults 15b, 15c, 18, 20 and 20b: what a killed controller leaves behind; a second
 controller on the same run directory; an instance that floods its output; a console that
 nobody reads."""
 
@@ -57,6 +57,30 @@ def test_a_killed_controller_leftovers_are_swept_at_the_next_start(
             # The instance boots again, as after any start: its task runs again.
             wait_until(pidfile.exists, 30, "the task to run again")
             assert second.instance("web/0")["state"] == "bootstrapping"
+
+
+def test_a_host_frozen_when_its_controller_was_killed_is_swept_at_the_next_start(
+        make_service: MakeService) -> None:
+    """A stopped (SIGSTOP) host cannot see its controller go. Its instance variables
+    came in `assign`, so its environment as the kernel shows it holds the run directory
+    and the channel, not a token: the sweep knows a host by those."""
+    service = make_service(role("class Role(RoleEntryPoint): pass"))
+    with service.harness() as h:
+        h.wait_ready(30)
+        host = psutil.Process(h.instance("web/0")["pid"])
+        host.suspend()
+        h.signal_controller(signal.SIGKILL)
+        h.wait_controller_exit(10)
+        try:
+            with ServiceHarness(service.toml, run_dir=h.run_dir.path) as second:
+                wait_until(lambda: gone(host), 10, "the next start to sweep the frozen host")
+                log = (second.run_dir.logs / "controller.log").read_text()
+                swept = [line for line in log.splitlines() if "leftovers_swept" in line]
+                assert len(swept) == 1 and f"{host.pid} " in swept[0], swept
+                second.wait_ready(30)
+        finally:
+            if not gone(host):
+                host.kill()
 
 
 def test_second_controller_on_the_same_run_directory(make_service: MakeService) -> None:
