@@ -117,14 +117,15 @@ class Body:
 
 
 class Request:
-    __slots__ = ("began", "body", "headers", "keep_alive", "method", "replay", "replay_size",
-                 "responded", "trailing", "upgrade", "url")
+    __slots__ = ("began", "body", "headers", "http10", "keep_alive", "method", "replay",
+                 "replay_size", "responded", "trailing", "upgrade", "url")
 
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b"GET"
         self.keep_alive = True
+        self.http10 = False  # an HTTP/1.0 request: its response never goes chunked
         self.upgrade = False
         self.trailing = False  # the head is complete: header fields now are trailer fields
         self.body = Body(on_flow)
@@ -328,7 +329,12 @@ class HttpClient(_Peer):
         self.unheaded = 0
         parser = self.parser
         request.method = parser.get_method()
-        request.keep_alive = bool(parser.should_keep_alive())
+        request.keep_alive = keep = bool(parser.should_keep_alive())
+        # Asking the version costs more than the rest of this callback: only a request
+        # that is not plainly 1.1 keep-alive asks (1.1 keeps alive unless it says close,
+        # 1.0 only if it says keep-alive).
+        if not keep or _has_connection(request.headers):
+            request.http10 = parser.get_http_version() == "1.0"
         request.upgrade = bool(parser.should_upgrade())
         self.pending.append(request)
         if len(self.pending) > _BODY_QUEUE:
@@ -648,7 +654,7 @@ class _Exchange:
             out.clear()
         if finished:
             keep = response.keep_alive and not response.extra and self.framing != b"close"
-            self._end(keep and self.sent, request.keep_alive)
+            self._end(keep and self.sent, request.keep_alive and self.framing != b"raw")
 
     def backend_closed(self, exc: Exception | None) -> None:
         """The instance closed the connection (exc: with an error)."""
@@ -658,11 +664,11 @@ class _Exchange:
             if _framing(response, request, status) == b"close":  # the close ends the body
                 out = response.interim
                 if not self.started:  # an empty body
-                    _head(response, request, out)
-                    self.framing = b"close"
-                out.append(b"0\r\n\r\n")
+                    self.framing = _head(response, request, out)
+                if self.framing == b"close":
+                    out.append(b"0\r\n\r\n")
                 if self._to_client(out):
-                    self._end(False, request.keep_alive)
+                    self._end(False, request.keep_alive and self.framing != b"raw")
                 return
         why = (str(exc) or type(exc).__name__) if exc is not None else \
             "connection closed before the response ended"
@@ -886,6 +892,10 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
         backend.end()
 
 
+def _has_connection(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(len(name) == 10 and name.lower() == b"connection" for name, _ in headers)
+
+
 def _has_length(request: Request) -> bool:
     """A Content-Length other than 0."""
     return any(n.lower() == b"content-length" and v.strip() not in (b"", b"0")
@@ -1016,7 +1026,8 @@ _STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}
 
 def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> bytes:
     """Append the response's head for the client to `out` (which the body joins, to go out
-    in one write); its framing, as `_framing` says."""
+    in one write); its framing, as `_framing` says, but `raw` where an HTTP/1.0 client
+    would get it chunked: the body as it comes, ended by closing the connection."""
     status: int = response.parser.get_status_code()
     reason = response.reason
     cached = _STATUS_LINES.get(status)
@@ -1056,6 +1067,9 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
     elif length:
         framing = b"length"
         out.append(b"Content-Length: %s\r\nConnection: %s\r\n\r\n" % (length, connection))
+    elif request.http10:  # no chunked coding for HTTP/1.0: closing ends the body
+        framing = b"raw"
+        out.append(b"Connection: close\r\n\r\n")
     else:  # chunked, or read until the backend closes: the client gets it chunked
         framing = b"chunked" if coding else b"close"
         out.append(b"Transfer-Encoding: %s\r\nConnection: %s\r\n\r\n"

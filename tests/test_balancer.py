@@ -499,6 +499,29 @@ def test_trailers_named_fields_and_codings_stay_what_they_are(make_service: Make
             assert body == b"2\r\nhi\r\n0\r\n\r\n"
 
 
+def test_an_http10_client_never_gets_a_chunked_body(make_service: MakeService) -> None:
+    """RFC 9112 6.1: no Transfer-Encoding to an HTTP/1.0 request. A body the instance sends
+    chunked goes as it comes, and the close ends it, keep-alive asked or not."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        for extra in (b"", b"Connection: keep-alive\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"GET /big?n=100000 HTTP/1.0\r\n" + extra + b"\r\n")
+                head, body = raw_response(raw)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+            assert body == b"x" * 100000
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            received = b""
+            while received.count(b"web_IN_0") < 2:  # a length: kept alive, as asked
+                chunk = raw.recv(65536)
+                assert chunk, f"closed after {received!r}"
+                received += chunk
+
+
 def test_an_upgrade_with_a_body_or_refused_is_relayed_whole(make_service: MakeService) -> None:
     harness, port = web(make_service, 1)
     with harness as h:
