@@ -534,7 +534,7 @@ class Instance:
             return None
         try:
             times = psutil.Process(self.process.pid).cpu_times()
-        except psutil.Error:
+        except (psutil.Error, OSError):  # OSError: out of descriptors, say (EMFILE)
             return None
         now = time.monotonic()
         if self._cpu and self._cpu[-1][1] > times.user + times.system:

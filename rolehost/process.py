@@ -493,7 +493,10 @@ class HostProcess:
                 message = protocol.decode(line)
             except ValueError:
                 return  # a host that garbles its channel is judged by its exit instead
-            self.on_message(message)
+            try:
+                self.on_message(message)
+            except Exception:  # raised into the transport, it would close the channel
+                log.exception("message_failed", pid=self.pid, type=message.get("type"))
 
         transport, _ = await loop.create_connection(
             lambda: Lines(on_line, lambda: None), sock=ours

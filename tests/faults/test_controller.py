@@ -1,9 +1,10 @@
-"""Faults 15b, 15c, 18, 20 and 20b: what a killed controller leaves behind; a second
+"""Faults 15b, 15c, 18, 20, 20b and 26: what a killed controller leaves behind; a second
 controller on the same run directory; an instance that floods its output; a console that
 nobody reads."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from conftest import MakeService
 from faultkit import Bystander, role, timed_status
 
-from rolehost import logs
+from rolehost import logs, protocol
 from rolehost.client import Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 
@@ -81,6 +82,33 @@ def test_a_host_frozen_when_its_controller_was_killed_is_swept_at_the_next_start
         finally:
             if not gone(host):
                 host.kill()
+
+
+def test_a_controller_out_of_descriptors_keeps_its_instances(
+        make_service: MakeService) -> None:
+    """With no descriptor left, a heartbeat's CPU sample (a read of /proc) fails. An error
+    raised while a host's message is handled used to close that host's channel, and the
+    host, seeing its controller gone, took itself down (exit 77)."""
+    service = make_service(role("class Role(RoleEntryPoint): pass"))
+    with service.harness() as h:
+        h.wait_ready(30)
+        host = psutil.Process(h.instance("web/0")["pid"])
+        assert h.controller is not None
+        controller = psutil.Process(h.controller.pid)
+        limits = controller.rlimit(psutil.RLIMIT_NOFILE)
+        # A new descriptor takes the lowest free number; under the limit, none is left.
+        used = {int(fd) for fd in os.listdir(f"/proc/{controller.pid}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        controller.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
+        try:  # the host must outlive two heartbeats (two failed samples): watched throughout
+            until = time.monotonic() + 2 * protocol.HEARTBEAT_INTERVAL + 1
+            while time.monotonic() < until:
+                assert host.is_running() and host.status() != psutil.STATUS_ZOMBIE
+                time.sleep(0.1)
+        finally:
+            controller.rlimit(psutil.RLIMIT_NOFILE, limits)
+        row = h.instance("web/0")
+        assert (row["state"], row["pid"], row["restarts"]) == ("ready", host.pid, 0), row
 
 
 def test_second_controller_on_the_same_run_directory(make_service: MakeService) -> None:
