@@ -268,8 +268,10 @@ class HttpClient(_Peer):
     def silent_for(self, step: float) -> float:
         """Seconds, counted in the sweep's `step`s, that the client has sent nothing while
         the balancer waits on it: between requests, or within one not all in. Waiting on
-        an instance, or in a tunnel, the silence is not the client's."""
-        waiting = self.tunnel is None and (self.active is None or not self.active.body.ended)
+        an instance, in a tunnel, or not reading (the instance takes a body slower than
+        it comes), the silence is not the client's."""
+        waiting = self.tunnel is None and not self.reading_paused and (
+            self.active is None or not self.active.body.ended)
         if self.reads != self._reads_seen or not waiting:
             self._reads_seen, self._silent = self.reads, 0.0
         else:

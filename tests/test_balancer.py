@@ -102,6 +102,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         digest, size = hashlib.sha256(), 0
+        if self.path == "/late":  # a body read only after a while
+            time.sleep(2.5)
         if self.headers.get("Transfer-Encoding", "").endswith("chunked"):
             while (length := int(self.rfile.readline().strip(), 16)):
                 data = self.rfile.read(length)
@@ -562,8 +564,19 @@ def test_a_client_cannot_hold_memory_or_a_connection_by_not_sending(
             head, body = raw_response(idle)  # answered, then closed once silent
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"web_IN_0"
             assert partial.recv(100) == b""  # closed mid-head, nothing answered
-        # A request an instance takes longer than that to answer is the instance's time.
+        # A request an instance takes longer than that to answer is the instance's time;
+        # so is a body it reads late (the balancer stops reading the client meanwhile).
         assert get(port, "/slow?s=2.5") == (200, b"web_IN_0")
+        payload = b"x" * (32 * 1024 * 1024)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/late", body=payload)
+            response = connection.getresponse()
+            assert response.status == 200
+            assert response.read().split()[:2] == [
+                str(len(payload)).encode(), hashlib.sha256(payload).hexdigest().encode()]
+        finally:
+            connection.close()
 
 
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
