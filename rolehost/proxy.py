@@ -49,6 +49,15 @@ _BODY_QUEUE: Final = 16  # chunks read ahead of the backend before the client is
 CONNECT_TIMEOUT: Final = 5.0
 
 
+class Refused(Exception):
+    """Raised in a parser callback: the request is answered `answer`, and the connection
+    closes after it (httptools raises its own error, with this one as its context)."""
+
+    def __init__(self, status: int, why: bytes) -> None:
+        super().__init__(why.decode())
+        self.answer = _reply_bytes(status, why)
+
+
 class BackendFailed(Exception):
     def __init__(self, why: str, request_sent: bool, response_started: bool) -> None:
         super().__init__(why)
@@ -301,7 +310,9 @@ class HttpClient(_Peer):
                 if rest := data[upgrade.args[0]:]:
                     self.tunnel.put(rest)
             except httptools.HttpParserError as exc:
-                self._malformed(_reply_bytes(400, f"malformed request: {exc}".encode()))
+                refused = exc.__context__
+                self._malformed(refused.answer if isinstance(refused, Refused) else
+                                _reply_bytes(400, f"malformed request: {exc}".encode()))
             if self.unheaded > HEAD_LIMIT and not self.ended:
                 self._malformed(_reply_bytes(431, b"request head too large"))
             if self.active is None:
@@ -337,6 +348,12 @@ class HttpClient(_Peer):
         # 1.0 only if it says keep-alive).
         if not keep or _has_connection(request.headers):
             request.http10 = parser.get_http_version() == "1.0"
+        # One Host, which HTTP/1.1 requires (RFC 9112, 3.2): the instance must not have to
+        # guess which of two the client meant.
+        hosts = _hosts(request.headers)
+        if hosts > 1 or (hosts == 0 and parser.get_http_version() != "1.0"):
+            raise Refused(400, b"a request needs one Host field" if hosts == 0 else
+                          b"a request may have one Host field, not several")
         request.upgrade = bool(parser.should_upgrade())
         self.pending.append(request)
         if len(self.pending) > _BODY_QUEUE:
@@ -892,6 +909,10 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
             writer.close()
     finally:
         backend.end()
+
+
+def _hosts(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(1 for name, _ in headers if len(name) == 4 and name.lower() == b"host")
 
 
 def _has_connection(headers: list[tuple[bytes, bytes]]) -> bool:
