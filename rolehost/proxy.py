@@ -912,11 +912,18 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
 
 
 def _hosts(headers: list[tuple[bytes, bytes]]) -> int:
-    return sum(1 for name, _ in headers if len(name) == 4 and name.lower() == b"host")
+    # A loop, not sum() of a generator, and the usual spelling first, without lowering:
+    # this runs for every request.
+    count = 0
+    for name, _ in headers:
+        if len(name) == 4 and (name == b"Host" or name.lower() == b"host"):
+            count += 1
+    return count
 
 
 def _has_connection(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(len(name) == 10 and name.lower() == b"connection" for name, _ in headers)
+    return any(len(name) == 10 and (name == b"Connection" or name.lower() == b"connection")
+               for name, _ in headers)
 
 
 def _has_length(request: Request) -> bool:
