@@ -325,6 +325,7 @@ class Instance:
     async def _bootstrap(self, kind: Maintenance) -> bool:
         """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
         try:
+            self._reclaim_ports()  # before the tasks: they see the ports too
             # An agent update restarts the host of a boot whose tasks are done; a boot
             # cut short in its tasks starts over, tasks and all.
             if kind.reruns_tasks or self.tasks is None or self.tasks.ended or not self.tasks.done:
@@ -355,6 +356,24 @@ class Instance:
         self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
                             self._on_message, self._on_output)
         return True
+
+    def _reclaim_ports(self) -> None:
+        """Before the host starts: a private port that something else began to listen on
+        while the instance was down is exchanged for a free one, and its balancer follows.
+        Else the role could never bind it again, and would crash at every boot."""
+        for name, balancer in self.balancers.items():
+            host, old = self.role.endpoints[name].host, self.ports[name]
+            if not ports.listened(host, old):
+                continue
+            new = ports.choose(host, self.deployment.ports)
+            self.deployment.ports.discard(old)
+            self.deployment.ports.add(new)
+            self.ports[name] = new
+            backend = balancer.backends[self.id]
+            backend.port = new
+            backend.close_idle()
+            log.warning("port_moved", instance=self.id, endpoint=name, old=old, new=new,
+                        detail="something else listens on the old port")
 
     async def _run_host(self) -> None:
         assert self.process is not None

@@ -1,11 +1,13 @@
 """Private ports: where each instance listens, behind its role's public endpoint.
 
-An instance keeps its port for life, through every restart and reimage. So the port is
-chosen below the kernel's ephemeral range: a port from that range is free when chosen,
-but while the instance is down between two boots the kernel may hand it to any outgoing
+An instance keeps its port through its restarts and reimages. So the port is chosen
+below the kernel's ephemeral range: a port from that range is free when chosen, but
+while the instance is down between two boots the kernel may hand it to any outgoing
 connection on the machine (the balancer's own, a probe's, a client's) as its local port,
-and the instance's next bind fails. Below the range only a listener can take a port, and
-a listener that took it would have been seen when it was chosen.
+and the instance's next bind fails. Below the range only a listener can take a port: a
+program started meanwhile, or another controller that chose the same one. Each boot
+checks, and an instance whose port something else listens on gets another
+(`Instance._reclaim_ports`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ def choose(host: str, taken: Collection[int], span: range | None = None) -> int:
         except OSError:
             continue  # a listener has it
     raise OSError(f"no free private port in {span.start}-{span.stop - 1} on {host}")
+
+
+def listened(host: str, port: int) -> bool:
+    """Something listens on `port` (a connection lingering in TIME_WAIT does not count:
+    the role's server can bind past it with SO_REUSEADDR, as servers do)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
 
 
 def _bound(host: str, port: int) -> int:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from conftest import MakeService
 
@@ -593,6 +594,30 @@ def test_a_client_cannot_hold_memory_or_a_connection_by_not_sending(
                 str(len(payload)).encode(), hashlib.sha256(payload).hexdigest().encode()]
         finally:
             connection.close()
+
+
+def test_a_private_port_taken_while_its_instance_is_down_is_exchanged(
+        make_service: MakeService) -> None:
+    """Another program (or controller) that listens on an instance's private port while
+    the instance is down would make it crash at every boot: the boot moves it instead."""
+    harness, port = web(make_service, 1, service={"stable_after": "1h",
+                                                  "backoff_initial": "2s"})
+    with harness as h:
+        h.wait_ready(30)
+        private = h.instance("web/0")["endpoints"]["http"]["port"]
+        host = psutil.Process(h.kill("web/0"))
+        psutil.wait_procs([host], timeout=10)
+        with socket.socket() as squatter:  # during the 2 s back-off
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", private))
+            squatter.listen()
+            moved = h.wait_event(lambda e: e["event"] == "port_moved", 30)
+            assert (moved["old"], moved["endpoint"]) == (private, "http")
+            h.wait_ready(30)
+            row = h.instance("web/0")
+            assert row["endpoints"]["http"]["port"] == moved["new"] != private
+            assert row["restarts"] == 1
+            assert get(port, "/") == (200, b"web_IN_0")
 
 
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
