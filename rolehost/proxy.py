@@ -348,6 +348,10 @@ class HttpClient(_Peer):
         # 1.0 only if it says keep-alive).
         if not keep or _has_connection(request.headers):
             request.http10 = parser.get_http_version() == "1.0"
+            # Its framing is faulty by definition (RFC 9112, 6.1): no guess at the body.
+            if request.http10 and any(name.lower() == b"transfer-encoding"
+                                      for name, _ in request.headers):
+                raise Refused(400, b"an HTTP/1.0 request has no Transfer-Encoding")
         # One Host, which HTTP/1.1 requires (RFC 9112, 3.2): the instance must not have to
         # guess which of two the client meant.
         hosts = _hosts(request.headers)

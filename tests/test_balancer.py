@@ -527,13 +527,16 @@ def test_an_http10_client_never_gets_a_chunked_body(make_service: MakeService) -
 
 def test_a_request_needs_one_host(make_service: MakeService) -> None:
     """RFC 9112 3.2: 400 for an HTTP/1.1 request with no Host or several; HTTP/1.0 may
-    go without. What came before on the connection is answered first."""
+    go without, but not with a Transfer-Encoding (6.1). What came before on the
+    connection is answered first."""
     harness, port = web(make_service, 1)
     with harness as h:
         h.wait_ready(30)
         for request, status in ((b"GET / HTTP/1.1\r\n\r\n", b"400"),
                                 (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400"),
-                                (b"GET / HTTP/1.0\r\n\r\n", b"200")):
+                                (b"GET / HTTP/1.0\r\n\r\n", b"200"),
+                                (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"2\r\nhi\r\n0\r\n\r\n", b"400")):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
                 raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request)
                 head, rest = raw_response(raw)  # both answers, then the close
