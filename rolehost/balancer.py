@@ -245,7 +245,7 @@ class Balancer:
             await asyncio.sleep(step)
             for client in list(self.connections):
                 if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
-                    client.close()
+                    client.abort()
 
     async def close(self) -> None:
         if self._sweep is not None:

@@ -113,8 +113,9 @@ class Endpoint(_Model):
         default=0.0, description="a joining instance's share of new requests grows over this"
     )
     idle_timeout: Duration = Field(
-        default=60.0, description="http: a client connection silent this long while the "
-        "balancer waits on it (between requests, or within one) is closed; 0: never"
+        default=60.0, description="http: a client connection idle this long while the "
+        "balancer waits on it (to send, between requests or within one; or to read its "
+        "answer) is closed; 0: never"
     )
 
 

@@ -220,8 +220,9 @@ class HttpClient(_Peer):
         self.ended = False  # no request will follow the parsed ones
         self.malformed: bytes | None = None  # the 4xx answer to send once those are answered
         self.unheaded = 0  # bytes read since a request's head, or its body, last moved on
-        self.reads = 0  # data_received calls, by which the balancer's sweep tells silence
-        self._reads_seen = 0
+        # Reads, and write buffers drained: by these the balancer's sweep tells silence.
+        self.progress = 0
+        self._progress_seen = 0
         self._silent = 0.0
         self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
         self.reading_paused = False
@@ -253,6 +254,11 @@ class HttpClient(_Peer):
                 body.end()
         self.transport.close()
 
+    def abort(self) -> None:
+        """`close`, without waiting to hand over what is buffered: the client reads none."""
+        self.close()
+        self.transport.abort()
+
     def eof_received(self) -> bool:
         if self.tunnel is not None:
             self.tunnel.end()  # passed on as a half close
@@ -271,18 +277,21 @@ class HttpClient(_Peer):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.progress += 1
         if self.exchange is not None:
             self.exchange.resume_backend()
 
     def silent_for(self, step: float) -> float:
-        """Seconds, counted in the sweep's `step`s, that the client has sent nothing while
-        the balancer waits on it: between requests, or within one not all in. Waiting on
-        an instance, in a tunnel, or not reading (the instance takes a body slower than
-        it comes), the silence is not the client's."""
-        waiting = self.tunnel is None and not self.reading_paused and (
-            self.active is None or not self.active.body.ended)
-        if self.reads != self._reads_seen or not waiting:
-            self._reads_seen, self._silent = self.reads, 0.0
+        """Seconds, counted in the sweep's `step`s, that the client has done nothing while
+        the balancer waits on it: sent nothing between requests, or within one not all
+        in; or read nothing of a response the balancer holds for it (each one it leaves
+        unread holds an instance's connection, and a thread of a threaded server).
+        Waiting on an instance, in a tunnel, or not reading (the instance takes a body
+        slower than it comes), the silence is not the client's."""
+        waiting = self._paused or (self.tunnel is None and not self.reading_paused and (
+            self.active is None or not self.active.body.ended))
+        if self.progress != self._progress_seen or not waiting:
+            self._progress_seen, self._silent = self.progress, 0.0
         else:
             self._silent += step
         return self._silent
@@ -294,7 +303,7 @@ class HttpClient(_Peer):
     # Parsing.
 
     def data_received(self, data: bytes) -> None:
-        self.reads += 1
+        self.progress += 1
         if self.tunnel is not None:
             self.tunnel.put(data)
         elif not self.ended:

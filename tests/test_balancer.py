@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -584,6 +585,20 @@ def test_a_client_cannot_hold_memory_or_a_connection_by_not_sending(
             head, body = raw_response(idle)  # answered, then closed once silent
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"web_IN_0"
             assert partial.recv(100) == b""  # closed mid-head, nothing answered
+        # A client that reads nothing of a large answer: it holds an instance's
+        # connection (and a thread of this one) until it is closed.
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.settimeout(10)
+            stalled.connect(("127.0.0.1", port))
+            stalled.sendall(b"GET /big?n=200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["active"] == 1, 10,
+                       "the answer to start")
+            wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["active"] == 0, 15,
+                       "the stalled client to be let go")
+            with contextlib.suppress(ConnectionResetError):
+                while stalled.recv(1 << 20):
+                    pass
         # A request an instance takes longer than that to answer is the instance's time;
         # so is a body it reads late (the balancer stops reading the client meanwhile).
         assert get(port, "/slow?s=2.5") == (200, b"web_IN_0")
