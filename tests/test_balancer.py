@@ -461,11 +461,14 @@ def test_heads_are_rewritten_hop_by_hop_and_passed_on_otherwise(
             connection.close()
 
 
-def raw_response(raw: socket.socket) -> tuple[bytes, bytes]:
-    """Head and body of one response, read from a socket until the peer closes it."""
+def exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
+    """Send `data` on a new connection; the first head that comes back, and all that
+    follows it until the balancer closes the connection."""
     received = b""
-    while chunk := raw.recv(65536):
-        received += chunk
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(data)
+        while chunk := raw.recv(65536):
+            received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
     return head, body
 
@@ -477,13 +480,13 @@ def test_trailers_named_fields_and_codings_stay_what_they_are(make_service: Make
     harness, port = web(make_service, 1)
     with harness as h:
         h.wait_ready(30)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            raw.sendall(b"POST /headers HTTP/1.1\r\nHost: good\r\n"
-                        b"Transfer-Encoding: gzip, chunked\r\nX-Forwarded-For: 10.0.0.1\r\n"
-                        b"X-Forwarded-For: 10.0.0.2\r\nX-Forwarded-Proto: https\r\n"
-                        b"Connection: close, X-Internal\r\nX-Internal: secret\r\n\r\n"
-                        b"2\r\nhi\r\n0\r\nHost: evil\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
-            head, body = raw_response(raw)
+        head, body = exchange(port, b"POST /headers HTTP/1.1\r\nHost: good\r\n"
+                              b"Transfer-Encoding: gzip, chunked\r\n"
+                              b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
+                              b"X-Forwarded-Proto: https\r\n"
+                              b"Connection: close, X-Internal\r\nX-Internal: secret\r\n\r\n"
+                              b"2\r\nhi\r\n0\r\nHost: evil\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                              b"\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         seen = [tuple(line.split(": ", 1)) for line in body.decode().splitlines()]
         assert [v for k, v in seen if k == "Host"] == ["good"]
@@ -493,10 +496,9 @@ def test_trailers_named_fields_and_codings_stay_what_they_are(make_service: Make
         assert "X-Internal" not in dict(seen)
 
         for coding in ("chunked", "gzip, chunked"):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                raw.sendall(b"GET /trailer?te=%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                            % coding.replace(", ", "%2C+").encode())
-                head, body = raw_response(raw)
+            head, body = exchange(port, b"GET /trailer?te=%s HTTP/1.1\r\nHost: x\r\n"
+                                  b"Connection: close\r\n\r\n"
+                                  % coding.replace(", ", "%2C+").encode())
             fields = head.decode().split("\r\n")[1:]
             assert f"Transfer-Encoding: {coding}" in fields
             assert not any(f.startswith(("X-Sum", "X-Internal")) for f in fields), fields
@@ -510,9 +512,7 @@ def test_an_http10_client_never_gets_a_chunked_body(make_service: MakeService) -
     with harness as h:
         h.wait_ready(30)
         for extra in (b"", b"Connection: keep-alive\r\n"):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                raw.sendall(b"GET /big?n=100000 HTTP/1.0\r\n" + extra + b"\r\n")
-                head, body = raw_response(raw)
+            head, body = exchange(port, b"GET /big?n=100000 HTTP/1.0\r\n" + extra + b"\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
             assert b"Transfer-Encoding" not in head and b"Connection: close" in head
             assert body == b"x" * 100000
@@ -538,9 +538,8 @@ def test_a_request_needs_one_host(make_service: MakeService) -> None:
                                 (b"GET / HTTP/1.0\r\n\r\n", b"200"),
                                 (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
                                  b"2\r\nhi\r\n0\r\n\r\n", b"400")):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request)
-                head, rest = raw_response(raw)  # both answers, then the close
+            # both answers, then the close
+            head, rest = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request)
             assert head.startswith(b"HTTP/1.1 200 ")
             assert rest.startswith(b"web_IN_0HTTP/1.1 " + status + b" "), rest
 
@@ -549,10 +548,9 @@ def test_an_upgrade_with_a_body_or_refused_is_relayed_whole(make_service: MakeSe
     harness, port = web(make_service, 1)
     with harness as h:
         h.wait_ready(30)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            raw.sendall(b"POST /digest HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\n"
-                        b"Connection: Upgrade\r\nContent-Length: 5\r\n\r\nhello")
-            head, body = raw_response(raw)  # the instance answers 200: no tunnel, the close
+        # The instance answers 200: no tunnel, and the close ends the answer.
+        head, body = exchange(port, b"POST /digest HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\n"
+                              b"Connection: Upgrade\r\nContent-Length: 5\r\n\r\nhello")
         assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head
         assert body.split()[:2] == [b"5", hashlib.sha256(b"hello").hexdigest().encode()]
 
@@ -573,18 +571,16 @@ def test_a_client_cannot_hold_memory_or_a_connection_by_not_sending(
     harness, port = web(make_service, 1, endpoint='idle_timeout = "1s"')
     with harness as h:
         h.wait_ready(30)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024))
-            head, _ = raw_response(raw)  # the head never ends: 431 past 64 KiB, then the close
+        # The head never ends: 431 past 64 KiB, then the close.
+        head, _ = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024))
         assert head.startswith(b"HTTP/1.1 431 ")
 
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as partial, \
-                socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as partial:
             partial.sendall(b"GET / HTTP/1.1\r\nHo")
-            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            head, body = raw_response(idle)  # answered, then closed once silent
+            # Answered, then closed once idle; meanwhile the other is closed mid-head.
+            head, body = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ") and body == b"web_IN_0"
-            assert partial.recv(100) == b""  # closed mid-head, nothing answered
+            assert partial.recv(100) == b""  # nothing answered
         # A client that reads nothing of a large answer: it holds an instance's
         # connection (and a thread of this one) until it is closed.
         with socket.socket() as stalled:
