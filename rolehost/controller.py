@@ -450,7 +450,7 @@ class Controller:
             for balancer in instance.balancers.values():
                 balancer.remove(instance.id)
             instance.output.close()
-            self.deployment.ports.difference_update(instance.ports.values())
+            self.deployment.release_ports(instance.ports.values())
             del self.instances[instance.id]
         record.instances = [i.id for i in added + removed]
         topology = self.topology()

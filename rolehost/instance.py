@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -99,6 +99,15 @@ class Deployment:
                    standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
                    observer=observer)
 
+    def take_port(self, host: str) -> int:
+        """A private port for an instance: free, and given to no other instance."""
+        port = ports.choose(host, self.ports)
+        self.ports.add(port)
+        return port
+
+    def release_ports(self, given: Iterable[int]) -> None:
+        self.ports.difference_update(given)
+
 
 class OperationError(RuntimeError):
     """A maintenance operation that cannot be done, or did not end with the instance ready."""
@@ -128,10 +137,7 @@ class Instance:
         self.update_domain = index % deployment.service.upgrade_domains
         self.disks = Disks(deployment.run_dir / "instances" / self.id,
                            owner=deployment.run_as.user)
-        self.ports: dict[str, int] = {}
-        for name, endpoint in role.endpoints.items():
-            self.ports[name] = ports.choose(endpoint.host, deployment.ports)
-            deployment.ports.add(self.ports[name])
+        self.ports = {name: deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
@@ -365,10 +371,8 @@ class Instance:
             host, old = self.role.endpoints[name].host, self.ports[name]
             if not ports.listened(host, old):
                 continue
-            new = ports.choose(host, self.deployment.ports)
-            self.deployment.ports.discard(old)
-            self.deployment.ports.add(new)
-            self.ports[name] = new
+            new = self.ports[name] = self.deployment.take_port(host)
+            self.deployment.release_ports([old])
             backend = balancer.backends[self.id]
             backend.port = new
             backend.close_idle()
