@@ -355,15 +355,15 @@ class HttpClient(_Peer):
         # Asking the version costs more than the rest of this callback: only a request
         # that is not plainly 1.1 keep-alive asks (1.1 keeps alive unless it says close,
         # 1.0 only if it says keep-alive).
-        if not keep or _has_connection(request.headers):
+        headers = request.headers
+        if not keep or _count(headers, b"Connection", b"connection"):
             request.http10 = parser.get_http_version() == "1.0"
             # Its framing is faulty by definition (RFC 9112, 6.1): no guess at the body.
-            if request.http10 and any(name.lower() == b"transfer-encoding"
-                                      for name, _ in request.headers):
+            if request.http10 and _count(headers, b"Transfer-Encoding", b"transfer-encoding"):
                 raise Refused(400, b"an HTTP/1.0 request has no Transfer-Encoding")
         # One Host, which HTTP/1.1 requires (RFC 9112, 3.2): the instance must not have to
         # guess which of two the client meant.
-        hosts = _hosts(request.headers)
+        hosts = _count(headers, b"Host", b"host")
         if hosts > 1 or (hosts == 0 and parser.get_http_version() != "1.0"):
             raise Refused(400, b"a request needs one Host field" if hosts == 0 else
                           b"a request may have one Host field, not several")
@@ -924,19 +924,15 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
         backend.end()
 
 
-def _hosts(headers: list[tuple[bytes, bytes]]) -> int:
-    # A loop, not sum() of a generator, and the usual spelling first, without lowering:
-    # this runs for every request.
+def _count(headers: list[tuple[bytes, bytes]], usual: bytes, lowered: bytes) -> int:
+    """How many fields are named `usual`, in any case (`lowered`: the same, lower case).
+    A loop, not sum() of a generator (an object per call), and the usual spelling tried
+    before lowering: it runs for every request."""
     count = 0
     for name, _ in headers:
-        if len(name) == 4 and (name == b"Host" or name.lower() == b"host"):
+        if len(name) == len(usual) and (name == usual or name.lower() == lowered):
             count += 1
     return count
-
-
-def _has_connection(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(len(name) == 10 and (name == b"Connection" or name.lower() == b"connection")
-               for name, _ in headers)
 
 
 def _has_length(request: Request) -> bool:
