@@ -87,7 +87,9 @@ def test_a_change_while_on_start_runs_is_offered_once_it_is_ready(
         hold.unlink()
         change.join(60)
         assert outcome == [{"web_IN_0": "applied"}]
-        assert service.probes()[-2:] == ["changing color:blue->red web_IN_0",
+        service.wait_probe("changed color=red web_IN_0")  # sent, not waited for
+        assert service.probes()[-3:] == ["start color=blue web_IN_0",
+                                         "changing color:blue->red web_IN_0",
                                          "changed color=red web_IN_0"]
 
 
