@@ -21,7 +21,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 import structlog
@@ -41,9 +41,11 @@ _HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trail
 # Their lengths: most headers are told apart from them without lowering and hashing.
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
 REPLAY_LIMIT: Final = 1024 * 1024  # a body larger than this is not kept for a retry
-# A request head (its line and fields) larger than this is answered 431: httptools keeps
-# a field whole until it ends, and the relay the head, so nothing else bounds them.
+# A request head (its line and fields) larger than this is answered 431, a response head
+# 502: httptools keeps a field whole until it ends, and the relay the head, so nothing
+# else bounds them.
 HEAD_LIMIT: Final = 64 * 1024
+_SLASH: Final = ord("/")  # an int: mypyc compares a byte of the target without a slice
 _READ: Final = 65536
 _BODY_QUEUE: Final = 16  # chunks read ahead of the backend before the client is paused
 CONNECT_TIMEOUT: Final = 5.0
@@ -367,6 +369,8 @@ class HttpClient(_Peer):
         if hosts > 1 or (hosts == 0 and parser.get_http_version() != "1.0"):
             raise Refused(400, b"a request needs one Host field" if hosts == 0 else
                           b"a request may have one Host field, not several")
+        if request.url[0] != _SLASH and request.url != b"*":  # not the usual origin-form
+            _origin_form(request, hosts)
         request.upgrade = bool(parser.should_upgrade())
         self.pending.append(request)
         if len(self.pending) > _BODY_QUEUE:
@@ -475,7 +479,7 @@ class _ResponseParser:
     then the response itself; anything after it is only noted (`extra`)."""
 
     __slots__ = ("_interim_now", "chunks", "complete", "extra", "feed", "head_done", "headers",
-                 "interim", "keep_alive", "parser", "reason")
+                 "interim", "keep_alive", "parser", "reason", "unheaded")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -489,12 +493,14 @@ class _ResponseParser:
         self.chunks: list[bytes] = []
         self.interim: list[bytes] = []  # heads of 1xx answers, to pass on
         self._interim_now = False
+        self.unheaded = 0  # bytes read before the head ended: bounded, as a request's
 
     def reset(self) -> None:
         """Ready for the next response on the same connection (the parser and its
         callbacks refer to each other: one pair per connection, not per response)."""
         self.reason, self.headers = b"", []
         self.head_done = self.keep_alive = self.complete = self.extra = False
+        self.unheaded = 0
         self.chunks.clear()
         self.interim.clear()
 
@@ -666,6 +672,11 @@ class _Exchange:
                 response.extra = True
             else:
                 self.fail(BackendFailed(f"malformed response: {exc}", True, request.responded))
+                return
+        if not response.head_done:
+            response.unheaded += len(data)
+            if response.unheaded > HEAD_LIMIT:
+                self.fail(BackendFailed("response head too large", True, request.responded))
                 return
         out = response.interim
         finished = response.head_done and (response.complete or request.method == b"HEAD")
@@ -899,6 +910,10 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
                 if not data:
                     await _reply(client, 502, b"the instance closed the connection")
                     return
+                response.unheaded += len(data)
+                if response.unheaded > HEAD_LIMIT:
+                    await _reply(client, 502, b"the instance's response head is too large")
+                    return
                 try:
                     response.parser.feed_data(data)
                 except httptools.HttpParserUpgrade as upgrade:
@@ -933,6 +948,29 @@ def _count(headers: list[tuple[bytes, bytes]], usual: bytes, lowered: bytes) -> 
         if len(name) == len(usual) and (name == usual or name.lower() == lowered):
             count += 1
     return count
+
+
+def _origin_form(request: Request, hosts: int) -> None:
+    """An absolute-form target (`GET http://host/path`) is passed on in origin-form, with
+    its authority as the Host: a server ignores the Host field then (RFC 9112, 3.2.2),
+    so the instance must not see one that says otherwise."""
+    if request.url[:7].lower() != b"http://" and request.url[:8].lower() != b"https://":
+        raise Refused(400, b"a request target is a path or an http(s) URL")
+    try:
+        # Any: httptools gives None for a part the URL lacks, which its stub does not say
+        url: Any = httptools.parse_url(request.url)
+    except httptools.HttpParserInvalidURLError:
+        raise Refused(400, b"malformed request target") from None
+    if not url.host or url.userinfo:  # userinfo is an error in an http URI (RFC 9110, 4.2.4)
+        raise Refused(400, b"malformed request target")
+    request.url = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+    host = b"[%s]" % url.host if b":" in url.host else url.host  # IPv6, bracketed again
+    authority = host + (b":%d" % url.port if url.port else b"")
+    headers = request.headers
+    if hosts:
+        headers[:] = [(n, authority if n.lower() == b"host" else v) for n, v in headers]
+    else:
+        headers.append((b"Host", authority))
 
 
 def _has_length(request: Request) -> bool:

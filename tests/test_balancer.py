@@ -77,7 +77,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         if url.path == "/headers":  # the request's head as the instance got it
             lines = "".join(f"{k}: {v}\\n" for k, v in self.headers.items())
-            return self.reply(200, lines.encode())
+            return self.reply(200, f"Target: {self.path}\\n{lines}".encode())
+        if url.path == "/endless-head":  # a header field that goes on, then a close
+            self.wfile.write(b"HTTP/1.1 200 OK\\r\\nX-Long: ")
+            for _ in range(64):
+                self.wfile.write(b"a" * 16384)
+            self.close_connection = True
+            return
         if url.path == "/reason":
             self.send_response(200, query["r"])
             self.send_header("Content-Length", "0")
@@ -542,6 +548,48 @@ def test_a_request_needs_one_host(make_service: MakeService) -> None:
             head, rest = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request)
             assert head.startswith(b"HTTP/1.1 200 ")
             assert rest.startswith(b"web_IN_0HTTP/1.1 " + status + b" "), rest
+
+
+def test_an_absolute_target_is_passed_on_in_origin_form_with_its_host(
+        make_service: MakeService) -> None:
+    """RFC 9112 3.2.2: with an absolute-form target, the Host field is ignored; the
+    instance gets the target's path, and its authority as the only Host."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        for target, host, expected in (
+                (b"http://good.example:8080/headers?a=1", b"evil", "good.example:8080"),
+                (b"HTTPS://[::1]/headers", b"evil", "[::1]"),
+                (b"http://good.example", b"good.example", "good.example")):
+            head, body = exchange(port, b"GET %s HTTP/1.1\r\nHost: %s\r\n"
+                                  b"Connection: close\r\n\r\n" % (target, host))
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            seen = [tuple(line.split(": ", 1)) for line in body.decode().splitlines()]
+            if target.endswith(b"good.example"):  # no path: "/", the instance's id
+                assert body == b"web_IN_0"
+                continue
+            assert [v for k, v in seen if k == "Host"] == [expected]
+            assert dict(seen)["Target"] == target.split(expected.encode(), 1)[1].decode()
+        for target in (b"http://user:pw@good.example/", b"ftp://good.example/", b"http:///x"):
+            head, body = exchange(port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+            assert head.startswith(b"HTTP/1.1 400 "), (target, head)
+
+
+def test_an_endless_response_head_is_a_502(make_service: MakeService) -> None:
+    """An instance's head is bounded as a client's is: one that never ends fails the
+    request at 64 KiB, on the relay and on an Upgrade's way, not the controller's memory."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        h.wait_ready(30)
+        status, body = get(port, "/endless-head")
+        assert (status, body) == (502, b"the instance failed before it answered")
+        assert h.wait_event(lambda e: e["event"] == "backend_failed", 10)["reason"] == \
+            "response head too large"
+        head, body = exchange(port, b"GET /endless-head HTTP/1.1\r\nHost: x\r\n"
+                              b"Upgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 502 ") and body == \
+            b"the instance's response head is too large"
+        assert get(port)[1] == b"web_IN_0"
 
 
 def test_an_upgrade_with_a_body_or_refused_is_relayed_whole(make_service: MakeService) -> None:
