@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -51,12 +53,21 @@ class Disks:
         return self.resources / name
 
     def create(self, role: Role) -> None:
-        """Make every folder that does not exist yet; existing content is kept."""
+        """Make every folder that does not exist yet; existing content is kept.
+
+        Under a root controller the limited user owns `os/`, `app/` and each resource, but
+        not the folders that hold them: it could otherwise put a link in their place, and
+        the controller, which wipes and hands over these folders as root, would follow it
+        anywhere on the machine."""
         resources = [self.resource(n) for n in role.local_resources]
-        for folder in (self.tmp, self.app, self.resources, *resources):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.os, self.tmp, self.app, self.resources, *resources):
+            _real_folder(folder)
         if self.owner is not None:
-            self.owner.give(self.root, self.os, self.tmp, self.app, self.resources, *resources)
+            for holder in (self.root, self.resources):
+                os.chown(holder, os.geteuid(), os.getegid(), follow_symlinks=False)
+                os.chmod(holder, 0o755)
+            self.owner.give(self.os, self.tmp, self.app, *resources)
 
     def deploy(self, source: Path, run_dir: Path) -> None:
         """Replace `app/` with a fresh copy of the role's app folder. A copy that fails (a
@@ -134,7 +145,48 @@ def usage_mb(folder: Path) -> float:
 
 
 def wipe(folder: Path) -> None:
-    """Empty `folder` (creating it if missing), keeping the folder itself."""
-    if folder.exists():
-        shutil.rmtree(folder)
+    """Empty `folder` (creating it if missing), keeping the folder itself. A link in its
+    place is removed, never followed."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)  # by descriptors: it follows no link inside the tree
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def _real_folder(folder: Path) -> None:
+    """`folder` as a folder of its own: a link or file in its place is removed."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_inside(folder: Path, relative: str, text: str) -> None:
+    """Write `folder/relative` as the controller, in a folder the limited user owns: each
+    step is opened from the one before without following a link (a link the user put in
+    the way, to make root write elsewhere, is removed), and `folder` itself is one the
+    user cannot replace (`Disks.create`)."""
+    *folders, name = relative.split("/")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for step in folders:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(step, 0o755, dir_fd=fd)
+            try:
+                inner = os.open(step, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # ELOOP: a link; ENOTDIR: a file
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                os.unlink(step, dir_fd=fd)
+                os.mkdir(step, 0o755, dir_fd=fd)
+                inner = os.open(step, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=fd)
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                      dir_fd=fd)
+        with os.fdopen(out, "w") as file:
+            file.write(text)
+    finally:
+        os.close(fd)

@@ -64,9 +64,12 @@ class User:
             os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
     def give_tree(self, root: Path) -> None:
-        self.give(root)
-        for folder, dirs, files in os.walk(root):
+        """Hand over a tree the controller made: from the leaves up, so that the user
+        can change no folder (a link in place of a subfolder) before the walk is done
+        with it."""
+        for folder, dirs, files in os.walk(root, topdown=False):
             self.give(*(Path(folder, name) for name in (*dirs, *files)))
+        self.give(root)
 
 
 @dataclass(frozen=True)

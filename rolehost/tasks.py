@@ -31,7 +31,7 @@ import structlog
 
 from rolehost import metrics
 from rolehost.definition import OncePer, Role, StartupTask, TaskContext, TaskType
-from rolehost.disks import Disks
+from rolehost.disks import Disks, write_inside
 from rolehost.privileges import User
 from rolehost.process import Lines, read_pipe, watch_exit
 
@@ -193,10 +193,10 @@ class Tasks:
         metrics.TASK_SECONDS.labels(self.role, run.task.type.value).observe(seconds)
         if code == 0 and not run.reason:
             run.state, run.reason = "succeeded", "exited with 0"
-            if marker is not None:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"command": run.task.command,
-                                              "completed": datetime.now(UTC).isoformat()}))
+            if marker is not None:  # in a folder of the limited user's: no link followed
+                write_inside(marker.parent.parent, f"{MARKERS}/{marker.name}",
+                             json.dumps({"command": run.task.command,
+                                         "completed": datetime.now(UTC).isoformat()}))
             self.log.info("task_succeeded", task=run.label, seconds=seconds)
             return
         run.state = "failed"

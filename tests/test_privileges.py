@@ -126,8 +126,10 @@ def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path:
         assert (data / "host").read_text() == host_saw
         assert (data / "limited-task").read_text().split() == [str(nobody.pw_uid), str(root / "os")]
         assert (data / "elevated-task").read_text().strip() == "0"
-        for folder in (root, root / "os", root / "app", data):
+        for folder in (root / "os", root / "app", data):
             assert folder.stat().st_uid == nobody.pw_uid, folder
+        for holder in (root, root / "resources"):  # the folders holding them stay root's
+            assert (holder.stat().st_uid, stat.S_IMODE(holder.stat().st_mode)) == (0, 0o755)
         assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
 
         # Only what the limited user needs is opened to it.
@@ -147,6 +149,82 @@ def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path:
         assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
         for private in (h.run_dir.path / "history.jsonl", h.run_dir.logs / "web_IN_0.log"):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+
+
+LINKING_ROLE = '''
+import os
+from pathlib import Path
+from rolehost import RoleEntryPoint, RoleEnvironment
+
+class Role(RoleEntryPoint):
+    """At its first start, tries to make the root controller work through links: in place
+    of its folders, and of the folder the controller writes task markers to."""
+
+    def on_start(self):
+        data = Path(RoleEnvironment.local_resource("data").path)
+        if (data / "tried").exists():
+            (data / "started-again").write_text("yes")
+            return True
+        root, victim = data.parent.parent, RoleEnvironment.get_setting("victim")
+        tried = []
+        for name in ("os", "resources", "app"):
+            try:
+                (root / name).rename(root / f"{name}.old")
+                (root / name).symlink_to(victim)
+                tried.append(f"{name} moved")
+            except PermissionError:
+                tried.append(f"{name} refused")
+        (data / "tried").write_text(", ".join(tried))
+        markers = root / "os" / ".rolehost-markers"
+        markers.rename(root / "os" / "markers.old")
+        markers.symlink_to(victim)
+        (root / "os" / "tmp").rmdir()
+        (root / "os" / "tmp").symlink_to(victim)
+        return False  # recycle: the controller prepares the folders again
+'''
+
+
+@pytest.mark.slow
+def test_the_limited_user_cannot_steer_the_controller_through_links(
+        reachable_python: Path, tmp_path: Path) -> None:
+    """Whatever the role does to its folders, the root controller never wipes, hands over
+    or writes anything outside them."""
+    victim = Path(tempfile.mkdtemp(prefix="rolehost-victim-"))
+    try:
+        os.chmod(victim, 0o755)
+        (victim / "keep").write_text("root's")
+        (tmp_path / "roles.py").write_text(textwrap.dedent(LINKING_ROLE))
+        definition = tmp_path / "rolehost.toml"
+        definition.write_text(textwrap.dedent(f"""\
+            [service]
+            name = "links"
+            backoff_initial = "100ms"
+
+            [roles.web]
+            entry_point = "roles:Role"
+
+            [roles.web.settings]
+            victim = "{victim}"
+
+            [roles.web.local_resources.data]
+            clean_on_recycle = false
+
+            [roles.web.local_resources.scratch]
+
+            [[roles.web.startup_tasks]]
+            command = "true"
+            once_per = "image"
+            """))
+        with ServiceHarness(definition, python=reachable_python) as h:
+            h.wait_ready(60)
+            data = h.run_dir.path / "instances" / "web_IN_0" / "resources" / "data"
+            assert (data / "started-again").exists()
+            assert (data / "tried").read_text() == "os refused, resources refused, app refused"
+        assert [p.name for p in victim.iterdir()] == ["keep"]
+        assert (victim.stat().st_uid, (victim / "keep").stat().st_uid) == (0, 0)
+        assert (victim / "keep").read_text() == "root's"
+    finally:
+        shutil.rmtree(victim)
 
 
 def test_default_user_that_cannot_run_the_interpreter_is_shown(tmp_path: Path) -> None:
