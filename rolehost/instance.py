@@ -236,18 +236,21 @@ class Instance:
             if self._pending_operation:
                 kind, reason = self._take_operation()
                 continue
+            # Out of rotation first: foreground tasks may hold the end of the boot up to
+            # stop_timeout, and the host is gone already.
             if self._failed_reason is not None:
-                await self._end_boot()
                 self._set(S.FAILED, self._failed_reason)
+                await self._end_boot()
                 await self._interrupt.wait()
             else:
-                await self._end_boot()
                 reason = self._recycle_reason or self.last_error or "host exited"
                 delay = self._backoff()
                 self.next_try = time.time() + delay
                 self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
+                await self._end_boot()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._interrupt.wait(), delay)
+                    await asyncio.wait_for(self._interrupt.wait(),
+                                           max(0.0, self.next_try - time.time()))
                 self.next_try = None
             if self._stop_requested:
                 self._set(S.STOPPED, self._stop_reason)
@@ -316,11 +319,9 @@ class Instance:
         self._draining = False
         self._probes.clear()
         self.starts += 1
-        self._boot_began = time.time()
         metrics.STARTS.labels(self.role_name, kind.value).inc()
         self._set(S.BOOTSTRAPPING, reason)
         log.info("boot", instance=self.id, kind=kind.value, cause=reason)
-        self._arm_deadline()
         try:
             if await self._bootstrap(kind):
                 await self._run_host()
@@ -334,8 +335,15 @@ class Instance:
             self._reclaim_ports()  # before the tasks: they see the ports too
             # An agent update restarts the host of a boot whose tasks are done; a boot
             # cut short in its tasks starts over, tasks and all.
-            if kind.reruns_tasks or self.tasks is None or self.tasks.ended or not self.tasks.done:
+            rerun = kind.reruns_tasks or self.tasks is None or self.tasks.ended or \
+                not self.tasks.done
+            if rerun:
                 await self._end_boot()
+            # The deadline counts from here: the last boot's foreground tasks, which its
+            # end waits for, are not this boot's.
+            self._boot_began = time.time()
+            self._arm_deadline()
+            if rerun:
                 self.boot += 1
                 await asyncio.to_thread(apply, kind, self.disks, self.role,
                                         self.deployment.run_dir)
@@ -345,9 +353,14 @@ class Instance:
                                    self.deployment.run_as.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
+            if self._failed_reason is not None:  # the deadline passed: the boot ends here
+                return False
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
             self.process = await self.deployment.standby.take()
+            if self._failed_reason is not None:  # while the host was coming
+                self.process.kill()
+                return False
         except TaskFailed as failed:
             if self._failed_reason is None:  # a missed deadline explains itself
                 self.last_error = self._run_error = str(failed)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 from conftest import MakeService
@@ -86,4 +88,48 @@ def test_foreground_task_never_exits_during_a_stop(make_service: MakeService) ->
         assert killed["instance"] == "web_IN_0" and killed["waited"] == 1
         wait_gone(task)
         assert not task & instance_pids(h, "web/0")
+        bystander.check()
+
+
+HOLDING = "trap '' TERM; while :; do sleep 0.1; done"  # a foreground task that holds a stop
+
+
+def test_a_foreground_task_holding_a_restart_is_not_the_next_boots_deadline(
+        make_service: MakeService) -> None:
+    """The wait for the last boot's foreground task (up to stop_timeout) does not count
+    against the next boot's ready deadline. Before, the deadline passed in that wait, the
+    boot went on to ready all the same, and the next exit of its host crashed the
+    instance's supervision (`no transition ready -> failed`)."""
+    service = make_service(ROLE, instances=2, service={**FAST, "ready_deadline": "2s"},
+                           role={"stop_timeout": "3s"},
+                           extra=only_instance_0(HOLDING, type='"foreground"'))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        h.restart("web/0")  # its end waits 3 s for the task: past a 2 s deadline
+        row = h.instance("web/0")
+        assert (row["state"], row["last_error"]) == ("ready", None)
+        assert not any(e["event"] == "ready_deadline_missed" for e in h.events())
+        os.kill(row["pid"], signal.SIGKILL)
+        wait_until(lambda: h.instance("web/0")["pid"] not in (None, row["pid"])
+                   and h.instance("web/0")["state"] == "ready", 20, "web/0 ready again")
+        assert not any(e["event"] == "supervisor_crashed" for e in h.events())
+        bystander.check()
+
+
+def test_a_host_that_dies_leaves_rotation_before_its_foreground_tasks_end(
+        make_service: MakeService) -> None:
+    """A dead host's instance is recycling at once, not ready (and in rotation) while the
+    end of its boot waits for a foreground task up to stop_timeout."""
+    service = make_service(ROLE, instances=2, service=FAST, role={"stop_timeout": "8s"},
+                           extra=only_instance_0(HOLDING, type='"foreground"'))
+    with service.harness() as h:
+        bystander = Bystander(h)
+        row = h.wait_state("web/0", "ready", 30)
+        killed = time.monotonic()
+        os.kill(row["pid"], signal.SIGKILL)
+        h.wait_state("web/0", "recycling", 5)
+        assert time.monotonic() - killed < 3, "still ready while the task held the boot"
+        h.wait_event(lambda e: e["event"] == "foreground_task_killed", 15)
+        wait_until(lambda: h.instance("web/0")["state"] == "ready", 20, "web/0 ready again")
         bystander.check()
