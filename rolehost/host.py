@@ -119,6 +119,7 @@ class Host:
         self._run_cancelled = False
         self._run_submitted = False
         self._run_over = threading.Event()
+        self._stop_asked = threading.Event()  # the controller said stop
         self._status = _StatusLoop(self)
 
     # The lifecycle (main thread).
@@ -202,7 +203,10 @@ class Host:
 
     def _stop(self, reason: str, code: ExitCode) -> NoReturn:
         if code is ExitCode.RECYCLE:
-            self.channel.send("recycle", reason=reason)
+            # The stop is the controller's, as for one it begins: out of rotation, the
+            # requests in flight drained (the role still serves them), then `stop`.
+            self.channel.send("recycle", reason=reason, graceful=True)
+            self._stop_asked.wait()
         RoleEnvironment.mark_stopping()
         self.send_state("stopping", reason)
         timeout = self.context.stop_timeout
@@ -233,6 +237,7 @@ class Host:
     def dispatch(self, message: protocol.Message) -> None:
         kind = message["type"]
         if kind == "stop":
+            self._stop_asked.set()
             self.begin_stop(str(message.get("reason", "stop requested")), ExitCode.STOPPED)
         elif kind == "status_check":
             self._status.check_now()

@@ -160,6 +160,7 @@ class Instance:
         self._cpu: deque[tuple[float, float]] = deque()  # (wall, host CPU seconds) samples
 
         self._recycle_reason: str | None = None
+        self._recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
         self._failed_reason: str | None = None
         self._run_error: str | None = None  # the error the current boot reported
         self._stop_reason = "stop requested"
@@ -315,6 +316,7 @@ class Instance:
     async def _run_boot(self, kind: Maintenance, reason: str) -> None:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
         self._recycle_reason = self._failed_reason = self._run_error = None
+        self._recycle_asked = asyncio.Event()
         self.ready_since = None
         self._draining = False
         self._probes.clear()
@@ -431,13 +433,15 @@ class Instance:
     async def _watch(self, process: HostProcess) -> int:
         """Wait for the host to exit; if a stop or operation comes first, stop it gracefully."""
         interrupt: asyncio.Future[Any] = asyncio.ensure_future(self._interrupt.wait())
+        asked: asyncio.Future[Any] = asyncio.ensure_future(self._recycle_asked.wait())
         exited: asyncio.Future[Any] = process.exited
-        await asyncio.wait({exited, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({exited, interrupt, asked}, return_when=asyncio.FIRST_COMPLETED)
         interrupt.cancel()
+        asked.cancel()
         if process.running:
             reason = self._stop_reason if self._stop_requested else (
                 f"{self._operation.kind.value}: {self._operation.cause}"
-                if self._operation else "stop requested"
+                if self._operation else self._recycle_reason or "stop requested"
             )
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
@@ -543,6 +547,8 @@ class Instance:
                 self._set(state, reason)
         elif kind == "recycle":
             self._recycle_reason = str(message.get("reason", "recycle requested"))
+            if message.get("graceful"):
+                self._recycle_asked.set()
         elif kind == "error":
             where, text = str(message.get("where")), str(message.get("traceback", ""))
             self.last_traceback = text

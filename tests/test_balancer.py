@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -52,6 +53,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"x" * 5000)
             self.wfile.flush()
             os._exit(1)
+        if url.path == "/recycle":
+            RoleEnvironment.request_recycle()
+            return self.reply(200, b"recycling")
         if url.path == "/die" and RoleEnvironment.current_instance.index == 0:
             os._exit(1)  # the host dies with the request read and no byte answered
         if url.path == "/ws":  # an upgraded connection that echoes in upper case
@@ -281,6 +285,27 @@ def test_a_stopping_instance_finishes_its_requests(make_service: MakeService) ->
             (200, b"web_IN_0"), (200, b"web_IN_1")]
         drained = [e for e in h.events() if e["event"] == "rotation" and not e["in_rotation"]]
         assert {e["instance"] for e in drained} >= {"web_IN_0", "web_IN_1"}
+
+
+def test_a_recycle_the_role_asks_for_drains_as_one_the_controller_begins(
+        make_service: MakeService) -> None:
+    """request_recycle() takes the instance out of rotation and lets its requests in
+    flight finish before `stopping` and on_stop, as `rolehost recycle` does. Before, the
+    host stopped at once, and a request in flight got a 502."""
+    harness, port = web(make_service, 1)
+    with harness as h:
+        first = h.wait_ready(30)["instances"][0]["pid"]
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(get, port, "/slow?s=2")
+            wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["active"] == 1, 10,
+                       "the slow request in flight")
+            assert get(port, "/recycle") == (200, b"recycling")
+            assert slow.result(timeout=30) == (200, b"web_IN_0")
+        stopping = h.wait_event(lambda e: e["event"] == "state" and e["state"] == "stopping", 10)
+        assert stopping["reason"] == "request_recycle() called"
+        wait_until(lambda: h.instance("web/0")["state"] == "ready"
+                   and h.instance("web/0")["pid"] != first, 30, "web/0 ready again")
+        assert h.instance("web/0")["last_error"] is None
 
 
 def test_large_and_chunked_bodies_stream_both_ways(make_service: MakeService) -> None:
