@@ -176,6 +176,11 @@ class Instance:
         self._draining = False
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
         self._boot_began = time.time()
+        # When the boots since the instance was last ready (or an operation began) began,
+        # and how many: they share one ready deadline, so a loop that never gets ready
+        # ends up failed ("waiting for host") instead of recycling for good.
+        self._unready_since: float | None = None
+        self._unready_boots = 0
 
     # The state machine.
 
@@ -189,6 +194,7 @@ class Instance:
         self.state_since = time.time()
         if state is S.READY and self.ready_since is None:
             self.ready_since = self.state_since
+            self._unready_since = None
             self._cancel_deadline()
             metrics.TIME_TO_READY.labels(self.role_name).observe(
                 self.ready_since - self._boot_began)
@@ -298,6 +304,7 @@ class Instance:
         assert self._operation is not None
         self._interrupt.clear()
         self._operation.started = True
+        self._unready_since = None  # someone acted: a fresh deadline
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
@@ -343,8 +350,9 @@ class Instance:
                 await self._end_boot()
             # The deadline counts from here: the last boot's foreground tasks, which its
             # end waits for, are not this boot's.
-            self._boot_began = time.time()
             self._arm_deadline()
+            if self._failed_reason is not None:
+                return False
             if rerun:
                 self.boot += 1
                 await asyncio.to_thread(apply, kind, self.disks, self.role,
@@ -355,7 +363,7 @@ class Instance:
                                    self.deployment.run_as.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
-            if self._failed_reason is not None:  # the deadline passed: the boot ends here
+            if self._failed_reason is not None:  # the deadline passed in the tasks
                 return False
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
@@ -604,9 +612,19 @@ class Instance:
     # Deadlines.
 
     def _arm_deadline(self) -> None:
+        """This boot's time to ready begins, with what is left of the deadline of the boots
+        since the instance was last ready: a crash loop that never gets there has one
+        deadline, not one per boot. Spent in earlier boots, it is missed at once."""
         self._cancel_deadline()
-        deadline = self.deployment.service.ready_deadline
-        self._deadline = asyncio.get_running_loop().call_later(deadline, self._deadline_missed)
+        self._boot_began = time.time()
+        if self._unready_since is None:
+            self._unready_since, self._unready_boots = self._boot_began, 0
+        self._unready_boots += 1
+        left = self._unready_since + self.deployment.service.ready_deadline - self._boot_began
+        if left <= 0:
+            self._deadline_missed()
+        else:
+            self._deadline = asyncio.get_running_loop().call_later(left, self._deadline_missed)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -622,6 +640,9 @@ class Instance:
         self._failed_reason = (
             f"waiting for host: not ready within the ready deadline ({deadline:g}s); "
             f"it was {where}"
+        ) if self._unready_boots <= 1 else (
+            f"waiting for host: not ready within the ready deadline ({deadline:g}s) in "
+            f"{self._unready_boots} boots; it was {where}; last error: {self.last_error}"
         )
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)

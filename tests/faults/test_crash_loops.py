@@ -12,6 +12,7 @@ import pytest
 from conftest import MakeService
 from faultkit import Bystander, role, state_events, timed_status
 
+from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 
 LOOP = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
@@ -129,4 +130,32 @@ def test_import_error_at_runtime(make_service: MakeService) -> None:
             "import: ModuleNotFoundError: No module named 'module_that_is_not_there'")
         assert "Traceback (most recent call last)" in h.logs("web/0")
         assert_no_spin(h)
+        bystander.check()
+
+
+def test_a_crash_loop_that_never_gets_ready_fails_at_its_ready_deadline(
+        make_service: MakeService) -> None:
+    """The boots since an instance was last ready share one ready deadline: a loop that
+    never gets there is `failed` ("waiting for host") once it is spent, and waits for
+    someone to act. An operation gives it a fresh deadline."""
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                if faulty():
+                    raise RuntimeError("schema missing")
+                return True
+        """), instances=2, service={**LOOP, "ready_deadline": "2s"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        row = h.wait_state("web/0", "failed", 15)
+        assert re.fullmatch(
+            r"waiting for host: not ready within the ready deadline \(2s\) in \d+ boots; "
+            r"it was \w+; last error: on_start: RuntimeError: schema missing", row["reason"])
+        assert boots(h) >= 3  # it did recycle, with back-off, until the deadline was spent
+        failed_boots = boots(h)
+        with pytest.raises(ApiError, match="did not become ready after restart"):
+            h.restart("web/0")  # someone acts: a fresh deadline, and another loop
+        assert boots(h) > failed_boots
+        h.wait_state("web/0", "failed", 15)  # in its own time again
         bystander.check()
