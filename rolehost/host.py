@@ -120,6 +120,10 @@ class Host:
         self._run_submitted = False
         self._run_over = threading.Event()
         self._stop_asked = threading.Event()  # the controller said stop
+        # on_start has returned (or raised): lifecycle methods never overlap, so a stop
+        # that comes during on_start waits for it; `started` says whether it succeeded.
+        self._start_over = threading.Event()
+        self._started = False
         self._status = _StatusLoop(self)
 
     # The lifecycle (main thread).
@@ -133,7 +137,10 @@ class Host:
         try:
             started = self.invoke(self.role.on_start)
         except BaseException:
+            self._start_over.set()
             self._stopping_or_fail("on_start")
+        self._started = bool(started)
+        self._start_over.set()
         if self._stop_started:
             self._park()
         if not started:
@@ -211,7 +218,12 @@ class Host:
         self.send_state("stopping", reason)
         timeout = self.context.stop_timeout
         finished, error = bounded(self._graceful, timeout)
-        if not finished:
+        if not finished and not self._start_over.is_set():
+            self.report(
+                "on_stop", f"on_start did not return within stop_timeout ({timeout:g}s) "
+                "of the stop; the instance is terminated\n",
+            )
+        elif not finished:
             self.report(
                 "on_stop", f"stopping handlers and on_stop did not finish within "
                 f"stop_timeout ({timeout:g}s); the instance is terminated\n",
@@ -221,6 +233,11 @@ class Host:
         self._exit(code)
 
     def _graceful(self) -> None:
+        # A stop during on_start waits for it (wait_for_stop() already returns True, so
+        # it may end early); one that did not succeed has nothing to stop, as without one.
+        self._start_over.wait()
+        if not self._started:
+            return
         for handler in RoleEnvironment.handlers["stopping"]:
             try:
                 self.invoke(handler)

@@ -238,6 +238,62 @@ def test_request_recycle(make_service: MakeService) -> None:
         assert recycling["reason"].startswith("request_recycle() called")
 
 
+def test_a_stop_during_on_start_waits_for_it_before_on_stop(make_service: MakeService) -> None:
+    """Lifecycle methods never overlap: a stop that comes during on_start waits for it to
+    return (wait_for_stop() tells it to hurry), then runs `stopping` and on_stop. Before,
+    on_stop ran beside on_start."""
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe("on_start")
+                RoleEnvironment.on_stopping(lambda: probe("stopping"))
+                if RoleEnvironment.wait_for_stop(timeout=20):
+                    time.sleep(0.5)  # the rest of a warm-up, cut short
+                    probe("on_start-returns")
+                return True
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST,
+    )
+    with service.harness() as h:
+        service.wait_probe("on_start web_IN_0")
+        h.restart("web/0", wait=False)
+        service.wait_probe("on_stop web_IN_0")
+        assert service.probes()[:4] == ["on_start web_IN_0", "on_start-returns web_IN_0",
+                                        "stopping web_IN_0", "on_stop web_IN_0"]
+
+
+def test_a_stop_during_an_on_start_that_does_not_return_is_bounded(
+        make_service: MakeService) -> None:
+    """An on_start that ignores the stop holds it up to stop_timeout; then the host is
+    terminated, without on_stop (nothing had started), and the reason says so."""
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe("on_start")
+                if not os.path.exists(RoleEnvironment.get_setting("probe") + ".once"):
+                    open(RoleEnvironment.get_setting("probe") + ".once", "w").close()
+                    time.sleep(60)
+                return True
+            def on_stop(self):
+                probe("on_stop")
+        """,
+        service=FAST, role={"stop_timeout": "1s"},
+    )
+    with service.harness() as h:
+        service.wait_probe("on_start web_IN_0")
+        began = time.monotonic()
+        h.restart("web/0")
+        assert time.monotonic() - began < 8
+        row = h.instance("web/0")
+        assert row["last_error"].startswith(
+            "on_stop: on_start did not return within stop_timeout (1s) of the stop")
+        assert "on_stop web_IN_0" not in service.probes()
+
+
 def test_crash_of_a_stable_instance_restarts_at_once(make_service: MakeService) -> None:
     service = make_service(
         "class Role(RoleEntryPoint): pass",
