@@ -343,6 +343,10 @@ class _StatusLoop:
         self.host = host
         self._now = threading.Event()
         self._last: tuple[RoleStatus, str] | None = None
+        # A check that did not answer in time: it goes on being waited for, not
+        # abandoned, as a handler that hangs would otherwise leave a thread behind
+        # every interval.
+        self._pending: tuple[_Call, StatusCheck] | None = None
 
     def start(self) -> None:
         _thread(self._serve)
@@ -361,22 +365,25 @@ class _StatusLoop:
             self._now.clear()
 
     def _check(self, timeout: float) -> tuple[RoleStatus, str]:
-        handlers = list(RoleEnvironment.handlers["status_check"])
-        if not handlers:
-            return RoleStatus.READY, ""
-        check = StatusCheck()
+        if self._pending is None:
+            handlers = list(RoleEnvironment.handlers["status_check"])
+            if not handlers:
+                return RoleStatus.READY, ""
+            check = StatusCheck()
 
-        def ask() -> None:
-            for handler in handlers:
-                if self.host.invoke(handler, check) in (RoleStatus.BUSY, "busy"):
-                    check.busy()
+            def ask() -> None:
+                for handler in handlers:
+                    if self.host.invoke(handler, check) in (RoleStatus.BUSY, "busy"):
+                        check.busy()
 
-        finished, error = bounded(ask, timeout)
-        if not finished:
+            self._pending = (_Call(ask), check)
+        call, check = self._pending
+        if not call.wait(timeout):
             return RoleStatus.BUSY, f"status check did not answer within {timeout:g}s"
-        if error:
-            self.host.report("status_check", error)
-            return RoleStatus.BUSY, f"status check raised: {error.strip().splitlines()[-1]}"
+        self._pending = None
+        if call.error:
+            self.host.report("status_check", call.error)
+            return RoleStatus.BUSY, f"status check raised: {call.error.strip().splitlines()[-1]}"
         reason = "a status check reported busy" if check.status is RoleStatus.BUSY else ""
         return check.status, reason
 
@@ -386,20 +393,31 @@ def _changes(message: protocol.Message) -> list[Any]:
         TopologyChange(role) for role in message.get("topology_changed", [])]
 
 
-def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:
-    """Run `fn` on a thread of its own for at most `timeout`: (finished, traceback)."""
-    outcome: list[str | None] = []
+class _Call:
+    """`fn` running on a thread of its own, its outcome awaited for as long as one likes."""
 
-    def target() -> None:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.error: str | None = None
+        self._done = threading.Event()
+        _thread(self._run, fn)
+
+    def _run(self, fn: Callable[[], None]) -> None:
         try:
             fn()
-            outcome.append(None)
         except BaseException as exc:  # an async run cancelled by the stop is not a failure
-            outcome.append(None if type(exc).__name__ == "CancelledError" else _traceback())
+            self.error = None if type(exc).__name__ == "CancelledError" else _traceback()
+        finally:
+            self._done.set()
 
-    worker = _thread(target)
-    worker.join(timeout)
-    return (bool(outcome), outcome[0] if outcome else None)
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
+def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:
+    """Run `fn` on a thread of its own for at most `timeout`: (finished, traceback)."""
+    call = _Call(fn)
+    finished = call.wait(timeout)
+    return finished, call.error if finished else None
 
 
 def load_entry_point(entry_point: str, app_dir: str) -> type[RoleEntryPoint]:

@@ -7,6 +7,7 @@ import http.client
 import time
 from typing import Any
 
+import psutil
 from conftest import MakeService
 from faultkit import Bystander, endpoint, free_port, role
 
@@ -129,6 +130,30 @@ def test_status_check_hangs(make_service: MakeService) -> None:
         hanging.touch()
         row = h.wait_state("web/0", "busy", 10)
         assert row["reason"] == "status check did not answer within 0.2s"
+        hanging.unlink()
+        row = h.wait_state("web/0", "ready", 10)
+        assert row["pid"] == pid and row["restarts"] == 0
+        bystander.check()
+
+
+def test_a_hung_status_check_is_not_asked_again_until_it_answers(
+        make_service: MakeService) -> None:
+    # One new thread per interval, never ending, would have grown a host without bound.
+    service = make_service(role(CHECKS), instances=2, role={"status_check_interval": "100ms"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        pid = h.wait_state("web/0", "ready", 30)["pid"]
+        host = psutil.Process(pid)
+        hanging = service.probe.parent / "probe.txt.hang"
+        hanging.touch()
+        assert h.wait_state("web/0", "busy", 10)["reason"] == (
+            "status check did not answer within 0.1s")
+        threads = host.num_threads()
+        watch_until = time.monotonic() + 2  # twenty intervals
+        while time.monotonic() < watch_until:
+            assert host.num_threads() <= threads
+            assert h.instance("web/0")["state"] == "busy"
+            time.sleep(0.05)
         hanging.unlink()
         row = h.wait_state("web/0", "ready", 10)
         assert row["pid"] == pid and row["restarts"] == 0
