@@ -115,3 +115,20 @@ def test_one_role_runs_at_a_time(rolehost_role: Any) -> None:
         rolehost_role(AsyncWorker)
     first.close()
     assert rolehost_role(AsyncWorker).start()
+
+
+class Checked(RoleEntryPoint):
+    def on_start(self) -> bool:
+        RoleEnvironment.on_status_check(self.check)
+        return True
+
+    def check(self, status: StatusCheck) -> None:
+        raise LookupError("backlog table missing")
+
+
+def test_a_status_check_that_raises_fails_the_test(rolehost_role: Any) -> None:
+    run = rolehost_role(Checked)
+    assert run.start()
+    with pytest.raises(LookupError, match="backlog table missing") as error:
+        run.status()
+    assert error.traceback[-1].name == "check"  # the handler's own frame, not a wrapper
