@@ -484,6 +484,9 @@ class RoleRun:
         self._run_over = threading.Event()
         self._run_asked = False
         self.stopped = self._closed = False
+        # As in the host, the stopping handlers and on_stop are for a role whose
+        # on_start returned true; after a false value or an exception they never run.
+        self.started = False
         self.role = cls()
 
     def __enter__(self) -> RoleRun:
@@ -503,7 +506,8 @@ class RoleRun:
 
     def start(self) -> bool:
         """on_start(); True if it returned a true value."""
-        return bool(self.call(self.role.on_start))
+        self.started = bool(self.call(self.role.on_start))
+        return self.started
 
     def run(self) -> None:
         """Start run() (sync or async) in the background, as the host does after on_start."""
@@ -554,11 +558,14 @@ class RoleRun:
         return False
 
     def stop(self, timeout: float = 30.0) -> None:
-        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop."""
+        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop;
+        only `is_stopping` if on_start has not returned true, as in the host."""
         if self.stopped:
             return
         self.stopped = True
         self.environment.mark_stopping()
+        if not self.started:
+            return
         for handler in self.environment.handlers["stopping"]:
             self.call(handler, timeout=timeout)
         if self._run_asked and self._run is None:  # an async run() not on the loop yet

@@ -132,3 +132,31 @@ def test_a_status_check_that_raises_fails_the_test(rolehost_role: Any) -> None:
     with pytest.raises(LookupError, match="backlog table missing") as error:
         run.status()
     assert error.traceback[-1].name == "check"  # the handler's own frame, not a wrapper
+
+
+class Refuses(RoleEntryPoint):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_start(self) -> bool:
+        RoleEnvironment.on_stopping(lambda: self.calls.append("stopping"))
+        if RoleEnvironment.get_setting("fail") == "raise":
+            raise LookupError("no database")
+        return False
+
+    def on_stop(self) -> None:
+        self.calls.append("on_stop")
+
+
+@pytest.mark.parametrize("fail", ["return", "raise"])
+def test_no_on_stop_after_on_start_failed(rolehost_role: Any, fail: str) -> None:
+    # As in the host (docs/concepts.md): an instance whose on_start returned false or
+    # raised recycles without its stopping handlers or on_stop.
+    with rolehost_role(Refuses, settings={"fail": fail}) as run:
+        if fail == "raise":
+            with pytest.raises(LookupError):
+                run.start()
+        else:
+            assert run.start() is False
+    assert run.role.calls == []
+    assert run.stopped and not RoleEnvironment.is_available
