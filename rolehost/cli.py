@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,6 +38,16 @@ _run_dir = click.option(
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"rolehost: {message}", err=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _user_of(file: Path) -> Iterator[None]:
+    """Exit 2 naming `file` when its `[service] limited_user` cannot run the hosts:
+    decided only when a deployment is prepared, long after the definition was read."""
+    try:
+        yield
+    except privileges.Unusable as exc:
+        _fail(f"{file}: {exc}", EXIT_BAD_DEFINITION)
 
 
 def _client(file: Path, run_dir: Path | None, timeout: float = 30.0) -> Client:
@@ -93,7 +104,9 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
         return
     from rolehost.controller import Controller, StartError
 
-    controller = Controller(definition, file.resolve(), where, logs.Console() if console else None)
+    with _user_of(file):
+        controller = Controller(definition, file.resolve(), where,
+                                logs.Console() if console else None)
     try:
         from rolehost.process import event_loop  # uvloop's when installed
 
@@ -459,7 +472,8 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     if not as_json:
         click.echo(f"{file}: valid; rehearsing {', '.join(roles or definition.roles)}")
         click.echo("\n".join(f"capacity: {line}" for line in advice))
-    report = asyncio.run(rehearsal.rehearse(definition, list(roles) or None))
+    with _user_of(file):
+        report = asyncio.run(rehearsal.rehearse(definition, list(roles) or None))
     if as_json:
         click.echo(json.dumps({**report.to_json(), "capacity": advice}, indent=2))
     else:
@@ -496,10 +510,12 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
               EXIT_BAD_DEFINITION)
     chosen = single.index_from_environment() if index is None else index
     try:
-        sys.exit(single.run(definition, file, role, chosen, health, run_dir, drain_delay,
-                            endpoint_host, resources_dir))
+        with _user_of(file):
+            code = single.run(definition, file, role, chosen, health, run_dir, drain_delay,
+                              endpoint_host, resources_dir)
     except AlreadyRunning as exc:
         _fail(str(exc))
+    sys.exit(code)
 
 
 @cli.group()
@@ -556,7 +572,4 @@ def schema() -> None:
 
 
 def main() -> None:
-    try:
-        cli(prog_name="rolehost")
-    except privileges.Unusable as exc:  # start, check, run-instance: before anything runs
-        _fail(f"{exc}", EXIT_BAD_DEFINITION)
+    cli(prog_name="rolehost")

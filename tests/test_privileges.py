@@ -256,6 +256,7 @@ def test_a_named_user_that_cannot_run_the_hosts_starts_nothing(
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
-    assert "[service] limited_user" in done.stderr
+    assert f"{definition}: [service] limited_user" in done.stderr
     assert not (run_dir / "control.sock").exists()
     assert not (run_dir / "instances" / "web_IN_0").exists()
+
