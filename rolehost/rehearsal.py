@@ -67,9 +67,13 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
     """Rehearse `roles` (default: all) of `definition`; the scratch folder is removed if
     every step passed, and kept for inspection otherwise."""
     run_dir = Path(tempfile.mkdtemp(prefix="rolehost-check-"))
-    logs.configure(run_dir / "logs", None)
-    # Before the orphan reaper is on: the privilege check waits for a child of its own.
-    deployment = Deployment.prepare(definition.service, run_dir, None)
+    try:
+        logs.configure(run_dir / "logs", None)
+        # Before the orphan reaper is on: the privilege check waits for a child of its own.
+        deployment = Deployment.prepare(definition.service, run_dir, None)
+    except BaseException:  # no step ran: there is nothing to inspect
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     process.adopt_orphans(asyncio.get_running_loop())
     names = roles or list(definition.roles)
     instances = {n: Instance(deployment, n, definition.roles[n], 0) for n in names}

@@ -260,3 +260,16 @@ def test_a_named_user_that_cannot_run_the_hosts_starts_nothing(
     assert not (run_dir / "control.sock").exists()
     assert not (run_dir / "instances" / "web_IN_0").exists()
 
+
+def test_check_with_a_user_that_cannot_run_the_hosts_leaves_no_scratch_folder(
+        tmp_path: Path) -> None:
+    definition = write_service(tmp_path, 'limited_user = "no_such_user"')
+    scratch = tmp_path / "tmp"  # the rehearsal's own TMPDIR: other runs' folders are not ours
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, "-m", "rolehost", "check", "-f", str(definition)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == 2, done.stderr
+    assert (f"{definition}: [service] limited_user: there is no user 'no_such_user'"
+            in done.stderr)
+    assert list(scratch.iterdir()) == []
