@@ -19,7 +19,7 @@ from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
 from rolehost.instance import iso, parse_instance_name
-from rolehost.rundir import AlreadyRunning, RunDir
+from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
 
 # Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong.
 EXIT_FAILED, EXIT_BAD_DEFINITION = 1, 2
@@ -513,7 +513,7 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
         with _user_of(file):
             code = single.run(definition, file, role, chosen, health, run_dir, drain_delay,
                               endpoint_host, resources_dir)
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, Unsuitable) as exc:
         _fail(str(exc))
     sys.exit(code)
 

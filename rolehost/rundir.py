@@ -3,13 +3,15 @@
 Default: `.rolehost/` beside the definition. It is 0700 and its control socket 0600,
 so only the user who started the controller can reach it. A root controller that drops
 privileges makes it 0711, so its limited user can pass through to `instances/`; the
-socket, `logs/`, `packages/` and the history stay private.
+socket, `logs/`, `packages/` and the history stay private. A folder others use is never
+made private: it is refused.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,10 @@ _MAX_SOCKET_PATH = 107
 
 class AlreadyRunning(RuntimeError):
     """Another controller holds this run directory."""
+
+
+class Unsuitable(ValueError):
+    """The folder cannot be a run directory: its path is too long, or others use it."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +61,40 @@ class RunDir:
         return self.logs / f"{instance_id}.log"
 
     def ensure(self) -> None:
+        """Create the run directory, or make it private again; Unsuitable for a folder
+        that is not one and is open to others, or a path too long for the socket."""
+        self._refuse_a_shared_folder()
         # Private, and so is what it holds: a root controller opens the folder itself to
         # its limited user (privileges.py), so the folders inside must not rely on it.
         for folder in (self.path, self.logs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(folder, 0o700)  # an existing folder may have been created looser
         if len(os.fsencode(self.socket)) > _MAX_SOCKET_PATH:
-            raise ValueError(
+            raise Unsuitable(
                 f"run directory path too long for a Unix socket ({self.socket}); "
                 "choose a shorter one with --run-dir"
             )
+
+    def _refuse_a_shared_folder(self) -> None:
+        # Making private a folder that others use (/tmp, a home, a shared 1777 folder)
+        # would lock them out and lose its sticky bit. A folder that has held a
+        # controller (its pid file stays) is a run directory; so is an empty one, unless
+        # anyone may write to it: that one is shared by design, even while empty.
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+            if mode & ~0o700 == 0 or self.pidfile.exists():
+                return
+            shared = mode & (stat.S_ISVTX | stat.S_IWOTH)
+            if not shared and not any(self.path.iterdir()):
+                return
+        except FileNotFoundError:
+            return
+        raise Unsuitable(
+            f"{self.path} is not a run directory and is open to others (mode {mode:o}): "
+            f"rolehost would make it private (0700) and lock them out. Give --run-dir a "
+            f"folder of the service's own, a new or empty one such as "
+            f"{self.path / 'rolehost'}"
+        )
 
     def lock(self) -> int:
         """Take the run directory for this process; AlreadyRunning if another has it.

@@ -6,11 +6,17 @@ import json
 import os
 import pwd
 import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import MakeService
 from test_balancer import WEB, free_port
+
+from rolehost.testing import ServiceHarness
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -84,3 +90,49 @@ def test_secret_settings_never_show(make_service: MakeService) -> None:
                           and p.suffix in (".log", ".jsonl", ".json", ""))
         for value in ("s3cr3t-alpha", "s3cr3t-beta-2"):
             assert value not in shown and value not in written
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("shared_mode, content", [(0o1777, False), (0o755, True)])
+def test_a_folder_others_use_is_refused_as_run_dir(
+        make_service: MakeService, tmp_path: Path, shared_mode: int, content: bool) -> None:
+    # Made private, /tmp or a home would lock their other users out.
+    service = make_service("class Role(RoleEntryPoint): pass")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if content:
+        (shared / "someone-elses").write_text("")
+    os.chmod(shared, shared_mode)
+    rolehost = [sys.executable, "-m", "rolehost"]
+    start = subprocess.Popen([*rolehost, "start", "-f", str(service.toml), "--run-dir",
+                              str(shared)], stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = start.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # it took the folder and runs: stop it, then fail
+        subprocess.run([*rolehost, "stop", "--run-dir", str(shared)], timeout=60)
+        _, stderr = start.communicate(timeout=60)
+    assert start.returncode == 1, stderr
+    assert f"{shared} is not a run directory and is open to others (mode {shared_mode:o})" \
+        in stderr
+    assert f"such as {shared / 'rolehost'}" in stderr
+    alone = subprocess.run([*rolehost, "run-instance", "web", "-f", str(service.toml),
+                            "--run-dir", str(shared)], capture_output=True, text=True,
+                           timeout=60)
+    assert alone.returncode == 1 and "is not a run directory" in alone.stderr, alone.stderr
+    assert mode(shared) == shared_mode
+    assert sorted(p.name for p in shared.iterdir()) == (["someone-elses"] if content else [])
+
+
+def test_a_run_dir_of_its_own_is_made_private(make_service: MakeService, tmp_path: Path) -> None:
+    service = make_service("class Role(RoleEntryPoint): pass")
+    run_dir = tmp_path / "rd"
+    run_dir.mkdir(mode=0o755)  # new and empty: the service's own
+    os.chmod(run_dir, 0o755)
+    for _ in range(2):  # the second time it is a run directory that was loosened since
+        with ServiceHarness(service.toml, run_dir=run_dir) as h:
+            h.wait_ready(30)
+            assert mode(run_dir) == 0o700 and mode(h.run_dir.socket) == 0o600
+        os.chmod(run_dir, 0o755)
