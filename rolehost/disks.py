@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -124,12 +125,33 @@ def apply(event: Maintenance, disks: Disks, role: Role, run_dir: Path) -> None:
 def copy_app(source: Path, target: Path, run_dir: Path) -> None:
     """Copy an app folder, leaving out version control, environments, caches and the
     run directory (an app folder may well contain it)."""
+    shutil.copytree(source, target, ignore=_not_deployed(run_dir), symlinks=True,
+                    dirs_exist_ok=True)
+
+
+def app_files(source: Path, run_dir: Path) -> list[Path]:
+    """What `copy_app` copies of `source`, relative to it and sorted: files, and links
+    (copied as links). A package's digest covers exactly these, so that what the copy
+    leaves out (a run directory in the app folder, logs growing) makes no new version."""
+    ignore = _not_deployed(run_dir)
+    found = []
+    for folder, dirs, files in os.walk(source):
+        left_out = ignore(folder, [*dirs, *files])
+        kept = [n for n in dirs if n not in left_out]
+        dirs[:] = [n for n in kept if not os.path.islink(os.path.join(folder, n))]
+        links = [n for n in kept if n not in dirs]
+        for name in [*links, *(n for n in files if n not in left_out)]:
+            found.append(Path(folder, name).relative_to(source))
+    return sorted(found)
+
+
+def _not_deployed(run_dir: Path) -> Callable[[str, list[str]], set[str]]:
     run_dir = run_dir.resolve()
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         return {n for n in names if n in _NOT_DEPLOYED or (Path(folder) / n).resolve() == run_dir}
 
-    shutil.copytree(source, target, ignore=ignore, symlinks=True, dirs_exist_ok=True)
+    return ignore
 
 
 def usage_mb(folder: Path) -> float:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from rolehost import definition as model
-from rolehost.disks import copy_app
+from rolehost.disks import app_files, copy_app
 
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -40,7 +41,7 @@ class Packages:
             definition = model.load(source)
         except model.DefinitionErrors as exc:
             raise PackageError(f"invalid definition:\n{exc}", 400) from None
-        digest = _digest(source, definition)
+        digest = _digest(source, definition, self.run_dir)
         version = version or digest[:12]
         if not re.match(_VERSION, version):
             raise PackageError(f"not a version name: {version!r} (letters, digits, . _ -)", 400)
@@ -111,12 +112,12 @@ def compatibility(running: model.Definition, new: model.Definition) -> list[str]
     return problems
 
 
-def _digest(source: Path, definition: model.Definition) -> str:
+def _digest(source: Path, definition: model.Definition, run_dir: Path) -> str:
     digest = hashlib.sha256(source.read_bytes())
     for name, role in sorted(definition.roles.items()):
-        for path in sorted(p for p in role.app.rglob("*") if p.is_file()):
-            if any(part in {".rolehost", "__pycache__", ".git"} for part in path.parts):
-                continue
-            digest.update(f"{name}:{path.relative_to(role.app)}".encode())
-            digest.update(path.read_bytes())
+        for relative in app_files(role.app, run_dir):
+            path = role.app / relative
+            digest.update(f"{name}:{relative}".encode())
+            # A link is copied as a link: what it points at is not part of the package.
+            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
     return digest.hexdigest()

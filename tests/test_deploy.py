@@ -124,3 +124,19 @@ def test_no_rollback_leaves_the_instances_for_inspection(make_service: MakeServi
         assert walk["state"] == "halted"
         assert h.instance("web/0")["state"] == "recycling"  # left on v2 for inspection
         assert h.walk_abort()["state"] == "aborted"
+
+
+def test_a_run_dir_in_the_app_folder_makes_no_new_version(make_service: MakeService) -> None:
+    # The copy leaves the run directory (and caches, environments) out: so must the
+    # version's digest, or each `rolehost package` would make a new version.
+    service = make_service(ROLE)
+    app = service.toml.parent / "app"
+    with ServiceHarness(service.toml, run_dir=app / "rd") as h:
+        h.wait_ready(30)
+        first = h.package()["version"]
+        (h.run_dir.path / "scratch").write_text("written by the service as it runs")
+        (app / "node_modules").mkdir()
+        (app / "node_modules" / "left-out.js").write_text("")
+        assert h.package()["version"] == first
+        edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
+        assert h.package()["version"] != first
