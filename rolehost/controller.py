@@ -33,9 +33,10 @@ log = structlog.get_logger()
 
 def definition_changes(running: Definition, edited: Definition) -> dict[str, Any]:
     """What an edit of the definition asks for: new settings and instance counts, which
-    apply in place, and every other key path, which needs a deploy."""
+    apply in place, and every other key path, which needs a deploy. `running` names the
+    app folders the running version was packaged from, as `edited` does."""
     settings, instances, deploy = {}, {}, []
-    ignored = {"settings", "instances", "app"}
+    ignored = {"settings", "instances"}
     if running.service != edited.service:
         deploy.append("service (needs a fresh start: rolehost stop, rolehost start)")
     for name in sorted(running.roles.keys() | edited.roles.keys()):
@@ -499,7 +500,13 @@ class Controller:
         except DefinitionErrors as exc:
             log.error("definition_invalid", file=str(self.definition_path), errors=str(exc))
             return
-        changed = definition_changes(self.definition, edited)
+        # The running roles' `app` is the package's copy: compare the folder it was
+        # copied from, or every edit would seem to move every app.
+        sources = self.packages.source_apps(self.version)
+        running = self.definition.model_copy(update={"roles": {
+            name: role.model_copy(update={"app": sources.get(name, role.app)})
+            for name, role in self.definition.roles.items()}})
+        changed = definition_changes(running, edited)
         if changed["deploy"]:
             log.warning("needs_deploy", changed=changed["deploy"],
                         detail="nothing was applied: package and deploy these changes")

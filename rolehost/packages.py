@@ -91,6 +91,16 @@ class Packages:
                  for name, role in definition.roles.items()}
         return definition.model_copy(update={"roles": roles})
 
+    def source_apps(self, version: str) -> dict[str, Path]:
+        """Each role's app folder as the package's definition named it where it was
+        made (`load` points them at the copies instead)."""
+        import tomllib
+
+        folder = self.root / version
+        source = Path(json.loads((folder / "package.json").read_text())["source"])
+        raw = tomllib.loads((folder / "rolehost.toml").read_text(encoding="utf-8"))
+        return {name: role.app for name, role in model.parse(raw, source).roles.items()}
+
 
 def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
     """What keeps `new` from replacing `running` in place (empty: nothing)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -106,6 +107,11 @@ def test_editing_the_definition_applies_settings_and_reports_the_rest(
                                 .replace("roles:Role", "roles:Other"))
         event = h.wait_event(lambda e: e["event"] == "needs_deploy", 10)
         assert event["changed"] == ["roles.web.entry_point"]
+        shutil.copytree(service.toml.parent / "app", service.toml.parent / "app2")
+        service.toml.write_text(text.replace('color = "blue"', 'color = "teal"')
+                                .replace('app = "app"', 'app = "app2"'))
+        h.wait_event(lambda e: e["event"] == "needs_deploy"
+                     and e["changed"] == ["roles.web.app"], 10, "needs_deploy for the app")
         service.toml.write_text("[service\\n")  # broken: reported, nothing applied
         h.wait_event(lambda e: e["event"] == "definition_invalid", 10)
         assert h.instance("web/0")["state"] == "ready"
