@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,6 +48,20 @@ def _user_of(file: Path) -> Iterator[None]:
         yield
     except privileges.Unusable as exc:
         _fail(f"{file}: {exc}", EXIT_BAD_DEFINITION)
+
+
+def _offline(ask: Callable[[], Any], kept: Path, read: Callable[[Path], Any]) -> Any:
+    """The controller's answer, or, when none runs, what it would have read from `kept`
+    in the run directory: what was recorded there outlives the controller."""
+    def answer() -> Any:
+        try:
+            return ask()
+        except ControllerNotRunning:
+            if not kept.exists():
+                raise
+            return read(kept)
+
+    return _call(answer)
 
 
 def _client(file: Path, run_dir: Path | None, timeout: float = 30.0) -> Client:
@@ -342,10 +356,16 @@ def package(file: Path, run_dir: Path | None, version: str | None) -> None:
 @_file
 @_run_dir
 def packages(file: Path, run_dir: Path | None) -> None:
-    """List the versions in the package store."""
-    client = _client(file, run_dir)
-    running = _call(client.status)["version"]
-    for info in _call(client.packages):
+    """List the versions in the package store, and the one running. With no controller
+    running, they are read from the run directory."""
+    from rolehost.packages import Packages
+
+    where = RunDir.for_definition(file, run_dir)
+    client = Client(where.socket)
+    running, listed = _offline(lambda: (client.status()["version"], client.packages()),
+                               where.path / "packages",
+                               lambda store: (None, Packages(store, where.path).list()))
+    for info in listed:
         mark = "  (running)" if info["version"] == running else ""
         click.echo(f"{info['version']:<16} {logs.clock(iso(info['created']))}  "
                    f"{', '.join(info['roles'])}{mark}")
@@ -438,8 +458,13 @@ def _print_walk(snapshot: dict[str, Any]) -> None:
 @_run_dir
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
-    """List the management operations of this run directory, across controller restarts."""
-    history = _call(_client(file, run_dir).operations)
+    """List the management operations of this run directory, across controller restarts.
+    With no controller running, they are read from its history."""
+    from rolehost.history import summary_without_controller
+
+    where = RunDir.for_definition(file, run_dir)
+    history = _offline(Client(where.socket).operations, where.path / "history.jsonl",
+                       summary_without_controller)
     if as_json:
         click.echo(json.dumps(history, indent=2))
         return

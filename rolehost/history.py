@@ -53,18 +53,11 @@ class History:
         self._load()
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                operation = Operation(**json.loads(line))
-            except (ValueError, TypeError):
-                continue  # a line cut short by a crash or a full disk
-            self.operations[operation.id] = operation
+        self.operations = read(self.path)
         for operation in self.operations.values():
             if operation.outcome == "running":
-                operation.outcome, operation.ended = "interrupted", time.time()
-                operation.error = "the controller stopped before the operation ended"
+                _interrupted(operation)
+                operation.ended = time.time()
                 self._write(operation)
         self._forget()
 
@@ -118,9 +111,42 @@ class History:
             del self.operations[key]
 
     def summary(self) -> dict[str, Any]:
-        ended = [o for o in self.operations.values() if o.outcome != "running"]
-        succeeded = sum(1 for o in ended if o.outcome == "succeeded")
-        return {
-            "operations": [asdict(o) for o in self.operations.values()],
-            "success_rate": round(succeeded / len(ended), 3) if ended else None,
-        }
+        return _summary(list(self.operations.values()))
+
+
+def read(path: Path) -> dict[str, Operation]:
+    """The operations of a history file, each as its last line left it."""
+    operations: dict[str, Operation] = {}
+    if not path.exists():
+        return operations
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            operation = Operation(**json.loads(line))
+        except (ValueError, TypeError):
+            continue  # a line cut short by a crash or a full disk
+        operations[operation.id] = operation
+    return operations
+
+
+def summary_without_controller(path: Path) -> dict[str, Any]:
+    """What a controller's `summary` would say of the history at `path`, for when none
+    runs. The file is only read: the next controller records the interruptions."""
+    operations = list(read(path).values())[-KEPT:]
+    for operation in operations:
+        if operation.outcome == "running":
+            _interrupted(operation)
+    return _summary(operations)
+
+
+def _interrupted(operation: Operation) -> None:
+    operation.outcome = "interrupted"
+    operation.error = "the controller stopped before the operation ended"
+
+
+def _summary(operations: list[Operation]) -> dict[str, Any]:
+    ended = [o for o in operations if o.outcome != "running"]
+    succeeded = sum(1 for o in ended if o.outcome == "succeeded")
+    return {
+        "operations": [asdict(o) for o in operations],
+        "success_rate": round(succeeded / len(ended), 3) if ended else None,
+    }

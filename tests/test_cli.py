@@ -15,7 +15,7 @@ import pytest
 from conftest import MakeService
 
 from rolehost.client import ApiError, Client
-from rolehost.testing import run_dir_processes, wait_until
+from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 
 
 def rolehost(
@@ -238,3 +238,35 @@ def test_schema_is_json_schema_of_the_model() -> None:
 def test_client_reports_no_controller(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError, match="no controller is running"):
         Client(tmp_path / "control.sock").status()
+
+
+def test_ops_and_packages_read_the_run_dir_once_the_controller_stopped(
+        make_service: MakeService, tmp_path: Path) -> None:
+    # `ops --help` promises the history across controller restarts: in between too.
+    service = make_service("class Role(RoleEntryPoint): pass")
+    where = ("-f", str(service.toml), "--run-dir", str(tmp_path / "rd"))
+    with ServiceHarness(service.toml, run_dir=tmp_path / "rd") as h:
+        h.wait_ready(30)
+        h.maintain("restart", "web/0")
+        h.package("v2")
+        running = {command: rolehost(*command, *where) for command in
+                   [("ops",), ("ops", "--json"), ("packages",)]}
+    assert all(done.returncode == 0 for done in running.values()), running
+    assert "restart" in running[("ops",)].stdout
+    assert "(running)" in running[("packages",)].stdout
+    for command, before in running.items():
+        after = rolehost(*command, *where)
+        assert after.returncode == 0, after.stderr
+        expected = before.stdout.replace("  (running)", "")  # no version runs now
+        assert after.stdout == expected, command
+    # One a killed controller left running: shown as the next controller will record it,
+    # and the file left for that controller to write.
+    history = tmp_path / "rd" / "history.jsonl"
+    history.write_text(history.read_text() + json.dumps(
+        {"kind": "scale web", "arguments": {}, "id": "cut0ff00", "started": 1.0}) + "\n")
+    kept = history.read_text()
+    last = json.loads(rolehost("ops", "--json", *where).stdout)["operations"][-1]
+    assert (last["id"], last["outcome"]) == ("cut0ff00", "interrupted")
+    assert history.read_text() == kept
+    nothing = rolehost("ops", "--run-dir", str(tmp_path / "never-used"))
+    assert nothing.returncode == 1 and "no controller is running" in nothing.stderr
