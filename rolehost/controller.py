@@ -19,7 +19,7 @@ import structlog
 
 from rolehost import api, capacity, logs, metrics, packages, preflight, process
 from rolehost.balancer import Balancer, relay_build
-from rolehost.definition import Definition, DefinitionErrors, Role, Secret
+from rolehost.definition import Definition, DefinitionErrors, Role, Secret, parse_role
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
@@ -391,15 +391,15 @@ class Controller:
         domain or all at once (`change_mode`); returns what each instance did."""
         role = self._role(role_name)
         self._one_at_a_time()
-        # A new value for a secret setting stays secret.
-        settings = {k: Secret(value=v) if k in role.secrets and not isinstance(v, Secret)
-                    else v for k, v in settings.items()}
+        # A new value for a secret setting stays secret. (A table, not a Secret: the value
+        # is checked below, with the rest.)
+        settings = {k: {"value": v, "secret": True} if k in role.secrets
+                    and not isinstance(v, Secret) else v for k, v in settings.items()}
         merged = dict(settings) if replace else {**role.settings, **settings}
         try:
-            new = Role.model_validate({**role.model_dump(), "settings": merged})
-        except ValueError:
-            raise api.ApiError(400, f"invalid settings for {role_name}: each must be a string, "
-                                    "number or boolean") from None  # no values: a secret may be one
+            new = parse_role(role_name, {**role.model_dump(), "settings": merged})
+        except DefinitionErrors as exc:
+            raise api.ApiError(400, f"invalid settings for {role_name}:\n{exc}") from None
         with self._exclusive(f"config {role_name}"):
             return await self._change_settings(role_name, new, settings, cause)
 

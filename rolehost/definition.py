@@ -167,6 +167,13 @@ class StartupTask(_Model):
             raise ValueError("expected a non-empty command")
         return value
 
+    @model_validator(mode="after")
+    def _env_fits(self) -> StartupTask:
+        for name, value in self.env.items():
+            if problem := _environment_problem(name, value):
+                raise DefinitionError(None, f"env.{name}", problem)
+        return self
+
 
 class Secret(_Model):
     """A setting whose value must not show: in status, events, logs or the history."""
@@ -196,6 +203,17 @@ class Role(_Model):
         default_factory=dict
     )
     startup_tasks: list[StartupTask] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fits_the_environment(self) -> Role:
+        # Every setting and resource reaches the role as an environment variable: one that
+        # cannot be set fails every boot, and two names for one variable lose a value.
+        variables: dict[str, str] = {}
+        for name, value in self.values.items():
+            _check_variable(variables, f"settings.{name}", setting_variable(name), name, value)
+        for name in self.local_resources:
+            _check_variable(variables, f"local_resources.{name}", resource_variable(name), name)
+        return self
 
     @property
     def values(self) -> dict[str, SettingValue]:
@@ -228,6 +246,26 @@ def setting_variable(name: str) -> str:
 def resource_variable(name: str) -> str:
     """The environment variable that carries the path of local resource `name`."""
     return "ROLEHOST_RESOURCE_" + name.upper().replace("-", "_")
+
+
+def _environment_problem(name: str, value: object) -> str | None:
+    """Why `name` (as part of a variable's name) and `value` cannot be put in a process
+    environment; None if they can. The message never shows the value: it may be secret."""
+    if not name or "=" in name or "\0" in name:
+        return ("expected a name that is not empty, without '=' or NUL: it names an "
+                "environment variable")
+    if isinstance(value, str) and "\0" in value:
+        return "expected a value without NUL characters: it is passed in the environment"
+    return None
+
+
+def _check_variable(variables: dict[str, str], path: str, variable: str, name: str,
+                    value: object = "") -> None:
+    if problem := _environment_problem(name, value):
+        raise DefinitionError(None, path, problem)
+    if (other := variables.setdefault(variable, name)) != name:
+        raise DefinitionError(None, path, f"expected a name of its own: {other!r} is passed "
+                              f"as {variable} too")
 
 
 class Service(_Model):
@@ -333,6 +371,16 @@ def parse(raw: dict[str, Any], file: Path | None = None) -> Definition:
     return definition
 
 
+def parse_role(name: str, raw: dict[str, Any]) -> Role:
+    """Validate role `name` alone (a settings change, say); errors name their key path as
+    `parse` does, and never a setting's value."""
+    try:
+        return Role.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("roles", name, *e["loc"])} for e in exc.errors()]
+        raise DefinitionErrors(_merge([_explain(e, None) for e in errors])) from None
+
+
 def _explain(error: Any, file: Path | None) -> DefinitionError:
     loc = tuple(error["loc"])
     if len(loc) >= 4 and loc[0] == "roles" and loc[2] == "settings":
@@ -356,8 +404,9 @@ def _explain(error: Any, file: Path | None) -> DefinitionError:
     if kind == "missing":
         return DefinitionError(file, path, "required key is missing")
     if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), DefinitionError):
+        # A model's own rule names the key below that model; `loc` says where the model is.
         inner: DefinitionError = error["ctx"]["error"]
-        return DefinitionError(file, inner.path, inner.message)
+        return DefinitionError(file, ".".join(p for p in (path, inner.path) if p), inner.message)
     message = str(error["msg"]).removeprefix("Value error, ")
     message = re.sub(r"^Input should be (a valid )?", "expected ", message)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):

@@ -54,7 +54,11 @@ def configuration() -> str:
             lines += ["", "`[roles.NAME.settings]` is a table of names to strings, numbers or "
                       "booleans, read with `RoleEnvironment.get_setting(name)`. A setting "
                       "written `{ value = \"...\", secret = true }` is read the same way, "
-                      "and its value never shows in status, events, logs or the history."]
+                      "and its value never shows in status, events, logs or the history. "
+                      "Each setting reaches the role's processes as the environment variable "
+                      "`ROLEHOST_SETTING_NAME` (upper case, `-` as `_`), and each local "
+                      "resource's path as `ROLEHOST_RESOURCE_NAME`: two names for one "
+                      "variable, a name with `=` or a value with a NUL character are errors."]
         lines.append("")
     return "\n".join(lines)
 

@@ -8,8 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from conftest import MakeService
 
+from rolehost.client import ApiError
 from rolehost.testing import wait_until
 
 ROLE = """
@@ -115,6 +117,36 @@ def test_editing_the_definition_applies_settings_and_reports_the_rest(
         service.toml.write_text("[service\\n")  # broken: reported, nothing applied
         h.wait_event(lambda e: e["event"] == "definition_invalid", 10)
         assert h.instance("web/0")["state"] == "ready"
+
+
+def test_settings_the_environment_cannot_carry_are_refused_and_nothing_changes(
+    make_service: MakeService,
+) -> None:
+    service = make_service(ROLE, settings={"color": "blue", "cancel": False, "db-host": "x"},
+                           extra='[roles.web.settings.token]\nvalue = "t"\nsecret = true\n')
+    with service.harness() as h:
+        h.wait_ready(30)
+        pid = h.instance("web/0")["pid"]
+        for settings, expected in [
+            ({"A=B": 1}, "roles.web.settings.A=B: expected a name that is not empty"),
+            ({"color": "gr\0een"}, "roles.web.settings.color: expected a value without NUL"),
+            ({"db_host": "y"}, "roles.web.settings.db_host: expected a name of its own: "
+                               "'db-host' is passed as ROLEHOST_SETTING_DB_HOST too"),
+            ({"token": ["hidden"]}, "roles.web.settings.token: expected a string, number"),
+        ]:
+            with pytest.raises(ApiError) as refused:
+                h.client.configure("web", settings)
+            assert refused.value.status == 400, refused.value
+            assert f"invalid settings for web:\n{expected}" in str(refused.value)
+            assert "een" not in str(refused.value) and "hidden" not in str(refused.value)
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "config", "set", "web", "db_host=y",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "roles.web.settings.db_host: expected a name of its own" in done.stderr
+        assert h.instance("web/0")["pid"] == pid
+        assert not any(line.startswith("changing") for line in service.probes())
+        assert h.operations() == []
 
 
 def test_scale_out_and_in(make_service: MakeService) -> None:

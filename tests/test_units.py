@@ -140,3 +140,55 @@ def test_history_keeps_the_last_operations_in_memory_and_all_in_its_file(
     assert list(reloaded.operations) == ended[-5:]
     last = json.loads(path.read_text().splitlines()[-1])
     assert (last["id"], last["outcome"]) == (running.id, "interrupted")
+
+
+def _role_errors(role: dict[str, object]) -> list[str]:
+    raw = {"service": {"name": "s"}, "roles": {"w": {"entry_point": "m:C", **role}}}
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(raw, Path("svc.toml"))
+    return [str(e) for e in caught.value.errors]
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [({"settings": {"A=B": 1}}, "svc.toml: roles.w.settings.A=B: expected a name that is not "
+                                "empty, without '=' or NUL"),
+     ({"settings": {"": 1}}, "svc.toml: roles.w.settings.: expected a name"),
+     ({"settings": {"key": "abc\0def"}},
+      "svc.toml: roles.w.settings.key: expected a value without NUL characters"),
+     ({"settings": {"key": {"value": "abc\0def", "secret": True}}},
+      "svc.toml: roles.w.settings.key: expected a value without NUL characters"),
+     ({"settings": {"db-host": "a", "db_host": "b"}},
+      "svc.toml: roles.w.settings.db_host: expected a name of its own: 'db-host' is passed as "
+      "ROLEHOST_SETTING_DB_HOST too"),
+     ({"settings": {"Color": "a", "color": "b"}}, "'Color' is passed as ROLEHOST_SETTING_COLOR"),
+     ({"local_resources": {"a-b": {}, "a_b": {}}},
+      "svc.toml: roles.w.local_resources.a_b: expected a name of its own: 'a-b' is passed as "
+      "ROLEHOST_RESOURCE_A_B too"),
+     ({"startup_tasks": [{"command": "true", "env": {"A=B": "x"}}]},
+      "svc.toml: roles.w.startup_tasks[0].env.A=B: expected a name"),
+     ({"startup_tasks": [{"command": "true", "env": {"A": "x\0"}}]},
+      "svc.toml: roles.w.startup_tasks[0].env.A: expected a value without NUL")],
+    ids=["equals-in-name", "empty-name", "nul-in-value", "nul-in-secret", "same-variable",
+         "same-variable-by-case", "same-resource-variable", "task-env-name", "task-env-value"],
+)
+def test_what_cannot_go_into_the_environment_is_refused(
+        role: dict[str, object], expected: str) -> None:
+    messages = _role_errors(role)
+    assert any(m.startswith(expected) or expected in m for m in messages), messages
+    assert not any("abc" in m for m in messages)  # a value, perhaps a secret, never shows
+
+
+def test_settings_and_resources_may_share_a_name() -> None:
+    d = definition.parse({"service": {"name": "s"}, "roles": {"w": {
+        "entry_point": "m:C", "settings": {"cache": "x", "db.host": "h"},
+        "local_resources": {"cache": {}}}}})
+    assert d.roles["w"].values == {"cache": "x", "db.host": "h"}
+
+
+def test_a_role_alone_is_checked_as_in_a_definition() -> None:
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse_role("w", {"entry_point": "m:C", "settings": {"k": "s\0", "n": [1]}})
+    assert [str(e) for e in caught.value.errors] == [
+        "roles.w.settings.n: expected a string, number or boolean, or a table "
+        "{ value = ..., secret = true }"]
