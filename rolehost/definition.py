@@ -29,6 +29,9 @@ from pydantic import (
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# Longer than any deadline or timeout has a use for, and far below what a wait can take
+# (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
+MAX_DURATION = 7 * 24 * 3600.0
 
 
 def parse_duration(value: object) -> float:
@@ -45,6 +48,9 @@ def parse_duration(value: object) -> float:
         )
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration must be a finite number of seconds, 0 or more, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration must be at most 7 days ({MAX_DURATION:g} seconds), "
+                         f"got {value!r}")
     return seconds
 
 
@@ -54,10 +60,10 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "number", "minimum": 0},
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
                 {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
             ],
-            "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"",
+            "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"; at most 7 days",
         }
     ),
 ]

@@ -15,7 +15,7 @@ from rolehost.logs import RotatingFile, describe, tail
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [(90, 90.0), (1.5, 1.5), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25),
-     ("2", 2.0)],
+     ("2", 2.0), ("168h", 604800.0), (604800, 604800.0)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert definition.parse_duration(text) == seconds
@@ -26,6 +26,17 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         definition.parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["3000000h", "169h", 604800.5, 1e300])
+def test_durations_are_at_most_a_week(text: object) -> None:
+    # More would be a typo, and waits of over threading.TIMEOUT_MAX raise (`stop` hung).
+    with pytest.raises(ValueError, match=r"at most 7 days \(604800 seconds\)"):
+        definition.parse_duration(text)
+    [error] = _role_errors({"stop_timeout": text})
+    assert error.startswith("svc.toml: roles.w.stop_timeout: a duration must be at most 7 days")
+    number = definition.json_schema()["$defs"]["Role"]["properties"]["stop_timeout"]["anyOf"][0]
+    assert number["maximum"] == 604800
 
 
 def test_instance_names() -> None:
