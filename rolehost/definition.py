@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import shlex
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -172,6 +173,24 @@ class StartupTask(_Model):
         if not value or (isinstance(value, str) and not value.strip()):
             raise ValueError("expected a non-empty command")
         return value
+
+    @model_validator(mode="after")
+    def _runnable(self) -> StartupTask:
+        # Without a shell, a string is split at every boot: one that cannot be split, or
+        # names no program, would fail them all.
+        argv = [self.command] if isinstance(self.command, str) and self.shell else self.command
+        if isinstance(argv, str):
+            try:
+                argv = shlex.split(argv)
+            except ValueError as exc:
+                raise DefinitionError(None, "command", "expected a command that splits like "
+                                      f"a shell's (or shell = true): {exc}") from None
+        if any("\0" in word for word in argv):
+            raise DefinitionError(None, "command", "expected a command without NUL characters")
+        if not argv[0]:
+            raise DefinitionError(None, "command", "expected a program to run, got an empty "
+                                  "first word")
+        return self
 
     @model_validator(mode="after")
     def _env_fits(self) -> StartupTask:

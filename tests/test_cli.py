@@ -59,10 +59,12 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t + '\n[roles.web.settings]\ndb-host = "a"\ndb_host = "b"\n',
          "rolehost.toml: roles.web.settings.db_host: expected a name of its own: 'db-host' is "
          "passed as ROLEHOST_SETTING_DB_HOST too"),
+        (lambda t: t + "\n[[roles.web.startup_tasks]]\ncommand = \"echo 'unterminated\"\n",
+         "rolehost.toml: roles.web.startup_tasks[0].command: expected a command that splits"),
         (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
     ],
     ids=["unknown-key", "wrong-type", "bad-duration", "missing-module", "not-a-role",
-         "duplicate-port", "same-variable", "bad-toml"],
+         "duplicate-port", "same-variable", "unsplittable-task", "bad-toml"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(

@@ -203,3 +203,24 @@ def test_a_role_alone_is_checked_as_in_a_definition() -> None:
     assert [str(e) for e in caught.value.errors] == [
         "roles.w.settings.n: expected a string, number or boolean, or a table "
         "{ value = ..., secret = true }"]
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [({"command": "echo 'unterminated"}, "expected a command that splits like a shell's (or "
+                                         "shell = true): No closing quotation"),
+     ({"command": "'' --flag"}, "expected a program to run, got an empty first word"),
+     ({"command": ["", "x"]}, "expected a program to run, got an empty first word"),
+     ({"command": ["echo", "a\0b"]}, "expected a command without NUL characters"),
+     ({"command": "echo a\0b", "shell": True}, "expected a command without NUL characters")],
+    ids=["unterminated-quote", "empty-program", "empty-program-list", "nul", "nul-shell"],
+)
+def test_a_task_command_that_cannot_run_is_refused(
+        task: dict[str, object], expected: str) -> None:
+    assert _role_errors({"startup_tasks": [{"command": "true"}, task]}) == [
+        f"svc.toml: roles.w.startup_tasks[1].command: {expected}"]
+
+
+def test_a_shell_parses_its_own_command() -> None:
+    task = definition.StartupTask(command="echo 'unterminated", shell=True)
+    assert task.command == "echo 'unterminated"  # /bin/sh reports it, as it would any typo
