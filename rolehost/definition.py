@@ -21,18 +21,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
 # Longer than any deadline or timeout has a use for, and far below what a wait can take
 # (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
-MAX_DURATION = 7 * 24 * 3600.0
+MAX_DURATION = 7 * 24 * 3600
 
 
 def parse_duration(value: object) -> float:
@@ -55,19 +57,27 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
-                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)?$"},
-            ],
-            "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"; at most 7 days",
-        }
-    ),
-]
+class _DurationSchema:
+    """A duration's JSON schema: a number of seconds or a string with a unit. The number
+    keeps the bounds of the field it is used in (WithJsonSchema would drop them: the
+    schema said `minimum: 0` where the model wants more than 0)."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        number = {**handler(schema), "type": "number"}
+        if "exclusiveMinimum" not in number:
+            number.setdefault("minimum", 0)
+        number.setdefault("maximum", MAX_DURATION)
+        text = r"\d+(\.\d+)?(ms|s|m|h)?$"
+        # A string's other bounds are the model's to check; "more than 0" fits a pattern.
+        text = "^(?=.*[1-9])" + text if number.get("exclusiveMinimum") == 0 else "^" + text
+        return {"anyOf": [number, {"type": "string", "pattern": text}],
+                "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"; "
+                               "at most 7 days"}
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), _DurationSchema()]
 SettingValue = str | int | float | bool
 
 

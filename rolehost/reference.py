@@ -45,9 +45,8 @@ def configuration() -> str:
         for name, field in cls.model_fields.items():
             if name in _TABLES:
                 continue
-            kind = "duration" if _is_duration(field) else _type(
-                schema["properties"].get(name, {}), schema
-            )
+            prop = schema["properties"].get(name, {})
+            kind = _duration(prop) if _is_duration(field) else _type(prop, schema)
             lines.append(f"| `{name}` | {kind} | {_default(field)} | "
                          f"{field.description or ''} |")
         if cls is model.Role:
@@ -69,6 +68,20 @@ def _is_duration(field: FieldInfo) -> bool:
         for arg in getattr(field.annotation, "__args__", ())
         for m in getattr(arg, "__metadata__", ())
     )
+
+
+def _duration(prop: dict[str, Any]) -> str:
+    """"duration", with the bounds its field adds to those of all durations (0, 7 days)."""
+    while "anyOf" in prop:  # an optional duration nests its number one level down
+        prop = next(p for p in prop["anyOf"] if p.get("type") not in ("null", "string"))
+    bounds = []
+    if (low := prop.get("exclusiveMinimum")) is not None:
+        bounds.append(f"> {_seconds(low) if low else 0}")
+    if prop.get("minimum", 0):
+        bounds.append(f"≥ {_seconds(prop['minimum'])}")
+    if prop.get("maximum", model.MAX_DURATION) != model.MAX_DURATION:
+        bounds.append(f"≤ {_seconds(prop['maximum'])}")
+    return f"duration {', '.join(bounds)}".strip()
 
 
 def _seconds(value: float) -> str:
