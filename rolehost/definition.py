@@ -311,11 +311,16 @@ class Service(_Model):
     ready_deadline: Duration = Field(
         default=1800.0, gt=0, description="from the start of startup tasks to ready"
     )
+    # The lower bounds keep a crash loop from being a tight one: an instance that fails
+    # waits at least backoff_initial, and one that restarts at once was ready a while.
     stable_after: Duration = Field(
-        default=60.0, description="ready this long, a crash restarts at once and resets back-off"
+        default=60.0, ge=0.5,
+        description="ready this long, a crash restarts at once and resets back-off",
     )
-    backoff_initial: Duration = Field(default=1.0, description="first delay after a failure")
-    backoff_max: Duration = Field(default=60.0, description="cap of the doubling delay")
+    backoff_initial: Duration = Field(
+        default=1.0, ge=0.1, description="first delay after a failure"
+    )
+    backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
     metrics: str | None = Field(
         default=None, pattern=r"^[^\s:]+:\d{1,5}$",
         description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",

@@ -335,7 +335,7 @@ def test_large_and_chunked_bodies_stream_both_ways(make_service: MakeService) ->
 
 @pytest.mark.slow
 def test_zero_failed_requests_through_restarts_and_kills(make_service: MakeService) -> None:
-    harness, port = web(make_service, 3, service={"stable_after": "0s"})
+    harness, port = web(make_service, 3, service={"backoff_initial": "100ms"})
     with harness as h:
         h.wait_ready(30)
         with LoadProbe(f"http://127.0.0.1:{port}/", clients=6) as load:
@@ -430,13 +430,14 @@ def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeS
 
 
 def test_a_request_whose_instance_dies_is_retried_on_another(make_service: MakeService) -> None:
-    harness, port = web(make_service, 2, service={"stable_after": "0s"})
+    harness, port = web(make_service, 2, service={"backoff_initial": "100ms"})
     with harness as h:
         h.wait_ready(30)
         answers = []
         while h.instance("web/0")["restarts"] == 0 and len(answers) < 20:
             answers.append(get(port, "/die"))  # round-robin: every other one hits web_IN_0
-        assert h.instance("web/0")["restarts"] >= 1
+        # web_IN_0 died on its first /die and comes back after its back-off, not at once.
+        wait_until(lambda: h.instance("web/0")["restarts"] >= 1, 10, "web/0 to restart")
         assert set(answers) == {(200, b"web_IN_1")}
         retried = [e for e in h.events() if e["event"] == "retry"]
         assert retried and retried[0]["instance"] == "web_IN_0"
@@ -708,7 +709,7 @@ def test_a_private_port_taken_while_its_instance_is_down_is_exchanged(
 
 
 def test_a_response_cut_mid_body_is_never_followed_by_another(make_service: MakeService) -> None:
-    harness, port = web(make_service, 2, service={"stable_after": "0s"})
+    harness, port = web(make_service, 2, service={"backoff_initial": "100ms"})
     with harness as h:
         h.wait_ready(30)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:

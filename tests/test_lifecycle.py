@@ -297,11 +297,11 @@ def test_a_stop_during_an_on_start_that_does_not_return_is_bounded(
 def test_crash_of_a_stable_instance_restarts_at_once(make_service: MakeService) -> None:
     service = make_service(
         "class Role(RoleEntryPoint): pass",
-        service={"stable_after": "300ms", "backoff_initial": "30s", "backoff_max": "60s"},
+        service={"stable_after": "500ms", "backoff_initial": "30s", "backoff_max": "60s"},
     )
     with service.harness() as h:
         h.wait_ready(30)
-        time.sleep(0.4)  # be ready longer than stable_after: that is the condition under test
+        time.sleep(0.6)  # be ready longer than stable_after: that is the condition under test
         old = h.kill("web/0")
         row = h.wait_replaced("web/0", old, 10)  # back-off would have been 30 s
         assert row["restarts"] == 1
@@ -365,7 +365,7 @@ def test_grandchildren_end_with_their_instance(make_service: MakeService, ending
             def run(self):
                 RoleEnvironment.wait_for_stop()
         """,
-        service={**FAST, "stable_after": "0s"},
+        service=FAST,
     )
     with service.harness() as h:
         h.wait_ready(30)
@@ -423,7 +423,7 @@ def test_missing_setting_names_the_role_and_known_settings(make_service: MakeSer
 
 
 def test_a_standby_host_waits_and_is_replaced_when_used(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass", service={"stable_after": "0s"})
+    service = make_service("class Role(RoleEntryPoint): pass", service={"backoff_initial": "100ms"})
     with service.harness() as h:
         status = h.wait_ready(30)
 

@@ -90,7 +90,7 @@ def test_disk_table(
 
 
 def test_crash_recycle_keeps_os_and_reruns_only_start_tasks(make_service: MakeService) -> None:
-    service = make_service(DISK_ROLE, extra=DISKS, service={"stable_after": "0s"})
+    service = make_service(DISK_ROLE, extra=DISKS, service={"backoff_initial": "100ms"})
     with service.harness() as h:
         h.wait_ready(30)
         mark = len(service.probes())

@@ -22,7 +22,7 @@ def test_metrics_scraped_and_parsed(make_service: MakeService) -> None:
     port, metrics_port = free_port(), free_port()
     service = make_service(
         WEB, instances=2, settings={"warmup": "0,0"},
-        service={"metrics": f"127.0.0.1:{metrics_port}", "stable_after": "0s"},
+        service={"metrics": f"127.0.0.1:{metrics_port}", "backoff_initial": "100ms"},
         extra=f"""
         [roles.web.endpoints.http]
         port = {port}

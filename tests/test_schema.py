@@ -44,6 +44,12 @@ CASES = [
     ("roles.web.endpoints.http.probe.interval", "00.00s", False),
     ("roles.web.endpoints.http.probe.timeout", "250ms", True),
     ("roles.web.endpoints.http.slow_start", 0, True),
+    ("service.stable_after", 0, False),
+    ("service.stable_after", 0.5, True),
+    ("service.backoff_initial", 0, False),
+    ("service.backoff_initial", 0.05, False),
+    ("service.backoff_initial", 0.1, True),
+    ("service.backoff_max", 0, False),
 ]
 
 

@@ -224,3 +224,26 @@ def test_a_task_command_that_cannot_run_is_refused(
 def test_a_shell_parses_its_own_command() -> None:
     task = definition.StartupTask(command="echo 'unterminated", shell=True)
     assert task.command == "echo 'unterminated"  # /bin/sh reports it, as it would any typo
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [("stable_after", "0s", "expected greater than or equal to 0.5"),
+     ("stable_after", "499ms", "expected greater than or equal to 0.5"),
+     ("backoff_initial", "0s", "expected greater than or equal to 0.1"),
+     ("backoff_initial", "50ms", "expected greater than or equal to 0.1"),
+     ("backoff_max", 0, "expected greater than or equal to 0.1")],
+)
+def test_a_crash_loop_is_never_a_tight_one(key: str, value: object, expected: str) -> None:
+    # stable_after = 0 made every crash one "after a stable run": ~35 restarts a second.
+    raw = {"service": {"name": "s", key: value}, "roles": {"w": {"entry_point": "m:C"}}}
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(raw, Path("svc.toml"))
+    assert str(caught.value.errors[0]).startswith(f"svc.toml: service.{key}: {expected}")
+
+
+def test_the_shortest_back_off_is_allowed() -> None:
+    d = definition.parse({"service": {"name": "s", "stable_after": "500ms",
+                                      "backoff_initial": "100ms", "backoff_max": "100ms"},
+                          "roles": {"w": {"entry_point": "m:C"}}})
+    assert (d.service.stable_after, d.service.backoff_initial) == (0.5, 0.1)
