@@ -112,7 +112,8 @@ class Endpoint(_Model):
     traffic over the instances in rotation. Each instance gets a private port for it,
     which the role reads from `RoleEnvironment.current_instance.endpoints` and binds."""
 
-    port: int = Field(ge=1, le=65535, description="public port the balancer listens on")
+    port: int = Field(ge=1, le=65535, description="public port the balancer listens on; "
+                      "each endpoint and the metrics have their own, whatever the host")
     protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
     host: str = Field(default="127.0.0.1", description="address the balancer binds")
     probe: Probe | None = Field(default=None, description="health probe; none: state only")
@@ -349,11 +350,16 @@ class Definition(_Model):
 
     @model_validator(mode="after")
     def _unique_ports(self) -> Definition:
-        seen: dict[tuple[str, int], str] = {}
+        # By number alone: "localhost", "127.0.0.1" and "0.0.0.0" overlap, and which
+        # spellings do is the resolver's to say, after the check (start failed with no
+        # key path). Two listeners on one port are not worth that.
+        seen: dict[int, str] = {}
+        if self.service.metrics:
+            seen[int(self.service.metrics.rpartition(":")[2])] = "service.metrics"
         for role_name, role in self.roles.items():
             for ep_name, ep in role.endpoints.items():
                 path = f"roles.{role_name}.endpoints.{ep_name}.port"
-                other = seen.setdefault((ep.host, ep.port), path)
+                other = seen.setdefault(ep.port, path)
                 if other != path:
                     raise DefinitionError(
                         None, path, f"port {ep.port} is already used by {other}"

@@ -56,6 +56,10 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
                        '[roles.api.endpoints.http]\nport = 18080\n',
          "rolehost.toml: roles.api.endpoints.http.port: port 18080 is already used by "
          "roles.web.endpoints.http.port"),
+        (lambda t: t + '\n[roles.api]\nentry_point = "app:Web"\n'
+                       '[roles.api.endpoints.http]\nport = 18080\nhost = "localhost"\n',
+         "rolehost.toml: roles.api.endpoints.http.port: port 18080 is already used by "
+         "roles.web.endpoints.http.port"),
         (lambda t: t + '\n[roles.web.settings]\ndb-host = "a"\ndb_host = "b"\n',
          "rolehost.toml: roles.web.settings.db_host: expected a name of its own: 'db-host' is "
          "passed as ROLEHOST_SETTING_DB_HOST too"),
@@ -64,7 +68,8 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
     ],
     ids=["unknown-key", "wrong-type", "bad-duration", "missing-module", "not-a-role",
-         "duplicate-port", "same-variable", "unsplittable-task", "bad-toml"],
+         "duplicate-port", "duplicate-port-other-spelling", "same-variable", "unsplittable-task",
+         "bad-toml"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(

@@ -247,3 +247,26 @@ def test_the_shortest_back_off_is_allowed() -> None:
                                       "backoff_initial": "100ms", "backoff_max": "100ms"},
                           "roles": {"w": {"entry_point": "m:C"}}})
     assert (d.service.stable_after, d.service.backoff_initial) == (0.5, 0.1)
+
+
+TAKEN = "roles.api.endpoints.http.port: port 18480 is already used by roles.web.endpoints.http.port"
+
+
+@pytest.mark.parametrize(
+    ("api", "service", "expected"),
+    [({"port": 18480, "host": "localhost"}, {}, TAKEN),
+     ({"port": 18480, "host": "0.0.0.0"}, {}, TAKEN),
+     ({"port": 18481, "host": "::1"}, {"metrics": "localhost:18481"},
+      "roles.api.endpoints.http.port: port 18481 is already used by service.metrics"),
+     ({"port": 18481}, {"metrics": "127.0.0.1:18480"},
+      "roles.web.endpoints.http.port: port 18480 is already used by service.metrics")],
+    ids=["localhost", "any-address", "metrics-other-host", "metrics-same-host"],
+)
+def test_a_port_is_used_once_whatever_the_address_is_called(
+        api: dict[str, object], service: dict[str, object], expected: str) -> None:
+    raw = {"service": {"name": "s", **service}, "roles": {
+        "web": {"entry_point": "m:C", "endpoints": {"http": {"port": 18480}}},
+        "api": {"entry_point": "m:C", "endpoints": {"http": api}}}}
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(raw, Path("svc.toml"))
+    assert [str(e) for e in caught.value.errors] == [f"svc.toml: {expected}"]
