@@ -32,6 +32,10 @@ from pydantic_core import CoreSchema
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# HOST:PORT, the port 1 to 65535 (more would wrap around when bound).
+_ADDRESS = re.compile(
+    r"^[^\s:]+:([1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])$"
+)
 # Longer than any deadline or timeout has a use for, and far below what a wait can take
 # (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
 MAX_DURATION = 7 * 24 * 3600
@@ -323,7 +327,7 @@ class Service(_Model):
     )
     backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
     metrics: str | None = Field(
-        default=None, pattern=r"^[^\s:]+:\d{1,5}$",
+        default=None, json_schema_extra={"pattern": _ADDRESS.pattern},
         description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",
     )
     change_mode: Literal["per-ud", "blast"] = Field(
@@ -334,6 +338,14 @@ class Service(_Model):
         description="who hosts and limited tasks run as when the controller is root; "
         "default nobody, or root with a warning if nobody cannot run the interpreter",
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        # The pattern, in the schema too, but a message a person can read.
+        if value is not None and not _ADDRESS.fullmatch(value):
+            raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Service:

@@ -50,6 +50,10 @@ CASES = [
     ("service.backoff_initial", 0.05, False),
     ("service.backoff_initial", 0.1, True),
     ("service.backoff_max", 0, False),
+    ("service.metrics", "127.0.0.1:9464", True),
+    ("service.metrics", "localhost:65535", True),
+    ("service.metrics", "127.0.0.1:99999", False),
+    ("service.metrics", "127.0.0.1:0", False),
 ]
 
 

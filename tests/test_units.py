@@ -270,3 +270,14 @@ def test_a_port_is_used_once_whatever_the_address_is_called(
     with pytest.raises(definition.DefinitionErrors) as caught:
         definition.parse(raw, Path("svc.toml"))
     assert [str(e) for e in caught.value.errors] == [f"svc.toml: {expected}"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:0",
+                                     "localhost:", ":9464", "h:80\n"])
+def test_the_metrics_port_is_one_that_can_be_bound(address: str) -> None:
+    raw = {"service": {"name": "s", "metrics": address}, "roles": {"w": {"entry_point": "m:C"}}}
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(raw, Path("svc.toml"))
+    assert [str(e) for e in caught.value.errors] == [
+        f"svc.toml: service.metrics: expected HOST:PORT with a port from 1 to 65535, "
+        f"got {address!r}"]
