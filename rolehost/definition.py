@@ -70,6 +70,12 @@ class _DurationSchema:
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         number = {**handler(schema), "type": "number"}
+        # A bound given inside an annotation (as an optional duration's must be) comes
+        # through under its pydantic name.
+        for ours, theirs in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
+                             ("lt", "exclusiveMaximum"), ("le", "maximum")):
+            if ours in number:
+                number[theirs] = number.pop(ours)
         if "exclusiveMinimum" not in number:
             number.setdefault("minimum", 0)
         number.setdefault("maximum", MAX_DURATION)
@@ -179,7 +185,9 @@ class StartupTask(_Model):
     once_per: OncePer = Field(
         default=OncePer.start, description="start (every start), image (os/), disk (resources/)"
     )
-    timeout: Duration | None = Field(default=None, description="kill the task after this long")
+    timeout: Annotated[Duration, Field(gt=0)] | None = Field(
+        default=None, description="kill the task after this long"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment")
 
     @field_validator("command")

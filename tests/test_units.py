@@ -281,3 +281,10 @@ def test_the_metrics_port_is_one_that_can_be_bound(address: str) -> None:
     assert [str(e) for e in caught.value.errors] == [
         f"svc.toml: service.metrics: expected HOST:PORT with a port from 1 to 65535, "
         f"got {address!r}"]
+
+
+@pytest.mark.parametrize("timeout", [0, "0s", "0ms"])
+def test_a_task_timeout_is_more_than_0(timeout: object) -> None:
+    # 0 was accepted, and then every boot failed: "timed out after 0s".
+    assert _role_errors({"startup_tasks": [{"command": "true", "timeout": timeout}]}) == [
+        f"svc.toml: roles.w.startup_tasks[0].timeout: expected greater than 0, got {timeout!r}"]
