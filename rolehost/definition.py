@@ -89,6 +89,9 @@ class _DurationSchema:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), _DurationSchema()]
 SettingValue = str | int | float | bool
+# A service, role, endpoint or resource name. It becomes file and folder names, unit
+# names and Kubernetes names: 63 characters (a DNS label) fits them all.
+Name = Annotated[str, Field(pattern=_NAME, max_length=63)]
 
 
 class _Model(BaseModel):
@@ -246,8 +249,8 @@ class Role(_Model):
         default=5.0, gt=0, description="how often status-check handlers are asked"
     )
     settings: dict[str, SettingValue | Secret] = Field(default_factory=dict)
-    endpoints: dict[Annotated[str, Field(pattern=_NAME)], Endpoint] = Field(default_factory=dict)
-    local_resources: dict[Annotated[str, Field(pattern=_NAME)], LocalResource] = Field(
+    endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
+    local_resources: dict[Name, LocalResource] = Field(
         default_factory=dict
     )
     startup_tasks: list[StartupTask] = Field(default_factory=list)
@@ -319,7 +322,7 @@ def _check_variable(variables: dict[str, str], path: str, variable: str, name: s
 class Service(_Model):
     """Service-wide settings: update domains, deadlines and the crash back-off."""
 
-    name: str = Field(pattern=_NAME, description="service name")
+    name: Name = Field(description="service name")
     upgrade_domains: int = Field(default=5, ge=1, le=20, description="instance i is in UD i % N")
     ready_deadline: Duration = Field(
         default=1800.0, gt=0, description="from the start of startup tasks to ready"
@@ -366,7 +369,7 @@ class Definition(_Model):
     """A whole `rolehost.toml`."""
 
     service: Service
-    roles: dict[Annotated[str, Field(pattern=_NAME)], Role] = Field(min_length=1)
+    roles: dict[Name, Role] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_ports(self) -> Definition:
@@ -475,6 +478,8 @@ def _explain(error: Any, file: Path | None) -> DefinitionError:
         return DefinitionError(file, ".".join(p for p in (path, inner.path) if p), inner.message)
     message = str(error["msg"]).removeprefix("Value error, ")
     message = re.sub(r"^Input should be (a valid )?", "expected ", message)
+    message = re.sub(r"^String should (have|match) ", lambda m: "expected a string " + (
+        "of " if m.group(1) == "have" else "matching "), message)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
         message += f", got {error['input']!r}"
     return DefinitionError(file, path, message)

@@ -35,7 +35,9 @@ def configuration() -> str:
         "",
         "Durations are seconds (`90`, `1.5`) or strings with a unit: `\"250ms\"`, `\"90s\"`, "
         "`\"5m\"`, `\"1h\"`, at most 7 days. Unknown keys are errors. `rolehost check` "
-        "validates a file; `rolehost schema` prints the JSON schema.",
+        "validates a file; `rolehost schema` prints the JSON schema. The names of the "
+        "service, its roles, endpoints and local resources start with a letter, go on with "
+        "letters, digits, `_` and `-`, and are at most 63 characters.",
         "",
     ]
     for title, cls in _SECTIONS:

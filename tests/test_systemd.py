@@ -54,3 +54,17 @@ def test_export_systemd_unit(tmp_path: Path) -> None:
     assert service["TimeoutStopSec"] == str(30 + 30)  # the role's stop_timeout + margin
     assert service["RestartPreventExitStatus"] == "2"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_export_systemd_refuses_a_name_too_long_for_a_file(tmp_path: Path) -> None:
+    # 300 characters: the unit's file name was too long, and the export a traceback.
+    name = "s" * 300
+    (tmp_path / "rolehost.toml").write_text(
+        f'[service]\nname = "{name}"\n[roles.web]\nentry_point = "app:Web"\n')
+    done = subprocess.run([sys.executable, "-m", "rolehost", "export", "systemd", "-f",
+                           str(tmp_path / "rolehost.toml"), "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "rolehost.toml: service.name: expected a string of at most 63 characters" in (
+        done.stderr)
+    assert "Traceback" not in done.stderr

@@ -288,3 +288,24 @@ def test_a_task_timeout_is_more_than_0(timeout: object) -> None:
     # 0 was accepted, and then every boot failed: "timed out after 0s".
     assert _role_errors({"startup_tasks": [{"command": "true", "timeout": timeout}]}) == [
         f"svc.toml: roles.w.startup_tasks[0].timeout: expected greater than 0, got {timeout!r}"]
+
+
+@pytest.mark.parametrize("where", ["service.name", "roles.NAME", "roles.w.endpoints.NAME",
+                                   "roles.w.local_resources.NAME"])
+def test_names_are_at_most_63_characters(where: str) -> None:
+    def document(name: str) -> dict[str, object]:
+        role: dict[str, object] = {"entry_point": "m:C", "endpoints": {"e": {"port": 1}},
+                                   "local_resources": {"r": {}}}
+        if where == "roles.w.endpoints.NAME":
+            role["endpoints"] = {name: {"port": 1}}
+        if where == "roles.w.local_resources.NAME":
+            role["local_resources"] = {name: {}}
+        return {"service": {"name": name if where == "service.name" else "s"},
+                "roles": {name if where == "roles.NAME" else "w": role}}
+
+    definition.parse(document("n" * 63))
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.parse(document("n" * 64), Path("svc.toml"))
+    path = where.replace("NAME", "n" * 64)
+    assert [str(e) for e in caught.value.errors] == [
+        f"svc.toml: {path}: expected a string of at most 63 characters, got {'n' * 64!r}"]
