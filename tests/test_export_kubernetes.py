@@ -18,7 +18,7 @@ import yaml
 from test_balancer import free_port
 from test_run_instance import answer
 
-from rolehost.definition import Role
+from rolehost.definition import Role, parse
 from rolehost.export import kubernetes
 from rolehost.testing import run_dir_processes, wait_until
 
@@ -235,6 +235,53 @@ def test_settings_and_services(exported: dict[tuple[str, str], dict[str, Any]]) 
     admin = exported["Service", "shop-front-store-admin-port"]["spec"]
     assert admin["ports"] == [{"name": "admin-port", "protocol": "TCP", "port": 19090,
                                "targetPort": 19090}]
+
+
+def _read_as_other_than_a_string(text: str) -> bool:
+    """Would a YAML 1.2 parser (Kubernetes') read this plain scalar as a number, a bool or
+    null? Python's own parsers, looser than YAML 1.2: a check, not the dumper's rule."""
+    if text.lower() in ("", "~", "null", "true", "false"):
+        return True
+    for read in (lambda t: int(t, 0), float):
+        try:
+            read(text.replace("_", ""))
+            return True
+        except ValueError:
+            pass
+    return False
+
+
+def test_strings_stay_strings_for_a_yaml_1_2_parser(tmp_path: Path) -> None:
+    settings = {"exp": "1e5", "octal": "0o17", "hex": "0x1F", "big": 1e20, "half": ".5",
+                "word": "on", "plain": "hello", "count": 4, "flag": True}
+    raw = {"service": {"name": "s"}, "roles": {"web": {
+        "entry_point": "app:Role", "settings": {**settings,
+                                                 "key": {"value": "1e5", "secret": True}}}}}
+    files = kubernetes.write(parse(raw), tmp_path)
+    for file in files:
+        for document in yaml.compose_all(file.read_text()):
+            data = {key.value: value for key, value in document.value
+                    if key.value in ("data", "stringData")}
+            for part in data.values():
+                for _, value in part.value:  # ConfigMap and Secret data: strings, quoted
+                    assert value.style == '"', (file.name, value.value)
+            nodes = [document]
+            while nodes:
+                node = nodes.pop()
+                if isinstance(node, yaml.ScalarNode):
+                    if node.tag == "tag:yaml.org,2002:str" and node.style is None:
+                        assert not _read_as_other_than_a_string(node.value), node.value
+                elif isinstance(node, yaml.MappingNode):
+                    nodes += [n for pair in node.value for n in pair]
+                else:
+                    nodes += node.value
+    [config, *_] = yaml.safe_load_all(files[0].read_text())
+    assert config["data"] == {
+        "ROLEHOST_SETTING_EXP": "1e5", "ROLEHOST_SETTING_OCTAL": "0o17",
+        "ROLEHOST_SETTING_HEX": "0x1F", "ROLEHOST_SETTING_BIG": "1e+20",
+        "ROLEHOST_SETTING_HALF": ".5", "ROLEHOST_SETTING_WORD": "on",
+        "ROLEHOST_SETTING_PLAIN": "hello", "ROLEHOST_SETTING_COUNT": "4",
+        "ROLEHOST_SETTING_FLAG": "true"}
 
 
 def test_names_are_sanitised_and_cut_uniquely() -> None:

@@ -310,6 +310,36 @@ class _Dumper(yaml.SafeDumper):
         return True  # spell equal label maps out, not as &anchors
 
 
+class _Quoted(str):
+    """A string written in quotes, whatever it holds."""
+
+
+# Plain scalars that YAML 1.2 (the Kubernetes parser's) reads as numbers, booleans or null
+# while PyYAML, a YAML 1.1 dumper, sees strings and leaves them plain: "1e5", "0o17".
+_NOT_A_STRING_IN_YAML_1_2 = re.compile(
+    r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"
+    r"|[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+    r"|null|Null|NULL|~|true|True|TRUE|false|False|FALSE|"
+)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    quoted = isinstance(data, _Quoted) or _NOT_A_STRING_IN_YAML_1_2.fullmatch(data)
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"' if quoted else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+_Dumper.add_representer(_Quoted, _represent_str)
+
+
+def _quote_data(document: Manifest) -> Manifest:
+    """A ConfigMap's data and a Secret's stringData must be strings, whatever they look
+    like to whichever parser: every value in quotes."""
+    return {key: {name: _Quoted(value) for name, value in part.items()}
+            if key in ("data", "stringData") else part for key, part in document.items()}
+
+
 def write(definition: Definition, output: Path, image: str | None = None) -> list[Path]:
     """Write NAME.yaml per role, and NAME-secret.yaml (mode 0600) for its Secret: it can
     stay out of version control, or be made another way. Nothing is written if the
@@ -327,7 +357,8 @@ def write(definition: Definition, output: Path, image: str | None = None) -> lis
 
 
 def _dump(path: Path, documents: list[Manifest], private: bool = False) -> Path:
-    text = yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=1000)
+    text = yaml.dump_all([_quote_data(d) for d in documents], Dumper=_Dumper, sort_keys=False,
+                         width=1000)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
     if private:
         os.fchmod(descriptor, 0o600)  # before the values go in: the file may be older, looser
