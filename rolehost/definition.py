@@ -31,7 +31,7 @@ from pydantic_core import CoreSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 # HOST:PORT, the port 1 to 65535 (more would wrap around when bound).
 _ADDRESS = re.compile(
     r"^[^\s:]+:([1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])$"
@@ -91,7 +91,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration), _DurationSchema()]
 SettingValue = str | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
 # names and Kubernetes names: 63 characters (a DNS label) fits them all.
-Name = Annotated[str, Field(pattern=_NAME, max_length=63)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 
 
 class _Model(BaseModel):

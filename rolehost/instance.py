@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import time
 import uuid
 from collections import deque
@@ -25,7 +26,7 @@ import structlog
 
 from rolehost import metrics, ports, privileges, probe, protocol
 from rolehost.balancer import Balancer
-from rolehost.definition import Role, Service, resource_variable, setting_variable
+from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variable
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
@@ -70,7 +71,8 @@ CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to
 def parse_instance_name(name: str) -> tuple[str, int]:
     """`web/0` or `web_IN_0` -> ("web", 0)."""
     role, sep, index = name.rpartition("/") if "/" in name else name.rpartition("_IN_")
-    if not sep or not role or not index.isdigit():
+    # the role as the definition names one: `a/b/0` or `../x/0` name no role (nor a file)
+    if not sep or not re.fullmatch(NAME_PATTERN, role) or not index.isdigit():
         raise ValueError(f"not an instance name: {name!r} (expected ROLE/INDEX or ROLE_IN_INDEX)")
     return role, int(index)
 

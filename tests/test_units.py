@@ -43,7 +43,8 @@ def test_instance_names() -> None:
     assert parse_instance_name("web/0") == ("web", 0)
     assert parse_instance_name("web_IN_12") == ("web", 12)
     assert parse_instance_name("my_role_IN_3") == ("my_role", 3)
-    for bad in ("web", "web/x", "/0", "web_IN_"):
+    # a role the definition could name, never a path: `rolehost logs ../x/0` reads no file
+    for bad in ("web", "web/x", "/0", "web_IN_", "a/b/0", "../../x/0", "../x_IN_0"):
         with pytest.raises(ValueError, match="not an instance name"):
             parse_instance_name(bad)
 
