@@ -416,6 +416,8 @@ class Instance:
             for name, endpoint in self.role.endpoints.items()
             if endpoint.probe is not None and name in self.balancers
         ]
+        for task in probes:
+            task.add_done_callback(self._probe_ended)
         try:
             code = await self._watch(self.process)
         finally:
@@ -425,6 +427,12 @@ class Instance:
         if code != protocol.ExitCode.STOPPED and not self._recycle_reason:
             self.last_error = self._run_error or f"host {outcome}"
         log.info("host_exited", instance=self.id, pid=self.process.pid, outcome=outcome)
+
+    def _probe_ended(self, task: asyncio.Future[None]) -> None:
+        """A probe watch runs until cancelled: one that ended froze the rotation, a bug
+        that must show (probe.watch turns failures of a probe into failed probes)."""
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.critical("probe_crashed", instance=self.id, error=repr(error), exc_info=error)
 
     async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run bootstrap work; False if a stop or an operation interrupted it first."""

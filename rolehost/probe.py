@@ -6,7 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+import structlog
+
 from rolehost.definition import Probe
+
+log = structlog.get_logger()
 
 
 async def once(host: str, port: int, spec: Probe) -> tuple[bool, str]:
@@ -28,8 +32,11 @@ async def once(host: str, port: int, spec: Probe) -> tuple[bool, str]:
         return False, f"no answer within {spec.timeout:g}s"
     except OSError as exc:
         return False, exc.strerror or type(exc).__name__
+    except ValueError:  # a status line over the reader's 64 KiB limit
+        return False, "malformed answer"
     parts = status_line.split()
-    code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    # Three digits, as a status code has: int() of a longer run could raise, or be huge.
+    code = int(parts[1]) if len(parts) > 1 and len(parts[1]) == 3 and parts[1].isdigit() else 0
     return 200 <= code < 400, f"HTTP {code}" if code else "not an HTTP answer"
 
 
@@ -38,7 +45,13 @@ async def watch(host: str, port: int, spec: Probe, report: Callable[[bool, str],
     unhealthy after `unhealthy` failures in a row (and every result while unhealthy)."""
     healthy, passes, failures = False, 0, 0
     while True:
-        passed, seen = await once(host, port, spec)
+        try:
+            passed, seen = await once(host, port, spec)
+        except Exception as exc:
+            # Nothing awaits this task: were it to end, the instance's rotation would
+            # freeze where it is. An answer `once` did not foresee is a failed probe.
+            log.error("probe_error", host=host, port=port, error=repr(exc), exc_info=exc)
+            passed, seen = False, f"probe error: {type(exc).__name__}"
         passes, failures = (passes + 1, 0) if passed else (0, failures + 1)
         if not healthy and passes >= spec.healthy:
             healthy = True

@@ -40,6 +40,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if url.path == "/healthz":
+            if os.path.exists(RoleEnvironment.get_setting("probe") + ".garbage"):
+                self.wfile.write(b"x" * 70000)  # no line end: past a reader's 64 KiB limit
+                self.close_connection = True
+                return
             healthy = not os.path.exists(RoleEnvironment.get_setting("probe") + ".sick")
             return self.reply(200 if healthy else 503, b"ok" if healthy else b"sick")
         if url.path == "/slow":
@@ -244,6 +248,28 @@ def test_failing_probe_takes_an_instance_out_and_back(make_service: MakeService)
         sick.unlink()
         wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["in_rotation"], 10, "back")
         assert get(port) == (200, b"web_IN_0")
+
+
+def test_a_probe_answered_with_garbage_fails_and_probing_goes_on(
+        make_service: MakeService) -> None:
+    """70,000 bytes without a line end overflow the probe's reader: a failed probe, not
+    a probe watch that ends and leaves the rotation where it was."""
+    harness, port = web(make_service, 1, endpoint='probe = { path = "/healthz", '
+                        'interval = "100ms", healthy = 1, unhealthy = 1 }')
+    garbage = harness.definition.parent / "probe.txt.garbage"
+    garbage.touch()
+    with harness as h:
+        h.wait_ready(30)
+        def why_out() -> object:
+            return h.instance("web/0")["endpoints"]["http"]["why_out"]
+
+        wait_until(lambda: why_out() == "probe failing: malformed answer", 10,
+                   "the probe to fail", lambda: str(h.instance("web/0")))
+        garbage.unlink()
+        wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["in_rotation"], 10, "back")
+        assert get(port) == (200, b"web_IN_0")
+        garbage.touch()  # and out again: the probing went on
+        wait_until(lambda: why_out() == "probe failing: malformed answer", 10, "out again")
 
 
 def test_no_instance_ready_waits_then_503(make_service: MakeService) -> None:
