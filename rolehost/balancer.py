@@ -120,6 +120,9 @@ class Balancer:
         self._rotation_changed = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._sweep: asyncio.Task[None] | None = None
+        # The controller is stopping: nothing new is accepted, and nothing waits for an
+        # instance (each is leaving rotation for good).
+        self.stopping = False
         # Client connections: tasks (tcp) and proxy.HttpClient protocols (http).
         self.connections: set[asyncio.Task[None] | proxy.HttpClient] = set()
 
@@ -195,6 +198,8 @@ class Balancer:
             backend = self.pick_now(exclude)
             if backend is not None:
                 return backend
+            if self.stopping:
+                return None
             if exclude and self.backends.keys() <= set(exclude):
                 return None  # every instance was tried: waiting brings no other
             remaining = deadline - loop.time()
@@ -246,6 +251,17 @@ class Balancer:
             for client in list(self.connections):
                 if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
                     client.abort()
+
+    def stop_accepting(self) -> None:
+        """The controller begins to stop: close the listener (a connection accepted now
+        would only be dropped) and end every wait for an instance, so that a waiting
+        request is answered 503 (a tcp connection closed) rather than dropped at `close`.
+        Requests in flight go on: the instances drain them."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
 
     async def close(self) -> None:
         if self._sweep is not None:

@@ -190,6 +190,8 @@ class Controller:
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
+            for balancer in self.balancers:
+                balancer.stop_accepting()
             self.notifier.stopping()
             if self.walk is not None and self.walk.task is not None and not self.walk.over:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below

@@ -802,13 +802,18 @@ async def _forward(client: HttpClient, request: Request, backend: Backend | None
         if failure is None:
             if backend is None:
                 backend = await balancer.pick(tried)
-            if backend is None and failed is not None:  # a retry with nowhere else to go
+            # A retry with nowhere else to go; but when the controller stops, the next
+            # try, after the Retry-After, is the one to make.
+            if backend is None and failed is not None and not balancer.stopping:
                 metrics.ERRORS.labels(endpoint, "502").inc()
                 log.warning("backend_failed", **where, detail="no other instance to try")
                 await _reply(client, 502, b"the instance failed before it answered")
                 return False
             if backend is None:
                 metrics.ERRORS.labels(endpoint, "503").inc()
+                if balancer.stopping:
+                    await _reply(client, 503, b"the service is stopping", retry_after=True)
+                    return False
                 await _reply(client, 503, b"no instance in rotation", retry_after=True)
                 return request.keep_alive and request.body.ended
             tried.add(backend.instance_id)

@@ -286,6 +286,39 @@ def test_no_instance_ready_waits_then_503(make_service: MakeService) -> None:
         connection.close()
 
 
+def test_a_stopping_controller_answers_the_waiting_and_accepts_no_more(
+        make_service: MakeService) -> None:
+    """`rolehost stop`: a request waiting for an instance gets a 503 it can retry, at
+    once; the listener closes; a request in flight still drains."""
+    harness, port = web(make_service, 1, endpoint='queue_timeout = "60s"')
+    with harness as h:
+        h.wait_ready(30)
+        slow: list[tuple[int, bytes]] = []
+        in_flight = threading.Thread(target=lambda: slow.append(get(port, "/slow?s=6")))
+        in_flight.start()
+        wait_until(lambda: h.instance("web/0")["endpoints"]["http"]["active"] == 1, 10,
+                   "a request in flight")
+        (h.definition.parent / "probe.txt.busy").touch()  # out of rotation: the next waits
+        h.wait_state("web/0", "busy", 10)
+        queued = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            queued.request("GET", "/")
+            wait_until(lambda: h.status()["balancers"][0]["connections"] == 2, 10, "queued")
+            stopper = threading.Thread(target=h.stop)
+            stopper.start()
+            response = queued.getresponse()
+            assert (response.status, response.getheader("Retry-After")) == (503, "1")
+            assert response.read() == b"the service is stopping"
+            assert in_flight.is_alive()  # answered at once, not when all was over
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        finally:
+            queued.close()
+        in_flight.join(30)
+        stopper.join(60)
+        assert slow == [(200, b"web_IN_0")]
+
+
 def test_a_request_waits_for_an_instance_to_become_ready(make_service: MakeService) -> None:
     harness, port = web(make_service, 1, warmup="1.5")
     with harness as h:
