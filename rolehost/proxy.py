@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -49,6 +51,9 @@ _SLASH: Final = ord("/")  # an int: mypyc compares a byte of the target without 
 _READ: Final = 65536
 _BODY_QUEUE: Final = 16  # chunks read ahead of the backend before the client is paused
 CONNECT_TIMEOUT: Final = 5.0
+# SO_LINGER on, for 0 s: close() then resets the connection. transport.abort() alone sends
+# a FIN, under asyncio's loop and uvloop's alike.
+_LINGER_0: Final = struct.pack("ii", 1, 0)
 
 
 class Refused(Exception):
@@ -1213,4 +1218,14 @@ async def _pipe(read: Callable[[], Awaitable[bytes | None]], sink: asyncio.Strea
         if sink.can_write_eof():
             sink.write_eof()
     except (ConnectionError, OSError):
-        sink.close()
+        # A reset passed on as a FIN would pass a cut upload off as a complete one.
+        _reset(sink)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close `writer`'s connection with a reset (RST), what is buffered for it unsent."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+    writer.transport.abort()

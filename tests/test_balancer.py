@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -471,6 +472,70 @@ def test_tcp_endpoint_balances_connections(make_service: MakeService) -> None:
                 assert data == b"ping"
                 seen.add(instance)
         assert seen == {b"web_IN_0", b"web_IN_1"}
+
+
+TCP_ABORTS = """
+import socket, socketserver, struct, threading
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        try:
+            while data := self.request.recv(65536):
+                if data == b"reset me":
+                    self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+                    self.request.close()  # with SO_LINGER 0: a reset
+                    return
+                self.request.sendall(b"got " + data)
+            probe("eof")
+        except ConnectionResetError:
+            probe("reset")
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        endpoint = RoleEnvironment.current_instance.endpoints["raw"]
+        self.server = socketserver.ThreadingTCPServer((endpoint.host, endpoint.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return True
+
+    def on_stop(self):
+        self.server.shutdown()
+"""
+
+
+def test_tcp_an_abort_is_passed_on_as_an_abort(make_service: MakeService) -> None:
+    """A reset on one side is a reset on the other, not a clean end: an upload cut short
+    must not reach the instance as a whole one."""
+    port = free_port()
+    service = make_service(TCP_ABORTS, extra=f"""
+        [roles.web.endpoints.raw]
+        port = {port}
+        protocol = "tcp"
+        """)
+    linger_0 = struct.pack("ii", 1, 0)
+    with service.harness() as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"part of an upload")
+            assert client.recv(4096) == b"got part of an upload"
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
+        service.wait_probe("reset web_IN_0", 10)
+        assert service.count("eof") == 0
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"reset me")
+            with pytest.raises(ConnectionResetError):
+                while client.recv(4096):
+                    pass
+
+        # A clean end is still one, both ways.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"all of it")
+            assert client.recv(4096) == b"got all of it"
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(4096) == b""
+        service.wait_probe("eof web_IN_0", 10)
 
 
 def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeService) -> None:
