@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from conftest import MakeService
+from prometheus_client.parser import text_string_to_metric_families
 
 from rolehost.balancer import relay_build
 from rolehost.ports import private_range
@@ -474,11 +475,12 @@ def test_tcp_endpoint_balances_connections(make_service: MakeService) -> None:
         assert seen == {b"web_IN_0", b"web_IN_1"}
 
 
-TCP_ABORTS = """
+TCP_RAW = """
 import socket, socketserver, struct, threading
 
 class Handler(socketserver.BaseRequestHandler):
     def handle(self):
+        probe("connection")
         try:
             while data := self.request.recv(65536):
                 if data == b"reset me":
@@ -494,6 +496,8 @@ class Handler(socketserver.BaseRequestHandler):
 class Role(RoleEntryPoint):
     def on_start(self):
         endpoint = RoleEnvironment.current_instance.endpoints["raw"]
+        while os.path.exists(RoleEnvironment.get_setting("probe") + ".hold"):
+            time.sleep(0.05)  # starting, out of rotation, until the test lets it go on
         self.server = socketserver.ThreadingTCPServer((endpoint.host, endpoint.port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -508,7 +512,7 @@ def test_tcp_an_abort_is_passed_on_as_an_abort(make_service: MakeService) -> Non
     """A reset on one side is a reset on the other, not a clean end: an upload cut short
     must not reach the instance as a whole one."""
     port = free_port()
-    service = make_service(TCP_ABORTS, extra=f"""
+    service = make_service(TCP_RAW, extra=f"""
         [roles.web.endpoints.raw]
         port = {port}
         protocol = "tcp"
@@ -536,6 +540,67 @@ def test_tcp_an_abort_is_passed_on_as_an_abort(make_service: MakeService) -> Non
             client.shutdown(socket.SHUT_WR)
             assert client.recv(4096) == b""
         service.wait_probe("eof web_IN_0", 10)
+
+
+def balancer_errors(h: ServiceHarness, endpoint: str) -> dict[str, float]:
+    """rolehost_balancer_errors_total of one endpoint, by kind."""
+    found = {}
+    for family in text_string_to_metric_families(h.client.request_raw("GET", "/v1/metrics")):
+        for sample in family.samples:
+            if (sample.name == "rolehost_balancer_errors_total"
+                    and sample.labels["endpoint"] == endpoint):
+                found[sample.labels["kind"]] = sample.value
+    return found
+
+
+def test_tcp_clients_gone_from_the_queue_and_failures_are_seen(
+        make_service: MakeService) -> None:
+    """A client that leaves while it waits for an instance leaves the queue (and is not
+    relayed as an empty connection later); a connection that no instance takes is logged
+    and counted as an HTTP request would be."""
+    port, quick = free_port(), free_port()
+    service = make_service(TCP_RAW, extra=f"""
+        [roles.web.endpoints.raw]
+        port = {port}
+        protocol = "tcp"
+        queue_timeout = "60s"
+        [roles.web.endpoints.quick]  # nothing listens on the instance's side
+        port = {quick}
+        protocol = "tcp"
+        queue_timeout = "300ms"
+        """)
+    hold = service.probe.with_name("probe.txt.hold")
+    hold.touch()
+    with service.harness() as h:
+        h.wait_state("web/0", "starting", 30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # closed at once
+        gone = socket.create_connection(("127.0.0.1", port), timeout=10)
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()  # reset
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as waiting:
+            waiting.sendall(b"hello")
+            def queued() -> int:
+                [raw] = [b for b in h.status()["balancers"] if b["endpoint"] == "raw"]
+                return int(raw["connections"])
+
+            wait_until(lambda: queued() == 1, 10, "the clients that left to leave the queue",
+                       lambda: str(h.status()["balancers"]))
+            # Nothing takes it within its queue_timeout: closed, and counted.
+            with socket.create_connection(("127.0.0.1", quick), timeout=10) as refused:
+                assert refused.recv(100) == b""
+            assert balancer_errors(h, "web.quick") == {"503": 1}
+            hold.unlink()
+            assert waiting.recv(4096) == b"got hello"  # what it sent while it waited
+        assert service.count("connection") == 1
+        h.wait_ready(30)
+        # The instance refuses it: a retry (with no other instance to try), then closed.
+        with socket.create_connection(("127.0.0.1", quick), timeout=10) as refused:
+            assert refused.recv(100) == b""
+        failed = h.wait_event(lambda e: e["event"] == "backend_failed", 10)
+        assert (failed["instance"], failed["detail"]) == ("web_IN_0", "no other instance to try")
+        assert [e["instance"] for e in h.events() if e["event"] == "retry"] == ["web_IN_0"]
+        assert balancer_errors(h, "web.quick") == {"503": 1, "retry": 1, "502": 1}
 
 
 def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeService) -> None:
