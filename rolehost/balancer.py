@@ -179,14 +179,20 @@ class Balancer:
             ready = [b for b in ready if b.instance_id not in exclude]
         if not ready:
             return None
-        if self._least_outstanding:
-            least = min(b.active for b in ready)
-            ready = [b for b in ready if b.active == least]
         if self._slow_start > 0:
             now = asyncio.get_running_loop().time()
             weights = [self._weight(b, now) for b in ready]
             if min(weights) < 1.0:
-                return random.choices(ready, weights)[0]
+                drawn = random.choices(ready, weights)[0]
+                if not self._least_outstanding or self._weight(drawn, now) < 1.0:
+                    return drawn
+                # The draw first, then least-outstanding among the full-weight ones only: a
+                # joining instance, which has the fewest in flight, would otherwise get
+                # nearly every request from its first second.
+                ready = [b for b, weight in zip(ready, weights, strict=True) if weight >= 1.0]
+        if self._least_outstanding:
+            least = min(b.active for b in ready)
+            ready = [b for b in ready if b.active == least]
         self._turn += 1
         return ready[self._turn % len(ready)]
 

@@ -618,6 +618,31 @@ def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeS
         assert 0.35 < late.count(b"web_IN_1") / len(late) < 0.65
 
 
+def test_slow_start_holds_under_least_outstanding(make_service: MakeService) -> None:
+    """A joining instance has the fewest requests in flight: least-outstanding alone would
+    give it nearly every request from its first second."""
+    # web_IN_0 is at full weight (4 s) well before web_IN_1 joins (8 s).
+    harness, port = web(make_service, 2, warmup="0,8", endpoint='slow_start = "4s"\n'
+                        'balance = "least-outstanding"')
+    with harness as h:
+        h.wait_state("web/0", "ready", 30)
+        slow = [threading.Thread(target=get, args=(port, "/slow?s=15")) for _ in range(2)]
+        for thread in slow:
+            thread.start()
+        def active(index: int) -> int:
+            return int(h.instance(f"web/{index}")["endpoints"]["http"]["active"])
+
+        wait_until(lambda: active(0) == 2, 10, "two requests in flight on web_IN_0")
+        wait_until(lambda: h.instance("web/1")["endpoints"]["http"]["in_rotation"], 30,
+                   "web_IN_1 to join")
+        picks = [get(port)[1] for _ in range(40)]
+        assert active(0) == 2  # still: web_IN_1 had the fewest in flight throughout
+        share = picks.count(b"web_IN_1") / len(picks)
+        assert share < 0.3, share  # a weight of 0.05 to 0.3 in the ramp's first second
+        for thread in slow:
+            thread.join(30)
+
+
 def test_a_request_whose_instance_dies_is_retried_on_another(make_service: MakeService) -> None:
     harness, port = web(make_service, 2, service={"backoff_initial": "100ms"})
     with harness as h:
@@ -929,15 +954,17 @@ def test_slow_start_weights() -> None:
     import random
 
     from rolehost.balancer import Balancer
-    from rolehost.definition import Endpoint
+    from rolehost.definition import Balance, Endpoint
 
-    async def shares(age: float) -> float:
-        balancer = Balancer("web", "http", Endpoint(port=1, slow_start=10.0))
+    async def shares(age: float, balance: str = "round-robin", busy: int = 0) -> float:
+        endpoint = Endpoint(port=1, slow_start=10.0, balance=Balance(balance))
+        balancer = Balancer("web", "http", endpoint)
         old, new = balancer.add("old", 1), balancer.add("new", 2)
         for backend in (old, new):
             balancer.set_rotation(backend.instance_id, True, "")
         now = asyncio.get_running_loop().time()
         old.joined, new.joined = now - 100, now - age
+        old.active = busy  # requests in flight on the old one
         picks = [(await balancer.pick()).instance_id for _ in range(4000)]  # type: ignore[union-attr]
         return picks.count("new") / len(picks)
 
@@ -946,3 +973,10 @@ def test_slow_start_weights() -> None:
     assert 0.02 < early < 0.08  # the 5% floor: 0.05 / 1.05
     assert 0.29 < middle < 0.38  # weight 0.5: 0.5 / 1.5
     assert 0.46 < late < 0.54  # full weight
+
+    # least-outstanding: the new one has the fewest in flight, and the ramp still holds.
+    early, middle, late = (asyncio.run(shares(age, "least-outstanding", busy=3))
+                           for age in (0.0, 5.0, 20.0))
+    assert 0.02 < early < 0.08
+    assert 0.29 < middle < 0.38
+    assert late == 1.0  # at full weight, the fewest in flight wins
