@@ -162,6 +162,8 @@ class Balancer:
         """Out of rotation, then wait for in-flight work; False if drain_timeout ran out."""
         backend = self.backends[instance_id]
         self.set_rotation(instance_id, False, f"draining: {reason}")
+        if backend.active == 0:  # wait_for(..., 0) would time out before quiet() ran
+            return True
         try:
             await asyncio.wait_for(backend.quiet(), self.endpoint.drain_timeout)
         except TimeoutError:

@@ -980,3 +980,24 @@ def test_slow_start_weights() -> None:
     assert 0.02 < early < 0.08
     assert 0.29 < middle < 0.38
     assert late == 1.0  # at full weight, the fewest in flight wins
+
+
+def test_a_drain_with_nothing_in_flight_ends_at_once() -> None:
+    """drain_timeout = "0s" is a drain that waits for nothing, not one that always runs
+    out (and says so in a warning)."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from rolehost.balancer import Balancer
+    from rolehost.definition import Endpoint
+
+    async def drain() -> bool:
+        balancer = Balancer("web", "http", Endpoint(port=1, drain_timeout=0.0))
+        balancer.add("web_IN_0", 2)
+        balancer.set_rotation("web_IN_0", True, "")
+        return await balancer.drain("web_IN_0", "restart")
+
+    with capture_logs() as logged:
+        assert asyncio.run(drain())
+    assert [e["event"] for e in logged] == ["rotation", "rotation"]
