@@ -175,7 +175,7 @@ class Instance:
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
         self._probes: dict[str, tuple[bool, str]] = {}  # endpoint -> (healthy, last seen)
-        self._draining = False
+        self._draining: str | None = None  # why, while the instance drains
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
         self._boot_began = time.time()
         # When the boots since the instance was last ready (or an operation began) began,
@@ -272,8 +272,8 @@ class Instance:
 
     def _rotation(self, name: str) -> tuple[bool, str]:
         endpoint = self.role.endpoints[name]
-        if self._draining:
-            return False, "draining"
+        if self._draining is not None:
+            return False, f"draining: {self._draining}"
         if self.state is S.BUSY and not endpoint.ignore_status:
             return False, f"busy: {self.reason}" if self.reason else "busy"
         if self.state not in (S.READY, S.BUSY):
@@ -327,7 +327,7 @@ class Instance:
         self._recycle_reason = self._failed_reason = self._run_error = None
         self._recycle_asked = asyncio.Event()
         self.ready_since = None
-        self._draining = False
+        self._draining = None
         self._probes.clear()
         self.starts += 1
         metrics.STARTS.labels(self.role_name, kind.value).inc()
@@ -461,6 +461,8 @@ class Instance:
                 f"{self._operation.kind.value}: {self._operation.cause}"
                 if self._operation else self._recycle_reason or "stop requested"
             )
+            # Draining before STOPPING: the rotation event of that change says why.
+            self._draining = reason
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
             await self._drain(reason)
@@ -480,7 +482,7 @@ class Instance:
     async def _drain(self, reason: str) -> None:
         """Out of rotation first; let requests in flight finish (each endpoint's
         drain_timeout); only then is the host asked to stop."""
-        self._draining = True
+        self._draining = reason
         if self.balancers:
             await asyncio.gather(*(b.drain(self.id, reason) for b in self.balancers.values()))
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psutil
 import pytest
@@ -367,6 +368,38 @@ def test_a_recycle_the_role_asks_for_drains_as_one_the_controller_begins(
         wait_until(lambda: h.instance("web/0")["state"] == "ready"
                    and h.instance("web/0")["pid"] != first, 30, "web/0 ready again")
         assert h.instance("web/0")["last_error"] is None
+
+
+def test_a_draining_instance_says_why_throughout(make_service: MakeService) -> None:
+    """The rotation event and `why_out` give the drain's reason, and a probe result in the
+    middle of the drain does not wear it down to a bare "draining"."""
+    harness, port = web(make_service, 1, endpoint='probe = { path = "/healthz", '
+                        'interval = "100ms" }')
+    with harness as h:
+        h.wait_ready(30)
+        def endpoint() -> dict[str, Any]:
+            found: dict[str, Any] = h.instance("web/0")["endpoints"]["http"]
+            return found
+
+        wait_until(lambda: endpoint()["in_rotation"], 10, "rotation")
+        slow = threading.Thread(target=get, args=(port, "/slow?s=2"))
+        slow.start()
+        wait_until(lambda: endpoint()["active"] == 1, 10, "a request in flight")
+        h.restart("web/0", wait=False)
+        why = "draining: restart: requested through the control API"
+        out = h.wait_event(lambda e: e["event"] == "rotation" and not e["in_rotation"], 10)
+        assert out["reason"] == why
+        seen = set()
+
+        def drained() -> bool:
+            now = endpoint()
+            if now["active"]:
+                seen.add(now["why_out"])
+            return not now["active"]
+
+        wait_until(drained, 15, "the drain")  # probes every 100 ms meanwhile
+        slow.join(10)
+        assert seen == {why}
 
 
 def test_large_and_chunked_bodies_stream_both_ways(make_service: MakeService) -> None:
