@@ -217,7 +217,8 @@ class Balancer:
                 await asyncio.wait_for(self._rotation_changed.wait(), remaining)
 
     def _weight(self, backend: Backend, now: float) -> float:
-        """Slow start: a share growing linearly from 5% to 100% over `slow_start`."""
+        """Slow start: a weight growing linearly from 0.05 to 1 over `slow_start` (the
+        share it gives is weight / the sum of the weights: not linear)."""
         return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self._slow_start))
 
     async def start(self) -> None:

@@ -982,7 +982,8 @@ def test_a_client_that_leaves_is_not_the_instances_fault(make_service: MakeServi
 
 
 def test_slow_start_weights() -> None:
-    """The ramp itself, on the balancer alone: a joining backend's share grows linearly."""
+    """The ramp itself, on the balancer alone: a joining backend's weight grows linearly,
+    and its share is its weight over the sum of the weights."""
     import asyncio
     import random
 
