@@ -29,7 +29,9 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# Whole: no whitespace around it or inside (the schema's pattern refuses it too), and
+# ASCII digits only (`\d` would take any script's, which JSON Schema's does not).
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 # HOST:PORT, the port 1 to 65535 (more would wrap around when bound).
@@ -47,7 +49,7 @@ def parse_duration(value: object) -> float:
         raise ValueError("expected a duration such as 90, \"90s\", \"5m\" or \"1h\"")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError(
@@ -79,7 +81,7 @@ class _DurationSchema:
         if "exclusiveMinimum" not in number:
             number.setdefault("minimum", 0)
         number.setdefault("maximum", MAX_DURATION)
-        text = r"\d+(\.\d+)?(ms|s|m|h)?$"
+        text = r"[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"
         # A string's other bounds are the model's to check; "more than 0" fits a pattern.
         text = "^(?=.*[1-9])" + text if number.get("exclusiveMinimum") == 0 else "^" + text
         return {"anyOf": [number, {"type": "string", "pattern": text}],

@@ -58,6 +58,16 @@ CASES = [
     ("service.metrics", "localhost:65535", True),
     ("service.metrics", "127.0.0.1:99999", False),
     ("service.metrics", "127.0.0.1:0", False),
+    # A duration is an int or a float of seconds, or a string with no space in or around it.
+    ("roles.web.stop_timeout", 90, True),
+    ("roles.web.stop_timeout", 1.5, True),
+    ("roles.web.stop_timeout", "5m", True),
+    ("roles.web.stop_timeout", " 5 m ", False),
+    ("roles.web.stop_timeout", "5 m", False),
+    ("roles.web.stop_timeout", " 5m", False),
+    ("roles.web.stop_timeout", "5m ", False),
+    ("roles.web.stop_timeout", "\u0665s", False),  # an Arabic-Indic 5: ASCII digits only
+    ("roles.web.stop_timeout", True, False),
 ]
 
 

@@ -22,7 +22,7 @@ def test_durations(text: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("text", ["5 minutes", "", "-1s", True, [1], float("nan"),
-                                  float("inf"), -0.5])
+                                  float("inf"), -0.5, " 5m", "5m ", "5 m", "5m\n", "\u0665s"])
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         definition.parse_duration(text)
