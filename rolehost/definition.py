@@ -93,7 +93,23 @@ Duration = Annotated[float, BeforeValidator(parse_duration), _DurationSchema()]
 SettingValue = str | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
 # names and Kubernetes names: 63 characters (a DNS label) fits them all.
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
+
+
+def _integral(value: object) -> object:
+    """A float with nothing after the point as the int it is: JSON Schema's "integer"
+    takes 2.0, so the model does too. Anything else goes to the strict check as given."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# TOML has real integers, booleans and strings: a key takes the one its field says, as it
+# is. Pydantic's lax mode would turn "8080" into 8080, true into 1 and "yes" or 1 into
+# True, all of which the published schema refuses; a typo would pass unnoticed. Strict
+# field by field, not on the whole model: `app` (a Path) and the enums come from TOML
+# strings, and `controller.configure` re-validates a `model_dump()`, Paths and enums in it.
+Integer = Annotated[int, BeforeValidator(_integral), Field(strict=True)]
+Boolean = Annotated[bool, Field(strict=True)]
+Text = Annotated[str, Field(strict=True)]
 
 
 class _Model(BaseModel):
@@ -110,11 +126,11 @@ class Probe(_Model):
     or, without `path`, a TCP connect. An instance enters rotation after `healthy` passes
     in a row and leaves it after `unhealthy` failures in a row."""
 
-    path: str | None = Field(default=None, pattern=r"^/", description="HTTP path; none: TCP")
+    path: Text | None = Field(default=None, pattern=r"^/", description="HTTP path; none: TCP")
     interval: Duration = Field(default=2.0, gt=0, description="time between probes")
     timeout: Duration = Field(default=1.0, gt=0, description="a probe slower than this fails")
-    healthy: int = Field(default=1, ge=1, description="passes in a row to enter rotation")
-    unhealthy: int = Field(default=2, ge=1, description="failures in a row to leave it")
+    healthy: Integer = Field(default=1, ge=1, description="passes in a row to enter rotation")
+    unhealthy: Integer = Field(default=2, ge=1, description="failures in a row to leave it")
 
 
 class Balance(StrEnum):
@@ -127,12 +143,12 @@ class Endpoint(_Model):
     traffic over the instances in rotation. Each instance gets a private port for it,
     which the role reads from `RoleEnvironment.current_instance.endpoints` and binds."""
 
-    port: int = Field(ge=1, le=65535, description="public port the balancer listens on; "
-                      "each endpoint and the metrics have their own, whatever the host")
+    port: Integer = Field(ge=1, le=65535, description="public port the balancer listens on; "
+                          "each endpoint and the metrics have their own, whatever the host")
     protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
-    host: str = Field(default="127.0.0.1", description="address the balancer binds")
+    host: Text = Field(default="127.0.0.1", description="address the balancer binds")
     probe: Probe | None = Field(default=None, description="health probe; none: state only")
-    ignore_status: bool = Field(
+    ignore_status: Boolean = Field(
         default=False, description="keep instances in rotation while a status check says busy"
     )
     balance: Balance = Field(default=Balance.round_robin, description="how requests are spread")
@@ -155,8 +171,8 @@ class Endpoint(_Model):
 class LocalResource(_Model):
     """Local storage: the folder `resources/NAME/` of each instance."""
 
-    size_mb: int = Field(default=100, ge=1, description="quota; usage over it is reported")
-    clean_on_recycle: bool = Field(
+    size_mb: Integer = Field(default=100, ge=1, description="quota; usage over it is reported")
+    clean_on_recycle: Boolean = Field(
         default=True, description="empty the folder at every recycle, restart and reimage"
     )
 
@@ -183,8 +199,8 @@ class StartupTask(_Model):
     instance's app/ as its folder and its identity, folders and settings in its
     environment. Output goes to the instance log, tagged `[task N]`."""
 
-    command: str | list[str] = Field(description="a string split like a shell, or a list")
-    shell: bool = Field(default=False, description="run the string through /bin/sh")
+    command: Text | list[Text] = Field(description="a string split like a shell, or a list")
+    shell: Boolean = Field(default=False, description="run the string through /bin/sh")
     type: TaskType = Field(default=TaskType.simple, description="simple, background, foreground")
     context: TaskContext = Field(default=TaskContext.limited, description="limited or elevated")
     once_per: OncePer = Field(
@@ -193,7 +209,7 @@ class StartupTask(_Model):
     timeout: Annotated[Duration, Field(gt=0)] | None = Field(
         default=None, description="kill the task after this long"
     )
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
+    env: dict[str, Text] = Field(default_factory=dict, description="extra environment")
 
     @field_validator("command")
     @classmethod
@@ -232,18 +248,18 @@ class Secret(_Model):
     """A setting whose value must not show: in status, events, logs or the history."""
 
     value: SettingValue
-    secret: bool = True
+    secret: Boolean = True
 
 
 class Role(_Model):
     """One role: a class run by `instances` host processes."""
 
-    entry_point: str = Field(
+    entry_point: Text = Field(
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="module:Class, importable from the role's app folder",
     )
     app: Path = Field(default=Path("."), description="folder deployed as each instance's app/")
-    instances: int = Field(default=1, ge=1, le=1000, description="how many instances")
+    instances: Integer = Field(default=1, ge=1, le=1000, description="how many instances")
     stop_timeout: Duration = Field(
         default=300.0, description="limit for `stopping` handlers plus on_stop"
     )
@@ -325,7 +341,8 @@ class Service(_Model):
     """Service-wide settings: update domains, deadlines and the crash back-off."""
 
     name: Name = Field(description="service name")
-    upgrade_domains: int = Field(default=5, ge=1, le=20, description="instance i is in UD i % N")
+    upgrade_domains: Integer = Field(default=5, ge=1, le=20,
+                                     description="instance i is in UD i % N")
     ready_deadline: Duration = Field(
         default=1800.0, gt=0, description="from the start of startup tasks to ready"
     )
@@ -339,14 +356,14 @@ class Service(_Model):
         default=1.0, ge=0.1, description="first delay after a failure"
     )
     backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
-    metrics: str | None = Field(
+    metrics: Text | None = Field(
         default=None, json_schema_extra={"pattern": _ADDRESS.pattern},
         description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",
     )
     change_mode: Literal["per-ud", "blast"] = Field(
         default="per-ud", description="settings changes one update domain at a time, or all at once"
     )
-    limited_user: str | None = Field(
+    limited_user: Text | None = Field(
         default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",
         description="who hosts and limited tasks run as when the controller is root; "
         "default nobody, or root with a warning if nobody cannot run the interpreter",
@@ -479,7 +496,12 @@ def _explain(error: Any, file: Path | None) -> DefinitionError:
         inner: DefinitionError = error["ctx"]["error"]
         return DefinitionError(file, ".".join(p for p in (path, inner.path) if p), inner.message)
     message = str(error["msg"]).removeprefix("Value error, ")
-    message = re.sub(r"^Input should be (a valid )?", "expected ", message)
+    # "expected an integer, got '8080'": a type, with its article.
+    message = re.sub(r"^Input should be a valid (\w+)", lambda m: "expected " + (
+        "an " if m.group(1)[0] in "aeiou" else "a ") + m.group(1), message)
+    message = re.sub(r"^Input should be ", "expected ", message)
+    if kind == "path_type":
+        message = "expected a path (a string)"
     message = re.sub(r"^String should (have|match) ", lambda m: "expected a string " + (
         "of " if m.group(1) == "have" else "matching "), message)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
@@ -497,7 +519,8 @@ def _merge(errors: list[DefinitionError]) -> list[DefinitionError]:
         if len({e.message for e in group}) == 1:
             merged.append(group[0])
             continue
-        kinds = [m.group(1) for e in group if (m := re.match(r"expected (\w+)", e.message))]
+        kinds = [m.group(1) for e in group
+                 if (m := re.match(r"expected ((?:an? )?\w+)", e.message))]
         got = group[0].message.rpartition(", got ")[2]
         message = f"expected {' or '.join(kinds)}, got {got}"
         merged.append(DefinitionError(group[0].file, path, message))

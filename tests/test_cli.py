@@ -45,7 +45,9 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t.replace("instances = 1", "instance = 1"),
          "rolehost.toml: roles.web.instance: unknown key; did you mean 'instances'?"),
         (lambda t: t.replace("instances = 1", 'instances = "two"'),
-         "rolehost.toml: roles.web.instances: expected integer"),
+         "rolehost.toml: roles.web.instances: expected an integer, got 'two'"),
+        (lambda t: t.replace("instances = 1", "instances = true"),
+         "rolehost.toml: roles.web.instances: expected an integer, got True"),
         (lambda t: t.replace('name = "shop"', 'name = "shop"\nready_deadline = "soon"'),
          "rolehost.toml: service.ready_deadline: expected a duration"),
         (lambda t: t.replace("app:Web", "missing_module:Web"),
@@ -67,9 +69,9 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
          "rolehost.toml: roles.web.startup_tasks[0].command: expected a command that splits"),
         (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-duration", "missing-module", "not-a-role",
-         "duplicate-port", "duplicate-port-other-spelling", "same-variable", "unsplittable-task",
-         "bad-toml"],
+    ids=["unknown-key", "wrong-type", "bool-for-int", "bad-duration", "missing-module",
+         "not-a-role", "duplicate-port", "duplicate-port-other-spelling", "same-variable",
+         "unsplittable-task", "bad-toml"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(

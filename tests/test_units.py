@@ -310,3 +310,59 @@ def test_names_are_at_most_63_characters(where: str) -> None:
     path = where.replace("NAME", "n" * 64)
     assert [str(e) for e in caught.value.errors] == [
         f"svc.toml: {path}: expected a string of at most 63 characters, got {'n' * 64!r}"]
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [({"instances": "2"}, "roles.w.instances: expected an integer, got '2'"),
+     ({"instances": True}, "roles.w.instances: expected an integer, got True"),
+     ({"instances": 2.5}, "roles.w.instances: expected an integer, got 2.5"),
+     ({"endpoints": {"e": {"port": "8080"}}},
+      "roles.w.endpoints.e.port: expected an integer, got '8080'"),
+     ({"endpoints": {"e": {"port": 1, "ignore_status": 1}}},
+      "roles.w.endpoints.e.ignore_status: expected a boolean, got 1"),
+     ({"endpoints": {"e": {"port": 1, "probe": {"healthy": "3"}}}},
+      "roles.w.endpoints.e.probe.healthy: expected an integer, got '3'"),
+     ({"local_resources": {"c": {"clean_on_recycle": "false"}}},
+      "roles.w.local_resources.c.clean_on_recycle: expected a boolean, got 'false'"),
+     ({"startup_tasks": [{"command": "true", "shell": "true"}]},
+      "roles.w.startup_tasks[0].shell: expected a boolean, got 'true'"),
+     ({"startup_tasks": [{"command": 5}]},
+      "roles.w.startup_tasks[0].command: expected a string or a list, got 5"),
+     ({"app": 5}, "roles.w.app: expected a path (a string), got 5"),
+     ({"stop_timeout": " 5 m "}, "roles.w.stop_timeout: expected a duration such as 90, "
+                                 "\"90s\", \"5m\" or \"1h\", got ' 5 m '")],
+    ids=["string-int", "bool-int", "fraction-int", "string-port", "int-bool", "string-probe",
+         "string-bool", "string-shell", "int-command", "int-path", "spaced-duration"],
+)
+def test_a_value_of_the_wrong_type_is_not_converted(role: dict[str, object],
+                                                    expected: str) -> None:
+    # Pydantic's lax mode took all of these (but the path and the command), converted.
+    assert _role_errors(role) == [f"svc.toml: {expected}"]
+
+
+def test_a_secret_flag_is_a_boolean() -> None:
+    # The message is the setting's (whichever form was meant), never its value.
+    assert _role_errors({"settings": {"t": {"value": "hush", "secret": "yes"}}}) == [
+        "svc.toml: roles.w.settings.t: expected a string, number or boolean, or a table "
+        "{ value = ..., secret = true }"]
+
+
+def test_an_integral_float_is_an_integer() -> None:
+    # JSON Schema's "integer" takes 2.0; so does the model, as the int it is.
+    role = definition.parse_role("w", {"entry_point": "m:C", "instances": 2.0})
+    assert role.instances == 2 and type(role.instances) is int
+
+
+def test_a_dumped_role_validates_as_it_was() -> None:
+    # controller.configure re-validates role.model_dump(): Paths, enums, floats in it.
+    raw = {"entry_point": "m:C", "app": "src", "instances": 3, "stop_timeout": "5m",
+           "settings": {"plain": "8080", "n": 2, "on": True, "hush": {"value": "x"}},
+           "endpoints": {"e": {"port": 18080, "protocol": "tcp", "balance": "least-outstanding",
+                               "ignore_status": True, "probe": {"healthy": 2}}},
+           "local_resources": {"c": {"size_mb": 5, "clean_on_recycle": False}},
+           "startup_tasks": [{"command": ["true"], "type": "background", "context": "elevated",
+                              "once_per": "disk", "timeout": 1.5, "env": {"A": "b"}}]}
+    role = definition.parse_role("w", raw)
+    assert definition.parse_role("w", role.model_dump()) == role
+    assert definition.parse_role("w", {**role.model_dump(), "settings": role.settings}) == role
