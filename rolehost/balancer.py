@@ -250,8 +250,10 @@ class Balancer:
 
     async def _close_silent(self, timeout: float) -> None:
         """Close the HTTP clients silent for `timeout` while the balancer waits on them (a
-        slow-loris holds a connection, and a descriptor, open forever otherwise). Looked
-        at four times per timeout, rather than a timer per request."""
+        slow-loris holds a connection, and a descriptor, open forever otherwise), and the
+        kept-alive connections to instances idle as long (a burst of traffic would leave
+        them open for good, each a thread of a threaded server). Looked at four times
+        per timeout, rather than a timer per request."""
         from rolehost import proxy
 
         step = timeout / 4
@@ -260,6 +262,11 @@ class Balancer:
             for client in list(self.connections):
                 if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
                     client.abort()
+            for backend in self.backends.values():
+                expired = [c for c in backend.idle if c.idle_for(step) >= timeout]
+                for connection in expired:
+                    backend.idle.remove(connection)
+                    connection.close()
 
     def stop_accepting(self) -> None:
         """The controller begins to stop: close the listener (a connection accepted now

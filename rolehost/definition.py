@@ -164,7 +164,8 @@ class Endpoint(_Model):
     idle_timeout: Duration = Field(
         default=60.0, description="http: a client connection idle this long while the "
         "balancer waits on it (to send, between requests or within one; or to read its "
-        "answer) is closed; 0: never"
+        "answer) is closed, and so is a kept-alive connection to an instance that "
+        "carries nothing this long; 0: never"
     )
 
 

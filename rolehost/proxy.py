@@ -558,6 +558,19 @@ class BackendConnection(_Peer):
         super().__init__()
         self.exchange: _Exchange | None = None
         self.response: _ResponseParser | None = None  # the last one, reused when it ended
+        # Exchanges so far, and when the balancer's sweep last saw the count change: by
+        # these it closes a kept-alive connection that has stayed idle for idle_timeout.
+        self.uses = 0
+        self._uses_seen = 0
+        self._idle = 0.0
+
+    def idle_for(self, step: float) -> float:
+        """Seconds, in the sweep's `step`s, that the connection has carried nothing."""
+        if self.uses != self._uses_seen:
+            self._uses_seen, self._idle = self.uses, 0.0
+        else:
+            self._idle += step
+        return self._idle
 
     def parser(self) -> _ResponseParser:
         """A response parser for the next exchange: the last one if its response ended
@@ -632,6 +645,7 @@ class _Exchange:
         self.over = False
         self.backend_paused = False
         connection.exchange = client.exchange = self
+        connection.uses += 1
         if client._paused:
             self.pause_backend()
 

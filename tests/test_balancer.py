@@ -402,6 +402,27 @@ def test_a_draining_instance_says_why_throughout(make_service: MakeService) -> N
         assert seen == {why}
 
 
+def test_connections_to_an_instance_idle_for_idle_timeout_are_closed(
+        make_service: MakeService) -> None:
+    """A burst leaves as many kept-alive connections as it had requests at once (each a
+    thread of a threaded server); those left idle for `idle_timeout` are closed, as idle
+    clients are. Before, the pool never shrank."""
+    harness, port = web(make_service, 1, endpoint='idle_timeout = "1s"')
+    with harness as h:
+        controller = psutil.Process(h.wait_ready(30)["pid"])
+        private = h.instance("web/0")["endpoints"]["http"]["port"]
+
+        def pooled() -> int:
+            return sum(1 for c in controller.net_connections("tcp") if c.raddr
+                       and c.raddr.port == private and c.status == psutil.CONN_ESTABLISHED)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(lambda _: get(port, "/slow?s=0.5")[0], range(8))) == {200}
+        assert pooled() >= 4
+        wait_until(lambda: pooled() == 0, 10, "the idle connections to be closed")
+        assert get(port) == (200, b"web_IN_0")  # a new one, when needed again
+
+
 def test_large_and_chunked_bodies_stream_both_ways(make_service: MakeService) -> None:
     harness, port = web(make_service, 1)
     with harness as h:
