@@ -833,8 +833,9 @@ async def _forward(client: HttpClient, request: Request, backend: Backend | None
                 if balancer.stopping:
                     await _reply(client, 503, b"the service is stopping", retry_after=True)
                     return False
-                await _reply(client, 503, b"no instance in rotation", retry_after=True)
-                return request.keep_alive and request.body.ended
+                keep = request.keep_alive and request.body.ended
+                await _reply(client, 503, b"no instance in rotation", True, close=not keep)
+                return keep
             tried.add(backend.instance_id)
             backend.begin()
             try:
@@ -1178,16 +1179,21 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
     return framing
 
 
-def _reply_bytes(status: int, text: bytes, retry_after: bool = False) -> bytes:
+def _reply_bytes(status: int, text: bytes, retry_after: bool = False, close: bool = True
+                 ) -> bytes:
+    """The balancer's own answer; `close`: the connection closes after it, and says so
+    (RFC 9112, 9.6)."""
     reasons = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
                501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
-    extra = b"Retry-After: 1\r\n" if retry_after else b""
+    extra = (b"Retry-After: 1\r\n" if retry_after else b"") + (
+        b"Connection: close\r\n" if close else b"")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
             % (status, reasons.get(status, b"Error"), len(text), extra, text))
 
 
-async def _reply(client: HttpClient, status: int, text: bytes, retry_after: bool = False) -> None:
-    client.write(_reply_bytes(status, text, retry_after))
+async def _reply(client: HttpClient, status: int, text: bytes, retry_after: bool = False,
+                 close: bool = True) -> None:
+    client.write(_reply_bytes(status, text, retry_after, close))
     with contextlib.suppress(ConnectionError):
         await client.drain()
 

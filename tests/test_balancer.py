@@ -286,6 +286,10 @@ def test_no_instance_ready_waits_then_503(make_service: MakeService) -> None:
         waited = time.monotonic() - began
         assert response.status == 503 and response.getheader("Retry-After") == "1"
         assert 0.45 < waited < 3
+        assert response.getheader("Connection") is None  # kept alive: it may ask again
+        response.read()
+        connection.request("GET", "/", headers={"Connection": "close"})
+        assert connection.getresponse().getheader("Connection") == "close"
         connection.close()
 
 
@@ -842,6 +846,8 @@ def test_a_request_needs_one_host(make_service: MakeService) -> None:
             head, rest = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + request)
             assert head.startswith(b"HTTP/1.1 200 ")
             assert rest.startswith(b"web_IN_0HTTP/1.1 " + status + b" "), rest
+            if status == b"400":  # and the close that follows is announced
+                assert b"\r\nConnection: close\r\n" in rest
 
 
 def test_an_absolute_target_is_passed_on_in_origin_form_with_its_host(
