@@ -77,7 +77,7 @@ class Body:
     `on_flow` is called when it becomes `full` (more than _BODY_QUEUE chunks wait: the
     client connection pauses reading) and when it stops being full (it reads on)."""
 
-    __slots__ = ("_chunks", "_waiter", "discarding", "ended", "on_flow")
+    __slots__ = ("_chunks", "_waiter", "discarding", "ended", "on_flow", "reset")
 
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self._chunks: list[bytes] = []  # a few at most: popping the front is cheap
@@ -85,6 +85,7 @@ class Body:
         self.ended = False
         self.discarding = False  # the relay is done with it: the rest is read and dropped
         self.on_flow = on_flow
+        self.reset = False  # it ended with the client's reset, not its close
 
     @property
     def full(self) -> bool:
@@ -118,13 +119,15 @@ class Body:
         return chunk
 
     async def get(self) -> bytes | None:
-        """The next chunk; None at the end."""
+        """The next chunk; None at the end; ConnectionResetError at an end by reset."""
         while not self._chunks and not self.ended:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        if self.reset and not self._chunks:
+            raise ConnectionResetError("the client reset the connection")
         return self.take()
 
     def _wake(self) -> None:
@@ -247,6 +250,8 @@ class HttpClient(_Peer):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.balancer.connections.discard(self)
+        if exc is not None and self.tunnel is not None:
+            self.tunnel.reset = True  # passed on as a reset, as in TCP mode
         self.close()
 
     def close(self) -> None:
@@ -959,7 +964,10 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
             if outbound is not None and not outbound.done():
                 outbound.cancel()
                 await asyncio.gather(outbound, return_exceptions=True)
-            writer.close()
+            if client.tunnel is not None and client.tunnel.reset:
+                _reset(writer.transport)  # the client's reset ends the tunnel: passed on
+            else:
+                writer.close()
     finally:
         backend.end()
 
@@ -1032,7 +1040,7 @@ async def _tunnel_in(source: asyncio.StreamReader, client: HttpClient) -> None:
         if not client.lost and client.transport.can_write_eof():
             client.transport.write_eof()
     except (ConnectionError, OSError):
-        client.transport.close()
+        _reset(client.transport)  # the instance's reset, passed on as one
 
 
 def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
@@ -1298,13 +1306,13 @@ async def _pipe(read: Callable[[], Awaitable[bytes | None]], sink: asyncio.Strea
             sink.write_eof()
     except (ConnectionError, OSError):
         # A reset passed on as a FIN would pass a cut upload off as a complete one.
-        _reset(sink)
+        _reset(sink.transport)
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close `writer`'s connection with a reset (RST), what is buffered for it unsent."""
-    sock = writer.get_extra_info("socket")
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Close `transport`'s connection with a reset (RST), what is buffered for it unsent."""
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
-    writer.transport.abort()
+    cast(asyncio.Transport, transport).abort()

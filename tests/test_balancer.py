@@ -24,7 +24,7 @@ from rolehost.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 WEB = """
-import hashlib, threading
+import hashlib, socket, struct, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,6 +34,7 @@ class Handler(BaseHTTPRequestHandler):
     # the peer's delayed ACK hold the body about 40 ms, and a load test measures that.
     disable_nagle_algorithm = True
     connections = 0
+    tunnel_end = "none"
 
     def setup(self):
         Handler.connections += 1
@@ -75,6 +76,27 @@ class Handler(BaseHTTPRequestHandler):
                 self.connection.sendall(data.upper())
             self.close_connection = True
             return
+        if url.path in ("/ws-reset", "/ws-end"):
+            self.send_response(101)
+            self.send_header("Upgrade", "echo")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            if url.path == "/ws-reset":  # the instance cuts the tunnel with a reset
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
+            try:  # how the client's side of the tunnel ended, as the instance saw it
+                while self.connection.recv(65536):
+                    pass
+                Handler.tunnel_end = "end"
+            except ConnectionResetError:
+                Handler.tunnel_end = "reset"
+            return
+        if url.path == "/tunnel-end":
+            return self.reply(200, Handler.tunnel_end.encode())
         if url.path == "/big":  # a chunked response of n bytes
             n, block = int(query["n"]), b"x" * 65536
             self.send_response(200)
@@ -890,6 +912,28 @@ def test_an_endless_response_head_is_a_502(make_service: MakeService) -> None:
         assert head.startswith(b"HTTP/1.1 502 ") and body == \
             b"the instance's response head is too large"
         assert get(port)[1] == b"web_IN_0"
+
+
+def test_a_reset_in_an_upgrade_tunnel_is_passed_on_as_a_reset(make_service: MakeService) -> None:
+    """As in TCP mode: a tunnel cut by a reset on one side is cut by a reset on the other,
+    not ended as if all had been said."""
+    harness, port = web(make_service, 1)
+    upgrade = b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    with harness as h:
+        h.wait_ready(30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(upgrade % b"/ws-reset")
+            with pytest.raises(ConnectionResetError):
+                while raw.recv(65536):
+                    pass
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.sendall(upgrade % b"/ws-end")
+        assert raw.recv(65536).startswith(b"HTTP/1.1 101 ")
+        raw.sendall(b"half an upload")
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+        wait_until(lambda: get(port, "/tunnel-end")[1] == b"reset", 10,
+                   "the instance to see the reset", lambda: str(get(port, "/tunnel-end")))
 
 
 def test_an_upgrade_with_a_body_or_refused_is_relayed_whole(make_service: MakeService) -> None:
