@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -322,9 +323,12 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
             _fail(f"not KEY=VALUE: {assignment!r}", EXIT_BAD_DEFINITION)
         try:
             parsed = json.loads(value)
-            settings[key] = parsed if isinstance(parsed, int | float | bool) else value
         except ValueError:
-            settings[key] = value
+            parsed = None
+        # NaN, Infinity and 1e400 are no JSON numbers: they stay the strings they were
+        number = isinstance(parsed, int | bool) or (
+            isinstance(parsed, float) and math.isfinite(parsed))
+        settings[key] = parsed if number else value
     outcome = _call(_client(file, run_dir, timeout=24 * 3600).configure, role, settings)
     for instance, what in outcome.items():
         click.echo(f"{instance}: {what}")

@@ -326,6 +326,8 @@ def _environment_problem(name: str, value: object) -> str | None:
                 "environment variable")
     if isinstance(value, str) and "\0" in value:
         return "expected a value without NUL characters: it is passed in the environment"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "expected a finite number: NaN and infinity have no JSON form for the history"
     return None
 
 

@@ -180,9 +180,14 @@ def _role_errors(role: dict[str, object]) -> list[str]:
      ({"startup_tasks": [{"command": "true", "env": {"A=B": "x"}}]},
       "svc.toml: roles.w.startup_tasks[0].env.A=B: expected a name"),
      ({"startup_tasks": [{"command": "true", "env": {"A": "x\0"}}]},
-      "svc.toml: roles.w.startup_tasks[0].env.A: expected a value without NUL")],
+      "svc.toml: roles.w.startup_tasks[0].env.A: expected a value without NUL"),
+     ({"settings": {"ratio": float("nan")}},
+      "svc.toml: roles.w.settings.ratio: expected a finite number"),
+     ({"settings": {"ratio": {"value": float("inf"), "secret": True}}},
+      "svc.toml: roles.w.settings.ratio: expected a finite number")],
     ids=["equals-in-name", "empty-name", "nul-in-value", "nul-in-secret", "same-variable",
-         "same-variable-by-case", "same-resource-variable", "task-env-name", "task-env-value"],
+         "same-variable-by-case", "same-resource-variable", "task-env-name", "task-env-value",
+         "nan", "infinite-secret"],
 )
 def test_what_cannot_go_into_the_environment_is_refused(
         role: dict[str, object], expected: str) -> None:
