@@ -169,7 +169,8 @@ def test_deployment_maps_instances_walks_probes_and_the_stop(
                                   {"containerPort": 18080, "protocol": "TCP"}]
     startup = container["startupProbe"]
     assert startup["httpGet"] == {"path": "/startup", "port": "health"}
-    assert startup["periodSeconds"] * startup["failureThreshold"] == 600  # the ready deadline
+    # the ready deadline, after the probe sent as the container starts
+    assert startup["periodSeconds"] * (startup["failureThreshold"] - 1) == 600
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["readinessProbe"]["periodSeconds"] == 3  # status_check_interval
     assert container["livenessProbe"]["httpGet"]["path"] == "/live"
@@ -292,10 +293,12 @@ def test_names_are_sanitised_and_cut_uniquely() -> None:
 
 
 def test_probe_arithmetic() -> None:
-    assert kubernetes.startup_timing(1800) == (10, 180)
-    assert kubernetes.startup_timing(45.5) == (10, 5)  # rounded up to whole periods
-    assert kubernetes.startup_timing(5) == (5, 1)
-    assert kubernetes.startup_timing(0.2) == (1, 1)
+    # The first probe comes as the container starts: (threshold - 1) periods are its time.
+    assert kubernetes.startup_timing(1800) == (10, 181)
+    assert kubernetes.startup_timing(45.5) == (10, 6)  # rounded up to whole periods
+    assert kubernetes.startup_timing(10) == (10, 2)  # not killed by the very first probe
+    assert kubernetes.startup_timing(5) == (5, 2)
+    assert kubernetes.startup_timing(0.2) == (1, 2)
     role = Role(entry_point="m:C", status_check_interval=3600)
     assert kubernetes.readiness_period(role) == 10
 

@@ -85,11 +85,14 @@ def grace_period(role: Role) -> int:
 
 
 def startup_timing(ready_deadline: float) -> tuple[int, int]:
-    """(periodSeconds, failureThreshold) of the startup probe: their product is the ready
-    deadline, in whole seconds, rounded up to a whole number of periods."""
+    """(periodSeconds, failureThreshold) of the startup probe. The kubelet probes once as
+    the container starts and then every period, so a container gets (threshold - 1)
+    periods: that is the ready deadline, in whole seconds, rounded up to whole periods.
+    One failure fewer, and a short deadline would fail the probe sent before the
+    interpreter is even up."""
     seconds = max(1, math.ceil(ready_deadline))
     period = min(STARTUP_PERIOD, seconds)
-    return period, math.ceil(seconds / period)
+    return period, math.ceil(seconds / period) + 1
 
 
 def readiness_period(role: Role) -> int:
