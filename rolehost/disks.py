@@ -22,7 +22,8 @@ from pathlib import Path
 from rolehost.definition import Role
 from rolehost.privileges import User
 
-# Never part of a deployed app: version control, environments, caches, run directories.
+# Never part of a deployed app: version control, environments, caches, run directories
+# (`.rolehost`, and run-instance's `.rolehost-ROLE-INDEX`, by prefix).
 _NOT_DEPLOYED = {".git", ".hg", ".venv", "venv", "__pycache__", ".rolehost", ".pytest_cache",
                  ".mypy_cache", ".ruff_cache", "node_modules"}
 
@@ -149,7 +150,8 @@ def _not_deployed(run_dir: Path) -> Callable[[str, list[str]], set[str]]:
     run_dir = run_dir.resolve()
 
     def ignore(folder: str, names: list[str]) -> set[str]:
-        return {n for n in names if n in _NOT_DEPLOYED or (Path(folder) / n).resolve() == run_dir}
+        return {n for n in names if n in _NOT_DEPLOYED or n.startswith(".rolehost-")
+                or (Path(folder) / n).resolve() == run_dir}
 
     return ignore
 

@@ -183,6 +183,7 @@ class Instance:
         # ends up failed ("waiting for host") instead of recycling for good.
         self._unready_since: float | None = None
         self._unready_boots = 0
+        self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
 
     # The state machine.
 
@@ -252,7 +253,8 @@ class Instance:
                 await self._end_boot()
                 await self._interrupt.wait()
             else:
-                reason = self._recycle_reason or self.last_error or "host exited"
+                reason = self._recycled_for = (
+                    self._recycle_reason or self.last_error or "host exited")
                 delay = self._backoff()
                 self.next_try = time.time() + delay
                 self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
@@ -654,7 +656,8 @@ class Instance:
             f"it was {where}"
         ) if self._unready_boots <= 1 else (
             f"waiting for host: not ready within the ready deadline ({deadline:g}s) in "
-            f"{self._unready_boots} boots; it was {where}; last error: {self.last_error}"
+            f"{self._unready_boots} boots; it was {where}; last error: "
+            f"{self.last_error or self._recycled_for}"
         )
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)

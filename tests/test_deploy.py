@@ -137,6 +137,9 @@ def test_a_run_dir_in_the_app_folder_makes_no_new_version(make_service: MakeServ
         (h.run_dir.path / "scratch").write_text("written by the service as it runs")
         (app / "node_modules").mkdir()
         (app / "node_modules" / "left-out.js").write_text("")
+        # run-instance's run directories, beside a definition in its app folder
+        (app / ".rolehost-web-0" / "logs").mkdir(parents=True)
+        (app / ".rolehost-web-0" / "logs" / "web_IN_0.log").write_text("a log")
         assert h.package()["version"] == first
         edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
         assert h.package()["version"] != first

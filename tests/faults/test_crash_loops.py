@@ -159,3 +159,16 @@ def test_a_crash_loop_that_never_gets_ready_fails_at_its_ready_deadline(
         assert boots(h) > failed_boots
         h.wait_state("web/0", "failed", 15)  # in its own time again
         bystander.check()
+
+
+def test_a_loop_of_false_starts_names_its_reason_when_it_fails(make_service: MakeService) -> None:
+    """on_start returning False sets no error: the failed reason names the recycle's."""
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                return not faulty()
+        """), instances=2, service={**LOOP, "ready_deadline": "1s"})
+    with service.harness() as h:
+        row = h.wait_state("web/0", "failed", 15)
+        assert row["reason"].endswith("; last error: on_start returned False"), row["reason"]
