@@ -23,7 +23,7 @@ from rolehost.definition import Definition, DefinitionErrors, Role, Secret, pars
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
-from rolehost.instance import Deployment, Instance, State, iso, parse_instance_name
+from rolehost.instance import Deployment, Instance, Operation, State, iso, parse_instance_name
 from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
 from rolehost.walks import Upgrade, Walk, domains
@@ -281,10 +281,15 @@ class Controller:
         busy = [i.id for i in instances if i.operation is not None]
         if busy:
             raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
+        for instance in instances:
+            instance.available()
+        # Claimed now, with no await since the check: a second request in the same turn
+        # of the loop finds them busy.
+        operations = [i.claim(kind, cause) for i in instances]
         assert self.history is not None
         record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
         started = [i.snapshot() for i in instances]
-        carried_out = asyncio.ensure_future(self._carry_out(kind, instances, cause, record))
+        carried_out = asyncio.ensure_future(self._carry_out(instances, operations, record))
         if not wait:
             self._background.add(carried_out)
             carried_out.add_done_callback(self._background.discard)
@@ -297,12 +302,13 @@ class Controller:
         return [r for r in results if isinstance(r, dict)]
 
     async def _carry_out(
-        self, kind: Maintenance, instances: list[Instance], cause: str, record: Any
+        self, instances: list[Instance], operations: list[Operation], record: Any
     ) -> list[Any]:
         """Every instance's part of one operation, and its line in the history."""
         assert self.history is not None
         results = await asyncio.gather(
-            *(i.maintain(kind, cause, wait=True) for i in instances), return_exceptions=True
+            *(i.carried_out(o) for i, o in zip(instances, operations, strict=True)),
+            return_exceptions=True,
         )
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)

@@ -120,7 +120,7 @@ class OperationError(RuntimeError):
 
 
 @dataclass
-class _Operation:
+class Operation:
     kind: Maintenance
     cause: str
     done: asyncio.Future[State]  # the state the instance settled in after it
@@ -167,7 +167,7 @@ class Instance:
         self._run_error: str | None = None  # the error the current boot reported
         self._stop_reason = "stop requested"
         self._stop_requested = False
-        self._operation: _Operation | None = None
+        self._operation: Operation | None = None
         self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
         self._changed = asyncio.Event()  # set, and replaced, at every transition
         self._deadline: asyncio.TimerHandle | None = None
@@ -702,16 +702,31 @@ class Instance:
         OperationError if another operation is under way on this instance, if the
         instance is stopping for good, or (with `wait`) if it ends failed or recycling.
         """
+        operation = self.claim(kind, cause, role)
+        if not wait:
+            return self.snapshot()
+        return await self.carried_out(operation)
+
+    def available(self) -> None:
+        """OperationError unless a maintenance event could begin now."""
         if self._stop_requested or self.state is S.STOPPED:
             raise OperationError(f"{self.id} is stopped")
         if self._operation is not None:
             raise OperationError(f"{self.id} is busy with another operation ({self.operation})")
-        operation = _Operation(kind, cause, asyncio.get_running_loop().create_future(), role=role)
+
+    def claim(self, kind: Maintenance, cause: str, role: Role | None = None) -> Operation:
+        """Begin a maintenance event. Synchronous, so that two requests in one turn of the
+        loop cannot both have the instance."""
+        self.available()
+        operation = Operation(kind, cause, asyncio.get_running_loop().create_future(), role=role)
         self._operation = operation
         log.info("maintenance", instance=self.id, kind=kind.value, cause=cause)
         self._interrupt.set()
-        if not wait:
-            return self.snapshot()
+        return operation
+
+    async def carried_out(self, operation: Operation) -> dict[str, Any]:
+        """Wait for a claimed operation; OperationError if it ends failed or recycling."""
+        kind = operation.kind
         if await operation.done is not S.READY:
             raise OperationError(
                 # The state's own reason: last_error may be an older crash's.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -385,3 +386,40 @@ def test_harness_in_a_user_test(make_service: MakeService) -> None:
         before = h.instance("web/0")["pid"]
         [row] = h.restart("web/0")
         assert row["state"] == "ready" and row["pid"] != before
+
+
+def test_two_operations_sent_at_once_on_one_instance_one_is_refused(
+        make_service: MakeService) -> None:
+    """One operation at a time holds for requests that reach the controller together:
+    the instance is taken before the answer, not by a task scheduled after it. Before,
+    both got 200, and the second failed later in the history, unseen."""
+    service = make_service("class Role(RoleEntryPoint): pass\n", service={"stable_after": "1s"})
+    body = b'{"instances": ["web/0"]}'
+    request = (b"POST /v1/operations/restart HTTP/1.1\r\nHost: x\r\nContent-Type: "
+               b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+               % (len(body), body))
+    with service.harness() as h:
+
+        def settled() -> bool:
+            row = h.instance("web/0")
+            return row["state"] == "ready" and row["operation"] is None
+
+        for _ in range(3):
+            wait_until(settled, 30, "web/0 ready, with no operation under way")
+            sockets = []
+            for _ in range(2):
+                sockets.append(socket.socket(socket.AF_UNIX))
+                sockets[-1].settimeout(10)
+                sockets[-1].connect(str(h.run_dir.socket))
+            for s in sockets:  # both in before the controller reads either
+                s.sendall(request)
+            answers = []
+            for s in sockets:
+                with s:
+                    received = b""
+                    while chunk := s.recv(65536):
+                        received += chunk
+                answers.append(received.split(b" ", 2)[1])
+            assert sorted(answers) == [b"200", b"409"], answers
+        wait_until(settled, 30, "web/0 ready, with no operation under way")
+        assert [r["outcome"] for r in h.operations()] == ["succeeded"] * 3
