@@ -283,11 +283,11 @@ class Controller:
             raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
         for instance in instances:
             instance.available()
+        assert self.history is not None
+        record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
         # Claimed now, with no await since the check: a second request in the same turn
         # of the loop finds them busy.
         operations = [i.claim(kind, cause) for i in instances]
-        assert self.history is not None
-        record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
         started = [i.snapshot() for i in instances]
         carried_out = asyncio.ensure_future(self._carry_out(instances, operations, record))
         if not wait:

@@ -426,8 +426,13 @@ def load_entry_point(entry_point: str, app_dir: str) -> type[RoleEntryPoint]:
         sys.path.insert(0, app_dir)
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ImportError(f"module {module_name!r} has no attribute {class_name!r}")
+    if cls is None:  # where it came from: a `site.py` of the role's loses to Python's own
+        where = str(getattr(module, "__file__", None) or "built in")
+        shadowed = not where.startswith(app_dir) and os.path.exists(
+            os.path.join(app_dir, *module_name.split(".")) + ".py")
+        raise ImportError(f"module {module_name!r} ({where}) has no attribute {class_name!r}"
+                          + (f"; a module of that name was imported before the one in "
+                             f"{app_dir}: rename yours" if shadowed else ""))
     if not (isinstance(cls, type) and issubclass(cls, RoleEntryPoint)):
         raise TypeError(f"{entry_point} is not a subclass of rolehost.RoleEntryPoint")
     return cls

@@ -105,10 +105,11 @@ class Packages:
 def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
     """What keeps `new` from replacing `running` in place (empty: nothing)."""
     problems = []
-    if running.service != new.service:
-        changed = [k for k in type(running.service).model_fields
-                   if getattr(running.service, k) != getattr(new.service, k)]
-        problems.append(f"[service] differs ({', '.join(changed)})")
+    if running.service != new.service:  # each key with both values, as for the roles
+        problems += [f"service.{k} differs ({getattr(running.service, k)!r} running, "
+                     f"{getattr(new.service, k)!r} in the package)"
+                     for k in type(running.service).model_fields
+                     if getattr(running.service, k) != getattr(new.service, k)]
     if set(running.roles) != set(new.roles):
         problems.append(f"roles differ ({', '.join(sorted(running.roles))} running, "
                         f"{', '.join(sorted(new.roles))} in the package)")

@@ -68,16 +68,19 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t + "\n[[roles.web.startup_tasks]]\ncommand = \"echo 'unterminated\"\n",
          "rolehost.toml: roles.web.startup_tasks[0].command: expected a command that splits"),
         (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
+        (lambda t: t.replace("app:Web", "site:Web"),  # app.py is copied as site.py too
+         "has no attribute 'Web'; a module of that name was imported before the one in"),
     ],
     ids=["unknown-key", "wrong-type", "bool-for-int", "bad-duration", "missing-module",
          "not-a-role", "duplicate-port", "duplicate-port-other-spelling", "same-variable",
-         "unsplittable-task", "bad-toml"],
+         "unsplittable-task", "bad-toml", "shadowed-module"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(
     tmp_path: Path, edit: object, expected: str, command: str
 ) -> None:
     (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "site.py").write_text(APP)  # the standard library's `site` comes first
     (tmp_path / "rolehost.toml").write_text(edit(GOOD))  # type: ignore[operator]
     done = rolehost(command, cwd=tmp_path)
     assert done.returncode == 2, done.stderr

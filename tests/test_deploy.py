@@ -78,7 +78,7 @@ def test_a_failed_preflight_touches_nothing(
             "missing": f"no package 'bad' (available: {h.status()['version']};",
             "import": "No module named 'not_a_module'",
             "incompatible": "roles.web.instances differ (2 running, 3 in the package)",
-            "service": "[service] differs (ready_deadline)",
+            "service": "service.ready_deadline differs (1800.0 running, 600.0 in the package)",
             "invalid": "service.nope: unknown key",
         }[problem]
         assert expected in message
