@@ -544,6 +544,8 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
                               endpoint_host, resources_dir)
     except (AlreadyRunning, Unsuitable) as exc:
         _fail(str(exc))
+    except model.DefinitionError as exc:  # a setting from the environment, of the wrong type
+        _fail(str(model.DefinitionError(file, exc.path, exc.message)), EXIT_BAD_DEFINITION)
     sys.exit(code)
 
 

@@ -14,6 +14,8 @@ and a small HTTP port:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import re
 import signal
@@ -27,7 +29,7 @@ import structlog
 
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
-from rolehost.definition import Definition, Role, Secret, setting_variable
+from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
 from rolehost.instance import Deployment, Instance, State
 from rolehost.rundir import RunDir
 
@@ -43,22 +45,41 @@ def index_from_environment() -> int:
     return int(match.group(1)) if match else 0
 
 
-def settings_from_environment(role: Role, environ: Mapping[str, str]) -> Role:
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
+def settings_from_environment(role: Role, environ: Mapping[str, str], name: str = "") -> Role:
     """`ROLEHOST_SETTING_NAME` overrides a declared setting (from a ConfigMap or a Secret,
-    say), read as the type the definition gives it; a secret stays secret."""
+    say), read as the type the definition gives it; a secret stays secret. A value that
+    is not of that type is a DefinitionError that names the variable, never the value
+    (it may be a secret's)."""
     settings: dict[str, Any] = dict(role.settings)
-    for name, declared in role.settings.items():
-        variable = setting_variable(name)
+    for key, declared in role.settings.items():
+        variable = setting_variable(key)
         if variable not in environ:
             continue
-        text = environ[variable]
+        raw = environ[variable]
+        text = raw.strip()  # a number's or a flag's: a file in a ConfigMap ends in a newline
         current = declared.value if isinstance(declared, Secret) else declared
-        value: Any = text
+        value: Any = raw
         if isinstance(current, bool):
-            value = text.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, int | float):
-            value = type(current)(text)
-        settings[name] = Secret(value=value) if isinstance(declared, Secret) else value
+            value = _BOOLEANS.get(text.lower())
+            expected = "true or false (or 1, 0, yes, no, on, off)"
+        elif isinstance(current, int):
+            value = int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+            expected = "an integer"
+        elif isinstance(current, float):
+            with contextlib.suppress(ValueError):
+                value = float(text)
+            value = value if isinstance(value, float) and math.isfinite(value) else None
+            expected = "a finite number"
+        if value is None:
+            raise DefinitionError(None, f"roles.{name}.settings.{key}" if name else key,
+                                  f"{variable} is not {expected}, as the definition's value "
+                                  "is (the value is not shown)")
+        settings[key] = declared.model_copy(update={"value": value}) if isinstance(
+            declared, Secret) else value
     return role.model_copy(update={"settings": settings})
 
 
@@ -70,7 +91,7 @@ class SingleInstance:
         self.drain_delay = drain_delay
         self.deployment = Deployment.prepare(definition.service, run_dir.path, logs.Console(),
                                              self._observe)
-        spec = settings_from_environment(definition.roles[role], os.environ)
+        spec = settings_from_environment(definition.roles[role], os.environ, role)
         self.instance = Instance(self.deployment, role, spec, index)
         # No balancer in front: the instance takes its endpoints' declared ports itself.
         self.instance.ports = {name: ep.port for name, ep in spec.endpoints.items()}

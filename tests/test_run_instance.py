@@ -98,6 +98,34 @@ def test_settings_from_the_environment_keep_their_type_and_secrecy() -> None:
     assert changed.values == {"greeting": "hello", "workers": 8, "ratio": 0.25,
                               "debug": True, "api-key": "new"}
     assert changed.secrets == {"api-key"}
+    shown = {"value": "x", "secret": False}  # declared not secret: it stays shown
+    role = role.model_copy(update={"settings": {**role.settings,
+                                                "plain": definition.Secret(**shown)}})
+    changed = settings_from_environment(role, {"ROLEHOST_SETTING_PLAIN": "y",
+                                               "ROLEHOST_SETTING_DEBUG": " off\n"})
+    assert changed.secrets == {"api-key"} and changed.values["plain"] == "y"
+    assert changed.values["debug"] is False
+
+
+@pytest.mark.parametrize(("variable", "text", "expected"), [
+    ("ROLEHOST_SETTING_WORKERS", "s3cr3t", "is not an integer"),
+    ("ROLEHOST_SETTING_WORKERS", "2.0", "is not an integer"),
+    ("ROLEHOST_SETTING_RATIO", "nan", "is not a finite number"),
+    ("ROLEHOST_SETTING_DEBUG", "maybe", "is not true or false"),
+    ("ROLEHOST_SETTING_PIN", "s3cr3t", "is not an integer")])
+def test_a_setting_from_the_environment_of_the_wrong_type_is_refused_unseen(
+        variable: str, text: str, expected: str) -> None:
+    from rolehost import definition
+    from rolehost.single import settings_from_environment
+
+    role = definition.parse({"service": {"name": "s"}, "roles": {"web": {
+        "entry_point": "m:C", "settings": {"workers": 2, "ratio": 0.5, "debug": False,
+                                           "pin": {"value": 1234, "secret": True}},
+    }}}).roles["web"]
+    with pytest.raises(definition.DefinitionError) as refused:
+        settings_from_environment(role, {variable: text}, "web")
+    assert expected in str(refused.value) and variable in str(refused.value)
+    assert text not in str(refused.value)  # perhaps a secret's: never shown
 
 
 def test_run_instance_binds_the_declared_port_with_settings_from_env(
@@ -143,3 +171,24 @@ def test_run_instance_binds_the_declared_port_with_settings_from_env(
             controller.kill()
         for proc in run_dir_processes(run_dir):
             proc.kill()
+
+
+def test_run_instance_refuses_a_setting_of_the_wrong_type_without_showing_it(
+        tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    folder = Path(tmp_path)
+    (folder / "role.py").write_text(
+        "from rolehost import RoleEntryPoint\nclass Role(RoleEntryPoint): pass\n")
+    (folder / "rolehost.toml").write_text(
+        '[service]\nname = "s"\n[roles.web]\nentry_point = "role:Role"\n'
+        "[roles.web.settings]\npin = { value = 1234, secret = true }\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "rolehost", "run-instance", "web", "--health",
+         f"127.0.0.1:{free_port()}"], cwd=folder, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "ROLEHOST_SETTING_PIN": "s3cr3t-Value"})
+    assert done.returncode == 2, done.stderr
+    assert "rolehost.toml: roles.web.settings.pin: ROLEHOST_SETTING_PIN is not an integer" \
+        in done.stderr
+    assert "s3cr3t" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    assert not run_dir_processes(folder / ".rolehost-web-0")
