@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import shlex
 import socket
 import subprocess
 import sys
@@ -68,3 +69,25 @@ def test_export_systemd_refuses_a_name_too_long_for_a_file(tmp_path: Path) -> No
     assert "rolehost.toml: service.name: expected a string of at most 63 characters" in (
         done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_export_systemd_quotes_paths_systemd_would_split(tmp_path: Path) -> None:
+    """A folder with a space, `%` and `$` in its name: systemd splits ExecStart at white
+    space and expands `%` specifiers and `$` variables, so each is quoted or escaped."""
+    folder = tmp_path / "my service" / "100% $HOME"
+    folder.mkdir(parents=True)
+    (folder / "rolehost.toml").write_text(
+        '[service]\nname = "odd"\n[roles.web]\nentry_point = "app:Web"\n')
+    (folder / "app.py").write_text(
+        "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\n")
+    done = subprocess.run([sys.executable, "-m", "rolehost", "export", "systemd", "-f",
+                           str(folder / "rolehost.toml"), "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read(tmp_path / "rolehost-odd.service")
+    service = unit["Service"]
+    assert service["WorkingDirectory"] == str(folder).replace("%", "%%")
+    # systemd's splitting, approximated: double quotes, backslash escapes, then %% and $$
+    argv = [a.replace("%%", "%").replace("$$", "$") for a in shlex.split(service["ExecStart"])]
+    assert argv[-3:] == ["-f", str(folder / "rolehost.toml"), "--no-console"]

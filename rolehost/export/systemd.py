@@ -31,8 +31,9 @@ def unit(definition: Definition, file: Path) -> str:
         "[Service]",
         "Type=notify",
         "NotifyAccess=main",
-        f"WorkingDirectory={file.parent}",
-        f"ExecStart={sys.executable} -m rolehost start -f {file} --no-console",
+        f"WorkingDirectory={_escape(str(file.parent))}",
+        "ExecStart=" + " ".join(_quote(a) for a in (
+            sys.executable, "-m", "rolehost", "start", "-f", str(file), "--no-console")),
         # SIGTERM to the controller only: it stops the instances itself, gracefully.
         "KillMode=mixed",
         f"TimeoutStartSec={int(definition.service.ready_deadline) + MARGIN}",
@@ -46,3 +47,18 @@ def unit(definition: Definition, file: Path) -> str:
         "WantedBy=multi-user.target",
         "",
     ])
+
+
+def _escape(value: str) -> str:
+    """`value` with systemd's specifiers (`%h`, ...) taken literally."""
+    return value.replace("%", "%%")
+
+
+def _quote(argument: str) -> str:
+    """One argument of a command line as systemd splits them: quoted when it holds white
+    space or quotes (a folder called `my service`), specifiers and variables (`$`)
+    escaped either way."""
+    escaped = _escape(argument).replace("$", "$$")
+    if argument and not any(c.isspace() or c in "\"'\\;" for c in argument):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
