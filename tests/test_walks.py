@@ -248,3 +248,27 @@ def test_no_request_fails_during_a_walk(make_service: MakeService, kind: str) ->
         assert load.failures == [], load.report()
         print(f"{kind}: {load.report()} steady p99 {steady * 1000:.1f} ms, "
               f"walk {walk_seconds:.1f}s")
+
+
+def test_a_walk_does_not_start_with_an_instance_down_outside_its_first_domain(
+        make_service: MakeService) -> None:
+    """UD 1 is down already (a crash loop): walking UD 0 would take both down. Before,
+    the walk started, restarted UD 0 and then halted in UD 1."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                if (RoleEnvironment.os_dir / "broken").exists():
+                    raise RuntimeError("broken")
+                return True
+        """, instances=2, service={"upgrade_domains": 2, "backoff_initial": "100ms"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        ready = h.instance("web/0")["pid"]
+        (h.run_dir.path / "instances/web_IN_1/os/broken").touch()
+        h.kill("web/1")
+        h.wait_state("web/1", "recycling", 10)
+        with pytest.raises(ApiError, match="web_IN_1 is recycling .*a walk would take a "
+                                           "second update domain down"):
+            h.upgrade("host-os")
+        assert h.instance("web/0")["pid"] == ready  # untouched
+        assert not h.operations()
