@@ -267,8 +267,8 @@ def test_a_walk_does_not_start_with_an_instance_down_outside_its_first_domain(
         (h.run_dir.path / "instances/web_IN_1/os/broken").touch()
         h.kill("web/1")
         h.wait_state("web/1", "recycling", 10)
-        with pytest.raises(ApiError, match="web_IN_1 is recycling .*a walk would take a "
-                                           "second update domain down"):
+        with pytest.raises(ApiError, match=r"web_IN_1 is recycling .*a walk would take a "
+                                           r"second update domain down"):
             h.upgrade("host-os")
         assert h.instance("web/0")["pid"] == ready  # untouched
         assert not h.operations()
