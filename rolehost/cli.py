@@ -510,14 +510,26 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
+def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, int]:
+    """HOST:PORT, the host named: nothing listens on every interface unless asked."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT, with a host (0.0.0.0 for "
+                                 "every interface) and a port from 1 to 65535")
+    return host, int(port)
+
+
 @cli.command(name="run-instance")
 @click.argument("role")
 @_file
 @_run_dir
-@click.option("--index", type=int, help="The instance's index [default: ROLEHOST_INDEX, or "
-              "the ordinal at the end of the host name (a StatefulSet pod), or 0].")
-@click.option("--health", default="127.0.0.1:8484", show_default=True,
-              help="host:port of /startup, /ready, /live and /stop.")
+@click.option("--index", type=click.IntRange(min=0),
+              help="The instance's index [default: ROLEHOST_INDEX, or the ordinal at the "
+                   "end of the host name (a StatefulSet pod), or 0].")
+@click.option("--health", default="127.0.0.1:8484", show_default=True, callback=_address,
+              help="host:port of /startup, /ready, /live and /stop (0.0.0.0:PORT to listen "
+                   "on every interface, [::1]:PORT for IPv6).")
 @click.option("--drain-delay", default=0.0, show_default=True,
               help="Seconds between leaving rotation (/ready 503) and the stop.")
 @click.option("--endpoint-host", help="Address the role binds its endpoints on [default: "
@@ -525,7 +537,8 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
 @click.option("--resources-dir", type=click.Path(path_type=Path),
               help="Folder of the local resources (a persistent volume) [default: in the "
                    "run directory].")
-def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None, health: str,
+def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
+                 health: tuple[str, int],
                  drain_delay: float, endpoint_host: str | None,
                  resources_dir: Path | None) -> None:
     """Run one instance of ROLE in the foreground, as a container would: startup tasks,
@@ -537,12 +550,15 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
     if role not in definition.roles:
         _fail(f"no role {role!r} in {file} (roles: {', '.join(definition.roles)})",
               EXIT_BAD_DEFINITION)
-    chosen = single.index_from_environment() if index is None else index
+    try:
+        chosen = single.index_from_environment() if index is None else index
+    except ValueError as exc:
+        _fail(str(exc), EXIT_BAD_DEFINITION)
     try:
         with _user_of(file):
             code = single.run(definition, file, role, chosen, health, run_dir, drain_delay,
                               endpoint_host, resources_dir)
-    except (AlreadyRunning, Unsuitable) as exc:
+    except (AlreadyRunning, Unsuitable, single.CannotListen) as exc:
         _fail(str(exc))
     except model.DefinitionError as exc:  # a setting from the environment, of the wrong type
         _fail(str(model.DefinitionError(file, exc.path, exc.message)), EXIT_BAD_DEFINITION)

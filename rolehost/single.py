@@ -38,9 +38,12 @@ ROUTES: Routes = []
 
 
 def index_from_environment() -> int:
-    """ROLEHOST_INDEX, else a StatefulSet pod's ordinal (`web-3` -> 3), else 0."""
+    """ROLEHOST_INDEX, else a StatefulSet pod's ordinal (`web-3` -> 3), else 0; ValueError
+    for a ROLEHOST_INDEX that is no index (it was taken from the host name, unseen)."""
     if (value := os.environ.get("ROLEHOST_INDEX", "")).isdigit():
         return int(value)
+    if value:
+        raise ValueError(f"ROLEHOST_INDEX={value!r}: expected an index (0, 1, ...)")
     match = re.search(r"-(\d+)$", socket.gethostname())
     return int(match.group(1)) if match else 0
 
@@ -113,8 +116,12 @@ class SingleInstance:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_stop)
         pending: set[asyncio.Task[None]] = set()
-        server = await loop.create_server(
-            lambda: api._Connection(self, pending, ROUTES), host, port)  # type: ignore[arg-type]
+        try:
+            server = await loop.create_server(
+                lambda: api._Connection(self, pending, ROUTES), host, port)  # type: ignore[arg-type]
+        except OSError as exc:  # before the instance starts: nothing to stop
+            raise CannotListen(f"cannot listen on {host}:{port} for the health endpoints: "
+                               f"{exc.strerror or exc}") from None
         log.info("instance_mode", instance=self.instance.id, health=f"{host}:{port}")
         self.deployment.standby.warm()
         self.instance.start()
@@ -166,18 +173,21 @@ async def _stop(single: Any, request: Request) -> Any:
     return {"stopping": True}
 
 
-def run(definition: Definition, file: Path, role: str, index: int, health: str,
+class CannotListen(RuntimeError):
+    """The health endpoints' address is taken, or cannot be listened on."""
+
+
+def run(definition: Definition, file: Path, role: str, index: int, health: tuple[str, int],
         run_dir: Path | None, drain_delay: float, endpoint_host: str | None = None,
         resources: Path | None = None) -> int:
     where = RunDir(Path(run_dir).resolve() if run_dir else
                    Path(file).resolve().parent / f".rolehost-{role}-{index}")
     where.ensure()
-    host, _, port = health.rpartition(":")
     single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host,
                             resources)
     try:
         with asyncio.Runner(loop_factory=process.event_loop) as runner:  # uvloop's if any
-            return runner.run(single.serve(host, int(port)))
+            return runner.run(single.serve(*health))
     finally:
         if single.deployment.console is not None:
             single.deployment.console.flush()

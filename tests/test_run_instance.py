@@ -192,3 +192,38 @@ def test_run_instance_refuses_a_setting_of_the_wrong_type_without_showing_it(
         in done.stderr
     assert "s3cr3t" not in done.stderr + done.stdout and "Traceback" not in done.stderr
     assert not run_dir_processes(folder / ".rolehost-web-0")
+
+
+def test_run_instance_refuses_a_bad_health_address_or_index_cleanly(
+        tmp_path: os.PathLike[str]) -> None:
+    """Nothing listens on every interface unless asked (a bare port did, /stop included);
+    a taken port, a bad index: a message and an exit code, never a traceback."""
+    import socket
+    from pathlib import Path
+
+    folder = Path(tmp_path)
+    (folder / "role.py").write_text(
+        "from rolehost import RoleEntryPoint\nclass Role(RoleEntryPoint): pass\n")
+    (folder / "rolehost.toml").write_text(
+        '[service]\nname = "s"\n[roles.web]\nentry_point = "role:Role"\n')
+
+    def run_instance(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rolehost", "run-instance", "web", *args],
+                              cwd=folder, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for done, code, expected in (
+                (run_instance("--health", "18493"), 2, "expected HOST:PORT, with a host"),
+                (run_instance("--health", "localhost:abc"), 2, "expected HOST:PORT"),
+                (run_instance("--index", "-1"), 2, "-1 is not in the range x>=0"),
+                (run_instance(ROLEHOST_INDEX="abc"), 2,
+                 "ROLEHOST_INDEX='abc': expected an index"),
+                (run_instance("--health", f"127.0.0.1:{port}"), 1,
+                 f"cannot listen on 127.0.0.1:{port} for the health endpoints")):
+            assert done.returncode == code, done.stderr
+            assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not run_dir_processes(folder / ".rolehost-web-0")
