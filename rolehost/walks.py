@@ -4,7 +4,8 @@ UD 0 first, then 1, ...: within a UD every instance of every role gets the event
 once, and the walk moves on only when each is ready again. An instance that ends
 failed, or not ready, halts the walk where it is: a second UD is never taken down
 while the first has not come back. In `manual` mode the walk pauses after each UD
-until `next`; `abort` ends a paused or halted walk.
+until `next`; `abort` ends a paused or halted walk. A deploy's rollback walks back the
+same way, one UD at a time, from the failed UD down to UD 0.
 """
 
 from __future__ import annotations
@@ -142,22 +143,50 @@ class Walk:
         return False
 
     async def _roll_back(self) -> None:
-        """Put every instance this walk touched back on the version it had."""
+        """Put every instance this walk touched back on the version it had, one update
+        domain at a time: the failed domain first (it is down already), then back towards
+        UD 0. A domain that does not come back halts the rollback there."""
         assert self.rollback is not None
         moved = [i for d in self.domains for i in d if self.progress[i.id] != "pending"]
         cause = f"rollback of walk {self.id}"
-        results = await asyncio.gather(
-            *(i.maintain(Maintenance.DEPLOY, cause, wait=True, role=self.rollback[i.role_name])
-              for i in moved),
-            return_exceptions=True,
-        )
-        for instance, result in zip(moved, results, strict=True):
-            self.progress[instance.id] = "rolled back" if not isinstance(
-                result, BaseException) else f"rollback failed: {result}"
-        back = sum(1 for r in results if not isinstance(r, BaseException))
+        # The domains not yet put back serve while one goes back: all at once, no domain
+        # would be in rotation (the platform's rule is one domain down at a time).
+        halted: str | None = None
+        for number in range(len(self.domains) - 1, -1, -1):
+            instances = [i for i in self.domains[number] if self.progress[i.id] != "pending"]
+            if not instances:
+                continue
+            if halted is not None:  # on the new version and serving: left for a person
+                for instance in instances:
+                    self.progress[instance.id] = "not rolled back"
+                continue
+            self.domain = number
+            log.info("walk_rollback_domain", walk=self.id, domain=number,
+                     instances=[i.id for i in instances])
+            for instance in instances:
+                self.progress[instance.id] = "rolling back"
+            results = await asyncio.gather(
+                *(i.maintain(Maintenance.DEPLOY, cause, wait=True,
+                             role=self.rollback[i.role_name])
+                  for i in instances),
+                return_exceptions=True,
+            )
+            failed = []
+            for instance, result in zip(instances, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.progress[instance.id] = f"rollback failed: {result}"
+                    failed.append(str(result) if isinstance(result, OperationError)
+                                  else repr(result))
+                else:
+                    self.progress[instance.id] = "rolled back"
+            if failed:
+                halted = f"the rollback halted in update domain {number}: " + "; ".join(failed)
+        back = sum(1 for i in moved if self.progress[i.id] == "rolled back")
         self.error = (f"{self.error}; rolled back {back} of {len(moved)} instances to the "
                       "running version")
-        if back < len(moved):  # what could not be put back waits for a person: halted
+        if halted is not None:  # what could not be put back waits for a person: halted
+            self.error = f"{self.error}; {halted}"
+            log.error("walk_rollback_halted", walk=self.id, error=self.error)
             self.state = WalkState.HALTED
             await self._resume.wait()
             return

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import MakeService, Service
+from test_balancer import WEB, free_port
+from test_walks import assert_one_domain_down_at_a_time
 
 from rolehost.client import ApiError
-from rolehost.testing import ServiceHarness
+from rolehost.testing import LoadProbe, ServiceHarness
 
 ROLE = """
 VERSION = "v1"
@@ -143,3 +145,65 @@ def test_a_run_dir_in_the_app_folder_makes_no_new_version(make_service: MakeServ
         assert h.package()["version"] == first
         edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
         assert h.package()["version"] != first
+
+
+@pytest.mark.slow
+def test_a_rollback_takes_one_domain_at_a_time(make_service: MakeService) -> None:
+    # UD 0 (web_IN_0, _2) moves to v2; in UD 1, web_IN_1 fails and web_IN_3 moves. Put
+    # back all four at once, nothing is in rotation for the 2 s of on_start and a request
+    # gets a 503 after its 1 s queue_timeout.
+    port = free_port()
+    service = make_service(
+        WEB, instances=4, settings={"warmup": "2,2,2,2"},
+        service={"upgrade_domains": 2, "backoff_initial": "30s"},
+        role={"stop_timeout": "10s"},
+        extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        queue_timeout = "1s"
+        """,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        edit(service, "delay = RoleEnvironment",
+             'if me.index == 1:\n            raise RuntimeError("v2 is broken")\n'
+             "        delay = RoleEnvironment")
+        h.package("v2")
+        with LoadProbe(f"http://127.0.0.1:{port}/", clients=4) as load:
+            load.wait_requests(100)
+            walk = h.deploy("v2")
+            load.wait_requests(load.requests + 100)
+        assert walk["state"] == "rolled back", walk
+        assert "rolled back 4 of 4" in walk["error"], walk
+        assert load.failures == [], load.report()
+        assert_one_domain_down_at_a_time(h, 2)
+        starts = [e["instance"] for e in h.events()
+                  if e["event"] == "maintenance" and e["cause"].startswith("rollback")]
+        assert sorted(starts[:2]) == ["web_IN_1", "web_IN_3"], starts  # the failed UD first
+
+
+def test_a_rollback_that_fails_halts_before_the_next_domain(make_service: MakeService) -> None:
+    # v1 fails to start on an instance with a `broken` flag in its os/ (kept by a deploy):
+    # putting web_IN_1 back fails, and web_IN_0, on v2 and serving, must stay as it is.
+    service = make_service(ROLE.replace(
+        "marker.touch()",
+        'marker.touch()\n        if (RoleEnvironment.os_dir / "broken").exists():\n'
+        '            raise RuntimeError(f"{VERSION} is broken here")'),
+        instances=2, service={"upgrade_domains": 2, "backoff_initial": "30s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        (h.run_dir.path / "instances/web_IN_1/os/broken").touch()
+        edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
+        h.package("v2")
+        walk = h.deploy("v2")
+        assert walk["state"] == "halted", walk
+        assert walk["progress"] == {"web_IN_0": "not rolled back",
+                                    "web_IN_1": walk["progress"]["web_IN_1"]}, walk
+        assert walk["progress"]["web_IN_1"].startswith("rollback failed: "), walk
+        assert "rolled back 0 of 2" in walk["error"], walk
+        assert "rollback halted in update domain 1" in walk["error"], walk
+        web0 = h.instance("web/0")
+        assert web0["state"] == "ready" and web0["restarts"] == 1, web0  # v2, untouched
+        assert h.walk_abort()["state"] == "aborted"
+        [record] = h.operations()
+        assert record["outcome"] == "failed" and "rollback halted" in record["error"]
