@@ -314,8 +314,9 @@ def config() -> None:
 @_run_dir
 def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Path | None) -> None:
     """Set settings of ROLE: per update domain (or all at once with change_mode = "blast"),
-    `changing` handlers may cancel, which recycles that instance to apply them. VALUE is
-    read as JSON when it is a number, true or false, and as a string otherwise."""
+    `changing` handlers may cancel, which recycles that instance to apply them. A domain
+    that does not come back halts the change (exit 1): later domains keep their settings.
+    VALUE is read as JSON when it is a number, true or false, and as a string otherwise."""
     settings = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")

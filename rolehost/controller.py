@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -426,22 +426,55 @@ class Controller:
                               for k, v in settings.items()})
         record = self.history.begin(f"config {role_name}", {"settings": shown, "cause": cause},
                                     [i.id for i in ours])
-        count = self.definition.service.upgrade_domains
-        groups = [ours] if self.definition.service.change_mode == "blast" else domains(ours, count)
         outcome: dict[str, str] = {}
         try:
+            await self._offer_by_domain(f"config {role_name}", ours, outcome, record,
+                                        lambda i: i.change_settings(new, cause))
+        finally:
+            # Stored once every instance has them, even one that failed with them. A halt
+            # leaves the later domains on the old settings, and those stay the role's: the
+            # next change is offered against them, not against settings that failed.
+            if len(outcome) == len(ours):
+                self._set_role(role_name, new)
+        return outcome
+
+    async def _offer_by_domain(self, what: str, instances: list[Instance],
+                               outcome: dict[str, str], record: Any,
+                               offer: Callable[[Instance], Awaitable[str]]) -> None:
+        """Offer a change to `instances` one update domain at a time (all at once with
+        change_mode "blast"), filling `outcome` as each answers, and end `record`. A
+        domain that does not take the change halts it there, as a walk halts: taking the
+        next domain down would leave none serving. ApiError if any instance failed."""
+        assert self.history is not None
+        blast = self.definition.service.change_mode == "blast"
+        count = self.definition.service.upgrade_domains
+        groups = [instances] if blast else [g for g in domains(instances, count) if g]
+        headline: str | None = None
+        try:
             for group in groups:
-                results = await asyncio.gather(*(i.change_settings(new, cause) for i in group),
+                results = await asyncio.gather(*(offer(i) for i in group),
                                                return_exceptions=True)
                 for instance, result in zip(group, results, strict=True):
                     outcome[instance.id] = (
                         result if isinstance(result, str) else f"failed: {result}"
                     )
+                if any(isinstance(r, BaseException) for r in results):
+                    headline = f"{what} failed"
+                    if untouched := [i.id for i in instances if i.id not in outcome]:
+                        domain = group[0].update_domain
+                        headline = (f"{what} halted in update domain {domain}: not offered "
+                                    f"to {', '.join(untouched)}, which keep what they had")
+                        log.error("change_halted", change=what, domain=domain,
+                                  untouched=untouched)
+                    break
         finally:
-            self._set_role(role_name, new)
+            if headline is None and len(outcome) < len(instances):
+                headline = f"{what} cut short"  # the controller is stopping
             failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
-            self.history.end(record, "failed" if failed else "succeeded", "; ".join(failed) or None)
-        return outcome
+            error = "; ".join([headline, *failed]) if headline else None
+            self.history.end(record, "failed" if error else "succeeded", error)
+        if headline is not None:
+            raise api.ApiError(500, "\n".join([headline, *failed]))
 
     async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
@@ -457,8 +490,11 @@ class Controller:
         assert self.history is not None
         record = self.history.begin(f"scale {role_name}", {"instances": count, "cause": cause},
                                     [])
-        self._set_role(role_name, role.model_copy(update={"instances": count}))
-        added = [self._add_instance(role_name, ours[0].role if ours else role, index)
+        role = role.model_copy(update={"instances": count})
+        self._set_role(role_name, role)
+        # The role as stored, not as one of its instances runs it: after a settings change
+        # that halted, UD 0 runs settings the role does not have.
+        added = [self._add_instance(role_name, role, index)
                  for index in range(len(ours), count)]
         removed = ours[count:]
         await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))

@@ -203,3 +203,57 @@ def test_scaling_tells_the_other_instances_about_the_topology(make_service: Make
             service.wait_probe(f"changing web web_IN_{i}")
             service.wait_probe(f"changed roles=['web_IN_0', 'web_IN_1', 'web_IN_2'] web_IN_{i}")
         assert "start roles=['web_IN_0', 'web_IN_1', 'web_IN_2'] web_IN_2" in service.probes()
+
+
+# A new mode needs a restart (its handler cancels), and the mode "bad" never starts.
+FRAGILE = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        if RoleEnvironment.get_setting("mode") == "bad":
+            raise RuntimeError("mode bad")
+        RoleEnvironment.on_changing(self.changing)
+        probe(f"start mode={RoleEnvironment.get_setting('mode')}")
+        return True
+
+    def changing(self, event):
+        names = [getattr(c, "name", "topology") for c in event.changes]
+        probe("changing " + ",".join(names))
+        if "mode" in names or "topology" in names:
+            event.cancel()
+"""
+
+
+def test_a_settings_change_halts_in_the_first_domain_that_does_not_come_back(
+    make_service: MakeService,
+) -> None:
+    """As a walk does: the next domain keeps its settings, and serves."""
+    service = make_service(FRAGILE, instances=4, settings={"mode": "good"},
+                           service={"upgrade_domains": 2, "backoff_initial": "0.1s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "config", "set", "web", "mode=bad",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith(
+            "rolehost: config web halted in update domain 0: not offered to web_IN_1, "
+            "web_IN_3, which keep what they had\n"), done.stderr
+        for i in (0, 2):
+            assert (f"web_IN_{i}: failed: web_IN_{i} did not become ready after recycle"
+                    in done.stderr)
+        for i in (1, 3):
+            row = h.instance(f"web/{i}")
+            assert (row["state"], row["pid"]) == ("ready", pids[f"web_IN_{i}"])
+            assert f"changing mode web_IN_{i}" not in service.probes()
+        [record] = h.operations()
+        assert record["outcome"] == "failed"
+        assert record["error"].startswith("config web halted in update domain 0")
+        # The role kept the settings the halted change did not give every instance: the
+        # next change is offered against them, and puts UD 0 back on them.
+        assert h.client.configure("web", {"other": 1}) == {
+            "web_IN_0": "applied at the next start", "web_IN_2": "applied at the next start",
+            "web_IN_1": "applied", "web_IN_3": "applied"}
+        assert "changing other web_IN_1" in service.probes()
+        h.wait_ready(30)
+        service.wait_probe("start mode=good web_IN_0")
