@@ -507,13 +507,13 @@ class Controller:
         record.instances = [i.id for i in added + removed]
         topology = self.topology()
         others = [i for i in self.instances.values() if i not in added]
-        results = await asyncio.gather(
-            *(i.change_topology(topology, role_name, cause) for i in others),
-            return_exceptions=True,
-        )
-        errors = [f"{i.id}: {r}" for i, r in zip(others, results, strict=True)
-                  if isinstance(r, BaseException)]
-        self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)
+        for instance in others:  # what their next boot sees, whether a halt spares them
+            instance.topology = topology
+        # Like a settings change: a handler that cancels recycles its instance, so all of
+        # them at once would take the role down.
+        what = f"topology change of {role_name} (scaled to {count})"
+        await self._offer_by_domain(what, others, {}, record,
+                                    lambda i: i.change_topology(topology, role_name, cause))
         return record.instances
 
     def topology(self) -> dict[str, list[str]]:

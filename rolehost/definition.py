@@ -364,7 +364,8 @@ class Service(_Model):
         description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",
     )
     change_mode: Literal["per-ud", "blast"] = Field(
-        default="per-ud", description="settings changes one update domain at a time, or all at once"
+        default="per-ud",
+        description="settings and topology changes one update domain at a time, or all at once"
     )
     limited_user: Text | None = Field(
         default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",

@@ -205,12 +205,15 @@ def test_scaling_tells_the_other_instances_about_the_topology(make_service: Make
         assert "start roles=['web_IN_0', 'web_IN_1', 'web_IN_2'] web_IN_2" in service.probes()
 
 
-# A new mode needs a restart (its handler cancels), and the mode "bad" never starts.
+# A new mode or topology needs a restart (its handler cancels); the mode "bad", or
+# more than `most` instances, never start.
 FRAGILE = """
 class Role(RoleEntryPoint):
     def on_start(self):
         if RoleEnvironment.get_setting("mode") == "bad":
             raise RuntimeError("mode bad")
+        if len(RoleEnvironment.roles["web"]) > RoleEnvironment.get_setting("most"):
+            raise RuntimeError("too many")
         RoleEnvironment.on_changing(self.changing)
         probe(f"start mode={RoleEnvironment.get_setting('mode')}")
         return True
@@ -227,7 +230,7 @@ def test_a_settings_change_halts_in_the_first_domain_that_does_not_come_back(
     make_service: MakeService,
 ) -> None:
     """As a walk does: the next domain keeps its settings, and serves."""
-    service = make_service(FRAGILE, instances=4, settings={"mode": "good"},
+    service = make_service(FRAGILE, instances=4, settings={"mode": "good", "most": 4},
                            service={"upgrade_domains": 2, "backoff_initial": "0.1s"})
     with service.harness() as h:
         h.wait_ready(30)
@@ -257,3 +260,29 @@ def test_a_settings_change_halts_in_the_first_domain_that_does_not_come_back(
         assert "changing other web_IN_1" in service.probes()
         h.wait_ready(30)
         service.wait_probe("start mode=good web_IN_0")
+
+
+def test_a_topology_change_goes_per_domain_and_halts_like_a_settings_change(
+    make_service: MakeService,
+) -> None:
+    """Handlers that cancel recycle their instances: all at once, the role is down."""
+    service = make_service(FRAGILE, instances=4, settings={"mode": "good", "most": 4},
+                           service={"upgrade_domains": 2, "backoff_initial": "0.1s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
+        with pytest.raises(ApiError) as failed:
+            h.client.scale("web", 5)
+        assert failed.value.status == 500
+        assert str(failed.value).startswith(
+            "topology change of web (scaled to 5) halted in update domain 0: not offered to "
+            "web_IN_1, web_IN_3, which keep what they had"), failed.value
+        assert "web_IN_0: failed: web_IN_0 did not become ready after recycle" in str(
+            failed.value)
+        for i in (1, 3):
+            row = h.instance(f"web/{i}")
+            assert (row["state"], row["pid"]) == ("ready", pids[f"web_IN_{i}"])
+            assert f"changing topology web_IN_{i}" not in service.probes()
+        assert [i["id"] for i in h.status()["instances"]][-1] == "web_IN_4"
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == ("scale web", "failed")
