@@ -771,23 +771,43 @@ class Instance:
         if process is None or not process.running or self.state not in (S.READY, S.BUSY):
             self.role = role
             return "applied at the next start"
-        self._changing = asyncio.get_running_loop().create_future()
+        # Whatever the host answers, its instance's next boot runs the new role: if the
+        # host dies in its handler, that boot is the recycle that applies the change.
+        self.role = role
+        starts = self.starts
+        answer = self._changing = asyncio.get_running_loop().create_future()
         process.send({"type": "changing", **changing})
         try:
-            cancel = await asyncio.wait_for(self._changing, CHANGING_TIMEOUT)
-        except TimeoutError:
-            cancel = True  # no answer: apply by recycling, which needs none
+            await asyncio.wait({answer, process.exited}, timeout=CHANGING_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._changing = None
-        log.info("changing", instance=self.id, cause=cause, cancelled=cancel,
+        exited = process.exited.done()
+        # No answer: apply by recycling, which needs none.
+        cancel = answer.result() if answer.done() else True
+        log.info("changing", instance=self.id, cause=cause, cancelled=cancel, exited=exited,
                  changes=[c["name"] for c in changing.get("changes", [])]
                  + [f"topology of {r}" for r in changing.get("topology_changed", [])])
+        if exited:  # a recycle asked for now would be a second one
+            return await self._back_after_crash(starts)
         if cancel:
             await self.maintain(Maintenance.RECYCLE, f"change: {cause}", wait=True, role=role)
             return "recycled"
         self.role = role
         process.send({"type": "changed", **changed})
         return "applied"
+
+    async def _back_after_crash(self, starts: int) -> str:
+        """Wait for the boot after a crash (the back-off, then one boot) to settle, as an
+        operation is waited for: a change must not move on while the instance is down."""
+        while not (self.state in (S.FAILED, S.STOPPED)
+                   or (self.starts > starts and self.state in SETTLED)):
+            await self._changed.wait()
+        if self.state is not S.READY:
+            raise OperationError(
+                f"{self.id} did not become ready after its host exited in `changing`: it is "
+                f"{self.state.value} ({self.reason or self.last_error})", status=500)
+        return "recycled (its host exited in `changing`)"
 
     def _endpoint_status(self, name: str) -> dict[str, Any]:
         balancer = self.balancers.get(name)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,38 @@ def test_a_topology_change_goes_per_domain_and_halts_like_a_settings_change(
         assert [i["id"] for i in h.status()["instances"]][-1] == "web_IN_4"
         [record] = h.operations()
         assert (record["kind"], record["outcome"]) == ("scale web", "failed")
+
+
+def test_a_host_that_dies_in_changing_recycles_once_with_the_new_settings(
+    make_service: MakeService,
+) -> None:
+    """Its exit is its answer: no wait for the 30 s of a host that does not answer, and
+    no second recycle after the one its crash began."""
+    service = make_service(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                RoleEnvironment.on_changing(self.changing)
+                probe(f"start color={RoleEnvironment.get_setting('color')}")
+                return True
+
+            def changing(self, event):
+                probe("changing")
+                os._exit(3)
+        """,
+        instances=2, settings={"color": "blue"},
+        service={"upgrade_domains": 2, "backoff_initial": "0.1s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        began = time.monotonic()
+        assert h.set_setting("web", "color", "red") == {
+            "web_IN_0": "recycled (its host exited in `changing`)",
+            "web_IN_1": "recycled (its host exited in `changing`)"}
+        assert time.monotonic() - began < 15  # two domains, each well under the 30 s
+        for i in (0, 1):
+            row = h.instance(f"web/{i}")
+            assert (row["state"], row["restarts"]) == ("ready", 1), row
+            assert row["last_error"] == "host exited with 3"
+            assert service.probes().count(f"start color=red web_IN_{i}") == 1
+        [record] = h.operations()
+        assert record["outcome"] == "succeeded"
