@@ -199,6 +199,11 @@ class Tasks:
                                          "completed": datetime.now(UTC).isoformat()}))
             self.log.info("task_succeeded", task=run.label, seconds=seconds)
             return
+        if self.ended and run.task.type is TaskType.background and not run.reason:
+            # killed with the boot it belonged to (a restart, a stop): nothing went wrong
+            run.state, run.reason = "stopped", f"ended with its boot ({describe_exit(code)})"
+            self.log.info("task_stopped", task=run.label, reason=run.reason)
+            return
         run.state = "failed"
         run.reason = run.reason or describe_exit(code)
         metrics.TASK_FAILURES.labels(self.role, run.task.type.value).inc()

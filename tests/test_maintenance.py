@@ -241,6 +241,26 @@ def test_background_task_failure_is_logged_and_the_instance_runs(
         assert h.instance("web/0")["state"] == "ready"
 
 
+def test_a_background_task_ended_with_its_boot_is_stopped_not_failed(
+    make_service: MakeService,
+) -> None:
+    """A restart ends the boot and its background task: not an error to report."""
+    service = make_service(
+        "class Role(RoleEntryPoint): pass",
+        extra="""
+        [[roles.web.startup_tasks]]
+        command = "sleep 300"
+        type = "background"
+        """,
+    )
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.restart("web/0")
+        stopped = h.wait_event(lambda e: e["event"] == "task_stopped", 10, "the task to stop")
+        assert stopped["reason"] == "ended with its boot (killed by SIGKILL)"
+        assert not [e for e in h.events() if e["event"] == "task_failed"]
+
+
 def test_foreground_task_holds_the_stop_until_it_exits(make_service: MakeService) -> None:
     service = make_service(
         "class Role(RoleEntryPoint): pass",
