@@ -308,7 +308,7 @@ class Instance:
         assert self._operation is not None
         self._interrupt.clear()
         self._operation.started = True
-        self._unready_since = None  # someone acted: a fresh deadline
+        self._unready_since, self.failures = None, 0  # someone acted: a fresh deadline and back-off
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"

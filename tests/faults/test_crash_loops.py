@@ -172,3 +172,23 @@ def test_a_loop_of_false_starts_names_its_reason_when_it_fails(make_service: Mak
     with service.harness() as h:
         row = h.wait_state("web/0", "failed", 15)
         assert row["reason"].endswith("; last error: on_start returned False"), row["reason"]
+
+
+def test_an_operation_on_a_crash_looping_instance_starts_its_back_off_afresh(
+        make_service: MakeService) -> None:
+    """Someone acted: the next failure waits backoff_initial, not the grown delay."""
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                if faulty():
+                    raise RuntimeError("schema missing")
+                return True
+        """), instances=2, service=LOOP)
+    with service.harness() as h:
+        wait_until(lambda: delays(h)[-1:] == [0.8], 15, "the back-off at its cap")
+        seen = len(delays(h))
+        with pytest.raises(ApiError, match="did not become ready after restart"):
+            h.restart("web/0")
+        wait_until(lambda: len(delays(h)) > seen, 10, "the next recycle")
+        assert delays(h)[seen] == 0.1, delays(h)
