@@ -16,6 +16,14 @@ from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 
 LOOP = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
+# Instance 0 never gets ready: its on_start raises every time.
+NEVER_READY = role("""
+    class Role(RoleEntryPoint):
+        def on_start(self):
+            if faulty():
+                raise RuntimeError("schema missing")
+            return True
+    """)
 
 
 def delays(h: ServiceHarness, instance_id: str = "web_IN_0") -> list[float]:
@@ -138,14 +146,7 @@ def test_a_crash_loop_that_never_gets_ready_fails_at_its_ready_deadline(
     """The boots since an instance was last ready share one ready deadline: a loop that
     never gets there is `failed` ("waiting for host") once it is spent, and waits for
     someone to act. An operation gives it a fresh deadline."""
-    service = make_service(role(
-        """
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                if faulty():
-                    raise RuntimeError("schema missing")
-                return True
-        """), instances=2, service={**LOOP, "ready_deadline": "2s"})
+    service = make_service(NEVER_READY, instances=2, service={**LOOP, "ready_deadline": "2s"})
     with service.harness() as h:
         bystander = Bystander(h)
         row = h.wait_state("web/0", "failed", 15)
@@ -177,14 +178,7 @@ def test_a_loop_of_false_starts_names_its_reason_when_it_fails(make_service: Mak
 def test_an_operation_on_a_crash_looping_instance_starts_its_back_off_afresh(
         make_service: MakeService) -> None:
     """Someone acted: the next failure waits backoff_initial, not the grown delay."""
-    service = make_service(role(
-        """
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                if faulty():
-                    raise RuntimeError("schema missing")
-                return True
-        """), instances=2, service=LOOP)
+    service = make_service(NEVER_READY, instances=2, service=LOOP)
     with service.harness() as h:
         wait_until(lambda: delays(h)[-1:] == [0.8], 15, "the back-off at its cap")
         seen = len(delays(h))
