@@ -387,15 +387,15 @@ class Controller:
                     rollback: dict[str, Role] | None = None) -> dict[str, Any]:
         assert self.history is not None
         count = self.definition.service.upgrade_domains
-        walked = [d for d in domains(list(self.instances.values()), count) if d]
+        by_domain = domains(list(self.instances.values()), count)
         # Down already outside the first domain: walking it would take a second one down.
         down = [f"{i.id} is {i.state.value}" + (f" ({i.reason})" if i.reason else "")
-                for d in walked[1:] for i in d if i.state not in (State.READY, State.BUSY)]
+                for d in [d for d in by_domain if d][1:] for i in d
+                if i.state not in (State.READY, State.BUSY)]
         if down:
             raise api.ApiError(409, f"{'; '.join(down)}: a walk would take a second update "
                                     "domain down; bring it back first (rolehost restart)")
-        self.walk = Walk(label, event, manual, domains(list(self.instances.values()), count),
-                         self.history, roles, rollback)
+        self.walk = Walk(label, event, manual, by_domain, self.history, roles, rollback)
         self.walk.start()
         return self.walk.snapshot()
 
