@@ -4,8 +4,9 @@ UD 0 first, then 1, ...: within a UD every instance of every role gets the event
 once, and the walk moves on only when each is ready again. An instance that ends
 failed, or not ready, halts the walk where it is: a second UD is never taken down
 while the first has not come back. In `manual` mode the walk pauses after each UD
-until `next`; `abort` ends a paused or halted walk. A deploy's rollback walks back the
-same way, one UD at a time, from the failed UD down to UD 0.
+it walked (an empty UD is skipped) until `next`; `abort` ends a paused or halted walk.
+A deploy's rollback walks back the same way, one UD at a time, from the failed UD down
+to UD 0.
 """
 
 from __future__ import annotations
@@ -90,11 +91,14 @@ class Walk:
 
     async def _walk(self) -> None:
         try:
-            for number, instances in enumerate(self.domains):
+            # With fewer instances than domains, the last domains are empty: a pause after
+            # one, or before one, would wait for `next` with nothing walked or to walk.
+            walked = [number for number, instances in enumerate(self.domains) if instances]
+            for number in walked:
                 self.domain = number
-                if instances and not await self._domain(number, instances):
+                if not await self._domain(number, self.domains[number]):
                     return
-                if self.manual and number < len(self.domains) - 1:
+                if self.manual and number < walked[-1]:
                     self.state = WalkState.PAUSED
                     log.info("walk_paused", walk=self.id, after_domain=number)
                     await self._resume.wait()

@@ -92,6 +92,21 @@ def test_manual_walk_pauses_after_each_domain(make_service: MakeService) -> None
         assert h.instance("web/1")["pid"] != first
 
 
+def test_manual_walk_does_not_pause_after_an_empty_domain(make_service: MakeService) -> None:
+    # 2 instances over 4 domains: UD 2 and UD 3 hold none. Pausing after UD 1 or UD 2
+    # would ask for `walk next` with nothing walked since, or nothing left to walk.
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 4})
+    with service.harness() as h:
+        h.wait_ready(30)
+        walk = h.upgrade("agent", manual=True)
+        assert (walk["state"], walk["domain"]) == ("paused", 0), walk
+        walk = h.walk_next()
+        assert (walk["state"], walk["domain"]) == ("succeeded", 1), walk
+        assert walk["progress"] == {"web_IN_0": "ready", "web_IN_1": "ready"}
+        [record] = h.operations()
+        assert record["outcome"] == "succeeded"
+
+
 # on_start waits while a `hold` file is in os/; a changing handler cancels, so a settings
 # change recycles (and waits there too).
 HELD = """
