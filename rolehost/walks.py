@@ -131,7 +131,11 @@ class Walk:
         failed = []
         for instance, result in zip(instances, results, strict=True):
             if isinstance(result, BaseException):
-                self.progress[instance.id] = "failed"
+                # Not just "failed": that is also an instance state ("waiting for host"),
+                # and the instance is most often recycling. Say the step failed, and where
+                # it left the instance.
+                self.progress[instance.id] = (f"{self.event.value} failed, instance "
+                                              f"{instance.state.value}")
                 failed.append(str(result) if isinstance(result, OperationError) else repr(result))
             else:
                 self.progress[instance.id] = "ready"

@@ -125,6 +125,9 @@ def test_no_rollback_leaves_the_instances_for_inspection(make_service: MakeServi
         walk = h.deploy("v2", rollback=False)
         assert walk["state"] == "halted"
         assert h.instance("web/0")["state"] == "recycling"  # left on v2 for inspection
+        # The step failed; the instance itself is recycling, not failed: say both.
+        assert walk["progress"] == {"web_IN_0": "deploy failed, instance recycling",
+                                    "web_IN_1": "pending"}, walk
         assert h.walk_abort()["state"] == "aborted"
 
 
