@@ -326,7 +326,9 @@ class Controller:
             new = await self._deployable(version)
             running = dict(self.definition.roles)
             walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
-                                    roles=dict(new.roles), rollback=running if rollback else None)
+                                    roles=dict(new.roles), rollback=running if rollback else None,
+                                    arguments={"version": version, "previous": self.version,
+                                               "rollback": rollback})
 
         def deployed() -> None:
             self.definition, self.version = new, version
@@ -355,7 +357,8 @@ class Controller:
         except (packages.PackageError, api.ApiError) as exc:
             # The walk's record tells a deploy that got past its preflight; this one that
             # it did not.
-            record = self.history.begin(f"deploy {version}", {"version": version}, [])
+            record = self.history.begin(f"deploy {version}",
+                                        {"version": version, "previous": self.version}, [])
             self.history.end(record, "failed", str(exc))
             raise api.ApiError(exc.status, str(exc)) from None
         return new
@@ -384,7 +387,8 @@ class Controller:
 
     def _start_walk(self, label: str, event: Maintenance, manual: bool,
                     roles: dict[str, Role] | None = None,
-                    rollback: dict[str, Role] | None = None) -> dict[str, Any]:
+                    rollback: dict[str, Role] | None = None,
+                    arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         assert self.history is not None
         count = self.definition.service.upgrade_domains
         by_domain = domains(list(self.instances.values()), count)
@@ -395,7 +399,8 @@ class Controller:
         if down:
             raise api.ApiError(409, f"{'; '.join(down)}: a walk would take a second update "
                                     "domain down; bring it back first (rolehost restart)")
-        self.walk = Walk(label, event, manual, by_domain, self.history, roles, rollback)
+        self.walk = Walk(label, event, manual, by_domain, self.history, roles, rollback,
+                         arguments)
         self.walk.start()
         return self.walk.snapshot()
 

@@ -1,8 +1,9 @@
 """The history of management operations: one JSON line per change, in the run directory.
 
-Every operation (a maintenance command, a walk) is written when it begins and again
-when it ends, so the file survives the controller: an operation that began and never
-ended was interrupted, and the next controller says so.
+Every operation (a maintenance command, a walk) is written when it begins, again when
+it touches more instances (a walk reaching a domain), and when it ends, so the file
+survives the controller: an operation that began and never ended was interrupted, and
+the next controller says so.
 
 Each line is the whole operation as it stands, and the last line of an operation wins.
 So a write that fails (a full disk) loses nothing for good while the controller runs:
@@ -68,6 +69,12 @@ class History:
         self._write(operation)
         log.info("operation_began", operation=operation.id, kind=kind, instances=instances)
         return operation
+
+    def touched(self, operation: Operation, instances: list[str]) -> None:
+        """`operation`, still running, now touches `instances` too: written at once, so
+        that an operation a killed controller interrupts lists what it had touched."""
+        operation.instances += [i for i in instances if i not in operation.instances]
+        self._write(operation)
 
     def end(self, operation: Operation, outcome: str, error: str | None = None) -> None:
         operation.outcome, operation.error, operation.ended = outcome, error, time.time()

@@ -51,7 +51,9 @@ class WalkState(StrEnum):
 
 class Walk:
     """One walk. A deploy passes the new version's `roles`, and the running ones as
-    `rollback` to put moved instances back if a domain does not come back."""
+    `rollback` to put moved instances back if a domain does not come back, and says in
+    `arguments` what its history record should (a deploy: the version, and the one it
+    replaces)."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class Walk:
         history: History,
         roles: dict[str, Role] | None = None,
         rollback: dict[str, Role] | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> None:
         self.label, self.event, self.manual, self.domains = label, event, manual, domains
         self.roles, self.rollback = roles, rollback
@@ -69,8 +72,10 @@ class Walk:
         self.domain = 0
         self.error: str | None = None
         self.progress: dict[str, str] = {i.id: "pending" for d in domains for i in d}
+        # The record lists an instance once its domain is walked: one a walk halted or
+        # aborted before never had the event.
         self.record: Operation = history.begin(
-            label, {"mode": "manual" if manual else "auto"}, list(self.progress)
+            label, {**(arguments or {}), "mode": "manual" if manual else "auto"}, []
         )
         self._history = history
         self.on_success: Callable[[], None] | None = None
@@ -121,6 +126,7 @@ class Walk:
                  instances=[i.id for i in instances])
         for instance in instances:
             self.progress[instance.id] = "in progress"
+        self._history.touched(self.record, [i.id for i in instances])
         cause = f"walk {self.id}, update domain {number}"
         results = await asyncio.gather(
             *(i.maintain(self.event, cause, wait=True,

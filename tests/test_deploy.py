@@ -38,6 +38,7 @@ def test_deploy_walks_the_new_version_in(make_service: MakeService) -> None:
     service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
     with service.harness() as h:
         h.wait_ready(30)
+        started = h.status()["version"]
         h.package("v1")
         edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
         assert h.package("v2")["version"] == "v2"
@@ -47,6 +48,10 @@ def test_deploy_walks_the_new_version_in(make_service: MakeService) -> None:
         assert sorted(service.probes()[2:]) == ["v2 os_kept=True web_IN_0",
                                                 "v2 os_kept=True web_IN_1"]
         assert h.status()["version"] == "v2"
+        [record] = h.operations()
+        assert record["arguments"] == {"version": "v2", "previous": started,
+                                       "rollback": True, "mode": "auto"}, record
+        assert record["instances"] == ["web_IN_0", "web_IN_1"], record
 
 
 @pytest.mark.parametrize("problem", ["missing", "import", "incompatible", "service",
@@ -91,6 +96,8 @@ def test_a_failed_preflight_touches_nothing(
         assert not [e for e in h.events() if e["event"] == "maintenance"]
         [record] = h.operations()
         assert (record["kind"], record["outcome"]) == ("deploy bad", "failed")
+        assert record["arguments"] == {"version": "bad", "previous": h.status()["version"]}
+        assert record["instances"] == []
 
 
 def test_a_version_that_fails_is_rolled_back(make_service: MakeService) -> None:
@@ -112,6 +119,11 @@ def test_a_version_that_fails_is_rolled_back(make_service: MakeService) -> None:
         [record] = h.operations()
         assert record["outcome"] == "failed"
         assert h.status()["version"] not in ("", "v2")  # still the package start made
+        # The record says what was deployed over what, and lists only the instance moved:
+        # web_IN_1, in the domain never reached, had no deploy.
+        assert (record["arguments"]["version"], record["arguments"]["previous"]) == (
+            "v2", h.status()["version"]), record
+        assert record["instances"] == ["web_IN_0"], record
 
 
 def test_no_rollback_leaves_the_instances_for_inspection(make_service: MakeService) -> None:

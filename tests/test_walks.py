@@ -204,6 +204,8 @@ def test_history_survives_the_controller(make_service: MakeService) -> None:
             assert [(o["kind"], o["outcome"]) for o in history] == [
                 ("restart", "succeeded"), ("upgrade host-os", "interrupted")]
             assert "the controller stopped" in history[1]["error"]
+            # Paused after UD 0 when killed: UD 1 never had the restart.
+            assert history[1]["instances"] == ["web_IN_0"], history[1]
 
 
 def test_sigterm_during_a_walk_stops_cleanly(make_service: MakeService) -> None:
