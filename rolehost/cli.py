@@ -389,7 +389,8 @@ def packages(file: Path, run_dir: Path | None) -> None:
 def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manual: bool,
            detach: bool) -> None:
     """In-place upgrade to VERSION: a preflight (the package, its definition, its entry
-    points) before any instance is touched, then a walk across the update domains."""
+    points) before any instance is touched, then a walk across the update domains. The
+    package's instance counts are applied once every domain has moved."""
     client = _client(file, run_dir, timeout=120)
     walk = _call(client.deploy, version, rollback, manual)
     click.echo(f"walk {walk['id']}: deploy {version} over {len(walk['domains'])} update domains")
@@ -438,6 +439,8 @@ def _follow(client: Client) -> None:
         if state == "succeeded":
             click.echo(f"walk {snapshot['id']}: every update domain done "
                        f"in {snapshot['seconds']:.1f}s")
+            if snapshot["error"]:  # what came after the last domain (a deploy's scale)
+                _fail(f"walk {snapshot['id']}: {snapshot['error']}")
             return
         if state == "paused":
             click.echo(f"walk {snapshot['id']}: paused after update domain "

@@ -325,14 +325,24 @@ class Controller:
         with self._exclusive(f"deploy {version}"):  # the checks await: nothing may start
             new = await self._deployable(version)
             running = dict(self.definition.roles)
+            # The package carries its own instance counts, as a .cscfg does on the platform:
+            # a `rolehost scale` since the last package is undone by the deploy, not a reason
+            # to refuse it. Only the instances the package keeps are walked; the others stop,
+            # or the missing ones start on the new version, once every domain has moved, so
+            # that a rollback has nothing more to put back.
+            kept = [i for i in self.instances.values()
+                    if i.index < new.roles[i.role_name].instances]
             walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
                                     roles=dict(new.roles), rollback=running if rollback else None,
                                     arguments={"version": version, "previous": self.version,
-                                               "rollback": rollback})
+                                               "rollback": rollback}, instances=kept)
 
-        def deployed() -> None:
+        async def deployed() -> None:
             self.definition, self.version = new, version
             log.info("deployed", version=version)
+            for name, role in new.roles.items():
+                if sum(i.role_name == name for i in self.instances.values()) != role.instances:
+                    await self._scale(name, role, role.instances, f"deploy {version}")
 
         assert self.walk is not None
         self.walk.on_success = deployed
@@ -388,10 +398,13 @@ class Controller:
     def _start_walk(self, label: str, event: Maintenance, manual: bool,
                     roles: dict[str, Role] | None = None,
                     rollback: dict[str, Role] | None = None,
-                    arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+                    arguments: dict[str, Any] | None = None,
+                    instances: list[Instance] | None = None) -> dict[str, Any]:
+        """Walk `instances` (default: all of them)."""
         assert self.history is not None
         count = self.definition.service.upgrade_domains
-        by_domain = domains(list(self.instances.values()), count)
+        walked = list(self.instances.values()) if instances is None else instances
+        by_domain = domains(walked, count)
         # Down already outside the first domain: walking it would take a second one down.
         down = [f"{i.id} is {i.state.value}" + (f" ({i.reason})" if i.reason else "")
                 for d in [d for d in by_domain if d][1:] for i in d

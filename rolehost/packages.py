@@ -103,7 +103,9 @@ class Packages:
 
 
 def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
-    """What keeps `new` from replacing `running` in place (empty: nothing)."""
+    """What keeps `new` from replacing `running` in place (empty: nothing). Instance
+    counts do not: a package carries its own, as a .cscfg does, and the deploy scales to
+    them."""
     problems = []
     if running.service != new.service:  # each key with both values, as for the roles
         problems += [f"service.{k} differs ({getattr(running.service, k)!r} running, "
@@ -115,9 +117,6 @@ def compatibility(running: model.Definition, new: model.Definition) -> list[str]
                         f"{', '.join(sorted(new.roles))} in the package)")
     for name in set(running.roles) & set(new.roles):
         old, fresh = running.roles[name], new.roles[name]
-        if old.instances != fresh.instances:
-            problems.append(f"roles.{name}.instances differ ({old.instances} running, "
-                            f"{fresh.instances} in the package)")
         if old.endpoints != fresh.endpoints:
             problems.append(f"roles.{name}.endpoints differ")
     return problems

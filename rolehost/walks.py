@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -78,7 +78,9 @@ class Walk:
             label, {**(arguments or {}), "mode": "manual" if manual else "auto"}, []
         )
         self._history = history
-        self.on_success: Callable[[], None] | None = None
+        # Awaited once every domain is done, before the walk is over: what it does (a
+        # deploy's switch of version and scale) still holds the service.
+        self.on_success: Callable[[], Awaitable[None]] | None = None
         self._resume = asyncio.Event()
         self._aborted = False
         self.task: asyncio.Task[None] | None = None
@@ -111,10 +113,14 @@ class Walk:
                     if self._aborted:
                         return
                     self.state = WalkState.RUNNING
-            self.state = WalkState.SUCCEEDED
-            self._history.end(self.record, "succeeded")
             if self.on_success is not None:
-                self.on_success()
+                try:
+                    await self.on_success()
+                except Exception as exc:  # every domain is done: the walk succeeded all the same
+                    self.error = f"after the last domain: {exc}"
+                    log.error("walk_finish_failed", walk=self.id, error=self.error)
+            self.state = WalkState.SUCCEEDED
+            self._history.end(self.record, "succeeded", self.error)
         except asyncio.CancelledError:
             if not self.over:
                 self.state = WalkState.ABORTED

@@ -54,6 +54,45 @@ def test_deploy_walks_the_new_version_in(make_service: MakeService) -> None:
         assert record["instances"] == ["web_IN_0", "web_IN_1"], record
 
 
+def test_a_deploy_brings_the_package_instance_count(make_service: MakeService) -> None:
+    # As a .cscfg does on the platform, a package carries its instance count: a scale
+    # since the package was made does not stop a deploy, which scales back to it. Only
+    # the instances the package keeps are walked; the others stop (or start, on the new
+    # version) once every domain has moved.
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.scale("web", 3)
+        h.wait_ready(30)
+        edit(service, 'VERSION = "v1"', 'VERSION = "v2"')
+        h.package("v2")  # instances = 2, as rolehost.toml still says
+        walk = h.deploy("v2")
+        assert walk["state"] == "succeeded", walk
+        assert walk["domains"] == [["web_IN_0"], ["web_IN_1"]], walk  # web_IN_2 not walked
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0", "web_IN_1"]
+        assert not [p for p in service.probes() if p.startswith("v2") and "web_IN_2" in p]
+
+        h.scale("web", 1)
+        edit(service, 'VERSION = "v2"', 'VERSION = "v3"')
+        h.package("v3")
+        walk = h.deploy("v3")
+        assert walk["state"] == "succeeded", walk
+        assert walk["domains"] == [["web_IN_0"], []], walk
+        h.wait_ready(30)
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0", "web_IN_1"]
+        assert h.status()["version"] == "v3"
+        assert service.probes()[-1].startswith("v3 ") and "web_IN_1" in service.probes()[-1]
+        ops = h.operations()
+        assert [(o["kind"], o["outcome"]) for o in ops] == [
+            ("scale web", "succeeded"), ("deploy v2", "succeeded"), ("scale web", "succeeded"),
+            ("scale web", "succeeded"), ("deploy v3", "succeeded"), ("scale web", "succeeded"),
+        ], ops
+        assert ops[2]["arguments"]["cause"] == "deploy v2" and ops[2]["instances"] == [
+            "web_IN_2"], ops[2]
+        assert ops[5]["arguments"]["cause"] == "deploy v3" and ops[5]["instances"] == [
+            "web_IN_1"], ops[5]
+
+
 @pytest.mark.parametrize("problem", ["missing", "import", "incompatible", "service",
                                      "invalid"])
 def test_a_failed_preflight_touches_nothing(
@@ -65,9 +104,8 @@ def test_a_failed_preflight_touches_nothing(
         before = pids(h)
         if problem == "import":
             edit(service, "class Role", "import not_a_module\nclass Role")
-        elif problem == "incompatible":
-            service.toml.write_text(service.toml.read_text().replace("instances = 2",
-                                                                     "instances = 3"))
+        elif problem == "incompatible":  # another role: instance counts are deployable
+            service.toml.write_text(service.toml.read_text().replace("roles.web", "roles.api"))
         elif problem == "service":  # service-wide settings are read at start only
             service.toml.write_text(service.toml.read_text().replace(
                 "[service]", '[service]\nready_deadline = "10m"'))
@@ -84,7 +122,7 @@ def test_a_failed_preflight_touches_nothing(
         expected = {
             "missing": f"no package 'bad' (available: {h.status()['version']};",
             "import": "No module named 'not_a_module'",
-            "incompatible": "roles.web.instances differ (2 running, 3 in the package)",
+            "incompatible": "roles differ (web running, api in the package)",
             "service": "service.ready_deadline differs (1800.0 running, 600.0 in the package)",
             "invalid": "service.nope: unknown key",
         }[problem]
