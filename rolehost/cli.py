@@ -288,7 +288,7 @@ for _kind in _MAINTENANCE_HELP:
 @click.argument("kind", type=click.Choice(["host-os", "guest-os", "agent"]))
 @_file
 @_run_dir
-@click.option("--manual", is_flag=True, help="Pause after each update domain until "
+@click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
               "`rolehost walk next`.")
 @click.option("--detach", is_flag=True, help="Start the walk and return at once.")
 def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: bool) -> None:
@@ -384,7 +384,8 @@ def packages(file: Path, run_dir: Path | None) -> None:
 @click.option("--rollback/--no-rollback", default=True, show_default=True,
               help="If a domain fails, put the instances already moved back on the running "
                    "version (or leave them for inspection).")
-@click.option("--manual", is_flag=True, help="Pause after each update domain.")
+@click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
+              "`rolehost walk next`.")
 @click.option("--detach", is_flag=True, help="Start the walk and return at once.")
 def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manual: bool,
            detach: bool) -> None:
