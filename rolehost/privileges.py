@@ -12,6 +12,9 @@ but not list; the control socket stays 0600, the logs 0700), and each instance's
 are given to it. If the user was named and cannot, the start fails with the reason; if it
 is the default `nobody` and cannot (an interpreter under a 0700 home, as pyenv puts it),
 limited work runs as root and the reason is logged and shown in `status`.
+
+Only a folder that is rolehost's is opened: a `--run-dir` such as /root, which holds
+other files, would show their names to every user, so it is refused, whoever the user.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rolehost.rundir import RunDir
+
 DEFAULT_USER = "nobody"
 _CAN_REACH = 3  # the probe's exit code when the interpreter runs but the folder is closed
 _PROBE = ("import os, sys, rolehost.host; "
@@ -31,7 +36,8 @@ _PROBE = ("import os, sys, rolehost.host; "
 
 
 class Unusable(Exception):
-    """The `limited_user` the definition names cannot run the service's hosts."""
+    """The `limited_user` the definition names cannot run the service's hosts, or the
+    run directory is not rolehost's to open to it."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,14 @@ def decide(limited_user: str | None, run_dir: Path) -> RunAs:
     if name == "root":
         return RunAs(None, "[service] limited_user = \"root\": limited work keeps root")
     user = User.named(name)
+    if strangers := RunDir(run_dir).strangers():
+        # Checked before anything is changed: even a moment at 0711 would show the names.
+        shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+        raise Unusable(
+            f"the limited user {name} must pass through the run directory {run_dir}, and "
+            f"rolehost opens to others (0711) no folder it did not make: {run_dir} holds "
+            f"{shown}. Give --run-dir a new or empty folder, or set [service] limited_user "
+            '= "root" to keep root for everything')
     instances = run_dir / "instances"
     instances.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, instances):

@@ -4,7 +4,8 @@ Default: `.rolehost/` beside the definition. It is 0700 and its control socket 0
 so only the user who started the controller can reach it. A root controller that drops
 privileges makes it 0711, so its limited user can pass through to `instances/`; the
 socket, `logs/`, `packages/` and the history stay private. A folder others use is never
-made private: it is refused.
+made private: it is refused. A folder that holds anything but a run directory's own
+files is never opened: a root controller with a limited user refuses it (privileges.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# Everything a controller keeps in its run directory (the layout in docs/concepts.md).
+_OWN = frozenset({"control.sock", "controller.pid", "history.jsonl", "instances", "logs",
+                  "packages"})
 
 
 class AlreadyRunning(RuntimeError):
@@ -74,6 +78,16 @@ class RunDir:
                 f"run directory path too long for a Unix socket ({self.socket}); "
                 "choose a shorter one with --run-dir"
             )
+
+    def strangers(self) -> list[str]:
+        """The names in the folder that are no run directory's, sorted: [] for one rolehost
+        made (or an empty one, or none yet). By name, not by who last used it: a folder
+        such as /root that once served as a run directory (under limited_user = "root",
+        say) is still not rolehost's to open."""
+        try:
+            return sorted(name for name in os.listdir(self.path) if name not in _OWN)
+        except FileNotFoundError:
+            return []
 
     def _refuse_a_shared_folder(self) -> None:
         # Making private a folder that others use (/tmp, a home, a shared 1777 folder)

@@ -24,7 +24,8 @@ import pytest
 
 import rolehost
 from rolehost import privileges
-from rolehost.testing import ServiceHarness, wait_until
+from rolehost.rundir import RunDir
+from rolehost.testing import HarnessError, ServiceHarness, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 
@@ -273,3 +274,35 @@ def test_check_with_a_user_that_cannot_run_the_hosts_leaves_no_scratch_folder(
     assert (f"{definition}: [service] limited_user: there is no user 'no_such_user'"
             in done.stderr)
     assert list(scratch.iterdir()) == []
+
+
+def test_a_folder_rolehost_did_not_make_is_not_opened_to_the_limited_user(
+        reachable_python: Path, tmp_path: Path) -> None:
+    """`--run-dir /root`: a 0700 folder of other files passes the run directory's own
+    check (nobody else can open it), but opening it to the limited user (0711) would show
+    the names in it to every user. The start is refused, the folder left as it was."""
+    foreign = Path(tempfile.mkdtemp(prefix="rolehost-foreign-"))
+    try:
+        (foreign / ".bash_history").write_text("root's")
+        harness = ServiceHarness(write_service(tmp_path), run_dir=foreign, python=reachable_python)
+        with pytest.raises(HarnessError, match="exited with 2") as refused, harness:
+            pass
+        assert (f"the limited user nobody must pass through the run directory {foreign}"
+                in str(refused.value))
+        assert f"{foreign} holds .bash_history" in str(refused.value)
+        assert stat.S_IMODE(foreign.stat().st_mode) == 0o700
+        assert not (foreign / "instances").exists()
+        harness.assert_no_processes()
+    finally:
+        shutil.rmtree(foreign)
+
+
+def test_a_run_directory_used_before_is_still_rolehosts(tmp_path: Path) -> None:
+    # What a controller leaves in its run directory does not make it a foreign folder.
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        with ServiceHarness(write_service(tmp_path), run_dir=run_dir) as h:
+            h.wait_ready(30)
+            h.restart("web_IN_0")
+    assert RunDir(run_dir).strangers() == []
+    assert (run_dir / "history.jsonl").exists() and (run_dir / "packages").is_dir()
