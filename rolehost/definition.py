@@ -96,18 +96,15 @@ SettingValue = str | int | float | bool
 Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
 
 
-def _integral(value: object) -> object:
-    """A float with nothing after the point as the int it is: JSON Schema's "integer"
-    takes 2.0, so the model does too. Anything else goes to the strict check as given."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 # TOML has real integers, booleans and strings: a key takes the one its field says, as it
 # is. Pydantic's lax mode would turn "8080" into 8080, true into 1 and "yes" or 1 into
 # True, all of which the published schema refuses; a typo would pass unnoticed. Strict
 # field by field, not on the whole model: `app` (a Path) and the enums come from TOML
 # strings, and `controller.configure` re-validates a `model_dump()`, Paths and enums in it.
-Integer = Annotated[int, BeforeValidator(_integral), Field(strict=True)]
+# A TOML float is refused where an integer is expected, 2.0 included: it is a different
+# type in TOML, as "2" is. (JSON has one number type, so the published schema's "integer"
+# takes 2.0: the one place where it accepts what the model does not.)
+Integer = Annotated[int, Field(strict=True)]
 Boolean = Annotated[bool, Field(strict=True)]
 Text = Annotated[str, Field(strict=True)]
 

@@ -48,6 +48,10 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
          "rolehost.toml: roles.web.instances: expected an integer, got 'two'"),
         (lambda t: t.replace("instances = 1", "instances = true"),
          "rolehost.toml: roles.web.instances: expected an integer, got True"),
+        (lambda t: t.replace("instances = 1", "instances = 2.0"),
+         "rolehost.toml: roles.web.instances: expected an integer, got 2.0"),
+        (lambda t: t.replace("port = 18080", "port = 18080.0"),
+         "rolehost.toml: roles.web.endpoints.http.port: expected an integer, got 18080.0"),
         (lambda t: t.replace('name = "shop"', 'name = "shop"\nready_deadline = "soon"'),
          "rolehost.toml: service.ready_deadline: expected a duration"),
         (lambda t: t.replace("app:Web", "missing_module:Web"),
@@ -71,7 +75,8 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t.replace("app:Web", "site:Web"),  # app.py is copied as site.py too
          "has no attribute 'Web'; a module of that name was imported before the one in"),
     ],
-    ids=["unknown-key", "wrong-type", "bool-for-int", "bad-duration", "missing-module",
+    ids=["unknown-key", "wrong-type", "bool-for-int", "float-for-int", "float-for-port",
+         "bad-duration", "missing-module",
          "not-a-role", "duplicate-port", "duplicate-port-other-spelling", "same-variable",
          "unsplittable-task", "bad-toml", "shadowed-module"],
 )

@@ -353,10 +353,10 @@ def test_a_secret_flag_is_a_boolean() -> None:
         "{ value = ..., secret = true }"]
 
 
-def test_an_integral_float_is_an_integer() -> None:
-    # JSON Schema's "integer" takes 2.0; so does the model, as the int it is.
-    role = definition.parse_role("w", {"entry_point": "m:C", "instances": 2.0})
-    assert role.instances == 2 and type(role.instances) is int
+def test_an_integral_float_is_not_an_integer() -> None:
+    # TOML's 2.0 is a float: refused as "2" is, though JSON Schema's "integer" takes it.
+    assert _role_errors({"instances": 2.0}) == [
+        "svc.toml: roles.w.instances: expected an integer, got 2.0"]
 
 
 def test_a_dumped_role_validates_as_it_was() -> None:
