@@ -13,22 +13,21 @@ import durable_queue  # noqa: E402
 
 
 def test_no_message_is_lost_or_processed_twice(tmp_path: Path) -> None:
-    queue = tmp_path / "queue.db"
     definition = tmp_path / "rolehost.toml"
     definition.write_text(
         (HERE / "rolehost.toml").read_text()
-        .replace("/tmp/rolehost-queue-worker.db", str(queue))
         .replace('entry_point = "worker:QueueWorker"',
                  f'entry_point = "worker:QueueWorker"\napp = "{HERE}"')
     )
-    db = durable_queue.connect(queue)
-    durable_queue.enqueue(db, [f"message {n}" for n in range(600)])
 
     def done() -> int:
         return durable_queue.counts(db)["done"]
 
     with ServiceHarness(definition) as service:
         service.wait_ready(timeout=60)
+        # The sample's default queue: this run directory's own (the workers wait on it).
+        db = durable_queue.connect(service.run_dir.path / "queue.db")
+        durable_queue.enqueue(db, [f"message {n}" for n in range(600)])
         wait_until(lambda: done() >= 50, 30, "work under way")
         service.restart("worker/0")
         service.reimage("worker/1")
