@@ -21,7 +21,7 @@ test-fast: $(BIN)/rolehost  ## the suite without tests marked slow
 	$(BIN)/pytest -m 'not slow'
 
 lint: $(BIN)/rolehost
-	$(BIN)/ruff check rolehost tests samples bench docs setup.py
+	$(BIN)/ruff check rolehost tests samples bench docs setup.py conftest.py
 	$(BIN)/mypy
 
 bench: $(BIN)/rolehost

@@ -1,8 +1,8 @@
-"""Shared fixtures: services written to a temporary folder, run by a real controller."""
+"""Shared fixtures: services written to a temporary folder, run by a real controller.
+(The check of the relay's build is the whole suite's: ../conftest.py.)"""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from rolehost import balancer, proxy  # noqa: F401 (compiled: checked below)
 from rolehost.testing import ServiceHarness, wait_until
 
 # Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can
@@ -23,22 +22,6 @@ def probe(event):
     with open(RoleEnvironment.get_setting("probe"), "a") as f:
         f.write(f"{event} {RoleEnvironment.current_instance.id}\\n")
 '''
-
-
-def pytest_report_header() -> str:
-    return f"rolehost relay: {balancer.relay_build()}"
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Refuse to test an editable install's mypyc build of code edited since (setup.py):
-    the tests would pass or fail on the old code."""
-    for name, module in list(sys.modules.items()):
-        built = Path(getattr(module, "__file__", None) or "x.py")
-        if name.startswith("rolehost.") and built.suffix == ".so":
-            source = built.with_name(name.rpartition(".")[2] + ".py")
-            if source.stat().st_mtime > built.stat().st_mtime:
-                pytest.exit(f"{source} changed after it was compiled into {built.name}: "
-                            "reinstall (`pip install -e .`, or `make test`) and run again", 2)
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""The whole suite's: tests/ and each samples/*/ (pyproject's testpaths), whichever of them
+a session runs. The samples' tests start controllers too, and so run the compiled relay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import rolehost
+from rolehost import balancer
+
+
+def stale_builds(package: Path) -> list[tuple[Path, Path]]:
+    """(source, build) for each module of `package` compiled by mypyc whose source changed
+    after the build. By the files, not by what this process imported: a samples-only run
+    imports no relay itself, its controllers do."""
+    stale = []
+    for built in sorted(package.glob("*.so")):
+        source = built.with_name(built.name.partition(".")[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            stale.append((source, built))
+    return stale
+
+
+def refuse_stale_builds(package: Path) -> None:
+    """Stop the session on an editable install's build of code edited since (setup.py):
+    the tests would pass or fail on the old code."""
+    for source, built in stale_builds(package):
+        pytest.exit(f"{source} changed after it was compiled into {built.name}: "
+                    "reinstall (`pip install -e .`, or `make test`) and run again", 2)
+
+
+def pytest_report_header() -> str:
+    return f"rolehost relay: {balancer.relay_build()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    refuse_stale_builds(Path(rolehost.__file__).parent)

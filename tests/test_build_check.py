@@ -1,0 +1,60 @@
+"""The suite stops on a stale build of the relay, whichever of tests/ and samples/ it runs."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SO = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def _root_conftest() -> ModuleType:
+    # Under a name of its own: "conftest" is this folder's, in sys.modules already.
+    spec = importlib.util.spec_from_file_location("rolehost_root_conftest", ROOT / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _package(tmp_path: Path, source_age: float, build_age: float) -> Path:
+    """A package with proxy.py and its build, each `age` seconds old; and a build with no
+    source beside it (mypyc's shared library is one)."""
+    now = 1_800_000_000.0
+    for name, age in (("proxy.py", source_age), ("proxy" + SO, build_age),
+                      ("lonely" + SO, 0.0), ("balancer.py", 0.0)):
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (now - age, now - age))
+    return tmp_path
+
+
+def test_a_source_edited_after_its_build_is_stale(tmp_path: Path) -> None:
+    package = _package(tmp_path, source_age=10, build_age=60)
+    assert _root_conftest().stale_builds(package) == [(package / "proxy.py",
+                                                       package / ("proxy" + SO))]
+    with pytest.raises(pytest.exit.Exception, match=r"proxy\.py changed after it was compiled"):
+        _root_conftest().refuse_stale_builds(package)
+
+
+def test_a_build_newer_than_its_source_is_not(tmp_path: Path) -> None:
+    package = _package(tmp_path, source_age=60, build_age=10)
+    assert _root_conftest().stale_builds(package) == []
+    _root_conftest().refuse_stale_builds(package)
+
+
+@pytest.mark.parametrize("target", ["samples/hello", "tests/test_units.py"])
+def test_the_check_runs_for_the_samples_alone_too(target: str) -> None:
+    # The header comes from the same conftest.py as the check: pytest loaded it.
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", target],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rolehost relay: " in done.stdout
