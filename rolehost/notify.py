@@ -20,6 +20,7 @@ class Notifier:
         address = os.environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self.ready = False
+        self.stopped = False  # STOPPING=1 sent: every later STATUS says so
         self._status = ""
         self._failed = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -41,13 +42,20 @@ class Notifier:
                 log.warning("notify_failed", socket=self.address, error=str(exc))
 
     def counts(self, ready_by_role: dict[str, tuple[int, int]]) -> None:
-        """Report (ready, total) per role; READY=1 once every role has a ready instance."""
+        """Report (ready, total) per role; READY=1 once every role has a ready instance.
+        After STOPPING=1 the counts still fall as instances stop, but STATUS is the line
+        `systemctl status` shows: it keeps saying that the service is stopping."""
         status = ", ".join(f"{role} {ready}/{total} ready"
                            for role, (ready, total) in ready_by_role.items())
+        if self.stopped:
+            status = f"stopping: {status}"
         if status == self._status:
             return
         self._status = status
-        if not self.ready and all(ready > 0 for ready, _ in ready_by_role.values()):
+        # Never READY=1 after STOPPING=1 (a stop during startup): systemd would read it
+        # as the start having succeeded.
+        if not self.ready and not self.stopped and all(
+                ready > 0 for ready, _ in ready_by_role.values()):
             self.ready = True
             self.send(ready="1", status=status)
         else:
@@ -70,4 +78,6 @@ class Notifier:
     def stopping(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self.send(stopping="1", status="stopping")
+        self.stopped = True
+        self._status = "stopping"
+        self.send(stopping="1", status=self._status)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import MakeService
 
 
@@ -21,9 +22,9 @@ def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_pa
     systemd.settimeout(10)
     received: list[str] = []
 
-    def until(field: str) -> None:
+    def until(field: str, since: int = 0) -> None:
         deadline = time.monotonic() + 20
-        while not any(field in message for message in received):
+        while not any(field in message for message in received[since:]):
             assert time.monotonic() < deadline, f"no {field} in {received}"
             received.append(systemd.recv(4096).decode())
 
@@ -36,8 +37,39 @@ def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_pa
         until("STATUS=web 2/2 ready")
         h.stop()
         until("STOPPING=1")
+        stopping = next(i for i, m in enumerate(received) if "STOPPING=1" in m)
+        until("0/2 ready", stopping)  # the counts still fall as the instances stop
     systemd.close()
     assert sum("READY=1" in m for m in received) == 1  # once, not at every change
+    # `systemctl status` shows the last STATUS: it said "web 0/2 ready", as if the
+    # service were up and failing, when it was stopping as asked.
+    after = received[stopping:]
+    statuses = [line for m in after for line in m.splitlines() if line.startswith("STATUS=")]
+    assert statuses[0] == "STATUS=stopping" and len(statuses) > 1
+    assert all(s.startswith("STATUS=stopping") for s in statuses), statuses
+    assert statuses[-1] == "STATUS=stopping: web 0/2 ready"
+
+
+def test_notify_says_stopping_and_never_ready_once_stopping(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop during startup: the counts that follow STOPPING=1 must not read as READY."""
+    from rolehost.notify import Notifier
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(path))
+        systemd.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        notifier = Notifier()
+        notifier.counts({"web": (0, 2)})
+        assert systemd.recv(4096) == b"STATUS=web 0/2 ready"
+        notifier.stopping()
+        assert systemd.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+        notifier.counts({"web": (1, 2)})
+        assert systemd.recv(4096) == b"STATUS=stopping: web 1/2 ready"
+        notifier.counts({"web": (1, 2)})  # unchanged: nothing sent
+        notifier.counts({"web": (0, 2)})
+        assert systemd.recv(4096) == b"STATUS=stopping: web 0/2 ready"
 
 
 def test_export_systemd_unit(tmp_path: Path) -> None:
