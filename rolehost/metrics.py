@@ -53,12 +53,18 @@ class StateCollector(Collector):
         self.controller = controller
 
     def collect(self) -> Iterator[Any]:
+        from rolehost.instance import State  # instance imports this module
+
         instances = GaugeMetricFamily("rolehost_instances", "Instances by role and state",
                                       labels=["role", "state"])
-        counts: dict[tuple[str, str], int] = {}
+        # Every state of every role, 0 included: a series that vanished when its last
+        # instance left the state would keep showing its last value on a dashboard
+        # until it went stale, and `sum by (state)` would miss it.
+        roles = {*self.controller.definition.roles,
+                 *(i.role_name for i in self.controller.instances.values())}
+        counts = {(role, state.value): 0 for role in roles for state in State}
         for instance in self.controller.instances.values():
-            key = (instance.role_name, instance.state.value)
-            counts[key] = counts.get(key, 0) + 1
+            counts[instance.role_name, instance.state.value] += 1
         for (role, state), count in sorted(counts.items()):
             instances.add_metric([role, state], count)
         yield instances

@@ -9,6 +9,8 @@ from conftest import MakeService
 from prometheus_client.parser import text_string_to_metric_families
 from test_balancer import WEB, free_port, get
 
+from rolehost.instance import State
+
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     found = {}
@@ -46,6 +48,12 @@ def test_metrics_scraped_and_parsed(make_service: MakeService) -> None:
             found = samples(text)
             ready = found[("rolehost_instances", (("role", "web"), ("state", "ready")))]
             assert ready == 2
+            # web_IN_0 was stopping, then bootstrapping, in the restart: those series say
+            # 0 now rather than vanish (a dashboard kept showing their last value).
+            by_state = {dict(labels)["state"]: value for (name, labels), value in found.items()
+                        if name == "rolehost_instances"}
+            assert by_state == {state.value: 2 if state is State.READY else 0
+                                for state in State}
             served = sum(v for (name, _), v in found.items()
                          if name == "rolehost_balancer_requests_total")
             assert served >= 10
