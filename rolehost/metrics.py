@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,6 +31,11 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from rolehost.controller import Controller
 
+# The exposition is the 0.0.4 text format, where a counter's or histogram's creation
+# time is one more gauge per series (`*_created`): Prometheus stores each as a plain
+# gauge, doubling the series for nothing PromQL needs (rate() sees counter resets on its
+# own). Process-wide, but only the controller's side of rolehost imports this module.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
