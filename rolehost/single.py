@@ -30,7 +30,7 @@ import structlog
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
 from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
-from rolehost.instance import Deployment, Instance, State
+from rolehost.instance import RUNNING, Deployment, Instance, State
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
@@ -104,6 +104,7 @@ class SingleInstance:
                                           resources_root=resources.resolve())
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
+        self.stop_reason = "stop requested"
         self._stop = asyncio.Event()
 
     async def serve(self, host: str, port: int) -> int:
@@ -114,7 +115,7 @@ class SingleInstance:
             log.warning("leftovers_swept", count=len(swept), processes=swept)
         process.adopt_orphans(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.begin_stop)
+            loop.add_signal_handler(sig, self.begin_stop, f"received {sig.name}")
         pending: set[asyncio.Task[None]] = set()
         try:
             server = await loop.create_server(
@@ -127,7 +128,7 @@ class SingleInstance:
         self.instance.start()
         await self._stop.wait()
         await asyncio.sleep(self.drain_delay)  # endpoints catch up with /ready going 503
-        await self.instance.stop("stop requested")
+        await self.instance.stop(self.stop_reason)
         await self.deployment.standby.close()
         server.close()
         self.instance.output.close()
@@ -137,11 +138,25 @@ class SingleInstance:
         if instance.state in (State.READY, State.BUSY):
             self.started = True
 
-    def begin_stop(self) -> None:
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    def begin_stop(self, reason: str = "stop requested") -> None:
         if not self.stopping:
             self.stopping = True
-            log.info("instance_mode_stopping", instance=self.instance.id)
+            self.stop_reason = reason
+            log.info("instance_mode_stopping", instance=self.id, reason=reason)
             self._stop.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        state = self.instance.state
+        if self.stopping:
+            # The instance itself stays ready through the drain delay, and says so: the
+            # reason is the stop's. Once the host got the stop, it is `stopping` itself.
+            what = "draining" if state in RUNNING else "stopping"
+            return False, f"not ready: {what} ({self.stop_reason})"
+        return state is State.READY, f"not ready: {state.value}"
 
 
 def _answer(ok: bool, what: str) -> dict[str, Any]:
@@ -157,8 +172,7 @@ async def _startup(single: Any, request: Request) -> Any:
 
 @route("GET", "/ready", ROUTES)
 async def _ready(single: Any, request: Request) -> Any:
-    ready = single.instance.state is State.READY and not single.stopping
-    return _answer(ready, f"not ready: {single.instance.state.value}")
+    return _answer(*single.readiness())
 
 
 @route("GET", "/live", ROUTES)
@@ -169,7 +183,7 @@ async def _live(single: Any, request: Request) -> Any:
 @route("GET", "/stop", ROUTES)
 @route("POST", "/stop", ROUTES)
 async def _stop(single: Any, request: Request) -> Any:
-    single.begin_stop()
+    single.begin_stop(f"{request.method} /stop")
     return {"stopping": True}
 
 

@@ -2,29 +2,61 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
-from conftest import MakeService
+from conftest import MakeService, Service
 from test_balancer import free_port
 
 from rolehost.testing import run_dir_processes, wait_until
 
 
 def answer(port: int, path: str, method: str = "GET") -> int:
+    return answer_and_body(port, path, method)[0]
+
+
+def answer_and_body(port: int, path: str, method: str = "GET") -> tuple[int, str]:
     try:
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
         with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
+            return int(response.status), response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, exc.read().decode()
     except OSError:
-        return 0
+        return 0, ""
+
+
+def run_instance(service: Service, health: int, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rolehost", "run-instance", "web", "-f", str(service.toml),
+         "--health", f"127.0.0.1:{health}", "--run-dir",
+         str(service.toml.parent / "instance-run"), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def running(service: Service, health: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """run-instance until ready; on the way out, nothing of it may be left running."""
+    run_dir = service.toml.parent / "instance-run"
+    controller = run_instance(service, health, *args)
+    try:
+        wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
+        yield controller
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(10)
+        left = run_dir_processes(run_dir)
+        for proc in left:
+            proc.kill()
+    assert not left, left
 
 
 @pytest.mark.parametrize("ending", ["stop", "sigterm"])
@@ -227,3 +259,28 @@ def test_run_instance_refuses_a_bad_health_address_or_index_cleanly(
             assert done.returncode == code, done.stderr
             assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not run_dir_processes(folder / ".rolehost-web-0")
+
+
+def test_ready_says_draining_then_stopping(make_service: MakeService) -> None:
+    """/ready answered "not ready: ready" through the drain delay: the reason is the stop."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
+                                       "release")
+                deadline = time.monotonic() + 30
+                while not os.path.exists(release) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        """)
+    health = free_port()
+    with running(service, health, "--drain-delay", "3") as controller:
+        controller.send_signal(signal.SIGTERM)
+        assert answer_and_body(health, "/ready") == (
+            503, '{"error": "not ready: draining (received SIGTERM)"}')
+        service.wait_probe("on_stop web_IN_0")
+        assert answer_and_body(health, "/ready") == (
+            503, '{"error": "not ready: stopping (received SIGTERM)"}')
+        (service.toml.parent / "release").touch()
+        assert controller.wait(30) == 0
+
