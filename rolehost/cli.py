@@ -549,7 +549,8 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
                  resources_dir: Path | None) -> None:
     """Run one instance of ROLE in the foreground, as a container would: startup tasks,
     the host and the lifecycle rules, no balancer, and health endpoints for the platform
-    in front. SIGTERM or /stop stops it gracefully."""
+    in front. SIGTERM or /stop stops it gracefully. Exit 0 once stopped, 3 if on_stop
+    overran stop_timeout and was cut short."""
     from rolehost import single
 
     definition = _load(file)

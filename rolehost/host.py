@@ -221,12 +221,12 @@ class Host:
         if not finished and not self._start_over.is_set():
             self.report(
                 "on_stop", f"on_start did not return within stop_timeout ({timeout:g}s) "
-                "of the stop; the instance is terminated\n",
+                "of the stop; the instance is terminated\n", timed_out=True,
             )
         elif not finished:
             self.report(
                 "on_stop", f"stopping handlers and on_stop did not finish within "
-                f"stop_timeout ({timeout:g}s); the instance is terminated\n",
+                f"stop_timeout ({timeout:g}s); the instance is terminated\n", timed_out=True,
             )
         elif error:
             self.report("on_stop", error)
@@ -308,9 +308,9 @@ class Host:
     def send_state(self, state: str, reason: str = "") -> None:
         self.channel.send("state", state=state, reason=reason)
 
-    def report(self, where: str, text: str) -> None:
+    def report(self, where: str, text: str, timed_out: bool = False) -> None:
         sys.stderr.write(f"rolehost: {where}: {text}")
-        self.channel.send("error", where=where, traceback=text)
+        self.channel.send("error", where=where, traceback=text, timed_out=timed_out)
 
     def _stopping_or_fail(self, where: str) -> NoReturn:
         """User code raised. During a stop that is the stop's business; otherwise a crash."""

@@ -155,6 +155,9 @@ class Instance:
         self.failures = 0  # consecutive failures before `stable_after`: the back-off exponent
         self.last_error: str | None = None
         self.last_traceback: str | None = None
+        # Graceful stops that overran stop_timeout (the host cut its `stopping` handlers
+        # and on_stop short, or was killed): never reset, so a caller compares counts.
+        self.stops_cut_short = 0
         self.ready_since: float | None = None
         self.next_try: float | None = None
         self.usage: dict[str, float] = {}
@@ -474,6 +477,7 @@ class Instance:
                 await asyncio.wait_for(asyncio.shield(process.exited), limit)
             except TimeoutError:
                 log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
+                self.stops_cut_short += 1
                 self._run_error = (
                     f"did not stop within stop_timeout ({self.role.stop_timeout:g}s); killed"
                 )
@@ -578,6 +582,8 @@ class Instance:
             self._run_error = f"{where}: {summary}"
             self.last_error = self._run_error
             log.error("role_error", instance=self.id, where=where, error=summary)
+            if message.get("timed_out"):
+                self.stops_cut_short += 1
         elif kind == "changing_result" and self._changing is not None:
             if not self._changing.done():
                 self._changing.set_result(bool(message.get("cancel")))

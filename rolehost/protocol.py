@@ -4,7 +4,8 @@ Every message is an object with a `type`. Host to controller:
 
 - `state`     `{"state": "starting" | "busy" | "ready" | "stopping", "reason": str}`
 - `recycle`   `{"reason": str}`: the host is about to exit to be recycled
-- `error`     `{"where": str, "traceback": str}`: user code failed
+- `error`     `{"where": str, "traceback": str, "timed_out": bool}`: user code failed;
+              `timed_out` when it was the stop, cut short at stop_timeout
 - `heartbeat` `{}`: sent every `HEARTBEAT_INTERVAL` by a thread no user code runs on
 - `changing_result` `{"cancel": bool}`
 

@@ -35,6 +35,10 @@ from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
 ROUTES: Routes = []
+# The instance stopped, but not gracefully: on_stop (or the `stopping` handlers) overran
+# stop_timeout. 1 is a failure to run at all, 2 a bad definition; this one tells an
+# orchestrator's logs that cleanup may be incomplete.
+EXIT_STOP_CUT_SHORT = 3
 
 
 def index_from_environment() -> int:
@@ -127,12 +131,19 @@ class SingleInstance:
         self.deployment.standby.warm()
         self.instance.start()
         await self._stop.wait()
+        overran = self.instance.stops_cut_short
         await asyncio.sleep(self.drain_delay)  # endpoints catch up with /ready going 503
         await self.instance.stop(self.stop_reason)
         await self.deployment.standby.close()
         server.close()
         self.instance.output.close()
-        return 0 if self.instance.state is State.STOPPED else 1
+        if self.instance.state is not State.STOPPED:
+            return 1
+        if self.instance.stops_cut_short > overran:
+            log.warning("instance_mode_stop_cut_short", instance=self.id,
+                        error=self.instance.last_error)
+            return EXIT_STOP_CUT_SHORT
+        return 0
 
     def _observe(self, instance: Instance) -> None:
         if instance.state in (State.READY, State.BUSY):

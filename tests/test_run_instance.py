@@ -284,3 +284,22 @@ def test_ready_says_draining_then_stopping(make_service: MakeService) -> None:
         (service.toml.parent / "release").touch()
         assert controller.wait(30) == 0
 
+
+@pytest.mark.parametrize("overrun", ["host-bounds-it", "host-frozen"])
+def test_a_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeService,
+                                                  overrun: str) -> None:
+    """The instance stopped, but on_stop did not finish: the orchestrator must see it.
+    The host cuts on_stop short itself; a frozen host is killed by the supervisor."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                if RoleEnvironment.get_setting("overrun") == "host-frozen":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                time.sleep(60)
+        """, role={"stop_timeout": "1s"}, settings={"overrun": overrun})
+    with running(service, free_port()) as controller:
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 3
+        assert service.probes()[-1] == "on_stop web_IN_0"
+
