@@ -549,8 +549,9 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
                  resources_dir: Path | None) -> None:
     """Run one instance of ROLE in the foreground, as a container would: startup tasks,
     the host and the lifecycle rules, no balancer, and health endpoints for the platform
-    in front. SIGTERM or /stop stops it gracefully. Exit 0 once stopped, 3 if on_stop
-    overran stop_timeout and was cut short."""
+    in front. SIGTERM or /stop stops it gracefully; a second SIGTERM or Ctrl-C stops it at
+    once. Exit 0 once stopped, 3 if the stop was cut short (on_stop overran stop_timeout,
+    or a second signal)."""
     from rolehost import single
 
     definition = _load(file)

@@ -694,11 +694,15 @@ class Instance:
 
     async def stop(self, reason: str) -> None:
         """Graceful stop: `stopping` handlers and on_stop within stop_timeout, then the tree."""
+        self.request_stop(reason)
+        if self._task is not None:
+            await self._task
+
+    def request_stop(self, reason: str) -> None:
+        """Begin the stop without waiting for it (`stop` waits)."""
         self._stop_reason = reason
         self._stop_requested = True
         self._interrupt.set()
-        if self._task is not None:
-            await self._task
 
     async def maintain(
         self, kind: Maintenance, cause: str, wait: bool, role: Role | None = None

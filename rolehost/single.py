@@ -9,6 +9,11 @@ and a small HTTP port:
 - `/live`    200 while the instance is not failed;
 - `/stop`    starts the graceful stop (a preStop hook): out of rotation at once, a
              drain delay, then `stopping` handlers and on_stop. SIGTERM does the same.
+
+A second SIGTERM or SIGINT cuts the graceful stop short: the host's tree and the
+startup tasks are killed, and the process exits EXIT_STOP_CUT_SHORT, as it does when
+on_stop overran stop_timeout. Only signals count: the kubelet's SIGTERM after a preStop
+hook's /stop is the one graceful stop, not a second.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from rolehost.rundir import RunDir
 log = structlog.get_logger()
 ROUTES: Routes = []
 # The instance stopped, but not gracefully: on_stop (or the `stopping` handlers) overran
-# stop_timeout. 1 is a failure to run at all, 2 a bad definition; this one tells an
-# orchestrator's logs that cleanup may be incomplete.
+# stop_timeout, or a second signal forced the stop. 1 is a failure to run at all, 2 a
+# bad definition; this one tells an orchestrator's logs that cleanup may be incomplete.
 EXIT_STOP_CUT_SHORT = 3
 
 
@@ -109,7 +114,10 @@ class SingleInstance:
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self.stop_reason = "stop requested"
+        self._signals = 0
         self._stop = asyncio.Event()
+        self._forced = asyncio.Event()  # a second signal: no more waiting on anything
+        self._stopped = False  # the instance is stopped: nothing left to force
 
     async def serve(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
@@ -119,7 +127,7 @@ class SingleInstance:
             log.warning("leftovers_swept", count=len(swept), processes=swept)
         process.adopt_orphans(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.begin_stop, f"received {sig.name}")
+            loop.add_signal_handler(sig, self._on_signal, sig)
         pending: set[asyncio.Task[None]] = set()
         try:
             server = await loop.create_server(
@@ -132,16 +140,18 @@ class SingleInstance:
         self.instance.start()
         await self._stop.wait()
         overran = self.instance.stops_cut_short
-        await asyncio.sleep(self.drain_delay)  # endpoints catch up with /ready going 503
+        with contextlib.suppress(TimeoutError):  # endpoints catch up with /ready going 503
+            await asyncio.wait_for(self._forced.wait(), self.drain_delay)
         await self.instance.stop(self.stop_reason)
+        self._stopped = True
         await self.deployment.standby.close()
         server.close()
         self.instance.output.close()
         if self.instance.state is not State.STOPPED:
             return 1
-        if self.instance.stops_cut_short > overran:
+        if self._forced.is_set() or self.instance.stops_cut_short > overran:
             log.warning("instance_mode_stop_cut_short", instance=self.id,
-                        error=self.instance.last_error)
+                        forced=self._forced.is_set(), error=self.instance.last_error)
             return EXIT_STOP_CUT_SHORT
         return 0
 
@@ -159,6 +169,31 @@ class SingleInstance:
             self.stop_reason = reason
             log.info("instance_mode_stopping", instance=self.id, reason=reason)
             self._stop.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        # Signals are counted, not stops: a preStop hook's /stop, then the kubelet's
+        # SIGTERM, is one graceful stop; a supervisor's (or Ctrl-C's) second is not.
+        self._signals += 1
+        if self._signals == 1:
+            self.begin_stop(f"received {sig.name}")
+        else:
+            self.force_stop(sig.name)
+
+    def force_stop(self, why: str) -> None:
+        """Cut the graceful stop short: no drain delay left, the host's tree and the
+        startup tasks killed now. The instance still stops as usual, sweeping the tree."""
+        if self._stopped:
+            return
+        log.warning("instance_mode_forced_stop", instance=self.id, signal=why)
+        self.begin_stop(f"received {why}")
+        self._forced.set()
+        # Asked first, so that the instance takes its host's death for the stop it is,
+        # not for a crash to recycle from.
+        self.instance.request_stop(self.stop_reason)
+        if self.instance.tasks is not None:
+            self.instance.tasks.kill()
+        if self.instance.process is not None and self.instance.process.running:
+            self.instance.process.kill()
 
     def readiness(self) -> tuple[bool, str]:
         state = self.instance.state

@@ -59,7 +59,7 @@ def running(service: Service, health: int, *args: str) -> Iterator[subprocess.Po
     assert not left, left
 
 
-@pytest.mark.parametrize("ending", ["stop", "sigterm"])
+@pytest.mark.parametrize("ending", ["stop", "sigterm", "stop-then-sigterm"])
 def test_run_instance_lifecycle(make_service: MakeService, ending: str) -> None:
     service = make_service(
         """
@@ -89,9 +89,10 @@ def test_run_instance_lifecycle(make_service: MakeService, ending: str) -> None:
         wait_until(lambda: answer(port, "/startup") == 200, 30, "/startup")
         assert answer(port, "/ready") == 200
         assert service.probes() == ["start index=3 web_IN_3"]
-        if ending == "stop":
+        if ending != "sigterm":
             assert answer(port, "/stop", "POST") == 200
-        else:
+        if ending != "stop":
+            # after a preStop hook's /stop, the kubelet's SIGTERM: still one graceful stop
             controller.send_signal(signal.SIGTERM)
         assert answer(port, "/ready") in (503, 0)  # out of rotation at once
         assert controller.wait(30) == 0
@@ -303,3 +304,34 @@ def test_a_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeService,
         assert controller.wait(30) == 3
         assert service.probes()[-1] == "on_stop web_IN_0"
 
+
+@pytest.mark.parametrize("during", ["drain", "on_stop", "foreground-task"])
+def test_a_second_signal_cuts_the_stop_short(make_service: MakeService, during: str) -> None:
+    """A second SIGTERM (or Ctrl-C) was ignored: the stop ran its whole course, up to
+    the drain delay plus stop_timeout. Now it ends at once, and leaves nothing behind."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                subprocess.Popen(["sleep", "300"])  # a child the kill must take too
+                return True
+            def on_stop(self):
+                probe("on_stop")
+                if RoleEnvironment.get_setting("during") == "on_stop":
+                    time.sleep(300)
+        """, settings={"during": during}, role={"stop_timeout": "5m"},
+        extra="""
+        [[roles.web.startup_tasks]]
+        command = ["sleep", "300"]
+        type = "foreground"
+        """ if during == "foreground-task" else "")
+    health = free_port()
+    drain = "300" if during == "drain" else "0"
+    with running(service, health, "--drain-delay", drain) as controller:
+        controller.send_signal(signal.SIGTERM)
+        if during == "drain":
+            wait_until(lambda: answer(health, "/ready") == 503, 10, "/ready 503")
+        else:
+            service.wait_probe("on_stop web_IN_0")
+        controller.send_signal(signal.SIGINT if during == "on_stop" else signal.SIGTERM)
+        assert controller.wait(15) == 3
+        assert service.count("on_stop") == (0 if during == "drain" else 1)
