@@ -514,6 +514,12 @@ class Controller:
         # that halted, UD 0 runs settings the role does not have.
         added = [self._add_instance(role_name, role, index)
                  for index in range(len(ours), count)]
+        # A scale-out creates a new VM: folders an earlier instance of the index left (one
+        # a controller ran before it was stopped) must not give it that one's disks.
+        await asyncio.to_thread(_discard, added)
+        if not self._shutdown.is_set():  # else stopped already, and never to start
+            for instance in added:
+                instance.start()
         removed = ours[count:]
         await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
         for instance in removed:
@@ -522,6 +528,9 @@ class Controller:
             instance.output.close()
             self.deployment.release_ports(instance.ports.values())
             del self.instances[instance.id]
+        # A scale-in deletes the VM: its disks go with it (its log stays, as the
+        # controller's record of it).
+        await asyncio.to_thread(_discard, removed)
         record.instances = [i.id for i in added + removed]
         topology = self.topology()
         others = [i for i in self.instances.values() if i not in added]
@@ -548,9 +557,7 @@ class Controller:
         instance.balancers = balancers
         self.instances[instance.id] = instance
         instance.topology = self.topology()
-        if self.running:
-            instance.start()
-        return instance
+        return instance  # not started: the caller starts it once its folders are ready
 
     def _role(self, name: str) -> Role:
         if name not in self.definition.roles:
@@ -622,6 +629,16 @@ class Controller:
             self._shutdown_reason = reason
             self._shutdown.set()
         await self._stopped.wait()
+
+
+def _discard(instances: list[Instance]) -> None:
+    """Remove the folders of `instances`; one that cannot be removed is reported."""
+    for instance in instances:
+        try:
+            instance.disks.discard()
+        except OSError as exc:
+            log.error("disks_not_removed", instance=instance.id, folder=str(instance.disks.root),
+                      error=str(exc))
 
 
 async def _reported(change: Awaitable[object]) -> None:

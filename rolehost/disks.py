@@ -86,6 +86,16 @@ class Disks:
         if self.owner is not None:
             self.owner.give_tree(self.app)
 
+    def discard(self) -> None:
+        """Remove the instance's folders for good, as the platform deletes the VM of an
+        instance that a scale-in removes: an instance that gets its index later is a new
+        VM, with no local resources, no machine state and no task markers of the old one.
+        A `resources_root` elsewhere (a persistent volume) is not the instance's to remove."""
+        if self.root.is_symlink() or (self.root.exists() and not self.root.is_dir()):
+            self.root.unlink()
+        elif self.root.exists():
+            shutil.rmtree(self.root)  # by descriptors: it follows no link inside the tree
+
     def clean_resources(self, role: Role, only_clean_on_recycle: bool) -> None:
         for name, spec in role.local_resources.items():
             if spec.clean_on_recycle or not only_clean_on_recycle:
