@@ -181,7 +181,7 @@ class Controller:
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
             self.deployment.standby.warm()
-            for instance in self.instances.values():  # each was added knowing only those before
+            for instance in self.instances.values():
                 instance.topology = self.topology()
             self.running = True
             for instance in self.instances.values():
@@ -519,6 +519,8 @@ class Controller:
         await asyncio.to_thread(_discard, added)
         if not self._shutdown.is_set():  # else stopped already, and never to start
             for instance in added:
+                # Set once all are added: each lists the ones added after it too.
+                instance.topology = self.topology()
                 instance.start()
         removed = ours[count:]
         await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
@@ -556,8 +558,9 @@ class Controller:
             balancer.add(instance.id, instance.ports[name])
         instance.balancers = balancers
         self.instances[instance.id] = instance
-        instance.topology = self.topology()
-        return instance  # not started: the caller starts it once its folders are ready
+        # Not started, and no topology yet: the caller sets it once every instance it
+        # adds is there, then starts them.
+        return instance
 
     def _role(self, name: str) -> Role:
         if name not in self.definition.roles:

@@ -61,3 +61,40 @@ def test_an_instance_scaled_out_again_is_a_new_vm(make_service: MakeService,
                    "a third fresh start of web_IN_2", lambda: "\n".join(service.probes()))
         assert tasks.read_text().split().count("web_IN_2") == 3
         assert "start kept=True web_IN_0" in service.probes()  # a controller start keeps them
+
+
+TOPOLOGY = """
+from rolehost import TopologyChange
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        RoleEnvironment.on_changing(self.changing)
+        RoleEnvironment.on_changed(self.changed)
+        probe(f"start roles={','.join(RoleEnvironment.roles['web'])}")
+        return True
+
+    def changing(self, event):
+        probe("changing " + ",".join(c.role for c in event.changes
+                                      if isinstance(c, TopologyChange)))
+
+    def changed(self, changes):
+        probe(f"changed roles={','.join(RoleEnvironment.roles['web'])}")
+"""
+
+
+def test_every_instance_of_a_scale_out_by_several_sees_all_of_them(
+    make_service: MakeService,
+) -> None:
+    """The new instances see each other, the ones added after them too, as the ones
+    that were there are told."""
+    service = make_service(TOPOLOGY, instances=2)
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.scale("web", 5)
+        h.wait_ready(30)
+        every = ",".join(f"web_IN_{i}" for i in range(5))
+        for i in (0, 1):
+            service.wait_probe(f"changing web web_IN_{i}")
+            service.wait_probe(f"changed roles={every} web_IN_{i}")
+        starts = [line for line in service.probes() if line.startswith("start")]
+        assert sorted(starts[2:]) == [f"start roles={every} web_IN_{i}" for i in (2, 3, 4)]
