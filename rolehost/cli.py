@@ -343,7 +343,8 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
 def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
     """Run COUNT instances of ROLE: new ones get the next indexes (and UDs by the same
     rule); scaling in stops the highest indexes gracefully. The others are told per update
-    domain, like a settings change: a domain that does not come back halts it (exit 1)."""
+    domain, like a settings change: a domain that does not come back halts it (exit 1).
+    Waits until the new instances are ready: exit 1 if one fails (its ready deadline)."""
     changed = _call(_client(file, run_dir, timeout=24 * 3600).scale, role, count)
     click.echo(f"{role}: {count} instance(s)" + (f" ({', '.join(changed)})" if changed else ""))
 

@@ -458,16 +458,23 @@ class Controller:
 
     async def _offer_by_domain(self, what: str, instances: list[Instance],
                                outcome: dict[str, str], record: Any,
-                               offer: Callable[[Instance], Awaitable[str]]) -> None:
+                               offer: Callable[[Instance], Awaitable[str]],
+                               alongside: Awaitable[list[str]] | None = None) -> None:
         """Offer a change to `instances` one update domain at a time (all at once with
         change_mode "blast"), filling `outcome` as each answers, and end `record`. A
         domain that does not take the change halts it there, as a walk halts: taking the
-        next domain down would leave none serving. ApiError if any instance failed."""
+        next domain down would leave none serving. ApiError if any instance failed.
+
+        `alongside` is the rest of the same operation, running meanwhile (a scale-out's
+        new instances getting ready): `record` ends once it is over too, and the lines it
+        returns are failures of the operation."""
         assert self.history is not None
         blast = self.definition.service.change_mode == "blast"
         count = self.definition.service.upgrade_domains
         groups = [instances] if blast else [g for g in domains(instances, count) if g]
         headline: str | None = None
+        more: list[str] = []
+        over = False
         try:
             for group in groups:
                 results = await asyncio.gather(*(offer(i) for i in group),
@@ -485,14 +492,18 @@ class Controller:
                         log.error("change_halted", change=what, domain=domain,
                                   untouched=untouched)
                     break
+            if alongside is not None:
+                more = await alongside
+            over = True
         finally:
-            if headline is None and len(outcome) < len(instances):
+            if headline is None and not over:
                 headline = f"{what} cut short"  # the controller is stopping
             failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
-            error = "; ".join([headline, *failed]) if headline else None
-            self.history.end(record, "failed" if error else "succeeded", error)
-        if headline is not None:
-            raise api.ApiError(500, "\n".join([headline, *failed]))
+            lines = [line for line in [headline, *failed, *more] if line]
+            self.history.end(record, "failed" if lines else "succeeded",
+                             "; ".join(lines) or None)
+        if lines:
+            raise api.ApiError(500, "\n".join(lines))
 
     async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
@@ -517,7 +528,8 @@ class Controller:
         # A scale-out creates a new VM: folders an earlier instance of the index left (one
         # a controller ran before it was stopped) must not give it that one's disks.
         await asyncio.to_thread(_discard, added)
-        if not self._shutdown.is_set():  # else stopped already, and never to start
+        starting = not self._shutdown.is_set()  # else stopped already, and never to start
+        if starting:
             for instance in added:
                 # Set once all are added: each lists the ones added after it too.
                 instance.topology = self.topology()
@@ -541,8 +553,15 @@ class Controller:
         # Like a settings change: a handler that cancels recycles its instance, so all of
         # them at once would take the role down.
         what = f"topology change of {role_name} (scaled to {count})"
-        await self._offer_by_domain(what, others, {}, record,
-                                    lambda i: i.change_topology(topology, role_name, cause))
+        # Recorded, and answered, once the new instances are ready, as an operation on an
+        # instance is: not while they may still fail.
+        ready = asyncio.ensure_future(_ready(added, starting))
+        try:
+            await self._offer_by_domain(what, others, {}, record,
+                                        lambda i: i.change_topology(topology, role_name, cause),
+                                        alongside=ready)
+        finally:
+            ready.cancel()
         return record.instances
 
     def topology(self) -> dict[str, list[str]]:
@@ -632,6 +651,17 @@ class Controller:
             self._shutdown_reason = reason
             self._shutdown.set()
         await self._stopped.wait()
+
+
+async def _ready(instances: list[Instance], started: bool) -> list[str]:
+    """Wait until each of `instances` is ready, or failed (its ready deadline) or stopped;
+    one line for each that is not ready."""
+    if not started:  # nothing would ever end the wait
+        return [f"{i.id} was not started: the controller is stopping" for i in instances]
+    ready = await asyncio.gather(*(i.ready_or_ended() for i in instances))
+    return [f"{i.id} did not become ready after it was added: it is {i.state.value} "
+            f"({i.reason or i.last_error})" for i, up in zip(instances, ready, strict=True)
+            if not up]
 
 
 def _discard(instances: list[Instance]) -> None:

@@ -302,6 +302,14 @@ class Instance:
             await self._changed.wait()
         return self.state
 
+    async def ready_or_ended(self) -> bool:
+        """Wait until the instance is ready (True), or failed or stopped (False). Unlike
+        `settled`, a recycle is not an end: the boots up to ready share one deadline, and
+        missing it fails the instance."""
+        while self.ready_since is None and self.state not in (S.FAILED, S.STOPPED):
+            await self._changed.wait()
+        return self.ready_since is not None
+
     @property
     def _pending_operation(self) -> bool:
         """An operation asked for and not yet begun (one under way is settled by `_set`)."""

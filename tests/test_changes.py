@@ -266,9 +266,12 @@ def test_a_settings_change_halts_in_the_first_domain_that_does_not_come_back(
 def test_a_topology_change_goes_per_domain_and_halts_like_a_settings_change(
     make_service: MakeService,
 ) -> None:
-    """Handlers that cancel recycle their instances: all at once, the role is down."""
+    """Handlers that cancel recycle their instances: all at once, the role is down. The
+    scale answers once the new instance, which never starts either, misses its ready
+    deadline."""
     service = make_service(FRAGILE, instances=4, settings={"mode": "good", "most": 4},
-                           service={"upgrade_domains": 2, "backoff_initial": "0.1s"})
+                           service={"upgrade_domains": 2, "backoff_initial": "0.1s",
+                                    "ready_deadline": "3s"})
     with service.harness() as h:
         h.wait_ready(30)
         pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
@@ -280,6 +283,8 @@ def test_a_topology_change_goes_per_domain_and_halts_like_a_settings_change(
             "web_IN_1, web_IN_3, which keep what they had"), failed.value
         assert "web_IN_0: failed: web_IN_0 did not become ready after recycle" in str(
             failed.value)
+        assert ("web_IN_4 did not become ready after it was added: it is failed (waiting for "
+                "host: not ready within the ready deadline (3s)") in str(failed.value)
         for i in (1, 3):
             row = h.instance(f"web/{i}")
             assert (row["state"], row["pid"]) == ("ready", pids[f"web_IN_{i}"])

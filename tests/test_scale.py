@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from conftest import MakeService
@@ -98,3 +101,54 @@ def test_every_instance_of_a_scale_out_by_several_sees_all_of_them(
             service.wait_probe(f"changed roles={every} web_IN_{i}")
         starts = [line for line in service.probes() if line.startswith("start")]
         assert sorted(starts[2:]) == [f"start roles={every} web_IN_{i}" for i in (2, 3, 4)]
+
+
+# Not ready until the file in setting `gate` exists; with `gate` "never", never.
+GATED = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        gate = RoleEnvironment.get_setting("gate")
+        while not os.path.exists(gate):
+            time.sleep(0.05)
+        return True
+"""
+
+
+def test_a_scale_out_is_recorded_once_its_instances_are_ready(make_service: MakeService,
+                                                               tmp_path: Path) -> None:
+    """As an operation on an instance is: `rolehost scale` answers then, and a new
+    instance that misses its ready deadline fails the scale."""
+    gate = tmp_path / "gate"
+    service = make_service(GATED, settings={"gate": str(gate)},
+                           service={"ready_deadline": "4s"})
+    gate.touch()
+    with service.harness() as h:
+        h.wait_ready(30)
+        gate.unlink()
+        answer: list[object] = []
+        scaling = threading.Thread(target=lambda: answer.append(h.scale("web", 2)))
+        scaling.start()
+        wait_until(lambda: [i["state"] for i in h.status()["instances"]][1:] == ["starting"],
+                   30, "web_IN_1 in on_start", lambda: str(h.status()["instances"]))
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == ("scale web", "running")
+        assert answer == []
+        gate.touch()
+        scaling.join(30)
+        assert answer == [["web_IN_1"]]
+        assert h.instance("web/1")["state"] == "ready"
+        [record] = h.operations()
+        assert (record["outcome"], record["instances"]) == ("succeeded", ["web_IN_1"])
+        # One that never gets ready fails the scale once its ready deadline is missed.
+        gate.unlink()
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "scale", "web", "3",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith(
+            "rolehost: web_IN_2 did not become ready after it was added: it is failed "
+            "(waiting for host: not ready within the ready deadline (4s)"), done.stderr
+        assert h.instance("web/2")["state"] == "failed"
+        record = h.operations()[-1]
+        assert (record["kind"], record["outcome"]) == ("scale web", "failed")
+        assert record["error"].startswith("web_IN_2 did not become ready after it was added")
