@@ -344,9 +344,21 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
     """Run COUNT instances of ROLE: new ones get the next indexes (and UDs by the same
     rule); scaling in stops the highest indexes gracefully. The others are told per update
     domain, like a settings change: a domain that does not come back halts it (exit 1).
-    Waits until the new instances are ready: exit 1 if one fails (its ready deadline)."""
+    Waits until the new instances are ready: exit 1 if one fails (its ready deadline).
+    Prints the instances it added, or those it removed."""
     changed = _call(_client(file, run_dir, timeout=24 * 3600).scale, role, count)
-    click.echo(f"{role}: {count} instance(s)" + (f" ({', '.join(changed)})" if changed else ""))
+    click.echo(scaled(role, count, changed))
+
+
+def scaled(role: str, count: int, changed: list[str]) -> str:
+    """What a scale to `count` did, from the instances it names: a role's instances are
+    always indexes 0 to count - 1, so those at `count` or above were removed, the others
+    added (a scale does one or the other)."""
+    removed = [name for name in changed if parse_instance_name(name)[1] >= count]
+    added = [name for name in changed if name not in removed]
+    what = (f"added {', '.join(added)}" if added else f"removed {', '.join(removed)}"
+            if removed else "unchanged")
+    return f"{role}: {count} instance{'s' if count > 1 else ''}, {what}"
 
 
 @cli.command()

@@ -152,3 +152,34 @@ def test_a_scale_out_is_recorded_once_its_instances_are_ready(make_service: Make
         record = h.operations()[-1]
         assert (record["kind"], record["outcome"]) == ("scale web", "failed")
         assert record["error"].startswith("web_IN_2 did not become ready after it was added")
+
+
+def rolehost(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rolehost", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_rolehost_scale_says_which_instances_it_added_and_which_it_removed(
+    make_service: MakeService,
+) -> None:
+    service = make_service(TOPOLOGY)
+    with service.harness() as h:
+        h.wait_ready(30)
+        where = ("--run-dir", str(h.run_dir.path))
+        done = rolehost("scale", "web", "3", *where)
+        assert (done.returncode, done.stdout) == (0, "web: 3 instances, added web_IN_1, "
+                                                     "web_IN_2\n"), done.stderr
+        done = rolehost("scale", "web", "1", *where)
+        assert (done.returncode, done.stdout) == (0, "web: 1 instance, removed web_IN_1, "
+                                                     "web_IN_2\n"), done.stderr
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0"]
+
+
+def test_what_a_scale_did_in_words() -> None:
+    from rolehost.cli import scaled
+
+    assert scaled("web", 12, ["web_IN_10", "web_IN_11"]) == (
+        "web: 12 instances, added web_IN_10, web_IN_11")
+    assert scaled("web", 2, ["web_IN_2", "web_IN_10"]) == (
+        "web: 2 instances, removed web_IN_2, web_IN_10")
+    assert scaled("web", 1, []) == "web: 1 instance, unchanged"
