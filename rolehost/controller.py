@@ -31,10 +31,17 @@ from rolehost.walks import Upgrade, Walk, domains
 log = structlog.get_logger()
 
 
-def definition_changes(running: Definition, edited: Definition) -> dict[str, Any]:
+def definition_changes(running: Definition, edited: Definition,
+                       before: Definition | None = None) -> dict[str, Any]:
     """What an edit of the definition asks for: new settings and instance counts, which
     apply in place, and every other key path, which needs a deploy. `running` names the
-    app folders the running version was packaged from, as `edited` does."""
+    app folders the running version was packaged from, as `edited` does.
+
+    `before` is the file as it was before the edit (default: `running`). Settings and
+    counts are what the edit changed in it, applied to what runs: a setting changed by
+    `rolehost config set`, or a count by `rolehost scale`, stays as it is unless the
+    edit changes that setting or that count. Each role's settings are its whole new
+    table: a setting the edit removed is left out, one set at run time kept."""
     settings, instances, deploy = {}, {}, []
     ignored = {"settings", "instances"}
     if running.service != edited.service:
@@ -47,9 +54,14 @@ def definition_changes(running: Definition, edited: Definition) -> dict[str, Any
         if old.model_dump(exclude=ignored) != new.model_dump(exclude=ignored):
             deploy += [f"roles.{name}.{k}" for k in sorted(type(old).model_fields)
                        if k not in ignored and getattr(old, k) != getattr(new, k)]
-        if old.settings != new.settings:
-            settings[name] = dict(new.settings)  # Secret entries stay wrapped
-        if old.instances != new.instances:
+        was = (before or running).roles.get(name, old)
+        edits = {k: v for k, v in new.settings.items() if was.settings.get(k) != v}
+        gone = was.settings.keys() - new.settings.keys()
+        table = {k: v for k, v in {**old.settings, **edits}.items()  # Secrets stay wrapped
+                 if k not in gone}
+        if table != old.settings:
+            settings[name] = table
+        if new.instances not in (was.instances, old.instances):
             instances[name] = new.instances
     return {"settings": settings, "instances": instances, "deploy": deploy}
 
@@ -122,6 +134,8 @@ class Controller:
         self.changing: str | None = None  # a settings change, a scale or a deploy's checks
         self.running = False
         self.version = ""  # the package running: the one `start` made, then each deploy's
+        # The definition file as last applied: an edit applies what it changed in it.
+        self.from_file = definition
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
@@ -604,20 +618,27 @@ class Controller:
         running = self.definition.model_copy(update={"roles": {
             name: role.model_copy(update={"app": sources.get(name, role.app)})
             for name, role in self.definition.roles.items()}})
-        changed = definition_changes(running, edited)
+        changed = definition_changes(running, edited, self.from_file)
         if changed["deploy"]:
             log.warning("needs_deploy", changed=changed["deploy"],
                         detail="nothing was applied: package and deploy these changes")
             return
-        self._background_task(self._apply_edit(changed["settings"], changed["instances"]))
+        self._background_task(self._apply_edit(edited, changed["settings"],
+                                               changed["instances"]))
 
-    async def _apply_edit(self, settings: dict[str, dict[str, Any]],
+    async def _apply_edit(self, edited: Definition, settings: dict[str, dict[str, Any]],
                           counts: dict[str, int]) -> None:
         """One change after the other: each holds the service while it runs."""
+        applied = True
         for name, values in settings.items():
-            await _reported(self.configure(name, values, "definition edited", replace=True))
+            applied &= await _reported(self.configure(name, values, "definition edited",
+                                                      replace=True))
         for name, count in counts.items():
-            await _reported(self.scale(name, count, "definition edited"))
+            applied &= await _reported(self.scale(name, count, "definition edited"))
+        # Not after a change that was refused or failed: saving the file again retries
+        # it (what was applied is not applied twice: it runs already).
+        if applied:
+            self.from_file = edited
 
     def _background_task(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -674,10 +695,12 @@ def _discard(instances: list[Instance]) -> None:
                       error=str(exc))
 
 
-async def _reported(change: Awaitable[object]) -> None:
+async def _reported(change: Awaitable[object]) -> bool:
     """A change an edit asked for: nobody waits for its answer, so a refusal is logged (and
-    the next change is still tried)."""
+    the next change is still tried). False if it was refused or failed."""
     try:
         await change
     except api.ApiError as exc:
         log.error("change_failed", error=str(exc))
+        return False
+    return True

@@ -13,6 +13,7 @@ import pytest
 from conftest import MakeService
 
 from rolehost.client import ApiError
+from rolehost.definition import Definition
 from rolehost.testing import wait_until
 
 ROLE = """
@@ -127,6 +128,70 @@ def test_editing_the_definition_applies_settings_and_reports_the_rest(
         service.toml.write_text("[service\\n")  # broken: reported, nothing applied
         h.wait_event(lambda e: e["event"] == "definition_invalid", 10)
         assert h.instance("web/0")["state"] == "ready"
+
+
+def test_an_edit_applies_what_it_changed_in_the_file_not_the_rest_of_it(
+    make_service: MakeService,
+) -> None:
+    """A setting set at run time (`config set`), or a count (`scale`), stays as it is
+    when an edit of the file changes something else."""
+    service = make_service(ROLE, settings={"color": "blue", "cancel": False})
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert h.set_setting("web", "color", "green") == {"web_IN_0": "applied"}
+        text = service.toml.read_text()
+        service.toml.write_text(text.replace("instances = 1", "instances = 2"))
+        wait_until(lambda: [(r["kind"], r["outcome"]) for r in h.operations()][1:] == [
+            ("scale web", "succeeded")], 30, "the scale the edit asked for",
+            lambda: str(h.operations()))
+        service.wait_probe("start color=green web_IN_1")
+        assert "changing color:green->blue web_IN_0" not in service.probes()
+        # An edit of another setting changes that one only; the count set by `scale`
+        # stays, though the file still says 2.
+        assert h.scale("web", 3) == ["web_IN_2"]
+        service.toml.write_text(text.replace("instances = 1", "instances = 2") + "size = 3\n")
+        def changed(i: int) -> bool:
+            lines = [line for line in service.probes() if line.endswith(f" web_IN_{i}")]
+            asked = f"changing size:None->3 web_IN_{i}"
+            return asked in lines and (f"changed color=green web_IN_{i}"
+                                       in lines[lines.index(asked):])
+
+        for i in (0, 1, 2):
+            wait_until(lambda: changed(i), 30, f"the change of size on web_IN_{i}",  # noqa: B023
+                       lambda: "\n".join(service.probes()))
+        assert not any("color:green->blue" in line for line in service.probes())
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0", "web_IN_1",
+                                                              "web_IN_2"]
+        config = [r for r in h.operations() if r["arguments"].get("cause") == "definition "
+                  "edited"]
+        assert [(r["kind"], r["outcome"]) for r in config] == [
+            ("scale web", "succeeded"), ("config web", "succeeded")]
+        assert config[1]["arguments"]["settings"]["color"] == "green"
+
+
+def test_what_an_edit_changes_is_what_it_changed_in_the_file() -> None:
+    from rolehost.controller import definition_changes
+    from rolehost.definition import Secret, parse
+
+    def service(instances: int, **settings: object) -> Definition:
+        return parse({"service": {"name": "s"}, "roles": {"web": {
+            "entry_point": "m:C", "instances": instances, "settings": settings}}})
+
+    before = service(2, color="blue", size=1, token={"value": "t", "secret": True})
+    # Run time: `config set color=green extra=1`, `scale web 3`.
+    running = service(3, color="green", size=1, extra=1,
+                      token={"value": "t", "secret": True})
+    unchanged: dict[str, object] = {"settings": {}, "instances": {}, "deploy": []}
+    assert definition_changes(running, before, before) == unchanged
+    assert definition_changes(running, service(3, color="blue", size=1, token={
+        "value": "t", "secret": True}), before) == unchanged  # the count runs already
+    changes = definition_changes(running, service(4, color="blue", token={
+        "value": "u", "secret": True}), before)
+    assert changes["instances"] == {"web": 4}
+    assert changes["settings"] == {"web": {"color": "green", "extra": 1,
+                                           "token": Secret(value="u")}}  # size removed
+    # With no `before`, the file is compared with what runs (as before this change).
+    assert definition_changes(running, before)["settings"]["web"]["color"] == "blue"
 
 
 def test_settings_the_environment_cannot_carry_are_refused_and_nothing_changes(
