@@ -562,6 +562,8 @@ class Controller:
         record.instances = [i.id for i in added + removed]
         topology = self.topology()
         others = [i for i in self.instances.values() if i not in added]
+        if not record.instances:  # the count that runs: no one is told of a change there was not
+            others = []
         for instance in others:  # what their next boot sees, whether a halt spares them
             instance.topology = topology
         # Like a settings change: a handler that cancels recycles its instance, so all of

@@ -183,3 +183,18 @@ def test_what_a_scale_did_in_words() -> None:
     assert scaled("web", 2, ["web_IN_2", "web_IN_10"]) == (
         "web: 2 instances, removed web_IN_2, web_IN_10")
     assert scaled("web", 1, []) == "web: 1 instance, unchanged"
+
+
+def test_a_scale_to_the_count_that_runs_changes_nothing(make_service: MakeService) -> None:
+    """No instance is told of a topology change that did not happen (a handler that
+    cancels would recycle its instance for nothing)."""
+    service = make_service(TOPOLOGY, instances=2)
+    with service.harness() as h:
+        h.wait_ready(30)
+        pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
+        assert h.scale("web", 2) == []
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"], record["instances"]) == (
+            "scale web", "succeeded", [])
+        assert not any(line.startswith("chang") for line in service.probes())
+        assert {i["id"]: i["pid"] for i in h.status()["instances"]} == pids
