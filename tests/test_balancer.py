@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import MakeService
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import MakeService
 from rolehost.balancer import relay_build
 from rolehost.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from conftest import MakeService
-
 from rolehost import capacity, definition
 from rolehost.testing import wait_until
 

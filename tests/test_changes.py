@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MakeService
 
+from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.definition import Definition
 from rolehost.testing import wait_until

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MakeService
 
+from conftest import MakeService
 from rolehost.client import ApiError, Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MakeService, Service
 from test_balancer import WEB, free_port
 from test_walks import assert_one_domain_down_at_a_time
 
+from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness
 

@@ -7,10 +7,10 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import MakeService
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import MakeService
 from rolehost import definition
 
 KEYS = ["service", "roles", "name", "upgrade_domains", "ready_deadline", "stable_after",

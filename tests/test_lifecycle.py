@@ -9,8 +9,8 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import MakeService
 
+from conftest import MakeService
 from rolehost.testing import wait_until
 
 FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MakeService, Service
 
+from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import http.client
 import urllib.request
 
-from conftest import MakeService
 from prometheus_client.parser import text_string_to_metric_families
 from test_balancer import WEB, free_port, get
 
+from conftest import MakeService
 from rolehost.instance import State
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 import structlog
-from conftest import MakeService
 
+from conftest import MakeService
 from rolehost import process
 from rolehost.testing import run_dir_processes, wait_until
 

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 import uvloop
-from conftest import MakeService
 
+from conftest import MakeService
 from rolehost import preflight, privileges, process
 from rolehost.client import ApiError
 from rolehost.definition import load

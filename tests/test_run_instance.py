@@ -12,9 +12,9 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import MakeService, Service
 from test_balancer import free_port
 
+from conftest import MakeService, Service
 from rolehost.testing import run_dir_processes, wait_until
 
 

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 from conftest import MakeService
-
 from rolehost.testing import wait_until
 
 # Each start says whether the local resource still holds what an earlier instance wrote.

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MakeService
 from test_balancer import WEB, free_port
 
+from conftest import MakeService
 from rolehost.testing import ServiceHarness
 
 

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import MakeService
 from test_balancer import WEB, free_port
 
+from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import psutil
-from conftest import MakeService
 from faultkit import Bystander, endpoint, free_port, role
 
+from conftest import MakeService
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 PROBE = '{ path = "/healthz", interval = "100ms", timeout = "1s", healthy = 1, unhealthy = 2 }'

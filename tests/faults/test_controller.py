@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MakeService
 from faultkit import Bystander, role, timed_status
 
+from conftest import MakeService
 from rolehost import logs, protocol
 from rolehost.client import Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MakeService
 from faultkit import Bystander, role, state_events, timed_status
 
+from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 

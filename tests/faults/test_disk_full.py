@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MakeService
 from faultkit import FAST, Bystander, role, state_events, wait_gone
 
+from conftest import MakeService
 from rolehost import logs
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import MakeService
 from faultkit import FAST, Bystander, role, wait_gone
 
+from conftest import MakeService
 from rolehost.testing import wait_until
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from conftest import MakeService
 from faultkit import (
     FAST,
     HANGING_ON_STOP,
@@ -16,6 +15,7 @@ from faultkit import (
     wait_pids,
 )
 
+from conftest import MakeService
 from rolehost.testing import wait_until
 
 

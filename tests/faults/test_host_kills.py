@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-from conftest import MakeService
 from faultkit import (
     FAST,
     HANGING_ON_STOP,
@@ -20,6 +19,7 @@ from faultkit import (
     wait_pids,
 )
 
+from conftest import MakeService
 from rolehost.testing import wait_until
 
 # Instance 0 sleeps in its first startup task, the first time only; instance 1 does not.

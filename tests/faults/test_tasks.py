@@ -7,9 +7,9 @@ import os
 import signal
 import time
 
-from conftest import MakeService
 from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
 
+from conftest import MakeService
 from rolehost.testing import wait_until
 
 ROLE = role("class Role(RoleEntryPoint): pass")

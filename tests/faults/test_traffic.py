@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import MakeService
 from faultkit import Bystander, endpoint, free_port, role
 
+from conftest import MakeService
 from rolehost.testing import LoadProbe
 
 CUTTING = """
