@@ -4,8 +4,9 @@ Default: `.rolehost/` beside the definition. It is 0700 and its control socket 0
 so only the user who started the controller can reach it. A root controller that drops
 privileges makes it 0711, so its limited user can pass through to `instances/`; the
 socket, `logs/`, `packages/` and the history stay private. A folder others use is never
-made private: it is refused. A folder that holds anything but a run directory's own
-files is never opened: a root controller with a limited user refuses it (privileges.py).
+made private: it is refused. A folder rolehost did not create, and that holds anything
+but a run directory's own files, is never opened: a root controller with a limited user
+refuses it (privileges.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from pathlib import Path
 _MAX_SOCKET_PATH = 107
 # Everything a controller keeps in its run directory (the layout in docs/concepts.md).
 _OWN = frozenset({"control.sock", "controller.pid", "history.jsonl", "instances", "logs",
-                  "packages"})
+                  "packages", ".made-by-rolehost"})
+# Written into a run directory rolehost created: whatever else comes to live there (a
+# sample's database), the folder is rolehost's to open to its limited user.
+_MADE = ".made-by-rolehost"
 
 
 class AlreadyRunning(RuntimeError):
@@ -68,11 +72,14 @@ class RunDir:
         """Create the run directory, or make it private again; Unsuitable for a folder
         that is not one and is open to others, or a path too long for the socket."""
         self._refuse_a_shared_folder()
+        made = not self.path.exists()
         # Private, and so is what it holds: a root controller opens the folder itself to
         # its limited user (privileges.py), so the folders inside must not rely on it.
         for folder in (self.path, self.logs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(folder, 0o700)  # an existing folder may have been created looser
+        if made:
+            (self.path / _MADE).touch(mode=0o600)
         if len(os.fsencode(self.socket)) > _MAX_SOCKET_PATH:
             raise Unsuitable(
                 f"run directory path too long for a Unix socket ({self.socket}); "
@@ -81,13 +88,15 @@ class RunDir:
 
     def strangers(self) -> list[str]:
         """The names in the folder that are no run directory's, sorted: [] for one rolehost
-        made (or an empty one, or none yet). By name, not by who last used it: a folder
-        such as /root that once served as a run directory (under limited_user = "root",
-        say) is still not rolehost's to open."""
+        made, whatever it holds since (its mark says so), or one that holds nothing but a
+        run directory's names (made by a rolehost before the mark), or none yet. Not by
+        who last used it: a folder such as /root that once served as a run directory
+        (under limited_user = "root", say) is still not rolehost's to open."""
         try:
-            return sorted(name for name in os.listdir(self.path) if name not in _OWN)
+            names = os.listdir(self.path)
         except FileNotFoundError:
             return []
+        return [] if _MADE in names else sorted(n for n in names if n not in _OWN)
 
     def _refuse_a_shared_folder(self) -> None:
         # Making private a folder that others use (/tmp, a home, a shared 1777 folder)

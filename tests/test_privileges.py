@@ -306,3 +306,17 @@ def test_a_run_directory_used_before_is_still_rolehosts(tmp_path: Path) -> None:
             h.restart("web_IN_0")
     assert RunDir(run_dir).strangers() == []
     assert (run_dir / "history.jsonl").exists() and (run_dir / "packages").is_dir()
+
+
+def test_a_run_directory_rolehost_made_stays_its_own_whatever_it_holds(
+        reachable_python: Path, tmp_path: Path) -> None:
+    """A sample keeps its database in the run directory rolehost created (queue.db): the
+    next start as root opens the folder to the limited user again, as it did the first
+    time, rather than taking it for a foreign one."""
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        with ServiceHarness(write_service(tmp_path), run_dir=run_dir,
+                            python=reachable_python) as h:
+            h.wait_ready(30)
+        (run_dir / "queue.db").write_text("a role's")
+    assert RunDir(run_dir).strangers() == []
