@@ -1,9 +1,14 @@
 """Orders in SQLite: the web role takes them, the worker ships them, exactly once."""
 
+import os
 import sqlite3
 
 
 def connect(path: str) -> sqlite3.Connection:
+    """The orders database: the `orders_db` setting, or, when it is empty, orders.db in the
+    run directory, which both roles reach and no other run shares (a fixed path such as
+    /tmp/orders.db would be every user's and every run's on the machine)."""
+    path = path or os.path.join(os.environ["ROLEHOST_RUN_DIR"], "orders.db")
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, item TEXT, "

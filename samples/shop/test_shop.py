@@ -24,7 +24,7 @@ def shop(tmp_path: Path):  # type: ignore[no-untyped-def]
     definition.write_text(
         (HERE / "rolehost.toml").read_text()
         .replace("port = 8090", f"port = {port}")
-        .replace("/tmp/rolehost-shop-orders.db", str(db))
+        .replace('orders_db = ""', f'orders_db = "{db}"')
         .replace('entry_point = "web:WebRole"', f'entry_point = "web:WebRole"\napp = "{HERE}"')
         .replace('entry_point = "worker:ShippingWorker"',
                  f'entry_point = "worker:ShippingWorker"\napp = "{HERE}"')
