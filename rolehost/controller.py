@@ -547,7 +547,7 @@ class Controller:
             for instance in added:
                 # Set once all are added: each lists the ones added after it too.
                 instance.topology = self.topology()
-                instance.start()
+                instance.start(f"scaled out: {cause}")
         removed = ours[count:]
         await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
         for instance in removed:

@@ -221,8 +221,9 @@ class Instance:
 
     # Supervision: one boot after another until stopped.
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.id)
+    def start(self, cause: str = "deployment started") -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise(cause),
+                                                            name=self.id)
         self._task.add_done_callback(self._supervisor_ended)
 
     def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
@@ -238,8 +239,8 @@ class Instance:
             self.process.kill()
         self._set(S.FAILED, self.last_error, force=True)
 
-    async def _supervise(self) -> None:
-        kind, reason = Maintenance.START, "deployment started"
+    async def _supervise(self, cause: str) -> None:
+        kind, reason = Maintenance.START, cause
         while True:
             await self._run_boot(kind, reason)
             if self._stop_requested:

@@ -100,6 +100,11 @@ def test_every_instance_of_a_scale_out_by_several_sees_all_of_them(
             service.wait_probe(f"changed roles={every} web_IN_{i}")
         starts = [line for line in service.probes() if line.startswith("start")]
         assert sorted(starts[2:]) == [f"start roles={every} web_IN_{i}" for i in (2, 3, 4)]
+        # Their boots say why they started: the scale, not the deployment's start.
+        boots = {e["instance"]: e["cause"] for e in h.events() if e["event"] == "boot"}
+        assert boots["web_IN_0"] == "deployment started"
+        scaled = "scaled out: requested through the API"
+        assert [boots[f"web_IN_{i}"] for i in (2, 3, 4)] == [scaled] * 3, boots
 
 
 # Not ready until the file in setting `gate` exists; with `gate` "never", never.
