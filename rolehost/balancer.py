@@ -198,10 +198,20 @@ class Balancer:
         self._turn += 1
         return ready[self._turn % len(ready)]
 
-    async def pick(self, exclude: Collection[str] = ()) -> Backend | None:
-        """A backend in rotation; wait up to queue_timeout for one. None: still none."""
+    def deadline(self) -> float:
+        """The loop time a request that begins to wait now waits until (`pick`)."""
+        return asyncio.get_running_loop().time() + self.endpoint.queue_timeout
+
+    async def pick(self, exclude: Collection[str] = (), deadline: float | None = None
+                   ) -> Backend | None:
+        """A backend in rotation; wait until `deadline` (default: queue_timeout from now)
+        for one. None: still none. A request tried again after an instance failed passes
+        the deadline of its first wait: queue_timeout bounds its whole wait, not each
+        attempt's (else N instances joining one after another and failing would hold it
+        N x queue_timeout)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.endpoint.queue_timeout
+        if deadline is None:
+            deadline = self.deadline()
         while True:
             backend = self.pick_now(exclude)
             if backend is not None:

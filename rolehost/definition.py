@@ -153,7 +153,8 @@ class Endpoint(_Model):
         default=30.0, description="how long a stopping instance may finish in-flight requests"
     )
     queue_timeout: Duration = Field(
-        default=10.0, description="how long a request waits for an instance in rotation"
+        default=10.0, description="how long a request (tcp: a connection) waits for an "
+        "instance in rotation, in all: a retry after an instance failed waits only what is left"
     )
     slow_start: Duration = Field(
         default=0.0, description="a joining instance's share of new requests grows over this"

@@ -822,10 +822,13 @@ async def _forward(client: HttpClient, request: Request, backend: Backend | None
     endpoint = balancer.label
     failed: BackendFailed | None = None  # the last attempt's
     where: dict[str, object] = {}  # and how the log tells it
+    deadline: float | None = None  # of the wait for an instance: one for all attempts
     while True:
         if failure is None:
             if backend is None:
-                backend = await balancer.pick(tried)
+                if deadline is None:
+                    deadline = balancer.deadline()
+                backend = await balancer.pick(tried, deadline)
             # A retry with nowhere else to go; but when the controller stops, the next
             # try, after the Retry-After, is the one to make.
             if backend is None and failed is not None and not balancer.stopping:
@@ -1214,11 +1217,14 @@ async def serve_tcp(
     early = b""  # what the client sent while it waited for an instance
     failed = ""  # the last instance that refused, and how: for the log
     where: dict[str, object] = {}
+    deadline: float | None = None  # of the wait for an instance: one for all attempts
     try:
         while True:
             backend = balancer.pick_now(tried)
             if backend is None:
-                backend, sent = await _queued(balancer, tried, reader, early)
+                if deadline is None:
+                    deadline = balancer.deadline()
+                backend, sent = await _queued(balancer, tried, deadline, reader, early)
                 if sent is None:
                     return  # the client left while it waited: nothing to relay
                 early = sent
@@ -1256,14 +1262,15 @@ async def serve_tcp(
             writer.close()
 
 
-async def _queued(balancer: Balancer, tried: set[str], reader: asyncio.StreamReader,
-                  early: bytes) -> tuple[Backend | None, bytes | None]:
-    """`balancer.pick(tried)`, reading the client meanwhile: a client that resets, or
+async def _queued(balancer: Balancer, tried: set[str], deadline: float,
+                  reader: asyncio.StreamReader, early: bytes
+                  ) -> tuple[Backend | None, bytes | None]:
+    """`balancer.pick(tried, deadline)`, reading the client meanwhile: a client that resets, or
     closes before it sent anything, has left, and must not hold a descriptor in the
     queue to be relayed as an empty connection later. Its bytes: `early`, and what it
     sent while it waited (read up to _READ; beyond, the reader's own limit holds it
     back); None if it left."""
-    picking = asyncio.ensure_future(balancer.pick(tried))
+    picking = asyncio.ensure_future(balancer.pick(tried, deadline))
     reading: asyncio.Future[bytes] | None = None
     sent, size, ended = [early], len(early), False
     try:

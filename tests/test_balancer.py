@@ -683,6 +683,58 @@ def test_tcp_clients_gone_from_the_queue_and_failures_are_seen(
         assert balancer_errors(h, "web.quick") == {"503": 1, "retry": 1, "502": 1}
 
 
+NOWHERE = """
+class Role(RoleEntryPoint):
+    def on_start(self):  # ready after its warm-up, listening nowhere: its port refuses
+        delays = RoleEnvironment.get_setting("warmup").split(",")
+        time.sleep(float(delays[RoleEnvironment.current_instance.index]))
+        return True
+"""
+
+
+def test_queue_timeout_bounds_a_request_across_its_attempts(make_service: MakeService) -> None:
+    """A request queued for an instance, tried on the first to join (it refuses), then
+    tried again: its wait ends queue_timeout after it began, not a queue_timeout after
+    each attempt. Under HTTP, and a TCP connection alike."""
+    http_port, tcp_port = free_port(), free_port()
+    service = make_service(NOWHERE, instances=2, settings={"warmup": "2,600"},
+                           role={"stop_timeout": "2s"}, extra=f"""
+        [roles.web.endpoints.http]
+        port = {http_port}
+        queue_timeout = "3s"
+        [roles.web.endpoints.raw]
+        port = {tcp_port}
+        protocol = "tcp"
+        queue_timeout = "3s"
+        """)
+    with service.harness() as h:
+        h.wait_state("web/0", "starting", 30)
+        h.wait_state("web/1", "starting", 30)
+
+        def waited_http() -> tuple[float, int]:
+            began = time.monotonic()
+            status = get(http_port)[0]
+            return time.monotonic() - began, status
+
+        def waited_tcp() -> tuple[float, bytes]:
+            began = time.monotonic()
+            with socket.create_connection(("127.0.0.1", tcp_port), timeout=30) as conn:
+                conn.sendall(b"hello")
+                data = conn.recv(100)
+            return time.monotonic() - began, data
+
+        with ThreadPoolExecutor(2) as pool:
+            over_http, over_tcp = pool.submit(waited_http), pool.submit(waited_tcp)
+            (http_waited, status), (tcp_waited, data) = over_http.result(), over_tcp.result()
+        # web_IN_0 joined (about 2 s in) and refused each: the attempts that followed
+        # waited for web_IN_1 until the first wait's deadline, 3 s in, and no longer.
+        for endpoint in ("web.http", "web.raw"):
+            assert balancer_errors(h, endpoint) == {"retry": 1, "502": 1}, endpoint
+        assert status == 502 and data == b""
+        assert 2.8 < http_waited < 4.0, http_waited
+        assert 2.8 < tcp_waited < 4.0, tcp_waited
+
+
 def test_slow_start_gives_a_joining_instance_a_growing_share(make_service: MakeService) -> None:
     # web_IN_0 is at full weight (2 s) well before web_IN_1 joins (4 s).
     harness, port = web(make_service, 2, warmup="0,4", endpoint='slow_start = "2s"')
