@@ -8,6 +8,7 @@ A thin skin over the controller's operations: each route parses its input, calls
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -234,6 +235,18 @@ async def _shutdown(controller: Controller, request: Request) -> Any:
     return {"stopped": True}
 
 
+@dataclass
+class _Parsed:
+    """One request as parsed, waiting for its turn to be answered."""
+
+    method: str
+    url: bytes
+    body: bytes
+    too_large: bool
+    keep_alive: bool
+    error: str = ""  # not a request: answered 400 with this, then the connection closes
+
+
 class _Connection(asyncio.Protocol):
     """One client connection; requests on it are answered in order."""
 
@@ -248,6 +261,11 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._body = bytearray()
         self._too_large = False
+        # Parsed and not yet answered: one read can hold several pipelined requests (the
+        # end of a large body and the next request, say), and pausing the transport does
+        # not stop the parser within that read.
+        self._queue: collections.deque[_Parsed] = collections.deque()
+        self._answering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -256,9 +274,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reply(400, {"error": "upgrade is not supported here"}, keep_alive=False)
+            self._enqueue(_Parsed("", b"", b"", False, False, "upgrade is not supported here"))
         except httptools.HttpParserError as exc:
-            self._reply(400, {"error": f"malformed request: {exc}"}, keep_alive=False)
+            self._enqueue(_Parsed("", b"", b"", False, False, f"malformed request: {exc}"))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -274,21 +292,44 @@ class _Connection(asyncio.Protocol):
             self._body += body
 
     def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode("ascii", "replace")
+        self._enqueue(_Parsed(method, self._url, bytes(self._body), self._too_large,
+                              bool(self.parser.should_keep_alive())))
+
+    def _enqueue(self, parsed: _Parsed) -> None:
         assert self.transport is not None
         self.transport.pause_reading()  # one request at a time, answered in order
-        method = self.parser.get_method().decode("ascii", "replace")
-        keep_alive = bool(self.parser.should_keep_alive())
-        task = asyncio.get_running_loop().create_task(self._answer(method, keep_alive))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        self._queue.append(parsed)
+        if not self._answering:
+            self._answering = True
+            task = asyncio.get_running_loop().create_task(self._answer_queued())
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
 
-    async def _answer(self, method: str, keep_alive: bool) -> None:
-        url = urlsplit(self._url.decode("utf-8", "replace"))
+    async def _answer_queued(self) -> None:
         try:
-            if self._too_large:
+            while self._queue:
+                parsed = self._queue.popleft()
+                if parsed.error:
+                    self._reply(400, {"error": parsed.error}, keep_alive=False)
+                else:
+                    await self._answer(parsed)
+                if not parsed.keep_alive:
+                    self._queue.clear()  # the connection is closed: nobody to answer
+                    return
+        finally:
+            self._answering = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def _answer(self, parsed: _Parsed) -> None:
+        method, keep_alive = parsed.method, parsed.keep_alive
+        url = urlsplit(parsed.url.decode("utf-8", "replace"))
+        try:
+            if parsed.too_large:
                 raise ApiError(413, f"body larger than {MAX_BODY} bytes")
             handler, params = _match(method, url.path, self.routes)
-            request = Request(method, url.path, parse_qs(url.query), bytes(self._body), params)
+            request = Request(method, url.path, parse_qs(url.query), parsed.body, params)
             status, payload = 200, await handler(self.controller, request)
         except ApiError as exc:
             status, payload = exc.status, {"error": exc.message}
@@ -296,8 +337,6 @@ class _Connection(asyncio.Protocol):
             log.exception("api_error", method=method, path=url.path)
             status, payload = 500, {"error": f"internal error: {exc}"}
         self._reply(status, payload, keep_alive)
-        if keep_alive and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def _reply(self, status: int, payload: Any, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():

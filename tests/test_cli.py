@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -216,6 +217,33 @@ def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: Make
         assert raw.recv(4096).startswith(b"HTTP/1.1 400")
         raw.close()
         assert h.status()["instances"][0]["state"] == "ready"
+
+
+def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeService) -> None:
+    """Requests that reach the API in one read (the end of a body over the limit and the
+    next request, say) are each answered, in order, as themselves: a 413 that says
+    keep-alive leaves the connection usable, and an error closes it only in its turn."""
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        body = b"x" * (1024 * 1024 + 1)
+        raw = socket.socket(socket.AF_UNIX)
+        raw.settimeout(10)
+        raw.connect(str(h.run_dir.socket))
+        raw.sendall(b"POST /v1/shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    b"GET /v1/walk HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"NOT HTTP AT ALL\r\n\r\n" % (len(body), body))
+        answers = b""
+        while data := raw.recv(65536):  # to the close that follows the 400
+            answers += data
+        raw.close()
+        statuses = re.findall(rb"HTTP/1.1 (\d+) ", answers)
+        assert statuses == [b"413", b"404", b"404", b"400"], answers
+        assert answers.count(b"Connection: keep-alive") == 3
+        assert answers.count(b"Connection: close") == 1
+        assert b"no walk has run" in answers and b"no such endpoint: /v1/nope" in answers
+        assert h.status()["instances"][0]["state"] == "ready"  # no shutdown, either
 
 
 def test_a_deploy_of_a_bad_version_exits_2_and_touches_nothing(
