@@ -219,6 +219,35 @@ def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: Make
         assert h.status()["instances"][0]["state"] == "ready"
 
 
+def _documented_fields(table_after: str) -> set[str]:
+    """The fields named in the first column of the table that follows `table_after` in
+    docs/api.md."""
+    page = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    rows = page.split(table_after, 1)[1].split("\n\n", 2)[1].splitlines()[2:]
+    return {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+
+
+def test_the_status_fields_are_the_ones_docs_api_describes(make_service: MakeService) -> None:
+    port = free_port()
+    service = make_service("class Role(RoleEntryPoint): pass", extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        """)
+    with service.harness() as h:
+        h.wait_ready(30)
+        status = h.status()
+        assert set(status) == _documented_fields("The service:")
+        assert set(status["instances"][0]) == _documented_fields("Each instance:")
+        assert set(status["balancers"][0]) == {"role", "endpoint", "protocol", "address",
+                                               "in_rotation", "connections"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeService) -> None:
     """Requests that reach the API in one read (the end of a body over the limit and the
     next request, say) are each answered, in order, as themselves: a 413 that says
