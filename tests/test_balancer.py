@@ -1158,3 +1158,44 @@ def test_a_drain_with_nothing_in_flight_ends_at_once() -> None:
     with capture_logs() as logged:
         assert asyncio.run(drain())
     assert [e["event"] for e in logged] == ["rotation", "rotation"]
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-outstanding"])
+def test_requests_waiting_for_instances_that_join_together_spread_over_them(
+        balance: str) -> None:
+    """Requests queued with no instance in rotation spread over the instances that join
+    in the same turn of the loop. One that joins alone takes every request waiting then:
+    a waiting request goes to the first instance that can take it, never held back in
+    the hope that another joins soon (docs/balancer.md, Queueing)."""
+    import asyncio
+    from collections import Counter
+
+    from rolehost.balancer import Balancer
+    from rolehost.definition import Balance, Endpoint
+
+    async def waiting(balancer: Balancer) -> str:
+        backend = await balancer.pick()
+        assert backend is not None
+        backend.begin()  # as _forward does, in the same step as the pick
+        return backend.instance_id
+
+    async def spread(together: bool) -> Counter[str]:
+        endpoint = Endpoint(port=1, queue_timeout=10.0, balance=Balance(balance))
+        balancer = Balancer("web", "http", endpoint)
+        ids = [balancer.add(f"web_IN_{i}", 2 + i).instance_id for i in range(3)]
+        tasks = [asyncio.ensure_future(waiting(balancer)) for _ in range(9)]
+        for _ in range(5):  # turns of the loop, not time: each one reaches its wait
+            await asyncio.sleep(0)
+        assert not any(task.done() for task in tasks)
+        first, *others = ids
+        balancer.set_rotation(first, True, "")
+        if not together:  # the others join once the waiting are answered: any time later
+            picked = Counter(await asyncio.wait_for(asyncio.gather(*tasks), 5))
+        for instance_id in others:
+            balancer.set_rotation(instance_id, True, "")
+        if together:
+            picked = Counter(await asyncio.wait_for(asyncio.gather(*tasks), 5))
+        return picked
+
+    assert asyncio.run(spread(together=True)) == {"web_IN_0": 3, "web_IN_1": 3, "web_IN_2": 3}
+    assert asyncio.run(spread(together=False)) == {"web_IN_0": 9}
