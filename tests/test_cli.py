@@ -347,3 +347,13 @@ def test_ops_and_packages_read_the_run_dir_once_the_controller_stopped(
     assert history.read_text() == kept
     nothing = rolehost("ops", "--run-dir", str(tmp_path / "never-used"))
     assert nothing.returncode == 1 and "no controller is running" in nothing.stderr
+
+
+def test_every_route_of_the_control_api_is_in_docs_api() -> None:
+    """The route table at the top of docs/api.md lists each route the API serves."""
+    from rolehost import api
+
+    table = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^\| `(GET|POST)` \| `([^`?]+)[^`]*` \|", table, re.M))
+    served = {(method, "/" + "/".join(parts)) for method, parts, _ in api._ROUTES}
+    assert served == documented
