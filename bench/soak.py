@@ -43,7 +43,7 @@ def definition(folder: Path, port: int, db: Path) -> Path:
     # back is not a crash loop here, so back-off must not grow to the 60 s default cap.
     text = text.replace("[service]", '[service]\nstable_after = "1s"\nbackoff_max = "5s"', 1)
     text = (text.replace("port = 8090", f"port = {port}")
-            .replace("/tmp/rolehost-shop-orders.db", str(db))
+            .replace('orders_db = ""', f'orders_db = "{db}"')
             .replace('entry_point = "web:WebRole"', f'entry_point = "web:WebRole"\napp = "{SHOP}"')
             .replace('entry_point = "worker:ShippingWorker"',
                      f'entry_point = "worker:ShippingWorker"\napp = "{SHOP}"'))
