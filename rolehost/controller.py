@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ log = structlog.get_logger()
 
 
 def definition_changes(running: Definition, edited: Definition,
-                       before: Definition | None = None) -> dict[str, Any]:
+                       before: Definition | None = None,
+                       unsettled: Collection[str] = ()) -> dict[str, Any]:
     """What an edit of the definition asks for: new settings and instance counts, which
     apply in place, and every other key path, which needs a deploy. `running` names the
     app folders the running version was packaged from, as `edited` does.
@@ -41,7 +42,12 @@ def definition_changes(running: Definition, edited: Definition,
     counts are what the edit changed in it, applied to what runs: a setting changed by
     `rolehost config set`, or a count by `rolehost scale`, stays as it is unless the
     edit changes that setting or that count. Each role's settings are its whole new
-    table: a setting the edit removed is left out, one set at run time kept."""
+    table: a setting the edit removed is left out, one set at run time kept.
+
+    `unsettled` names the roles whose count an earlier edit asked for and did not get
+    (refused, or its new instances never got ready): the file's count applies to them
+    even where the file did not change it, so that saving the file as it was before
+    takes the failed scale back."""
     settings, instances, deploy = {}, {}, []
     ignored = {"settings", "instances"}
     if running.service != edited.service:
@@ -61,7 +67,8 @@ def definition_changes(running: Definition, edited: Definition,
                  if k not in gone}
         if table != old.settings:
             settings[name] = table
-        if new.instances not in (was.instances, old.instances):
+        if new.instances != old.instances and (new.instances != was.instances
+                                               or name in unsettled):
             instances[name] = new.instances
     return {"settings": settings, "instances": instances, "deploy": deploy}
 
@@ -136,6 +143,8 @@ class Controller:
         self.version = ""  # the package running: the one `start` made, then each deploy's
         # The definition file as last applied: an edit applies what it changed in it.
         self.from_file = definition
+        self._editing = asyncio.Lock()  # one edit of the file applied at a time
+        self._unsettled: set[str] = set()  # roles whose count from the file is still to do
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
@@ -608,39 +617,50 @@ class Controller:
         self.definition = self.definition.model_copy(update={"roles": roles})
 
     def definition_edited(self) -> None:
-        """The definition file changed: apply settings and instance counts; report the rest."""
-        try:
-            edited = load_definition(self.definition_path)
-        except DefinitionErrors as exc:
-            log.error("definition_invalid", file=str(self.definition_path), errors=str(exc))
-            return
-        # The running roles' `app` is the package's copy: compare the folder it was
-        # copied from, or every edit would seem to move every app.
-        sources = self.packages.source_apps(self.version)
-        running = self.definition.model_copy(update={"roles": {
-            name: role.model_copy(update={"app": sources.get(name, role.app)})
-            for name, role in self.definition.roles.items()}})
-        changed = definition_changes(running, edited, self.from_file)
-        if changed["deploy"]:
-            log.warning("needs_deploy", changed=changed["deploy"],
-                        detail="nothing was applied: package and deploy these changes")
-            return
-        self._background_task(self._apply_edit(edited, changed["settings"],
-                                               changed["instances"]))
+        """The definition file changed: apply settings and instance counts; report the rest.
+        One edit at a time, each read when its turn comes: an edit saved while another is
+        applied is compared with the file as that one left it, not as it was before."""
+        self._background_task(self._edit())
+
+    async def _edit(self) -> None:
+        async with self._editing:
+            try:
+                edited = load_definition(self.definition_path)
+            except DefinitionErrors as exc:
+                log.error("definition_invalid", file=str(self.definition_path), errors=str(exc))
+                return
+            # The running roles' `app` is the package's copy: compare the folder it was
+            # copied from, or every edit would seem to move every app.
+            sources = self.packages.source_apps(self.version)
+            running = self.definition.model_copy(update={"roles": {
+                name: role.model_copy(update={"app": sources.get(name, role.app)})
+                for name, role in self.definition.roles.items()}})
+            changed = definition_changes(running, edited, self.from_file, self._unsettled)
+            if changed["deploy"]:
+                log.warning("needs_deploy", changed=changed["deploy"],
+                            detail="nothing was applied: package and deploy these changes")
+                return
+            await self._apply_edit(edited, changed["settings"], changed["instances"])
 
     async def _apply_edit(self, edited: Definition, settings: dict[str, dict[str, Any]],
                           counts: dict[str, int]) -> None:
-        """One change after the other: each holds the service while it runs."""
-        applied = True
+        """One change after the other: each holds the service while it runs. The file as
+        last applied (`from_file`) takes, role by role, the settings and the count that
+        were applied (or had nothing to apply); a change refused or failed stays to do,
+        so that saving the file again tries it again."""
+        took: dict[str, dict[str, Any]] = {name: {} for name in edited.roles}
         for name, values in settings.items():
-            applied &= await _reported(self.configure(name, values, "definition edited",
-                                                      replace=True))
+            if not await _reported(self.configure(name, values, "definition edited",
+                                                  replace=True)):
+                took[name]["settings"] = self.from_file.roles[name].settings
         for name, count in counts.items():
-            applied &= await _reported(self.scale(name, count, "definition edited"))
-        # Not after a change that was refused or failed: saving the file again retries
-        # it (what was applied is not applied twice: it runs already).
-        if applied:
-            self.from_file = edited
+            if await _reported(self.scale(name, count, "definition edited")):
+                self._unsettled.discard(name)
+            else:
+                self._unsettled.add(name)
+                took[name]["instances"] = self.from_file.roles[name].instances
+        self.from_file = edited.model_copy(update={"roles": {
+            name: role.model_copy(update=took[name]) for name, role in edited.roles.items()}})
 
     def _background_task(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

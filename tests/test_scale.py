@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from conftest import MakeService
-from rolehost.testing import wait_until
+from rolehost.testing import ServiceHarness, wait_until
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
 DISKS = """
@@ -202,3 +202,52 @@ def test_a_scale_to_the_count_that_runs_changes_nothing(make_service: MakeServic
             "scale web", "succeeded", [])
         assert not any(line.startswith("chang") for line in service.probes())
         assert {i["id"]: i["pid"] for i in h.status()["instances"]} == pids
+
+
+def _edits(h: ServiceHarness) -> list[tuple[str, str]]:
+    return [(r["kind"], r["outcome"]) for r in h.operations()
+            if r["arguments"].get("cause") == "definition edited"]
+
+
+def test_saving_the_file_back_takes_a_failed_edit_back(make_service: MakeService,
+                                                       tmp_path: Path) -> None:
+    """An edit whose scale-out never got ready leaves the count the file asked for to do:
+    saving the file as it was scales back and puts the setting back."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    service = make_service(GATED, settings={"gate": str(gate)},
+                           service={"ready_deadline": "3s"})
+    original = service.toml.read_text()
+    with service.harness() as h:
+        h.wait_ready(30)
+        service.toml.write_text(original.replace("instances = 1", "instances = 2")
+                                .replace(str(gate), str(tmp_path / "never")))
+        wait_until(lambda: _edits(h) == [("config web", "succeeded"), ("scale web", "failed")],
+                   60, "the edit, its scale failed", lambda: str(h.operations()))
+        service.toml.write_text(original)
+        wait_until(lambda: _edits(h)[2:] == [("config web", "succeeded"),
+                                             ("scale web", "succeeded")],
+                   60, "the file saved back applied", lambda: str(h.operations()))
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0"]
+        assert h.operations()[-2]["arguments"]["settings"]["gate"] == str(gate)
+
+
+def test_an_edit_saved_while_another_applies_is_applied_after_it(
+        make_service: MakeService, tmp_path: Path) -> None:
+    """Each edit is compared with the file as the one before left it: one saved while
+    the last one's scale waits for its new instance is not lost."""
+    gate = tmp_path / "gate"
+    service = make_service(GATED, settings={"gate": str(gate)})
+    gate.touch()
+    original = service.toml.read_text()
+    with service.harness() as h:
+        h.wait_ready(30)
+        gate.unlink()
+        service.toml.write_text(original.replace("instances = 1", "instances = 2"))
+        wait_until(lambda: [i["state"] for i in h.status()["instances"]][1:] == ["starting"],
+                   30, "web_IN_1 in on_start", lambda: str(h.status()["instances"]))
+        service.toml.write_text(original)  # saved back while the scale-out waits
+        gate.touch()
+        wait_until(lambda: _edits(h) == [("scale web", "succeeded"), ("scale web", "succeeded")],
+                   60, "both edits applied", lambda: str(h.operations()))
+        assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0"]
