@@ -232,7 +232,7 @@ async def _metrics(controller: Controller, request: Request) -> Any:
 @route("POST", "/v1/shutdown")
 async def _shutdown(controller: Controller, request: Request) -> Any:
     await controller.shutdown("stop requested through the control API")
-    return {"stopped": True}
+    return {"stopped": True, "cut_short": controller.cut_short}
 
 
 @dataclass

@@ -22,8 +22,11 @@ from rolehost.disks import Maintenance
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
 
-# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong.
-EXIT_FAILED, EXIT_BAD_DEFINITION = 1, 2
+# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong;
+# 3 the service stopped, but not gracefully (run-instance's single.EXIT_STOP_CUT_SHORT):
+# a stop whose cleanup may be incomplete, which a supervisor must not take for a failure
+# to start.
+EXIT_FAILED, EXIT_BAD_DEFINITION, EXIT_STOP_CUT_SHORT = 1, 2, 3
 DETACH_TIMEOUT = 60.0
 
 _file = click.option(
@@ -105,7 +108,9 @@ def cli() -> None:
 @click.option("--console/--no-console", default=True, show_default=True,
               help="Print events and instance output here (they are in the logs either way).")
 def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None:
-    """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`)."""
+    """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`).
+    Exit 0 once stopped, 3 if the stop was cut short (an instance's on_stop overran
+    stop_timeout)."""
     definition = _load(file)
     where = RunDir.for_definition(file, run_dir)
     try:
@@ -132,6 +137,13 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
     finally:
         if controller.console is not None:
             controller.console.flush()  # its last lines, "controller stopped" among them
+    if controller.cut_short:
+        _fail(_cut_short(controller.cut_short), EXIT_STOP_CUT_SHORT)
+
+
+def _cut_short(instances: dict[str, str]) -> str:
+    return "the stop was cut short; cleanup may be incomplete:\n" + "\n".join(
+        f"  {name}: {why}" for name, why in instances.items())
 
 
 def _detach(file: Path, where: RunDir) -> None:
@@ -207,9 +219,10 @@ def status_check(instances: tuple[str, ...], file: Path, run_dir: Path | None) -
 @_file
 @_run_dir
 def stop(file: Path, run_dir: Path | None) -> None:
-    """Stop every instance gracefully and end the controller."""
+    """Stop every instance gracefully and end the controller. Exit 0 once stopped, 3 if
+    the stop was cut short (an instance's on_stop overran stop_timeout)."""
     where = RunDir.for_definition(file, run_dir)
-    _call(Client(where.socket, timeout=24 * 3600).shutdown)
+    answer = _call(Client(where.socket, timeout=24 * 3600).shutdown)
     # The controller releases the run directory's lock as its last act.
     deadline = time.monotonic() + 30
     while (pid := where.holder()) is not None:
@@ -217,6 +230,8 @@ def stop(file: Path, run_dir: Path | None) -> None:
             _fail(f"instances stopped, but the controller (pid {pid}) did not exit")
         time.sleep(0.02)
     click.echo("stopped")
+    if cut_short := answer.get("cut_short"):  # absent from an older controller's answer
+        _fail(_cut_short(cut_short), EXIT_STOP_CUT_SHORT)
 
 
 @cli.command(name="logs")

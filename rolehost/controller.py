@@ -151,6 +151,9 @@ class Controller:
         self._stopped = asyncio.Event()
         self._shutdown_reason = "stop requested"
         self._signals = 0
+        # Once stopped: the instances whose stop was cut short (on_stop overran
+        # stop_timeout), each with why.
+        self.cut_short: dict[str, str] = {}
 
     async def serve(self) -> None:
         """Run the service until asked to stop; return once every instance is stopped."""
@@ -213,6 +216,8 @@ class Controller:
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
+            # Counted from here: an overrun in an earlier restart is not this stop's.
+            overruns = {i: i.stops_cut_short for i in self.instances.values()}
             for balancer in self.balancers:
                 balancer.stop_accepting()
             self.notifier.stopping()
@@ -220,8 +225,13 @@ class Controller:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
+            self.cut_short = {
+                i.id: i.last_error or "did not stop within stop_timeout"
+                for i in self.instances.values() if i.stops_cut_short > overruns.get(i, 0)}
             await self.deployment.standby.close()
             watcher.stop()
+            if self.cut_short:
+                log.warning("controller_stop_cut_short", instances=self.cut_short)
             log.info("controller_stopped")
         except StartError as exc:
             log.error("start_failed", error=str(exc))

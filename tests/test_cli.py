@@ -104,6 +104,33 @@ def test_check_accepts_a_good_definition(tmp_path: Path) -> None:
     assert "rehearsal: every step passed" in done.stdout
 
 
+def test_stop_says_when_the_stop_was_cut_short(make_service: MakeService,
+                                               tmp_path: Path) -> None:
+    """`rolehost stop` said "stopped" and exited 0 though on_stop had been killed half
+    done: a detached controller's exit code reaches no one, so the stop reports it."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                time.sleep(60)
+        """, role={"stop_timeout": "1s"})
+    with ServiceHarness(service.toml, run_dir=tmp_path / "rd") as h:
+        h.wait_ready(30)
+        stopped = rolehost("stop", "-f", str(service.toml), "--run-dir", str(tmp_path / "rd"))
+        assert stopped.returncode == 3, stopped.stderr
+        assert stopped.stdout == "stopped\n"
+        assert stopped.stderr.startswith(
+            "rolehost: the stop was cut short; cleanup may be incomplete:\n"
+            "  web_IN_0: on_stop: stopping handlers and on_stop did not finish within "
+            "stop_timeout (1s)"), stopped.stderr
+        assert h.wait_controller_exit(10) == 3
+
+
+def test_the_stop_cut_short_exit_code_is_run_instances() -> None:
+    from rolehost import cli, single
+
+    assert cli.EXIT_STOP_CUT_SHORT == single.EXIT_STOP_CUT_SHORT == 3
+
+
 def test_missing_definition_file(tmp_path: Path) -> None:
     done = rolehost("start", "-f", str(tmp_path / "nope.toml"))
     assert done.returncode == 2 and "nope.toml: file not found" in done.stderr

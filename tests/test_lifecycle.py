@@ -329,6 +329,53 @@ def test_controller_sigterm_stops_every_instance_gracefully(make_service: MakeSe
         assert sorted(service.probes()) == [f"on_stop web_IN_{i}" for i in range(3)]
 
 
+@pytest.mark.parametrize("overrun", ["host-bounds-it", "host-frozen"])
+def test_a_controller_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeService,
+                                                             overrun: str) -> None:
+    """`rolehost start` exited 0 though on_stop was killed half done; systemd, or whoever
+    runs it, must see what run-instance's exit 3 tells: the cleanup may be incomplete.
+    The host cuts on_stop short itself; a frozen host is killed by the supervisor."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                if RoleEnvironment.get_setting("overrun") == "host-frozen":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                time.sleep(60)
+        """, role={"stop_timeout": "1s"}, settings={"overrun": overrun})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 3
+        assert service.probes() == ["on_stop web_IN_0"]
+        assert "the stop was cut short; cleanup may be incomplete:\n  web_IN_0: " in (
+            h.run_dir.console_log.read_text())
+        log = (h.run_dir.logs / "controller.log").read_text()
+        assert '"event": "controller_stop_cut_short"' in log
+
+
+def test_an_overrun_before_the_stop_is_not_the_stops(make_service: MakeService) -> None:
+    """Only the stop's own overruns count: an instance restarted earlier, whose on_stop
+    overran then, stops gracefully now, and the controller exits 0."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                if os.path.exists(RoleEnvironment.get_setting("probe") + ".slow"):
+                    time.sleep(60)
+        """, role={"stop_timeout": "1s"})
+    slow = service.probe.with_name(service.probe.name + ".slow")
+    slow.touch()
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.restart("web/0")
+        assert "did not finish within stop_timeout" in (h.instance("web/0")["last_error"] or "")
+        slow.unlink()
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 0
+        assert service.count("on_stop") == 2
+
+
 def test_controller_sigkill_leaves_no_process(make_service: MakeService) -> None:
     service = make_service(
         """

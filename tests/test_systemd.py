@@ -87,6 +87,9 @@ def test_export_systemd_unit(tmp_path: Path) -> None:
     assert service["TimeoutStartSec"] == str(1800 + 30)  # ready_deadline (30 m) + margin
     assert service["TimeoutStopSec"] == str(30 + 30)  # the role's stop_timeout + margin
     assert service["RestartPreventExitStatus"] == "2"
+    # A stop cut short (3) is a stop: not restarted by Restart=on-failure when asked for
+    # by `rolehost stop`, and no failed unit after `systemctl stop`.
+    assert service["SuccessExitStatus"] == "3"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 

@@ -42,6 +42,10 @@ def unit(definition: Definition, file: Path) -> str:
         "Restart=on-failure",
         # 2: the definition is wrong; starting it again will not help.
         "RestartPreventExitStatus=2",
+        # 3: stopped as asked, but an on_stop was cut short (or a second signal forced
+        # the stop). A stop, not a failure: neither restarted after `rolehost stop` nor
+        # a failed unit after `systemctl stop`; the journal says what was cut short.
+        "SuccessExitStatus=3",
         "",
         "[Install]",
         "WantedBy=multi-user.target",
