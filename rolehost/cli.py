@@ -109,8 +109,8 @@ def cli() -> None:
               help="Print events and instance output here (they are in the logs either way).")
 def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None:
     """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`).
-    Exit 0 once stopped, 3 if the stop was cut short (an instance's on_stop overran
-    stop_timeout)."""
+    A second Ctrl-C or SIGTERM stops it at once. Exit 0 once stopped, 3 if the stop was
+    cut short (an instance's on_stop overran stop_timeout, or a second signal)."""
     definition = _load(file)
     where = RunDir.for_definition(file, run_dir)
     try:
@@ -220,7 +220,8 @@ def status_check(instances: tuple[str, ...], file: Path, run_dir: Path | None) -
 @_run_dir
 def stop(file: Path, run_dir: Path | None) -> None:
     """Stop every instance gracefully and end the controller. Exit 0 once stopped, 3 if
-    the stop was cut short (an instance's on_stop overran stop_timeout)."""
+    the stop was cut short (an instance's on_stop overran stop_timeout, or the controller
+    got a second signal meanwhile)."""
     where = RunDir.for_definition(file, run_dir)
     answer = _call(Client(where.socket, timeout=24 * 3600).shutdown)
     # The controller releases the run directory's lock as its last act.

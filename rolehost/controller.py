@@ -151,8 +151,9 @@ class Controller:
         self._stopped = asyncio.Event()
         self._shutdown_reason = "stop requested"
         self._signals = 0
+        self._forced: str | None = None  # the second signal's name, once one came
         # Once stopped: the instances whose stop was cut short (on_stop overran
-        # stop_timeout), each with why.
+        # stop_timeout, or a second signal forced it), each with why.
         self.cut_short: dict[str, str] = {}
 
     async def serve(self) -> None:
@@ -218,6 +219,8 @@ class Controller:
             log.info("controller_stopping", reason=self._shutdown_reason)
             # Counted from here: an overrun in an earlier restart is not this stop's.
             overruns = {i: i.stops_cut_short for i in self.instances.values()}
+            if self._forced is not None:  # the second signal came before the first was seen
+                self._force(self._forced)
             for balancer in self.balancers:
                 balancer.stop_accepting()
             self.notifier.stopping()
@@ -226,8 +229,10 @@ class Controller:
                 await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
             self.cut_short = {
-                i.id: i.last_error or "did not stop within stop_timeout"
-                for i in self.instances.values() if i.stops_cut_short > overruns.get(i, 0)}
+                i.id: f"forced by a second signal ({self._forced})" if i.forced
+                else i.last_error or "did not stop within stop_timeout"
+                for i in self.instances.values()
+                if i.forced or i.stops_cut_short > overruns.get(i, 0)}
             await self.deployment.standby.close()
             watcher.stop()
             if self.cut_short:
@@ -256,9 +261,13 @@ class Controller:
             return
         # A second signal: the user will not wait for graceful stops.
         log.warning("forced_stop", signal=signal.Signals(sig).name)
+        self._forced = self._forced or signal.Signals(sig).name
+        self._force(self._forced)
+
+    def _force(self, why: str) -> None:
+        """Cut every instance's stop short: hosts, their trees and tasks killed now."""
         for instance in self.instances.values():
-            if instance.process is not None and instance.process.running:
-                instance.process.kill()
+            instance.force_stop(f"controller received {why}")
 
     def _state_changed(self, instance: Instance) -> None:
         counts: dict[str, tuple[int, int]] = {name: (0, 0) for name in self.definition.roles}

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import re
+import signal
 import time
 import uuid
 from collections import deque
@@ -30,7 +31,7 @@ from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, 
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
-from rolehost.process import HostProcess, Standby, describe_exit, sweep
+from rolehost.process import HostProcess, Standby, describe_exit, signal_tree, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
 
 log = structlog.get_logger()
@@ -170,6 +171,8 @@ class Instance:
         self._run_error: str | None = None  # the error the current boot reported
         self._stop_reason = "stop requested"
         self._stop_requested = False
+        # A stop cut short (a second signal): no drain, no on_stop, no wait for tasks.
+        self._forced = asyncio.Event()
         self._operation: Operation | None = None
         self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
         self._changed = asyncio.Event()  # set, and replaced, at every transition
@@ -480,9 +483,12 @@ class Instance:
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
             await self._drain(reason)
-            process.send({"type": "stop", "reason": reason})
             limit = self.role.stop_timeout + STOP_GRACE
             try:
+                if self._forced.is_set():  # before the host was ours to kill, or in the drain
+                    process.kill()
+                else:
+                    process.send({"type": "stop", "reason": reason})
                 await asyncio.wait_for(asyncio.shield(process.exited), limit)
             except TimeoutError:
                 log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
@@ -498,8 +504,20 @@ class Instance:
         """Out of rotation first; let requests in flight finish (each endpoint's
         drain_timeout); only then is the host asked to stop."""
         self._draining = reason
-        if self.balancers:
-            await asyncio.gather(*(b.drain(self.id, reason) for b in self.balancers.values()))
+        if self._forced.is_set():  # out of rotation all the same
+            self._update_rotation()
+            return
+        if not self.balancers:
+            return
+        drained: asyncio.Future[Any] = asyncio.gather(
+            *(b.drain(self.id, reason) for b in self.balancers.values()))
+        forced: asyncio.Future[Any] = asyncio.ensure_future(self._forced.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not drained.done():  # a stop cut short waits for no request in flight
+            drained.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drained
 
     async def _end_boot(self) -> None:
         """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
@@ -507,14 +525,16 @@ class Instance:
         if tasks is None or tasks.ended:
             return
         tasks.ended = True  # kept for `status` until the next boot begins
-        if tasks.foreground:
+        if tasks.foreground and not self._forced.is_set():
             log.info("waiting_for_foreground_tasks", instance=self.id,
                      tasks=[r.label for r in tasks.foreground])
             left = await tasks.wait_foreground(self.role.stop_timeout)
-            for run in left:
+            for run in left if not self._forced.is_set() else []:  # else killed, not waited
                 log.error("foreground_task_killed", instance=self.id, task=run.label,
                           waited=self.role.stop_timeout)
         tasks.kill()
+        if self._forced.is_set():  # a task's detached descendants get no SIGTERM grace
+            await asyncio.to_thread(signal_tree, None, self.boot_token, signal.SIGKILL)
         await asyncio.to_thread(sweep, None, self.boot_token)
 
     @property
@@ -712,6 +732,31 @@ class Instance:
         self._stop_reason = reason
         self._stop_requested = True
         self._interrupt.set()
+
+    def force_stop(self, reason: str) -> bool:
+        """Cut the stop short (a second signal): what is left of the drain is skipped,
+        the host's tree and this boot's tasks are killed now, and the end of the boot
+        waits for no foreground task. The instance still ends stopped, its tree swept.
+        A stop already under way keeps its reason. False if it was stopped already:
+        there was nothing to cut short."""
+        if self.state is S.STOPPED or (self._task is not None and self._task.done()):
+            return False
+        # Asked first, so that the host's death is taken for the stop it is, not for a
+        # crash to recycle from.
+        self.request_stop(self._stop_reason if self._stop_requested else reason)
+        self._forced.set()
+        # The end of the boot may be waiting on its foreground tasks. Before that end, it
+        # comes at once (the host is killed below) and kills them itself, as ended: a
+        # background task killed with its boot is stopped, not failed.
+        if self.tasks is not None and self.tasks.ended:
+            self.tasks.kill()
+        if self.process is not None and self.process.running:
+            self.process.kill()
+        return True
+
+    @property
+    def forced(self) -> bool:
+        return self._forced.is_set()
 
     async def maintain(
         self, kind: Maintenance, cause: str, wait: bool, role: Role | None = None

@@ -187,13 +187,7 @@ class SingleInstance:
         log.warning("instance_mode_forced_stop", instance=self.id, signal=why)
         self.begin_stop(f"received {why}")
         self._forced.set()
-        # Asked first, so that the instance takes its host's death for the stop it is,
-        # not for a crash to recycle from.
-        self.instance.request_stop(self.stop_reason)
-        if self.instance.tasks is not None:
-            self.instance.tasks.kill()
-        if self.instance.process is not None and self.instance.process.running:
-            self.instance.process.kill()
+        self.instance.force_stop(self.stop_reason)
 
     def readiness(self) -> tuple[bool, str]:
         state = self.instance.state

@@ -376,6 +376,49 @@ def test_an_overrun_before_the_stop_is_not_the_stops(make_service: MakeService) 
         assert service.count("on_stop") == 2
 
 
+@pytest.mark.parametrize("during", ["on_stop", "foreground-task"])
+def test_a_second_signal_ends_the_controllers_stop_at_once(make_service: MakeService,
+                                                           during: str) -> None:
+    """A second SIGTERM (or Ctrl-C) killed the hosts, but a foreground task still held
+    the stop up to stop_timeout, and the controller exited 0. Now everything ends at
+    once (hosts, their children, every task), nothing is left, and the exit is 3."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                subprocess.Popen(["sleep", "300"])  # a child the kill must take too
+                return True
+            def on_stop(self):
+                probe("on_stop")
+                if RoleEnvironment.get_setting("during") == "on_stop":
+                    time.sleep(300)
+        """, settings={"during": during}, role={"stop_timeout": "5m"},
+        extra="""
+        [[roles.web.startup_tasks]]
+        command = ["sleep", "300"]
+        type = "background"
+        """ + ("""
+        [[roles.web.startup_tasks]]
+        command = ["sleep", "300"]
+        type = "foreground"
+        """ if during == "foreground-task" else ""))
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.signal_controller(signal.SIGTERM)
+        if during == "on_stop":
+            service.wait_probe("on_stop web_IN_0")
+        else:
+            h.wait_event(lambda e: e["event"] == "waiting_for_foreground_tasks", 30)
+        began = time.monotonic()
+        h.signal_controller(signal.SIGINT if during == "on_stop" else signal.SIGTERM)
+        assert h.wait_controller_exit(20) == 3
+        assert time.monotonic() - began < 10
+        h.assert_no_processes()
+        assert service.count("on_stop") == 1
+        log = (h.run_dir.logs / "controller.log").read_text()
+        assert '"event": "task_stopped"' in log  # the background task: ended with its boot
+        assert "forced by a second signal (SIG" in h.run_dir.console_log.read_text()
+
+
 def test_controller_sigkill_leaves_no_process(make_service: MakeService) -> None:
     service = make_service(
         """
