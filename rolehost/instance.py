@@ -532,6 +532,11 @@ class Instance:
             for run in left if not self._forced.is_set() else []:  # else killed, not waited
                 log.error("foreground_task_killed", instance=self.id, task=run.label,
                           waited=self.role.stop_timeout)
+                # Killed half done, as an on_stop that overran: the stop was cut short.
+                self.stops_cut_short += 1
+                if self._stop_requested:
+                    self.last_error = (f"foreground {run.label} did not end within "
+                                       f"stop_timeout ({self.role.stop_timeout:g}s); killed")
         tasks.kill()
         if self._forced.is_set():  # a task's detached descendants get no SIGTERM grace
             await asyncio.to_thread(signal_tree, None, self.boot_token, signal.SIGKILL)

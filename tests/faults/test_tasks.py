@@ -133,3 +133,16 @@ def test_a_host_that_dies_leaves_rotation_before_its_foreground_tasks_end(
         h.wait_event(lambda e: e["event"] == "foreground_task_killed", 15)
         wait_until(lambda: h.instance("web/0")["state"] == "ready", 20, "web/0 ready again")
         bystander.check()
+
+
+def test_a_foreground_task_killed_at_the_stop_cuts_the_stop_short(
+        make_service: MakeService) -> None:
+    """The controller's stop waits up to stop_timeout for a foreground task, then kills
+    it half done: as for an on_stop that overran, `rolehost start` exits 3 and says so."""
+    service = make_service(ROLE, service=FAST, role={"stop_timeout": "1s"},
+                           extra=only_instance_0(HOLDING, type='"foreground"'))
+    with service.harness() as h:
+        h.wait_state("web/0", "ready", 30)
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 3
+        assert "web_IN_0: foreground task 1 (" in h.run_dir.console_log.read_text()
