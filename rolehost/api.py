@@ -356,7 +356,8 @@ class _Connection(asyncio.Protocol):
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
+            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 class Server:

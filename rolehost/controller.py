@@ -149,6 +149,9 @@ class Controller:
         self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
         self._stopped = asyncio.Event()
+        # Set once serve() has added and started the instances of the definition, or
+        # given up starting: the control API answers before that.
+        self._started = asyncio.Event()
         self._shutdown_reason = "stop requested"
         self._signals = 0
         self._forced: str | None = None  # the second signal's name, once one came
@@ -213,6 +216,7 @@ class Controller:
             self.running = True
             for instance in self.instances.values():
                 instance.start()
+            self._started.set()
             watcher = watch_file(self.definition_path, loop, self.definition_edited)
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
@@ -242,6 +246,7 @@ class Controller:
             log.error("start_failed", error=str(exc))
             raise
         finally:
+            self._started.set()  # an operation waiting for the start is answered
             self._stopped.set()
             for balancer in self.balancers:
                 await balancer.close()
@@ -318,6 +323,7 @@ class Controller:
         """Carry out `kind` on each named instance at once; every name is checked first."""
         if not names:
             raise api.ApiError(400, "name at least one instance")
+        await self._until_started()
         instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
         self._one_at_a_time(instances=False)
         busy = [i.id for i in instances if i.operation is not None]
@@ -358,12 +364,14 @@ class Controller:
 
     async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
         """Walk `upgrade` across the update domains."""
+        await self._until_started()
         self._one_at_a_time()
         return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual)
 
     async def deploy(self, version: str, rollback: bool, manual: bool) -> dict[str, Any]:
         """In-place upgrade to a package. Everything that can be checked is checked first,
         with every instance untouched; then a walk, rolled back if a domain fails."""
+        await self._until_started()
         with self._exclusive(f"deploy {version}"):  # the checks await: nothing may start
             new = await self._deployable(version)
             running = dict(self.definition.roles)
@@ -427,6 +435,16 @@ class Controller:
         if instances and (busy := [i.id for i in self.instances.values() if i.operation]):
             raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
 
+    async def _until_started(self) -> None:
+        """Hold an operation that arrives while serve() is still adding and starting the
+        instances until it has: a scale run before it would add instances under the ids
+        serve() then adds again, and start those serve() starts too. 503 if the start
+        failed."""
+        if not self._started.is_set():  # no await once started: the checks stay atomic
+            await self._started.wait()
+        if not self.running:
+            raise api.ApiError(503, "the controller did not start: nothing to operate on")
+
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
         """Hold the service for `what` (a service-wide operation that is not a walk)."""
@@ -464,6 +482,7 @@ class Controller:
     ) -> dict[str, str]:
         """Change a role's settings (merged, or the whole table with `replace`), per update
         domain or all at once (`change_mode`); returns what each instance did."""
+        await self._until_started()
         role = self._role(role_name)
         self._one_at_a_time()
         # A new value for a secret setting stays secret. (A table, not a Secret: the value
@@ -549,6 +568,7 @@ class Controller:
 
     async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
+        await self._until_started()
         role = self._role(role_name)
         if not 1 <= count <= 1000:
             raise api.ApiError(400, "instances must be between 1 and 1000")

@@ -251,3 +251,61 @@ def test_an_edit_saved_while_another_applies_is_applied_after_it(
         wait_until(lambda: _edits(h) == [("scale web", "succeeded"), ("scale web", "succeeded")],
                    60, "both edits applied", lambda: str(h.operations()))
         assert [i["id"] for i in h.status()["instances"]] == ["web_IN_0"]
+
+
+# Runs the controller with the start held up where the control API already answers and
+# the instances are not added yet (the metrics listener is opened there), so that a
+# scale surely lands in that window.
+SLOW_START = """
+import asyncio, sys
+from rolehost import api
+
+serve_metrics = api.serve_metrics
+
+async def held_up(*args, **kwargs):
+    await asyncio.sleep(1.5)
+    return await serve_metrics(*args, **kwargs)
+
+api.serve_metrics = held_up
+sys.argv = ["rolehost", *sys.argv[3:]]  # as `python -m rolehost ...` would have them
+from rolehost.cli import main
+main()
+"""
+
+STARTS = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        probe(f"start pid={os.getpid()}")
+        return True
+"""
+
+
+def test_a_scale_during_the_controllers_start_starts_each_instance_once(
+    make_service: MakeService, tmp_path: Path,
+) -> None:
+    """The control API answers before the controller has added and started its
+    instances: a scale then must neither add instances under the ids the start adds
+    again nor start any of them a second time."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = make_service(STARTS, instances=2, service={"metrics": f"127.0.0.1:{port}"})
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(0o755)
+    with service.harness(python=python) as h:  # returns once the API answers
+        assert h.status()["instances"] == []  # still held up: the scale lands in the window
+        assert h.scale("web", 3) == ["web_IN_2"]
+        h.wait_ready(30)
+        instances = h.status()["instances"]
+        assert [i["id"] for i in instances] == ["web_IN_0", "web_IN_1", "web_IN_2"]
+        # One host each, and the standby host kept warm for the next boot.
+        hosts = [p.pid for p in h.processes() if "rolehost.host" in p.cmdline()]
+        assert {i["pid"] for i in instances} <= set(hosts)
+        assert len(hosts) <= len(instances) + 1, hosts
+        starts = sorted(line.split()[-1] for line in service.probes())
+        assert starts == ["web_IN_0", "web_IN_1", "web_IN_2"], service.probes()
