@@ -388,11 +388,27 @@ class Controller:
                                                "rollback": rollback}, instances=kept)
 
         async def deployed() -> None:
-            self.definition, self.version = new, version
+            # The package's roles with the counts that run: each role takes the package's
+            # count as its scale sets it, so a scale that fails or never runs (the
+            # controller stopping) leaves no count in the definition that nothing runs.
+            running_counts = {name: sum(i.role_name == name for i in self.instances.values())
+                              for name in new.roles}
+            self.definition = new.model_copy(update={"roles": {
+                name: role.model_copy(update={"instances": running_counts[name]})
+                for name, role in new.roles.items()}})
+            self.version = version
             log.info("deployed", version=version)
+            # Every role's count is tried, whichever fails: one role's new instance that
+            # does not get ready is no reason to leave another role at the old count.
+            failed = []
             for name, role in new.roles.items():
-                if sum(i.role_name == name for i in self.instances.values()) != role.instances:
-                    await self._scale(name, role, role.instances, f"deploy {version}")
+                if running_counts[name] != role.instances:
+                    try:
+                        await self._scale(name, role, role.instances, f"deploy {version}")
+                    except api.ApiError as exc:
+                        failed.append(f"scale {name} to {role.instances}: {exc.message}")
+            if failed:
+                raise RuntimeError("; ".join(failed))
 
         assert self.walk is not None
         self.walk.on_success = deployed

@@ -260,3 +260,54 @@ def test_a_rollback_that_fails_halts_before_the_next_domain(make_service: MakeSe
         assert h.walk_abort()["state"] == "aborted"
         [record] = h.operations()
         assert record["outcome"] == "failed" and "rollback halted" in record["error"]
+
+
+# web_IN_1 never gets ready once the file in setting `gate` exists.
+HANGS = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        me = RoleEnvironment.current_instance.id
+        while me == "web_IN_1" and os.path.exists(RoleEnvironment.get_setting("gate")):
+            time.sleep(0.05)
+        probe("start")
+        return True
+"""
+
+
+def test_a_deploy_applies_every_roles_count_when_one_fails(make_service: MakeService,
+                                                           tmp_path: Path) -> None:
+    """The package changes the counts of two roles and the first role's new instance
+    never gets ready: the second role is scaled all the same, the walk says which
+    scale failed, and the definition's counts are those that run."""
+    gate = tmp_path / "gate"
+    service = make_service(HANGS, instances=2, settings={"gate": str(gate)},
+                           service={"ready_deadline": "3s"}, role={"stop_timeout": "2s"},
+                           extra=f"""
+[roles.b]
+entry_point = "roles:Role"
+app = "app"
+instances = 2
+
+[roles.b.settings]
+probe = "{tmp_path / "probe.txt"}"
+gate = "{gate}"
+""")
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.scale("web", 1)
+        h.scale("b", 1)
+        gate.touch()
+        h.package("v2")  # 2 instances of each, as rolehost.toml says
+        walk = h.deploy("v2")
+        assert walk["state"] == "succeeded", walk
+        status = h.status()
+        states = {i["id"]: i["state"] for i in status["instances"]}
+        assert states == {"web_IN_0": "ready", "web_IN_1": "failed", "b_IN_0": "ready",
+                          "b_IN_1": "ready"}, states
+        assert status["version"] == "v2"
+        assert "role b: 2 instances over 2 update domains" in " ".join(status["capacity"])
+        assert walk["error"].startswith("after the last domain: scale web to 2: web_IN_1 did "
+                                        "not become ready after it was added"), walk
+        assert "scale b" not in walk["error"], walk
+        assert [(o["kind"], o["outcome"]) for o in h.operations()[-2:]] == [
+            ("scale web", "failed"), ("scale b", "succeeded")]
