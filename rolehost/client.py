@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -12,6 +14,11 @@ from urllib.parse import quote
 
 class ControllerNotRunning(ConnectionError):
     """Nothing answers on the run directory's control socket."""
+
+
+class ControllerLost(ControllerNotRunning):
+    """The controller took the request and closed the connection (it exited, or was
+    killed) or went silent past the timeout before it answered."""
 
 
 class ApiError(RuntimeError):
@@ -41,13 +48,37 @@ class Client:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
+    def _connect(self, conn: _UnixConnection) -> None:
+        try:
+            conn.connect()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControllerNotRunning(
+                f"no controller is running (nothing answers on {self.socket_path})"
+            ) from exc
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _answered(timeout: float) -> Iterator[None]:
+        """A controller that dies while a request waits (a scale, a `--wait`) ends the
+        request with ControllerLost, not with what http.client makes of the closed socket."""
+        try:
+            yield
+        except TimeoutError as exc:
+            raise ControllerLost(f"the controller did not answer within {timeout:g}s") from exc
+        except (http.client.HTTPException, OSError) as exc:
+            raise ControllerLost(
+                "the controller closed the connection before it answered: it has exited "
+                "or was killed (`rolehost logs` tells why)") from exc
+
     def request_raw(self, method: str, path: str) -> str:
         """A response that is not JSON (the metrics), as text."""
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            conn.request(method, path)
-            response = conn.getresponse()
-            text = response.read().decode()
+            self._connect(conn)
+            with self._answered(self.timeout):
+                conn.request(method, path)
+                response = conn.getresponse()
+                text = response.read().decode()
         finally:
             conn.close()
         if response.status >= 400:
@@ -59,17 +90,13 @@ class Client:
     ) -> Any:
         conn = _UnixConnection(self.socket_path, timeout or self.timeout)
         try:
-            try:
-                conn.connect()
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise ControllerNotRunning(
-                    f"no controller is running (nothing answers on {self.socket_path})"
-                ) from exc
+            self._connect(conn)
             data = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            payload = json.loads(response.read() or b"null")
+            with self._answered(timeout or self.timeout):
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
+                payload = json.loads(response.read() or b"null")
         finally:
             conn.close()
         if response.status >= 400:

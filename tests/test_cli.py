@@ -384,3 +384,41 @@ def test_every_route_of_the_control_api_is_in_docs_api() -> None:
     documented = set(re.findall(r"^\| `(GET|POST)` \| `([^`?]+)[^`]*` \|", table, re.M))
     served = {(method, "/" + "/".join(parts)) for method, parts, _ in api._ROUTES}
     assert served == documented
+
+
+# Not ready while the file in setting `gate` exists.
+GATED = """
+class Role(RoleEntryPoint):
+    def on_start(self):
+        while os.path.exists(RoleEnvironment.get_setting("gate")):
+            time.sleep(0.05)
+        return True
+"""
+
+
+@pytest.mark.parametrize("command", [("scale", "web", "2"), ("restart", "web/0", "--wait")])
+def test_a_command_waiting_on_a_controller_that_dies_says_so_in_one_line(
+        make_service: MakeService, tmp_path: Path, command: tuple[str, ...]) -> None:
+    gate = tmp_path / "gate"
+    service = make_service(GATED, settings={"gate": str(gate)})
+    with service.harness() as h:
+        h.wait_ready(30)
+        gate.touch()
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "rolehost", *command, "--run-dir", str(h.run_dir.path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: "starting" in {i["state"] for i in h.status()["instances"]}, 30,
+                       "an instance held in on_start", lambda: str(h.status()["instances"]))
+            assert waiting.poll() is None  # the command waits for it
+            assert h.controller is not None
+            h.controller.kill()
+            h.controller.wait(10)
+            out, err = waiting.communicate(timeout=30)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait(10)
+        assert waiting.returncode == 1, (out, err)
+        assert err == ("rolehost: the controller closed the connection before it answered: it "
+                       "has exited or was killed (`rolehost logs` tells why)\n"), err
