@@ -536,22 +536,23 @@ class Controller:
     async def _offer_by_domain(self, what: str, instances: list[Instance],
                                outcome: dict[str, str], record: Any,
                                offer: Callable[[Instance], Awaitable[str]],
-                               alongside: Awaitable[list[str]] | None = None) -> None:
+                               alongside: Awaitable[list[str]] | None = None,
+                               awaited: str = "") -> None:
         """Offer a change to `instances` one update domain at a time (all at once with
         change_mode "blast"), filling `outcome` as each answers, and end `record`. A
         domain that does not take the change halts it there, as a walk halts: taking the
         next domain down would leave none serving. ApiError if any instance failed.
 
         `alongside` is the rest of the same operation, running meanwhile (a scale-out's
-        new instances getting ready): `record` ends once it is over too, and the lines it
-        returns are failures of the operation."""
+        new instances getting ready, which `awaited` names): `record` ends once it is over
+        too, and the lines it returns are failures of the operation."""
         assert self.history is not None
         blast = self.definition.service.change_mode == "blast"
         count = self.definition.service.upgrade_domains
         groups = [instances] if blast else [g for g in domains(instances, count) if g]
         headline: str | None = None
         more: list[str] = []
-        over = False
+        over = waiting = False
         try:
             for group in groups:
                 results = await asyncio.gather(*(offer(i) for i in group),
@@ -570,11 +571,15 @@ class Controller:
                                   untouched=untouched)
                     break
             if alongside is not None:
+                waiting = True
                 more = await alongside
             over = True
         finally:
-            if headline is None and not over:
-                headline = f"{what} cut short"  # the controller is stopping
+            if headline is None and not over:  # cancelled: the controller is stopping
+                # Every domain has taken the change by then: only the wait was cut short.
+                headline = (f"cut short while waiting for {awaited or 'the rest of it'}: the "
+                            "controller is stopping" if waiting
+                            else f"{what} cut short: the controller is stopping")
             failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
             lines = [line for line in [headline, *failed, *more] if line]
             self.history.end(record, "failed" if lines else "succeeded",
@@ -639,7 +644,8 @@ class Controller:
         try:
             await self._offer_by_domain(what, others, {}, record,
                                         lambda i: i.change_topology(topology, role_name, cause),
-                                        alongside=ready)
+                                        alongside=ready,
+                                        awaited=f"{', '.join(i.id for i in added)} to get ready")
         finally:
             ready.cancel()
         return record.instances

@@ -116,6 +116,13 @@ class Walk:
             if self.on_success is not None:
                 try:
                     await self.on_success()
+                except asyncio.CancelledError:
+                    # Every domain moved (a deploy switched version first thing): the walk
+                    # did succeed; what followed it is what the controller's stop cut short.
+                    self.error = "after the last domain: cut short, the controller is stopping"
+                    self.state = WalkState.SUCCEEDED
+                    self._history.end(self.record, "succeeded", self.error)
+                    raise
                 except Exception as exc:  # every domain is done: the walk succeeded all the same
                     self.error = f"after the last domain: {exc}"
                     log.error("walk_finish_failed", walk=self.id, error=self.error)

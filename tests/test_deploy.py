@@ -11,7 +11,7 @@ from test_walks import assert_one_domain_down_at_a_time
 
 from conftest import MakeService, Service
 from rolehost.client import ApiError
-from rolehost.testing import LoadProbe, ServiceHarness
+from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 
 ROLE = """
 VERSION = "v1"
@@ -311,3 +311,32 @@ gate = "{gate}"
         assert "scale b" not in walk["error"], walk
         assert [(o["kind"], o["outcome"]) for o in h.operations()[-2:]] == [
             ("scale web", "failed"), ("scale b", "succeeded")]
+
+
+def test_a_stop_during_a_deploys_final_scale_says_what_it_cut_short(
+        make_service: MakeService, tmp_path: Path) -> None:
+    """The version has switched when the package's count is applied: a stop then cuts
+    short the wait for the new instance, not the deploy, and the records say so."""
+    from rolehost.history import summary_without_controller
+
+    gate = tmp_path / "gate"
+    service = make_service(HANGS, instances=2, settings={"gate": str(gate)},
+                           role={"stop_timeout": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.scale("web", 1)
+        gate.touch()
+        h.package("v2")  # 2 instances, as rolehost.toml says
+        h.deploy("v2", wait=False)
+        wait_until(lambda: any(i["id"] == "web_IN_1" and i["state"] == "starting"
+                               for i in h.status()["instances"]), 30,
+                   "web_IN_1 added by the deploy", lambda: str(h.status()["instances"]))
+        assert h.status()["version"] == "v2"
+        h.stop()
+        ops = summary_without_controller(h.run_dir.path / "history.jsonl")["operations"]
+    deploy, scale = ops[-2:]
+    assert (deploy["kind"], deploy["outcome"]) == ("deploy v2", "succeeded"), deploy
+    assert deploy["error"] == "after the last domain: cut short, the controller is stopping"
+    assert (scale["kind"], scale["outcome"]) == ("scale web", "failed"), scale
+    assert scale["error"] == ("cut short while waiting for web_IN_1 to get ready: the "
+                              "controller is stopping"), scale
