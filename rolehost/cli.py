@@ -313,7 +313,7 @@ def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: b
     come back halts the walk before the next one is touched."""
     client = _client(file, run_dir)
     walk = _call(client.upgrade, kind, manual)
-    click.echo(f"walk {walk['id']}: upgrade {kind} over {len(walk['domains'])} update domains")
+    click.echo(walk_header(walk, f"upgrade {kind}"))
     if not detach:
         _follow(client)
 
@@ -423,7 +423,7 @@ def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manua
     package's instance counts are applied once every domain has moved."""
     client = _client(file, run_dir, timeout=120)
     walk = _call(client.deploy, version, rollback, manual)
-    click.echo(f"walk {walk['id']}: deploy {version} over {len(walk['domains'])} update domains")
+    click.echo(walk_header(walk, f"deploy {version}"))
     if not detach:
         _follow(client)
 
@@ -441,6 +441,13 @@ def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
         _follow(client)
     else:
         _print_walk(snapshot)
+
+
+def walk_header(walk: dict[str, Any], what: str) -> str:
+    """The walk's first line. It counts the domains it walks: those with no instance (a
+    role of 2 instances over 5 domains leaves 3 empty) are skipped."""
+    walked = sum(1 for instances in walk["domains"] if instances)
+    return f"walk {walk['id']}: {what} over {walked} update domain{'s' if walked != 1 else ''}"
 
 
 def _follow(client: Client) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -293,3 +295,32 @@ def test_a_walk_does_not_start_with_an_instance_down_outside_its_first_domain(
             h.upgrade("host-os")
         assert h.instance("web/0")["pid"] == ready  # untouched
         assert not h.operations()
+
+
+def test_a_walk_header_counts_the_domains_it_walks(make_service: MakeService) -> None:
+    """2 instances over 5 update domains: UDs 2 to 4 are empty, and not walked."""
+    service = make_service(WALKED_HEADER, instances=2, service={"upgrade_domains": 5})
+    with service.harness() as h:
+        h.wait_ready(30)
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "upgrade", "agent", "--detach",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        walk = h.wait_walk(60)
+        assert done.stdout == f"walk {walk['id']}: upgrade agent over 2 update domains\n"
+        assert walk["state"] == "succeeded", walk
+
+
+WALKED_HEADER = """
+class Role(RoleEntryPoint):
+    pass
+"""
+
+
+def test_the_walk_header_in_words() -> None:
+    from rolehost.cli import walk_header
+
+    assert walk_header({"id": "w", "domains": [["a_IN_0"], [], []]}, "deploy v2") == (
+        "walk w: deploy v2 over 1 update domain")
+    assert walk_header({"id": "w", "domains": [["a_IN_0"], ["a_IN_1"]]}, "upgrade agent") == (
+        "walk w: upgrade agent over 2 update domains")
