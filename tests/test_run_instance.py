@@ -335,3 +335,38 @@ def test_a_second_signal_cuts_the_stop_short(make_service: MakeService, during: 
         controller.send_signal(signal.SIGINT if during == "on_stop" else signal.SIGTERM)
         assert controller.wait(15) == 3
         assert service.count("on_stop") == (0 if during == "drain" else 1)
+
+
+def test_a_signal_after_a_fast_stop_does_not_decide_the_exit(make_service: MakeService) -> None:
+    """SIGTERM during a startup task stops at once; a second signal while the process
+    exits found the default action back and killed it (143, 130). Signals are sent
+    every few milliseconds until it has exited: each lands before the stop ended (a
+    forced stop, exit 3) or after (nothing left to stop, exit 0)."""
+    service = make_service("class Role(RoleEntryPoint):\n    pass\n", extra="""
+        [[roles.web.startup_tasks]]
+        command = ["sleep", "300"]
+        """)
+    health = free_port()
+    run_dir = service.toml.parent / "instance-run"
+    controller = run_instance(service, health)
+    try:
+        wait_until(lambda: answer(health, "/live") == 200, 30, "/live")
+        wait_until(lambda: any("sleep" in p.cmdline() for p in run_dir_processes(run_dir)),
+                   30, "the startup task")
+        controller.send_signal(signal.SIGTERM)
+        for n in range(5000):  # a deadline: 5000 times at most 2 ms
+            if controller.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                controller.send_signal(signal.SIGINT if n % 2 else signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                controller.wait(0.002)
+        assert controller.wait(10) in (0, 3)
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(10)
+        left = run_dir_processes(run_dir)
+        for proc in left:
+            proc.kill()
+    assert not left, left
