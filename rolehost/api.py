@@ -292,6 +292,8 @@ class _Connection(asyncio.Protocol):
             self._body += body
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():  # refused, not run: httptools raises next
+            return
         method = self.parser.get_method().decode("ascii", "replace")
         self._enqueue(_Parsed(method, self._url, bytes(self._body), self._too_large,
                               bool(self.parser.should_keep_alive())))

@@ -302,6 +302,29 @@ def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeServ
         assert h.status()["instances"][0]["state"] == "ready"  # no shutdown, either
 
 
+def test_an_upgrade_request_is_refused_once_and_not_run(make_service: MakeService) -> None:
+    """An Upgrade (or CONNECT) request gets one answer, a 400 that closes: it is not run
+    first (a shutdown, say) and answered twice, which left a pipelining client reading
+    one request's answer as the next one's."""
+    service = make_service("class Role(RoleEntryPoint): pass")
+    with service.harness() as h:
+        h.wait_ready(30)
+        raw = socket.socket(socket.AF_UNIX)
+        raw.settimeout(10)
+        raw.connect(str(h.run_dir.socket))
+        raw.sendall(b"GET /v1/walk HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"POST /v1/shutdown HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nContent-Length: 0\r\n\r\n"
+                    b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = b""
+        while data := raw.recv(65536):  # to the close that follows the 400
+            answers += data
+        raw.close()
+        assert re.findall(rb"HTTP/1.1 (\d+) ", answers) == [b"404", b"400"], answers
+        assert b"upgrade is not supported here" in answers
+        assert h.status()["instances"][0]["state"] == "ready"  # no shutdown
+
+
 def test_a_deploy_of_a_bad_version_exits_2_and_touches_nothing(
         make_service: MakeService) -> None:
     service = make_service("class Role(RoleEntryPoint): pass")
