@@ -460,6 +460,10 @@ class Controller:
             await self._started.wait()
         if not self.running:
             raise api.ApiError(503, "the controller did not start: nothing to operate on")
+        # Every instance is on its way out: a scale-in now would take one from the stop
+        # (its overrun unreported, its disks gone), a restart would race it.
+        if self._shutdown.is_set():
+            raise api.ApiError(503, "the controller is stopping: no operation starts now")
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
@@ -685,6 +689,8 @@ class Controller:
 
     async def _edit(self) -> None:
         async with self._editing:
+            if self._shutdown.is_set():  # nothing starts while the service stops
+                return
             try:
                 edited = load_definition(self.definition_path)
             except DefinitionErrors as exc:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from conftest import MakeService
+from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
@@ -309,3 +313,25 @@ def test_a_scale_during_the_controllers_start_starts_each_instance_once(
         assert len(hosts) <= len(instances) + 1, hosts
         starts = sorted(line.split()[-1] for line in service.probes())
         assert starts == ["web_IN_0", "web_IN_1", "web_IN_2"], service.probes()
+
+
+def test_no_scale_while_the_controller_stops(make_service: MakeService) -> None:
+    """A scale-in during the stop took an instance out of it: its on_stop overrun went
+    unreported (exit 0 for 3) and its disks were deleted. Once stopping, the controller
+    answers every operation 503, and an edit of the file is not applied."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                probe("on_stop")
+                time.sleep(60)
+        """, instances=2, role={"stop_timeout": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.signal_controller(signal.SIGTERM)
+        wait_until(lambda: service.count("on_stop") == 2, 30, "both in on_stop")
+        with pytest.raises(ApiError, match="the controller is stopping") as refused:
+            h.scale("web", 1)
+        assert refused.value.status == 503
+        assert h.wait_controller_exit(30) == 3
+        assert "web_IN_1: " in h.run_dir.console_log.read_text()
+        assert (h.run_dir.instances / "web_IN_1").is_dir()
