@@ -232,6 +232,7 @@ class Controller:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
+            process.ignore_stop_signals(loop)
             self.cut_short = {
                 i.id: f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"

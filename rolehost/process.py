@@ -615,3 +615,20 @@ def describe_exit(code: int) -> str:
     except ValueError:
         return f"exited with {code}"
 
+
+def ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Everything is stopped (the controller's instances, run-instance's one): a late
+    SIGTERM or SIGINT has nothing left to stop, and must not decide the exit code.
+    Closing the loop would put the default actions back (death by the signal, or
+    KeyboardInterrupt) for the tens of milliseconds the process still takes to exit:
+    the handlers are taken off the loop and ignoring ones put in their place, which stay
+    until the process is gone."""
+    both = {signal.SIGTERM, signal.SIGINT}
+    # Blocked meanwhile: removing a loop's handler puts the default action back first.
+    signal.pthread_sigmask(signal.SIG_BLOCK, both)
+    try:
+        for sig in both:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)

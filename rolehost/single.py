@@ -145,7 +145,7 @@ class SingleInstance:
             await asyncio.wait_for(self._forced.wait(), self.drain_delay)
         await self.instance.stop(self.stop_reason)
         self._stopped = True
-        _ignore_signals(loop)
+        process.ignore_stop_signals(loop)
         await self.deployment.standby.close()
         server.close()
         self.instance.output.close()
@@ -199,23 +199,6 @@ class SingleInstance:
             what = "draining" if state in RUNNING else "stopping"
             return False, f"not ready: {what} ({self.stop_reason})"
         return state is State.READY, f"not ready: {state.value}"
-
-
-def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
-    """The instance is stopped: a late SIGTERM or SIGINT has nothing left to stop, and
-    must not decide the exit code. Closing the loop would put the default actions back
-    (death by the signal, or KeyboardInterrupt) for the tens of milliseconds the process
-    still takes to exit: the handlers are taken off the loop and ignoring ones put in
-    their place, which stay until the process is gone."""
-    both = {signal.SIGTERM, signal.SIGINT}
-    # Blocked meanwhile: removing a loop's handler puts the default action back first.
-    signal.pthread_sigmask(signal.SIG_BLOCK, both)
-    try:
-        for sig in both:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
 
 
 def _answer(ok: bool, what: str) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import subprocess
 import time
 from datetime import datetime
 
@@ -568,3 +570,24 @@ def test_a_status_check_on_demand(make_service: MakeService) -> None:
         service.probe.with_name("probe.txt.busy").touch()
         h.client.check_status("web/0")
         assert h.wait_state("web/0", "busy", 5)["reason"] == "a status check reported busy"
+
+
+def test_a_signal_after_the_controllers_stop_does_not_decide_its_exit(
+        make_service: MakeService) -> None:
+    """Ctrl-C twice on a service that stops fast: the second signal, landing after the
+    instances had stopped and while the process exited, found the default action back
+    and ended it with 130 or 143. Signals are sent every few milliseconds until it has
+    exited: each lands before the stop ended (forced, 3) or after (ignored, 0)."""
+    service = make_service("class Role(RoleEntryPoint):\n    pass\n", instances=2)
+    with service.harness() as h:
+        h.wait_ready(30)
+        assert h.controller is not None
+        h.signal_controller(signal.SIGINT)
+        for n in range(5000):  # a deadline: 5000 times at most 2 ms
+            if h.controller.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                h.signal_controller(signal.SIGTERM if n % 2 else signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                h.controller.wait(0.002)
+        assert h.wait_controller_exit(10) in (0, 3)
