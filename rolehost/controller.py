@@ -175,8 +175,7 @@ class Controller:
         self.version = started["version"]
         if not process.adopt_orphans(loop):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        process.handle_stop_signals(loop, self._on_signal)
         server = await api.serve(self.run_dir.socket, self)
         collector = metrics.StateCollector(self)
         metrics.REGISTRY.register(collector)
@@ -232,7 +231,7 @@ class Controller:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
             await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
-            process.ignore_stop_signals(loop)
+            process.ignore_stop_signals()
             self.cut_short = {
                 i.id: f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"

@@ -616,19 +616,29 @@ def describe_exit(code: int) -> str:
         return f"exited with {code}"
 
 
-def ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def handle_stop_signals(loop: asyncio.AbstractEventLoop,
+                        callback: Callable[[int], None]) -> None:
+    """Run `callback(signum)` on `loop` at each SIGTERM and SIGINT. A plain handler, as
+    for SIGCHLD above, not the loop's own: a loop puts the default actions back when its
+    handlers are removed (and when it closes), so a late signal, while the process
+    exits, would end it by the signal (130, 143) whatever the stop's exit code. Nor can
+    blocking the signals cover that moment: another thread would take them."""
+    def on_signal(signum: int, frame: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to do for it
+            loop.call_soon_threadsafe(callback, signum)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+        signal.siginterrupt(sig, False)  # SA_RESTART, as add_signal_handler
+
+
+def ignore_stop_signals() -> None:
     """Everything is stopped (the controller's instances, run-instance's one): a late
-    SIGTERM or SIGINT has nothing left to stop, and must not decide the exit code.
-    Closing the loop would put the default actions back (death by the signal, or
-    KeyboardInterrupt) for the tens of milliseconds the process still takes to exit:
-    the handlers are taken off the loop and ignoring ones put in their place, which stay
-    until the process is gone."""
-    both = {signal.SIGTERM, signal.SIGINT}
-    # Blocked meanwhile: removing a loop's handler puts the default action back first.
-    signal.pthread_sigmask(signal.SIG_BLOCK, both)
-    try:
-        for sig in both:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+    SIGTERM or SIGINT has nothing left to stop, and must not decide the exit code. Each
+    handler gives way to SIG_IGN in one step, which stays until the process is gone (no
+    child is started after this)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -127,8 +127,7 @@ class SingleInstance:
         if swept := await asyncio.to_thread(process.sweep_leftovers, self.run_dir.path):
             log.warning("leftovers_swept", count=len(swept), processes=swept)
         process.adopt_orphans(loop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        process.handle_stop_signals(loop, self._on_signal)
         pending: set[asyncio.Task[None]] = set()
         try:
             server = await loop.create_server(
@@ -145,7 +144,7 @@ class SingleInstance:
             await asyncio.wait_for(self._forced.wait(), self.drain_delay)
         await self.instance.stop(self.stop_reason)
         self._stopped = True
-        process.ignore_stop_signals(loop)
+        process.ignore_stop_signals()
         await self.deployment.standby.close()
         server.close()
         self.instance.output.close()
@@ -172,14 +171,15 @@ class SingleInstance:
             log.info("instance_mode_stopping", instance=self.id, reason=reason)
             self._stop.set()
 
-    def _on_signal(self, sig: signal.Signals) -> None:
+    def _on_signal(self, sig: int) -> None:
         # Signals are counted, not stops: a preStop hook's /stop, then the kubelet's
         # SIGTERM, is one graceful stop; a supervisor's (or Ctrl-C's) second is not.
         self._signals += 1
+        name = signal.Signals(sig).name
         if self._signals == 1:
-            self.begin_stop(f"received {sig.name}")
+            self.begin_stop(f"received {name}")
         else:
-            self.force_stop(sig.name)
+            self.force_stop(name)
 
     def force_stop(self, why: str) -> None:
         """Cut the graceful stop short: no drain delay left, the host's tree and the
