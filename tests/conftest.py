@@ -46,6 +46,19 @@ class Service:
 MakeService = Callable[..., Service]
 
 
+# A role whose stop a second signal cuts short: a child of on_start to kill with the
+# host, and (setting `during` = "on_stop") an on_stop that would hold the stop 5 minutes.
+HOLDS_ITS_STOP = """
+    class Role(RoleEntryPoint):
+        def on_start(self):
+            subprocess.Popen(["sleep", "300"])  # a child the kill must take too
+            return True
+        def on_stop(self):
+            probe("on_stop")
+            if RoleEnvironment.get_setting("during") == "on_stop":
+                time.sleep(300)
+    """
+
 @pytest.fixture
 def make_service(tmp_path: Path) -> MakeService:
     """make_service(role_source, instances=1, service={...}, role={...}) -> Service."""

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import MakeService
+from conftest import HOLDS_ITS_STOP, MakeService
 from rolehost.testing import wait_until
 
 FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}
@@ -384,16 +384,7 @@ def test_a_second_signal_ends_the_controllers_stop_at_once(make_service: MakeSer
     """A second SIGTERM (or Ctrl-C) killed the hosts, but a foreground task still held
     the stop up to stop_timeout, and the controller exited 0. Now everything ends at
     once (hosts, their children, every task), nothing is left, and the exit is 3."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                subprocess.Popen(["sleep", "300"])  # a child the kill must take too
-                return True
-            def on_stop(self):
-                probe("on_stop")
-                if RoleEnvironment.get_setting("during") == "on_stop":
-                    time.sleep(300)
-        """, settings={"during": during}, role={"stop_timeout": "5m"},
+    service = make_service(HOLDS_ITS_STOP, settings={"during": during}, role={"stop_timeout": "5m"},
         extra="""
         [[roles.web.startup_tasks]]
         command = ["sleep", "300"]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from test_balancer import free_port
 
-from conftest import MakeService, Service
+from conftest import HOLDS_ITS_STOP, MakeService, Service
 from rolehost.testing import run_dir_processes, wait_until
 
 
@@ -309,16 +309,7 @@ def test_a_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeService,
 def test_a_second_signal_cuts_the_stop_short(make_service: MakeService, during: str) -> None:
     """A second SIGTERM (or Ctrl-C) was ignored: the stop ran its whole course, up to
     the drain delay plus stop_timeout. Now it ends at once, and leaves nothing behind."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                subprocess.Popen(["sleep", "300"])  # a child the kill must take too
-                return True
-            def on_stop(self):
-                probe("on_stop")
-                if RoleEnvironment.get_setting("during") == "on_stop":
-                    time.sleep(300)
-        """, settings={"during": during}, role={"stop_timeout": "5m"},
+    service = make_service(HOLDS_ITS_STOP, settings={"during": during}, role={"stop_timeout": "5m"},
         extra="""
         [[roles.web.startup_tasks]]
         command = ["sleep", "300"]
