@@ -59,6 +59,18 @@ HOLDS_ITS_STOP = """
                 time.sleep(300)
     """
 
+# A role whose on_stop overruns stop_timeout: it sleeps on (setting `overrun` =
+# "host-bounds-it": the host cuts it short), or freezes its host ("host-frozen": the
+# supervisor kills it).
+OVERRUNS_ITS_STOP = """
+    class Role(RoleEntryPoint):
+        def on_stop(self):
+            probe("on_stop")
+            if RoleEnvironment.get_setting("overrun") == "host-frozen":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(60)
+    """
+
 @pytest.fixture
 def make_service(tmp_path: Path) -> MakeService:
     """make_service(role_source, instances=1, service={...}, role={...}) -> Service."""

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import HOLDS_ITS_STOP, MakeService
+from conftest import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP, MakeService
 from rolehost.testing import wait_until
 
 FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}
@@ -337,14 +337,8 @@ def test_a_controller_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeS
     """`rolehost start` exited 0 though on_stop was killed half done; systemd, or whoever
     runs it, must see what run-instance's exit 3 tells: the cleanup may be incomplete.
     The host cuts on_stop short itself; a frozen host is killed by the supervisor."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_stop(self):
-                probe("on_stop")
-                if RoleEnvironment.get_setting("overrun") == "host-frozen":
-                    os.kill(os.getpid(), signal.SIGSTOP)
-                time.sleep(60)
-        """, role={"stop_timeout": "1s"}, settings={"overrun": overrun})
+    service = make_service(OVERRUNS_ITS_STOP, role={"stop_timeout": "1s"},
+                           settings={"overrun": overrun})
     with service.harness() as h:
         h.wait_ready(30)
         h.signal_controller(signal.SIGTERM)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from test_balancer import free_port
 
-from conftest import HOLDS_ITS_STOP, MakeService, Service
+from conftest import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP, MakeService, Service
 from rolehost.testing import run_dir_processes, wait_until
 
 
@@ -44,10 +44,17 @@ def run_instance(service: Service, health: int, *args: str) -> subprocess.Popen[
 @contextlib.contextmanager
 def running(service: Service, health: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """run-instance until ready; on the way out, nothing of it may be left running."""
+    with launched(service, health, *args) as controller:
+        wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
+        yield controller
+
+
+@contextlib.contextmanager
+def launched(service: Service, health: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """run-instance, ready or not; on the way out, nothing of it may be left running."""
     run_dir = service.toml.parent / "instance-run"
     controller = run_instance(service, health, *args)
     try:
-        wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
         yield controller
     finally:
         if controller.poll() is None:
@@ -291,14 +298,8 @@ def test_a_stop_cut_short_by_stop_timeout_exits_3(make_service: MakeService,
                                                   overrun: str) -> None:
     """The instance stopped, but on_stop did not finish: the orchestrator must see it.
     The host cuts on_stop short itself; a frozen host is killed by the supervisor."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_stop(self):
-                probe("on_stop")
-                if RoleEnvironment.get_setting("overrun") == "host-frozen":
-                    os.kill(os.getpid(), signal.SIGSTOP)
-                time.sleep(60)
-        """, role={"stop_timeout": "1s"}, settings={"overrun": overrun})
+    service = make_service(OVERRUNS_ITS_STOP, role={"stop_timeout": "1s"},
+                           settings={"overrun": overrun})
     with running(service, free_port()) as controller:
         controller.send_signal(signal.SIGTERM)
         assert controller.wait(30) == 3
@@ -339,8 +340,7 @@ def test_a_signal_after_a_fast_stop_does_not_decide_the_exit(make_service: MakeS
         """)
     health = free_port()
     run_dir = service.toml.parent / "instance-run"
-    controller = run_instance(service, health)
-    try:
+    with launched(service, health) as controller:
         wait_until(lambda: answer(health, "/live") == 200, 30, "/live")
         wait_until(lambda: any("sleep" in p.cmdline() for p in run_dir_processes(run_dir)),
                    30, "the startup task")
@@ -353,11 +353,3 @@ def test_a_signal_after_a_fast_stop_does_not_decide_the_exit(make_service: MakeS
             with contextlib.suppress(subprocess.TimeoutExpired):
                 controller.wait(0.002)
         assert controller.wait(10) in (0, 3)
-    finally:
-        if controller.poll() is None:
-            controller.kill()
-            controller.wait(10)
-        left = run_dir_processes(run_dir)
-        for proc in left:
-            proc.kill()
-    assert not left, left
