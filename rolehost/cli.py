@@ -186,7 +186,7 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
                f"controller pid {result['pid']}")
     rows = [("INSTANCE", "UD", "STATE", "PID", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
-        detail = i["reason"] if i["state"] != "ready" else ""
+        detail = i["reason"] if i["state"] != "ready" else i.get("why_not_back") or ""
         if i["last_error"] and i["state"] == "failed":
             detail = i["last_error"]
         if i["next_try"]:

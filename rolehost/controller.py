@@ -278,7 +278,7 @@ class Controller:
         counts: dict[str, tuple[int, int]] = {name: (0, 0) for name in self.definition.roles}
         for each in self.instances.values():
             ready, total = counts[each.role_name]
-            counts[each.role_name] = (ready + (each.state is State.READY), total + 1)
+            counts[each.role_name] = (ready + each.back, total + 1)
         self.notifier.counts(counts)
 
     # Operations: what the control API and the CLI offer.
@@ -486,9 +486,11 @@ class Controller:
         walked = list(self.instances.values()) if instances is None else instances
         by_domain = domains(walked, count)
         # Down already outside the first domain: walking it would take a second one down.
-        down = [f"{i.id} is {i.state.value}" + (f" ({i.reason})" if i.reason else "")
+        # Busy is the role's own say, and passes; ready but out of rotation is down.
+        down = [f"{i.id} is {i.why_not_back() if i.state is State.READY else i.state.value}"
+                + (f" ({i.reason})" if i.reason else "")
                 for d in [d for d in by_domain if d][1:] for i in d
-                if i.state not in (State.READY, State.BUSY)]
+                if not (i.back or i.state is State.BUSY)]
         if down:
             raise api.ApiError(409, f"{'; '.join(down)}: a walk would take a second update "
                                     "domain down; bring it back first (rolehost restart)")
@@ -764,11 +766,11 @@ class Controller:
 
 
 async def _ready(instances: list[Instance], started: bool) -> list[str]:
-    """Wait until each of `instances` is ready, or failed (its ready deadline) or stopped;
-    one line for each that is not ready."""
+    """Wait until each of `instances` is back (ready and in rotation), or failed (its
+    ready deadline) or stopped; one line for each that is not back."""
     if not started:  # nothing would ever end the wait
         return [f"{i.id} was not started: the controller is stopping" for i in instances]
-    ready = await asyncio.gather(*(i.ready_or_ended() for i in instances))
+    ready = await asyncio.gather(*(i.back_or_ended() for i in instances))
     return [f"{i.id} did not become ready after it was added: it is {i.state.value} "
             f"({i.reason or i.last_error})" for i, up in zip(instances, ready, strict=True)
             if not up]

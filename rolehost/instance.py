@@ -55,7 +55,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.BOOTSTRAPPING: frozenset({S.STARTING, S.RECYCLING, S.FAILED, S.STOPPING, S.STOPPED}),
     S.STARTING: frozenset({S.BUSY, S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
     S.BUSY: frozenset({S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.BUSY, S.STOPPING, S.RECYCLING, S.STOPPED}),
+    # FAILED: ready, but not back in rotation within the ready deadline (a probe failing).
+    S.READY: frozenset({S.BUSY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.RECYCLING, S.FAILED, S.BOOTSTRAPPING}),
     S.RECYCLING: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
     S.STOPPED: frozenset({S.BOOTSTRAPPING}),
@@ -160,6 +161,10 @@ class Instance:
         # and on_stop short, or was killed): never reset, so a caller compares counts.
         self.stops_cut_short = 0
         self.ready_since: float | None = None
+        # When this boot first came back: ready and in rotation on every input endpoint
+        # (`back`). What operations wait for, and what ends the ready deadline.
+        self.back_since: float | None = None
+        self._back = False
         self.next_try: float | None = None
         self.usage: dict[str, float] = {}
         self._measured = 0.0
@@ -180,7 +185,7 @@ class Instance:
         self._heartbeat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
-        self._probes: dict[str, tuple[bool, str]] = {}  # endpoint -> (healthy, last seen)
+        self._probes: dict[str, probe.Result] = {}  # by endpoint: the last probe's result
         self._draining: str | None = None  # why, while the instance drains
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
         self._boot_began = time.time()
@@ -203,24 +208,41 @@ class Instance:
         self.state_since = time.time()
         if state is S.READY and self.ready_since is None:
             self.ready_since = self.state_since
-            self._unready_since = None
-            self._cancel_deadline()
             metrics.TIME_TO_READY.labels(self.role_name).observe(
                 self.ready_since - self._boot_began)
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
                  reason=reason or None)
+        self._update_rotation()
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        """A new state, or the instance came back or left: wake its waiters, tell the
+        observer, and settle an operation that this ends."""
         self._changed.set()
         self._changed = asyncio.Event()
-        self._update_rotation()
         if self.deployment.observer is not None:
             self.deployment.observer(self)
         operation = self._operation
-        if operation is not None and (operation.started or state is S.STOPPED) and (
-            state in SETTLED
+        if operation is not None and (operation.started or self.state is S.STOPPED) and (
+            self.settled_back
         ):
             self._operation = None
             if not operation.done.done():  # cancelled: its waiter was (a walk cut short)
-                operation.done.set_result(state)
+                operation.done.set_result(self.state)
+
+    @property
+    def back(self) -> bool:
+        """Ready, and in rotation on every input endpoint it serves (an endpoint with
+        `ignore_status` too: there, the probe alone decides). The one rule for "the
+        instance is back" that walks, deploys, config changes, `--wait`, scale-outs, the
+        harness and systemd's READY=1 wait for (docs/walks.md)."""
+        return self._back
+
+    @property
+    def settled_back(self) -> bool:
+        """Back, or ended otherwise (failed, recycling, stopped): an operation is over.
+        Ready but not yet in rotation is not an end: the ready deadline decides that."""
+        return self._back if self.state is S.READY else self.state in SETTLED
 
     # Supervision: one boot after another until stopped.
 
@@ -288,31 +310,66 @@ class Instance:
         if self.state not in (S.READY, S.BUSY):
             return False, self.state.value
         if endpoint.probe is not None:
-            healthy, seen = self._probes.get(name, (False, "no probe result yet"))
-            return healthy, "" if healthy else f"probe failing: {seen}"
+            result = self._probes.get(name)
+            if result is None:
+                return False, "probe failing: no probe result yet"
+            return result.healthy, "" if result.healthy else f"probe failing: {result.seen}"
         return True, ""
 
-    def _update_rotation(self) -> None:
+    def _update_rotation(self) -> bool:
+        """Tell the balancers; True if the instance came back or left with it."""
+        back = self.state is S.READY
         for name, balancer in self.balancers.items():
-            balancer.set_rotation(self.id, *self._rotation(name))
+            in_rotation, why_out = self._rotation(name)
+            balancer.set_rotation(self.id, in_rotation, why_out)
+            back = back and in_rotation
+        if back == self._back:
+            return False
+        self._back = back
+        if back and self.back_since is None:  # this boot is up: its ready deadline is met
+            self.back_since = time.time()
+            self._unready_since = None
+            self._cancel_deadline()
+        log.info("back" if back else "not_back", instance=self.id,
+                 reason=None if back else self.why_not_back())
+        return True
 
-    def _probe_result(self, name: str, healthy: bool, seen: str) -> None:
-        self._probes[name] = (healthy, seen)
-        self._update_rotation()
+    def why_not_back(self) -> str:
+        """Why the instance is not back, as `status` says it ("" while it is)."""
+        if self._back:
+            return ""
+        if self.state is not S.READY:
+            return self.state.value
+        out = []
+        for name in self.balancers:
+            in_rotation, why = self._rotation(name)
+            result, spec = self._probes.get(name), self.role.endpoints[name].probe
+            if in_rotation:
+                continue
+            if why.startswith("probe failing") and result is not None and spec is not None:
+                why = f"probe failing ({result.passes}/{spec.healthy} healthy): {result.seen}"
+            out.append(f"{name}: {why}")
+        return ("out of rotation: " if self.back_since else "not yet in rotation: ") + \
+            "; ".join(out)
+
+    def _probe_result(self, name: str, result: probe.Result) -> None:
+        self._probes[name] = result
+        if self._update_rotation():
+            self._changed_now()
 
     async def settled(self) -> State:
-        """Wait until the instance is ready, failed, recycling or stopped."""
-        while self.state not in SETTLED:
+        """Wait until the instance is back, or failed, recycling or stopped."""
+        while not self.settled_back:
             await self._changed.wait()
         return self.state
 
-    async def ready_or_ended(self) -> bool:
-        """Wait until the instance is ready (True), or failed or stopped (False). Unlike
-        `settled`, a recycle is not an end: the boots up to ready share one deadline, and
-        missing it fails the instance."""
-        while self.ready_since is None and self.state not in (S.FAILED, S.STOPPED):
+    async def back_or_ended(self) -> bool:
+        """Wait until this boot came back (True), or the instance failed or stopped
+        (False). Unlike `settled`, a recycle is not an end: the boots up to back share one
+        ready deadline, and missing it fails the instance."""
+        while self.back_since is None and self.state not in (S.FAILED, S.STOPPED):
             await self._changed.wait()
-        return self.ready_since is not None
+        return self.back_since is not None
 
     @property
     def _pending_operation(self) -> bool:
@@ -343,7 +400,7 @@ class Instance:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
         self._recycle_reason = self._failed_reason = self._run_error = None
         self._recycle_asked = asyncio.Event()
-        self.ready_since = None
+        self.ready_since = self.back_since = None
         self._draining = None
         self._probes.clear()
         self.starts += 1
@@ -691,6 +748,8 @@ class Instance:
         if self.state is S.BOOTSTRAPPING and self.tasks is not None:
             running = [r.label for r in self.tasks.runs if r.state == "running"]
             where += f", running {', '.join(running)}" if running else ""
+        elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
+            where += f", {self.why_not_back()}"
         self._failed_reason = (
             f"waiting for host: not ready within the ready deadline ({deadline:g}s); "
             f"it was {where}"
@@ -870,9 +929,9 @@ class Instance:
         """Wait for the boot after a crash (the back-off, then one boot) to settle, as an
         operation is waited for: a change must not move on while the instance is down."""
         while not (self.state in (S.FAILED, S.STOPPED)
-                   or (self.starts > starts and self.state in SETTLED)):
+                   or (self.starts > starts and self.settled_back)):
             await self._changed.wait()
-        if self.state is not S.READY:
+        if not self._back:
             raise OperationError(
                 f"{self.id} did not become ready after its host exited in `changing`: it is "
                 f"{self.state.value} ({self.reason or self.last_error})", status=500)
@@ -883,8 +942,11 @@ class Instance:
         if balancer is None:
             return {}
         status = balancer.backends[self.id].snapshot()
-        if name in self._probes:
-            status["probe"] = {"healthy": self._probes[name][0], "seen": self._probes[name][1]}
+        if (result := self._probes.get(name)) is not None:
+            spec = self.role.endpoints[name].probe
+            status["probe"] = {"healthy": result.healthy, "seen": result.seen,
+                               "passes": result.passes,
+                               "needed": spec.healthy if spec is not None else 1}
         return status
 
     @property
@@ -908,6 +970,10 @@ class Instance:
             "next_try": iso(self.next_try),
             "last_error": self.last_error,
             "ready_since": iso(self.ready_since) if self.state is S.READY else None,
+            "back": self._back,
+            "back_since": iso(self.back_since) if self._back else None,
+            # Ready but not back: why (not ready, the state and reason say why).
+            "why_not_back": self.why_not_back() or None if self.state is S.READY else None,
             "operation": self.operation,
             "endpoints": {
                 name: {"host": ep.host, "port": self.ports[name], **self._endpoint_status(name)}

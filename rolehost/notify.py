@@ -42,7 +42,8 @@ class Notifier:
                 log.warning("notify_failed", socket=self.address, error=str(exc))
 
     def counts(self, ready_by_role: dict[str, tuple[int, int]]) -> None:
-        """Report (ready, total) per role; READY=1 once every role has a ready instance.
+        """Report (ready, total) per role, ready meaning back (ready and in rotation on
+        every input endpoint); READY=1 once every role has an instance back.
         After STOPPING=1 the counts still fall as instances stop, but STATUS is the line
         `systemctl status` shows: it keeps saying that the service is stopping."""
         status = ", ".join(f"{role} {ready}/{total} ready"

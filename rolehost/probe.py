@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import structlog
 
@@ -40,7 +41,15 @@ async def once(host: str, port: int, spec: Probe) -> tuple[bool, str]:
     return 200 <= code < 400, f"HTTP {code}" if code else "not an HTTP answer"
 
 
-async def watch(host: str, port: int, spec: Probe, report: Callable[[bool, str], None]) -> None:
+class Result(NamedTuple):
+    """Where a watched endpoint stands after a probe."""
+
+    healthy: bool
+    seen: str  # what the last probe saw: "HTTP 503", "connected", ...
+    passes: int  # passes in a row (of the probe's `healthy` that make it healthy)
+
+
+async def watch(host: str, port: int, spec: Probe, report: Callable[[Result], None]) -> None:
     """Probe at `spec.interval` forever; report healthy after `healthy` passes in a row,
     unhealthy after `unhealthy` failures in a row (and every result while unhealthy)."""
     healthy, passes, failures = False, 0, 0
@@ -57,5 +66,5 @@ async def watch(host: str, port: int, spec: Probe, report: Callable[[bool, str],
             healthy = True
         elif healthy and failures >= spec.unhealthy:
             healthy = False
-        report(healthy, seen)
+        report(Result(healthy, seen, passes))
         await asyncio.sleep(spec.interval)

@@ -198,7 +198,7 @@ class SingleInstance:
             # reason is the stop's. Once the host got the stop, it is `stopping` itself.
             what = "draining" if state in RUNNING else "stopping"
             return False, f"not ready: {what} ({self.stop_reason})"
-        return state is State.READY, f"not ready: {state.value}"
+        return self.instance.back, f"not ready: {self.instance.why_not_back()}"
 
 
 def _answer(ok: bool, what: str) -> dict[str, Any]:

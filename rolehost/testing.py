@@ -224,19 +224,22 @@ class ServiceHarness:
         except (ControllerNotRunning, OSError) as exc:
             return f"(no status: {exc})\n{self.console()}"
         return "\n".join(
-            f"  {i['id']}: {i['state']} ({i['reason']}) last_error={i['last_error']}" for i in rows
+            f"  {i['id']}: {i['state']} ({i['why_not_back'] or i['reason']}) "
+            f"last_error={i['last_error']}" for i in rows
         )
 
     # Waiting.
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait until every instance is ready; return the status."""
+        """Wait until every instance is back: ready, and in rotation on each of its input
+        endpoints (probes passing), as a walk waits for it; return the status."""
 
         def ready() -> dict[str, Any] | None:
             status = self.status()
-            return status if all(i["state"] == "ready" for i in status["instances"]) else None
+            return status if all(i["back"] for i in status["instances"]) else None
 
-        return wait_until(ready, timeout, "every instance to be ready", self._describe)
+        return wait_until(ready, timeout, "every instance to be ready and in rotation",
+                          self._describe)
 
     def wait_state(
         self, name: str, states: str | set[str], timeout: float = 60.0
@@ -258,14 +261,16 @@ class ServiceHarness:
         raise HarnessError(f"no endpoint {role}.{endpoint}")
 
     def wait_replaced(self, name: str, pid: int, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait until `name` is ready again in a host process other than `pid`."""
+        """Wait until `name` is back (ready and in rotation) in a host process other than
+        `pid`."""
 
         def replaced() -> dict[str, Any] | None:
             snapshot = self.instance(name)
             new = snapshot["pid"] not in (None, pid)  # None: the old host exited, not yet noted
-            return snapshot if snapshot["state"] == "ready" and new else None
+            return snapshot if snapshot["back"] and new else None
 
-        return wait_until(replaced, timeout, f"{name} to be ready in a new host", self._describe)
+        return wait_until(replaced, timeout, f"{name} to be back in a new host",
+                          self._describe)
 
     def wait_event(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0, what: str = ""

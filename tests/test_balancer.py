@@ -284,7 +284,8 @@ def test_a_probe_answered_with_garbage_fails_and_probing_goes_on(
     garbage = harness.definition.parent / "probe.txt.garbage"
     garbage.touch()
     with harness as h:
-        h.wait_ready(30)
+        h.wait_state("web/0", "ready", 30)  # ready, never in rotation: not back (wait_ready)
+
         def why_out() -> object:
             return h.instance("web/0")["endpoints"]["http"]["why_out"]
 
