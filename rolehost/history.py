@@ -1,9 +1,9 @@
 """The history of management operations: one JSON line per change, in the run directory.
 
 Every operation (a maintenance command, a walk) is written when it begins, again when
-it touches more instances (a walk reaching a domain), and when it ends, so the file
-survives the controller: an operation that began and never ended was interrupted, and
-the next controller says so.
+it touches more instances (a walk reaching a domain) or halts, and when it ends, so the
+file survives the controller: an operation that began and never ended was interrupted,
+and the next controller says so (one that had halted had failed already: it says that).
 
 Each line is the whole operation as it stands, and the last line of an operation wins.
 So a write that fails (a full disk) loses nothing for good while the controller runs:
@@ -30,6 +30,8 @@ log = structlog.get_logger()
 # Operations kept in memory, for `rolehost ops` and the success rate; the file keeps all.
 # Without a bound the controller grew by about 0.4 KB an operation, for as long as it ran.
 KEPT = 1000
+# Why a halted walk ended without an `abort`: its controller stopped, or was killed.
+HALTED_AT_STOP = "the controller stopped while the walk was halted"
 
 
 @dataclass
@@ -39,7 +41,8 @@ class Operation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     started: float = field(default_factory=time.time)
     ended: float | None = None
-    outcome: str = "running"  # running, succeeded, failed, aborted, interrupted
+    # running, halted (a walk waiting for `abort`), succeeded, failed, aborted, interrupted
+    outcome: str = "running"
     error: str | None = None
     instances: list[str] = field(default_factory=list)
 
@@ -56,8 +59,8 @@ class History:
     def _load(self) -> None:
         self.operations = read(self.path)
         for operation in self.operations.values():
-            if operation.outcome == "running":
-                _interrupted(operation)
+            if operation.ended is None:
+                _left_by_a_dead_controller(operation)
                 operation.ended = time.time()
                 self._write(operation)
         self._forget()
@@ -75,6 +78,14 @@ class History:
         that an operation a killed controller interrupts lists what it had touched."""
         operation.instances += [i for i in instances if i not in operation.instances]
         self._write(operation)
+
+    def halted(self, operation: Operation, error: str) -> None:
+        """`operation` (a walk) stopped short and waits for a person: not ended, but no
+        longer running either. Written at once, so that `ops` and the success rate count
+        it while it waits, and the next controller knows it had failed if this one dies."""
+        operation.outcome, operation.error = "halted", error
+        self._write(operation)
+        log.info("operation_halted", operation=operation.id, kind=operation.kind, error=error)
 
     def end(self, operation: Operation, outcome: str, error: str | None = None) -> None:
         operation.outcome, operation.error, operation.ended = outcome, error, time.time()
@@ -108,12 +119,13 @@ class History:
                         since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)))
 
     def _forget(self) -> None:
-        """Drop the oldest ended operations past KEPT (a running one is never dropped;
-        one whose line is still unwritten stays in `_unwritten` until it is written)."""
+        """Drop the oldest ended operations past KEPT (a running or halted one is never
+        dropped; one whose line is still unwritten stays in `_unwritten` until it is
+        written)."""
         excess = len(self.operations) - KEPT
         if excess <= 0:
             return
-        ended = [key for key, o in self.operations.items() if o.outcome != "running"]
+        ended = [key for key, o in self.operations.items() if o.ended is not None]
         for key in ended[:excess]:
             del self.operations[key]
 
@@ -140,20 +152,29 @@ def summary_without_controller(path: Path) -> dict[str, Any]:
     runs. The file is only read: the next controller records the interruptions."""
     operations = list(read(path).values())[-KEPT:]
     for operation in operations:
-        if operation.outcome == "running":
-            _interrupted(operation)
+        if operation.ended is None:
+            _left_by_a_dead_controller(operation)
     return _summary(operations)
 
 
-def _interrupted(operation: Operation) -> None:
-    operation.outcome = "interrupted"
-    operation.error = "the controller stopped before the operation ended"
+def _left_by_a_dead_controller(operation: Operation) -> None:
+    """What an operation the controller never ended becomes. A running one was cut
+    short: interrupted. A halted one had failed already (a domain did not come back) and
+    only waited for `abort`, which would have recorded it failed: so is it, its halt's
+    error kept."""
+    if operation.outcome == "halted":
+        operation.outcome = "failed"
+        operation.error = f"{operation.error}; {HALTED_AT_STOP}"
+    else:
+        operation.outcome = "interrupted"
+        operation.error = "the controller stopped before the operation ended"
 
 
 def _summary(operations: list[Operation]) -> dict[str, Any]:
-    ended = [o for o in operations if o.outcome != "running"]
-    succeeded = sum(1 for o in ended if o.outcome == "succeeded")
+    # A halted operation counts: it has not succeeded, and an `abort` ends it failed.
+    counted = [o for o in operations if o.outcome != "running"]
+    succeeded = sum(1 for o in counted if o.outcome == "succeeded")
     return {
         "operations": [asdict(o) for o in operations],
-        "success_rate": round(succeeded / len(ended), 3) if ended else None,
+        "success_rate": round(succeeded / len(counted), 3) if counted else None,
     }

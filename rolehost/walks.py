@@ -21,7 +21,7 @@ import structlog
 
 from rolehost.definition import Role
 from rolehost.disks import Maintenance
-from rolehost.history import History, Operation
+from rolehost.history import HALTED_AT_STOP, History, Operation
 from rolehost.instance import Instance, OperationError
 
 log = structlog.get_logger()
@@ -129,7 +129,12 @@ class Walk:
             self.state = WalkState.SUCCEEDED
             self._history.end(self.record, "succeeded", self.error)
         except asyncio.CancelledError:
-            if not self.over:
+            if self.state is WalkState.HALTED:
+                # It had failed already, and an `abort` would have said so: a stop ends it
+                # the same way, as the next controller ends one whose controller was killed.
+                self.state = WalkState.ABORTED
+                self._history.end(self.record, "failed", f"{self.error}; {HALTED_AT_STOP}")
+            elif not self.over:
                 self.state = WalkState.ABORTED
                 self._history.end(self.record, "aborted", "the controller is stopping")
             raise
@@ -165,9 +170,14 @@ class Walk:
         if self.rollback is not None:
             await self._roll_back()
             return False
-        self.state = WalkState.HALTED
-        await self._resume.wait()  # only `abort` moves a halted walk
+        await self._halt()
         return False
+
+    async def _halt(self) -> None:
+        assert self.error is not None
+        self.state = WalkState.HALTED
+        self._history.halted(self.record, self.error)
+        await self._resume.wait()  # only `abort` moves a halted walk
 
     async def _roll_back(self) -> None:
         """Put every instance this walk touched back on the version it had, one update
@@ -214,8 +224,7 @@ class Walk:
         if halted is not None:  # what could not be put back waits for a person: halted
             self.error = f"{self.error}; {halted}"
             log.error("walk_rollback_halted", walk=self.id, error=self.error)
-            self.state = WalkState.HALTED
-            await self._resume.wait()
+            await self._halt()
             return
         self.state = WalkState.ROLLED_BACK
         self._history.end(self.record, "failed", self.error)

@@ -257,6 +257,8 @@ def test_a_rollback_that_fails_halts_before_the_next_domain(make_service: MakeSe
         assert "rollback halted in update domain 1" in walk["error"], walk
         web0 = h.instance("web/0")
         assert web0["state"] == "ready" and web0["restarts"] == 1, web0  # v2, untouched
+        [record] = h.operations()
+        assert (record["outcome"], record["error"]) == ("halted", walk["error"]), record
         assert h.walk_abort()["state"] == "aborted"
         [record] = h.operations()
         assert record["outcome"] == "failed" and "rollback halted" in record["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -169,11 +170,20 @@ def test_one_operation_at_a_time(make_service: MakeService) -> None:
             ("config web", "succeeded")]
 
 
+def ops(h: ServiceHarness, *args: str) -> str:
+    """What `rolehost ops` prints for the harness's run directory."""
+    done = subprocess.run([sys.executable, "-m", "rolehost", "ops", *args, "--run-dir",
+                           str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_walk_halts_when_a_domain_does_not_come_back(make_service: MakeService) -> None:
     service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
                                                       "ready_deadline": "2s"})
     with service.harness() as h:
         h.wait_ready(30)
+        h.restart("web/1")  # one operation that succeeded, for the success rate
         untouched = h.instance("web/1")["pid"]
         (h.run_dir.path / "instances/web_IN_0/os/stuck").touch()
         walk = h.upgrade("host-os")  # host-os keeps os/: the flag stays and on_start hangs
@@ -184,9 +194,73 @@ def test_walk_halts_when_a_domain_does_not_come_back(make_service: MakeService) 
         # The missed ready deadline left the instance failed ("waiting for host").
         assert walk["progress"] == {"web_IN_0": "restart failed, instance failed",
                                     "web_IN_1": "pending"}, walk
+        # Halted, not running: it failed already, and the success rate counts it so.
+        record = h.operations()[-1]
+        assert (record["kind"], record["outcome"]) == ("upgrade host-os", "halted"), record
+        assert record["error"] == walk["error"] and record["ended"] is None, record
+        assert h.client.operations()["success_rate"] == 0.5
+        listed = ops(h)
+        assert f"{walk['id']}  " in listed and " halted " in listed, listed
+        assert "success rate: 50%" in listed, listed
+        assert json.loads(ops(h, "--json"))["operations"][-1]["outcome"] == "halted"
         assert h.walk_abort()["state"] == "aborted"
-        [record] = h.operations()
+        record = h.operations()[-1]
         assert record["outcome"] == "failed" and "ready deadline" in record["error"]
+        assert h.client.operations()["success_rate"] == 0.5
+
+
+def halt_a_walk(h: ServiceHarness) -> dict[str, Any]:
+    """Halt a host-os walk in UD 0 (with a ready deadline of seconds), then lift what
+    halted it, so that the next boot of web_IN_0 gets ready."""
+    stuck = h.run_dir.path / "instances/web_IN_0/os/stuck"
+    stuck.touch()
+    walk = h.upgrade("host-os")
+    assert walk["state"] == "halted", walk
+    stuck.unlink()
+    return walk
+
+
+def test_a_halted_walk_whose_controller_is_killed_ends_failed(
+        make_service: MakeService) -> None:
+    """The halt's line survives in the file, and the next controller ends the walk as
+    an `abort` would have: failed, with why it halted."""
+    from rolehost.history import summary_without_controller
+
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "ready_deadline": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        walk = halt_a_walk(h)
+        h.signal_controller(signal.SIGKILL)
+        h.wait_controller_exit(10)
+        wait_until(lambda: not h.processes(), 10, "the instances to follow the controller")
+        path = h.run_dir.path / "history.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert lines[-1]["id"] == walk["id"] and lines[-1]["outcome"] == "halted", lines
+        expected = f"{walk['error']}; the controller stopped while the walk was halted"
+        [offline] = summary_without_controller(path)["operations"]
+        assert (offline["outcome"], offline["error"]) == ("failed", expected), offline
+        with ServiceHarness(service.toml, run_dir=h.run_dir.path) as second:
+            second.wait_ready(30)
+            [record] = second.operations()
+            assert (record["outcome"], record["error"]) == ("failed", expected), record
+            assert record["ended"] is not None
+            assert second.client.operations()["success_rate"] == 0.0
+
+
+def test_a_halted_walk_stopped_with_its_controller_ends_failed(
+        make_service: MakeService) -> None:
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "ready_deadline": "2s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        walk = halt_a_walk(h)
+        h.signal_controller(signal.SIGTERM)
+        assert h.wait_controller_exit(30) == 0
+        last = json.loads((h.run_dir.path / "history.jsonl").read_text().splitlines()[-1])
+        assert (last["id"], last["outcome"]) == (walk["id"], "failed"), last
+        assert last["error"] == (f"{walk['error']}; the controller stopped while the walk "
+                                 "was halted"), last
 
 
 def test_history_survives_the_controller(make_service: MakeService) -> None:
