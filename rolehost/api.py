@@ -114,12 +114,16 @@ async def _status_check(controller: Controller, request: Request) -> Any:
     return {"requested": True}
 
 
-@route("GET", "/v1/events")
-async def _events(controller: Controller, request: Request) -> Any:
+def _since(request: Request) -> int:
     since = request.query.get("since", ["0"])[0]
     if not since.isdigit():
         raise ApiError(400, "since must be a non-negative integer")
-    return controller.events(int(since))
+    return int(since)
+
+
+@route("GET", "/v1/events")
+async def _events(controller: Controller, request: Request) -> Any:
+    return controller.events(_since(request))
 
 
 @route("POST", "/v1/operations/{operation}")
@@ -199,7 +203,7 @@ async def _scale(controller: Controller, request: Request) -> Any:
 
 @route("GET", "/v1/walk")
 async def _walk(controller: Controller, request: Request) -> Any:
-    return controller.current_walk().snapshot()
+    return controller.current_walk().snapshot(_since(request))
 
 
 @route("POST", "/v1/walk/{action}")

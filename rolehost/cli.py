@@ -437,8 +437,8 @@ def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
     halted one."""
     client = _client(file, run_dir)
     snapshot = _call(client.walk, action)
-    if action == "next":
-        _follow(client)
+    if action == "next":  # the steps before it were shown by the command that paused
+        _follow(client, snapshot["steps"][-1]["seq"] if snapshot["steps"] else 0)
     else:
         _print_walk(snapshot)
 
@@ -450,28 +450,15 @@ def walk_header(walk: dict[str, Any], what: str) -> str:
     return f"walk {walk['id']}: {what} over {walked} update domain{'s' if walked != 1 else ''}"
 
 
-def _follow(client: Client) -> None:
-    """Show the walk's progress until it ends, pauses or halts: on a terminal, one line
-    per instance redrawn in place; elsewhere, a line per change."""
-    terminal = sys.stdout.isatty()
-    shown: dict[str, str] = {}
-    drawn = 0
+def _follow(client: Client, shown: int = 0) -> None:
+    """Print each step of the walk after the `shown`-th, in order, until it ends, pauses
+    or halts. The walk keeps every step: a poll that comes late prints them all the same,
+    where printing the latest state of each instance lost the steps between two polls."""
     while True:
-        snapshot = _call(client.walk)
-        rows = [(ud, instance, snapshot["progress"][instance])
-                for ud, domain in enumerate(snapshot["domains"]) for instance in domain]
-        if terminal:
-            if drawn:
-                click.echo(f"\x1b[{drawn}A", nl=False)  # back to the top of the block
-            for ud, instance, progress in rows:
-                marker = "*" if ud == snapshot["domain"] and snapshot["state"] == "running" else " "
-                click.echo(f"\x1b[2K {marker}UD {ud}  {instance:<16} {progress}")
-            drawn = len(rows)
-        else:
-            for ud, instance, progress in rows:
-                if shown.get(instance) != progress:
-                    shown[instance] = progress
-                    click.echo(f"  UD {ud}  {instance:<16} {progress}")
+        snapshot = _call(client.walk, None, shown)
+        for step in snapshot["steps"]:
+            click.echo(f"  UD {step['domain']}  {step['instance']:<16} {step['step']}")
+            shown = step["seq"]
         state = snapshot["state"]
         if state == "succeeded":
             click.echo(f"walk {snapshot['id']}: every update domain done "

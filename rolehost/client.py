@@ -161,10 +161,11 @@ class Client:
         )
         return result
 
-    def walk(self, action: str | None = None) -> dict[str, Any]:
-        """The current walk; with `action` ("next", "abort"), act on it first."""
+    def walk(self, action: str | None = None, since: int = 0) -> dict[str, Any]:
+        """The current walk, its `steps` after the `since`-th only; with `action` ("next",
+        "abort"), act on it first (and get every step)."""
         if action is None:
-            result: dict[str, Any] = self.request("GET", "/v1/walk")
+            result: dict[str, Any] = self.request("GET", f"/v1/walk?since={since}")
         else:
             result = self.request("POST", f"/v1/walk/{action}")
         return result

@@ -72,6 +72,9 @@ class Walk:
         self.domain = 0
         self.error: str | None = None
         self.progress: dict[str, str] = {i.id: "pending" for d in domains for i in d}
+        # Every change of `progress`, in order: a poll sees where each instance is, and
+        # misses the steps taken since the last one (a domain ready, then rolled back).
+        self.steps: list[dict[str, Any]] = []
         # The record lists an instance once its domain is walked: one a walk halted or
         # aborted before never had the event.
         self.record: Operation = history.begin(
@@ -143,7 +146,7 @@ class Walk:
         log.info("walk_domain", walk=self.id, domain=number,
                  instances=[i.id for i in instances])
         for instance in instances:
-            self.progress[instance.id] = "in progress"
+            self._step(number, instance, "in progress")
         self._history.touched(self.record, [i.id for i in instances])
         cause = f"walk {self.id}, update domain {number}"
         results = await asyncio.gather(
@@ -158,11 +161,11 @@ class Walk:
                 # Not just "failed": that is also an instance state ("waiting for host"),
                 # and the instance is most often recycling. Say the step failed, and where
                 # it left the instance.
-                self.progress[instance.id] = (f"{self.event.value} failed, instance "
-                                              f"{instance.state.value}")
+                self._step(number, instance,
+                           f"{self.event.value} failed, instance {instance.state.value}")
                 failed.append(str(result) if isinstance(result, OperationError) else repr(result))
             else:
-                self.progress[instance.id] = "ready"
+                self._step(number, instance, "ready")
         if not failed:
             return True
         self.error = f"halted in update domain {number}: " + "; ".join(failed)
@@ -195,13 +198,13 @@ class Walk:
                 continue
             if halted is not None:  # on the new version and serving: left for a person
                 for instance in instances:
-                    self.progress[instance.id] = "not rolled back"
+                    self._step(number, instance, "not rolled back")
                 continue
             self.domain = number
             log.info("walk_rollback_domain", walk=self.id, domain=number,
                      instances=[i.id for i in instances])
             for instance in instances:
-                self.progress[instance.id] = "rolling back"
+                self._step(number, instance, "rolling back")
             results = await asyncio.gather(
                 *(i.maintain(Maintenance.DEPLOY, cause, wait=True,
                              role=self.rollback[i.role_name])
@@ -211,11 +214,11 @@ class Walk:
             failed = []
             for instance, result in zip(instances, results, strict=True):
                 if isinstance(result, BaseException):
-                    self.progress[instance.id] = f"rollback failed: {result}"
+                    self._step(number, instance, f"rollback failed: {result}")
                     failed.append(str(result) if isinstance(result, OperationError)
                                   else repr(result))
                 else:
-                    self.progress[instance.id] = "rolled back"
+                    self._step(number, instance, "rolled back")
             if failed:
                 halted = f"the rollback halted in update domain {number}: " + "; ".join(failed)
         back = sum(1 for i in moved if self.progress[i.id] == "rolled back")
@@ -228,6 +231,11 @@ class Walk:
             return
         self.state = WalkState.ROLLED_BACK
         self._history.end(self.record, "failed", self.error)
+
+    def _step(self, domain: int, instance: Instance, step: str) -> None:
+        self.progress[instance.id] = step
+        self.steps.append({"seq": len(self.steps) + 1, "instance": instance.id,
+                           "domain": domain, "step": step})
 
     def next(self) -> None:
         if self.state is not WalkState.PAUSED:
@@ -245,12 +253,15 @@ class Walk:
         self._history.end(self.record, outcome, self.error or "aborted by request")
         self._resume.set()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, since: int = 0) -> dict[str, Any]:
+        """The walk as it stands, with its steps after the `since`-th (a follower asks
+        only for those it has not shown)."""
         return {
             "id": self.id, "label": self.label, "state": self.state.value,
             "mode": "manual" if self.manual else "auto", "domain": self.domain,
             "domains": [[i.id for i in d] for d in self.domains], "progress": self.progress,
-            "error": self.error, "seconds": round(time.time() - self.record.started, 3),
+            "steps": self.steps[since:], "error": self.error,
+            "seconds": round(time.time() - self.record.started, 3),
         }
 
 

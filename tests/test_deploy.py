@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +165,59 @@ def test_a_version_that_fails_is_rolled_back(make_service: MakeService) -> None:
         assert (record["arguments"]["version"], record["arguments"]["previous"]) == (
             "v2", h.status()["version"]), record
         assert record["instances"] == ["web_IN_0"], record
+
+
+def test_the_cli_prints_every_step_of_a_walk_however_late_it_polls(
+        make_service: MakeService) -> None:
+    """UD 0 moves to v2, UD 1 fails, both go back. The CLI is stopped from the moment
+    the walk starts until it is over: its next poll sees the walk over, and it still
+    prints every step, in order. Before, it printed the state each instance had at
+    each poll: `rolled back` twice, and neither UD 0 `ready` nor UD 1 failed."""
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
+                                                      "backoff_initial": "5s"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        edit(service, 'probe(f"{VERSION}',
+             'if RoleEnvironment.current_instance.index == 1:\n'
+             '            raise RuntimeError("v2 is broken")\n        probe(f"{VERSION}')
+        h.package("v2")
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "rolehost", "deploy", "v2", "--run-dir", str(h.run_dir.path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def started() -> bool:
+                try:
+                    return h.client.walk()["label"] == "deploy v2"
+                except ApiError:  # 404: no walk yet
+                    return False
+
+            wait_until(started, 30, "the deploy's walk to start")
+            cli.send_signal(signal.SIGSTOP)
+            walk = h.wait_walk(60)
+            cli.send_signal(signal.SIGCONT)
+            out, err = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(10)
+        assert walk["state"] == "rolled back", walk
+        assert cli.returncode == 1, err
+        assert f"walk {walk['id']} rolled back: " in err, err
+        lines = out.splitlines()
+        assert lines[0] == f"walk {walk['id']}: deploy v2 over 2 update domains", out
+        steps = [("0", "web_IN_0", "in progress"), ("0", "web_IN_0", "ready"),
+                 ("1", "web_IN_1", "in progress"), ("1", "web_IN_1", "deploy failed, instance "),
+                 ("1", "web_IN_1", "rolling back"), ("1", "web_IN_1", "rolled back"),
+                 ("0", "web_IN_0", "rolling back"), ("0", "web_IN_0", "rolled back")]
+        assert len(lines) == 1 + len(steps) and all(
+            line.startswith(f"  UD {ud}  {instance:<16} {step}")
+            for line, (ud, instance, step) in zip(lines[1:], steps, strict=False)), out
+        # The API's steps are what it printed, numbered.
+        assert lines[1:] == [f"  UD {s['domain']}  {s['instance']:<16} {s['step']}"
+                             for s in walk["steps"]], walk["steps"]
+        assert [s["seq"] for s in walk["steps"]] == list(range(1, 9)), walk["steps"]
+        # A follower asks only for the steps it has not shown.
+        assert h.client.walk(since=6)["steps"] == walk["steps"][6:]
 
 
 def test_no_rollback_leaves_the_instances_for_inspection(make_service: MakeService) -> None:

@@ -391,6 +391,35 @@ class Role(RoleEntryPoint):
 """
 
 
+def test_walk_next_prints_the_steps_after_the_pause_only(make_service: MakeService) -> None:
+    """`upgrade --manual` prints UD 0's steps, `walk next` UD 1's: each step once, and
+    no `pending` line, which is where an instance is before any step."""
+    service = make_service(WALKED_HEADER, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+
+        def rolehost(*args: str) -> list[str]:
+            done = subprocess.run([sys.executable, "-m", "rolehost", *args, "--run-dir",
+                                   str(h.run_dir.path)], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.splitlines()
+
+        paused = rolehost("upgrade", "agent", "--manual")
+        walk = h.client.walk()
+        assert paused == [
+            f"walk {walk['id']}: upgrade agent over 2 update domains",
+            "  UD 0  web_IN_0         in progress",
+            "  UD 0  web_IN_0         ready",
+            f"walk {walk['id']}: paused after update domain 0; `rolehost walk next` to go on",
+        ], paused
+        done = rolehost("walk", "next")
+        assert done[:2] == ["  UD 1  web_IN_1         in progress",
+                            "  UD 1  web_IN_1         ready"], done
+        assert len(done) == 3 and done[2].startswith(
+            f"walk {walk['id']}: every update domain done in "), done
+
+
 def test_the_walk_header_in_words() -> None:
     from rolehost.cli import walk_header
 
