@@ -28,9 +28,13 @@ MAX_BODY = 1024 * 1024
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An answer with a 4xx/5xx `status`. `kind`, when set, goes with the message, for a
+    client to tell errors apart by more than their status: `preflight` is a deploy
+    refused before any instance was touched, whatever its status (404, 409, 422)."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.kind = status, message, kind
 
 
 @dataclass
@@ -339,6 +343,8 @@ class _Connection(asyncio.Protocol):
             status, payload = 200, await handler(self.controller, request)
         except ApiError as exc:
             status, payload = exc.status, {"error": exc.message}
+            if exc.kind is not None:
+                payload["kind"] = exc.kind
         except Exception as exc:
             log.exception("api_error", method=method, path=url.path)
             status, payload = 500, {"error": f"internal error: {exc}"}

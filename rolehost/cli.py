@@ -22,8 +22,9 @@ from rolehost.disks import Maintenance
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
 
-# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong;
-# 3 the service stopped, but not gracefully (run-instance's single.EXIT_STOP_CUT_SHORT):
+# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong, or
+# a deploy's preflight refused it (nothing was touched); 3 the service stopped, but not
+# gracefully (run-instance's single.EXIT_STOP_CUT_SHORT):
 # a stop whose cleanup may be incomplete, which a supervisor must not take for a failure
 # to start.
 EXIT_FAILED, EXIT_BAD_DEFINITION, EXIT_STOP_CUT_SHORT = 1, 2, 3
@@ -78,8 +79,11 @@ def _call(fn: Any, *args: Any) -> Any:
     except ControllerNotRunning as exc:
         _fail(str(exc))
     except ApiError as exc:
-        # 400, 404: a bad name or argument; 422: a package's definition or entry point.
-        _fail(str(exc), EXIT_BAD_DEFINITION if exc.status in (400, 404, 422) else EXIT_FAILED)
+        # 400, 404: a bad name or argument; 422: a package's definition or entry point. A
+        # preflight refusal is one code whatever its status (an incompatible package is a
+        # 409), so that a script can tell "nothing was touched" from a walk that failed.
+        refused = exc.status in (400, 404, 422) or exc.kind == "preflight"
+        _fail(str(exc), EXIT_BAD_DEFINITION if refused else EXIT_FAILED)
 
 
 def _load(file: Path) -> model.Definition:
@@ -420,7 +424,9 @@ def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manua
            detach: bool) -> None:
     """In-place upgrade to VERSION: a preflight (the package, its definition, its entry
     points) before any instance is touched, then a walk across the update domains. The
-    package's instance counts are applied once every domain has moved."""
+    package's instance counts are applied once every domain has moved. Exit 2 if the
+    preflight refused it (no such package, not compatible, does not load): nothing was
+    touched. Exit 1 if the walk failed or halted, or another operation is under way."""
     client = _client(file, run_dir, timeout=120)
     walk = _call(client.deploy, version, rollback, manual)
     click.echo(walk_header(walk, f"deploy {version}"))

@@ -22,9 +22,12 @@ class ControllerLost(ControllerNotRunning):
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
+    """The API's answer was an error: its `status`, and its `kind` when it has one
+    (`preflight`: a deploy refused before any instance was touched)."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.kind = status, kind
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -100,8 +103,9 @@ class Client:
         finally:
             conn.close()
         if response.status >= 400:
-            message = payload.get("error") if isinstance(payload, dict) else None
-            raise ApiError(response.status, message or f"HTTP {response.status}")
+            error = payload if isinstance(payload, dict) else {}
+            raise ApiError(response.status, error.get("error") or f"HTTP {response.status}",
+                           error.get("kind"))
         return payload
 
     def status(self) -> dict[str, Any]:

@@ -436,7 +436,7 @@ class Controller:
             record = self.history.begin(f"deploy {version}",
                                         {"version": version, "previous": self.version}, [])
             self.history.end(record, "failed", str(exc))
-            raise api.ApiError(exc.status, str(exc)) from None
+            raise api.ApiError(exc.status, str(exc), kind="preflight") from None
         return new
 
     def _one_at_a_time(self, instances: bool = True) -> None:

@@ -325,21 +325,58 @@ def test_an_upgrade_request_is_refused_once_and_not_run(make_service: MakeServic
         assert h.status()["instances"][0]["state"] == "ready"  # no shutdown
 
 
-def test_a_deploy_of_a_bad_version_exits_2_and_touches_nothing(
-        make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+@pytest.mark.parametrize(("problem", "expected"), [
+    ("missing", "no package 'bad' (available: "),
+    ("invalid", "service.nope: unknown key"),
+    ("import", "version bad does not load:"),
+    ("roles", "roles differ (web running, api in the package)"),
+    ("domains", "service.upgrade_domains differs (2 running, 3 in the package)"),
+    ("endpoints", "roles.web.endpoints differ"),
+])
+def test_every_preflight_refusal_of_a_deploy_exits_2_and_touches_nothing(
+        make_service: MakeService, problem: str, expected: str) -> None:
+    """One exit code for "refused before anything was touched", whatever the reason and
+    whatever the API's status for it (an incompatible package is a 409, which exited 1)."""
+    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
     with service.harness() as h:
         h.wait_ready(30)
-        pid = h.instance("web/0")["pid"]
-        where = ("-f", str(service.toml), "--run-dir", str(h.run_dir.path))
-        missing = rolehost("deploy", "v9", *where)
-        assert missing.returncode == 2 and "no package 'v9'" in missing.stderr
-        h.package("bad")
-        stored = h.run_dir.path / "packages/bad/rolehost.toml"
-        stored.write_text(stored.read_text().replace("[service]", "[service]\nnope = 1"))
-        invalid = rolehost("deploy", "bad", *where)
-        assert invalid.returncode == 2 and "service.nope" in invalid.stderr
-        assert h.instance("web/0")["pid"] == pid
+        before = {i["id"]: i["pid"] for i in h.status()["instances"]}
+        toml = service.toml.read_text()
+        service.toml.write_text({
+            "import": toml.replace('"roles:Role"', '"roles:NoSuchRole"'),
+            "roles": toml.replace("roles.web", "roles.api"),
+            "domains": toml.replace("upgrade_domains = 2", "upgrade_domains = 3"),
+            "endpoints": toml + f"[roles.web.endpoints.http]\nport = {free_port()}\n",
+        }.get(problem, toml))
+        if problem != "missing":
+            h.package("bad")
+        if problem == "invalid":  # a package whose definition broke in the store
+            stored = h.run_dir.path / "packages/bad/rolehost.toml"
+            stored.write_text(stored.read_text().replace("[service]", "[service]\nnope = 1"))
+        done = rolehost("deploy", "bad", "--run-dir", str(h.run_dir.path))
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr and done.stdout == "", done.stderr
+        assert {i["id"]: i["pid"] for i in h.status()["instances"]} == before
+        assert not [e for e in h.events() if e["event"] == "maintenance"]
+        [record] = h.operations()
+        assert (record["kind"], record["outcome"]) == ("deploy bad", "failed"), record
+
+
+def test_a_deploy_refused_while_a_walk_is_under_way_exits_1(make_service: MakeService) -> None:
+    """Not a preflight refusal: the same deploy goes through once the walk is over."""
+    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
+    with service.harness() as h:
+        h.wait_ready(30)
+        h.package("v2")
+        h.upgrade("agent", manual=True)
+        with pytest.raises(ApiError) as busy:
+            h.client.deploy("v2")
+        assert (busy.value.status, busy.value.kind) == (409, None)
+        done = rolehost("deploy", "v2", "--run-dir", str(h.run_dir.path))
+        assert done.returncode == 1 and "one operation at a time" in done.stderr, done.stderr
+        h.walk_abort()
+        done = rolehost("deploy", "v2", "--run-dir", str(h.run_dir.path))
+        assert done.returncode == 0, done.stderr
 
 
 def test_second_controller_on_the_same_run_dir_is_refused(make_service: MakeService) -> None:

@@ -130,6 +130,9 @@ def test_a_failed_preflight_touches_nothing(
             "invalid": "service.nope: unknown key",
         }[problem]
         assert expected in message
+        # What the statuses cannot say (409 is also "another operation is under way"):
+        # refused by the preflight, every instance untouched.
+        assert failed.value.kind == "preflight", failed.value.status
         if problem in ("incompatible", "service"):
             assert "A fresh start is needed" in message
         assert seconds < 1.5 if problem == "import" else seconds < 0.5
