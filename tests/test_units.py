@@ -135,23 +135,29 @@ def test_history_keeps_the_last_operations_in_memory_and_all_in_its_file(
     path = tmp_path / "history.jsonl"
     kept = history.History(path)
     running = kept.begin("upgrade host-os", {}, ["web_IN_0"])  # the oldest, never ended
+    halted = kept.begin("deploy v2", {}, ["web_IN_1"])  # waits for an `abort`
+    kept.halted(halted, "halted in update domain 1: web_IN_1 did not become ready")
     ended = []
     for n in range(8):
         operation = kept.begin("restart", {"n": n}, ["web_IN_1"])
         kept.end(operation, "succeeded")
         ended.append(operation.id)
-    # Bounded, oldest ended ones dropped first, the running one kept whatever its age.
-    assert list(kept.operations) == [running.id, *ended[-4:]]
-    assert kept.summary()["success_rate"] == 1.0
+    # Bounded, oldest ended ones dropped first, the running and halted ones kept whatever
+    # their age; the halted one counts as not succeeded.
+    assert list(kept.operations) == [running.id, halted.id, *ended[-3:]]
+    assert kept.summary()["success_rate"] == 0.75
     lines = [json.loads(line)["id"] for line in path.read_text().splitlines()]
-    assert set(lines) == {running.id, *ended}  # the file forgets nothing
+    assert set(lines) == {running.id, halted.id, *ended}  # the file forgets nothing
 
-    # The next controller: the never-ended one is now interrupted, so ended, and the
-    # oldest: it is in the file, and no longer in memory.
+    # The next controller: the never-ended ones are now ended (interrupted; failed, as an
+    # `abort` would have), and the oldest: in the file, no longer in memory.
     reloaded = history.History(path)
     assert list(reloaded.operations) == ended[-5:]
-    last = json.loads(path.read_text().splitlines()[-1])
-    assert (last["id"], last["outcome"]) == (running.id, "interrupted")
+    last = [json.loads(line) for line in path.read_text().splitlines()[-2:]]
+    assert [(o["id"], o["outcome"]) for o in last] == [(running.id, "interrupted"),
+                                                       (halted.id, "failed")], last
+    assert last[1]["error"] == ("halted in update domain 1: web_IN_1 did not become ready; "
+                                "the controller stopped while the walk was halted")
 
 
 def _role_errors(role: dict[str, object]) -> list[str]:
