@@ -330,8 +330,6 @@ class Instance:
             self.back_since = time.time()
             self._unready_since = None
             self._cancel_deadline()
-        log.info("back" if back else "not_back", instance=self.id,
-                 reason=None if back else self.why_not_back())
         return True
 
     def why_not_back(self) -> str:
