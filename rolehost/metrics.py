@@ -79,6 +79,12 @@ class StateCollector(Collector):
         for (role, state), count in sorted(counts.items()):
             instances.add_metric([role, state], count)
         yield instances
+        back = GaugeMetricFamily("rolehost_instances_back", "Instances back: ready and in "
+                                 "rotation on every input endpoint", labels=["role"])
+        for role in sorted(roles):
+            back.add_metric([role], sum(i.back for i in self.controller.instances.values()
+                                        if i.role_name == role))
+        yield back
         rotation = GaugeMetricFamily("rolehost_in_rotation", "1 while the instance takes "
                                      "traffic on the endpoint", labels=["endpoint", "instance"])
         active = GaugeMetricFamily("rolehost_active", "Requests or connections in flight",

@@ -50,6 +50,7 @@ def test_metrics_scraped_and_parsed(make_service: MakeService) -> None:
             found = samples(text)
             ready = found[("rolehost_instances", (("role", "web"), ("state", "ready")))]
             assert ready == 2
+            assert found[("rolehost_instances_back", (("role", "web"),))] == 2
             # web_IN_0 was stopping, then bootstrapping, in the restart: those series say
             # 0 now rather than vanish (a dashboard kept showing their last value).
             by_state = {dict(labels)["state"]: value for (name, labels), value in found.items()

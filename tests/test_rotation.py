@@ -232,7 +232,9 @@ def test_the_status_line_tells_ready_from_in_rotation(make_service: MakeService,
             capture_output=True, text=True, timeout=30, check=True).stdout
         line = next(line for line in shown.splitlines() if line.startswith("web_IN_0"))
         assert re.search(r"\bready\b.*not yet in rotation: http: probe failing "
-                         r"\(0/1 healthy\): HTTP 503", line), shown
+                         r"\(0/1 healthy\): (HTTP 503|Connection refused)", line), shown
+        metrics = h.client.request_raw("GET", "/v1/metrics")
+        assert 'rolehost_instances_back{role="web"} 0.0' in metrics, metrics
 
 
 def test_systemd_hears_ready_once_an_instance_is_in_rotation(make_service: MakeService,
