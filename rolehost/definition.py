@@ -311,6 +311,12 @@ def setting_variable(name: str) -> str:
     return "ROLEHOST_SETTING_" + name.upper().replace("-", "_")
 
 
+def setting_variables(values: dict[str, SettingValue]) -> dict[str, str]:
+    """The environment variables that carry a role's settings (secrets unwrapped) to its
+    processes: one place for the spelling of a value, at a start and at a change alike."""
+    return {setting_variable(name): str(value) for name, value in values.items()}
+
+
 def resource_variable(name: str) -> str:
     """The environment variable that carries the path of local resource `name`."""
     return "ROLEHOST_RESOURCE_" + name.upper().replace("-", "_")

@@ -274,6 +274,8 @@ class Host:
 
     def _changed(self, message: protocol.Message) -> None:
         changes: list[Any] = []
+        # Before the handlers: a process one of them starts must see the new values.
+        _update_environment(message.get("environment") or {})
         if "settings" in message:
             changes += RoleEnvironment.apply_settings(dict(message["settings"]))
         if "topology" in message:
@@ -456,6 +458,16 @@ def _traceback() -> str:
     import traceback
 
     return traceback.format_exc()
+
+
+def _update_environment(variables: dict[str, str | None]) -> None:
+    """Set the host's own environment, which the processes the role starts from now on
+    inherit (None: unset). Those it started before keep the copy they were given."""
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def check(entry_point: str, app_dir: str) -> int:

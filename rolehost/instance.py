@@ -27,7 +27,7 @@ import structlog
 
 from rolehost import metrics, ports, privileges, probe, protocol
 from rolehost.balancer import Balancer
-from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variable
+from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variables
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.logs import Console, RotatingFile
@@ -620,9 +620,7 @@ class Instance:
         }
         for name in self.role.local_resources:
             variables[resource_variable(name)] = str(self.disks.resource(name))
-        for name, value in self.role.values.items():
-            variables[setting_variable(name)] = str(value)
-        return variables
+        return variables | setting_variables(self.role.values)
 
     def context(self) -> Context:
         return Context(
@@ -875,8 +873,10 @@ class Instance:
                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         if not changes:
             return "unchanged"
-        return await self._offer({"changes": changes}, {"settings": role.values},
-                                 role, cause)
+        # The host's own environment follows; a removed setting's variable goes (None).
+        environment = dict.fromkeys(setting_variables(old)) | setting_variables(new)
+        return await self._offer({"changes": changes}, {"settings": role.values,
+                                 "environment": environment}, role, cause)
 
     async def change_topology(self, topology: dict[str, list[str]], role: str,
                               cause: str) -> str:

@@ -71,6 +71,54 @@ def test_a_cancelled_change_recycles_to_apply(make_service: MakeService) -> None
         assert service.probes()[-1] == "start color=red web_IN_0"
 
 
+# Probes the setting variables as the host, a process it starts now, and a process it
+# started before the change see them ("-": unset).
+SEES = ("import os; print(','.join(os.environ.get('ROLEHOST_SETTING_' + n, '-')"
+        " for n in ('COLOR', 'SHADE')))")
+ENVIRONMENT = f"""
+SEES = {SEES!r}
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        self.before = subprocess.Popen([sys.executable, "-c", "input(); " + SEES],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        RoleEnvironment.on_changed(self.changed)
+        return True
+
+    def changed(self, changes):
+        own = ",".join(os.environ.get("ROLEHOST_SETTING_" + n, "-") for n in ("COLOR", "SHADE"))
+        now = subprocess.run([sys.executable, "-c", SEES], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        seen = f"changed own={{own}} started-now={{now}}"
+        if self.before is not None:
+            seen += " started-before=" + self.before.communicate("\\n", 30)[0].strip()
+            self.before = None
+        probe(seen)
+"""
+
+
+def test_a_change_in_place_updates_the_setting_variables_of_the_host(
+    make_service: MakeService,
+) -> None:
+    """get_setting had the new value, ROLEHOST_SETTING_NAME the old one: a process the
+    role started after the change was given the old settings."""
+    service = make_service(ENVIRONMENT, settings={"color": "blue", "shade": "dark"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        pid = h.instance("web/0")["pid"]
+        done = subprocess.run(
+            [sys.executable, "-m", "rolehost", "config", "set", "web", "color=green",
+             "--run-dir", str(h.run_dir.path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["web_IN_0: applied"]
+        service.wait_probe("changed own=green,dark started-now=green,dark "
+                           "started-before=blue,dark web_IN_0")
+        # A setting removed from the file: its variable goes too.
+        service.toml.write_text(service.toml.read_text().replace('shade = "dark"\n', ""))
+        service.wait_probe("changed own=green,- started-now=green,- web_IN_0")
+        assert h.instance("web/0")["pid"] == pid  # applied in place, both times
+
+
 HELD = ROLE.replace(
     '        probe(f"start color',
     '        while os.path.exists(RoleEnvironment.get_setting("probe") + ".hold"):\n'
