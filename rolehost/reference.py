@@ -61,7 +61,10 @@ def configuration() -> str:
                       "Each setting reaches the role's processes as the environment variable "
                       "`ROLEHOST_SETTING_NAME` (upper case, `-` as `_`), and each local "
                       "resource's path as `ROLEHOST_RESOURCE_NAME`: two names for one "
-                      "variable, a name with `=` or a value with a NUL character are errors."]
+                      "variable, a name with `=` or a value with a NUL character are errors. "
+                      "A change applied in place (`rolehost config set`) updates these "
+                      "variables in the host process; the processes the role had started "
+                      "before keep the environment they were started with."]
         lines.append("")
     return "\n".join(lines)
 
