@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +76,12 @@ class RotatingFile:
     A write that fails loses its data, never the caller: the file is cut back to its last
     whole write and the loss is counted. The first failure logs `log_write_failed`; the
     first write that works again logs `log_write_resumed` with what was lost, and (with
-    `marker`, for text files) is preceded in the file by a line that says so.
+    `marker`) is preceded in the file by a line that says so: `[rolehost] ...`, or what
+    `marker` makes of the words, for a file whose lines have a form of their own.
     """
 
     def __init__(self, path: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
-                 marker: bool = True) -> None:
+                 marker: bool | Callable[[str], bytes] = True) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
         self.marker = marker
         self.lost_lines = self.lost_bytes = 0
@@ -129,10 +130,11 @@ class RotatingFile:
             return b""
         lead = b"" if self._whole_line else b"\n"
         since = time.strftime("%H:%M:%S", time.localtime(self._failing_since))
-        return lead + (
-            f"[rolehost] {self.lost_lines} lines ({self.lost_bytes} bytes) of output lost here "
-            f"from {since} to {time.strftime('%H:%M:%S')}: {self._error}\n"
-        ).encode()
+        text = (f"{self.lost_lines} lines ({self.lost_bytes} bytes) of output lost here "
+                f"from {since} to {time.strftime('%H:%M:%S')}: {self._error}")
+        if callable(self.marker):
+            return lead + self.marker(text)
+        return lead + f"[rolehost] {text}\n".encode()
 
     def _lost(self, data: bytes, exc: OSError | None) -> None:
         self.lost_bytes += len(data)
