@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
-from rolehost import capacity, logs, preflight, privileges
+from rolehost import capacity, logs, output, preflight, privileges
 from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
@@ -260,7 +260,7 @@ def logs_command(
             role, index = parse_instance_name(instance)
         except ValueError as exc:
             _fail(str(exc), EXIT_BAD_DEFINITION)
-        path, render = where.instance_log(f"{role}_IN_{index}"), (lambda line: line)
+        path, render = where.instance_log(f"{role}_IN_{index}"), output.render
     if not path.exists():
         _fail(f"no log {path.name} in {where.logs} (has the service been started?)",
               EXIT_BAD_DEFINITION)

@@ -187,6 +187,11 @@ class TaskContext(StrEnum):
     elevated = "elevated"
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 class OncePer(StrEnum):
     start = "start"
     image = "image"
@@ -196,7 +201,8 @@ class OncePer(StrEnum):
 class StartupTask(_Model):
     """A command the bootstrap runs before the host starts, in file order, with the
     instance's app/ as its folder and its identity, folders and settings in its
-    environment. Output goes to the instance log, tagged `[task N]`."""
+    environment. Its output, stdout and stderr together, goes to the instance log, on the
+    stream `task N`."""
 
     command: Text | list[Text] = Field(description="a string split like a shell, or a list")
     shell: Boolean = Field(default=False, description="run the string through /bin/sh")
@@ -345,7 +351,8 @@ def _check_variable(variables: dict[str, str], path: str, variable: str, name: s
 
 
 class Service(_Model):
-    """Service-wide settings: update domains, deadlines and the crash back-off."""
+    """Service-wide settings: update domains, deadlines, the crash back-off, and the form
+    of the instance logs."""
 
     name: Name = Field(description="service name")
     upgrade_domains: Integer = Field(default=5, ge=1, le=20,
@@ -375,6 +382,11 @@ class Service(_Model):
         default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",
         description="who hosts and limited tasks run as when the controller is root; "
         "default nobody, or root with a warning if nobody cannot run the interpreter",
+    )
+    instance_log_format: LogFormat = Field(
+        default=LogFormat.text,
+        description="each line of logs/INSTANCE.log: text (time, stream, then the line) "
+        "or json (an object with time, stream, instance and line); `rolehost logs` reads both",
     )
 
     @field_validator("metrics")

@@ -30,7 +30,8 @@ from rolehost.balancer import Balancer
 from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variables
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
-from rolehost.logs import Console, RotatingFile
+from rolehost.logs import Console
+from rolehost.output import OutputLog
 from rolehost.process import HostProcess, Standby, describe_exit, signal_tree, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
 
@@ -143,7 +144,8 @@ class Instance:
                            owner=deployment.run_as.user)
         self.ports = {name: deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
-        self.output = RotatingFile(deployment.run_dir / "logs" / f"{self.id}.log")
+        self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
+                                deployment.service.instance_log_format, deployment.console)
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
 
         self.state = S.CREATED
@@ -433,7 +435,7 @@ class Instance:
                                         self.deployment.run_dir)
                 self._measure()
                 self.tasks = Tasks(self.id, self.role, self.disks,
-                                   self._environment(self.boot_token), self._on_output,
+                                   self._environment(self.boot_token), self.output.write,
                                    self.deployment.run_as.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
@@ -457,7 +459,7 @@ class Instance:
         if (user := self.deployment.run_as.user) is not None:
             environment |= user.environment(self.disks.os)
         self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
-                            self._on_message, self._on_output)
+                            self._on_message, self.output.write)
         return True
 
     def _reclaim_ports(self) -> None:
@@ -678,11 +680,6 @@ class Instance:
             self.sample_cpu()
             if time.monotonic() - self._measured > USAGE_EVERY:
                 self._measure()
-
-    def _on_output(self, data: bytes) -> None:
-        self.output.write(data)
-        if self.deployment.console is not None:
-            self.deployment.console.output(self.id, data)
 
     def sample_cpu(self) -> float | None:
         """The host's CPU, % of one core, over the last CPU_WINDOW seconds (None: unknown)."""

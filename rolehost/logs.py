@@ -2,8 +2,9 @@
 
 - Controller events are JSON lines in `logs/controller.log`, and readable lines on the
   console, from one structlog pipeline.
-- Each instance's merged stdout/stderr goes to `logs/INSTANCE.log`, rotated by size,
-  and to the console prefixed with the instance id (like honcho).
+- Each instance's output goes to `logs/INSTANCE.log`, one line stamped with its time and
+  stream per line printed (output.OutputLog), rotated by size, and to the console
+  prefixed with the instance id (like honcho).
 - Only files are rotated; the console, a pipe or a terminal, is only ever appended to,
   by a thread of its own: a console that blocks drops lines, one that goes away (EPIPE)
   is silenced; neither ever holds up the controller.
@@ -193,7 +194,6 @@ class Console:
         self.dropped = 0  # lines dropped since the last that got through
         self._width = 8
         self._palette: dict[str, int] = {}
-        self._partial: dict[str, bytes] = {}
         self._queue: queue.Queue[str | threading.Event] = queue.Queue(self.BACKLOG)
         self._writer: threading.Thread | None = None
 
@@ -243,11 +243,12 @@ class Console:
         except ValueError:
             self.enabled = False  # closed
 
-    def output(self, source: str, data: bytes) -> None:
-        """Print whole lines of `source`'s output; a partial line waits for its end."""
-        *lines, self._partial[source] = (self._partial.get(source, b"") + data).split(b"\n")
+    def output(self, source: str, lines: list[bytes], tag: str = "") -> None:
+        """Print whole lines of `source`'s output (output.OutputLog splits them), each
+        after `tag`: a startup task's `[task N] `."""
+        prefix = self._prefix(source)
         for raw in lines:
-            self.line(f"{self._prefix(source)} {raw.decode('utf-8', 'replace').rstrip()}")
+            self.line(f"{prefix} {tag}{raw.decode('utf-8', 'replace').rstrip()}")
 
     def _prefix(self, source: str) -> str:
         self._width = max(self._width, len(source))

@@ -396,6 +396,20 @@ class _Chunks(asyncio.Protocol):
         self._on_chunk(data)
 
 
+class _Stream(asyncio.Protocol):
+    """Hands each chunk read from stream `name` to a callback, and b"" at its end: what is
+    left of a line without its newline is the last of it."""
+
+    def __init__(self, name: str, on_chunk: Callable[[str, bytes], None]) -> None:
+        self._name, self._on_chunk = name, on_chunk
+
+    def data_received(self, data: bytes) -> None:
+        self._on_chunk(self._name, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_chunk(self._name, b"")
+
+
 def _pidfd_open(pid: int) -> int | None:
     """A pidfd for `pid`, or None where the kernel or a sandbox does not provide them."""
     global _pidfd_unavailable
@@ -446,8 +460,9 @@ class HostProcess:
 
     Spawned as a standby that belongs to no instance; `assign` makes it one instance's
     host. Then `on_message` gets each decoded message and `on_output` each chunk of the
-    merged stdout/stderr of the host and its descendants. `exited` resolves to the exit
-    code (negative: killed by that signal) once the tree is swept and the host reaped.
+    stdout or stderr of the host and its descendants, with the stream's name, and b"" at
+    the end of each. `exited` resolves to the exit code (negative: killed by that signal)
+    once the tree is swept and the host reaped.
     """
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
@@ -456,10 +471,14 @@ class HostProcess:
         self.pid = popen.pid
         self.token: str | None = None
         self.on_message: Callable[[protocol.Message], None] = lambda message: None
-        self.on_output: Callable[[bytes], None] = lambda data: None
+        self.on_output: Callable[[str, bytes], None] = lambda stream, data: None
         self.exited: asyncio.Future[int] = loop.create_future()
-        assert popen.stdout is not None  # spawn's pipe: the host's output and its tree's
-        self.output_done = read_pipe(popen.stdout, _Chunks(lambda data: self.on_output(data)))
+        # spawn's pipes: the host's output and its tree's. Two, so that a line can say
+        # which stream it came on; the order of lines across them is the order they are read.
+        assert popen.stdout is not None and popen.stderr is not None
+        self.output_done = asyncio.gather(*(
+            read_pipe(pipe, _Stream(name, lambda stream, data: self.on_output(stream, data)))
+            for name, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr))))
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
         self._transport: asyncio.Transport | None = None
@@ -477,7 +496,7 @@ class HostProcess:
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
             )
@@ -511,7 +530,7 @@ class HostProcess:
         cwd: str,
         token: str,
         on_message: Callable[[protocol.Message], None],
-        on_output: Callable[[bytes], None],
+        on_output: Callable[[str, bytes], None],
     ) -> None:
         """Make this standby the host of one instance (`env` must carry `token`)."""
         self.token, self.on_message, self.on_output = token, on_message, on_output

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rolehost import logs, process
+from rolehost import logs, output, process
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
 from rolehost.instance import Deployment, Instance, OperationError, State
@@ -108,7 +108,7 @@ async def _walk(instance: Instance) -> list[Step]:
             tasks=instance.tasks.snapshot() if instance.tasks is not None else [],
         )
         if not ok:
-            step.output = logs.tail(instance.output.path, 15)
+            step.output = [output.render(line) for line in logs.tail(instance.output.path, 15)]
             step.hints = _diagnose(step, steps)
         steps.append(step)
         if not ok:

@@ -106,7 +106,7 @@ class Tasks:
         role: Role,
         disks: Disks,
         env: dict[str, str],
-        on_output: Callable[[bytes], None],
+        on_output: Callable[[str, bytes], None],
         limited: User | None = None,
     ) -> None:
         self.log = log.bind(instance=instance_id)
@@ -169,11 +169,11 @@ class Tasks:
         exited = watch_exit(popen.pid)
         exited.add_done_callback(lambda f: setattr(popen, "returncode", f.result()))
         assert popen.stdout is not None
-        tag = f"[task {run.index + 1}] ".encode()
+        stream = f"task {run.index + 1}"  # its stdout and stderr: one pipe, in their order
 
         def line(data: bytes) -> None:
             run.tail.append(data.decode("utf-8", "replace"))
-            self.on_output(tag + data + b"\n")
+            self.on_output(stream, data + b"\n")
 
         read_pipe(popen.stdout, Lines(line, lambda: None))
         self._waits[run.index] = exited

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from rolehost import logs
+from rolehost import logs, output
 from rolehost.client import Client, ControllerNotRunning
 from rolehost.instance import parse_instance_name
 from rolehost.rundir import RunDir
@@ -210,9 +210,11 @@ class ServiceHarness:
         return self.client.events()
 
     def logs(self, name: str) -> str:
+        """The instance's log as `rolehost logs` prints it: the same text whatever
+        `instance_log_format` the service has."""
         role, index = parse_instance_name(name)
         path = self.run_dir.instance_log(f"{role}_IN_{index}")
-        return path.read_text(errors="replace") if path.exists() else ""
+        return output.render_all(path.read_text(errors="replace")) if path.exists() else ""
 
     def console(self) -> str:
         """The controller's own output (without --no-console's silence: its errors)."""

@@ -173,7 +173,8 @@ def test_detach_status_logs_stop(tmp_path: Path) -> None:
             proc.kill()
 
 
-def test_logs_follow_prints_new_lines(make_service: MakeService) -> None:
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_logs_follow_prints_new_lines(make_service: MakeService, form: str) -> None:
     service = make_service(
         """
         class Role(RoleEntryPoint):
@@ -182,7 +183,8 @@ def test_logs_follow_prints_new_lines(make_service: MakeService) -> None:
                 while not RoleEnvironment.wait_for_stop(0.1):
                     n += 1
                     print(f"tick {n}", flush=True)
-        """
+        """,
+        service={"instance_log_format": form},
     )
     with service.harness() as h:
         h.wait_ready(30)
@@ -193,10 +195,12 @@ def test_logs_follow_prints_new_lines(make_service: MakeService) -> None:
         )
         try:
             assert follower.stdout is not None
-            first = follower.stdout.readline()
-            second = follower.stdout.readline()
-            assert first.startswith("tick ") and second.startswith("tick ")
-            assert int(second.split()[1]) == int(first.split()[1]) + 1
+            # Either form of the file is followed as text: TIME STREAM | LINE.
+            line = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z stdout \| tick (\d+)\n")
+            first = line.fullmatch(follower.stdout.readline())
+            second = line.fullmatch(follower.stdout.readline())
+            assert first and second
+            assert int(second[1]) == int(first[1]) + 1
         finally:
             follower.kill()
             follower.wait(10)

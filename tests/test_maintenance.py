@@ -127,7 +127,7 @@ def test_failing_simple_task_blocks_the_instance(make_service: MakeService) -> N
         assert second["state"] == "pending"
         wait_until(lambda: h.instance("web/0")["restarts"] >= 2, 30, "a retry with back-off")
         assert service.count("on_start") == 0  # the host never started
-        assert "[task 1] duplicate entry" in h.logs("web/0")
+        assert "Z task 1 | duplicate entry\n" in h.logs("web/0")
 
 
 def test_hanging_task_misses_the_ready_deadline(make_service: MakeService) -> None:

@@ -60,6 +60,11 @@ CASES = [
     ("service.metrics", "localhost:65535", True),
     ("service.metrics", "127.0.0.1:99999", False),
     ("service.metrics", "127.0.0.1:0", False),
+    ("service.instance_log_format", "text", True),
+    ("service.instance_log_format", "json", True),
+    ("service.instance_log_format", "JSON", False),
+    ("service.instance_log_format", "jsonl", False),
+    ("service.instance_log_format", True, False),
     # TOML has real integers, booleans and strings: each key takes its own type as it is,
     # never one pydantic's lax mode would convert ("8080" to 8080, true to 1, "yes" to True).
     ("roles.web.instances", 2, True),

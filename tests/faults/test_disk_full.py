@@ -103,7 +103,7 @@ def by_file(h: ServiceHarness, event: str) -> dict[str, int]:
 
 
 def ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"^tick (\d+) \.+$", text, re.MULTILINE)]
+    return [int(n) for n in re.findall(r"^\S+Z stdout \| tick (\d+) \.+$", text, re.MULTILINE)]
 
 
 def test_disk_full_under_the_run_directory(make_service: MakeService, small_disk: Path) -> None:
@@ -173,7 +173,7 @@ def test_disk_full_under_the_run_directory(make_service: MakeService, small_disk
             assert by_file(h, "log_write_resumed") == dict.fromkeys(watched, 1)
             resumed = {e["file"]: e for e in named(h, "log_write_resumed")}
             assert resumed[str(log1)]["lines_lost"] >= 40, resumed  # 20 ms a line, for > 1 s
-            marker = re.compile(r"^\[rolehost\] (\d+) lines \(\d+ bytes\) of output lost "
+            marker = re.compile(r"^\S+Z rolehost \| (\d+) lines \(\d+ bytes\) of output lost "
                                 rf"here from \S+ to \S+: {FULL}$", re.MULTILINE)
 
             def resumed_lines() -> re.Match[str] | None:

@@ -35,7 +35,7 @@ def test_simple_task_exits_non_zero(make_service: MakeService) -> None:
         (task,) = row["tasks"]
         assert task["state"] == "failed" and task["exit_code"] == 3
         assert task["tail"] == ["loading", "no such table"]
-        assert "[task 1] no such table" in h.logs("web/0")
+        assert "Z task 1 | no such table\n" in h.logs("web/0")
         wait_until(lambda: len(state_events(h, "web_IN_0", "recycling")) >= 3, 10,
                    "retries with back-off")
         assert not state_events(h, "web_IN_0", "starting")  # no host, ever
