@@ -23,7 +23,8 @@ from rolehost.definition import Definition, DefinitionErrors, Role, Secret, pars
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
 from rolehost.history import History
-from rolehost.instance import Deployment, Instance, Operation, State, iso, parse_instance_name
+from rolehost.instance import Deployment, Instance, Operation, iso, parse_instance_name
+from rolehost.lifecycle import State
 from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
 from rolehost.walks import Upgrade, Walk, domains
@@ -220,8 +221,6 @@ class Controller:
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
-            # Counted from here: an overrun in an earlier restart is not this stop's.
-            overruns = {i: i.stops_cut_short for i in self.instances.values()}
             if self._forced is not None:  # the second signal came before the first was seen
                 self._force(self._forced)
             for balancer in self.balancers:
@@ -236,7 +235,7 @@ class Controller:
                 i.id: f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"
                 for i in self.instances.values()
-                if i.forced or i.stops_cut_short > overruns.get(i, 0)}
+                if i.stop_outcome.cut_short}
             await self.deployment.standby.close()
             watcher.stop()
             if self.cut_short:

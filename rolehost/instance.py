@@ -1,7 +1,9 @@
-"""One instance's supervisor: its state machine, its host process, its back-off.
+"""One instance's supervisor: the adapter that carries out its lifecycle's rules with
+real processes, timers and balancers.
 
-Every state change of an instance happens in `Instance._set`, checked against
-`TRANSITIONS`; everything else asks for one.
+The rules (states, transitions, back, back-off, the ready deadline, the stop's outcome)
+are `rolehost.lifecycle`'s. Every state change of an instance happens in `Instance._set`,
+checked against them; everything else asks for one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ from rolehost.balancer import Balancer
 from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variables
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
+from rolehost.lifecycle import (
+    RUNNING,
+    Backoff,
+    ReadyDeadline,
+    State,
+    StopOutcome,
+    check_transition,
+    is_back,
+    settled,
+)
 from rolehost.logs import Console
 from rolehost.output import OutputLog
 from rolehost.process import HostProcess, Standby, describe_exit, signal_tree, sweep
@@ -38,32 +49,7 @@ from rolehost.tasks import TaskFailed, Tasks, task_path
 log = structlog.get_logger()
 
 
-class State(StrEnum):
-    CREATED = "created"
-    BOOTSTRAPPING = "bootstrapping"
-    STARTING = "starting"
-    BUSY = "busy"
-    READY = "ready"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    RECYCLING = "recycling"
-    FAILED = "failed"
-
-
 S = State
-TRANSITIONS: dict[State, frozenset[State]] = {
-    S.CREATED: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
-    S.BOOTSTRAPPING: frozenset({S.STARTING, S.RECYCLING, S.FAILED, S.STOPPING, S.STOPPED}),
-    S.STARTING: frozenset({S.BUSY, S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
-    S.BUSY: frozenset({S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
-    # FAILED: ready, but not back in rotation within the ready deadline (a probe failing).
-    S.READY: frozenset({S.BUSY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
-    S.STOPPING: frozenset({S.STOPPED, S.RECYCLING, S.FAILED, S.BOOTSTRAPPING}),
-    S.RECYCLING: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
-    S.STOPPED: frozenset({S.BOOTSTRAPPING}),
-    S.FAILED: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
-}
-RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
@@ -131,9 +117,6 @@ class Operation:
     role: Role | None = None  # a deploy's new version of the role
 
 
-SETTLED = frozenset({S.READY, S.FAILED, S.RECYCLING, S.STOPPED})
-
-
 class Instance:
     def __init__(self, deployment: Deployment, role_name: str, role: Role, index: int) -> None:
         self.deployment = deployment
@@ -156,12 +139,15 @@ class Instance:
         self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
         self.hosts = 0  # host processes started
         self.starts = 0  # boots and host restarts, whatever their cause
-        self.failures = 0  # consecutive failures before `stable_after`: the back-off exponent
+        service = deployment.service
+        self.backoff = Backoff(service.backoff_initial, service.backoff_max,
+                               service.stable_after)
+        self.ready_deadline = ReadyDeadline(service.ready_deadline)
         self.last_error: str | None = None
         self.last_traceback: str | None = None
         # Graceful stops that overran stop_timeout (the host cut its `stopping` handlers
-        # and on_stop short, or was killed): never reset, so a caller compares counts.
-        self.stops_cut_short = 0
+        # and on_stop short, or was killed), and whether the final one was cut short.
+        self.stop_outcome = StopOutcome()
         self.ready_since: float | None = None
         # When this boot first came back: ready and in rotation on every input endpoint
         # (`back`). What operations wait for, and what ends the ready deadline.
@@ -191,11 +177,6 @@ class Instance:
         self._draining: str | None = None  # why, while the instance drains
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
         self._boot_began = time.time()
-        # When the boots since the instance was last ready (or an operation began) began,
-        # and how many: they share one ready deadline, so a loop that never gets ready
-        # ends up failed ("waiting for host") instead of recycling for good.
-        self._unready_since: float | None = None
-        self._unready_boots = 0
         self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
 
     # The state machine.
@@ -204,8 +185,8 @@ class Instance:
         """The only place an instance changes state. `force` is for a supervisor's crash."""
         if state == self.state:
             return
-        if state not in TRANSITIONS[self.state] and not force:
-            raise RuntimeError(f"{self.id}: no transition {self.state} -> {state}")
+        if not force:
+            check_transition(self.id, self.state, state)
         previous, self.state, self.reason = self.state, state, reason
         self.state_since = time.time()
         if state is S.READY and self.ready_since is None:
@@ -244,7 +225,7 @@ class Instance:
     def settled_back(self) -> bool:
         """Back, or ended otherwise (failed, recycling, stopped): an operation is over.
         Ready but not yet in rotation is not an end: the ready deadline decides that."""
-        return self._back if self.state is S.READY else self.state in SETTLED
+        return settled(self.state, self._back)
 
     # Supervision: one boot after another until stopped.
 
@@ -286,7 +267,7 @@ class Instance:
             else:
                 reason = self._recycled_for = (
                     self._recycle_reason or self.last_error or "host exited")
-                delay = self._backoff()
+                delay = self.backoff.next_delay(time.time(), self.ready_since)
                 self.next_try = time.time() + delay
                 self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
                 await self._end_boot()
@@ -320,17 +301,18 @@ class Instance:
 
     def _update_rotation(self) -> bool:
         """Tell the balancers; True if the instance came back or left with it."""
-        back = self.state is S.READY
+        rotation = []
         for name, balancer in self.balancers.items():
             in_rotation, why_out = self._rotation(name)
             balancer.set_rotation(self.id, in_rotation, why_out)
-            back = back and in_rotation
+            rotation.append(in_rotation)
+        back = is_back(self.state, rotation)
         if back == self._back:
             return False
         self._back = back
         if back and self.back_since is None:  # this boot is up: its ready deadline is met
             self.back_since = time.time()
-            self._unready_since = None
+            self.ready_deadline.clear()
             self._cancel_deadline()
         return True
 
@@ -380,21 +362,11 @@ class Instance:
         assert self._operation is not None
         self._interrupt.clear()
         self._operation.started = True
-        self._unready_since, self.failures = None, 0  # someone acted: a fresh deadline and back-off
+        self.ready_deadline.clear()  # someone acted: a fresh deadline and back-off
+        self.backoff.reset()
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
-
-    def _backoff(self) -> float:
-        service = self.deployment.service
-        stable = self.ready_since is not None and (
-            time.time() - self.ready_since >= service.stable_after
-        )
-        if stable:
-            self.failures = 0
-            return 0.0
-        self.failures += 1
-        return float(min(service.backoff_initial * 2 ** (self.failures - 1), service.backoff_max))
 
     async def _run_boot(self, kind: Maintenance, reason: str) -> None:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
@@ -549,7 +521,7 @@ class Instance:
                 await asyncio.wait_for(asyncio.shield(process.exited), limit)
             except TimeoutError:
                 log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
-                self.stops_cut_short += 1
+                self.stop_outcome.overran()
                 self._run_error = (
                     f"did not stop within stop_timeout ({self.role.stop_timeout:g}s); killed"
                 )
@@ -590,7 +562,7 @@ class Instance:
                 log.error("foreground_task_killed", instance=self.id, task=run.label,
                           waited=self.role.stop_timeout)
                 # Killed half done, as an on_stop that overran: the stop was cut short.
-                self.stops_cut_short += 1
+                self.stop_outcome.overran()
                 if self._stop_requested:
                     self.last_error = (f"foreground {run.label} did not end within "
                                        f"stop_timeout ({self.role.stop_timeout:g}s); killed")
@@ -672,7 +644,7 @@ class Instance:
             self.last_error = self._run_error
             log.error("role_error", instance=self.id, where=where, error=summary)
             if message.get("timed_out"):
-                self.stops_cut_short += 1
+                self.stop_outcome.overran()
         elif kind == "changing_result" and self._changing is not None:
             if not self._changing.done():
                 self._changing.set_result(bool(message.get("cancel")))
@@ -721,10 +693,7 @@ class Instance:
         deadline, not one per boot. Spent in earlier boots, it is missed at once."""
         self._cancel_deadline()
         self._boot_began = time.time()
-        if self._unready_since is None:
-            self._unready_since, self._unready_boots = self._boot_began, 0
-        self._unready_boots += 1
-        left = self._unready_since + self.deployment.service.ready_deadline - self._boot_began
+        left = self.ready_deadline.begin_boot(self._boot_began)
         if left <= 0:
             self._deadline_missed()
         else:
@@ -736,21 +705,14 @@ class Instance:
             self._deadline = None
 
     def _deadline_missed(self) -> None:
-        deadline = self.deployment.service.ready_deadline
         where = self.state.value
         if self.state is S.BOOTSTRAPPING and self.tasks is not None:
             running = [r.label for r in self.tasks.runs if r.state == "running"]
             where += f", running {', '.join(running)}" if running else ""
         elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
             where += f", {self.why_not_back()}"
-        self._failed_reason = (
-            f"waiting for host: not ready within the ready deadline ({deadline:g}s); "
-            f"it was {where}"
-        ) if self._unready_boots <= 1 else (
-            f"waiting for host: not ready within the ready deadline ({deadline:g}s) in "
-            f"{self._unready_boots} boots; it was {where}; last error: "
-            f"{self.last_error or self._recycled_for}"
-        )
+        self._failed_reason = self.ready_deadline.missed(
+            where, self.last_error or self._recycled_for)
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
         metrics.DEADLINE_MISSES.labels(self.role_name).inc()
@@ -788,6 +750,7 @@ class Instance:
         """Begin the stop without waiting for it (`stop` waits)."""
         self._stop_reason = reason
         self._stop_requested = True
+        self.stop_outcome.final_stop_begins()
         self._interrupt.set()
 
     def force_stop(self, reason: str) -> bool:
@@ -801,6 +764,7 @@ class Instance:
         # Asked first, so that the host's death is taken for the stop it is, not for a
         # crash to recycle from.
         self.request_stop(self._stop_reason if self._stop_requested else reason)
+        self.stop_outcome.force(reason)
         self._forced.set()
         # The end of the boot may be waiting on its foreground tasks. Before that end, it
         # comes at once (the host is killed below) and kills them itself, as ended: a
@@ -961,7 +925,7 @@ class Instance:
             "state_since": iso(self.state_since),
             "pid": self.process.pid if self.process is not None and self.process.running else None,
             "restarts": max(0, self.starts - 1),
-            "attempt": self.failures,
+            "attempt": self.backoff.failures,
             "next_try": iso(self.next_try),
             "last_error": self.last_error,
             "ready_since": iso(self.ready_since) if self.state is S.READY else None,

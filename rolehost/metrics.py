@@ -28,6 +28,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from rolehost.lifecycle import State
+
 if TYPE_CHECKING:
     from rolehost.controller import Controller
 
@@ -64,7 +66,6 @@ class StateCollector(Collector):
         self.controller = controller
 
     def collect(self) -> Iterator[Any]:
-        from rolehost.instance import State  # instance imports this module
 
         instances = GaugeMetricFamily("rolehost_instances", "Instances by role and state",
                                       labels=["role", "state"])

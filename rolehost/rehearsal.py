@@ -23,7 +23,8 @@ from typing import Any
 from rolehost import logs, output, process
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
-from rolehost.instance import Deployment, Instance, OperationError, State
+from rolehost.instance import Deployment, Instance, OperationError
+from rolehost.lifecycle import State
 
 STEPS: list[tuple[str, Maintenance]] = [
     ("start", Maintenance.START),

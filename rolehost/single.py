@@ -36,7 +36,8 @@ import structlog
 from rolehost import api, logs, process
 from rolehost.api import ApiError, Request, Routes, route
 from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
-from rolehost.instance import RUNNING, Deployment, Instance, State
+from rolehost.instance import Deployment, Instance
+from rolehost.lifecycle import RUNNING, State
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
@@ -139,7 +140,6 @@ class SingleInstance:
         self.deployment.standby.warm()
         self.instance.start()
         await self._stop.wait()
-        overran = self.instance.stops_cut_short
         with contextlib.suppress(TimeoutError):  # endpoints catch up with /ready going 503
             await asyncio.wait_for(self._forced.wait(), self.drain_delay)
         await self.instance.stop(self.stop_reason)
@@ -150,7 +150,7 @@ class SingleInstance:
         self.instance.output.close()
         if self.instance.state is not State.STOPPED:
             return 1
-        if self._forced.is_set() or self.instance.stops_cut_short > overran:
+        if self._forced.is_set() or self.instance.stop_outcome.cut_short:
             log.warning("instance_mode_stop_cut_short", instance=self.id,
                         forced=self._forced.is_set(), error=self.instance.last_error)
             return EXIT_STOP_CUT_SHORT

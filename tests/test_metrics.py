@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_balancer import WEB, free_port, get
 
 from conftest import MakeService
-from rolehost.instance import State
+from rolehost.lifecycle import State
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -50,7 +50,11 @@ def test_probe_never_passes(make_service: MakeService) -> None:
         assert row["state"] == "ready" and row["restarts"] == 0
         out = row["endpoints"]["http"]
         assert not out["in_rotation"] and out["why_out"] == "probe failing: HTTP 503"
-        assert out["probe"] == {"healthy": False, "seen": "HTTP 503"}
+        assert out["probe"] == {"healthy": False, "seen": "HTTP 503", "passes": 0,
+                                "needed": out["probe"]["needed"]}
+        # ready, not back: what a walk would wait for, and status says why
+        assert not row["back"] and row["why_not_back"].startswith(
+            "not yet in rotation: http: probe failing"), row
         assert {get(port)[1] for _ in range(10)} == {b"web_IN_1"}
         # with no instance in rotation at all, a request queues, then gets a 503
         (service.probe.parent / "probe.txt.sick").touch()
