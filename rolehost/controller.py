@@ -263,9 +263,14 @@ class Controller:
             self._shutdown_reason = f"controller received {signal.Signals(sig).name}"
             self._shutdown.set()
             return
+        if self._forced is not None:
+            # Forced already: a third signal has nothing left to cut short. A stream of
+            # them (a held Ctrl-C, a script) would else log and loop the instances at
+            # every one, and starve the very exits the forced stop waits for.
+            return
         # A second signal: the user will not wait for graceful stops.
         log.warning("forced_stop", signal=signal.Signals(sig).name)
-        self._forced = self._forced or signal.Signals(sig).name
+        self._forced = signal.Signals(sig).name
         self._force(self._forced)
 
     def _force(self, why: str) -> None:

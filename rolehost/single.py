@@ -184,7 +184,7 @@ class SingleInstance:
     def force_stop(self, why: str) -> None:
         """Cut the graceful stop short: no drain delay left, the host's tree and the
         startup tasks killed now. The instance still stops as usual, sweeping the tree."""
-        if self._stopped:
+        if self._stopped or self._forced.is_set():  # nothing left to cut short
             return
         log.warning("instance_mode_forced_stop", instance=self.id, signal=why)
         self.begin_stop(f"received {why}")
