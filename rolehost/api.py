@@ -2,7 +2,9 @@
 
 A thin skin over the controller's operations: each route parses its input, calls one
 `Controller` method and returns its result as JSON. Errors are JSON objects with an
-`error` message and a 4xx/5xx status; a failing handler never stops the server.
+`error` message and a `kind`, and a 4xx/5xx status: the operations raise the domain's
+errors (errors.py), and `ANSWERS` is the one place that says how each is answered. A
+failing handler never stops the server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httptools
 import structlog
 
+from rolehost.errors import (
+    Conflict,
+    DoesNotLoad,
+    Invalid,
+    NotFound,
+    OperationFailed,
+    RefusedInPreflight,
+    Unavailable,
+)
+
 if TYPE_CHECKING:
     from rolehost.controller import Controller
 
@@ -27,14 +39,41 @@ log = structlog.get_logger()
 MAX_BODY = 1024 * 1024
 
 
-class ApiError(Exception):
-    """An answer with a 4xx/5xx `status`. `kind`, when set, goes with the message, for a
-    client to tell errors apart by more than their status: `preflight` is a deploy
-    refused before any instance was touched, whatever its status (404, 409, 422)."""
+class MethodNotAllowed(Exception):
+    """A known path asked with another method: HTTP's own refusal, not the domain's."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+
+class TooLarge(Exception):
+    """A body over MAX_BODY."""
+
+
+# How the API answers each error a request can end with: its status, and the `kind` that
+# goes with the message, for a client (the CLI's exit codes) to tell errors apart by more
+# than their status: a 409 is a conflict or a preflight refusal, a 500 an operation that
+# failed or a bug. A type not listed answers as its nearest listed base: `Exception` is
+# a bug. A status of None is the status of the error's reason: a preflight refusal says
+# why with the status (404, 409, 422), and what it was with its kind.
+ANSWERS: dict[type[Exception], tuple[int | None, str]] = {
+    Invalid: (400, "invalid"),
+    NotFound: (404, "not-found"),
+    MethodNotAllowed: (405, "not-allowed"),
+    Conflict: (409, "conflict"),
+    TooLarge: (413, "too-large"),
+    DoesNotLoad: (422, "does-not-load"),
+    OperationFailed: (500, "failed"),
+    Unavailable: (503, "unavailable"),
+    RefusedInPreflight: (None, "preflight"),
+    Exception: (500, "internal"),  # a bug: logged, and the message says so
+}
+
+
+def answer(error: Exception) -> tuple[int, str]:
+    """The status and the kind the API answers `error` with (ANSWERS)."""
+    status, kind = next(ANSWERS[base] for base in type(error).__mro__ if base in ANSWERS)
+    if status is None:
+        assert isinstance(error, RefusedInPreflight)
+        status = answer(error.reason)[0]
+    return status, kind
 
 
 @dataclass
@@ -51,9 +90,9 @@ class Request:
         try:
             data = json.loads(self.body)
         except ValueError as exc:
-            raise ApiError(400, f"body is not JSON: {exc}") from None
+            raise Invalid(f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ApiError(400, "body must be a JSON object")
+            raise Invalid("body must be a JSON object")
         return data
 
 
@@ -96,8 +135,8 @@ def _match(method: str, path: str, routes: Routes) -> tuple[Handler, dict[str, s
                 return handler, params
             allowed.append(route_method)
     if allowed:
-        raise ApiError(405, f"{method} not allowed on {path} (allowed: {', '.join(allowed)})")
-    raise ApiError(404, f"no such endpoint: {path}")
+        raise MethodNotAllowed(f"{method} not allowed on {path} (allowed: {', '.join(allowed)})")
+    raise NotFound(f"no such endpoint: {path}")
 
 
 @route("GET", "/v1/status")
@@ -114,14 +153,14 @@ async def _instance(controller: Controller, request: Request) -> Any:
 async def _status_check(controller: Controller, request: Request) -> Any:
     instance = controller.instance(request.params["name"])
     if not instance.check_status():
-        raise ApiError(409, f"{instance.id} has no running host ({instance.state.value})")
+        raise Conflict(f"{instance.id} has no running host ({instance.state.value})")
     return {"requested": True}
 
 
 def _since(request: Request) -> int:
     since = request.query.get("since", ["0"])[0]
     if not since.isdigit():
-        raise ApiError(400, "since must be a non-negative integer")
+        raise Invalid("since must be a non-negative integer")
     return int(since)
 
 
@@ -137,16 +176,16 @@ async def _maintain(controller: Controller, request: Request) -> Any:
     try:
         kind = Maintenance(request.params["operation"])
     except ValueError:
-        raise ApiError(404, f"no such operation: {request.params['operation']}") from None
+        raise NotFound(f"no such operation: {request.params['operation']}") from None
     if kind in (Maintenance.START, Maintenance.DEPLOY):
-        raise ApiError(404, f"no such operation: {kind.value} (start: instances start with the "
-                            "controller; deploy: rolehost deploy VERSION)")
+        raise NotFound(f"no such operation: {kind.value} (start: instances start with the "
+                       "controller; deploy: rolehost deploy VERSION)")
     body = request.json()
     names, wait = body.get("instances"), body.get("wait", False)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ApiError(400, "instances must be a list of instance names")
+        raise Invalid("instances must be a list of instance names")
     if not isinstance(wait, bool):
-        raise ApiError(400, "wait must be true or false")
+        raise Invalid("wait must be true or false")
     cause = str(body.get("cause") or "requested through the control API")
     return await controller.maintain(kind, names, wait, cause)
 
@@ -159,10 +198,10 @@ async def _upgrade(controller: Controller, request: Request) -> Any:
         upgrade = Upgrade(request.params["kind"])
     except ValueError:
         known = ", ".join(u.value for u in Upgrade)
-        raise ApiError(404, f"no such upgrade: {request.params['kind']} ({known})") from None
+        raise NotFound(f"no such upgrade: {request.params['kind']} ({known})") from None
     manual = request.json().get("manual", False)
     if not isinstance(manual, bool):
-        raise ApiError(400, "manual must be true or false")
+        raise Invalid("manual must be true or false")
     return await controller.upgrade(upgrade, manual)
 
 
@@ -170,7 +209,7 @@ async def _upgrade(controller: Controller, request: Request) -> Any:
 async def _package(controller: Controller, request: Request) -> Any:
     version = request.json().get("version")
     if version is not None and not isinstance(version, str):
-        raise ApiError(400, "version must be a string")
+        raise Invalid("version must be a string")
     return await asyncio.to_thread(controller.package, version)
 
 
@@ -184,7 +223,7 @@ async def _deploy(controller: Controller, request: Request) -> Any:
     body = request.json()
     rollback, manual = body.get("rollback", True), body.get("manual", False)
     if not isinstance(rollback, bool) or not isinstance(manual, bool):
-        raise ApiError(400, "rollback and manual must be true or false")
+        raise Invalid("rollback and manual must be true or false")
     return await controller.deploy(request.params["version"], rollback, manual)
 
 
@@ -192,7 +231,7 @@ async def _deploy(controller: Controller, request: Request) -> Any:
 async def _settings(controller: Controller, request: Request) -> Any:
     settings = request.json().get("settings")
     if not isinstance(settings, dict) or not settings:
-        raise ApiError(400, "settings must be a non-empty object of names to values")
+        raise Invalid("settings must be a non-empty object of names to values")
     return await controller.configure(request.params["role"], settings,
                                       "set through the control API")
 
@@ -201,7 +240,7 @@ async def _settings(controller: Controller, request: Request) -> Any:
 async def _scale(controller: Controller, request: Request) -> Any:
     count = request.json().get("count")
     if not isinstance(count, int) or isinstance(count, bool):
-        raise ApiError(400, "count must be an integer")
+        raise Invalid("count must be an integer")
     return await controller.scale(request.params["role"], count, "requested through the API")
 
 
@@ -212,15 +251,10 @@ async def _walk(controller: Controller, request: Request) -> Any:
 
 @route("POST", "/v1/walk/{action}")
 async def _walk_action(controller: Controller, request: Request) -> Any:
-    from rolehost.instance import OperationError
-
     walk, action = controller.current_walk(), request.params["action"]
     if action not in ("next", "abort"):
-        raise ApiError(404, f"no such walk action: {action} (next, abort)")
-    try:
-        walk.next() if action == "next" else walk.abort()
-    except OperationError as exc:
-        raise ApiError(409, str(exc)) from None
+        raise NotFound(f"no such walk action: {action} (next, abort)")
+    walk.next() if action == "next" else walk.abort()
     return walk.snapshot()
 
 
@@ -321,7 +355,7 @@ class _Connection(asyncio.Protocol):
             while self._queue:
                 parsed = self._queue.popleft()
                 if parsed.error:
-                    self._reply(400, {"error": parsed.error}, keep_alive=False)
+                    self._reply_error(Invalid(parsed.error), keep_alive=False)
                 else:
                     await self._answer(parsed)
                 if not parsed.keep_alive:
@@ -337,18 +371,22 @@ class _Connection(asyncio.Protocol):
         url = urlsplit(parsed.url.decode("utf-8", "replace"))
         try:
             if parsed.too_large:
-                raise ApiError(413, f"body larger than {MAX_BODY} bytes")
+                raise TooLarge(f"body larger than {MAX_BODY} bytes")
             handler, params = _match(method, url.path, self.routes)
             request = Request(method, url.path, parse_qs(url.query), parsed.body, params)
-            status, payload = 200, await handler(self.controller, request)
-        except ApiError as exc:
-            status, payload = exc.status, {"error": exc.message}
-            if exc.kind is not None:
-                payload["kind"] = exc.kind
+            payload = await handler(self.controller, request)
         except Exception as exc:
-            log.exception("api_error", method=method, path=url.path)
-            status, payload = 500, {"error": f"internal error: {exc}"}
-        self._reply(status, payload, keep_alive)
+            if answer(exc) == ANSWERS[Exception]:
+                log.exception("api_error", method=method, path=url.path)
+            self._reply_error(exc, keep_alive)
+        else:
+            self._reply(200, payload, keep_alive)
+
+    def _reply_error(self, error: Exception, keep_alive: bool) -> None:
+        status, kind = answer(error)
+        bug = (status, kind) == ANSWERS[Exception]
+        message = f"internal error: {error}" if bug else str(error)
+        self._reply(status, {"error": message, "kind": kind}, keep_alive)
 
     def _reply(self, status: int, payload: Any, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():

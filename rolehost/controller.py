@@ -22,6 +22,16 @@ from rolehost.balancer import Balancer, relay_build
 from rolehost.definition import Definition, DefinitionErrors, Role, Secret, parse_role
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance
+from rolehost.errors import (
+    Conflict,
+    DoesNotLoad,
+    DomainError,
+    Invalid,
+    NotFound,
+    OperationFailed,
+    RefusedInPreflight,
+    Unavailable,
+)
 from rolehost.history import History
 from rolehost.instance import Deployment, Instance, Operation, iso, parse_instance_name
 from rolehost.lifecycle import State
@@ -314,11 +324,11 @@ class Controller:
         try:
             role, index = parse_instance_name(name)
         except ValueError as exc:
-            raise api.ApiError(400, str(exc)) from None
+            raise Invalid(str(exc)) from None
         instance = self.instances.get(f"{role}_IN_{index}")
         if instance is None:
             known = ", ".join(self.instances) or "none"
-            raise api.ApiError(404, f"no instance {name!r} (instances: {known})")
+            raise NotFound(f"no instance {name!r} (instances: {known})")
         return instance
 
     async def maintain(
@@ -326,13 +336,13 @@ class Controller:
     ) -> list[dict[str, Any]]:
         """Carry out `kind` on each named instance at once; every name is checked first."""
         if not names:
-            raise api.ApiError(400, "name at least one instance")
+            raise Invalid("name at least one instance")
         await self._until_started()
         instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
         self._one_at_a_time(instances=False)
         busy = [i.id for i in instances if i.operation is not None]
         if busy:
-            raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
+            raise Conflict(f"another operation is under way on {', '.join(busy)}")
         for instance in instances:
             instance.available()
         assert self.history is not None
@@ -349,8 +359,7 @@ class Controller:
         results = await carried_out
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            status = max(getattr(f, "status", 500) for f in failures)
-            raise api.ApiError(status, "; ".join(str(f) for f in failures))
+            raise OperationFailed("; ".join(str(f) for f in failures))
         return [r for r in results if isinstance(r, dict)]
 
     async def _carry_out(
@@ -409,8 +418,8 @@ class Controller:
                 if running_counts[name] != role.instances:
                     try:
                         await self._scale(name, role, role.instances, f"deploy {version}")
-                    except api.ApiError as exc:
-                        failed.append(f"scale {name} to {role.instances}: {exc.message}")
+                    except DomainError as exc:
+                        failed.append(f"scale {name} to {role.instances}: {exc}")
             if failed:
                 raise RuntimeError("; ".join(failed))
 
@@ -426,48 +435,48 @@ class Controller:
             new = self.packages.load(version)
             problems = packages.compatibility(self.definition, new)
             if problems:
-                raise api.ApiError(409, f"version {version} cannot replace the running one in "
-                                        f"place: {'; '.join(problems)}. A fresh start is "
-                                        "needed (rolehost stop, then rolehost start)")
+                raise Conflict(f"version {version} cannot replace the running one in place: "
+                               f"{'; '.join(problems)}. A fresh start is needed (rolehost "
+                               "stop, then rolehost start)")
             # On the loop, not a thread: the orphan reaper must not take their exits.
             errors = await preflight.check_entry_points(new, None)
             if errors:
-                raise api.ApiError(422, f"version {version} does not load:\n"
-                                        + "\n".join(str(e) for e in errors))
-        except (packages.PackageError, api.ApiError) as exc:
+                raise DoesNotLoad(f"version {version} does not load:\n"
+                                  + "\n".join(str(e) for e in errors))
+        except DomainError as exc:
             # The walk's record tells a deploy that got past its preflight; this one that
             # it did not.
             record = self.history.begin(f"deploy {version}",
                                         {"version": version, "previous": self.version}, [])
             self.history.end(record, "failed", str(exc))
-            raise api.ApiError(exc.status, str(exc), kind="preflight") from None
+            raise RefusedInPreflight(exc) from None
         return new
 
     def _one_at_a_time(self, instances: bool = True) -> None:
-        """409 while a walk, a settings change or a scale is under way, and (`instances`)
+        """Conflict while a walk, a settings change or a scale is under way, and (`instances`)
         while any instance has an operation under way. Two at once could take down a
         second update domain before the first came back, or lose one change to the other."""
         if self.walk is not None and not self.walk.over:
-            raise api.ApiError(409, f"walk {self.walk.id} is {self.walk.state.value}: one "
-                                    "operation at a time (rolehost walk next / abort)")
+            raise Conflict(f"walk {self.walk.id} is {self.walk.state.value}: one operation "
+                           "at a time (rolehost walk next / abort)")
         if self.changing is not None:
-            raise api.ApiError(409, f"{self.changing} is under way: one operation at a time")
+            raise Conflict(f"{self.changing} is under way: one operation at a time")
         if instances and (busy := [i.id for i in self.instances.values() if i.operation]):
-            raise api.ApiError(409, f"another operation is under way on {', '.join(busy)}")
+            raise Conflict(f"another operation is under way on {', '.join(busy)}")
 
     async def _until_started(self) -> None:
         """Hold an operation that arrives while serve() is still adding and starting the
         instances until it has: a scale run before it would add instances under the ids
-        serve() then adds again, and start those serve() starts too. 503 if the start
-        failed."""
+        serve() then adds again, and start those serve() starts too. Unavailable if the
+        start failed."""
         if not self._started.is_set():  # no await once started: the checks stay atomic
             await self._started.wait()
         if not self.running:
-            raise api.ApiError(503, "the controller did not start: nothing to operate on")
+            raise Unavailable("the controller did not start: nothing to operate on")
         # Every instance is on its way out: a scale-in now would take one from the stop
         # (its overrun unreported, its disks gone), a restart would race it.
         if self._shutdown.is_set():
-            raise api.ApiError(503, "the controller is stopping: no operation starts now")
+            raise Unavailable("the controller is stopping: no operation starts now")
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
@@ -496,8 +505,8 @@ class Controller:
                 for d in [d for d in by_domain if d][1:] for i in d
                 if not (i.back or i.state is State.BUSY)]
         if down:
-            raise api.ApiError(409, f"{'; '.join(down)}: a walk would take a second update "
-                                    "domain down; bring it back first (rolehost restart)")
+            raise Conflict(f"{'; '.join(down)}: a walk would take a second update domain "
+                           "down; bring it back first (rolehost restart)")
         self.walk = Walk(label, event, manual, by_domain, self.history, roles, rollback,
                          arguments)
         self.walk.start()
@@ -519,7 +528,7 @@ class Controller:
         try:
             new = parse_role(role_name, {**role.model_dump(), "settings": merged})
         except DefinitionErrors as exc:
-            raise api.ApiError(400, f"invalid settings for {role_name}:\n{exc}") from None
+            raise Invalid(f"invalid settings for {role_name}:\n{exc}") from None
         with self._exclusive(f"config {role_name}"):
             return await self._change_settings(role_name, new, settings, cause)
 
@@ -551,7 +560,7 @@ class Controller:
         """Offer a change to `instances` one update domain at a time (all at once with
         change_mode "blast"), filling `outcome` as each answers, and end `record`. A
         domain that does not take the change halts it there, as a walk halts: taking the
-        next domain down would leave none serving. ApiError if any instance failed.
+        next domain down would leave none serving. OperationFailed if any instance failed.
 
         `alongside` is the rest of the same operation, running meanwhile (a scale-out's
         new instances getting ready, which `awaited` names): `record` ends once it is over
@@ -595,14 +604,14 @@ class Controller:
             self.history.end(record, "failed" if lines else "succeeded",
                              "; ".join(lines) or None)
         if lines:
-            raise api.ApiError(500, "\n".join(lines))
+            raise OperationFailed("\n".join(lines))
 
     async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
         await self._until_started()
         role = self._role(role_name)
         if not 1 <= count <= 1000:
-            raise api.ApiError(400, "instances must be between 1 and 1000")
+            raise Invalid("instances must be between 1 and 1000")
         with self._exclusive(f"scale {role_name}"):
             return await self._scale(role_name, role, count, cause)
 
@@ -680,7 +689,7 @@ class Controller:
     def _role(self, name: str) -> Role:
         if name not in self.definition.roles:
             known = ", ".join(self.definition.roles)
-            raise api.ApiError(404, f"no role {name!r} (roles: {known})")
+            raise NotFound(f"no role {name!r} (roles: {known})")
         return self.definition.roles[name]
 
     def _set_role(self, name: str, role: Role) -> None:
@@ -743,14 +752,11 @@ class Controller:
             "change_failed", error=str(t.exception())))
 
     def package(self, version: str | None) -> dict[str, Any]:
-        try:
-            return self.packages.create(self.definition_path, version)
-        except packages.PackageError as exc:
-            raise api.ApiError(exc.status, str(exc)) from None
+        return self.packages.create(self.definition_path, version)
 
     def current_walk(self) -> Walk:
         if self.walk is None:
-            raise api.ApiError(404, "no walk has run since the controller started")
+            raise NotFound("no walk has run since the controller started")
         return self.walk
 
     def operations(self) -> dict[str, Any]:
@@ -795,7 +801,7 @@ async def _reported(change: Awaitable[object]) -> bool:
     the next change is still tried). False if it was refused or failed."""
     try:
         await change
-    except api.ApiError as exc:
+    except DomainError as exc:
         log.error("change_failed", error=str(exc))
         return False
     return True

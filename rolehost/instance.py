@@ -31,6 +31,7 @@ from rolehost.balancer import Balancer
 from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variables
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
+from rolehost.errors import Conflict, OperationFailed
 from rolehost.lifecycle import (
     RUNNING,
     Backoff,
@@ -98,14 +99,6 @@ class Deployment:
 
     def release_ports(self, given: Iterable[int]) -> None:
         self.ports.difference_update(given)
-
-
-class OperationError(RuntimeError):
-    """A maintenance operation that cannot be done, or did not end with the instance ready."""
-
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -784,8 +777,8 @@ class Instance:
     ) -> dict[str, Any]:
         """Carry out a maintenance event; with `wait`, return once ready again.
 
-        OperationError if another operation is under way on this instance, if the
-        instance is stopping for good, or (with `wait`) if it ends failed or recycling.
+        Conflict if another operation is under way on this instance, or if the instance
+        is stopping for good; OperationFailed (with `wait`) if it ends failed or recycling.
         """
         operation = self.claim(kind, cause, role)
         if not wait:
@@ -793,11 +786,11 @@ class Instance:
         return await self.carried_out(operation)
 
     def available(self) -> None:
-        """OperationError unless a maintenance event could begin now."""
+        """Conflict unless a maintenance event could begin now."""
         if self._stop_requested or self.state is S.STOPPED:
-            raise OperationError(f"{self.id} is stopped")
+            raise Conflict(f"{self.id} is stopped")
         if self._operation is not None:
-            raise OperationError(f"{self.id} is busy with another operation ({self.operation})")
+            raise Conflict(f"{self.id} is busy with another operation ({self.operation})")
 
     def claim(self, kind: Maintenance, cause: str, role: Role | None = None) -> Operation:
         """Begin a maintenance event. Synchronous, so that two requests in one turn of the
@@ -810,13 +803,13 @@ class Instance:
         return operation
 
     async def carried_out(self, operation: Operation) -> dict[str, Any]:
-        """Wait for a claimed operation; OperationError if it ends failed or recycling."""
+        """Wait for a claimed operation; OperationFailed if it ends failed or recycling."""
         kind = operation.kind
         if await operation.done is not S.READY:
-            raise OperationError(
+            raise OperationFailed(
                 # The state's own reason: last_error may be an older crash's.
                 f"{self.id} did not become ready after {kind.value}: it is {self.state.value}"
-                f" ({self.reason or self.last_error})", status=500,
+                f" ({self.reason or self.last_error})",
             )
         return self.snapshot()
 
@@ -891,9 +884,9 @@ class Instance:
                    or (self.starts > starts and self.settled_back)):
             await self._changed.wait()
         if not self._back:
-            raise OperationError(
+            raise OperationFailed(
                 f"{self.id} did not become ready after its host exited in `changing`: it is "
-                f"{self.state.value} ({self.reason or self.last_error})", status=500)
+                f"{self.state.value} ({self.reason or self.last_error})")
         return "recycled (its host exited in `changing`)"
 
     def _endpoint_status(self, name: str) -> dict[str, Any]:

@@ -19,14 +19,9 @@ from typing import Any
 
 from rolehost import definition as model
 from rolehost.disks import app_files, copy_app
+from rolehost.errors import Conflict, DoesNotLoad, Invalid, NotFound
 
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-class PackageError(ValueError):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Packages:
@@ -40,17 +35,17 @@ class Packages:
         try:
             definition = model.load(source)
         except model.DefinitionErrors as exc:
-            raise PackageError(f"invalid definition:\n{exc}", 400) from None
+            raise Invalid(f"invalid definition:\n{exc}") from None
         digest = _digest(source, definition, self.run_dir)
         version = version or digest[:12]
         if not re.match(_VERSION, version):
-            raise PackageError(f"not a version name: {version!r} (letters, digits, . _ -)", 400)
+            raise Invalid(f"not a version name: {version!r} (letters, digits, . _ -)")
         target = self.root / version
         if target.exists():
             existing = json.loads((target / "package.json").read_text())
             if existing["digest"] == digest:
                 return dict(existing)  # the same content: packaging it again changes nothing
-            raise PackageError(f"version {version} exists already, with other content", 409)
+            raise Conflict(f"version {version} exists already, with other content")
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the role's source
         staging = self.root / f".{version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -80,13 +75,12 @@ class Packages:
         folder = self.root / version
         if not (folder / "package.json").exists():
             known = ", ".join(p["version"] for p in self.list()) or "none"
-            raise PackageError(f"no package {version!r} (available: {known}; "
-                               "make one with `rolehost package`)", 404)
+            raise NotFound(f"no package {version!r} (available: {known}; "
+                           "make one with `rolehost package`)")
         try:
             definition = model.load(folder / "rolehost.toml")
         except model.DefinitionErrors as exc:
-            raise PackageError(f"package {version} has an invalid definition:\n{exc}",
-                               422) from None
+            raise DoesNotLoad(f"package {version} has an invalid definition:\n{exc}") from None
         roles = {name: role.model_copy(update={"app": folder / "apps" / name})
                  for name, role in definition.roles.items()}
         return definition.model_copy(update={"roles": roles})

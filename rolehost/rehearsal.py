@@ -23,7 +23,8 @@ from typing import Any
 from rolehost import logs, output, process
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
-from rolehost.instance import Deployment, Instance, OperationError
+from rolehost.errors import DomainError
+from rolehost.instance import Deployment, Instance
 from rolehost.lifecycle import State
 
 STEPS: list[tuple[str, Maintenance]] = [
@@ -99,7 +100,7 @@ async def _walk(instance: Instance) -> list[Step]:
             instance.start()
             state = await instance.settled()
         else:
-            with contextlib.suppress(OperationError):  # the state below tells what happened
+            with contextlib.suppress(DomainError):  # the state below tells what happened
                 await instance.maintain(kind, "rehearsal", wait=True)
             state = instance.state
         ok = state is State.READY

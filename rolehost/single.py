@@ -34,8 +34,9 @@ from typing import Any
 import structlog
 
 from rolehost import api, logs, process
-from rolehost.api import ApiError, Request, Routes, route
+from rolehost.api import Request, Routes, route
 from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
+from rolehost.errors import Unavailable
 from rolehost.instance import Deployment, Instance
 from rolehost.lifecycle import RUNNING, State
 from rolehost.rundir import RunDir
@@ -203,7 +204,7 @@ class SingleInstance:
 
 def _answer(ok: bool, what: str) -> dict[str, Any]:
     if not ok:
-        raise ApiError(503, what)
+        raise Unavailable(what)
     return {"ok": True}
 
 

@@ -21,8 +21,9 @@ import structlog
 
 from rolehost.definition import Role
 from rolehost.disks import Maintenance
+from rolehost.errors import Conflict, DomainError
 from rolehost.history import HALTED_AT_STOP, History, Operation
-from rolehost.instance import Instance, OperationError
+from rolehost.instance import Instance
 
 log = structlog.get_logger()
 
@@ -163,7 +164,7 @@ class Walk:
                 # it left the instance.
                 self._step(number, instance,
                            f"{self.event.value} failed, instance {instance.state.value}")
-                failed.append(str(result) if isinstance(result, OperationError) else repr(result))
+                failed.append(str(result) if isinstance(result, DomainError) else repr(result))
             else:
                 self._step(number, instance, "ready")
         if not failed:
@@ -215,7 +216,7 @@ class Walk:
             for instance, result in zip(instances, results, strict=True):
                 if isinstance(result, BaseException):
                     self._step(number, instance, f"rollback failed: {result}")
-                    failed.append(str(result) if isinstance(result, OperationError)
+                    failed.append(str(result) if isinstance(result, DomainError)
                                   else repr(result))
                 else:
                     self._step(number, instance, "rolled back")
@@ -239,12 +240,12 @@ class Walk:
 
     def next(self) -> None:
         if self.state is not WalkState.PAUSED:
-            raise OperationError(f"walk {self.id} is {self.state.value}, not paused")
+            raise Conflict(f"walk {self.id} is {self.state.value}, not paused")
         self._resume.set()
 
     def abort(self) -> None:
         if self.state not in (WalkState.PAUSED, WalkState.HALTED):
-            raise OperationError(
+            raise Conflict(
                 f"walk {self.id} is {self.state.value}: only a paused or halted walk can be aborted"
             )
         self._aborted = True

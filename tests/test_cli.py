@@ -375,7 +375,7 @@ def test_a_deploy_refused_while_a_walk_is_under_way_exits_1(make_service: MakeSe
         h.upgrade("agent", manual=True)
         with pytest.raises(ApiError) as busy:
             h.client.deploy("v2")
-        assert (busy.value.status, busy.value.kind) == (409, None)
+        assert (busy.value.status, busy.value.kind) == (409, "conflict")
         done = rolehost("deploy", "v2", "--run-dir", str(h.run_dir.path))
         assert done.returncode == 1 and "one operation at a time" in done.stderr, done.stderr
         h.walk_abort()

@@ -285,10 +285,12 @@ def test_ready_says_draining_then_stopping(make_service: MakeService) -> None:
     with running(service, health, "--drain-delay", "3") as controller:
         controller.send_signal(signal.SIGTERM)
         assert answer_and_body(health, "/ready") == (
-            503, '{"error": "not ready: draining (received SIGTERM)"}')
+            503, '{"error": "not ready: draining (received SIGTERM)", '
+            '"kind": "unavailable"}')
         service.wait_probe("on_stop web_IN_0")
         assert answer_and_body(health, "/ready") == (
-            503, '{"error": "not ready: stopping (received SIGTERM)"}')
+            503, '{"error": "not ready: stopping (received SIGTERM)", '
+            '"kind": "unavailable"}')
         (service.toml.parent / "release").touch()
         assert controller.wait(30) == 0
 
