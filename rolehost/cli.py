@@ -19,15 +19,10 @@ from rolehost import capacity, logs, output, preflight, privileges
 from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance
+from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
 
-# Exit codes: 0 done; 1 the operation failed; 2 the definition or the usage is wrong, or
-# a deploy's preflight refused it (nothing was touched); 3 the service stopped, but not
-# gracefully (run-instance's single.EXIT_STOP_CUT_SHORT):
-# a stop whose cleanup may be incomplete, which a supervisor must not take for a failure
-# to start.
-EXIT_FAILED, EXIT_BAD_DEFINITION, EXIT_STOP_CUT_SHORT = 1, 2, 3
 DETACH_TIMEOUT = 60.0
 
 _file = click.option(
@@ -79,11 +74,7 @@ def _call(fn: Any, *args: Any) -> Any:
     except ControllerNotRunning as exc:
         _fail(str(exc))
     except ApiError as exc:
-        # 400, 404: a bad name or argument; 422: a package's definition or entry point. A
-        # preflight refusal is one code whatever its status (an incompatible package is a
-        # 409), so that a script can tell "nothing was touched" from a walk that failed.
-        refused = exc.status in (400, 404, 422) or exc.kind == "preflight"
-        _fail(str(exc), EXIT_BAD_DEFINITION if refused else EXIT_FAILED)
+        _fail(str(exc), for_kind(exc.kind))
 
 
 def _load(file: Path) -> model.Definition:

@@ -22,12 +22,13 @@ class ControllerLost(ControllerNotRunning):
 
 
 class ApiError(RuntimeError):
-    """The API's answer was an error: its `status`, and its `kind` when it has one
-    (`preflight`: a deploy refused before any instance was touched)."""
+    """The API's answer was an error: its `status`, its `message`, and its `kind` (see
+    docs/api.md: `preflight` is a deploy refused before any instance was touched, whatever
+    the status). `kind` is None from a controller older than kinds, and for the metrics."""
 
     def __init__(self, status: int, message: str, kind: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.message, self.kind = status, message, kind
 
 
 class _UnixConnection(http.client.HTTPConnection):

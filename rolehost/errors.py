@@ -3,7 +3,7 @@
 The controller, the instances, the package store and the walks raise these and nothing
 else to say no: none of them knows that it is answered over HTTP. The control API's
 `ANSWERS` (api.py) gives each its status and its `kind`, and the CLI's `EXIT_CODES`
-(cli.py) gives each kind its exit code: a new error type needs a row in both, and
+(exits.py) gives each kind its exit code: a new error type needs a row in both, and
 tests/test_errors.py fails until it has them.
 """
 

@@ -37,16 +37,13 @@ from rolehost import api, logs, process
 from rolehost.api import Request, Routes, route
 from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
 from rolehost.errors import Unavailable
+from rolehost.exits import EXIT_STOP_CUT_SHORT
 from rolehost.instance import Deployment, Instance
 from rolehost.lifecycle import RUNNING, State
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
 ROUTES: Routes = []
-# The instance stopped, but not gracefully: on_stop (or the `stopping` handlers) overran
-# stop_timeout, or a second signal forced the stop. 1 is a failure to run at all, 2 a
-# bad definition; this one tells an orchestrator's logs that cleanup may be incomplete.
-EXIT_STOP_CUT_SHORT = 3
 
 
 def index_from_environment() -> int:
