@@ -192,7 +192,7 @@ async def _maintain(controller: Controller, request: Request) -> Any:
 
 @route("POST", "/v1/upgrades/{kind}")
 async def _upgrade(controller: Controller, request: Request) -> Any:
-    from rolehost.walks import Upgrade
+    from rolehost.disks import Upgrade
 
     try:
         upgrade = Upgrade(request.params["kind"])

@@ -18,7 +18,7 @@ import click
 from rolehost import capacity, logs, output, preflight, privileges
 from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
-from rolehost.disks import Maintenance
+from rolehost.disks import Maintenance, Upgrade
 from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
@@ -296,7 +296,7 @@ for _kind in _MAINTENANCE_HELP:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["host-os", "guest-os", "agent"]))
+@click.argument("kind", type=click.Choice([u.value for u in Upgrade]))
 @_file
 @_run_dir
 @click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "

@@ -21,7 +21,7 @@ from rolehost import api, capacity, logs, metrics, packages, preflight, process
 from rolehost.balancer import Balancer, relay_build
 from rolehost.definition import Definition, DefinitionErrors, Role, Secret, parse_role
 from rolehost.definition import load as load_definition
-from rolehost.disks import Maintenance
+from rolehost.disks import Maintenance, Upgrade
 from rolehost.errors import (
     Conflict,
     DoesNotLoad,
@@ -37,7 +37,7 @@ from rolehost.instance import Deployment, Instance, Operation, iso, parse_instan
 from rolehost.lifecycle import State
 from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
-from rolehost.walks import Upgrade, Walk, domains
+from rolehost.walks import Walk, domains
 
 log = structlog.get_logger()
 

@@ -118,6 +118,21 @@ class Maintenance(StrEnum):
         return self is not Maintenance.AGENT_UPDATE
 
 
+class Upgrade(StrEnum):
+    """The platform's monthly updates, and the maintenance event each is per instance.
+    Here, beside the events, and not with the walks that carry them out: the CLI offers
+    the same choices without importing the supervisor."""
+
+    HOST_OS = "host-os"
+    GUEST_OS = "guest-os"
+    AGENT = "agent"
+
+    @property
+    def event(self) -> Maintenance:
+        return {Upgrade.HOST_OS: Maintenance.RESTART, Upgrade.GUEST_OS: Maintenance.REIMAGE,
+                Upgrade.AGENT: Maintenance.AGENT_UPDATE}[self]
+
+
 def apply(event: Maintenance, disks: Disks, role: Role, run_dir: Path) -> None:
     """Do to the instance's folders what `event` does to the platform's drives."""
     if event is Maintenance.AGENT_UPDATE:

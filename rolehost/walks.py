@@ -28,19 +28,6 @@ from rolehost.instance import Instance
 log = structlog.get_logger()
 
 
-class Upgrade(StrEnum):
-    """The platform's monthly updates, and the maintenance event each is per instance."""
-
-    HOST_OS = "host-os"
-    GUEST_OS = "guest-os"
-    AGENT = "agent"
-
-    @property
-    def event(self) -> Maintenance:
-        return {Upgrade.HOST_OS: Maintenance.RESTART, Upgrade.GUEST_OS: Maintenance.REIMAGE,
-                Upgrade.AGENT: Maintenance.AGENT_UPDATE}[self]
-
-
 class WalkState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"  # manual mode, between two UDs
