@@ -290,12 +290,11 @@ class _Parsed:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection; requests on it are answered in order."""
+    """One client connection; requests on it are answered in order. `owner` is what the
+    routes' handlers are given: the controller, or run-instance's instance."""
 
-    def __init__(
-        self, controller: Controller, pending: set[asyncio.Task[None]], routes: Routes
-    ) -> None:
-        self.controller = controller
+    def __init__(self, owner: Any, pending: set[asyncio.Task[None]], routes: Routes) -> None:
+        self.owner = owner
         self.pending = pending
         self.routes = routes
         self.parser = httptools.HttpRequestParser(self)
@@ -374,7 +373,7 @@ class _Connection(asyncio.Protocol):
                 raise TooLarge(f"body larger than {MAX_BODY} bytes")
             handler, params = _match(method, url.path, self.routes)
             request = Request(method, url.path, parse_qs(url.query), parsed.body, params)
-            payload = await handler(self.controller, request)
+            payload = await handler(self.owner, request)
         except Exception as exc:
             if answer(exc) == ANSWERS[Exception]:
                 log.exception("api_error", method=method, path=url.path)
@@ -444,8 +443,13 @@ async def serve(path: Path, controller: Controller) -> Server:
 
 async def serve_metrics(host: str, port: int, controller: Controller) -> Server:
     """The metrics alone over TCP, for a Prometheus that cannot reach the Unix socket."""
+    return await serve_tcp(host, port, controller, _METRICS_ROUTES)
+
+
+async def serve_tcp(host: str, port: int, owner: Any, routes: Routes) -> Server:
+    """Answer `routes` over TCP, their handlers given `owner` (run-instance's health
+    endpoints are given the instance); OSError if `host:port` cannot be listened on."""
     pending: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _Connection(controller, pending, _METRICS_ROUTES), host, port)
+    server = await loop.create_server(lambda: _Connection(owner, pending, routes), host, port)
     return Server(server, pending)

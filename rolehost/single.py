@@ -127,10 +127,8 @@ class SingleInstance:
             log.warning("leftovers_swept", count=len(swept), processes=swept)
         process.adopt_orphans(loop)
         process.handle_stop_signals(loop, self._on_signal)
-        pending: set[asyncio.Task[None]] = set()
         try:
-            server = await loop.create_server(
-                lambda: api._Connection(self, pending, ROUTES), host, port)  # type: ignore[arg-type]
+            server = await api.serve_tcp(host, port, self, ROUTES)
         except OSError as exc:  # before the instance starts: nothing to stop
             raise CannotListen(f"cannot listen on {host}:{port} for the health endpoints: "
                                f"{exc.strerror or exc}") from None
@@ -144,7 +142,7 @@ class SingleInstance:
         self._stopped = True
         process.ignore_stop_signals()
         await self.deployment.standby.close()
-        server.close()
+        await server.close()
         self.instance.output.close()
         if self.instance.state is not State.STOPPED:
             return 1
