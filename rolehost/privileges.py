@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rolehost import process
 from rolehost.rundir import RunDir
 
 DEFAULT_USER = "nobody"
@@ -128,8 +129,6 @@ def check(user: User, instances: Path, python: str = sys.executable) -> str | No
     """Why `user` cannot run a host on `python` whose folders are under `instances`,
     or None. Refused in a process whose orphan reaper is on: the reaper could reap the
     probe before `subprocess.run` waits for it, so `decide` comes before `adopt_orphans`."""
-    from rolehost import process  # which imports this module for User
-
     if process.reaping_orphans():
         raise RuntimeError("this process reaps orphans: decide who runs limited work first")
     argv = [python, "-P", "-c", _PROBE, str(instances)]

@@ -30,13 +30,17 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 import structlog
 
 from rolehost import protocol
-from rolehost.privileges import User
+
+if TYPE_CHECKING:
+    # Only named: a process is spawned as the user it is given, and privileges.py, which
+    # decides who that is, asks this module whether orphans are reaped.
+    from rolehost.privileges import User
 
 log = structlog.get_logger()
 
