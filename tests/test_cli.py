@@ -232,20 +232,22 @@ def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: Make
         client = h.client
         with pytest.raises(ApiError) as unknown:
             client.instance("web/7")
-        assert unknown.value.status == 404 and "instances: web_IN_0" in str(unknown.value)
+        assert (unknown.value.status, unknown.value.kind) == (404, "not-found")
+        assert "instances: web_IN_0" in unknown.value.message == str(unknown.value)
         with pytest.raises(ApiError) as bad_name:
             client.instance("web")
-        assert bad_name.value.status == 400
+        assert (bad_name.value.status, bad_name.value.kind) == (400, "invalid")
         with pytest.raises(ApiError) as wrong_method:
             client.request("POST", "/v1/status")
-        assert wrong_method.value.status == 405
+        assert (wrong_method.value.status, wrong_method.value.kind) == (405, "not-allowed")
         with pytest.raises(ApiError) as huge:
             client.request("POST", "/v1/shutdown", body={"x": "y" * (2 * 1024 * 1024)})
-        assert huge.value.status == 413
+        assert (huge.value.status, huge.value.kind) == (413, "too-large")
         raw = socket.socket(socket.AF_UNIX)
         raw.connect(str(h.run_dir.socket))
         raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-        assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+        answer = raw.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and b'"kind": "invalid"' in answer, answer
         raw.close()
         assert h.status()["instances"][0]["state"] == "ready"
 

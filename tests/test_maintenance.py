@@ -336,12 +336,14 @@ def test_operations_reject_unknown_and_concurrent(make_service: MakeService) -> 
         pids = {i["id"]: i["pid"] for i in h.status()["instances"]}
         with pytest.raises(ApiError) as unknown:
             h.restart("web/0", "web/9")
-        assert unknown.value.status == 404 and "no instance 'web/9'" in str(unknown.value)
+        assert (unknown.value.status, unknown.value.kind) == (404, "not-found")
+        assert "no instance 'web/9'" in str(unknown.value)
         assert {i["id"]: i["pid"] for i in h.status()["instances"]} == pids  # nothing touched
         h.restart("web/0", wait=False)
         with pytest.raises(ApiError) as busy:
             h.reimage("web/0", "web/1")
-        assert busy.value.status == 409 and "web_IN_0" in str(busy.value)
+        assert (busy.value.status, busy.value.kind) == (409, "conflict")
+        assert "web_IN_0" in str(busy.value)
         assert h.instance("web/1")["pid"] == pids["web_IN_1"]
         cli = subprocess.run(
             [sys.executable, "-m", "rolehost", "rebuild", "web/7",
@@ -394,6 +396,7 @@ def test_wait_names_why_now_not_an_older_crash(make_service: MakeService) -> Non
         (h.run_dir.path / "instances/web_IN_0/os/refuse").touch()
         with pytest.raises(ApiError) as refused:
             h.maintain("restart", "web/0")
+        assert (refused.value.status, refused.value.kind) == (500, "failed")
         assert "on_start returned False" in str(refused.value)
         assert "SIGKILL" not in str(refused.value)
 

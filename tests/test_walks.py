@@ -129,7 +129,7 @@ def refused(h: ServiceHarness, why: str) -> None:
                     lambda: h.set_setting("web", "color", "red"), lambda: h.scale("web", 3)):
         with pytest.raises(ApiError, match=why) as raised:
             attempt()
-        assert raised.value.status == 409
+        assert (raised.value.status, raised.value.kind) == (409, "conflict")
 
 
 def test_one_operation_at_a_time(make_service: MakeService) -> None:
@@ -145,6 +145,9 @@ def test_one_operation_at_a_time(make_service: MakeService) -> None:
         h.upgrade("host-os", manual=True)  # paused after UD 0
         refused(h, "is paused: one operation at a time")
         assert h.walk_next()["state"] == "succeeded"
+        with pytest.raises(ApiError, match="is succeeded, not paused") as over:
+            h.walk_next()
+        assert (over.value.status, over.value.kind) == (409, "conflict")
 
         hold.touch()
         h.maintain("restart", "web/0", wait=False)
@@ -365,8 +368,9 @@ def test_a_walk_does_not_start_with_an_instance_down_outside_its_first_domain(
         h.kill("web/1")
         h.wait_state("web/1", "recycling", 10)
         with pytest.raises(ApiError, match=r"web_IN_1 is recycling .*a walk would take a "
-                                           r"second update domain down"):
+                                           r"second update domain down") as refused:
             h.upgrade("host-os")
+        assert (refused.value.status, refused.value.kind) == (409, "conflict")
         assert h.instance("web/0")["pid"] == ready  # untouched
         assert not h.operations()
 
