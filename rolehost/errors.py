@@ -1,7 +1,7 @@
 """What an operation refuses or fails with, in the domain's words.
 
-The controller, the instances, the package store and the walks raise these and nothing
-else to say no: none of them knows that it is answered over HTTP. The control API's
+The controller, the instances, the package store and the walks raise these to refuse an
+operation or report that it failed: none of them knows it is answered over HTTP. The API's
 `ANSWERS` (api.py) gives each its status and its `kind`, and the CLI's `EXIT_CODES`
 (exits.py) gives each kind its exit code: a new error type needs a row in both, and
 tests/test_errors.py fails until it has them.
@@ -12,10 +12,6 @@ from __future__ import annotations
 
 class DomainError(Exception):
     """An operation refused, or one that did not end well; the message is for a person."""
-
-    @property
-    def message(self) -> str:
-        return str(self)
 
 
 class Invalid(DomainError):
