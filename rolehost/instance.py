@@ -28,19 +28,25 @@ import structlog
 
 from rolehost import metrics, ports, privileges, probe, protocol
 from rolehost.balancer import Balancer
-from rolehost.definition import NAME_PATTERN, Role, Service, resource_variable, setting_variables
+from rolehost.definition import (
+    NAME_PATTERN,
+    Endpoint,
+    Role,
+    Service,
+    resource_variable,
+    setting_variables,
+)
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.errors import Conflict, OperationFailed
 from rolehost.lifecycle import (
     RUNNING,
     Backoff,
+    Lifecycle,
+    ProbeResult,
     ReadyDeadline,
     State,
     StopOutcome,
-    check_transition,
-    is_back,
-    settled,
 )
 from rolehost.logs import Console
 from rolehost.output import OutputLog
@@ -124,28 +130,19 @@ class Instance:
                                 deployment.service.instance_log_format, deployment.console)
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
 
-        self.state = S.CREATED
-        self.state_since = time.time()
-        self.reason = ""
+        service = deployment.service
+        # The state and every rule that decides it (rolehost/lifecycle.py): read through
+        # the properties below, changed only by `_set` and the events fed to it.
+        self.life = Lifecycle(self.id, Backoff(service.backoff_initial, service.backoff_max,
+                                               service.stable_after),
+                              ReadyDeadline(service.ready_deadline), since=time.time())
         self.process: HostProcess | None = None
         self.tasks: Tasks | None = None
         self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
         self.hosts = 0  # host processes started
         self.starts = 0  # boots and host restarts, whatever their cause
-        service = deployment.service
-        self.backoff = Backoff(service.backoff_initial, service.backoff_max,
-                               service.stable_after)
-        self.ready_deadline = ReadyDeadline(service.ready_deadline)
         self.last_error: str | None = None
         self.last_traceback: str | None = None
-        # Graceful stops that overran stop_timeout (the host cut its `stopping` handlers
-        # and on_stop short, or was killed), and whether the final one was cut short.
-        self.stop_outcome = StopOutcome()
-        self.ready_since: float | None = None
-        # When this boot first came back: ready and in rotation on every input endpoint
-        # (`back`). What operations wait for, and what ends the ready deadline.
-        self.back_since: float | None = None
-        self._back = False
         self.next_try: float | None = None
         self.usage: dict[str, float] = {}
         self._measured = 0.0
@@ -166,26 +163,46 @@ class Instance:
         self._heartbeat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
-        self._probes: dict[str, probe.Result] = {}  # by endpoint: the last probe's result
-        self._draining: str | None = None  # why, while the instance drains
         self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
-        self._boot_began = time.time()
         self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
 
     # The state machine.
 
+    # What the lifecycle holds, as the rest of rolehost reads it.
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    @property
+    def reason(self) -> str:
+        return self.life.reason
+
+    @property
+    def state_since(self) -> float:
+        return self.life.since
+
+    @property
+    def ready_since(self) -> float | None:
+        return self.life.ready_since
+
+    @property
+    def back_since(self) -> float | None:
+        return self.life.back_since
+
+    @property
+    def stop_outcome(self) -> StopOutcome:
+        """Stops that overran stop_timeout, and whether the final one was cut short."""
+        return self.life.stop
+
     def _set(self, state: State, reason: str = "", force: bool = False) -> None:
         """The only place an instance changes state. `force` is for a supervisor's crash."""
-        if state == self.state:
+        previous = self.state
+        if not self.life.change(state, reason, time.time(), force):
             return
-        if not force:
-            check_transition(self.id, self.state, state)
-        previous, self.state, self.reason = self.state, state, reason
-        self.state_since = time.time()
-        if state is S.READY and self.ready_since is None:
-            self.ready_since = self.state_since
+        if state is S.READY and self.ready_since == self.state_since:
             metrics.TIME_TO_READY.labels(self.role_name).observe(
-                self.ready_since - self._boot_began)
+                self.state_since - self.life.boot_began)
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
                  reason=reason or None)
         self._update_rotation()
@@ -212,13 +229,13 @@ class Instance:
         `ignore_status` too: there, the probe alone decides). The one rule for "the
         instance is back" that walks, deploys, config changes, `--wait`, scale-outs, the
         harness and systemd's READY=1 wait for (docs/walks.md)."""
-        return self._back
+        return self.life.back
 
     @property
     def settled_back(self) -> bool:
         """Back, or ended otherwise (failed, recycling, stopped): an operation is over.
         Ready but not yet in rotation is not an end: the ready deadline decides that."""
-        return settled(self.state, self._back)
+        return self.life.settled
 
     # Supervision: one boot after another until stopped.
 
@@ -260,7 +277,7 @@ class Instance:
             else:
                 reason = self._recycled_for = (
                     self._recycle_reason or self.last_error or "host exited")
-                delay = self.backoff.next_delay(time.time(), self.ready_since)
+                delay = self.life.boot_ended(time.time())
                 self.next_try = time.time() + delay
                 self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
                 await self._end_boot()
@@ -277,58 +294,26 @@ class Instance:
 
     # Rotation: derived from the state, the probes and a drain, never kept apart.
 
-    def _rotation(self, name: str) -> tuple[bool, str]:
-        endpoint = self.role.endpoints[name]
-        if self._draining is not None:
-            return False, f"draining: {self._draining}"
-        if self.state is S.BUSY and not endpoint.ignore_status:
-            return False, f"busy: {self.reason}" if self.reason else "busy"
-        if self.state not in (S.READY, S.BUSY):
-            return False, self.state.value
-        if endpoint.probe is not None:
-            result = self._probes.get(name)
-            if result is None:
-                return False, "probe failing: no probe result yet"
-            return result.healthy, "" if result.healthy else f"probe failing: {result.seen}"
-        return True, ""
+    def _served(self) -> dict[str, Endpoint]:
+        """The endpoints the instance serves behind a balancer."""
+        return {name: self.role.endpoints[name] for name in self.balancers}
 
     def _update_rotation(self) -> bool:
         """Tell the balancers; True if the instance came back or left with it."""
-        rotation = []
         for name, balancer in self.balancers.items():
-            in_rotation, why_out = self._rotation(name)
-            balancer.set_rotation(self.id, in_rotation, why_out)
-            rotation.append(in_rotation)
-        back = is_back(self.state, rotation)
-        if back == self._back:
+            balancer.set_rotation(self.id, *self.life.rotation(name, self.role.endpoints[name]))
+        if not self.life.update_back(self._served(), time.time()):
             return False
-        self._back = back
-        if back and self.back_since is None:  # this boot is up: its ready deadline is met
-            self.back_since = time.time()
-            self.ready_deadline.clear()
+        if self.life.back:  # its ready deadline is met
             self._cancel_deadline()
         return True
 
     def why_not_back(self) -> str:
         """Why the instance is not back, as `status` says it ("" while it is)."""
-        if self._back:
-            return ""
-        if self.state is not S.READY:
-            return self.state.value
-        out = []
-        for name in self.balancers:
-            in_rotation, why = self._rotation(name)
-            result, spec = self._probes.get(name), self.role.endpoints[name].probe
-            if in_rotation:
-                continue
-            if why.startswith("probe failing") and result is not None and spec is not None:
-                why = f"probe failing ({result.passes}/{spec.healthy} healthy): {result.seen}"
-            out.append(f"{name}: {why}")
-        return ("out of rotation: " if self.back_since else "not yet in rotation: ") + \
-            "; ".join(out)
+        return self.life.why_not_back(self._served())
 
-    def _probe_result(self, name: str, result: probe.Result) -> None:
-        self._probes[name] = result
+    def _probe_result(self, name: str, result: ProbeResult) -> None:
+        self.life.probes[name] = result
         if self._update_rotation():
             self._changed_now()
 
@@ -355,8 +340,7 @@ class Instance:
         assert self._operation is not None
         self._interrupt.clear()
         self._operation.started = True
-        self.ready_deadline.clear()  # someone acted: a fresh deadline and back-off
-        self.backoff.reset()
+        self.life.operation_begins()
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
@@ -365,9 +349,7 @@ class Instance:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
         self._recycle_reason = self._failed_reason = self._run_error = None
         self._recycle_asked = asyncio.Event()
-        self.ready_since = self.back_since = None
-        self._draining = None
-        self._probes.clear()
+        self.life.boot_begins(time.time())
         self.starts += 1
         metrics.STARTS.labels(self.role_name, kind.value).inc()
         self._set(S.BOOTSTRAPPING, reason)
@@ -501,7 +483,7 @@ class Instance:
                 if self._operation else self._recycle_reason or "stop requested"
             )
             # Draining before STOPPING: the rotation event of that change says why.
-            self._draining = reason
+            self.life.draining = reason
             if self.state in RUNNING:
                 self._set(S.STOPPING, reason)
             await self._drain(reason)
@@ -514,7 +496,7 @@ class Instance:
                 await asyncio.wait_for(asyncio.shield(process.exited), limit)
             except TimeoutError:
                 log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
-                self.stop_outcome.overran()
+                self.life.stop.overran()
                 self._run_error = (
                     f"did not stop within stop_timeout ({self.role.stop_timeout:g}s); killed"
                 )
@@ -525,7 +507,7 @@ class Instance:
     async def _drain(self, reason: str) -> None:
         """Out of rotation first; let requests in flight finish (each endpoint's
         drain_timeout); only then is the host asked to stop."""
-        self._draining = reason
+        self.life.draining = reason
         if self._forced.is_set():  # out of rotation all the same
             self._update_rotation()
             return
@@ -555,7 +537,7 @@ class Instance:
                 log.error("foreground_task_killed", instance=self.id, task=run.label,
                           waited=self.role.stop_timeout)
                 # Killed half done, as an on_stop that overran: the stop was cut short.
-                self.stop_outcome.overran()
+                self.life.stop.overran()
                 if self._stop_requested:
                     self.last_error = (f"foreground {run.label} did not end within "
                                        f"stop_timeout ({self.role.stop_timeout:g}s); killed")
@@ -621,10 +603,8 @@ class Instance:
         kind = message["type"]
         if kind == "state":
             state, reason = State(message["state"]), str(message.get("reason") or "")
-            if state is S.STOPPING and self.state in RUNNING:
-                self._set(S.STOPPING, reason)
-            elif state in (S.BUSY, S.READY) and self.state in RUNNING:
-                self._set(state, reason)
+            if (new := self.life.reported(state)) is not None:
+                self._set(new, reason)
         elif kind == "recycle":
             self._recycle_reason = str(message.get("reason", "recycle requested"))
             if message.get("graceful"):
@@ -637,7 +617,7 @@ class Instance:
             self.last_error = self._run_error
             log.error("role_error", instance=self.id, where=where, error=summary)
             if message.get("timed_out"):
-                self.stop_outcome.overran()
+                self.life.stop.overran()
         elif kind == "changing_result" and self._changing is not None:
             if not self._changing.done():
                 self._changing.set_result(bool(message.get("cancel")))
@@ -685,8 +665,7 @@ class Instance:
         since the instance was last ready: a crash loop that never gets there has one
         deadline, not one per boot. Spent in earlier boots, it is missed at once."""
         self._cancel_deadline()
-        self._boot_began = time.time()
-        left = self.ready_deadline.begin_boot(self._boot_began)
+        left = self.life.deadline_starts(time.time())
         if left <= 0:
             self._deadline_missed()
         else:
@@ -704,7 +683,7 @@ class Instance:
             where += f", running {', '.join(running)}" if running else ""
         elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
             where += f", {self.why_not_back()}"
-        self._failed_reason = self.ready_deadline.missed(
+        self._failed_reason = self.life.deadline.missed(
             where, self.last_error or self._recycled_for)
         self.last_error = self._run_error = self._failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
@@ -743,7 +722,7 @@ class Instance:
         """Begin the stop without waiting for it (`stop` waits)."""
         self._stop_reason = reason
         self._stop_requested = True
-        self.stop_outcome.final_stop_begins()
+        self.life.stop.final_stop_begins()
         self._interrupt.set()
 
     def force_stop(self, reason: str) -> bool:
@@ -757,7 +736,7 @@ class Instance:
         # Asked first, so that the host's death is taken for the stop it is, not for a
         # crash to recycle from.
         self.request_stop(self._stop_reason if self._stop_requested else reason)
-        self.stop_outcome.force(reason)
+        self.life.stop.force(reason)
         self._forced.set()
         # The end of the boot may be waiting on its foreground tasks. Before that end, it
         # comes at once (the host is killed below) and kills them itself, as ended: a
@@ -883,7 +862,7 @@ class Instance:
         while not (self.state in (S.FAILED, S.STOPPED)
                    or (self.starts > starts and self.settled_back)):
             await self._changed.wait()
-        if not self._back:
+        if not self.back:
             raise OperationFailed(
                 f"{self.id} did not become ready after its host exited in `changing`: it is "
                 f"{self.state.value} ({self.reason or self.last_error})")
@@ -894,7 +873,7 @@ class Instance:
         if balancer is None:
             return {}
         status = balancer.backends[self.id].snapshot()
-        if (result := self._probes.get(name)) is not None:
+        if (result := self.life.probes.get(name)) is not None:
             spec = self.role.endpoints[name].probe
             status["probe"] = {"healthy": result.healthy, "seen": result.seen,
                                "passes": result.passes,
@@ -918,12 +897,12 @@ class Instance:
             "state_since": iso(self.state_since),
             "pid": self.process.pid if self.process is not None and self.process.running else None,
             "restarts": max(0, self.starts - 1),
-            "attempt": self.backoff.failures,
+            "attempt": self.life.backoff.failures,
             "next_try": iso(self.next_try),
             "last_error": self.last_error,
             "ready_since": iso(self.ready_since) if self.state is S.READY else None,
-            "back": self._back,
-            "back_since": iso(self.back_since) if self._back else None,
+            "back": self.back,
+            "back_since": iso(self.back_since) if self.back else None,
             # Ready but not back: why (not ready, the state and reason say why).
             "why_not_back": self.why_not_back() or None if self.state is S.READY else None,
             "operation": self.operation,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import NamedTuple
 
 import structlog
 
 from rolehost.definition import Probe
+from rolehost.lifecycle import ProbeResult as Result
 
 log = structlog.get_logger()
 
@@ -39,14 +39,6 @@ async def once(host: str, port: int, spec: Probe) -> tuple[bool, str]:
     # Three digits, as a status code has: int() of a longer run could raise, or be huge.
     code = int(parts[1]) if len(parts) > 1 and len(parts[1]) == 3 and parts[1].isdigit() else 0
     return 200 <= code < 400, f"HTTP {code}" if code else "not an HTTP answer"
-
-
-class Result(NamedTuple):
-    """Where a watched endpoint stands after a probe."""
-
-    healthy: bool
-    seen: str  # what the last probe saw: "HTTP 503", "connected", ...
-    passes: int  # passes in a row (of the probe's `healthy` that make it healthy)
 
 
 async def watch(host: str, port: int, spec: Probe, report: Callable[[Result], None]) -> None:

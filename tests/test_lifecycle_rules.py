@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from rolehost.definition import Endpoint
 from rolehost.lifecycle import (
     RUNNING,
     SETTLED,
     TRANSITIONS,
     Backoff,
     IllegalTransition,
+    Lifecycle,
+    ProbeResult,
     ReadyDeadline,
     State,
     StopOutcome,
@@ -175,3 +178,117 @@ def test_an_instance_changes_state_only_along_the_table(tmp_path: Path) -> None:
         assert (instance.state, instance.reason) == (S.STOPPED, "stopped before it started")
     finally:
         instance.output.close()
+
+
+# `Lifecycle`: one instance's state, fed the events of a history with their times.
+
+def endpoint(probe: bool = True, ignore_status: bool = False, healthy: int = 2) -> Endpoint:
+    return Endpoint.model_validate({
+        "port": 8080, "ignore_status": ignore_status,
+        **({"probe": {"path": "/healthz", "healthy": healthy}} if probe else {})})
+
+
+def lifecycle(deadline: float = 30.0) -> Lifecycle:
+    return Lifecycle("web_IN_0", Backoff(1.0, 60.0, 60.0), ReadyDeadline(deadline), since=0.0)
+
+
+def boot(life: Lifecycle, now: float) -> float:
+    """A boot up to `starting`, as the adapter runs one: the deadline's seconds left."""
+    life.boot_begins(now)
+    life.change(S.BOOTSTRAPPING, "boot", now)
+    left = life.deadline_starts(now)
+    life.change(S.STARTING, "host started", now)
+    return left
+
+
+def test_a_probed_instance_is_back_once_the_probe_lets_it_in() -> None:
+    life, http = lifecycle(), {"http": endpoint()}
+    boot(life, 0.0)
+    assert life.reported(S.READY) is S.READY
+    life.change(S.READY, "", 1.0)
+    assert not life.update_back(http, 1.0) and not life.back and not life.settled
+    assert life.rotation("http", http["http"]) == (False, "probe failing: no probe result yet")
+    life.probes["http"] = ProbeResult(False, "HTTP 503", 1)
+    assert life.why_not_back(http) == (
+        "not yet in rotation: http: probe failing (1/2 healthy): HTTP 503")
+    life.probes["http"] = ProbeResult(True, "HTTP 200", 2)
+    assert life.update_back(http, 4.0) and life.back and life.settled
+    assert (life.ready_since, life.back_since) == (1.0, 4.0)
+    assert life.deadline.unready_since is None  # met: the next boot gets a fresh one
+    # The probe fails later: out of rotation, not back, and it says it was back before.
+    life.probes["http"] = ProbeResult(False, "HTTP 500", 0)
+    assert life.update_back(http, 9.0) and not life.back
+    assert life.why_not_back(http).startswith("out of rotation: http: probe failing (0/2")
+    assert life.back_since == 4.0
+
+
+def test_busy_is_not_back_even_where_the_endpoint_ignores_status() -> None:
+    life = lifecycle()
+    served = {"http": endpoint(probe=False, ignore_status=True)}
+    boot(life, 0.0)
+    life.change(S.BUSY, "a status check reported busy", 1.0)
+    assert life.rotation("http", served["http"]) == (True, "")  # it serves all the same
+    assert not life.update_back(served, 1.0) and not life.back
+    assert life.why_not_back(served) == "busy"
+    life.change(S.READY, "", 2.0)
+    assert life.update_back(served, 2.0) and life.back
+
+
+def test_a_drain_takes_the_instance_out_before_it_stops() -> None:
+    life, http = lifecycle(), {"http": endpoint(probe=False)}
+    boot(life, 0.0)
+    life.change(S.READY, "", 1.0)
+    assert life.update_back(http, 1.0)
+    life.draining = "restart: requested"
+    assert life.rotation("http", http["http"]) == (False, "draining: restart: requested")
+    assert life.update_back(http, 2.0) and not life.back
+    assert life.reported(S.STOPPING) is S.STOPPING
+    life.change(S.STOPPING, "restart: requested", 2.0)
+    life.change(S.STOPPED, "stopped", 3.0)
+    assert life.reported(S.READY) is None  # a late report of a host that ran
+    assert life.settled
+
+
+def test_a_crash_loop_shares_one_deadline_and_backs_off() -> None:
+    life = lifecycle(deadline=10.0)
+    delays = []
+    for n in range(3):  # on_start raises, three boots 3 s apart
+        left = boot(life, 3.0 * n)
+        assert left == 10.0 - 3.0 * n
+        life.change(S.RECYCLING, "on_start: RuntimeError", 3.0 * n + 0.5)
+        assert life.settled  # an operation waiting on it is over: it did not come back
+        delays.append(life.boot_ended(3.0 * n + 0.5))
+    assert delays == [1.0, 2.0, 4.0]
+    assert boot(life, 11.0) == -1.0  # the fourth boot: missed at once
+    life.change(S.FAILED, life.deadline.missed("starting", "on_start: RuntimeError"), 11.0)
+    assert "in 4 boots" in life.reason
+    life.operation_begins()  # `rolehost restart`: a fresh deadline and back-off
+    assert boot(life, 12.0) == 10.0 and life.boot_ended(13.0) == 1.0
+
+
+def test_a_boot_starts_with_nothing_of_the_last_one() -> None:
+    life, http = lifecycle(), {"http": endpoint()}
+    boot(life, 0.0)
+    life.change(S.READY, "", 1.0)
+    life.probes["http"] = ProbeResult(True, "HTTP 200", 2)
+    life.update_back(http, 1.0)
+    life.draining = "restart"
+    life.change(S.STOPPING, "restart", 2.0)
+    life.update_back(http, 2.0)
+    boot(life, 3.0)
+    assert (life.ready_since, life.back_since, life.draining, life.probes) == (
+        None, None, None, {})
+    assert life.reason == "host started" and life.since == 3.0
+
+
+def test_ready_but_never_in_rotation_ends_failed_and_that_settles_it() -> None:
+    life, http = lifecycle(deadline=5.0), {"http": endpoint()}
+    boot(life, 0.0)
+    life.change(S.READY, "", 1.0)
+    life.probes["http"] = ProbeResult(False, "HTTP 503", 0)
+    assert not life.settled
+    reason = life.deadline.missed(f"ready, {life.why_not_back(http)}", "")
+    life.change(S.FAILED, reason, 5.0)
+    assert life.settled and life.state is S.FAILED
+    assert life.reason.endswith("it was ready, not yet in rotation: http: probe failing "
+                                "(0/2 healthy): HTTP 503")
