@@ -5,7 +5,7 @@
 | `os/`             | D:             | temp, installed tools, machine state    |
 | `app/`            | E:/F: approot  | a copy of the deployed role code        |
 
-`Maintenance` and `apply` are the disk table of DESIGN.md, in code.
+`Maintenance` and `apply` are the disk table of docs/concepts.md#disks, in code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The exit codes of the `rolehost` command (docs/concepts.md#the-rolehost-command).
+"""The exit codes of the `rolehost` command (docs/concepts.md#exit-codes).
 
 0 done; 1 the operation failed; 2 the definition or the usage is wrong, or a deploy's
 preflight refused it: nothing was touched; 3 the service stopped, but not gracefully (a

@@ -1,4 +1,4 @@
-"""The lifecycle rules of DESIGN.md, with a real controller and real host processes."""
+"""The lifecycle rules of docs/concepts.md, with a real controller and real host processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Startup tasks, local disks and the maintenance events: the disk table of DESIGN.md."""
+"""Startup tasks, local disks and the maintenance events: the disk table of docs/concepts.md#disks."""
 
 from __future__ import annotations
 
