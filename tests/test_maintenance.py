@@ -1,4 +1,4 @@
-"""Startup tasks, local disks and the maintenance events: the disk table of docs/concepts.md#disks."""
+"""Startup tasks, local disks and the maintenance events: the disk table of concepts.md."""
 
 from __future__ import annotations
 
