@@ -22,6 +22,7 @@ from rolehost.disks import Maintenance, Upgrade
 from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
+from rolehost.scalars import parse_duration
 
 DETACH_TIMEOUT = 60.0
 
@@ -546,6 +547,13 @@ def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, in
     return host, int(port)
 
 
+def _duration(_: click.Context, __: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command(name="run-instance")
 @click.argument("role")
 @_file
@@ -556,8 +564,9 @@ def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, in
 @click.option("--health", default="127.0.0.1:8484", show_default=True, callback=_address,
               help="host:port of /startup, /ready, /live and /stop (0.0.0.0:PORT to listen "
                    "on every interface, [::1]:PORT for IPv6).")
-@click.option("--drain-delay", default=0.0, show_default=True,
-              help="Seconds between leaving rotation (/ready 503) and the stop.")
+@click.option("--drain-delay", default="0", show_default=True, callback=_duration,
+              help="Time between leaving rotation (/ready 503) and the stop: seconds, or "
+                   "a duration such as 500ms or 5s.")
 @click.option("--endpoint-host", help="Address the role binds its endpoints on [default: "
               "each endpoint's host]; 0.0.0.0 in a container.")
 @click.option("--resources-dir", type=click.Path(path_type=Path),

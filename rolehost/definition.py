@@ -29,38 +29,14 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-# Whole: no whitespace around it or inside (the schema's pattern refuses it too), and
-# ASCII digits only (`\d` would take any script's, which JSON Schema's does not).
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+from rolehost.scalars import MAX_DURATION as MAX_DURATION
+from rolehost.scalars import parse_duration as parse_duration
+
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 # HOST:PORT, the port 1 to 65535 (more would wrap around when bound).
 _ADDRESS = re.compile(
     r"^[^\s:]+:([1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])$"
 )
-# Longer than any deadline or timeout has a use for, and far below what a wait can take
-# (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
-MAX_DURATION = 7 * 24 * 3600
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from `90`, `1.5`, `"90s"`, `"5m"`, `"1h"` or `"250ms"`."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 90, \"90s\", \"5m\" or \"1h\"")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ValueError(
-            f"expected a duration such as 90, \"90s\", \"5m\" or \"1h\", got {value!r}"
-        )
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"a duration must be a finite number of seconds, 0 or more, got {value!r}")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"a duration must be at most 7 days ({MAX_DURATION:g} seconds), "
-                         f"got {value!r}")
-    return seconds
 
 
 class _DurationSchema:

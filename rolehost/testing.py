@@ -456,11 +456,17 @@ class RoleRun:
         role: str = "role",
         index: int = 0,
         endpoints: Mapping[str, int] | None = None,
-        stop_timeout: float = 30.0,
+        stop_timeout: float | str | None = None,
     ) -> None:
         import asyncio
 
+        from rolehost.definition import Role, parse_duration
         from rolehost.environment import Context, RoleEnvironment
+
+        # The definition's default and syntax: a role tested here meets the limit it
+        # will meet when deployed, 5 minutes unless its tests say otherwise.
+        limit = (Role.model_fields["stop_timeout"].default if stop_timeout is None
+                 else parse_duration(stop_timeout))
 
         self.folder = Path(tempfile.mkdtemp(prefix="rolehost-role-"))
         for sub in ("app", "os/tmp", *(f"resources/{n}" for n in resources or {})):
@@ -469,7 +475,7 @@ class RoleRun:
             instance_id=f"{role}_IN_{index}", role=role, index=index, update_domain=0,
             deployment_id="local", entry_point=f"{cls.__module__}:{cls.__qualname__}",
             app_dir=str(self.folder / "app"), os_dir=str(self.folder / "os"),
-            stop_timeout=stop_timeout, status_check_interval=1.0,
+            stop_timeout=limit, status_check_interval=1.0,
             settings=dict(settings or {}),
             endpoints={n: {"host": "127.0.0.1", "port": p, "protocol": "http"}
                        for n, p in (endpoints or {}).items()},
@@ -564,9 +570,12 @@ class RoleRun:
             self.call(handler, changes)
         return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop;
-        only `is_stopping` if on_start has not returned true, as in the host."""
+    def stop(self, timeout: float | None = None) -> None:
+        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop, each
+        waited for up to `timeout` (the run's stop_timeout); only `is_stopping` if
+        on_start has not returned true, as in the host."""
+        if timeout is None:
+            timeout = self.context.stop_timeout
         if self.stopped:
             return
         self.stopped = True

@@ -160,3 +160,26 @@ def test_no_on_stop_after_on_start_failed(rolehost_role: Any, fail: str) -> None
             assert run.start() is False
     assert run.role.calls == []
     assert run.stopped and not RoleEnvironment.is_available
+
+
+class SlowToStop(RoleEntryPoint):
+    async def on_stop(self) -> None:
+        await asyncio.sleep(60)
+
+
+def test_run_role_takes_the_definitions_stop_timeout(rolehost_role: Any) -> None:
+    """`run_role` defaulted stop_timeout to 30 s where a deployed role gets 5 minutes, and
+    stop() waited 30 s whatever stop_timeout said."""
+    import time
+
+    from rolehost.testing import run_role
+
+    with run_role(SlowToStop) as run:
+        assert run.context.stop_timeout == 300.0  # as `[roles.NAME] stop_timeout`'s default
+    run = rolehost_role(SlowToStop, stop_timeout="200ms")  # a duration, as in rolehost.toml
+    assert run.context.stop_timeout == 0.2
+    assert run.start()
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        run.stop()
+    assert time.monotonic() - began < 5
