@@ -22,7 +22,7 @@ from rolehost.disks import Maintenance, Upgrade
 from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
-from rolehost.scalars import parse_duration
+from rolehost.scalars import parse_address, parse_duration
 
 DETACH_TIMEOUT = 60.0
 
@@ -539,12 +539,10 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
 
 def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, int]:
     """HOST:PORT, the host named: nothing listens on every interface unless asked."""
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise click.BadParameter(f"{value!r}: expected HOST:PORT, with a host (0.0.0.0 for "
-                                 "every interface) and a port from 1 to 65535")
-    return host, int(port)
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _duration(_: click.Context, __: click.Parameter, value: str) -> float:

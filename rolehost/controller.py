@@ -37,6 +37,7 @@ from rolehost.instance import Deployment, Instance, Operation, iso, parse_instan
 from rolehost.lifecycle import State
 from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
+from rolehost.scalars import parse_address
 from rolehost.walks import Walk, domains
 from rolehost.watch import watch_file
 
@@ -154,9 +155,8 @@ class Controller:
         try:
             if self.definition.service.metrics:
                 address = self.definition.service.metrics
-                where, _, number = address.rpartition(":")
                 try:
-                    metrics_server = await api.serve_metrics(where, int(number), self)
+                    metrics_server = await api.serve_metrics(*parse_address(address), self)
                 except OSError as exc:
                     raise StartError(f"cannot serve metrics on {address}: "
                                      f"{exc.strerror}") from None

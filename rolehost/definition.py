@@ -29,14 +29,11 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from rolehost.scalars import ADDRESS_PATTERN, parse_address
 from rolehost.scalars import MAX_DURATION as MAX_DURATION
 from rolehost.scalars import parse_duration as parse_duration
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
-# HOST:PORT, the port 1 to 65535 (more would wrap around when bound).
-_ADDRESS = re.compile(
-    r"^[^\s:]+:([1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5])$"
-)
 
 
 class _DurationSchema:
@@ -347,8 +344,9 @@ class Service(_Model):
     )
     backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
     metrics: Text | None = Field(
-        default=None, json_schema_extra={"pattern": _ADDRESS.pattern},
-        description="host:port to serve Prometheus metrics on (also GET /v1/metrics); off",
+        default=None, json_schema_extra={"pattern": ADDRESS_PATTERN},
+        description="HOST:PORT to serve Prometheus metrics on (also GET /v1/metrics), "
+        "[::1]:PORT for IPv6; off",
     )
     change_mode: Literal["per-ud", "blast"] = Field(
         default="per-ud",
@@ -369,8 +367,8 @@ class Service(_Model):
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         # The pattern, in the schema too, but a message a person can read.
-        if value is not None and not _ADDRESS.fullmatch(value):
-            raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+        if value is not None:
+            parse_address(value)
         return value
 
     @model_validator(mode="after")
@@ -393,7 +391,7 @@ class Definition(_Model):
         # key path). Two listeners on one port are not worth that.
         seen: dict[int, str] = {}
         if self.service.metrics:
-            seen[int(self.service.metrics.rpartition(":")[2])] = "service.metrics"
+            seen[parse_address(self.service.metrics)[1]] = "service.metrics"
         for role_name, role in self.roles.items():
             for ep_name, ep in role.endpoints.items():
                 path = f"roles.{role_name}.endpoints.{ep_name}.port"

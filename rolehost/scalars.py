@@ -1,6 +1,10 @@
-"""How the definition writes its scalar values, each read by one function here, which
-the model's fields use and so does every other reader (the CLI, run-instance, the test
-harness).
+"""How the definition writes its scalar values: durations and HOST:PORT addresses. Each
+is read by one function here, which the model's fields use and so does every other reader
+(the CLI, run-instance, the test harness).
+
+Patterns are for both engines that read them: pydantic's (Rust) and JSON Schema's
+(ECMA-262, in editors). So they spell out their classes in ASCII: `\\d`, `\\w` and `\\s`
+mean more under Unicode in one engine than in the other.
 """
 
 from __future__ import annotations
@@ -43,3 +47,36 @@ def parse_duration(value: object) -> float:
                          f"({MAX_DURATION:g} seconds), "
                          f"got {value!r}")
     return float(exact)
+
+
+# --- addresses ---------------------------------------------------------------------
+
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LS32 = rf"(?:{_H16}:{_H16}|{_OCTET}(?:\.{_OCTET}){{3}})"
+# RFC 3986's IPv6address: 8 groups, or fewer around one "::", the last two perhaps an
+# IPv4 address. No zone (`%eth0`): a metrics or health port has no use for link-local.
+IPV6 = "(?:" + "|".join([
+    f"(?:{_H16}:){{6}}{_LS32}",
+    f"::(?:{_H16}:){{5}}{_LS32}",
+    f"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+    *(f"(?:(?:{_H16}:){{0,{n}}}{_H16})?::{rest}"
+      for n, rest in ((1, f"(?:{_H16}:){{3}}{_LS32}"), (2, f"(?:{_H16}:){{2}}{_LS32}"),
+                      (3, f"{_H16}:{_LS32}"), (4, _LS32), (5, _H16), (6, ""))),
+]) + ")"
+# A name or an IPv4 address (which a name's characters spell), or an IPv6 one in brackets:
+# bare, its colons would make the port ambiguous (is ::1:8080 the port 8080 of ::1?).
+ADDRESS_PATTERN = rf"^(?:([A-Za-z0-9._-]+)|\[({IPV6})\]):({_PORT})$"
+_ADDRESS = re.compile(ADDRESS_PATTERN)
+ADDRESS_SYNTAX = ("HOST:PORT, with a host (0.0.0.0 for every interface, [::1] for an IPv6 "
+                  "address) and a port from 1 to 65535")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """(host, port) from HOST:PORT, IPv6 hosts in brackets (which the host loses: it is
+    what a socket binds). ValueError naming the rule if `text` is none."""
+    match = _ADDRESS.fullmatch(text)
+    if match is None:
+        raise ValueError(f"expected {ADDRESS_SYNTAX}, got {text!r}")
+    return match.group(1) or match.group(2), int(match.group(3))

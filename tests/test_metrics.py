@@ -77,3 +77,25 @@ def test_metrics_scraped_and_parsed(make_service: MakeService) -> None:
             raise AssertionError("the control API must not be reachable over TCP")
         except urllib.error.HTTPError as exc:
             assert exc.code == 404
+
+
+def test_metrics_are_served_on_an_ipv6_address(make_service: MakeService) -> None:
+    """`metrics = "[::1]:PORT"`: the model refused it (while `--health` took it), and the
+    listener was handed the host with its brackets."""
+    import socket
+
+    import pytest
+
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        metrics_port = s.getsockname()[1]
+    service = make_service("class Role(RoleEntryPoint): pass",
+                           service={"metrics": f"[::1]:{metrics_port}"})
+    with service.harness() as h:
+        h.wait_ready(30)
+        text = urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        assert samples(text)[("rolehost_instances", (("role", "web"), ("state", "ready")))] == 1

@@ -277,14 +277,31 @@ def test_a_port_is_used_once_whatever_the_address_is_called(
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:0",
-                                     "localhost:", ":9464", "h:80\n"])
+                                     "localhost:", ":9464", "h:80\n", "h h:80", "::1:9464",
+                                     "[::1]", "[:::1]:80", "[127.0.0.1]:80", "[fe80::1%lo]:80",
+                                     "127.0.0.1:\u0668\u0660"])
 def test_the_metrics_port_is_one_that_can_be_bound(address: str) -> None:
     raw = {"service": {"name": "s", "metrics": address}, "roles": {"w": {"entry_point": "m:C"}}}
     with pytest.raises(definition.DefinitionErrors) as caught:
         definition.parse(raw, Path("svc.toml"))
     assert [str(e) for e in caught.value.errors] == [
-        f"svc.toml: service.metrics: expected HOST:PORT with a port from 1 to 65535, "
+        "svc.toml: service.metrics: expected HOST:PORT, with a host (0.0.0.0 for every "
+        "interface, [::1] for an IPv6 address) and a port from 1 to 65535, "
         f"got {address!r}"]
+
+
+@pytest.mark.parametrize(("address", "host", "port"), [
+    ("localhost:9464", "localhost", 9464), ("0.0.0.0:1", "0.0.0.0", 1),
+    ("[::1]:9464", "::1", 9464), ("[2001:DB8::1]:65535", "2001:DB8::1", 65535),
+    ("[::ffff:127.0.0.1]:80", "::ffff:127.0.0.1", 80), ("[::]:80", "::", 80)])
+def test_an_ipv6_metrics_address_is_in_brackets_as_the_cli_takes_it(
+        address: str, host: str, port: int) -> None:
+    # One rule for HOST:PORT: the model refused [::1]:9464, which --health took.
+    from rolehost.cli import _address
+
+    raw = {"service": {"name": "s", "metrics": address}, "roles": {"w": {"entry_point": "m:C"}}}
+    assert definition.parse(raw).service.metrics == address
+    assert _address(None, None, address) == (host, port)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("timeout", [0, "0s", "0ms"])
