@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from rolehost.disks import Maintenance, Upgrade
 from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
 from rolehost.instance import iso, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
-from rolehost.scalars import parse_address, parse_duration
+from rolehost.scalars import parse_address, parse_duration, setting_from_text
 
 DETACH_TIMEOUT = 60.0
 
@@ -328,20 +327,14 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
     """Set settings of ROLE: per update domain (or all at once with change_mode = "blast"),
     `changing` handlers may cancel, which recycles that instance to apply them. A domain
     that does not come back halts the change (exit 1): later domains keep their settings.
-    VALUE is read as JSON when it is a number, true or false, and as a string otherwise."""
+    VALUE is read as an integer, a number, true or false when it is one (as TOML writes
+    them), and as a string otherwise."""
     settings = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
             _fail(f"not KEY=VALUE: {assignment!r}", EXIT_BAD_DEFINITION)
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
-        # NaN, Infinity and 1e400 are no JSON numbers: they stay the strings they were
-        number = isinstance(parsed, int | bool) or (
-            isinstance(parsed, float) and math.isfinite(parsed))
-        settings[key] = parsed if number else value
+        settings[key] = setting_from_text(value)
     outcome = _call(_client(file, run_dir, timeout=24 * 3600).configure, role, settings)
     for instance, what in outcome.items():
         click.echo(f"{instance}: {what}")

@@ -1,6 +1,6 @@
-"""How the definition writes its scalar values: durations and HOST:PORT addresses. Each
-is read by one function here, which the model's fields use and so does every other reader
-(the CLI, run-instance, the test harness).
+"""How the definition writes its scalar values: durations, HOST:PORT addresses, and
+settings given as text. Each is read by one function here, which the model's fields use
+and so does every other reader (the CLI, run-instance, the test harness).
 
 Patterns are for both engines that read them: pydantic's (Rust) and JSON Schema's
 (ECMA-262, in editors). So they spell out their classes in ASCII: `\\d`, `\\w` and `\\s`
@@ -80,3 +80,57 @@ def parse_address(text: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"expected {ADDRESS_SYNTAX}, got {text!r}")
     return match.group(1) or match.group(2), int(match.group(3))
+
+
+# --- settings as text --------------------------------------------------------------
+
+Setting = str | int | float | bool
+# TOML's decimal numbers: what `name = TEXT` in rolehost.toml would read, ASCII digits.
+_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)")
+_NUMBER = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(?:\.[0-9](?:_?[0-9])*)?"
+                     r"(?:[eE][+-]?[0-9](?:_?[0-9])*)?")
+_FLAGS = {"true": True, "false": False}
+# Spellings a platform's environment uses for flags. Only a declared boolean takes them:
+# without one, "on" or "no" is likelier a word and 1 or 0 a number.
+_MORE_FLAGS = {"1": True, "yes": True, "on": True, "0": False, "no": False, "off": False}
+
+
+def setting_from_text(text: str, declared: Setting | None = None) -> Setting:
+    """The value of a setting given as text (`config set KEY=VALUE`, an environment
+    variable under run-instance), read as the type of the value it replaces (`declared`):
+    true or false (or 1, 0, yes, no, on, off, in any case) for a boolean; an integer or a
+    finite number as TOML writes them, white space around them ignored; the text as it is
+    for a string. With nothing declared, an integer, a finite number, true or false is
+    one, and any other text a string. ValueError saying what was expected, never the
+    text: it may be a secret's."""
+    word = text.strip()
+    integer, number = _integer(word), _number(word)
+    if declared is None:
+        if integer is not None:
+            return integer
+        return number if number is not None else _FLAGS.get(word, text)
+    if isinstance(declared, bool):
+        if (flag := {**_FLAGS, **_MORE_FLAGS}.get(word.lower())) is None:
+            raise ValueError("true or false (or 1, 0, yes, no, on, off)")
+        return flag
+    if isinstance(declared, int):
+        if integer is None:
+            raise ValueError("an integer")
+        return integer
+    if isinstance(declared, float):
+        if number is None:
+            raise ValueError("a finite number")
+        return number
+    return text
+
+
+def _integer(word: str) -> int | None:
+    try:
+        return int(word) if _INTEGER.fullmatch(word) else None
+    except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+        return None
+
+
+def _number(word: str) -> float | None:
+    number = float(word) if _NUMBER.fullmatch(word) else math.inf
+    return number if math.isfinite(number) else None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import re
 import signal
@@ -41,6 +40,7 @@ from rolehost.exits import EXIT_STOP_CUT_SHORT
 from rolehost.instance import Deployment, Instance
 from rolehost.lifecycle import RUNNING, State
 from rolehost.rundir import RunDir
+from rolehost.scalars import setting_from_text
 
 log = structlog.get_logger()
 ROUTES: Routes = []
@@ -57,39 +57,23 @@ def index_from_environment() -> int:
     return int(match.group(1)) if match else 0
 
 
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
-             "0": False, "false": False, "no": False, "off": False}
-
-
 def settings_from_environment(role: Role, environ: Mapping[str, str], name: str = "") -> Role:
     """`ROLEHOST_SETTING_NAME` overrides a declared setting (from a ConfigMap or a Secret,
-    say), read as the type the definition gives it; a secret stays secret. A value that
-    is not of that type is a DefinitionError that names the variable, never the value
-    (it may be a secret's)."""
+    say), read as the type the definition gives it (`setting_from_text`); a secret stays
+    secret. A value that is not of that type is a DefinitionError that names the variable,
+    never the value (it may be a secret's)."""
     settings: dict[str, Any] = dict(role.settings)
     for key, declared in role.settings.items():
         variable = setting_variable(key)
         if variable not in environ:
             continue
-        raw = environ[variable]
-        text = raw.strip()  # a number's or a flag's: a file in a ConfigMap ends in a newline
         current = declared.value if isinstance(declared, Secret) else declared
-        value: Any = raw
-        if isinstance(current, bool):
-            value = _BOOLEANS.get(text.lower())
-            expected = "true or false (or 1, 0, yes, no, on, off)"
-        elif isinstance(current, int):
-            value = int(text) if re.fullmatch(r"[+-]?\d+", text) else None
-            expected = "an integer"
-        elif isinstance(current, float):
-            with contextlib.suppress(ValueError):
-                value = float(text)
-            value = value if isinstance(value, float) and math.isfinite(value) else None
-            expected = "a finite number"
-        if value is None:
+        try:
+            value = setting_from_text(environ[variable], current)
+        except ValueError as expected:
             raise DefinitionError(None, f"roles.{name}.settings.{key}" if name else key,
                                   f"{variable} is not {expected}, as the definition's value "
-                                  "is (the value is not shown)")
+                                  "is (the value is not shown)") from None
         settings[key] = declared.model_copy(update={"value": value}) if isinstance(
             declared, Secret) else value
     return role.model_copy(update={"settings": settings})

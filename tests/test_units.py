@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rolehost import definition
 from rolehost.instance import parse_instance_name
@@ -386,6 +389,55 @@ def test_a_dumped_role_validates_as_it_was() -> None:
     role = definition.parse_role("w", raw)
     assert definition.parse_role("w", role.model_dump()) == role
     assert definition.parse_role("w", {**role.model_dump(), "settings": role.settings}) == role
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("8", 8), ("-3", -3), ("+5", 5), (" 8\n", 8), ("1_000", 1000), ("0.5", 0.5),
+    ("1e3", 1000.0), ("true", True), ("false", False), ("green", "green"), ("NaN", "NaN"),
+    ("1e400", "1e400"), ("inf", "inf"), ("yes", "yes"), ("on", "on"), ("1", 1), ("True", "True"),
+    ("08540", "08540"), (".5", ".5"), ("\u0663", "\u0663"), (" x ", " x "), ("", "")])
+def test_a_setting_without_a_declared_type_reads_as_its_text_says(
+        text: str, value: object) -> None:
+    # `config set KEY=VALUE`: numbers and true/false as TOML writes them; else the text.
+    from rolehost.scalars import setting_from_text
+
+    read = setting_from_text(text)
+    assert (read, type(read)) == (value, type(value))
+
+
+@pytest.mark.parametrize(("text", "declared", "value"), [
+    (" 8\n", 0, 8), ("+5", 0, 5), ("1_000", 0, 1000), ("2", 0.5, 2.0), ("1e3", 0.5, 1000.0),
+    ("TRUE", False, True), ("off", True, False), ("1", False, True), ("0", True, False),
+    (" s3cr3t ", "", " s3cr3t ")])
+def test_a_setting_with_a_declared_type_reads_as_that_type(
+        text: str, declared: Any, value: object) -> None:
+    from rolehost.scalars import setting_from_text
+
+    read = setting_from_text(text, declared)
+    assert (read, type(read)) == (value, type(value))
+
+
+@pytest.mark.parametrize(("text", "declared"), [
+    ("08", 0), ("2.0", 0), ("\u0663", 0), ("1" * 5000, 0), (".5", 0.5), ("nan", 0.5),
+    ("1e400", 0.5), ("maybe", True), ("", True)])
+def test_a_setting_not_of_its_declared_type_is_refused(text: str, declared: Any) -> None:
+    from rolehost.scalars import setting_from_text
+
+    with pytest.raises(ValueError, match=r"^(an integer|a finite number|true or false)"):
+        setting_from_text(text, declared)
+
+
+@given(st.text(st.sampled_from("0123456789+-._eE tTrRuUfFaAlLsS"), max_size=8))
+@settings(max_examples=300, derandomize=True, database=None)
+def test_config_set_and_run_instance_read_a_setting_alike(text: str) -> None:
+    """One rule for a setting given as text: what `config set` reads a text as, a setting
+    of that type under run-instance reads it as too. (The CLI read JSON, run-instance
+    Python's int() and float(): "+5" was a string to one and 5 to the other.)"""
+    from rolehost.scalars import setting_from_text
+
+    read = setting_from_text(text)
+    if not isinstance(read, str):
+        assert setting_from_text(text, type(read)()) == read
 
 
 def test_durations_on_the_command_line_are_read_as_in_the_definition() -> None:
