@@ -342,7 +342,7 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
 
 @cli.command()
 @click.argument("role")
-@click.argument("count", type=click.IntRange(1, 1000))
+@click.argument("count", type=click.IntRange(model.MIN_INSTANCES, model.MAX_INSTANCES))
 @_file
 @_run_dir
 def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:

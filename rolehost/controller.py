@@ -19,7 +19,15 @@ import structlog
 
 from rolehost import api, capacity, logs, metrics, packages, preflight, process
 from rolehost.balancer import Balancer, relay_build
-from rolehost.definition import Definition, DefinitionErrors, Role, Secret, parse_role
+from rolehost.definition import (
+    MAX_INSTANCES,
+    MIN_INSTANCES,
+    Definition,
+    DefinitionErrors,
+    Role,
+    Secret,
+    parse_role,
+)
 from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance, Upgrade
 from rolehost.errors import (
@@ -570,8 +578,8 @@ class Controller:
         """Add instances (new indexes) or stop the highest ones gracefully."""
         await self._until_started()
         role = self._role(role_name)
-        if not 1 <= count <= 1000:
-            raise Invalid("instances must be between 1 and 1000")
+        if not MIN_INSTANCES <= count <= MAX_INSTANCES:
+            raise Invalid(f"instances must be between {MIN_INSTANCES} and {MAX_INSTANCES}")
         with self._exclusive(f"scale {role_name}"):
             return await self._scale(role_name, role, count, cause)
 

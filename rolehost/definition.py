@@ -34,6 +34,8 @@ from rolehost.scalars import MAX_DURATION as MAX_DURATION
 from rolehost.scalars import parse_duration as parse_duration
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+# How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
+MIN_INSTANCES, MAX_INSTANCES = 1, 1000
 
 
 class _DurationSchema:
@@ -237,7 +239,8 @@ class Role(_Model):
         description="module:Class, importable from the role's app folder",
     )
     app: Path = Field(default=Path("."), description="folder deployed as each instance's app/")
-    instances: Integer = Field(default=1, ge=1, le=1000, description="how many instances")
+    instances: Integer = Field(default=MIN_INSTANCES, ge=MIN_INSTANCES, le=MAX_INSTANCES,
+                               description="how many instances")
     stop_timeout: Duration = Field(
         default=300.0, description="limit for `stopping` handlers plus on_stop"
     )

@@ -454,3 +454,12 @@ def test_durations_on_the_command_line_are_read_as_in_the_definition() -> None:
     for bad in ("-1", "nan", "5 m", "8d"):  # click's float took the first two
         with pytest.raises(click.BadParameter, match="duration"):
             drain.process_value(context, bad)
+
+
+def test_the_instance_range_is_the_models_everywhere() -> None:
+    from rolehost.cli import cli
+
+    scale: Any = cli.commands["scale"].params[1].type
+    assert (scale.min, scale.max) == (definition.MIN_INSTANCES, definition.MAX_INSTANCES)
+    instances = definition.json_schema()["$defs"]["Role"]["properties"]["instances"]
+    assert (instances["minimum"], instances["maximum"]) == (1, 1000)
