@@ -254,6 +254,14 @@ class Role(_Model):
     )
     startup_tasks: list[StartupTask] = Field(default_factory=list)
 
+    @field_validator("app", mode="before")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # Resolving such a path raised ValueError: a traceback, not a key path.
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("expected a path without NUL characters")
+        return value
+
     @model_validator(mode="after")
     def _fits_the_environment(self) -> Role:
         # Every setting and resource reaches the role as an environment variable: one that

@@ -463,3 +463,14 @@ def test_the_instance_range_is_the_models_everywhere() -> None:
     assert (scale.min, scale.max) == (definition.MIN_INSTANCES, definition.MAX_INSTANCES)
     instances = definition.json_schema()["$defs"]["Role"]["properties"]["instances"]
     assert (instances["minimum"], instances["maximum"]) == (1, 1000)
+
+
+def test_an_app_folder_with_a_nul_is_a_key_path_error(tmp_path: Path) -> None:
+    # Resolving it beside the definition raised ValueError: `rolehost check` printed a
+    # traceback.
+    toml = tmp_path / "rolehost.toml"
+    toml.write_text('[service]\nname = "s"\n[roles.w]\nentry_point = "m:C"\napp = "a\\u0000"\n')
+    with pytest.raises(definition.DefinitionErrors) as caught:
+        definition.load(toml)
+    assert [str(e) for e in caught.value.errors] == [
+        f"{toml}: roles.w.app: expected a path without NUL characters"]
