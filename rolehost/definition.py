@@ -21,51 +21,30 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    GetJsonSchemaHandler,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
 
 from rolehost.scalars import ADDRESS_PATTERN, parse_address
 from rolehost.scalars import MAX_DURATION as MAX_DURATION
 from rolehost.scalars import parse_duration as parse_duration
+from rolehost.schema import (
+    NO_NUL,
+    NOT_BLANK,
+    SPLITS,
+    VARIABLE_NAME,
+    DurationSchema,
+    SchemaOnly,
+    model_schema,
+    published,
+)
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
 MIN_INSTANCES, MAX_INSTANCES = 1, 1000
-
-
-class _DurationSchema:
-    """A duration's JSON schema: a number of seconds or a string with a unit. The number
-    keeps the bounds of the field it is used in (WithJsonSchema would drop them: the
-    schema said `minimum: 0` where the model wants more than 0)."""
-
-    def __get_pydantic_json_schema__(
-        self, schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        number = {**handler(schema), "type": "number"}
-        # A bound given inside an annotation (as an optional duration's must be) comes
-        # through under its pydantic name.
-        for ours, theirs in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
-                             ("lt", "exclusiveMaximum"), ("le", "maximum")):
-            if ours in number:
-                number[theirs] = number.pop(ours)
-        if "exclusiveMinimum" not in number:
-            number.setdefault("minimum", 0)
-        number.setdefault("maximum", MAX_DURATION)
-        text = r"[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"
-        # A string's other bounds are the model's to check; "more than 0" fits a pattern.
-        text = "^(?=.*[1-9])" + text if number.get("exclusiveMinimum") == 0 else "^" + text
-        return {"anyOf": [number, {"type": "string", "pattern": text}],
-                "description": "seconds, or a string like \"90s\", \"5m\", \"1h\"; "
-                               "at most 7 days"}
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), _DurationSchema()]
-SettingValue = str | int | float | bool
+Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
+SettingValue = Annotated[str, SchemaOnly(pattern=NO_NUL)] | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
 # names and Kubernetes names: 63 characters (a DNS label) fits them all.
 Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
@@ -78,10 +57,12 @@ Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
 # strings, and `controller.configure` re-validates a `model_dump()`, Paths and enums in it.
 # A TOML float is refused where an integer is expected, 2.0 included: it is a different
 # type in TOML, as "2" is. (JSON has one number type, so the published schema's "integer"
-# takes 2.0: the one place where it accepts what the model does not.)
+# takes 2.0: see schema.MODEL_ONLY.)
 Integer = Annotated[int, Field(strict=True)]
 Boolean = Annotated[bool, Field(strict=True)]
 Text = Annotated[str, Field(strict=True)]
+Word = Annotated[Text, SchemaOnly(pattern=NO_NUL)]  # of a command, or an environment value
+Variable = Annotated[str, SchemaOnly(pattern=VARIABLE_NAME)]  # names a setting or a variable
 
 
 class _Model(BaseModel):
@@ -179,7 +160,14 @@ class StartupTask(_Model):
     environment. Its output, stdout and stderr together, goes to the instance log, on the
     stream `task N`."""
 
-    command: Text | list[Text] = Field(description="a string split like a shell, or a list")
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"shell": {"const": True}}, "required": ["shell"]},
+        "else": {"properties": {"command": {"pattern": SPLITS}}},
+    })
+
+    command: (Annotated[Text, SchemaOnly(pattern=NOT_BLANK)]
+              | Annotated[list[Word], SchemaOnly(minItems=1, prefixItems=[{"minLength": 1}])]
+              ) = Field(description="a string split like a shell, or a list")
     shell: Boolean = Field(default=False, description="run the string through /bin/sh")
     type: TaskType = Field(default=TaskType.simple, description="simple, background, foreground")
     context: TaskContext = Field(default=TaskContext.limited, description="limited or elevated")
@@ -189,7 +177,7 @@ class StartupTask(_Model):
     timeout: Annotated[Duration, Field(gt=0)] | None = Field(
         default=None, description="kill the task after this long"
     )
-    env: dict[str, Text] = Field(default_factory=dict, description="extra environment")
+    env: dict[Variable, Word] = Field(default_factory=dict, description="extra environment")
 
     @field_validator("command")
     @classmethod
@@ -235,10 +223,11 @@ class Role(_Model):
     """One role: a class run by `instances` host processes."""
 
     entry_point: Text = Field(
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
         description="module:Class, importable from the role's app folder",
     )
-    app: Path = Field(default=Path("."), description="folder deployed as each instance's app/")
+    app: Annotated[Path, SchemaOnly(pattern=NO_NUL)] = Field(
+        default=Path("."), description="folder deployed as each instance's app/")
     instances: Integer = Field(default=MIN_INSTANCES, ge=MIN_INSTANCES, le=MAX_INSTANCES,
                                description="how many instances")
     stop_timeout: Duration = Field(
@@ -247,7 +236,7 @@ class Role(_Model):
     status_check_interval: Duration = Field(
         default=5.0, gt=0, description="how often status-check handlers are asked"
     )
-    settings: dict[str, SettingValue | Secret] = Field(default_factory=dict)
+    settings: dict[Variable, SettingValue | Secret] = Field(default_factory=dict)
     endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
     local_resources: dict[Name, LocalResource] = Field(
         default_factory=dict
@@ -354,8 +343,8 @@ class Service(_Model):
         default=1.0, ge=0.1, description="first delay after a failure"
     )
     backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
-    metrics: Text | None = Field(
-        default=None, json_schema_extra={"pattern": ADDRESS_PATTERN},
+    metrics: Annotated[Text, SchemaOnly(pattern=ADDRESS_PATTERN)] | None = Field(
+        default=None,
         description="HOST:PORT to serve Prometheus metrics on (also GET /v1/metrics), "
         "[::1]:PORT for IPv6; off",
     )
@@ -560,8 +549,5 @@ def _model_of(annotation: Any) -> Any:
 
 def json_schema() -> dict[str, Any]:
     """The JSON schema of `rolehost.toml`, for editors and `rolehost schema`."""
-    schema = Definition.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "rolehost.toml"
-    return schema
+    return published(model_schema(Definition))
 

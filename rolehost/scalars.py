@@ -1,6 +1,7 @@
 """How the definition writes its scalar values: durations, HOST:PORT addresses, and
 settings given as text. Each is read by one function here, which the model's fields use
-and so does every other reader (the CLI, run-instance, the test harness).
+and so does every other reader (the CLI, run-instance, the test harness). Durations and
+addresses have the JSON-schema pattern that accepts exactly the strings the function does.
 
 Patterns are for both engines that read them: pydantic's (Rust) and JSON Schema's
 (ECMA-262, in editors). So they spell out their classes in ASCII: `\\d`, `\\w` and `\\s`
@@ -47,6 +48,131 @@ def parse_duration(value: object) -> float:
                          f"({MAX_DURATION:g} seconds), "
                          f"got {value!r}")
     return float(exact)
+
+
+def duration_pattern(low: float = 0, low_included: bool = True,
+                     high: float = MAX_DURATION) -> str:
+    """The pattern of the duration strings from `low` to `high` seconds: each unit's
+    number is held to the bounds divided by the unit, digit by digit. The bounds are read
+    as the decimals they are written as (0.1 is a tenth), as `parse_duration` reads the
+    strings."""
+    lowest, highest = Fraction(repr(float(low))), Fraction(repr(float(high)))
+    units = []
+    for unit, size in UNITS.items():
+        suffix = "s?" if unit == "s" else unit  # a bare number string is seconds
+        number = _at_most(highest / size)
+        if lowest or not low_included:
+            number = f"(?={_at_least(lowest / size, low_included)}{suffix}$){number}"
+        units.append(number + suffix)
+    return "^(?:" + "|".join(units) + ")$"
+
+
+_DIGITS = "[0-9]"
+
+
+def _digits(count: int) -> str:
+    return "" if count == 0 else _DIGITS if count == 1 else f"{_DIGITS}{{{count}}}"
+
+
+def _between(first: int, last: int) -> str:
+    """A class of the digits `first` to `last` ('' if none)."""
+    if first > last:
+        return ""
+    return str(first) if first == last else f"[{first}-{last}]"
+
+
+def _integers_above(n: int) -> str:
+    """Integers over `n` without leading zeros."""
+    text = str(n)
+    options = [f"[1-9]{_DIGITS}{{{len(text)},}}"]  # more digits
+    for i, digit in enumerate(text):
+        if higher := _between(int(digit) + 1, 9):
+            options.append(f"{text[:i]}{higher}{_digits(len(text) - i - 1)}")
+    return "(?:" + "|".join(options) + ")"
+
+
+def _integers_below(n: int) -> str:
+    """Integers from 0 to `n` - 1 without leading zeros (`n` > 0)."""
+    text = str(n)
+    options = ["0"]
+    if len(text) > 1:
+        options.append(f"[1-9]{_DIGITS}{{0,{len(text) - 2}}}")  # fewer digits
+    for i, digit in enumerate(text):
+        if lower := _between(1 if i == 0 else 0, int(digit) - 1):
+            options.append(f"{text[:i]}{lower}{_digits(len(text) - i - 1)}")
+    return "(?:" + "|".join(options) + ")"
+
+
+def _expansion(fraction: Fraction) -> tuple[str, str]:
+    """The decimal digits of `fraction` (0 < fraction < 1): those before the repeating
+    block, and the block ('' if the expansion ends)."""
+    digits: list[str] = []
+    seen: dict[int, int] = {}
+    remainder = fraction.numerator
+    while remainder and remainder not in seen:
+        seen[remainder] = len(digits)
+        remainder *= 10
+        digits.append(str(remainder // fraction.denominator))
+        remainder %= fraction.denominator
+    text = "".join(digits)
+    if not remainder:
+        return text, ""
+    return text[:seen[remainder]], text[seen[remainder]:]
+
+
+def _digits_after(fixed: str, block: str, above: bool) -> str:
+    """The digit strings that first differ from the expansion `fixed` + `block`* with a
+    larger digit (`above`) or a smaller one, then go on with any digits."""
+    def differing(prefix: str, expected: str) -> list[str]:
+        options = []
+        for i, digit in enumerate(expected):
+            if other := _between(int(digit) + 1, 9) if above else _between(0, int(digit) - 1):
+                options.append(f"{prefix}{expected[:i]}{other}")
+        return options
+
+    options = differing("", fixed)
+    if block:
+        options += differing(f"{fixed}(?:{block})*", block)
+    return "(?:" + "|".join(options) + f"){_DIGITS}*" if options else "(?!)"
+
+
+def _at_least(bound: Fraction, included: bool) -> str:
+    """Decimal strings ([0-9]+, then perhaps . and [0-9]+) worth `bound` or more (more
+    than `bound` if not `included`)."""
+    whole, part = math.floor(bound), bound - math.floor(bound)
+    fraction = f"(?:\\.{_DIGITS}+)?"
+    options = [f"0*{_integers_above(whole)}{fraction}"]
+    same = "0+" if whole == 0 else f"0*{whole}"
+    if not part:
+        options.append(same + (fraction if included else f"\\.{_DIGITS}*[1-9]{_DIGITS}*"))
+    else:
+        fixed, block = _expansion(part)
+        above = [_digits_after(fixed, block, above=True)]
+        if not block:  # the bound's digits, then any (more than it: some not 0)
+            above.append(f"{fixed}{_DIGITS}*" if included
+                         else f"{fixed}{_DIGITS}*[1-9]{_DIGITS}*")
+        options.append(f"{same}\\.(?:{'|'.join(above)})")
+    return "(?:" + "|".join(options) + ")"
+
+
+def _at_most(bound: Fraction) -> str:
+    """Decimal strings worth `bound` or less."""
+    whole, part = math.floor(bound), bound - math.floor(bound)
+    fraction = f"(?:\\.{_DIGITS}+)?"
+    options = [f"0*{_integers_below(whole)}{fraction}"] if whole else []
+    same = "0+" if whole == 0 else f"0*{whole}"
+    if not part:
+        options.append(f"{same}(?:\\.0+)?")
+    else:
+        fixed, block = _expansion(part)
+        # Below at the first digit that differs; or a prefix of the expansion, which is
+        # less (or, for an expansion that ends, equal with zeros after).
+        prefixes = [fixed[:i] for i in range(1, len(fixed))]
+        prefixes += [f"{fixed}0*"] if not block else [fixed] * bool(fixed) + [
+            f"{fixed}(?:{block})*{block[:i]}" for i in range(1, len(block) + 1)]
+        below = [_digits_after(fixed, block, above=False), *prefixes]
+        options.append(f"{same}(?:\\.(?:{'|'.join(below)}))?")
+    return "(?:" + "|".join(options) + ")"
 
 
 # --- addresses ---------------------------------------------------------------------
