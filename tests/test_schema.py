@@ -1,17 +1,18 @@
 """The published JSON schema (`rolehost schema`) accepts exactly what the model does, but
-for the rules it names under `x-model-only`, which JSON Schema cannot state: an integral
-float where an integer is expected (INTEGRAL_FLOATS), two values compared, and float
-rounding."""
+for the rules it names under `x-model-only`, which JSON Schema cannot state (EXCEPTIONS):
+an integral float where an integer is expected (INTEGRAL_FLOATS), two values compared, and
+float rounding. Hand-picked cases, then the same generated definitions to both."""
 
 from __future__ import annotations
 
 import copy
 import re
+from fractions import Fraction
 from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rolehost import definition
@@ -278,3 +279,229 @@ def test_the_command_pattern_takes_what_shlex_splits(command: str) -> None:
     else:  # no word at all is a blank command, which NOT_BLANK refuses
         splits = not words or words[0] != ""
     assert (re.search(_ecma(SPLITS), command) is not None) == splits
+
+
+# --- the same generated definitions, to the model and to the schema ------------------
+
+# Each rule of `x-model-only`, and how to tell that a disagreement is that rule's: by the
+# model's message (it refused what the schema took), or, for floats, by the document.
+def _finer_than_a_float(document: Any) -> bool:
+    """A duration string that a float cannot hold: too many digits, or too small."""
+    if isinstance(document, dict):
+        return any(_finer_than_a_float(v) for v in document.values())
+    if isinstance(document, list):
+        return any(_finer_than_a_float(v) for v in document)
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?", str(document))
+    if not isinstance(document, str) or not match:
+        return False
+    exact = Fraction(match.group(1))
+    return len(match.group(1).replace(".", "").strip("0")) > 15 or 0 < exact < 1e-300
+
+
+EXCEPTIONS: dict[str, Any] = {
+    "integral-float": re.compile(r"expected an integer, got -?[0-9]+(\.0|e\+[0-9]+)"),
+    "backoff-order": re.compile(r"backoff_max must be at least backoff_initial"),
+    "unique-ports": re.compile(r"port [0-9]+ is already used by "),
+    "one-name-per-variable": re.compile(r"expected a name of its own: "),
+    "float-precision": _finer_than_a_float,
+}
+# One document for each: the model refuses it, a JSON-Schema validator takes it.
+EXCEPTION_EXAMPLES = {
+    "integral-float": _with("roles.web.instances", 2.0),
+    "backoff-order": _with("service.backoff_initial", "2m"),
+    "unique-ports": _with("service.metrics", "127.0.0.1:18080"),
+    "one-name-per-variable": _with("roles.web.settings", {"color": 1, "COLOR": 2}),
+    "float-precision": _with("roles.web.status_check_interval", "0." + "0" * 330 + "1"),
+}
+
+
+def _model_verdict(document: dict[str, Any]) -> list[definition.DefinitionError] | None:
+    """None if the model takes `document`, else its errors."""
+    try:
+        definition.parse(document)
+    except definition.DefinitionErrors as refused:
+        return refused.errors
+    return None
+
+
+def _explained(document: dict[str, Any], errors: list[definition.DefinitionError] | None,
+               ) -> set[str]:
+    """The exceptions that account for the model and the schema disagreeing on `document`."""
+    found = {name for name, rule in EXCEPTIONS.items() if callable(rule) and rule(document)}
+    if errors is not None and all(any(
+            isinstance(rule, re.Pattern) and rule.search(e.message)
+            for rule in EXCEPTIONS.values()) for e in errors):
+        found |= {name for name, rule in EXCEPTIONS.items() if isinstance(rule, re.Pattern)
+                  and any(rule.search(e.message) for e in errors)}
+    return found
+
+
+def test_the_exceptions_are_the_schemas_and_each_is_real() -> None:
+    """The exceptions are those the schema names, no more; each exists (when JSON Schema
+    can state one, the schema says it and it leaves both lists)."""
+    assert set(EXCEPTIONS) == set(SCHEMA["x-model-only"]) == set(EXCEPTION_EXAMPLES)
+    for name, document in EXCEPTION_EXAMPLES.items():
+        errors = _model_verdict(document)
+        assert errors is not None and VALIDATOR.is_valid(document), name
+        assert _explained(document, errors) == {name}
+
+
+names = st.from_regex(r"[a-z][a-z0-9_-]{0,6}", fullmatch=True)
+durations = st.one_of(st.integers(1, 3600), st.floats(0.5, 3600),
+                      st.sampled_from(["90s", "5m", "1h", "250ms", "1.5s", "2", "0.5m"]))
+setting_values = st.one_of(
+    st.text(st.characters(exclude_characters="\0"), max_size=5), st.integers(-5, 10**6),
+    st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+    st.fixed_dictionaries({"value": st.text("ab", max_size=3)},
+                          optional={"secret": st.booleans()}))
+
+
+@st.composite
+def valid_definitions(draw: st.DrawFn) -> dict[str, Any]:
+    """Definitions the model takes: each key present or not, with a value in range."""
+    service: dict[str, Any] = {"name": draw(names)}
+    optional = {
+        "upgrade_domains": st.integers(1, 20), "ready_deadline": durations,
+        "stable_after": durations, "backoff_initial": st.sampled_from([0.1, "250ms", 1]),
+        "backoff_max": st.sampled_from([1, "1m", 120.5]),
+        "change_mode": st.sampled_from(["per-ud", "blast"]),
+        "limited_user": st.sampled_from(["nobody", "svc_user$"]),
+    }
+    service.update(draw(st.fixed_dictionaries({}, optional=optional)))
+    ports = iter(draw(st.lists(st.integers(1, 65535), min_size=6, max_size=6, unique=True)))
+    if draw(st.booleans()):
+        service["metrics"] = draw(st.sampled_from(["127.0.0.1", "[::1]", "localhost"])) \
+            + f":{next(ports)}"
+    roles = {}
+    for name in draw(st.lists(names, min_size=1, max_size=2, unique=True)):
+        role: dict[str, Any] = {"entry_point": draw(st.sampled_from(["app:Web", "a.b:C_1"]))}
+        role.update(draw(st.fixed_dictionaries({}, optional={
+            "app": st.sampled_from([".", "src", "../apps/web"]),
+            "instances": st.integers(1, 1000), "stop_timeout": durations,
+            "status_check_interval": durations,
+            "settings": st.dictionaries(st.sampled_from(["color", "workers", "api-key"]),
+                                        setting_values, max_size=3),
+            "local_resources": st.dictionaries(st.sampled_from(["cache", "data"]),
+                                               st.fixed_dictionaries({}, optional={
+                                                   "size_mb": st.integers(1, 10**6),
+                                                   "clean_on_recycle": st.booleans()})),
+            "startup_tasks": st.lists(st.fixed_dictionaries(
+                {"command": st.sampled_from(["true", "echo 'a b'", ["python3", "-c", ""]])},
+                optional={"shell": st.booleans(), "timeout": durations,
+                          "type": st.sampled_from(["simple", "background", "foreground"]),
+                          "once_per": st.sampled_from(["start", "image", "disk"]),
+                          "env": st.dictionaries(st.sampled_from(["A", "B_C"]),
+                                                 st.text("xy", max_size=2))}), max_size=2),
+        })))
+        endpoints = {}
+        for endpoint in draw(st.lists(st.sampled_from(["http", "api"]), unique=True)):
+            endpoints[endpoint] = {"port": next(ports), **draw(st.fixed_dictionaries({}, optional={
+                "protocol": st.sampled_from(["http", "tcp"]), "host": st.just("::1"),
+                "balance": st.sampled_from(["round-robin", "least-outstanding"]),
+                "drain_timeout": durations, "idle_timeout": st.sampled_from([0, "0s", 60]),
+                "probe": st.fixed_dictionaries({}, optional={
+                    "path": st.just("/health"), "interval": durations,
+                    "healthy": st.integers(1, 5)})}))}
+        if endpoints:
+            role["endpoints"] = endpoints
+        roles[name] = role
+    return {"service": service, "roles": roles}
+
+
+# Values a mutation puts anywhere: of every type, at the bounds of the keys' ranges and
+# just past them, and the syntaxes of durations, addresses, names and commands, good and bad.
+decimals = st.builds(lambda zeros, whole, part, unit: f"{'0' * zeros}{whole}{part}{unit}",
+                     st.integers(0, 2), st.integers(0, 700_000),
+                     st.sampled_from(["", ".0", ".05", ".1", ".5", ".0016", ".0017", ".999"]),
+                     st.sampled_from(["", "ms", "s", "m", "h"]))
+wild = st.one_of(
+    decimals, decimals, st.none(), st.booleans(), st.integers(-2, 3),
+    st.sampled_from([20, 21, 1000, 1001, 65535, 65536, 604800, 604801, 10**20, -1]),
+    st.sampled_from([0.0, 0.05, 0.1, 0.5, 2.0, 2.5, 1e300, -0.5, 604800.0, 604800.5]),
+    st.sampled_from(["", " 5m", "5 m", "1e3", "\u0665s", "5m\n", "-1s", "http", "tcp", "disk",
+                     "elevated", "blast", "nobody", "/x", "x",
+                     "[::1]:80", "::1:80", "h:0", "h:65536", "[::1]", "[1::2::3]:80",
+                     "0.0.0.0:9090", "h h:80", "app:Caf\u00e9", ":C", "a:B", "1x", "a b",
+                     "web\n", "c" * 64, "a=b", "a\0"]),
+    st.text("ab '\"\\\t\n\0=\u000b", max_size=6),
+    st.lists(st.text("a '\0", max_size=2), max_size=3),
+    st.sampled_from([{}, {"value": "x"}, {"value": 1, "secret": "yes"}, {"port": 18090},
+                     {"command": "true"}, {"entry_point": "a:B"}]),
+)
+
+
+def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*path, index))
+    return found
+
+
+def _at(document: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        document = document[key]
+    return document
+
+
+def _mutate(data: st.DataObject, document: dict[str, Any]) -> None:
+    """One change to `document`, anywhere: a value replaced, a key removed, added or
+    renamed, a port taken twice, the back-off reversed."""
+    kind = data.draw(st.sampled_from(["value"] * 5 + ["replace", "remove", "add", "rename",
+                                                      "port", "backoff"]))
+    paths = _paths(document)[1:]
+    if kind == "value":  # most rules are a key's: change a value rather than a table
+        paths = [p for p in paths if not isinstance(_at(document, p), dict | list)]
+    path = data.draw(st.sampled_from(paths))
+    parent = _at(document, path[:-1])
+    if kind in ("value", "replace"):
+        parent[path[-1]] = data.draw(wild)
+    elif kind == "remove" and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif kind == "add" and isinstance(parent, dict):
+        parent[data.draw(st.sampled_from(["x", "Name", "ports", "endpoint"]))] = data.draw(wild)
+    elif kind == "rename" and isinstance(parent, dict):
+        key = path[-1]
+        new = data.draw(st.sampled_from([str(key).upper(), str(key).replace("-", "_") + "-",
+                                         "1x", "a b", "", "a=b", "web\n", "c" * 64]))
+        parent[new] = parent.pop(key)
+    elif kind == "port":
+        ports = [p for p in _paths(document) if p[-1:] == ("port",)]
+        if ports:
+            taken = _at(document, data.draw(st.sampled_from(ports)))
+            if data.draw(st.booleans()) or len(ports) == 1:
+                document["service"]["metrics"] = f"127.0.0.1:{taken}"
+            else:
+                target = data.draw(st.sampled_from(ports))
+                _at(document, target[:-1])["port"] = taken
+    elif kind == "backoff":
+        document["service"]["backoff_initial"] = data.draw(st.sampled_from([2, "90s", "1m"]))
+        if data.draw(st.booleans()):
+            document["service"]["backoff_max"] = data.draw(st.sampled_from([1, "1m", 60.5]))
+
+
+@settings(max_examples=50, derandomize=True, database=None, deadline=None)
+@given(valid_definitions())
+def test_generated_definitions_are_valid_for_both(document: dict[str, Any]) -> None:
+    assert _model_verdict(document) is None
+    assert VALIDATOR.is_valid(document), list(VALIDATOR.iter_errors(document))
+
+
+# Derandomized: the same examples on every run, in CI too; a few seconds.
+@settings(max_examples=250, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(valid_definitions(), st.integers(1, 2), st.data())
+def test_the_model_and_the_schema_give_the_same_verdicts(
+        document: dict[str, Any], changes: int, data: st.DataObject) -> None:
+    for _ in range(changes):
+        _mutate(data, document)
+    errors = _model_verdict(document)
+    schema = VALIDATOR.is_valid(document)
+    if (errors is None) == schema:
+        return
+    why = _explained(document, errors)
+    assert why, (f"the model {'refuses' if errors else 'takes'} what the schema "
+                 f"{'takes' if schema else 'refuses'}: {document!r}\n{errors}")
