@@ -41,13 +41,17 @@ from rolehost.schema import (
 )
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
 MIN_INSTANCES, MAX_INSTANCES = 1, 1000
 Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
 SettingValue = Annotated[str, SchemaOnly(pattern=NO_NUL)] | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
 # names and Kubernetes names: 63 characters (a DNS label) fits them all.
-Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
+Name = Annotated[str, Field(
+    strict=True, pattern=NAME_PATTERN, max_length=63,
+    description="start with a letter, go on with letters, digits, `_` and `-`"),
+]
 
 
 # TOML has real integers, booleans and strings: a key takes the one its field says, as it
@@ -61,6 +65,8 @@ Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=63)]
 Integer = Annotated[int, Field(strict=True)]
 Boolean = Annotated[bool, Field(strict=True)]
 Text = Annotated[str, Field(strict=True)]
+STRICT_TYPES = ("An integer is a TOML integer: `2.0` and `\"2\"` are errors, as is a boolean or "
+                "string of the wrong kind for its key.")
 Word = Annotated[Text, SchemaOnly(pattern=NO_NUL)]  # of a command, or an environment value
 Variable = Annotated[str, SchemaOnly(pattern=VARIABLE_NAME)]  # names a setting or a variable
 
@@ -236,7 +242,17 @@ class Role(_Model):
     status_check_interval: Duration = Field(
         default=5.0, gt=0, description="how often status-check handlers are asked"
     )
-    settings: dict[Variable, SettingValue | Secret] = Field(default_factory=dict)
+    settings: dict[Variable, SettingValue | Secret] = Field(
+        default_factory=dict,
+        description="names to strings, numbers or booleans, read with "
+        "`RoleEnvironment.get_setting(name)`. A setting written `{ value = \"...\", secret = "
+        "true }` is read the same way, and its value never shows in status, events, logs or "
+        "the history. Each setting reaches the role's processes as the environment variable "
+        f"`{SETTING_PREFIX}NAME` (upper case, `-` as `_`), and each local resource's path as "
+        f"`{RESOURCE_PREFIX}NAME`: two names for one variable, a name with `=` or a value "
+        "with a NUL character are errors. A change applied in place (`rolehost config set`) "
+        "updates these variables in the host process; the processes the role had started "
+        "before keep the environment they were started with")
     endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
     local_resources: dict[Name, LocalResource] = Field(
         default_factory=dict
@@ -287,7 +303,7 @@ class Role(_Model):
 def setting_variable(name: str) -> str:
     """The environment variable that carries setting `name` to tasks, and overrides it
     under `rolehost run-instance`."""
-    return "ROLEHOST_SETTING_" + name.upper().replace("-", "_")
+    return SETTING_PREFIX + name.upper().replace("-", "_")
 
 
 def setting_variables(values: dict[str, SettingValue]) -> dict[str, str]:
@@ -298,7 +314,7 @@ def setting_variables(values: dict[str, SettingValue]) -> dict[str, str]:
 
 def resource_variable(name: str) -> str:
     """The environment variable that carries the path of local resource `name`."""
-    return "ROLEHOST_RESOURCE_" + name.upper().replace("-", "_")
+    return RESOURCE_PREFIX + name.upper().replace("-", "_")
 
 
 def _environment_problem(name: str, value: object) -> str | None:
