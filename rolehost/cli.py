@@ -19,7 +19,8 @@ from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.disks import Maintenance, Upgrade
 from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
-from rolehost.instance import iso, parse_instance_name
+from rolehost.logs import iso
+from rolehost.names import instance_id, parse_instance_name
 from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
 from rolehost.scalars import parse_address, parse_duration, setting_from_text
 
@@ -251,7 +252,7 @@ def logs_command(
             role, index = parse_instance_name(instance)
         except ValueError as exc:
             _fail(str(exc), EXIT_BAD_DEFINITION)
-        path, render = where.instance_log(f"{role}_IN_{index}"), output.render
+        path, render = where.instance_log(instance_id(role, index)), output.render
     if not path.exists():
         _fail(f"no log {path.name} in {where.logs} (has the service been started?)",
               EXIT_BAD_DEFINITION)

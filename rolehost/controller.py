@@ -41,8 +41,10 @@ from rolehost.errors import (
     Unavailable,
 )
 from rolehost.history import History
-from rolehost.instance import Deployment, Instance, Operation, iso, parse_instance_name
+from rolehost.instance import Deployment, Instance, Operation
 from rolehost.lifecycle import State
+from rolehost.logs import iso
+from rolehost.names import instance_id, parse_instance_name
 from rolehost.notify import Notifier
 from rolehost.rundir import RunDir
 from rolehost.scalars import parse_address
@@ -293,7 +295,7 @@ class Controller:
             role, index = parse_instance_name(name)
         except ValueError as exc:
             raise Invalid(str(exc)) from None
-        instance = self.instances.get(f"{role}_IN_{index}")
+        instance = self.instances.get(instance_id(role, index))
         if instance is None:
             known = ", ".join(self.instances) or "none"
             raise NotFound(f"no instance {name!r} (instances: {known})")

@@ -12,14 +12,12 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import signal
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ import structlog
 from rolehost import metrics, ports, privileges, probe, protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import (
-    NAME_PATTERN,
     Endpoint,
     Role,
     Service,
@@ -48,7 +45,8 @@ from rolehost.lifecycle import (
     State,
     StopOutcome,
 )
-from rolehost.logs import Console
+from rolehost.logs import Console, iso
+from rolehost.names import instance_id
 from rolehost.output import OutputLog
 from rolehost.process import HostProcess, Standby, describe_exit, signal_tree, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
@@ -62,15 +60,6 @@ STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
 CPU_WINDOW = 30.0  # seconds of CPU samples behind the load estimate
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
-
-
-def parse_instance_name(name: str) -> tuple[str, int]:
-    """`web/0` or `web_IN_0` -> ("web", 0)."""
-    role, sep, index = name.rpartition("/") if "/" in name else name.rpartition("_IN_")
-    # the role as the definition names one: `a/b/0` or `../x/0` name no role (nor a file)
-    if not sep or not re.fullmatch(NAME_PATTERN, role) or not index.isdigit():
-        raise ValueError(f"not an instance name: {name!r} (expected ROLE/INDEX or ROLE_IN_INDEX)")
-    return role, int(index)
 
 
 @dataclass(frozen=True)
@@ -120,7 +109,7 @@ class Instance:
     def __init__(self, deployment: Deployment, role_name: str, role: Role, index: int) -> None:
         self.deployment = deployment
         self.role_name, self.role, self.index = role_name, role, index
-        self.id = f"{role_name}_IN_{index}"
+        self.id = instance_id(role_name, index)
         self.update_domain = index % deployment.service.upgrade_domains
         self.disks = Disks(deployment.run_dir / "instances" / self.id,
                            owner=deployment.run_as.user)
@@ -922,9 +911,3 @@ class Instance:
             "log": str(self.output.path),
         }
 
-
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    stamp = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")  # as the event log writes it

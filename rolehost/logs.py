@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -343,16 +344,22 @@ def describe(event: dict[str, Any]) -> str:
     return f"{level}{subject}{name.replace('_', ' ')} {fields}".rstrip()
 
 
-def clock(iso: str | None) -> str:
-    """`HH:MM:SS` in local time, as the console prints it, from an ISO 8601 timestamp."""
-    if not iso:
-        return ""
-    from datetime import datetime
+def iso(timestamp: float | None) -> str | None:
+    """A time as the API and the event log write it: ISO 8601, UTC, ms, ending in `Z`."""
+    if timestamp is None:
+        return None
+    stamp = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
 
+
+def clock(stamp: str | None) -> str:
+    """`HH:MM:SS` in local time, as the console prints it, from an ISO 8601 timestamp."""
+    if not stamp:
+        return ""
     try:
-        return datetime.fromisoformat(iso).astimezone().strftime("%H:%M:%S")
+        return datetime.fromisoformat(stamp).astimezone().strftime("%H:%M:%S")
     except ValueError:
-        return iso
+        return stamp
 
 
 def render_event(line: str) -> str:

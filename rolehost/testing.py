@@ -33,7 +33,7 @@ import psutil
 
 from rolehost import logs, output
 from rolehost.client import Client, ControllerNotRunning
-from rolehost.instance import parse_instance_name
+from rolehost.names import instance_id, parse_instance_name
 from rolehost.rundir import RunDir
 
 T = TypeVar("T")
@@ -213,7 +213,7 @@ class ServiceHarness:
         """The instance's log as `rolehost logs` prints it: the same text whatever
         `instance_log_format` the service has."""
         role, index = parse_instance_name(name)
-        path = self.run_dir.instance_log(f"{role}_IN_{index}")
+        path = self.run_dir.instance_log(instance_id(role, index))
         return output.render_all(path.read_text(errors="replace")) if path.exists() else ""
 
     def console(self) -> str:
@@ -472,7 +472,7 @@ class RoleRun:
         for sub in ("app", "os/tmp", *(f"resources/{n}" for n in resources or {})):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self.context = Context(
-            instance_id=f"{role}_IN_{index}", role=role, index=index, update_domain=0,
+            instance_id=instance_id(role, index), role=role, index=index, update_domain=0,
             deployment_id="local", entry_point=f"{cls.__module__}:{cls.__qualname__}",
             app_dir=str(self.folder / "app"), os_dir=str(self.folder / "os"),
             stop_timeout=limit, status_check_interval=1.0,
@@ -481,7 +481,7 @@ class RoleRun:
                        for n, p in (endpoints or {}).items()},
             resources={n: {"path": str(self.folder / "resources" / n), "size_mb": size}
                        for n, size in (resources or {}).items()},
-            topology={role: [f"{role}_IN_{index}"]},
+            topology={role: [instance_id(role, index)]},
         )
         self.environment = RoleEnvironment
         self.recycle_requested: str | None = None

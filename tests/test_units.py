@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rolehost import definition
-from rolehost.instance import parse_instance_name
 from rolehost.logs import RotatingFile, describe, tail
+from rolehost.names import parse_instance_name
 
 
 @pytest.mark.parametrize(
