@@ -1,0 +1,111 @@
+"""The launcher: what each driver of instances does around them, in one order.
+
+Three drivers run instances: the controller (`rolehost start`), single-instance mode
+(`rolehost run-instance`) and `rolehost check`'s rehearsal. The launcher does what they
+share; each keeps what is its own (the controller's API, balancers and operations, the
+single instance's health port and drain, the rehearsal's scratch folder and steps).
+
+The order, from the start to the end of a driver's run:
+
+1. prepare the deployment (the constructor): who limited work runs as, and the standby
+   host. This comes before the orphan reaper is on: the privileges check waits for a
+   child of its own (privileges.check);
+2. claim the run directory: its lock, its logs, no process an earlier holder left;
+3. supervise: adopt the orphans of the instances' processes, and take SIGTERM and SIGINT;
+4. start: the standby host warmed, then the instances;
+5. stop: the instances, then the stop signals given up, then the standby host;
+6. close the instances' output logs, flushing a line a host left unfinished: the last
+   of all, once the driver has closed what it serves (the API and the balancers, the
+   health port). A driver whose start failed closes them too: nothing else would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
+
+import structlog
+
+from rolehost import logs, process
+from rolehost.definition import Service
+from rolehost.instance import Deployment, Instance
+from rolehost.rundir import RunDir
+
+log = structlog.get_logger()
+
+
+class Launcher:
+    def __init__(self, service: Service, run_dir: Path, console: logs.Console | None,
+                 observer: Callable[[Instance], None] | None = None) -> None:
+        """Prepare the deployment: privileges.Unusable if the service's limited_user
+        cannot run its hosts."""
+        self.deployment = Deployment.prepare(service, run_dir, console, observer)
+        # Every instance given to `stop` has stopped: a signal has nothing left to stop.
+        self.stopped = False
+        self._on_signal: Callable[[int], None] | None = None
+
+    async def claim(self, run_dir: RunDir) -> None:
+        """Take `run_dir` for this process (AlreadyRunning if another has it), log there,
+        and stop what an earlier holder killed before its stop left running there."""
+        # Never closed: the kernel drops the lock when this process is gone, so `rolehost
+        # stop` (which waits for it) returns only once nothing of the controller is left.
+        run_dir.lock()
+        logs.configure(run_dir.logs, self.deployment.console)
+        if swept := await asyncio.to_thread(process.sweep_leftovers, run_dir.path):
+            log.warning("leftovers_swept", count=len(swept), processes=swept)
+
+    def supervise(self, on_signal: Callable[[int], None] | None = None) -> bool:
+        """Reap the orphans of the instances' processes, and (`on_signal`) pass it each
+        SIGTERM and SIGINT until `stop` ends. False if this process could not become
+        their subreaper: a detached grandchild may then escape."""
+        loop = asyncio.get_running_loop()
+        adopted = process.adopt_orphans(loop)
+        if on_signal is not None:
+            self._on_signal = on_signal
+            process.handle_stop_signals(loop, self._signal)
+        return adopted
+
+    def _signal(self, signum: int) -> None:
+        # A signal that came just before `stop` gave the signals up is run just after:
+        # it finds nothing left to stop, and must not make the exit that of a forced stop.
+        if not self.stopped and self._on_signal is not None:
+            self._on_signal(signum)
+
+    def start(self, instances: Iterable[Instance]) -> None:
+        """Warm the standby host, then start `instances`: the first boot takes that host."""
+        self.deployment.standby.warm()
+        for instance in instances:
+            instance.start()
+
+    async def stop(self, instances: Collection[Instance], reason: str) -> None:
+        """Stop `instances` gracefully, all at once; then give up the stop signals, as the
+        last one stops; then close the standby host, which no boot will take now."""
+        left = len(instances)
+
+        async def stop(instance: Instance) -> None:
+            nonlocal left
+            try:
+                await instance.stop(reason)
+            finally:
+                left -= 1
+                if not left:
+                    # In the turn of the loop that the last stop ends in: a signal that
+                    # arrives after is ignored, not taken for a second one to force with.
+                    self._stopped()
+
+        await asyncio.gather(*(stop(i) for i in instances))
+        self._stopped()  # `instances` was empty
+        await self.deployment.standby.close()
+
+    def _stopped(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            if self._on_signal is not None:
+                process.ignore_stop_signals()
+
+    @staticmethod
+    def close(instances: Iterable[Instance]) -> None:
+        """Close the instances' output logs: the last step of a driver's teardown."""
+        for instance in instances:
+            instance.output.close()
