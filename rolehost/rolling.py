@@ -62,12 +62,15 @@ def blast(members: Sequence[T]) -> list[Domain[T]]:
 class Outcome(Generic[T, R]):
     member: T
     domain: int
-    value: R | None = None
-    error: BaseException | None = None  # what the step raised: the member failed
+    result: R | BaseException  # what the step returned, or raised: then the member failed
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.result if isinstance(self.result, BaseException) else None
 
     @property
     def failed(self) -> bool:
-        return self.error is not None
+        return isinstance(self.result, BaseException)
 
 
 @dataclass
@@ -113,9 +116,7 @@ async def roll(
             begin(stage)
         results = await asyncio.gather(*(step(m, stage.number) for m in stage.members),
                                        return_exceptions=True)
-        outcomes = [Outcome(member, stage.number, error=result)
-                    if isinstance(result, BaseException)
-                    else Outcome(member, stage.number, value=result)
+        outcomes = [Outcome(member, stage.number, result)
                     for member, result in zip(stage.members, results, strict=True)]
         rolled.outcomes += outcomes
         if answered is not None:

@@ -72,7 +72,7 @@ def test_domains_go_one_after_the_other_and_a_domain_all_at_once() -> None:
         "start web_0 in 0", "start web_2 in 0", "end web_0", "end web_2",
         "start web_1 in 1", "start web_3 in 1", "end web_1", "end web_3",
     ]
-    assert [(o.member.name, o.domain, o.value) for o in rolled.outcomes] == [
+    assert [(o.member.name, o.domain, o.result) for o in rolled.outcomes] == [
         ("web_0", 0, "web_0 done"), ("web_2", 0, "web_2 done"),
         ("web_1", 1, "web_1 done"), ("web_3", 1, "web_3 done")]
     assert rolled.halted is None and rolled.unreached == [] and rolled.failures == []
@@ -116,7 +116,7 @@ def test_hooks_see_each_domain_begin_and_answer_in_order() -> None:
         seen.append(f"begin {stage.number}: {', '.join(names(stage.members))}")
 
     def answered(stage: Domain[Member], outcomes: list[Outcome[Member, str]]) -> None:
-        seen.append(f"answered {stage.number}: {[o.value for o in outcomes]}")
+        seen.append(f"answered {stage.number}: {[o.result for o in outcomes]}")
 
     run(roll(plan(by_domain(members(3, 2), 2)), Steps(), begin=begin, answered=answered))
     assert seen == ["begin 0: web_0, web_2", "answered 0: ['web_0 done', 'web_2 done']",
