@@ -46,9 +46,10 @@ from rolehost.lifecycle import State
 from rolehost.logs import iso
 from rolehost.names import instance_id, parse_instance_name
 from rolehost.notify import Notifier
+from rolehost.rolling import Outcome, blast, by_domain, plan, roll
 from rolehost.rundir import RunDir
 from rolehost.scalars import parse_address
-from rolehost.walks import Walk, domains
+from rolehost.walks import Walk
 from rolehost.watch import watch_file
 
 log = structlog.get_logger()
@@ -467,17 +468,17 @@ class Controller:
         assert self.history is not None
         count = self.definition.service.upgrade_domains
         walked = list(self.instances.values()) if instances is None else instances
-        by_domain = domains(walked, count)
+        grouped = by_domain(walked, count)
         # Down already outside the first domain: walking it would take a second one down.
         # Busy is the role's own say, and passes; ready but out of rotation is down.
         down = [f"{i.id} is {i.why_not_back() if i.state is State.READY else i.state.value}"
                 + (f" ({i.reason})" if i.reason else "")
-                for d in [d for d in by_domain if d][1:] for i in d
+                for d in [d for d in grouped if d][1:] for i in d
                 if not (i.back or i.state is State.BUSY)]
         if down:
             raise Conflict(f"{'; '.join(down)}: a walk would take a second update domain "
                            "down; bring it back first (rolehost restart)")
-        self.walk = Walk(label, event, manual, by_domain, self.history, roles, rollback,
+        self.walk = Walk(label, event, manual, grouped, self.history, roles, rollback,
                          arguments)
         self.walk.start()
         return self.walk.snapshot()
@@ -536,29 +537,28 @@ class Controller:
         new instances getting ready, which `awaited` names): `record` ends once it is over
         too, and the lines it returns are failures of the operation."""
         assert self.history is not None
-        blast = self.definition.service.change_mode == "blast"
-        count = self.definition.service.upgrade_domains
-        groups = [instances] if blast else [g for g in domains(instances, count) if g]
+        service = self.definition.service
+        stages = (blast(instances) if service.change_mode == "blast"
+                  else plan(by_domain(instances, service.upgrade_domains)))
+
+        def answered(_: object, outcomes: list[Outcome[Instance, str]]) -> None:
+            for answer in outcomes:
+                outcome[answer.member.id] = (answer.result if isinstance(answer.result, str)
+                                             else f"failed: {answer.result}")
+
         headline: str | None = None
         more: list[str] = []
         over = waiting = False
         try:
-            for group in groups:
-                results = await asyncio.gather(*(offer(i) for i in group),
-                                               return_exceptions=True)
-                for instance, result in zip(group, results, strict=True):
-                    outcome[instance.id] = (
-                        result if isinstance(result, str) else f"failed: {result}"
-                    )
-                if any(isinstance(r, BaseException) for r in results):
-                    headline = f"{what} failed"
-                    if untouched := [i.id for i in instances if i.id not in outcome]:
-                        domain = group[0].update_domain
-                        headline = (f"{what} halted in update domain {domain}: not offered "
-                                    f"to {', '.join(untouched)}, which keep what they had")
-                        log.error("change_halted", change=what, domain=domain,
-                                  untouched=untouched)
-                    break
+            rolled = await roll(stages, lambda i, _: offer(i), answered=answered)
+            if rolled.halted is not None:
+                headline = f"{what} failed"
+                if untouched := [i.id for i in instances if i in rolled.not_reached]:
+                    domain = rolled.halted.number
+                    headline = (f"{what} halted in update domain {domain}: not offered "
+                                f"to {', '.join(untouched)}, which keep what they had")
+                    log.error("change_halted", change=what, domain=domain,
+                              untouched=untouched)
             if alongside is not None:
                 waiting = True
                 more = await alongside

@@ -6,7 +6,7 @@ failed, or not ready, halts the walk where it is: a second UD is never taken dow
 while the first has not come back. In `manual` mode the walk pauses after each UD
 it walked (an empty UD is skipped) until `next`; `abort` ends a paused or halted walk.
 A deploy's rollback walks back the same way, one UD at a time, from the failed UD down
-to UD 0.
+to UD 0. The rolling from one UD to the next is rolling.py's, as it is for config offers.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from rolehost.disks import Maintenance
 from rolehost.errors import Conflict, DomainError
 from rolehost.history import HALTED_AT_STOP, History, Operation
 from rolehost.instance import Instance
+from rolehost.rolling import Domain, Outcome, Rolled, plan, roll
 
 log = structlog.get_logger()
+Snapshot = dict[str, Any]  # an instance's, once a step of the walk brought it back
 
 
 class WalkState(StrEnum):
@@ -89,21 +91,17 @@ class Walk:
 
     async def _walk(self) -> None:
         try:
-            # With fewer instances than domains, the last domains are empty: a pause after
-            # one, or before one, would wait for `next` with nothing walked or to walk.
-            walked = [number for number, instances in enumerate(self.domains) if instances]
-            for number in walked:
-                self.domain = number
-                if not await self._domain(number, self.domains[number]):
-                    return
-                if self.manual and number < walked[-1]:
-                    self.state = WalkState.PAUSED
-                    log.info("walk_paused", walk=self.id, after_domain=number)
-                    await self._resume.wait()
-                    self._resume.clear()
-                    if self._aborted:
-                        return
-                    self.state = WalkState.RUNNING
+            rolled = await roll(plan(self.domains), self._maintain, begin=self._begin,
+                                answered=self._answered,
+                                between=self._pause if self.manual else None)
+            if rolled.halted is not None:
+                self.error = _halted_in(rolled)
+                log.error("walk_halted", walk=self.id, domain=rolled.halted.number,
+                          error=self.error)
+                await (self._halt() if self.rollback is None else self._roll_back())
+                return
+            if rolled.unreached:  # aborted while paused: abort() ended the record
+                return
             if self.on_success is not None:
                 try:
                     await self.on_success()
@@ -130,39 +128,39 @@ class Walk:
                 self._history.end(self.record, "aborted", "the controller is stopping")
             raise
 
-    async def _domain(self, number: int, instances: list[Instance]) -> bool:
-        log.info("walk_domain", walk=self.id, domain=number,
-                 instances=[i.id for i in instances])
-        for instance in instances:
-            self._step(number, instance, "in progress")
-        self._history.touched(self.record, [i.id for i in instances])
-        cause = f"walk {self.id}, update domain {number}"
-        results = await asyncio.gather(
-            *(i.maintain(self.event, cause, wait=True,
-                         role=self.roles[i.role_name] if self.roles else None)
-              for i in instances),
-            return_exceptions=True,
-        )
-        failed = []
-        for instance, result in zip(instances, results, strict=True):
-            if isinstance(result, BaseException):
-                # Not just "failed": that is also an instance state ("waiting for host"),
-                # and the instance is most often recycling. Say the step failed, and where
-                # it left the instance.
-                self._step(number, instance,
-                           f"{self.event.value} failed, instance {instance.state.value}")
-                failed.append(str(result) if isinstance(result, DomainError) else repr(result))
-            else:
-                self._step(number, instance, "ready")
-        if not failed:
-            return True
-        self.error = f"halted in update domain {number}: " + "; ".join(failed)
-        log.error("walk_halted", walk=self.id, domain=number, error=self.error)
-        if self.rollback is not None:
-            await self._roll_back()
+    def _begin(self, domain: Domain[Instance]) -> None:
+        self.domain = domain.number
+        log.info("walk_domain", walk=self.id, domain=domain.number,
+                 instances=[i.id for i in domain.members])
+        for instance in domain.members:
+            self._step(domain.number, instance, "in progress")
+        self._history.touched(self.record, [i.id for i in domain.members])
+
+    async def _maintain(self, instance: Instance, domain: int) -> Snapshot:
+        return await instance.maintain(
+            self.event, f"walk {self.id}, update domain {domain}", wait=True,
+            role=self.roles[instance.role_name] if self.roles else None)
+
+    def _answered(self, domain: Domain[Instance],
+                  outcomes: list[Outcome[Instance, Snapshot]]) -> None:
+        for outcome in outcomes:
+            # Not just "failed": that is also an instance state ("waiting for host"), and
+            # the instance is most often recycling. Say the step failed, and where it left
+            # the instance.
+            self._step(domain.number, outcome.member,
+                       f"{self.event.value} failed, instance {outcome.member.state.value}"
+                       if outcome.failed else "ready")
+
+    async def _pause(self, walked: Domain[Instance]) -> bool:
+        """Manual mode, between two domains: wait for `next`; False if aborted instead."""
+        self.state = WalkState.PAUSED
+        log.info("walk_paused", walk=self.id, after_domain=walked.number)
+        await self._resume.wait()
+        self._resume.clear()
+        if self._aborted:
             return False
-        await self._halt()
-        return False
+        self.state = WalkState.RUNNING
+        return True
 
     async def _halt(self) -> None:
         assert self.error is not None
@@ -174,46 +172,38 @@ class Walk:
         """Put every instance this walk touched back on the version it had, one update
         domain at a time: the failed domain first (it is down already), then back towards
         UD 0. A domain that does not come back halts the rollback there."""
-        assert self.rollback is not None
-        moved = [i for d in self.domains for i in d if self.progress[i.id] != "pending"]
+        rollback = self.rollback
+        assert rollback is not None
+        moved = [[i for i in d if self.progress[i.id] != "pending"] for d in self.domains]
         cause = f"rollback of walk {self.id}"
+
+        def begin(domain: Domain[Instance]) -> None:
+            self.domain = domain.number
+            log.info("walk_rollback_domain", walk=self.id, domain=domain.number,
+                     instances=[i.id for i in domain.members])
+            for instance in domain.members:
+                self._step(domain.number, instance, "rolling back")
+
+        def answered(domain: Domain[Instance],
+                     outcomes: list[Outcome[Instance, Snapshot]]) -> None:
+            for outcome in outcomes:
+                self._step(domain.number, outcome.member,
+                           f"rollback failed: {outcome.error}" if outcome.failed
+                           else "rolled back")
+
         # The domains not yet put back serve while one goes back: all at once, no domain
         # would be in rotation (the platform's rule is one domain down at a time).
-        halted: str | None = None
-        for number in range(len(self.domains) - 1, -1, -1):
-            instances = [i for i in self.domains[number] if self.progress[i.id] != "pending"]
-            if not instances:
-                continue
-            if halted is not None:  # on the new version and serving: left for a person
-                for instance in instances:
-                    self._step(number, instance, "not rolled back")
-                continue
-            self.domain = number
-            log.info("walk_rollback_domain", walk=self.id, domain=number,
-                     instances=[i.id for i in instances])
-            for instance in instances:
-                self._step(number, instance, "rolling back")
-            results = await asyncio.gather(
-                *(i.maintain(Maintenance.DEPLOY, cause, wait=True,
-                             role=self.rollback[i.role_name])
-                  for i in instances),
-                return_exceptions=True,
-            )
-            failed = []
-            for instance, result in zip(instances, results, strict=True):
-                if isinstance(result, BaseException):
-                    self._step(number, instance, f"rollback failed: {result}")
-                    failed.append(str(result) if isinstance(result, DomainError)
-                                  else repr(result))
-                else:
-                    self._step(number, instance, "rolled back")
-            if failed:
-                halted = f"the rollback halted in update domain {number}: " + "; ".join(failed)
-        back = sum(1 for i in moved if self.progress[i.id] == "rolled back")
-        self.error = (f"{self.error}; rolled back {back} of {len(moved)} instances to the "
-                      "running version")
-        if halted is not None:  # what could not be put back waits for a person: halted
-            self.error = f"{self.error}; {halted}"
+        rolled = await roll(plan(moved)[::-1], lambda i, _: i.maintain(
+            Maintenance.DEPLOY, cause, wait=True, role=rollback[i.role_name]),
+            begin=begin, answered=answered)
+        for domain in rolled.unreached:  # on the new version and serving: left for a person
+            for instance in domain.members:
+                self._step(domain.number, instance, "not rolled back")
+        back_count = sum(1 for d in moved for i in d if self.progress[i.id] == "rolled back")
+        self.error = (f"{self.error}; rolled back {back_count} of {sum(map(len, moved))} "
+                      "instances to the running version")
+        if rolled.halted is not None:  # what could not be put back waits for a person: halted
+            self.error = f"{self.error}; the rollback {_halted_in(rolled)}"
             log.error("walk_rollback_halted", walk=self.id, error=self.error)
             await self._halt()
             return
@@ -253,6 +243,10 @@ class Walk:
         }
 
 
-def domains(instances: list[Instance], count: int) -> list[list[Instance]]:
-    """Instances by update domain, UD 0 first."""
-    return [[i for i in instances if i.update_domain == ud] for ud in range(count)]
+def _halted_in(rolled: Rolled[Instance, Snapshot]) -> str:
+    """Where a roll halted, and why: a domain error says it all, anything else (a bug, a
+    cancelled wait) shows its type."""
+    assert rolled.halted is not None
+    return f"halted in update domain {rolled.halted.number}: " + "; ".join(
+        str(o.error) if isinstance(o.error, DomainError) else repr(o.error)
+        for o in rolled.failures)
