@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from rolehost import api, capacity, logs, metrics, packages, preflight, process
+from rolehost import api, capacity, logs, metrics, packages, preflight
 from rolehost.balancer import Balancer, relay_build
 from rolehost.definition import (
     MAX_INSTANCES,
@@ -41,7 +40,8 @@ from rolehost.errors import (
     Unavailable,
 )
 from rolehost.history import History
-from rolehost.instance import Deployment, Instance, Operation
+from rolehost.instance import Instance, Operation
+from rolehost.launcher import Launcher
 from rolehost.lifecycle import State
 from rolehost.logs import iso
 from rolehost.names import instance_id, parse_instance_name
@@ -114,8 +114,9 @@ class Controller:
         self.run_dir = run_dir
         self.console = console
         self.started = time.time()
-        self.deployment = Deployment.prepare(definition.service, run_dir.path, console,
-                                             self._state_changed)
+        self.launcher = Launcher(definition.service, run_dir.path, console,
+                                 self._state_changed)
+        self.deployment = self.launcher.deployment
         self.notifier = Notifier()
         self.instances: dict[str, Instance] = {}
         self.balancers: list[Balancer] = []
@@ -136,7 +137,6 @@ class Controller:
         # given up starting: the control API answers before that.
         self._started = asyncio.Event()
         self._shutdown_reason = "stop requested"
-        self._signals = 0
         self._forced: str | None = None  # the second signal's name, once one came
         # Once stopped: the instances whose stop was cut short (on_stop overran
         # stop_timeout, or a second signal forced it), each with why.
@@ -144,21 +144,14 @@ class Controller:
 
     async def serve(self) -> None:
         """Run the service until asked to stop; return once every instance is stopped."""
-        loop = asyncio.get_running_loop()
-        # Never closed: the kernel drops the lock when this process is gone, so `rolehost
-        # stop` (which waits for it) returns only once nothing of the controller is left.
-        self.run_dir.lock()
-        logs.configure(self.run_dir.logs, self.console)
-        if swept := await asyncio.to_thread(process.sweep_leftovers, self.run_dir.path):
-            log.warning("leftovers_swept", count=len(swept), processes=swept)
+        await self.launcher.claim(self.run_dir)
         self.history = History(self.run_dir.path / "history.jsonl")
         # Run what was packaged, not the working tree: see packages.py.
         started = await asyncio.to_thread(self.packages.create, self.definition_path, None)
         self.definition = self.packages.load(started["version"])
         self.version = started["version"]
-        if not process.adopt_orphans(loop):
+        if not self.launcher.supervise(self._stop_signal, self._force_signal):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
-        process.handle_stop_signals(loop, self._on_signal)
         server = await api.serve(self.run_dir.socket, self)
         collector = metrics.StateCollector(self)
         metrics.REGISTRY.register(collector)
@@ -191,13 +184,12 @@ class Controller:
                      version=self.version,
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
-            self.deployment.standby.warm()
             for instance in self.instances.values():
                 instance.topology = self.topology()
             self.running = True
-            for instance in self.instances.values():
-                instance.start()
+            self.launcher.start(self.instances.values())
             self._started.set()
+            loop = asyncio.get_running_loop()
             watcher = watch_file(self.definition_path, loop, self.definition_edited)
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
@@ -210,14 +202,12 @@ class Controller:
             if self.walk is not None and self.walk.task is not None and not self.walk.over:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
-            await asyncio.gather(*(i.stop(self._shutdown_reason) for i in self.instances.values()))
-            process.ignore_stop_signals()
+            await self.launcher.stop(list(self.instances.values()), self._shutdown_reason)
             self.cut_short = {
                 i.id: f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"
                 for i in self.instances.values()
                 if i.stop_outcome.cut_short}
-            await self.deployment.standby.close()
             watcher.stop()
             if self.cut_short:
                 log.warning("controller_stop_cut_short", instances=self.cut_short)
@@ -235,24 +225,17 @@ class Controller:
             metrics.REGISTRY.unregister(collector)
             await server.close()
             self.run_dir.socket.unlink(missing_ok=True)
-            for instance in self.instances.values():
-                instance.output.close()
+            self.launcher.close(self.instances.values())
 
-    def _on_signal(self, sig: int) -> None:
-        self._signals += 1
-        if self._signals == 1:
-            self._shutdown_reason = f"controller received {signal.Signals(sig).name}"
-            self._shutdown.set()
-            return
-        if self._forced is not None:
-            # Forced already: a third signal has nothing left to cut short. A stream of
-            # them (a held Ctrl-C, a script) would else log and loop the instances at
-            # every one, and starve the very exits the forced stop waits for.
-            return
+    def _stop_signal(self, name: str) -> None:
+        self._shutdown_reason = f"controller received {name}"
+        self._shutdown.set()
+
+    def _force_signal(self, name: str) -> None:
         # A second signal: the user will not wait for graceful stops.
-        log.warning("forced_stop", signal=signal.Signals(sig).name)
-        self._forced = signal.Signals(sig).name
-        self._force(self._forced)
+        log.warning("forced_stop", signal=name)
+        self._forced = name
+        self._force(name)
 
     def _force(self, why: str) -> None:
         """Cut every instance's stop short: hosts, their trees and tasks killed now."""

@@ -11,17 +11,19 @@ The order, from the start to the end of a driver's run:
    host. This comes before the orphan reaper is on: the privileges check waits for a
    child of its own (privileges.check);
 2. claim the run directory: its lock, its logs, no process an earlier holder left;
-3. supervise: adopt the orphans of the instances' processes, and take SIGTERM and SIGINT;
+3. supervise: adopt the orphans of the instances' processes, and take SIGTERM and
+   SIGINT: the first asks for a graceful stop, a second cuts it short;
 4. start: the standby host warmed, then the instances;
 5. stop: the instances, then the stop signals given up, then the standby host;
 6. close the instances' output logs, flushing a line a host left unfinished: the last
    of all, once the driver has closed what it serves (the API and the balancers, the
-   health port). A driver whose start failed closes them too: nothing else would.
+   health port).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
@@ -36,6 +38,8 @@ log = structlog.get_logger()
 
 
 class Launcher:
+    """One driver's deployment, from its preparation to the end of its teardown."""
+
     def __init__(self, service: Service, run_dir: Path, console: logs.Console | None,
                  observer: Callable[[Instance], None] | None = None) -> None:
         """Prepare the deployment: privileges.Unusable if the service's limited_user
@@ -43,11 +47,14 @@ class Launcher:
         self.deployment = Deployment.prepare(service, run_dir, console, observer)
         # Every instance given to `stop` has stopped: a signal has nothing left to stop.
         self.stopped = False
-        self._on_signal: Callable[[int], None] | None = None
+        self._signals = 0
+        self._on_stop: Callable[[str], None] | None = None
+        self._on_force: Callable[[str], None] | None = None
 
     async def claim(self, run_dir: RunDir) -> None:
         """Take `run_dir` for this process (AlreadyRunning if another has it), log there,
-        and stop what an earlier holder killed before its stop left running there."""
+        and stop the processes an earlier holder left there (it was killed before it
+        could stop them)."""
         # Never closed: the kernel drops the lock when this process is gone, so `rolehost
         # stop` (which waits for it) returns only once nothing of the controller is left.
         run_dir.lock()
@@ -55,22 +62,34 @@ class Launcher:
         if swept := await asyncio.to_thread(process.sweep_leftovers, run_dir.path):
             log.warning("leftovers_swept", count=len(swept), processes=swept)
 
-    def supervise(self, on_signal: Callable[[int], None] | None = None) -> bool:
-        """Reap the orphans of the instances' processes, and (`on_signal`) pass it each
-        SIGTERM and SIGINT until `stop` ends. False if this process could not become
-        their subreaper: a detached grandchild may then escape."""
+    def supervise(self, on_stop: Callable[[str], None] | None = None,
+                  on_force: Callable[[str], None] | None = None) -> bool:
+        """Reap the orphans of the instances' processes. With `on_stop`, take SIGTERM and
+        SIGINT until `stop` ends: the first is a graceful stop (`on_stop` is given the
+        signal's name), the second cuts it short (`on_force`), and later ones are ignored.
+        False if this process could not become the orphans' subreaper: a detached
+        grandchild may then escape."""
         loop = asyncio.get_running_loop()
         adopted = process.adopt_orphans(loop)
-        if on_signal is not None:
-            self._on_signal = on_signal
+        if on_stop is not None:
+            self._on_stop, self._on_force = on_stop, on_force
             process.handle_stop_signals(loop, self._signal)
         return adopted
 
     def _signal(self, signum: int) -> None:
         # A signal that came just before `stop` gave the signals up is run just after:
         # it finds nothing left to stop, and must not make the exit that of a forced stop.
-        if not self.stopped and self._on_signal is not None:
-            self._on_signal(signum)
+        if self.stopped:
+            return
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1 and self._on_stop is not None:
+            self._on_stop(name)
+        elif self._signals == 2 and self._on_force is not None:
+            self._on_force(name)
+        # Forced already, a third signal has nothing left to cut short. A stream of them
+        # (a held Ctrl-C, a script) would else log and loop the instances at every one,
+        # and starve the very exits the forced stop waits for.
 
     def start(self, instances: Iterable[Instance]) -> None:
         """Warm the standby host, then start `instances`: the first boot takes that host."""
@@ -101,7 +120,7 @@ class Launcher:
     def _stopped(self) -> None:
         if not self.stopped:
             self.stopped = True
-            if self._on_signal is not None:
+            if self._on_stop is not None:
                 process.ignore_stop_signals()
 
     @staticmethod

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rolehost import logs, output, process
+from rolehost import logs, output
 from rolehost.definition import Definition
 from rolehost.disks import Maintenance
 from rolehost.errors import DomainError
-from rolehost.instance import Deployment, Instance
+from rolehost.instance import Instance
+from rolehost.launcher import Launcher
 from rolehost.lifecycle import State
 
 STEPS: list[tuple[str, Maintenance]] = [
@@ -71,21 +72,20 @@ async def rehearse(definition: Definition, roles: list[str] | None = None) -> Re
     run_dir = Path(tempfile.mkdtemp(prefix="rolehost-check-"))
     try:
         logs.configure(run_dir / "logs", None)
-        # Before the orphan reaper is on: the privilege check waits for a child of its own.
-        deployment = Deployment.prepare(definition.service, run_dir, None)
+        launcher = Launcher(definition.service, run_dir, None)
     except BaseException:  # no step ran: there is nothing to inspect
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    process.adopt_orphans(asyncio.get_running_loop())
+    # No stop signals taken: Ctrl-C cancels `check` (asyncio.run), and the instances
+    # stop below all the same.
+    launcher.supervise()
     names = roles or list(definition.roles)
-    instances = {n: Instance(deployment, n, definition.roles[n], 0) for n in names}
+    instances = {n: Instance(launcher.deployment, n, definition.roles[n], 0) for n in names}
     try:
         results = await asyncio.gather(*(_walk(i) for i in instances.values()))
     finally:
-        await asyncio.gather(*(i.stop("rehearsal over") for i in instances.values()))
-        await deployment.standby.close()
-        for instance in instances.values():
-            instance.output.close()
+        await launcher.stop(list(instances.values()), "rehearsal over")
+        launcher.close(instances.values())
     report = Report(run_dir, dict(zip(names, results, strict=True)))
     if report.ok:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import replace
@@ -37,7 +36,8 @@ from rolehost.api import Request, Routes, route
 from rolehost.definition import Definition, DefinitionError, Role, Secret, setting_variable
 from rolehost.errors import Unavailable
 from rolehost.exits import EXIT_STOP_CUT_SHORT
-from rolehost.instance import Deployment, Instance
+from rolehost.instance import Instance
+from rolehost.launcher import Launcher
 from rolehost.lifecycle import RUNNING, State
 from rolehost.rundir import RunDir
 from rolehost.scalars import setting_from_text
@@ -85,8 +85,9 @@ class SingleInstance:
                  resources: Path | None = None) -> None:
         self.definition, self.role_name, self.run_dir = definition, role, run_dir
         self.drain_delay = drain_delay
-        self.deployment = Deployment.prepare(definition.service, run_dir.path, logs.Console(),
-                                             self._observe)
+        self.launcher = Launcher(definition.service, run_dir.path, logs.Console(),
+                                 self._observe)
+        self.deployment = self.launcher.deployment
         spec = settings_from_environment(definition.roles[role], os.environ, role)
         self.instance = Instance(self.deployment, role, spec, index)
         # No balancer in front: the instance takes its endpoints' declared ports itself.
@@ -98,36 +99,28 @@ class SingleInstance:
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self.stop_reason = "stop requested"
-        self._signals = 0
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()  # a second signal: no more waiting on anything
-        self._stopped = False  # the instance is stopped: nothing left to force
 
     async def serve(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        self.run_dir.lock()
-        logs.configure(self.run_dir.logs, self.deployment.console)
-        if swept := await asyncio.to_thread(process.sweep_leftovers, self.run_dir.path):
-            log.warning("leftovers_swept", count=len(swept), processes=swept)
-        process.adopt_orphans(loop)
-        process.handle_stop_signals(loop, self._on_signal)
+        await self.launcher.claim(self.run_dir)
+        # Signals are counted, not stops: a preStop hook's /stop, then the kubelet's
+        # SIGTERM, is one graceful stop; a supervisor's (or Ctrl-C's) second is not.
+        self.launcher.supervise(lambda name: self.begin_stop(f"received {name}"),
+                                self.force_stop)
         try:
             server = await api.serve_tcp(host, port, self, ROUTES)
         except OSError as exc:  # before the instance starts: nothing to stop
             raise CannotListen(f"cannot listen on {host}:{port} for the health endpoints: "
                                f"{exc.strerror or exc}") from None
         log.info("instance_mode", instance=self.instance.id, health=f"{host}:{port}")
-        self.deployment.standby.warm()
-        self.instance.start()
+        self.launcher.start([self.instance])
         await self._stop.wait()
         with contextlib.suppress(TimeoutError):  # endpoints catch up with /ready going 503
             await asyncio.wait_for(self._forced.wait(), self.drain_delay)
-        await self.instance.stop(self.stop_reason)
-        self._stopped = True
-        process.ignore_stop_signals()
-        await self.deployment.standby.close()
+        await self.launcher.stop([self.instance], self.stop_reason)
         await server.close()
-        self.instance.output.close()
+        self.launcher.close([self.instance])
         if self.instance.state is not State.STOPPED:
             return 1
         if self._forced.is_set() or self.instance.stop_outcome.cut_short:
@@ -151,20 +144,10 @@ class SingleInstance:
             log.info("instance_mode_stopping", instance=self.id, reason=reason)
             self._stop.set()
 
-    def _on_signal(self, sig: int) -> None:
-        # Signals are counted, not stops: a preStop hook's /stop, then the kubelet's
-        # SIGTERM, is one graceful stop; a supervisor's (or Ctrl-C's) second is not.
-        self._signals += 1
-        name = signal.Signals(sig).name
-        if self._signals == 1:
-            self.begin_stop(f"received {name}")
-        else:
-            self.force_stop(name)
-
     def force_stop(self, why: str) -> None:
         """Cut the graceful stop short: no drain delay left, the host's tree and the
         startup tasks killed now. The instance still stops as usual, sweeping the tree."""
-        if self._stopped or self._forced.is_set():  # nothing left to cut short
+        if self.launcher.stopped or self._forced.is_set():  # nothing left to cut short
             return
         log.warning("instance_mode_forced_stop", instance=self.id, signal=why)
         self.begin_stop(f"received {why}")
