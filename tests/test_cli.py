@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -208,21 +209,18 @@ def test_logs_follow_prints_new_lines(make_service: MakeService, form: str) -> N
 
 def test_run_dir_and_socket_are_private(make_service: MakeService) -> None:
     service = make_service("class Role(RoleEntryPoint): pass")
-    old_umask = os.umask(0)  # the loosest umask must not loosen them
-    try:
-        harness = service.harness()
-        harness.start()
-    finally:
-        os.umask(old_umask)
-    try:
+    with contextlib.ExitStack() as stack:
+        old_umask = os.umask(0)  # the loosest umask must not loosen them
+        try:
+            # As a context manager, so that its exit removes the run directory it made.
+            harness = stack.enter_context(service.harness())
+        finally:
+            os.umask(old_umask)
         assert stat.S_IMODE(harness.run_dir.path.stat().st_mode) == 0o700
         assert stat.S_IMODE(harness.run_dir.socket.stat().st_mode) == 0o600
         controller = psutil.Process(harness.status()["pid"])
         listening = [c for c in controller.net_connections("inet") if c.status == "LISTEN"]
         assert listening == []  # no TCP control listener, on any interface
-    finally:
-        harness.stop()
-        harness.assert_no_processes()
 
 
 def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: MakeService) -> None:
