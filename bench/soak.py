@@ -98,8 +98,14 @@ def operate(service: ServiceHarness, kind: str, rng: random.Random, version: int
 
 
 def soak(seconds: float, seed: int) -> dict[str, Any]:
+    # Removed even when the soak fails: it holds only the definition and the orders
+    # database, whose story is in the harness's run directory (kept on a failure).
+    with tempfile.TemporaryDirectory(prefix="rolehost-soak-") as folder:
+        return _soak(Path(folder), seconds, seed)
+
+
+def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    folder = Path(tempfile.mkdtemp(prefix="rolehost-soak-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -143,6 +149,7 @@ def soak(seconds: float, seed: int) -> dict[str, Any]:
         counts = dict(shipped.execute("SELECT state, COUNT(*) FROM orders GROUP BY state"))
         done_ids = {row[0] for row in shipped.execute(
             "SELECT id FROM orders WHERE state = 'shipped'")}
+        shipped.close()
     return {
         "seconds": round(time.monotonic() - began, 1), "seed": seed, "operations": len(done),
         "by_kind": {k: sum(1 for kind, _ in done if kind == k) for k in OPERATIONS},
