@@ -1,8 +1,11 @@
 """The whole suite's: tests/ and each samples/*/ (pyproject's testpaths), whichever of them
-a session runs. The samples' tests start controllers too, and so run the compiled relay."""
+a session runs. The samples' tests start controllers too, and so run the compiled relay,
+and can leak processes and folders as much as tests/ can (the leak check: tests/leakcheck.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,15 @@ def pytest_report_header() -> str:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     refuse_stale_builds(Path(rolehost.__file__).parent)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Loaded by its path: a samples-only run does not put tests/ on sys.path. Under its
+    # own name, so that `import leakcheck` in a test gets this module, not a second copy.
+    path = Path(__file__).parent / "tests" / "leakcheck.py"
+    spec = importlib.util.spec_from_file_location("leakcheck", path)
+    assert spec is not None and spec.loader is not None
+    leakcheck = sys.modules.setdefault("leakcheck", importlib.util.module_from_spec(spec))
+    if not hasattr(leakcheck, "LeakCheck"):
+        spec.loader.exec_module(leakcheck)
+    leakcheck.pytest_configure(config)
