@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from rolehost import api, capacity, logs, metrics, packages, preflight
+from rolehost import api, build, capacity, logs, metrics, packages, preflight
 from rolehost.balancer import Balancer, relay_build
 from rolehost.definition import (
     MAX_INSTANCES,
@@ -184,6 +184,9 @@ class Controller:
                      version=self.version,
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
+            # Only a service with a balancer relays: without one, the build costs nothing.
+            if self.balancers and (interpreted := build.relay_warning()) is not None:
+                log.warning("relay_interpreted", **interpreted)
             for instance in self.instances.values():
                 instance.topology = self.topology()
             self.running = True
