@@ -34,6 +34,12 @@ def refuse_stale_builds(package: Path) -> None:
                     "reinstall (`pip install -e .`, or `make test`) and run again", 2)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-transcripts", action="store_true",
+                     help="rewrite docs/getting-started.md's transcripts from a real run "
+                          "(tests/test_getting_started.py)")
+
+
 def pytest_report_header() -> str:
     return f"rolehost relay: {balancer.relay_build()}"
 
