@@ -1,7 +1,8 @@
 """The suite's leak check: no test may leave a process or a /tmp/rolehost-* folder behind.
 
 Registered for the whole suite by ../conftest.py; elsewhere, `-p leakcheck` with this
-folder on the Python path (tests/test_leakcheck.py runs it so).
+folder on the Python path (tests/test_leakcheck.py runs it so). `-p no:rolehost-leakcheck`
+turns it off, to look at what a test leaves running.
 
 Each test is checked after its teardown (its fixtures' included) against what existed
 before its setup, and fails there, naming what it leaked; the end of the session checks
@@ -274,5 +275,6 @@ def _wide_fixtures(item: pytest.Item) -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.has_plugin("rolehost-leakcheck"):
+    if not config.pluginmanager.has_plugin("rolehost-leakcheck") and \
+            not config.pluginmanager.is_blocked("rolehost-leakcheck"):
         config.pluginmanager.register(LeakCheck(), "rolehost-leakcheck")
