@@ -59,10 +59,11 @@ class Tally:
 
 def relay_build() -> str:
     """How the relay runs: "compiled" when setup.py's mypyc build is installed (the
-    usual case), "interpreted" when it could not be (no C compiler)."""
-    from rolehost import proxy
+    usual case), "interpreted" when it could not be (no C compiler). By the module that
+    relays each request: the package's `__init__` only names what its modules hold."""
+    from rolehost.proxy import client
 
-    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "compiled"
+    return "interpreted" if (client.__file__ or "").endswith(".py") else "compiled"
 
 
 class Backend:

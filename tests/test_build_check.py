@@ -1,16 +1,20 @@
-"""The suite stops on a stale build of the relay, whichever of tests/ and samples/ it runs."""
+"""The suite stops on a stale build of the relay, whichever of tests/ and samples/ it runs;
+and the relay says whether it runs compiled."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from rolehost import balancer
 
 ROOT = Path(__file__).resolve().parent.parent
 SO = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -58,3 +62,19 @@ def test_the_check_runs_for_the_samples_alone_too(target: str) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rolehost relay: " in done.stdout
+
+
+def test_the_relay_says_whether_it_runs_compiled(tmp_path: Path) -> None:
+    """`relay_build()` (the controller's `relay=`, the suite's header): "compiled" when the
+    relay's modules are built (it asks one that relays, not the package's `__init__`),
+    "interpreted" run from a copy of the package without the extensions."""
+    built = any((ROOT / "rolehost" / "proxy").glob("client" + SO))
+    assert balancer.relay_build() == ("compiled" if built else "interpreted")
+    shutil.copytree(ROOT / "rolehost", tmp_path / "rolehost",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    done = subprocess.run(
+        [sys.executable, "-c", "from rolehost import balancer; print(balancer.relay_build())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "interpreted"
