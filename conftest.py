@@ -16,10 +16,11 @@ from rolehost import balancer
 
 def stale_builds(package: Path) -> list[tuple[Path, Path]]:
     """(source, build) for each module of `package` compiled by mypyc whose source changed
-    after the build. By the files, not by what this process imported: a samples-only run
+    after the build, in its subpackages too (the relay's modules are built in
+    rolehost/proxy/). By the files, not by what this process imported: a samples-only run
     imports no relay itself, its controllers do."""
     stale = []
-    for built in sorted(package.glob("*.so")):
+    for built in sorted(package.rglob("*.so")):
         source = built.with_name(built.name.partition(".")[0] + ".py")
         if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
             stale.append((source, built))

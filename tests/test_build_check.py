@@ -29,27 +29,32 @@ def _root_conftest() -> ModuleType:
     return module
 
 
-def _package(tmp_path: Path, source_age: float, build_age: float) -> Path:
-    """A package with proxy.py and its build, each `age` seconds old; and a build with no
+def _package(tmp_path: Path, module: str, source_age: float, build_age: float) -> Path:
+    """A package with `module` ("balancer", or "proxy/client" in a subpackage, where the
+    relay's modules are built) and its build, each `age` seconds old; and a build with no
     source beside it (mypyc's shared library is one)."""
     now = 1_800_000_000.0
-    for name, age in (("proxy.py", source_age), ("proxy" + SO, build_age),
-                      ("lonely" + SO, 0.0), ("balancer.py", 0.0)):
+    (tmp_path / "proxy").mkdir()
+    for name, age in ((module + ".py", source_age), (module + SO, build_age),
+                      ("lonely" + SO, 0.0), ("proxy/__init__.py", 0.0)):
         (tmp_path / name).write_text("")
         os.utime(tmp_path / name, (now - age, now - age))
     return tmp_path
 
 
-def test_a_source_edited_after_its_build_is_stale(tmp_path: Path) -> None:
-    package = _package(tmp_path, source_age=10, build_age=60)
-    assert _root_conftest().stale_builds(package) == [(package / "proxy.py",
-                                                       package / ("proxy" + SO))]
-    with pytest.raises(pytest.exit.Exception, match=r"proxy\.py changed after it was compiled"):
+@pytest.mark.parametrize("module", ["balancer", "proxy/client"])
+def test_a_source_edited_after_its_build_is_stale(tmp_path: Path, module: str) -> None:
+    package = _package(tmp_path, module, source_age=10, build_age=60)
+    assert _root_conftest().stale_builds(package) == [(package / (module + ".py"),
+                                                       package / (module + SO))]
+    name = module.rpartition("/")[2]
+    with pytest.raises(pytest.exit.Exception, match=rf"{name}\.py changed after it was compiled"):
         _root_conftest().refuse_stale_builds(package)
 
 
-def test_a_build_newer_than_its_source_is_not(tmp_path: Path) -> None:
-    package = _package(tmp_path, source_age=60, build_age=10)
+@pytest.mark.parametrize("module", ["balancer", "proxy/client"])
+def test_a_build_newer_than_its_source_is_not(tmp_path: Path, module: str) -> None:
+    package = _package(tmp_path, module, source_age=60, build_age=10)
     assert _root_conftest().stale_builds(package) == []
     _root_conftest().refuse_stale_builds(package)
 
