@@ -32,6 +32,7 @@ pids), kills it and reports it. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -333,13 +334,49 @@ def short_source(path: str) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
+def mypyc_modules() -> dict[str, Path]:
+    """The modules setup.py compiles, by name (`rolehost.proxy.client`), each with its
+    extension: the `.so` files in the package and its subpackages (the group's shared
+    library, `rolehost__mypyc`, lies outside the package)."""
+    package = Path(rolehost.__file__).parent
+    found = {}
+    for path in sorted(package.rglob("*.so")):
+        parts = [*path.relative_to(package.parent).parent.parts, path.name.partition(".")[0]]
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+@functools.cache
+def mypyc_prefixes() -> list[tuple[str, str]]:
+    """(C name prefix, module) for each compiled module, longest prefix first. mypyc names a
+    module by the shortest end of its name that no other module of the build ends with,
+    dots as `___` (mypyc/namegen.py): rolehost.proxy.client's functions are `client___...`."""
+    ends = {name: ["", *(".".join(name.split(".")[-n:]) + "."
+                         for n in range(1, name.count(".") + 2))]
+            for name in mypyc_modules()}
+    counts: dict[str, int] = {}
+    for candidates in ends.values():
+        for end in candidates:
+            counts[end] = counts.get(end, 0) + 1
+    prefixes = []
+    for name, candidates in ends.items():
+        end = next((end for end in candidates if counts[end] == 1), candidates[-1])
+        prefixes.append((end.replace(".", "___"), name))
+    return sorted(prefixes, key=lambda pair: -len(pair[0]))
+
+
 def python_name(function: str) -> str | None:
-    """mypyc's `CPyDef_proxy___HttpClient____next` is `rolehost.proxy.HttpClient._next`;
+    """mypyc's `CPyDef_client___HttpClient____next` is
+    `rolehost.proxy.client.HttpClient._next` (the module's prefix: `mypyc_prefixes`);
     Cython's `__pyx_f_6uvloop_4loop_8UVStream__exec_write` is
     `uvloop.loop.UVStream._exec_write`."""
     for prefix, kind in (("CPyDef_", ""), ("CPyPy_", " (its Python-callable wrapper)")):
         if function.startswith(prefix):
-            return f"rolehost.{'.'.join(function[len(prefix):].split('___'))}{kind}"
+            name = function[len(prefix):]
+            for short, module in mypyc_prefixes():
+                if name.startswith(short):
+                    return f"{module}.{'.'.join(name[len(short):].split('___'))}{kind}"
+            return None
     if function.startswith("__pyx_f_"):  # cdef functions: length-prefixed parts, then _name
         rest, parts = function[len("__pyx_f_"):], []
         while match := re.match(r"\d+", rest):
@@ -810,14 +847,16 @@ def machine_details() -> dict[str, str]:
 def relay_build() -> str:
     """Whether the mypyc extensions the compiled controller loads were built from the
     sources as they are (an editable install's build goes stale when a source changes)."""
-    from rolehost import balancer, proxy
+    from rolehost import balancer
+    from rolehost.proxy import client
 
-    stale, built = [], []
-    for module in (proxy, balancer):  # setup.py's COMPILED
+    for module in (client, balancer):  # the relay's package and balancer.py: setup.py's COMPILED
         path = Path(module.__file__ or "")
         if path.suffix != ".so":
             return f"{path.name} is not compiled: the compiled row measures the interpreted relay"
-        source = path.with_name(module.__name__.rpartition(".")[2] + ".py")
+    stale, built = [], []
+    for path in mypyc_modules().values():
+        source = path.with_name(path.name.partition(".")[0] + ".py")
         built.append(path.stat().st_mtime)
         if source.stat().st_mtime > path.stat().st_mtime:
             stale.append(source.name)
