@@ -1,6 +1,6 @@
 """Whether this install's relay is the compiled one, and what to say when it is not.
 
-setup.py compiles the relay (`proxy.py`) and the balancer with mypyc at install. Where
+setup.py compiles the relay (the `proxy` package) and the balancer with mypyc at install. Where
 that build fails (no C compiler, or no Python headers), the extensions are optional: pip
 installs the same modules as plain Python, and says nothing about it unless run with
 `-v`. The controller then relays as it would, for more CPU per request, and warns
@@ -41,11 +41,11 @@ def relay_warning() -> dict[str, str] | None:
 
 
 def why_interpreted() -> str:
-    from rolehost import proxy
+    from rolehost.proxy import client  # the module that relays, as relay_build() looks
 
-    folder = Path(proxy.__file__ or "").parent
+    folder = Path(client.__file__ or "").parent
     ours = importlib.machinery.EXTENSION_SUFFIXES
-    others = sorted(p.name for p in folder.glob("proxy.*")
+    others = sorted(p.name for p in folder.glob("client.*")
                     if p.suffix in (".so", ".pyd") and not p.name.endswith(tuple(ours)))
     if others:  # an editable install built by another interpreter
         return (f"the compiled extension was built for another Python ({', '.join(others)}), "
