@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from rolehost.definition import (
     Secret,
     parse_role,
 )
-from rolehost.definition import load as load_definition
 from rolehost.disks import Maintenance, Upgrade
+from rolehost.edits import Edits
 from rolehost.errors import (
     Conflict,
     DoesNotLoad,
@@ -53,48 +53,6 @@ from rolehost.walks import Walk
 from rolehost.watch import watch_file
 
 log = structlog.get_logger()
-
-
-def definition_changes(running: Definition, edited: Definition,
-                       before: Definition | None = None,
-                       unsettled: Collection[str] = ()) -> dict[str, Any]:
-    """What an edit of the definition asks for: new settings and instance counts, which
-    apply in place, and every other key path, which needs a deploy. `running` names the
-    app folders the running version was packaged from, as `edited` does.
-
-    `before` is the file as it was before the edit (default: `running`). Settings and
-    counts are what the edit changed in it, applied to what runs: a setting changed by
-    `rolehost config set`, or a count by `rolehost scale`, stays as it is unless the
-    edit changes that setting or that count. Each role's settings are its whole new
-    table: a setting the edit removed is left out, one set at run time kept.
-
-    `unsettled` names the roles whose count an earlier edit asked for and did not get
-    (refused, or its new instances never got ready): the file's count applies to them
-    even where the file did not change it, so that saving the file as it was before
-    takes the failed scale back."""
-    settings, instances, deploy = {}, {}, []
-    ignored = {"settings", "instances"}
-    if running.service != edited.service:
-        deploy.append("service (needs a fresh start: rolehost stop, rolehost start)")
-    for name in sorted(running.roles.keys() | edited.roles.keys()):
-        old, new = running.roles.get(name), edited.roles.get(name)
-        if old is None or new is None:
-            deploy.append(f"roles.{name}")
-            continue
-        if old.model_dump(exclude=ignored) != new.model_dump(exclude=ignored):
-            deploy += [f"roles.{name}.{k}" for k in sorted(type(old).model_fields)
-                       if k not in ignored and getattr(old, k) != getattr(new, k)]
-        was = (before or running).roles.get(name, old)
-        edits = {k: v for k, v in new.settings.items() if was.settings.get(k) != v}
-        gone = was.settings.keys() - new.settings.keys()
-        table = {k: v for k, v in {**old.settings, **edits}.items()  # Secrets stay wrapped
-                 if k not in gone}
-        if table != old.settings:
-            settings[name] = table
-        if new.instances != old.instances and (new.instances != was.instances
-                                               or name in unsettled):
-            instances[name] = new.instances
-    return {"settings": settings, "instances": instances, "deploy": deploy}
 
 
 class StartError(RuntimeError):
@@ -125,10 +83,7 @@ class Controller:
         self.changing: str | None = None  # a settings change, a scale or a deploy's checks
         self.running = False
         self.version = ""  # the package running: the one `start` made, then each deploy's
-        # The definition file as last applied: an edit applies what it changed in it.
-        self.from_file = definition
-        self._editing = asyncio.Lock()  # one edit of the file applied at a time
-        self._unsettled: set[str] = set()  # roles whose count from the file is still to do
+        self.edits = Edits(self, definition)  # saved edits of the file, applied
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
         self._shutdown = asyncio.Event()
@@ -193,7 +148,7 @@ class Controller:
             self.launcher.start(self.instances.values())
             self._started.set()
             loop = asyncio.get_running_loop()
-            watcher = watch_file(self.definition_path, loop, self.definition_edited)
+            watcher = watch_file(self.definition_path, loop, self.edits.saved)
             self.notifier.start_watchdog(loop)
             await self._shutdown.wait()
             log.info("controller_stopping", reason=self._shutdown_reason)
@@ -652,55 +607,12 @@ class Controller:
         roles = {**self.definition.roles, name: role}
         self.definition = self.definition.model_copy(update={"roles": roles})
 
-    def definition_edited(self) -> None:
-        """The definition file changed: apply settings and instance counts; report the rest.
-        One edit at a time, each read when its turn comes: an edit saved while another is
-        applied is compared with the file as that one left it, not as it was before."""
-        self._background_task(self._edit())
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
 
-    async def _edit(self) -> None:
-        async with self._editing:
-            if self._shutdown.is_set():  # nothing starts while the service stops
-                return
-            try:
-                edited = load_definition(self.definition_path)
-            except DefinitionErrors as exc:
-                log.error("definition_invalid", file=str(self.definition_path), errors=str(exc))
-                return
-            # The running roles' `app` is the package's copy: compare the folder it was
-            # copied from, or every edit would seem to move every app.
-            sources = self.packages.source_apps(self.version)
-            running = self.definition.model_copy(update={"roles": {
-                name: role.model_copy(update={"app": sources.get(name, role.app)})
-                for name, role in self.definition.roles.items()}})
-            changed = definition_changes(running, edited, self.from_file, self._unsettled)
-            if changed["deploy"]:
-                log.warning("needs_deploy", changed=changed["deploy"],
-                            detail="nothing was applied: package and deploy these changes")
-                return
-            await self._apply_edit(edited, changed["settings"], changed["instances"])
-
-    async def _apply_edit(self, edited: Definition, settings: dict[str, dict[str, Any]],
-                          counts: dict[str, int]) -> None:
-        """One change after the other: each holds the service while it runs. The file as
-        last applied (`from_file`) takes, role by role, the settings and the count that
-        were applied (or had nothing to apply); a change refused or failed stays to do,
-        so that saving the file again tries it again."""
-        took: dict[str, dict[str, Any]] = {name: {} for name in edited.roles}
-        for name, values in settings.items():
-            if not await _reported(self.configure(name, values, "definition edited",
-                                                  replace=True)):
-                took[name]["settings"] = self.from_file.roles[name].settings
-        for name, count in counts.items():
-            if await _reported(self.scale(name, count, "definition edited")):
-                self._unsettled.discard(name)
-            else:
-                self._unsettled.add(name)
-                took[name]["instances"] = self.from_file.roles[name].instances
-        self.from_file = edited.model_copy(update={"roles": {
-            name: role.model_copy(update=took[name]) for name, role in edited.roles.items()}})
-
-    def _background_task(self, work: Any) -> None:
+    def in_background(self, work: Any) -> None:
+        """Run `work` on the loop with nobody awaiting it: a failure is logged."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -751,13 +663,3 @@ def _discard(instances: list[Instance]) -> None:
             log.error("disks_not_removed", instance=instance.id, folder=str(instance.disks.root),
                       error=str(exc))
 
-
-async def _reported(change: Awaitable[object]) -> bool:
-    """A change an edit asked for: nobody waits for its answer, so a refusal is logged (and
-    the next change is still tried). False if it was refused or failed."""
-    try:
-        await change
-    except DomainError as exc:
-        log.error("change_failed", error=str(exc))
-        return False
-    return True

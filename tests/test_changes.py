@@ -218,7 +218,7 @@ def test_an_edit_applies_what_it_changed_in_the_file_not_the_rest_of_it(
 
 
 def test_what_an_edit_changes_is_what_it_changed_in_the_file() -> None:
-    from rolehost.controller import definition_changes
+    from rolehost.edits import definition_changes
     from rolehost.definition import Secret, parse
 
     def service(instances: int, **settings: object) -> Definition:
