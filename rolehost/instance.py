@@ -14,25 +14,23 @@ import functools
 import os
 import signal
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import structlog
 
-from rolehost import metrics, ports, privileges, probe, protocol
+from rolehost import metrics, ports, probe, protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import (
     Endpoint,
     Role,
-    Service,
     resource_variable,
     setting_variables,
 )
+from rolehost.deployment import Deployment
 from rolehost.disks import Disks, Maintenance, apply, usage_mb
 from rolehost.environment import Context
 from rolehost.errors import Conflict, OperationFailed
@@ -45,10 +43,10 @@ from rolehost.lifecycle import (
     State,
     StopOutcome,
 )
-from rolehost.logs import Console, iso
+from rolehost.logs import iso
 from rolehost.names import instance_id
 from rolehost.output import OutputLog
-from rolehost.process import HostProcess, Standby, describe_exit, signal_tree, sweep
+from rolehost.process import HostProcess, describe_exit, signal_tree, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
 
 log = structlog.get_logger()
@@ -60,40 +58,6 @@ STOP_GRACE = 2.0
 USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
 CPU_WINDOW = 30.0  # seconds of CPU samples behind the load estimate
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """What every instance of one controller shares."""
-
-    id: str
-    service: Service
-    run_dir: Path
-    console: Console | None
-    standby: Standby
-    run_as: privileges.RunAs  # who the hosts and limited tasks run as
-    observer: Callable[[Instance], None] | None = None  # told of every state change
-    ports: set[int] = field(default_factory=set)  # private ports given to instances
-
-    @classmethod
-    def prepare(cls, service: Service, run_dir: Path, console: Console | None,
-                observer: Callable[[Instance], None] | None = None) -> Deployment:
-        """A new deployment in `run_dir`, which must exist; privileges.Unusable if the
-        service's limited_user cannot run its hosts."""
-        run_as = privileges.decide(service.limited_user, run_dir)
-        environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
-        return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
-                   standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
-                   observer=observer)
-
-    def take_port(self, host: str) -> int:
-        """A private port for an instance: free, and given to no other instance."""
-        port = ports.choose(host, self.ports)
-        self.ports.add(port)
-        return port
-
-    def release_ports(self, given: Iterable[int]) -> None:
-        self.ports.difference_update(given)
 
 
 @dataclass

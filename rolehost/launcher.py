@@ -31,7 +31,8 @@ import structlog
 
 from rolehost import logs, process
 from rolehost.definition import Service
-from rolehost.instance import Deployment, Instance
+from rolehost.deployment import Deployment
+from rolehost.instance import Instance
 from rolehost.rundir import RunDir
 
 log = structlog.get_logger()
