@@ -14,12 +14,10 @@ import functools
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import structlog
 
 from rolehost import metrics, ports, probe, protocol
@@ -31,7 +29,7 @@ from rolehost.definition import (
     setting_variables,
 )
 from rolehost.deployment import Deployment
-from rolehost.disks import Disks, Maintenance, apply, usage_mb
+from rolehost.disks import Disks, Maintenance, apply
 from rolehost.environment import Context
 from rolehost.errors import Conflict, OperationFailed
 from rolehost.lifecycle import (
@@ -48,6 +46,7 @@ from rolehost.names import instance_id
 from rolehost.output import OutputLog
 from rolehost.process import HostProcess, describe_exit, signal_tree, sweep
 from rolehost.tasks import TaskFailed, Tasks, task_path
+from rolehost.usage import CpuLoad, DiskUsage
 
 log = structlog.get_logger()
 
@@ -55,8 +54,6 @@ log = structlog.get_logger()
 S = State
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
-USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
-CPU_WINDOW = 30.0  # seconds of CPU samples behind the load estimate
 CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
 
 
@@ -97,9 +94,8 @@ class Instance:
         self.last_error: str | None = None
         self.last_traceback: str | None = None
         self.next_try: float | None = None
-        self.usage: dict[str, float] = {}
-        self._measured = 0.0
-        self._cpu: deque[tuple[float, float]] = deque()  # (wall, host CPU seconds) samples
+        self.cpu = CpuLoad()
+        self.usage = DiskUsage(self.id)
 
         self._recycle_reason: str | None = None
         self._recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
@@ -576,40 +572,18 @@ class Instance:
                 self._changing.set_result(bool(message.get("cancel")))
         elif kind == "heartbeat":
             self.sample_cpu()
-            if time.monotonic() - self._measured > USAGE_EVERY:
+            if self.usage.due:
                 self._measure()
 
     def sample_cpu(self) -> float | None:
-        """The host's CPU, % of one core, over the last CPU_WINDOW seconds (None: unknown)."""
-        if self.process is None or not self.process.running:
-            self._cpu.clear()
-            return None
-        try:
-            times = psutil.Process(self.process.pid).cpu_times()
-        except (psutil.Error, OSError):  # OSError: out of descriptors, say (EMFILE)
-            return None
-        now = time.monotonic()
-        if self._cpu and self._cpu[-1][1] > times.user + times.system:
-            self._cpu.clear()  # a new host since the last sample
-        self._cpu.append((now, times.user + times.system))
-        while len(self._cpu) > 2 and now - self._cpu[1][0] > CPU_WINDOW:
-            self._cpu.popleft()
-        (first, used), (last, now_used) = self._cpu[0], self._cpu[-1]
-        return 100.0 * (now_used - used) / (last - first) if last - first > 0.2 else None
+        """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""
+        process = self.process
+        return self.cpu.sample(process.pid if process is not None and process.running else None)
 
     def _measure(self) -> None:
         """Refresh local-resource usage off the loop; warn when one is over its size."""
-        self._measured = time.monotonic()
-
-        def measure() -> None:
-            for name, spec in self.role.local_resources.items():
-                used = usage_mb(self.disks.resource(name))
-                if used > spec.size_mb and self.usage.get(name, 0.0) <= spec.size_mb:
-                    log.warning("resource_over_size", instance=self.id, resource=name,
-                                used_mb=round(used, 1), size_mb=spec.size_mb)
-                self.usage[name] = used
-
-        asyncio.get_running_loop().run_in_executor(None, measure)
+        self.usage.measure({name: (self.disks.resource(name), spec.size_mb)
+                            for name, spec in self.role.local_resources.items()})
 
     # Deadlines.
 
@@ -866,8 +840,8 @@ class Instance:
             "tasks": self.tasks.snapshot() if self.tasks is not None else [],
             "resources": {
                 name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb,
-                       "used_mb": round(self.usage.get(name, 0.0), 3),
-                       "over": self.usage.get(name, 0.0) > spec.size_mb}
+                       "used_mb": round(self.usage.used.get(name, 0.0), 3),
+                       "over": self.usage.used.get(name, 0.0) > spec.size_mb}
                 for name, spec in self.role.local_resources.items()
             },
             "dirs": {"root": str(self.disks.root), "app": str(self.disks.app),
