@@ -22,6 +22,7 @@ from conftest import MakeService
 from rolehost.balancer import relay_build
 from rolehost.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.net import free_port, get
 
 WEB = """
 import hashlib, socket, struct, threading
@@ -191,12 +192,6 @@ class Role(RoleEntryPoint):
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def web(make_service: MakeService, instances: int, warmup: str = "0,0,0,0", endpoint: str = "",
         **kwargs: object) -> tuple[ServiceHarness, int]:
     port = free_port()
@@ -210,16 +205,6 @@ def web(make_service: MakeService, instances: int, warmup: str = "0,0,0,0", endp
         """,
     )
     return service.harness(), port
-
-
-def get(port: int, path: str = "/", timeout: float = 30) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def test_traffic_reaches_only_ready_instances(make_service: MakeService) -> None:

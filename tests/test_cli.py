@@ -18,6 +18,7 @@ import pytest
 from conftest import MakeService
 from rolehost.client import ApiError, Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
+from support.net import free_port
 
 
 def rolehost(
@@ -271,12 +272,6 @@ def test_the_status_fields_are_the_ones_docs_api_describes(make_service: MakeSer
         assert set(status["instances"][0]) == _documented_fields("Each instance:")
         assert set(status["balancers"][0]) == {"role", "endpoint", "protocol", "address",
                                                "in_rotation", "connections"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeService) -> None:

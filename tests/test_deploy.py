@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_balancer import WEB, free_port
-from test_walks import assert_one_domain_down_at_a_time
 
 from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.net import free_port
+from test_balancer import WEB
+from test_walks import assert_one_domain_down_at_a_time
 
 ROLE = """
 VERSION = "v1"

@@ -15,12 +15,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from test_balancer import free_port
-from test_run_instance import answer
 
 from rolehost.definition import Role, parse
 from rolehost.export import kubernetes
 from rolehost.testing import run_dir_processes, wait_until
+from support.net import answer, free_port
 
 KUBERNETES = "1.37.0"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -6,10 +6,11 @@ import http.client
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_balancer import WEB, free_port, get
 
 from conftest import MakeService
 from rolehost.lifecycle import State
+from support.net import free_port, get
+from test_balancer import WEB
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_balancer import free_port, get
 
 from conftest import MakeService, Service
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.net import free_port, get
 
 pytestmark = pytest.mark.slow
 

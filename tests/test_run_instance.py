@@ -7,30 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from test_balancer import free_port
 
 from conftest import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP, MakeService, Service
 from rolehost.testing import run_dir_processes, wait_until
-
-
-def answer(port: int, path: str, method: str = "GET") -> int:
-    return answer_and_body(port, path, method)[0]
-
-
-def answer_and_body(port: int, path: str, method: str = "GET") -> tuple[int, str]:
-    try:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
+from support.net import answer, answer_and_body, free_port
 
 
 def run_instance(service: Service, health: int, *args: str) -> subprocess.Popen[bytes]:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_balancer import WEB, free_port
 
 from conftest import MakeService
 from rolehost.testing import ServiceHarness
+from support.net import free_port
+from test_balancer import WEB
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 import pytest
-from test_balancer import WEB, free_port
 
 from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.net import free_port
+from test_balancer import WEB
 
 # on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
 # instance's os/, on_start hangs (a role that cannot come back after the update).

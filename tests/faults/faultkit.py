@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import textwrap
 import time
 
@@ -91,12 +90,6 @@ def endpoint(port: int, **options: str) -> str:
     lines = ["[roles.web.endpoints.http]", f"port = {port}", *(
         f"{key} = {value}" for key, value in options.items())]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def alive(pid: int) -> bool:

@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 import psutil
-from faultkit import Bystander, endpoint, free_port, role
+from faultkit import Bystander, endpoint, role
 
 from conftest import MakeService
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.net import free_port
 
 PROBE = '{ path = "/healthz", interval = "100ms", timeout = "1s", healthy = 1, unhealthy = 2 }'
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from faultkit import Bystander, endpoint, free_port, role
+from faultkit import Bystander, endpoint, role
 
 from conftest import MakeService
 from rolehost.testing import LoadProbe
+from support.net import free_port
 
 CUTTING = """
 import itertools, socket
