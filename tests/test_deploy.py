@@ -13,9 +13,9 @@ import pytest
 from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
-from test_balancer import WEB
-from test_walks import assert_one_domain_down_at_a_time
+from support.roles import WEB
 
 ROLE = """
 VERSION = "v1"

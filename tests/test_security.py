@@ -17,7 +17,7 @@ import pytest
 from conftest import MakeService
 from rolehost.testing import ServiceHarness
 from support.net import free_port
-from test_balancer import WEB
+from support.roles import WEB
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -15,8 +15,9 @@ import pytest
 from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
-from test_balancer import WEB
+from support.roles import WEB
 
 # on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
 # instance's os/, on_start hangs (a role that cannot come back after the update).
@@ -30,31 +31,6 @@ class Role(RoleEntryPoint):
             time.sleep(600)
         return True
 """
-
-
-def down_windows(events: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]]]:
-    """For each instance, the (first seq, last seq) spans in which it was not ready."""
-    windows: dict[str, list[tuple[int, int]]] = {}
-    left: dict[str, int] = {}
-    for event in events:
-        if event["event"] != "state":
-            continue
-        name = event["instance"]
-        if event["previous"] == "ready" and name not in left:
-            left[name] = event["seq"]
-        elif event["state"] == "ready" and name in left:
-            windows.setdefault(name, []).append((left.pop(name), event["seq"]))
-    return windows
-
-
-def assert_one_domain_down_at_a_time(h: ServiceHarness, domains: int) -> None:
-    windows = down_windows(h.events())
-    spans = [(start, end, int(name.rsplit("_", 1)[1]) % domains)
-             for name, spans in windows.items() for start, end in spans]
-    for a in spans:
-        for b in spans:
-            if a[2] != b[2]:
-                assert a[1] < b[0] or b[1] < a[0], f"UD {a[2]} and UD {b[2]} down together"
 
 
 @pytest.mark.parametrize("domains", [2, 3])
