@@ -1,75 +1,17 @@
 """Shared fixtures: services written to a temporary folder, run by a real controller.
-(The check of the relay's build is the whole suite's: ../conftest.py.)"""
+(The check of the relay's build is the whole suite's: ../conftest.py. What tests share
+besides fixtures is in tests/support.)"""
 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from rolehost.testing import ServiceHarness, wait_until
+from support.roles import PRELUDE
+from support.service import MakeService, Service
 
-# Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can
-# see which lifecycle methods ran, in which order, in which process.
-PRELUDE = '''
-import asyncio, os, signal, subprocess, sys, time
-from rolehost import RoleEntryPoint, RoleEnvironment, RoleStatus
-
-def probe(event):
-    with open(RoleEnvironment.get_setting("probe"), "a") as f:
-        f.write(f"{event} {RoleEnvironment.current_instance.id}\\n")
-'''
-
-
-@dataclass
-class Service:
-    toml: Path
-    probe: Path
-
-    def harness(self, **kwargs: object) -> ServiceHarness:
-        return ServiceHarness(self.toml, **kwargs)  # type: ignore[arg-type]
-
-    def probes(self) -> list[str]:
-        return self.probe.read_text().splitlines() if self.probe.exists() else []
-
-    def count(self, event: str) -> int:
-        return sum(1 for line in self.probes() if line.split()[0] == event)
-
-    def wait_probe(self, line: str, timeout: float = 30.0) -> None:
-        wait_until(lambda: line in self.probes(), timeout, f"probe {line!r}",
-                   lambda: "\n".join(self.probes()))
-
-
-MakeService = Callable[..., Service]
-
-
-# A role whose stop a second signal cuts short: a child of on_start to kill with the
-# host, and (setting `during` = "on_stop") an on_stop that would hold the stop 5 minutes.
-HOLDS_ITS_STOP = """
-    class Role(RoleEntryPoint):
-        def on_start(self):
-            subprocess.Popen(["sleep", "300"])  # a child the kill must take too
-            return True
-        def on_stop(self):
-            probe("on_stop")
-            if RoleEnvironment.get_setting("during") == "on_stop":
-                time.sleep(300)
-    """
-
-# A role whose on_stop overruns stop_timeout: it sleeps on (setting `overrun` =
-# "host-bounds-it": the host cuts it short), or freezes its host ("host-frozen": the
-# supervisor kills it).
-OVERRUNS_ITS_STOP = """
-    class Role(RoleEntryPoint):
-        def on_stop(self):
-            probe("on_stop")
-            if RoleEnvironment.get_setting("overrun") == "host-frozen":
-                os.kill(os.getpid(), signal.SIGSTOP)
-            time.sleep(60)
-    """
 
 @pytest.fixture
 def make_service(tmp_path: Path) -> MakeService:

@@ -18,12 +18,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MakeService
 from rolehost.balancer import relay_build
 from rolehost.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.net import free_port, get
 from support.roles import WEB
+from support.service import MakeService
 
 
 def web(make_service: MakeService, instances: int, warmup: str = "0,0,0,0", endpoint: str = "",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import MakeService
 from rolehost import capacity, definition
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 
 def _definition(instances: int, uds: int) -> definition.Definition:

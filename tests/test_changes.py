@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.definition import Definition
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 ROLE = """
 class Role(RoleEntryPoint):

@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import MakeService
 from rolehost.client import ApiError, Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.net import free_port
+from support.service import MakeService
 
 
 def rolehost(

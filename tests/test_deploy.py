@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
 from support.roles import WEB
+from support.service import MakeService, Service
 
 ROLE = """
 VERSION = "v1"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeService
 from rolehost import api, errors, exits
 from rolehost.client import ApiError
+from support.service import MakeService
 
 # Each error as documented: its status, its kind, and what `rolehost` exits with. Every
 # row of api.ANSWERS has a line here (test_every_answer_is_in_the_contract).

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MakeService
 from rolehost import definition
+from support.service import MakeService
 
 KEYS = ["service", "roles", "name", "upgrade_domains", "ready_deadline", "stable_after",
         "backoff_initial", "backoff_max", "change_mode", "web", "worker", "entry_point",

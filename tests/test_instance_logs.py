@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService
 from rolehost.output import MAX_PARTIAL, OutputLog
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 TEXT_LINE = re.compile(rf"({STAMP}) (stdout|stderr|task \d+|rolehost) \| (.*)")

@@ -12,8 +12,9 @@ from datetime import datetime
 
 import pytest
 
-from conftest import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP, MakeService
 from rolehost.testing import wait_until
+from support.roles import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP
+from support.service import MakeService
 
 FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}
 

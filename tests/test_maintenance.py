@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService, Service
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.service import MakeService, Service
 
 # Each task appends "task:ONCE_PER INSTANCE" to the probe file.
 TASK = (

@@ -7,10 +7,10 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MakeService
 from rolehost.lifecycle import State
 from support.net import free_port, get
 from support.roles import WEB
+from support.service import MakeService
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

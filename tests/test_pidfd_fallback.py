@@ -19,9 +19,9 @@ import psutil
 import pytest
 import structlog
 
-from conftest import MakeService
 from rolehost import process
 from rolehost.testing import run_dir_processes, wait_until
+from support.service import MakeService
 
 # Put first on PYTHONPATH, this makes every interpreter of the service (controller,
 # hosts) see pidfd_open fail as on a kernel without it. The interpreter has no

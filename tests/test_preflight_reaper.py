@@ -29,11 +29,11 @@ import psutil
 import pytest
 import uvloop
 
-from conftest import MakeService
 from rolehost import preflight, privileges, process
 from rolehost.client import ApiError
 from rolehost.definition import load
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
+from support.service import MakeService
 
 T = TypeVar("T")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeService, Service
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.net import free_port, get
+from support.service import MakeService, Service
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP, MakeService, Service
 from rolehost.testing import run_dir_processes, wait_until
 from support.net import answer, answer_and_body, free_port
+from support.roles import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP
+from support.service import MakeService, Service
 
 
 def run_instance(service: Service, health: int, *args: str) -> subprocess.Popen[bytes]:

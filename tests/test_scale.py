@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.service import MakeService
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
 DISKS = """

@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import MakeService
 from rolehost.testing import ServiceHarness
 from support.net import free_port
 from support.roles import WEB
+from support.service import MakeService
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeService
+from support.service import MakeService
 
 
 def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
 from support.roles import WEB
+from support.service import MakeService
 
 # on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
 # instance's os/, on_start hangs (a role that cannot come back after the update).

@@ -10,9 +10,9 @@ from typing import Any
 import psutil
 from faultkit import Bystander, endpoint, role
 
-from conftest import MakeService
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.net import free_port
+from support.service import MakeService
 
 PROBE = '{ path = "/healthz", interval = "100ms", timeout = "1s", healthy = 1, unhealthy = 2 }'
 

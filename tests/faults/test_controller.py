@@ -15,10 +15,10 @@ import psutil
 import pytest
 from faultkit import Bystander, role, timed_status
 
-from conftest import MakeService
 from rolehost import logs, protocol
 from rolehost.client import Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
+from support.service import MakeService
 
 # A startup task that detaches a child into a session of its own, then hangs.
 DETACHES = ("import subprocess, sys, time; "

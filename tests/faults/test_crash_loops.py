@@ -11,9 +11,9 @@ import psutil
 import pytest
 from faultkit import Bystander, role, state_events, timed_status
 
-from conftest import MakeService
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.service import MakeService
 
 LOOP = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
 # Instance 0 never gets ready: its on_start raises every time.

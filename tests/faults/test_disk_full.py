@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from faultkit import FAST, Bystander, role, state_events, wait_gone
 
-from conftest import MakeService
 from rolehost import logs
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.service import MakeService
 
 SIZE = "4m"
 FULL = "No space left on device"

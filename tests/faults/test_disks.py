@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from faultkit import FAST, Bystander, role, wait_gone
 
-from conftest import MakeService
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 
 @pytest.mark.parametrize("folder", ["os", "app"])

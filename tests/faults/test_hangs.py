@@ -15,8 +15,8 @@ from faultkit import (
     wait_pids,
 )
 
-from conftest import MakeService
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 
 def test_on_start_hangs_past_the_ready_deadline(make_service: MakeService) -> None:

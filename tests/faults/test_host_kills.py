@@ -19,8 +19,8 @@ from faultkit import (
     wait_pids,
 )
 
-from conftest import MakeService
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 # Instance 0 sleeps in its first startup task, the first time only; instance 1 does not.
 SLEEPY_SCRIPT = ('if [ "$ROLEHOST_INDEX" = 0 ] && [ ! -e "$ROLEHOST_OS_DIR/slept" ]; '

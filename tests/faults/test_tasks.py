@@ -9,8 +9,8 @@ import time
 
 from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
 
-from conftest import MakeService
 from rolehost.testing import wait_until
+from support.service import MakeService
 
 ROLE = role("class Role(RoleEntryPoint): pass")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from faultkit import Bystander, endpoint, role
 
-from conftest import MakeService
 from rolehost.testing import LoadProbe
 from support.net import free_port
+from support.service import MakeService
 
 CUTTING = """
 import itertools, socket

@@ -1,5 +1,43 @@
-"""Role sources that tests share. `make_service` writes one after PRELUDE (tests/conftest.py),
-so a source may use PRELUDE's imports and its `probe(event)`."""
+"""Role sources that tests share. `make_service` (tests/conftest.py) writes a source after
+PRELUDE, so a source may use PRELUDE's imports and its `probe(event)`."""
+
+# Roles append "EVENT INSTANCE_ID" lines to the file in setting `probe`, so a test can
+# see which lifecycle methods ran, in which order, in which process.
+PRELUDE = '''
+import asyncio, os, signal, subprocess, sys, time
+from rolehost import RoleEntryPoint, RoleEnvironment, RoleStatus
+
+def probe(event):
+    with open(RoleEnvironment.get_setting("probe"), "a") as f:
+        f.write(f"{event} {RoleEnvironment.current_instance.id}\\n")
+'''
+
+
+# A role whose stop a second signal cuts short: a child of on_start to kill with the
+# host, and (setting `during` = "on_stop") an on_stop that would hold the stop 5 minutes.
+HOLDS_ITS_STOP = """
+    class Role(RoleEntryPoint):
+        def on_start(self):
+            subprocess.Popen(["sleep", "300"])  # a child the kill must take too
+            return True
+        def on_stop(self):
+            probe("on_stop")
+            if RoleEnvironment.get_setting("during") == "on_stop":
+                time.sleep(300)
+    """
+
+# A role whose on_stop overruns stop_timeout: it sleeps on (setting `overrun` =
+# "host-bounds-it": the host cuts it short), or freezes its host ("host-frozen": the
+# supervisor kills it).
+OVERRUNS_ITS_STOP = """
+    class Role(RoleEntryPoint):
+        def on_stop(self):
+            probe("on_stop")
+            if RoleEnvironment.get_setting("overrun") == "host-frozen":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(60)
+    """
+
 
 # The test site: a threaded HTTP/1.1 server on the instance's `http` endpoint that answers
 # its instance id, with paths for the balancer's cases (slow answers, cut bodies, upgrades,
