@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import psutil
-from faultkit import Bystander, endpoint, role
 
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.faults import Bystander, endpoint, role
 from support.net import free_port
 from support.service import MakeService
 

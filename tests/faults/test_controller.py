@@ -13,11 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faultkit import Bystander, role, timed_status
 
 from rolehost import logs, protocol
 from rolehost.client import Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
+from support.faults import Bystander, role, timed_status
 from support.service import MakeService
 
 # A startup task that detaches a child into a session of its own, then hangs.

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faultkit import Bystander, role, state_events, timed_status
 
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.faults import Bystander, role, state_events, timed_status
 from support.service import MakeService
 
 LOOP = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import FAST, Bystander, role, state_events, wait_gone
 
 from rolehost import logs
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.faults import FAST, Bystander, role, state_events, wait_gone
 from support.service import MakeService
 
 SIZE = "4m"

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from faultkit import FAST, Bystander, role, wait_gone
 
 from rolehost.testing import wait_until
+from support.faults import FAST, Bystander, role, wait_gone
 from support.service import MakeService
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from faultkit import (
+from rolehost.testing import wait_until
+from support.faults import (
     FAST,
     HANGING_ON_STOP,
     Bystander,
@@ -14,8 +15,6 @@ from faultkit import (
     wait_gone,
     wait_pids,
 )
-
-from rolehost.testing import wait_until
 from support.service import MakeService
 
 

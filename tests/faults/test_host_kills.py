@@ -7,7 +7,8 @@ import os
 import signal
 import time
 
-from faultkit import (
+from rolehost.testing import wait_until
+from support.faults import (
     FAST,
     HANGING_ON_STOP,
     Bystander,
@@ -18,8 +19,6 @@ from faultkit import (
     wait_gone,
     wait_pids,
 )
-
-from rolehost.testing import wait_until
 from support.service import MakeService
 
 # Instance 0 sleeps in its first startup task, the first time only; instance 1 does not.

@@ -7,9 +7,8 @@ import os
 import signal
 import time
 
-from faultkit import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
-
 from rolehost.testing import wait_until
+from support.faults import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
 from support.service import MakeService
 
 ROLE = role("class Role(RoleEntryPoint): pass")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from faultkit import Bystander, endpoint, role
-
 from rolehost.testing import LoadProbe
+from support.faults import Bystander, endpoint, role
 from support.net import free_port
 from support.service import MakeService
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the fault matrix: role snippets, the bystander check, process checks."""
+"""Shared pieces of the fault matrix (tests/faults/): role snippets, the bystander check,
+process checks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rolehost.testing import ServiceHarness, wait_until
 # Small back-off so that a recycle is quick; the crash-loop tests set their own.
 FAST = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
 
-# Role-side helpers, prepended to a test's role source (after conftest's PRELUDE).
+# Role-side helpers, prepended to a test's role source (after support.roles.PRELUDE).
 ROLE_HELPERS = '''
 def once(tag):
     """True the first time this instance gets here, across its boots and hosts."""
