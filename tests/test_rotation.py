@@ -18,6 +18,7 @@ import pytest
 
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.net import free_port, get
+from support.roles import HTTP_SITE
 from support.service import MakeService, Service
 
 pytestmark = pytest.mark.slow
@@ -26,47 +27,31 @@ pytestmark = pytest.mark.slow
 # then, so a request the balancer sent to a cold instance fails. A config change is
 # applied by recycling (its `changing` handler cancels), as a site that reads its
 # settings once at start would.
-WARMING = """
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+WARMING = HTTP_SITE + """
+VERSION = "v1"
 
-    VERSION = "v1"
+class Handler(Site):
+    warm_at = 0.0
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
+    def do_GET(self):
+        if time.monotonic() < Handler.warm_at:
+            return self.reply(503, b"warming up")
+        self.reply(200, f"{VERSION} {RoleEnvironment.current_instance.id}".encode())
 
-        def do_GET(self):
-            if time.monotonic() < self.server.warm_at:
-                return self.reply(503, b"warming up")
-            self.reply(200, f"{VERSION} {RoleEnvironment.current_instance.id}".encode())
+class Role(RoleEntryPoint):
+    def on_start(self):
+        Handler.warm_at = time.monotonic() + float(RoleEnvironment.get_setting("warmup"))
+        self.server = serve(Handler)
+        RoleEnvironment.on_changing(lambda change: change.cancel())
+        return True
 
-        def reply(self, status, body):
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def run(self):
+        RoleEnvironment.wait_for_stop()
 
-        def log_message(self, *args):
-            pass
-
-    class Role(RoleEntryPoint):
-        def on_start(self):
-            endpoint = RoleEnvironment.current_instance.endpoints["http"]
-            self.server = ThreadingHTTPServer((endpoint.host, endpoint.port), Handler)
-            self.server.daemon_threads = True
-            self.server.warm_at = time.monotonic() + float(RoleEnvironment.get_setting("warmup"))
-            threading.Thread(target=self.server.serve_forever, daemon=True).start()
-            RoleEnvironment.on_changing(lambda change: change.cancel())
-            return True
-
-        def run(self):
-            RoleEnvironment.wait_for_stop()
-
-        def on_stop(self):
-            self.server.shutdown()
-            self.server.server_close()
-    """
+    def on_stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+"""
 
 
 def warming_site(make_service: MakeService, warmup: float = 3.0,

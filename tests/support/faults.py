@@ -9,6 +9,7 @@ import time
 import psutil
 
 from rolehost.testing import ServiceHarness, wait_until
+from support.roles import HTTP_SITE
 
 # Small back-off so that a recycle is quick; the crash-loop tests set their own.
 FAST = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
@@ -31,39 +32,15 @@ def flag(name):
     return os.path.exists(RoleEnvironment.get_setting("probe") + "." + name)
 '''
 
-# A threaded HTTP server on the instance's private port. A test's source defines
-# `healthy()` (for /healthz) and `answer(handler)` (for every other path).
-WEB = '''
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
-
+# The test site of the fault matrix, on HTTP_SITE: a test's source defines `healthy()`
+# (for /healthz) and `answer(handler)` (for every other path).
+WEB = HTTP_SITE + '''
+class Handler(Site):
     def do_GET(self):
         if self.path == "/healthz":
             ok = healthy()
             return self.reply(200 if ok else 503, b"ok" if ok else b"sick")
         answer(self)
-
-    def reply(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-def serve():
-    endpoint = RoleEnvironment.current_instance.endpoints["http"]
-    server = Server((endpoint.host, endpoint.port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 def healthy():
     return True
@@ -73,7 +50,7 @@ def answer(handler):
 
 class Role(RoleEntryPoint):
     def on_start(self):
-        self.server = serve()
+        self.server = serve(Handler)
         return True
 
     def on_stop(self):

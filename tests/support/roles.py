@@ -39,22 +39,50 @@ OVERRUNS_ITS_STOP = """
     """
 
 
+# A threaded HTTP/1.1 server for a role source to build on: `Site`, a request handler
+# with `reply(status, body)`; `serve(handler)`, a server on the instance's `http`
+# endpoint, started in a daemon thread.
+HTTP_SITE = """
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Site(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and
+    # the peer's delayed ACK hold the body about 40 ms, and a load test measures that.
+    disable_nagle_algorithm = True
+
+    def reply(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+def serve(handler):
+    endpoint = RoleEnvironment.current_instance.endpoints["http"]
+    server = Server((endpoint.host, endpoint.port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+"""
+
+
 # The test site: a threaded HTTP/1.1 server on the instance's `http` endpoint that answers
 # its instance id, with paths for the balancer's cases (slow answers, cut bodies, upgrades,
 # chunked bodies, malformed heads...). Setting `warmup` is each instance's on_start delay,
 # by index ("0,3": the second is ready 3 s late). Flag files next to the probe file:
 # `.busy` (the status check says busy), `.sick` (/healthz answers 503), `.garbage`
 # (/healthz answers 70,000 bytes and no line end).
-WEB = """
-import hashlib, socket, struct, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+WEB = HTTP_SITE + """
+import hashlib, socket, struct
 from urllib.parse import parse_qs, urlsplit
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and
-    # the peer's delayed ACK hold the body about 40 ms, and a load test measures that.
-    disable_nagle_algorithm = True
+class Handler(Site):
     connections = 0
     tunnel_end = "none"
 
@@ -182,23 +210,10 @@ class Handler(BaseHTTPRequestHandler):
         forwarded = self.headers.get("X-Forwarded-For", "")
         self.reply(200, f"{size} {digest.hexdigest()} {forwarded}".encode())
 
-    def reply(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
 class Role(RoleEntryPoint):
     def on_start(self):
         me = RoleEnvironment.current_instance
-        self.server = Server((me.endpoints["http"].host, me.endpoints["http"].port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(Handler)
         delay = RoleEnvironment.get_setting("warmup").split(",")[me.index]
         time.sleep(float(delay))
         RoleEnvironment.on_status_check(self.check)
