@@ -17,16 +17,9 @@ import pytest
 
 from rolehost.client import ApiError, Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
+from support.cli import rolehost
 from support.net import free_port
 from support.service import MakeService
-
-
-def rolehost(
-    *args: str, cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rolehost", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-
 
 GOOD = """
 [service]

@@ -10,8 +10,6 @@ import http.client
 import json
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 
 from rolehost import api, errors, exits
 from rolehost.client import ApiError
+from support.cli import rolehost
 from support.service import MakeService
 
 # Each error as documented: its status, its kind, and what `rolehost` exits with. Every
@@ -120,11 +119,6 @@ def test_every_error_goes_on_the_wire_with_its_status_and_kind() -> None:
         assert got == (status, {"error": message, "kind": kind})
 
 
-def _rolehost(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rolehost", *args], capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_an_operation_while_the_controller_stops_is_unavailable(
         make_service: MakeService) -> None:
     """503 `unavailable`, and the CLI exits 1: not a wrong request, a moment to wait out.
@@ -147,7 +141,7 @@ def test_an_operation_while_the_controller_stops_is_unavailable(
         with pytest.raises(ApiError) as refused:
             h.client.maintain("restart", ["web/0"])
         assert (refused.value.status, refused.value.kind) == (503, "unavailable")
-        done = _rolehost("restart", "web/0", "--run-dir", str(h.run_dir.path))
+        done = rolehost("restart", "web/0", "--run-dir", str(h.run_dir.path))
         assert done.returncode == 1, done.stderr
         assert "the controller is stopping: no operation starts now" in done.stderr
         (service.toml.parent / "release").touch()

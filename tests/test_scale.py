@@ -12,6 +12,7 @@ import pytest
 
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.cli import rolehost
 from support.service import MakeService
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
@@ -160,11 +161,6 @@ def test_a_scale_out_is_recorded_once_its_instances_are_ready(make_service: Make
         record = h.operations()[-1]
         assert (record["kind"], record["outcome"]) == ("scale web", "failed")
         assert record["error"].startswith("web_IN_2 did not become ready after it was added")
-
-
-def rolehost(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rolehost", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_rolehost_scale_says_which_instances_it_added_and_which_it_removed(
