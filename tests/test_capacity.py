@@ -6,6 +6,7 @@ from typing import Any
 
 from rolehost import capacity, definition
 from rolehost.testing import wait_until
+from support.roles import IDLE
 from support.service import MakeService
 
 
@@ -64,7 +65,7 @@ def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) 
 
 
 def test_status_and_check_flag_a_single_instance(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
         assert any("has one instance" in a for a in h.status()["capacity"])

@@ -14,6 +14,7 @@ import pytest
 from rolehost.client import ApiError
 from rolehost.definition import Definition
 from rolehost.testing import wait_until
+from support.roles import WATCHES_TOPOLOGY
 from support.service import MakeService
 
 ROLE = """
@@ -288,35 +289,16 @@ def test_scale_out_and_in(make_service: MakeService) -> None:
 
 
 def test_scaling_tells_the_other_instances_about_the_topology(make_service: MakeService) -> None:
-    service = make_service(
-        """
-        from rolehost import TopologyChange
-
-        class Role(RoleEntryPoint):
-            def on_start(self):
-                RoleEnvironment.on_changing(self.changing)
-                RoleEnvironment.on_changed(self.changed)
-                probe(f"start roles={RoleEnvironment.roles['web']}")
-                return True
-
-            def changing(self, event):
-                probe("changing " + ",".join(c.role for c in event.changes
-                                              if isinstance(c, TopologyChange)))
-
-            def changed(self, changes):
-                probe(f"changed roles={RoleEnvironment.roles['web']}")
-        """,
-        instances=2,
-    )
+    service = make_service(WATCHES_TOPOLOGY, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
-        assert "start roles=['web_IN_0', 'web_IN_1'] web_IN_0" in service.probes()
+        assert "start roles=web_IN_0,web_IN_1 web_IN_0" in service.probes()
         h.client.scale("web", 3)
         h.wait_ready(30)
         for i in (0, 1):
             service.wait_probe(f"changing web web_IN_{i}")
-            service.wait_probe(f"changed roles=['web_IN_0', 'web_IN_1', 'web_IN_2'] web_IN_{i}")
-        assert "start roles=['web_IN_0', 'web_IN_1', 'web_IN_2'] web_IN_2" in service.probes()
+            service.wait_probe(f"changed roles=web_IN_0,web_IN_1,web_IN_2 web_IN_{i}")
+        assert "start roles=web_IN_0,web_IN_1,web_IN_2 web_IN_2" in service.probes()
 
 
 # A new mode or topology needs a restart (its handler cancels); the mode "bad", or

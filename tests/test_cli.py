@@ -19,6 +19,7 @@ from rolehost.client import ApiError, Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.cli import rolehost
 from support.net import free_port
+from support.roles import IDLE
 from support.service import MakeService
 
 GOOD = """
@@ -202,7 +203,7 @@ def test_logs_follow_prints_new_lines(make_service: MakeService, form: str) -> N
 
 
 def test_run_dir_and_socket_are_private(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with contextlib.ExitStack() as stack:
         old_umask = os.umask(0)  # the loosest umask must not loosen them
         try:
@@ -218,7 +219,7 @@ def test_run_dir_and_socket_are_private(make_service: MakeService) -> None:
 
 
 def test_api_errors_are_json_and_the_controller_keeps_serving(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
         client = h.client
@@ -254,7 +255,7 @@ def _documented_fields(table_after: str) -> set[str]:
 
 def test_the_status_fields_are_the_ones_docs_api_describes(make_service: MakeService) -> None:
     port = free_port()
-    service = make_service("class Role(RoleEntryPoint): pass", extra=f"""
+    service = make_service(IDLE, extra=f"""
         [roles.web.endpoints.http]
         port = {port}
         """)
@@ -271,7 +272,7 @@ def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeServ
     """Requests that reach the API in one read (the end of a body over the limit and the
     next request, say) are each answered, in order, as themselves: a 413 that says
     keep-alive leaves the connection usable, and an error closes it only in its turn."""
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
         body = b"x" * (1024 * 1024 + 1)
@@ -298,7 +299,7 @@ def test_an_upgrade_request_is_refused_once_and_not_run(make_service: MakeServic
     """An Upgrade (or CONNECT) request gets one answer, a 400 that closes: it is not run
     first (a shutdown, say) and answered twice, which left a pipelining client reading
     one request's answer as the next one's."""
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
         raw = socket.socket(socket.AF_UNIX)
@@ -329,7 +330,7 @@ def test_every_preflight_refusal_of_a_deploy_exits_2_and_touches_nothing(
         make_service: MakeService, problem: str, expected: str) -> None:
     """One exit code for "refused before anything was touched", whatever the reason and
     whatever the API's status for it (an incompatible package is a 409, which exited 1)."""
-    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
+    service = make_service(IDLE, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         before = {i["id"]: i["pid"] for i in h.status()["instances"]}
@@ -356,7 +357,7 @@ def test_every_preflight_refusal_of_a_deploy_exits_2_and_touches_nothing(
 
 def test_a_deploy_refused_while_a_walk_is_under_way_exits_1(make_service: MakeService) -> None:
     """Not a preflight refusal: the same deploy goes through once the walk is over."""
-    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
+    service = make_service(IDLE, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         h.package("v2")
@@ -372,7 +373,7 @@ def test_a_deploy_refused_while_a_walk_is_under_way_exits_1(make_service: MakeSe
 
 
 def test_second_controller_on_the_same_run_dir_is_refused(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
         pid = h.status()["pid"]
@@ -399,7 +400,7 @@ def test_client_reports_no_controller(tmp_path: Path) -> None:
 def test_ops_and_packages_read_the_run_dir_once_the_controller_stopped(
         make_service: MakeService, tmp_path: Path) -> None:
     # `ops --help` promises the history across controller restarts: in between too.
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     where = ("-f", str(service.toml), "--run-dir", str(tmp_path / "rd"))
     with ServiceHarness(service.toml, run_dir=tmp_path / "rd") as h:
         h.wait_ready(30)

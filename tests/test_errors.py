@@ -18,6 +18,7 @@ import pytest
 from rolehost import api, errors, exits
 from rolehost.client import ApiError
 from support.cli import rolehost
+from support.roles import ON_STOP_WAITS_FOR_RELEASE
 from support.service import MakeService
 
 # Each error as documented: its status, its kind, and what `rolehost` exits with. Every
@@ -124,16 +125,7 @@ def test_an_operation_while_the_controller_stops_is_unavailable(
     """503 `unavailable`, and the CLI exits 1: not a wrong request, a moment to wait out.
     on_stop holds the stop until the test releases it, so that the CLI's own start-up
     cannot outlast the window."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_stop(self):
-                probe("on_stop")
-                release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
-                                       "release")
-                deadline = time.monotonic() + 30
-                while not os.path.exists(release) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        """)
+    service = make_service(ON_STOP_WAITS_FOR_RELEASE)
     with service.harness() as h:
         h.wait_ready(30)
         h.signal_controller(signal.SIGTERM)

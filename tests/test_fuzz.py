@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rolehost import definition
+from support.roles import IDLE
 from support.service import MakeService
 
 KEYS = ["service", "roles", "name", "upgrade_domains", "ready_deadline", "stable_after",
@@ -87,7 +88,7 @@ bodies = st.one_of(
 def test_malformed_api_requests_get_4xx_and_the_controller_serves_on(
     make_service: MakeService,
 ) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
 

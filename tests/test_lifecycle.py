@@ -13,7 +13,7 @@ from datetime import datetime
 import pytest
 
 from rolehost.testing import wait_until
-from support.roles import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP
+from support.roles import HOLDS_ITS_STOP, IDLE, OVERRUNS_ITS_STOP
 from support.service import MakeService
 
 FAST = {"backoff_initial": "200ms", "backoff_max": "1s"}
@@ -156,7 +156,7 @@ def test_on_stop_past_stop_timeout_is_cut_short(make_service: MakeService) -> No
 
 def test_host_ignoring_stop_is_killed_after_stop_timeout(make_service: MakeService) -> None:
     # The host process itself hangs (SIGSTOP): only the controller can end it.
-    service = make_service("class Role(RoleEntryPoint): pass", role={"stop_timeout": "1s"})
+    service = make_service(IDLE, role={"stop_timeout": "1s"})
     with service.harness() as h:
         h.wait_ready(30)
         h.kill("web/0", signal.SIGSTOP)
@@ -299,7 +299,7 @@ def test_a_stop_during_an_on_start_that_does_not_return_is_bounded(
 
 def test_crash_of_a_stable_instance_restarts_at_once(make_service: MakeService) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         service={"stable_after": "500ms", "backoff_initial": "30s", "backoff_max": "60s"},
     )
     with service.harness() as h:
@@ -501,7 +501,7 @@ def test_missing_setting_names_the_role_and_known_settings(make_service: MakeSer
 
 
 def test_a_standby_host_waits_and_is_replaced_when_used(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass", service={"backoff_initial": "100ms"})
+    service = make_service(IDLE, service={"backoff_initial": "100ms"})
     with service.harness() as h:
         status = h.wait_ready(30)
 
@@ -564,7 +564,7 @@ def test_a_signal_after_the_controllers_stop_does_not_decide_its_exit(
     instances had stopped and while the process exited, found the default action back
     and ended it with 130 or 143. Signals are sent every few milliseconds until it has
     exited: each lands before the stop ended (forced, 3) or after (ignored, 0)."""
-    service = make_service("class Role(RoleEntryPoint):\n    pass\n", instances=2)
+    service = make_service(IDLE, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         assert h.controller is not None

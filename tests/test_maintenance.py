@@ -13,6 +13,7 @@ import pytest
 
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
+from support.roles import IDLE
 from support.service import MakeService, Service
 
 # Each task appends "task:ONCE_PER INSTANCE" to the probe file.
@@ -132,7 +133,7 @@ def test_failing_simple_task_blocks_the_instance(make_service: MakeService) -> N
 
 def test_hanging_task_misses_the_ready_deadline(make_service: MakeService) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         service={"ready_deadline": "1s"},
         extra="""
         [[roles.web.startup_tasks]]
@@ -187,7 +188,7 @@ def test_an_agent_update_mid_task_runs_the_tasks_again(make_service: MakeService
 
 def test_task_timeout(make_service: MakeService) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         extra="""
         [[roles.web.startup_tasks]]
         command = ["sleep", "600"]
@@ -209,7 +210,7 @@ def test_task_environment_and_folder(make_service: MakeService) -> None:
         "str(os.path.isdir(e['ROLEHOST_RESOURCE_CACHE'])), e['ROLEHOST_SETTING_COLOR']]) + chr(10))"
     )
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         settings={"color": "blue"},
         extra=f"""
         [roles.web.local_resources.cache]
@@ -227,7 +228,7 @@ def test_background_task_failure_is_logged_and_the_instance_runs(
     make_service: MakeService,
 ) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         extra="""
         [[roles.web.startup_tasks]]
         command = "sh -c 'sleep 0.2; echo gave up; exit 7'"
@@ -246,7 +247,7 @@ def test_a_background_task_ended_with_its_boot_is_stopped_not_failed(
 ) -> None:
     """A restart ends the boot and its background task: not an error to report."""
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         extra="""
         [[roles.web.startup_tasks]]
         command = "sleep 300"
@@ -263,7 +264,7 @@ def test_a_background_task_ended_with_its_boot_is_stopped_not_failed(
 
 def test_foreground_task_holds_the_stop_until_it_exits(make_service: MakeService) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         role={"stop_timeout": "30s"},
         extra="""
         [[roles.web.startup_tasks]]
@@ -284,7 +285,7 @@ def test_foreground_task_holds_the_stop_until_it_exits(make_service: MakeService
 
 def test_foreground_task_is_killed_after_stop_timeout(make_service: MakeService) -> None:
     service = make_service(
-        "class Role(RoleEntryPoint): pass",
+        IDLE,
         role={"stop_timeout": "1s"},
         extra="""
         [[roles.web.startup_tasks]]
@@ -403,7 +404,7 @@ def test_wait_names_why_now_not_an_older_crash(make_service: MakeService) -> Non
 
 def test_harness_in_a_user_test(make_service: MakeService) -> None:
     """ServiceHarness as a user meets it: restart under a test, then prove it is clean."""
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     with ServiceHarness(service.toml) as h:
         h.wait_ready(30)
         before = h.instance("web/0")["pid"]
@@ -416,7 +417,7 @@ def test_two_operations_sent_at_once_on_one_instance_one_is_refused(
     """One operation at a time holds for requests that reach the controller together:
     the instance is taken before the answer, not by a task scheduled after it. Before,
     both got 200, and the second failed later in the history, unseen."""
-    service = make_service("class Role(RoleEntryPoint): pass\n", service={"stable_after": "1s"})
+    service = make_service(IDLE, service={"stable_after": "1s"})
     body = b'{"instances": ["web/0"]}'
     request = (b"POST /v1/operations/restart HTTP/1.1\r\nHost: x\r\nContent-Type: "
                b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"

@@ -13,7 +13,7 @@ import pytest
 
 from rolehost.testing import run_dir_processes, wait_until
 from support.net import answer, answer_and_body, free_port
-from support.roles import HOLDS_ITS_STOP, OVERRUNS_ITS_STOP
+from support.roles import HOLDS_ITS_STOP, IDLE, ON_STOP_WAITS_FOR_RELEASE, OVERRUNS_ITS_STOP
 from support.service import MakeService, Service
 
 
@@ -255,16 +255,7 @@ def test_run_instance_refuses_a_bad_health_address_or_index_cleanly(
 
 def test_ready_says_draining_then_stopping(make_service: MakeService) -> None:
     """/ready answered "not ready: ready" through the drain delay: the reason is the stop."""
-    service = make_service("""
-        class Role(RoleEntryPoint):
-            def on_stop(self):
-                probe("on_stop")
-                release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
-                                       "release")
-                deadline = time.monotonic() + 30
-                while not os.path.exists(release) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        """)
+    service = make_service(ON_STOP_WAITS_FOR_RELEASE)
     health = free_port()
     with running(service, health, "--drain-delay", "3") as controller:
         controller.send_signal(signal.SIGTERM)
@@ -320,7 +311,7 @@ def test_a_signal_after_a_fast_stop_does_not_decide_the_exit(make_service: MakeS
     exits found the default action back and killed it (143, 130). Signals are sent
     every few milliseconds until it has exited: each lands before the stop ended (a
     forced stop, exit 3) or after (nothing left to stop, exit 0)."""
-    service = make_service("class Role(RoleEntryPoint):\n    pass\n", extra="""
+    service = make_service(IDLE, extra="""
         [[roles.web.startup_tasks]]
         command = ["sleep", "300"]
         """)

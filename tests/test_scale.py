@@ -13,6 +13,7 @@ import pytest
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 from support.cli import rolehost
+from support.roles import WATCHES_TOPOLOGY
 from support.service import MakeService
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
@@ -70,31 +71,12 @@ def test_an_instance_scaled_out_again_is_a_new_vm(make_service: MakeService,
         assert "start kept=True web_IN_0" in service.probes()  # a controller start keeps them
 
 
-TOPOLOGY = """
-from rolehost import TopologyChange
-
-class Role(RoleEntryPoint):
-    def on_start(self):
-        RoleEnvironment.on_changing(self.changing)
-        RoleEnvironment.on_changed(self.changed)
-        probe(f"start roles={','.join(RoleEnvironment.roles['web'])}")
-        return True
-
-    def changing(self, event):
-        probe("changing " + ",".join(c.role for c in event.changes
-                                      if isinstance(c, TopologyChange)))
-
-    def changed(self, changes):
-        probe(f"changed roles={','.join(RoleEnvironment.roles['web'])}")
-"""
-
-
 def test_every_instance_of_a_scale_out_by_several_sees_all_of_them(
     make_service: MakeService,
 ) -> None:
     """The new instances see each other, the ones added after them too, as the ones
     that were there are told."""
-    service = make_service(TOPOLOGY, instances=2)
+    service = make_service(WATCHES_TOPOLOGY, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         h.scale("web", 5)
@@ -166,7 +148,7 @@ def test_a_scale_out_is_recorded_once_its_instances_are_ready(make_service: Make
 def test_rolehost_scale_says_which_instances_it_added_and_which_it_removed(
     make_service: MakeService,
 ) -> None:
-    service = make_service(TOPOLOGY)
+    service = make_service(WATCHES_TOPOLOGY)
     with service.harness() as h:
         h.wait_ready(30)
         where = ("--run-dir", str(h.run_dir.path))
@@ -192,7 +174,7 @@ def test_what_a_scale_did_in_words() -> None:
 def test_a_scale_to_the_count_that_runs_changes_nothing(make_service: MakeService) -> None:
     """No instance is told of a topology change that did not happen (a handler that
     cancels would recycle its instance for nothing)."""
-    service = make_service(TOPOLOGY, instances=2)
+    service = make_service(WATCHES_TOPOLOGY, instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         pids = {i["id"]: i["pid"] for i in h.status()["instances"]}

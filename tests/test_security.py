@@ -16,13 +16,13 @@ import pytest
 
 from rolehost.testing import ServiceHarness
 from support.net import free_port
-from support.roles import WEB
+from support.roles import IDLE, WEB
 from support.service import MakeService
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 def test_another_user_cannot_reach_the_control_socket(make_service: MakeService) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     nobody = pwd.getpwnam("nobody")
     with service.harness() as h:
         h.wait_ready(30)
@@ -101,7 +101,7 @@ def mode(path: Path) -> int:
 def test_a_folder_others_use_is_refused_as_run_dir(
         make_service: MakeService, tmp_path: Path, shared_mode: int, content: bool) -> None:
     # Made private, /tmp or a home would lock their other users out.
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     shared = tmp_path / "shared"
     shared.mkdir()
     if content:
@@ -128,7 +128,7 @@ def test_a_folder_others_use_is_refused_as_run_dir(
 
 
 def test_a_run_dir_of_its_own_is_made_private(make_service: MakeService, tmp_path: Path) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass")
+    service = make_service(IDLE)
     run_dir = tmp_path / "rd"
     run_dir.mkdir(mode=0o755)  # new and empty: the service's own
     os.chmod(run_dir, 0o755)

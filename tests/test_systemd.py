@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from support.roles import IDLE
 from support.service import MakeService
 
 
 def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_path: Path) -> None:
-    service = make_service("class Role(RoleEntryPoint): pass", instances=2)
+    service = make_service(IDLE, instances=2)
     path = tmp_path / "notify.sock"
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     systemd.bind(str(path))

@@ -16,7 +16,7 @@ from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
-from support.roles import WEB
+from support.roles import IDLE, WEB
 from support.service import MakeService
 
 # on_start reports what survived in os/, then marks it; with a `stuck` flag file in the
@@ -354,7 +354,7 @@ def test_a_walk_does_not_start_with_an_instance_down_outside_its_first_domain(
 
 def test_a_walk_header_counts_the_domains_it_walks(make_service: MakeService) -> None:
     """2 instances over 5 update domains: UDs 2 to 4 are empty, and not walked."""
-    service = make_service(WALKED_HEADER, instances=2, service={"upgrade_domains": 5})
+    service = make_service(IDLE, instances=2, service={"upgrade_domains": 5})
     with service.harness() as h:
         h.wait_ready(30)
         done = subprocess.run(
@@ -366,16 +366,10 @@ def test_a_walk_header_counts_the_domains_it_walks(make_service: MakeService) ->
         assert walk["state"] == "succeeded", walk
 
 
-WALKED_HEADER = """
-class Role(RoleEntryPoint):
-    pass
-"""
-
-
 def test_walk_next_prints_the_steps_after_the_pause_only(make_service: MakeService) -> None:
     """`upgrade --manual` prints UD 0's steps, `walk next` UD 1's: each step once, and
     no `pending` line, which is where an instance is before any step."""
-    service = make_service(WALKED_HEADER, instances=2, service={"upgrade_domains": 2})
+    service = make_service(IDLE, instances=2, service={"upgrade_domains": 2})
     with service.harness() as h:
         h.wait_ready(30)
 

@@ -18,6 +18,7 @@ from rolehost import logs, protocol
 from rolehost.client import Client
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.faults import Bystander, role, timed_status
+from support.roles import IDLE
 from support.service import MakeService
 
 # A startup task that detaches a child into a session of its own, then hangs.
@@ -36,7 +37,7 @@ def gone(proc: psutil.Process) -> bool:
 def test_a_killed_controller_leftovers_are_swept_at_the_next_start(
         make_service: MakeService, tmp_path: Path) -> None:
     pidfile = tmp_path / "detached.pid"
-    service = make_service(role("class Role(RoleEntryPoint): pass"), extra=f"""
+    service = make_service(role(IDLE), extra=f"""
         [[roles.web.startup_tasks]]
         command = ["python", "-c", "{DETACHES}", "{pidfile}"]
         """)
@@ -65,7 +66,7 @@ def test_a_host_frozen_when_its_controller_was_killed_is_swept_at_the_next_start
     """A stopped (SIGSTOP) host cannot see its controller go. Its instance variables
     came in `assign`, so its environment as the kernel shows it holds the run directory
     and the channel, not a token: the sweep knows a host by those."""
-    service = make_service(role("class Role(RoleEntryPoint): pass"))
+    service = make_service(role(IDLE))
     with service.harness() as h:
         h.wait_ready(30)
         host = psutil.Process(h.instance("web/0")["pid"])
@@ -89,7 +90,7 @@ def test_a_controller_out_of_descriptors_keeps_its_instances(
     """With no descriptor left, a heartbeat's CPU sample (a read of /proc) fails. An error
     raised while a host's message is handled used to close that host's channel, and the
     host, seeing its controller gone, took itself down (exit 77)."""
-    service = make_service(role("class Role(RoleEntryPoint): pass"))
+    service = make_service(role(IDLE))
     with service.harness() as h:
         h.wait_ready(30)
         host = psutil.Process(h.instance("web/0")["pid"])
@@ -112,7 +113,7 @@ def test_a_controller_out_of_descriptors_keeps_its_instances(
 
 
 def test_second_controller_on_the_same_run_directory(make_service: MakeService) -> None:
-    service = make_service(role("class Role(RoleEntryPoint): pass"), instances=2)
+    service = make_service(role(IDLE), instances=2)
     with service.harness() as h:
         h.wait_ready(30)
         bystander = Bystander(h, "web/0")

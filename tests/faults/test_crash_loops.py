@@ -13,6 +13,7 @@ import pytest
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 from support.faults import Bystander, role, state_events, timed_status
+from support.roles import IDLE
 from support.service import MakeService
 
 LOOP = {"backoff_initial": "100ms", "backoff_max": "800ms", "stable_after": "60s"}
@@ -100,7 +101,7 @@ def assert_no_spin(h: ServiceHarness, seconds: float = 3.0) -> None:
 
 @pytest.mark.slow
 def test_syntax_error_at_runtime(make_service: MakeService) -> None:
-    service = make_service(role("class Role(RoleEntryPoint): pass"), instances=2, service=LOOP)
+    service = make_service(role(IDLE), instances=2, service=LOOP)
     with service.harness() as h:
         bystander = Bystander(h)
         # The preflight of `rolehost start` refuses a module that does not import, so the
@@ -124,7 +125,7 @@ def test_syntax_error_at_runtime(make_service: MakeService) -> None:
 
 @pytest.mark.slow
 def test_import_error_at_runtime(make_service: MakeService) -> None:
-    service = make_service(role("class Role(RoleEntryPoint): pass"), instances=2, service=LOOP)
+    service = make_service(role(IDLE), instances=2, service=LOOP)
     with service.harness() as h:
         bystander = Bystander(h)
         # The instance's own copy breaks (a recycle keeps app/), then its host dies.

@@ -19,6 +19,7 @@ from support.faults import (
     wait_gone,
     wait_pids,
 )
+from support.roles import IDLE
 from support.service import MakeService
 
 # Instance 0 sleeps in its first startup task, the first time only; instance 1 does not.
@@ -33,7 +34,7 @@ command = {json.dumps(["sh", "-c", SLEEPY_SCRIPT])}
 def test_sigkill_during_startup_tasks(make_service: MakeService) -> None:
     # There is no host process while the tasks run: the instance's only process is its
     # task, and that is what gets the SIGKILL.
-    service = make_service(role("class Role(RoleEntryPoint): pass"), instances=2,
+    service = make_service(role(IDLE), instances=2,
                            service=FAST, extra=SLEEPY_TASK)
     with service.harness() as h:
         bystander = Bystander(h)

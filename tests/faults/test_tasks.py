@@ -9,9 +9,10 @@ import time
 
 from rolehost.testing import wait_until
 from support.faults import FAST, Bystander, instance_pids, role, state_events, wait_gone, wait_pids
+from support.roles import IDLE
 from support.service import MakeService
 
-ROLE = role("class Role(RoleEntryPoint): pass")
+ROLE = role(IDLE)
 
 
 def only_instance_0(script: str, **options: str) -> str:

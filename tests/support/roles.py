@@ -13,6 +13,46 @@ def probe(event):
 '''
 
 
+# A role that does nothing of its own: ready when its host is.
+IDLE = "class Role(RoleEntryPoint): pass"
+
+
+# A role whose on_stop holds the stop until the test touches `release` in the service's
+# folder (beside the probe file), 30 s at most.
+ON_STOP_WAITS_FOR_RELEASE = """
+class Role(RoleEntryPoint):
+    def on_stop(self):
+        probe("on_stop")
+        release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
+                               "release")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+"""
+
+
+# A role that reports the instances of role `web` as it sees them, at start
+# ("start roles=web_IN_0,web_IN_1") and after each change ("changed roles=..."), and
+# the roles each topology change it is offered names ("changing web").
+WATCHES_TOPOLOGY = """
+from rolehost import TopologyChange
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        RoleEnvironment.on_changing(self.changing)
+        RoleEnvironment.on_changed(self.changed)
+        probe(f"start roles={','.join(RoleEnvironment.roles['web'])}")
+        return True
+
+    def changing(self, event):
+        probe("changing " + ",".join(c.role for c in event.changes
+                                      if isinstance(c, TopologyChange)))
+
+    def changed(self, changes):
+        probe(f"changed roles={','.join(RoleEnvironment.roles['web'])}")
+"""
+
+
 # A role whose stop a second signal cuts short: a child of on_start to kill with the
 # host, and (setting `during` = "on_stop") an on_stop that would hold the stop 5 minutes.
 HOLDS_ITS_STOP = """
