@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rolehost import capacity, definition
 from rolehost.testing import wait_until
+from support.cli import rolehost
 from support.roles import IDLE
 from support.service import MakeService
 
@@ -65,7 +67,16 @@ def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) 
 
 
 def test_status_and_check_flag_a_single_instance(make_service: MakeService) -> None:
+    one = ("role web has one instance: it is down during every walk and maintenance event "
+           "(the platform's SLA needs two)")
     service = make_service(IDLE)
     with service.harness() as h:
         h.wait_ready(30)
-        assert any("has one instance" in a for a in h.status()["capacity"])
+        assert one in h.status()["capacity"]
+    # `check` says it before its rehearsal, in its text and in its JSON report.
+    checked = rolehost("check", "-f", str(service.toml), timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"capacity: {one}" in checked.stdout.splitlines()
+    report = rolehost("check", "--json", "-f", str(service.toml), timeout=120)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert json.loads(report.stdout)["capacity"] == [one]
