@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,11 @@ class Worker(RoleEntryPoint):
 
 class AsyncWorker(RoleEntryPoint):
     async def on_start(self) -> bool:
-        self.cancelled = False
+        self.began = self.cancelled = False
         return True
 
     async def run(self) -> None:
+        self.began = True
         try:
             await asyncio.sleep(600)
         except asyncio.CancelledError:
@@ -96,8 +98,11 @@ def test_the_service_fixture_runs_the_marked_definition(rolehost_service: Servic
 def test_a_role_stopped_before_run_stops_at_once(rolehost_role: Any) -> None:
     run = rolehost_role(AsyncWorker)
     assert run.start()
+    began = time.monotonic()
     run.stop(timeout=5)  # run() was never started: nothing to cancel or wait for
-    assert not run.role.cancelled
+    assert time.monotonic() - began < 2, "stop() waited for a run() that never began"
+    assert run.stopped and RoleEnvironment.is_stopping
+    assert not run.role.began  # nor did it start one to stop it
 
 
 def test_the_harness_has_an_async_variant() -> None:
