@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import transcripts
-from transcripts import INTERRUPT, Step
 
+import transcripts
 from rolehost.client import Client
 from rolehost.testing import run_dir_processes, wait_until
+from transcripts import INTERRUPT, Step
 
 ROOT = Path(__file__).parent.parent
 PAGE = ROOT / "docs" / "getting-started.md"

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 import rolehost
-from conftest import MakeService
 from rolehost import balancer, build
 from rolehost.testing import run_dir_processes, wait_until
+from support.service import MakeService
 
 ROLE = """
     class Role(RoleEntryPoint):
