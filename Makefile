@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 # setup.py compiles the relay with mypyc, next to its sources: edits to them reinstall.
-$(BIN)/rolehost: pyproject.toml setup.py rolehost/proxy/*.py rolehost/balancer.py
+$(BIN)/rolehost: pyproject.toml setup.py rolehost/balancer/proxy/*.py rolehost/balancer/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -17,7 +17,7 @@ from rolehost import balancer
 def stale_builds(package: Path) -> list[tuple[Path, Path]]:
     """(source, build) for each module of `package` compiled by mypyc whose source changed
     after the build, in its subpackages too (the relay's modules are built in
-    rolehost/proxy/). By the files, not by what this process imported: a samples-only run
+    rolehost/balancer/proxy/). By the files, not by what this process imported: a samples-only run
     imports no relay itself, its controllers do."""
     stale = []
     for built in sorted(package.rglob("*.so")):

@@ -1,11 +1,11 @@
 """Compiles the balancer's hot path with mypyc; everything else is in pyproject.toml.
 
-The relay (the `rolehost/proxy/` package) and the balancer it calls on every request
-(`rolehost/balancer.py`) are plain typed Python; mypyc turns them into C extensions,
+The relay (the `rolehost/balancer/proxy/` package) and the balancer it calls on every request
+(`rolehost/balancer/__init__.py`) are plain typed Python; mypyc turns them into C extensions,
 which cuts the instructions the controller spends per relayed request to about a third.
 The modules run the same uncompiled: without a C compiler the build warns (pip shows it
 only with -v) and installs them as Python (the extensions are optional); the controller
-then warns too (rolehost/build.py). An editable install builds the extensions next to
+then warns too (rolehost/balancer/build.py). An editable install builds the extensions next to
 the sources, so after editing one of them, reinstall (`make` does it; the test suite
 refuses to run against a stale build).
 """
@@ -17,8 +17,8 @@ from setuptools import setup
 
 # Every module of the relay's package (one added to it is compiled too) and the balancer:
 # one group, built together, so that they call each other natively.
-COMPILED = [*sorted(path.as_posix() for path in Path("rolehost/proxy").glob("*.py")),
-            "rolehost/balancer.py"]
+COMPILED = [*sorted(path.as_posix() for path in Path("rolehost/balancer/proxy").glob("*.py")),
+            "rolehost/balancer/__init__.py"]
 
 # The build sees no installed package (--no-site-packages), only the standard library's
 # types: otherwise what it compiles would depend on whether the dependencies happened to

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import psutil
 
 from rolehost.client import Client
-from rolehost.rundir import RunDir
+from rolehost.fabric.rundir import RunDir
 
 T = TypeVar("T")
 

@@ -335,7 +335,7 @@ def short_source(path: str) -> str:
 
 
 def mypyc_modules() -> dict[str, Path]:
-    """The modules setup.py compiles, by name (`rolehost.proxy.client`), each with its
+    """The modules setup.py compiles, by name (`rolehost.balancer.proxy.client`), each with its
     extension: the `.so` files in the package and its subpackages (the group's shared
     library, `rolehost__mypyc`, lies outside the package)."""
     package = Path(rolehost.__file__).parent
@@ -350,7 +350,8 @@ def mypyc_modules() -> dict[str, Path]:
 def mypyc_prefixes() -> list[tuple[str, str]]:
     """(C name prefix, module) for each compiled module, longest prefix first. mypyc names a
     module by the shortest end of its name that no other module of the build ends with,
-    dots as `___` (mypyc/namegen.py): rolehost.proxy.client's functions are `client___...`."""
+    dots as `___` (mypyc/namegen.py): rolehost.balancer.proxy.client's functions are
+    `client___...`."""
     ends = {name: ["", *(".".join(name.split(".")[-n:]) + "."
                          for n in range(1, name.count(".") + 2))]
             for name in mypyc_modules()}
@@ -367,7 +368,7 @@ def mypyc_prefixes() -> list[tuple[str, str]]:
 
 def python_name(function: str) -> str | None:
     """mypyc's `CPyDef_client___HttpClient____next` is
-    `rolehost.proxy.client.HttpClient._next` (the module's prefix: `mypyc_prefixes`);
+    `rolehost.balancer.proxy.client.HttpClient._next` (the module's prefix: `mypyc_prefixes`);
     Cython's `__pyx_f_6uvloop_4loop_8UVStream__exec_write` is
     `uvloop.loop.UVStream._exec_write`."""
     for prefix, kind in (("CPyDef_", ""), ("CPyPy_", " (its Python-callable wrapper)")):
@@ -848,7 +849,7 @@ def relay_build() -> str:
     """Whether the mypyc extensions the compiled controller loads were built from the
     sources as they are (an editable install's build goes stale when a source changes)."""
     from rolehost import balancer
-    from rolehost.proxy import client
+    from rolehost.balancer.proxy import client
 
     for module in (client, balancer):  # the relay's package and balancer.py: setup.py's COMPILED
         path = Path(module.__file__ or "")

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from rolehost import reference
 from rolehost.cli import cli
+from rolehost.definition import reference
 
 HERE = Path(__file__).parent
 PAGES = {

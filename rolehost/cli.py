@@ -14,15 +14,17 @@ from typing import Any, NoReturn
 
 import click
 
-from rolehost import capacity, logs, output, preflight, privileges
 from rolehost import definition as model
 from rolehost.client import ApiError, Client, ControllerNotRunning
-from rolehost.disks import Maintenance, Upgrade
-from rolehost.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
-from rolehost.logs import iso
-from rolehost.names import instance_id, parse_instance_name
-from rolehost.rundir import AlreadyRunning, RunDir, Unsuitable
-from rolehost.scalars import parse_address, parse_duration, setting_from_text
+from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT, for_kind
+from rolehost.definition.scalars import parse_address, parse_duration, setting_from_text
+from rolehost.fabric import capacity, preflight
+from rolehost.fabric.disks import Maintenance, Upgrade
+from rolehost.fabric.names import instance_id, parse_instance_name
+from rolehost.fabric.rundir import AlreadyRunning, RunDir, Unsuitable
+from rolehost.observability import logs, output
+from rolehost.observability.logs import iso
+from rolehost.processes import privileges
 
 DETACH_TIMEOUT = 60.0
 
@@ -118,13 +120,13 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
     if detach:
         _detach(file, where)
         return
-    from rolehost.controller import Controller, StartError
+    from rolehost.fabric.controller import Controller, StartError
 
     with _user_of(file):
         controller = Controller(definition, file.resolve(), where,
                                 logs.Console() if console else None)
     try:
-        from rolehost.process import event_loop  # uvloop's when installed
+        from rolehost.processes.process import event_loop  # uvloop's when installed
 
         with asyncio.Runner(loop_factory=event_loop) as runner:
             runner.run(controller.serve())
@@ -383,7 +385,7 @@ def package(file: Path, run_dir: Path | None, version: str | None) -> None:
 def packages(file: Path, run_dir: Path | None) -> None:
     """List the versions in the package store, and the one running. With no controller
     running, they are read from the run directory."""
-    from rolehost.packages import Packages
+    from rolehost.fabric.packages import Packages
 
     where = RunDir.for_definition(file, run_dir)
     client = Client(where.socket)
@@ -485,7 +487,7 @@ def _print_walk(snapshot: dict[str, Any]) -> None:
 def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
     """List the management operations of this run directory, across controller restarts.
     With no controller running, they are read from its history."""
-    from rolehost.history import summary_without_controller
+    from rolehost.fabric.history import summary_without_controller
 
     where = RunDir.for_definition(file, run_dir)
     history = _offline(Client(where.socket).operations, where.path / "history.jsonl",
@@ -511,7 +513,7 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     """Validate a definition, then rehearse: boot one instance of each role (or of ROLES)
     in a scratch run directory and take it through start, restart, reimage, rebuild and
     restart, requiring it ready after each. Exit 0 only when every step passed."""
-    from rolehost import rehearsal
+    from rolehost.fabric import rehearsal
 
     definition = _load(file)
     unknown = [r for r in roles if r not in definition.roles]
@@ -573,7 +575,7 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
     in front. SIGTERM or /stop stops it gracefully; a second SIGTERM or Ctrl-C stops it at
     once. Exit 0 once stopped, 3 if the stop was cut short (on_stop overran stop_timeout,
     or a second signal)."""
-    from rolehost import single
+    from rolehost.fabric import single
 
     definition = _load(file)
     if role not in definition.roles:

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rolehost.balancer import relay_build
-from rolehost.ports import private_range
+from rolehost.fabric.ports import private_range
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
 from support.net import free_port, get
 from support.roles import WEB
@@ -51,7 +51,7 @@ def test_traffic_reaches_only_ready_instances(make_service: MakeService) -> None
         assert {get(port)[1] for _ in range(6)} == {b"web_IN_0", b"web_IN_1"}
         status = h.instance("web/1")["endpoints"]["http"]
         assert status["in_rotation"] and status["served"] >= 1
-        # Private ports come from below the ephemeral range (rolehost/ports.py).
+        # Private ports come from below the ephemeral range (rolehost/fabric/ports.py).
         assert all(i["endpoints"]["http"]["port"] in private_range()
                    for i in h.status()["instances"])
         # The controller says which relay it runs: the one this interpreter would load.

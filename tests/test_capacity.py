@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rolehost import capacity, definition
+from rolehost import definition
+from rolehost.fabric import capacity
 from rolehost.testing import wait_until
 from support.cli import rolehost
 from support.roles import IDLE

@@ -220,7 +220,7 @@ def test_an_edit_applies_what_it_changed_in_the_file_not_the_rest_of_it(
 
 def test_what_an_edit_changes_is_what_it_changed_in_the_file() -> None:
     from rolehost.definition import Secret, parse
-    from rolehost.edits import definition_changes
+    from rolehost.fabric.edits import definition_changes
 
     def service(instances: int, **settings: object) -> Definition:
         return parse({"service": {"name": "s"}, "roles": {"web": {

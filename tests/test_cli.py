@@ -122,7 +122,8 @@ def test_stop_says_when_the_stop_was_cut_short(make_service: MakeService,
 
 
 def test_the_stop_cut_short_exit_code_is_run_instances() -> None:
-    from rolehost import cli, single
+    from rolehost import cli
+    from rolehost.fabric import single
 
     assert cli.EXIT_STOP_CUT_SHORT == single.EXIT_STOP_CUT_SHORT == 3
 
@@ -431,7 +432,7 @@ def test_ops_and_packages_read_the_run_dir_once_the_controller_stopped(
 
 def test_every_route_of_the_control_api_is_in_docs_api() -> None:
     """The route table at the top of docs/api.md lists each route the API serves."""
-    from rolehost import api
+    from rolehost.control import api
 
     table = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
     documented = set(re.findall(r"^\| `(GET|POST)` \| `([^`?]+)[^`]*` \|", table, re.M))

@@ -380,7 +380,7 @@ def test_a_stop_during_a_deploys_final_scale_says_what_it_cut_short(
         make_service: MakeService, tmp_path: Path) -> None:
     """The version has switched when the package's count is applied: a stop then cuts
     short the wait for the new instance, not the deploy, and the records say so."""
-    from rolehost.history import summary_without_controller
+    from rolehost.fabric.history import summary_without_controller
 
     gate = tmp_path / "gate"
     service = make_service(HANGS, instances=2, settings={"gate": str(gate)},

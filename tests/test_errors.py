@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from rolehost import api, errors, exits
 from rolehost.client import ApiError
+from rolehost.control import api, exits
+from rolehost.fabric import errors
 from support.cli import rolehost
 from support.roles import ON_STOP_WAITS_FOR_RELEASE
 from support.service import MakeService

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rolehost.output import MAX_PARTIAL, OutputLog
+from rolehost.observability.output import MAX_PARTIAL, OutputLog
 from rolehost.testing import wait_until
 from support.service import MakeService
 
@@ -151,7 +151,7 @@ def test_rotation_keeps_whole_stamped_lines(tmp_path: Path) -> None:
 
 def test_logs_of_an_older_rolehost_are_shown_as_they_are(tmp_path: Path) -> None:
     """A log written before lines were stamped, or a line in neither form."""
-    from rolehost.output import render
+    from rolehost.observability.output import render
 
     assert render("hello") == "hello"
     assert render('{"not": "an entry"}') == '{"not": "an entry"}'

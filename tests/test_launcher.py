@@ -14,9 +14,10 @@ from typing import Any, cast
 
 import pytest
 
-from rolehost import definition, process
-from rolehost.instance import Instance
-from rolehost.launcher import Launcher
+from rolehost import definition
+from rolehost.fabric.instance import Instance
+from rolehost.fabric.launcher import Launcher
+from rolehost.processes import process
 
 WAIT = 5.0  # seconds: fake stops that take longer are stuck
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rolehost.definition import Endpoint
-from rolehost.lifecycle import (
+from rolehost.fabric.lifecycle import (
     RUNNING,
     SETTLED,
     TRANSITIONS,
@@ -163,8 +163,8 @@ def test_an_instance_changes_state_only_along_the_table(tmp_path: Path) -> None:
     """`Instance._set`, the one place a state changes, holds to the table: a bug that
     asks for a transition the lifecycle has not is refused, and the state stays."""
     from rolehost import definition
-    from rolehost.deployment import Deployment
-    from rolehost.instance import Instance
+    from rolehost.fabric.deployment import Deployment
+    from rolehost.fabric.instance import Instance
 
     parsed = definition.parse({"service": {"name": "s"},
                                "roles": {"web": {"entry_point": "m:C", "app": "."}}},

@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rolehost.lifecycle import State
+from rolehost.fabric.lifecycle import State
 from support.net import free_port, get
 from support.roles import WEB
 from support.service import MakeService

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import structlog
 
-from rolehost import process
+from rolehost.processes import process
 from rolehost.testing import run_dir_processes, wait_until
 from support.service import MakeService
 

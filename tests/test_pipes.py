@@ -21,7 +21,7 @@ import pytest
 READER = textwrap.dedent("""\
     import asyncio, os, subprocess, sys
     import uvloop
-    from rolehost.process import Lines, read_pipe
+    from rolehost.processes.process import Lines, read_pipe
 
     async def main() -> None:
         child = subprocess.Popen(["printf", "one\\\\ntwo\\\\nthree"], stdout=subprocess.PIPE)

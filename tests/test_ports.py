@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rolehost import ports
+from rolehost.fabric import ports
 
 
 def test_the_range_is_the_span_below_the_ephemeral_ports(tmp_path: Path) -> None:

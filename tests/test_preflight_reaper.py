@@ -29,9 +29,10 @@ import psutil
 import pytest
 import uvloop
 
-from rolehost import preflight, privileges, process
 from rolehost.client import ApiError
 from rolehost.definition import load
+from rolehost.fabric import preflight
+from rolehost.processes import privileges, process
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.service import MakeService
 
@@ -66,7 +67,7 @@ class Popen(_Popen):
         super().__init__(args, *rest, **kwargs)
         if not (isinstance(args, list) and "--check" in args):
             return
-        from rolehost import process
+        from rolehost.processes import process
 
         loop = process._sigchld_loop
         if loop is None or not process._reap_orphans:

@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 import rolehost
-from rolehost import privileges
-from rolehost.rundir import RunDir
+from rolehost.fabric.rundir import RunDir
+from rolehost.processes import privileges
 from rolehost.testing import HarnessError, ServiceHarness, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

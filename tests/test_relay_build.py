@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import rolehost
-from rolehost import balancer, build
+from rolehost import balancer
+from rolehost.balancer import build
 from rolehost.testing import run_dir_processes, wait_until
 from support.service import MakeService
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pytest
 
-from rolehost.rolling import Domain, Outcome, Rolled, blast, by_domain, plan, roll
+from rolehost.fabric.rolling import Domain, Outcome, Rolled, blast, by_domain, plan, roll
 
 T = TypeVar("T")
 WAIT = 5.0  # seconds: a roll of fake steps that takes longer is stuck

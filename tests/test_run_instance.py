@@ -97,7 +97,7 @@ def test_run_instance_lifecycle(make_service: MakeService, ending: str) -> None:
 
 
 def test_the_index_comes_from_a_statefulset_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rolehost import single
+    from rolehost.fabric import single
 
     monkeypatch.delenv("ROLEHOST_INDEX", raising=False)
     monkeypatch.setattr(single.socket, "gethostname", lambda: "shop-web-7")
@@ -108,7 +108,7 @@ def test_the_index_comes_from_a_statefulset_host_name(monkeypatch: pytest.Monkey
 
 def test_settings_from_the_environment_keep_their_type_and_secrecy() -> None:
     from rolehost import definition
-    from rolehost.single import settings_from_environment
+    from rolehost.fabric.single import settings_from_environment
 
     role = definition.parse({"service": {"name": "s"}, "roles": {"web": {
         "entry_point": "m:C",
@@ -140,7 +140,7 @@ def test_settings_from_the_environment_keep_their_type_and_secrecy() -> None:
 def test_a_setting_from_the_environment_of_the_wrong_type_is_refused_unseen(
         variable: str, text: str, expected: str) -> None:
     from rolehost import definition
-    from rolehost.single import settings_from_environment
+    from rolehost.fabric.single import settings_from_environment
 
     role = definition.parse({"service": {"name": "s"}, "roles": {"web": {
         "entry_point": "m:C", "settings": {"workers": 2, "ratio": 0.5, "debug": False,

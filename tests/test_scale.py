@@ -240,7 +240,7 @@ def test_an_edit_saved_while_another_applies_is_applied_after_it(
 # scale surely lands in that window.
 SLOW_START = """
 import asyncio, sys
-from rolehost import api
+from rolehost.control import api
 
 serve_metrics = api.serve_metrics
 

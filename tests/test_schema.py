@@ -242,7 +242,7 @@ def test_the_schema_is_valid_json_schema() -> None:
 
 def test_the_schema_spells_out_pythons_white_space() -> None:
     # A blank command is what str.strip() leaves empty: the schema's class must be that set.
-    from rolehost.schema import BLANK
+    from rolehost.definition.schema import BLANK
 
     spelled = re.compile(f"[{_ecma(BLANK)}]")
     assert {c for c in map(chr, range(0x110000)) if spelled.fullmatch(c)} == {
@@ -256,7 +256,7 @@ def test_the_schema_spells_out_pythons_white_space() -> None:
 def test_the_ipv6_pattern_takes_what_python_takes(text: str) -> None:
     import ipaddress
 
-    from rolehost.scalars import IPV6
+    from rolehost.definition.scalars import IPV6
 
     try:
         taken = ipaddress.IPv6Address(text).scope_id is None  # a zone is refused
@@ -270,7 +270,7 @@ def test_the_ipv6_pattern_takes_what_python_takes(text: str) -> None:
 def test_the_command_pattern_takes_what_shlex_splits(command: str) -> None:
     import shlex
 
-    from rolehost.schema import SPLITS
+    from rolehost.definition.schema import SPLITS
 
     try:
         words = shlex.split(command)

@@ -55,7 +55,7 @@ def test_notify_ready_status_watchdog_stopping(make_service: MakeService, tmp_pa
 def test_notify_says_stopping_and_never_ready_once_stopping(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop during startup: the counts that follow STOPPING=1 must not read as READY."""
-    from rolehost.notify import Notifier
+    from rolehost.observability.notify import Notifier
 
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:

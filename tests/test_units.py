@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rolehost import definition
-from rolehost.logs import RotatingFile, describe, tail
-from rolehost.names import parse_instance_name
+from rolehost.fabric.names import parse_instance_name
+from rolehost.observability.logs import RotatingFile, describe, tail
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_the_event_ring_keeps_each_event_as_it_was(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import structlog
 
-    from rolehost import logs
+    from rolehost.observability import logs
 
     monkeypatch.setattr(logs, "_tee", None)
     logs.configure(tmp_path, None)
@@ -124,7 +124,7 @@ def test_the_event_ring_keeps_each_event_as_it_was(
 
 def test_history_keeps_the_last_operations_in_memory_and_all_in_its_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rolehost import history
+    from rolehost.fabric import history
 
     monkeypatch.setattr(history, "KEPT", 5)
     path = tmp_path / "history.jsonl"
@@ -399,7 +399,7 @@ def test_a_dumped_role_validates_as_it_was() -> None:
 def test_a_setting_without_a_declared_type_reads_as_its_text_says(
         text: str, value: object) -> None:
     # `config set KEY=VALUE`: numbers and true/false as TOML writes them; else the text.
-    from rolehost.scalars import setting_from_text
+    from rolehost.definition.scalars import setting_from_text
 
     read = setting_from_text(text)
     assert (read, type(read)) == (value, type(value))
@@ -411,7 +411,7 @@ def test_a_setting_without_a_declared_type_reads_as_its_text_says(
     (" s3cr3t ", "", " s3cr3t ")])
 def test_a_setting_with_a_declared_type_reads_as_that_type(
         text: str, declared: Any, value: object) -> None:
-    from rolehost.scalars import setting_from_text
+    from rolehost.definition.scalars import setting_from_text
 
     read = setting_from_text(text, declared)
     assert (read, type(read)) == (value, type(value))
@@ -421,7 +421,7 @@ def test_a_setting_with_a_declared_type_reads_as_that_type(
     ("08", 0), ("2.0", 0), ("\u0663", 0), ("1" * 5000, 0), (".5", 0.5), ("nan", 0.5),
     ("1e400", 0.5), ("maybe", True), ("", True)])
 def test_a_setting_not_of_its_declared_type_is_refused(text: str, declared: Any) -> None:
-    from rolehost.scalars import setting_from_text
+    from rolehost.definition.scalars import setting_from_text
 
     with pytest.raises(ValueError, match=r"^(an integer|a finite number|true or false)"):
         setting_from_text(text, declared)
@@ -433,7 +433,7 @@ def test_config_set_and_run_instance_read_a_setting_alike(text: str) -> None:
     """One rule for a setting given as text: what `config set` reads a text as, a setting
     of that type under run-instance reads it as too. (The CLI read JSON, run-instance
     Python's int() and float(): "+5" was a string to one and 5 to the other.)"""
-    from rolehost.scalars import setting_from_text
+    from rolehost.definition.scalars import setting_from_text
 
     read = setting_from_text(text)
     if not isinstance(read, str):

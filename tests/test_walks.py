@@ -204,7 +204,7 @@ def test_a_halted_walk_whose_controller_is_killed_ends_failed(
         make_service: MakeService) -> None:
     """The halt's line survives in the file, and the next controller ends the walk as
     an `abort` would have: failed, with why it halted."""
-    from rolehost.history import summary_without_controller
+    from rolehost.fabric.history import summary_without_controller
 
     service = make_service(ROLE, instances=2, service={"upgrade_domains": 2,
                                                       "ready_deadline": "2s"})

@@ -11,7 +11,7 @@ import pytest
 import structlog
 import uvloop
 
-from rolehost import process
+from rolehost.processes import process
 
 
 @pytest.mark.timeout(30)

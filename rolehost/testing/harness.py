@@ -17,10 +17,10 @@ from typing import Any
 
 import psutil
 
-from rolehost import logs, output
 from rolehost.client import Client, ControllerNotRunning
-from rolehost.names import instance_id, parse_instance_name
-from rolehost.rundir import RunDir
+from rolehost.fabric.names import instance_id, parse_instance_name
+from rolehost.fabric.rundir import RunDir
+from rolehost.observability import logs, output
 from rolehost.testing.waiting import HarnessError, wait_until
 
 

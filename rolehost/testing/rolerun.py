@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rolehost.names import instance_id
+from rolehost.fabric.names import instance_id
 from rolehost.testing.waiting import wait_until
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rolehost import logs, protocol
+from rolehost import protocol
 from rolehost.client import Client
+from rolehost.observability import logs
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.faults import Bystander, role, timed_status
 from support.roles import IDLE

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from rolehost import logs
 from rolehost.client import ApiError
+from rolehost.observability import logs
 from rolehost.testing import ServiceHarness, wait_until
 from support.faults import FAST, Bystander, role, state_events, wait_gone
 from support.service import MakeService
@@ -208,7 +208,7 @@ def test_app_copy_on_a_full_disk(small_disk: Path) -> None:
     """Without a controller: deploying app/ on a full disk fails with a clear error and
     leaves app/ empty, so that the next boot (a recycle too) copies it again rather than
     run a half-copied app."""
-    from rolehost.disks import Disks
+    from rolehost.fabric.disks import Disks
 
     source = Path(tempfile.mkdtemp(prefix="rolehost-app-"))
     try:
@@ -232,7 +232,7 @@ def test_app_copy_on_a_full_disk(small_disk: Path) -> None:
 def test_console_and_history_on_a_full_disk(small_disk: Path) -> None:
     """Without a controller: a console redirected to the full disk keeps trying (only a
     pipe that closes silences it for good), and the history loses no operation."""
-    from rolehost.history import History
+    from rolehost.fabric.history import History
 
     history = History(small_disk / "history.jsonl")
     filler = small_disk / "filler"

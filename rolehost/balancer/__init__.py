@@ -1,0 +1,319 @@
+"""The built-in load balancer: one per input endpoint, gated by readiness.
+
+An instance is in rotation only while its instance says so (`Instance.in_rotation`:
+ready, probes passing, not draining); the balancer never decides that itself. When none
+is in rotation a request waits up to `queue_timeout` for one, then gets a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from rolehost.definition import Balance, Endpoint, Protocol
+from rolehost.observability.metrics import SECONDS
+
+if TYPE_CHECKING:
+    from rolehost.balancer import proxy
+
+log = structlog.get_logger()
+SLOW_START_FLOOR = 0.05
+
+
+_BOUNDS: Final = tuple(float(bound) for bound in SECONDS)
+
+
+class Tally:
+    """A latency histogram kept as plain counts (metrics.StateCollector reads it)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(SECONDS) + 1)  # the last one: over the largest bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # A scan from the smallest bound, not bisect: nearly every relayed request lands in
+        # the first bucket, and bisect's generic comparisons cost 10x as much.
+        i = 0
+        for bound in _BOUNDS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Prometheus' cumulative buckets: (le, observations <= le)."""
+        total, cumulative = 0, []
+        for bound, count in zip((*map(str, SECONDS), "+Inf"), self.counts, strict=True):
+            total += count
+            cumulative.append((bound, float(total)))
+        return cumulative
+
+
+def relay_build() -> str:
+    """How the relay runs: "compiled" when setup.py's mypyc build is installed (the
+    usual case), "interpreted" when it could not be (no C compiler). By the module that
+    relays each request: the package's `__init__` only names what its modules hold."""
+    from rolehost.balancer.proxy import client
+
+    return "interpreted" if (client.__file__ or "").endswith(".py") else "compiled"
+
+
+class Backend:
+    """One instance behind one endpoint: its private address, rotation and load."""
+
+    def __init__(self, instance_id: str, host: str, port: int) -> None:
+        self.instance_id, self.host, self.port = instance_id, host, port
+        self.in_rotation = False
+        self.joined = 0.0  # loop time it last entered rotation: slow start weighs it
+        self.why_out = "starting"
+        self.active = 0  # requests (http) or connections (tcp) being served
+        self.served = 0  # requests relayed whole (http), connections handed over (tcp)
+        self.idle: list[proxy.BackendConnection] = []  # keep-alive connections to reuse
+        self._quiet: asyncio.Event | None = None  # set when `active` drops to 0, if awaited
+
+    def begin(self) -> None:
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._quiet is not None:
+            self._quiet.set()
+            self._quiet = None
+
+    async def quiet(self) -> None:
+        """Wait until nothing is in flight."""
+        while self.active:
+            if self._quiet is None:
+                self._quiet = asyncio.Event()
+            await self._quiet.wait()
+
+    def close_idle(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"in_rotation": self.in_rotation, "why_out": None if self.in_rotation else
+                self.why_out, "active": self.active, "served": self.served}
+
+
+class Balancer:
+    """Listens on one endpoint's public address and spreads its traffic."""
+
+    def __init__(self, role: str, name: str, endpoint: Endpoint) -> None:
+        self.role, self.name, self.endpoint = role, name, endpoint
+        # Read on every pick: kept as plain attributes, not looked up on the model each time.
+        self._least_outstanding = endpoint.balance is Balance.least_outstanding
+        self._slow_start = endpoint.slow_start
+        self.backends: dict[str, Backend] = {}
+        self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
+        self.latency = Tally()  # seconds to relay a request
+        self._turn = 0  # round-robin's position
+        self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
+        self._rotation_changed = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._sweep: asyncio.Task[None] | None = None
+        # The controller is stopping: nothing new is accepted, and nothing waits for an
+        # instance (each is leaving rotation for good).
+        self.stopping = False
+        # Client connections: tasks (tcp) and proxy.HttpClient protocols (http).
+        self.connections: set[asyncio.Task[None] | proxy.HttpClient] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.endpoint.host, self.endpoint.port
+
+    def add(self, instance_id: str, port: int) -> Backend:
+        backend = Backend(instance_id, self.endpoint.host, port)
+        self.backends[instance_id] = backend
+        self._ready = None
+        return backend
+
+    def remove(self, instance_id: str) -> None:
+        backend = self.backends.pop(instance_id)
+        backend.close_idle()
+        self._ready = None
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
+
+    def set_rotation(self, instance_id: str, in_rotation: bool, why_out: str) -> None:
+        backend = self.backends[instance_id]
+        backend.why_out = why_out
+        if backend.in_rotation == in_rotation:
+            return
+        backend.in_rotation = in_rotation
+        self._ready = None
+        backend.joined = asyncio.get_running_loop().time()
+        if not in_rotation:
+            backend.close_idle()  # idle keep-alive connections go; busy ones finish first
+        log.info("rotation", instance=instance_id, endpoint=f"{self.role}.{self.name}",
+                 in_rotation=in_rotation, reason=None if in_rotation else why_out)
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
+
+    async def drain(self, instance_id: str, reason: str) -> bool:
+        """Out of rotation, then wait for in-flight work; False if drain_timeout ran out."""
+        backend = self.backends[instance_id]
+        self.set_rotation(instance_id, False, f"draining: {reason}")
+        if backend.active == 0:  # wait_for(..., 0) would time out before quiet() ran
+            return True
+        try:
+            await asyncio.wait_for(backend.quiet(), self.endpoint.drain_timeout)
+        except TimeoutError:
+            log.warning("drain_timeout", instance=instance_id, active=backend.active,
+                        endpoint=f"{self.role}.{self.name}")
+            return False
+        return True
+
+    def pick_now(self, exclude: Collection[str] = ()) -> Backend | None:
+        """A backend in rotation, or None if there is none right now."""
+        ready = self._ready
+        if ready is None:
+            ready = self._ready = [b for b in self.backends.values() if b.in_rotation]
+        if exclude:
+            ready = [b for b in ready if b.instance_id not in exclude]
+        if not ready:
+            return None
+        if self._slow_start > 0:
+            now = asyncio.get_running_loop().time()
+            weights = [self._weight(b, now) for b in ready]
+            if min(weights) < 1.0:
+                drawn = random.choices(ready, weights)[0]
+                if not self._least_outstanding or self._weight(drawn, now) < 1.0:
+                    return drawn
+                # The draw first, then least-outstanding among the full-weight ones only: a
+                # joining instance, which has the fewest in flight, would otherwise get
+                # nearly every request from its first second.
+                ready = [b for b, weight in zip(ready, weights, strict=True) if weight >= 1.0]
+        if self._least_outstanding:
+            least = min(b.active for b in ready)
+            ready = [b for b in ready if b.active == least]
+        self._turn += 1
+        return ready[self._turn % len(ready)]
+
+    def deadline(self) -> float:
+        """The loop time a request that begins to wait now waits until (`pick`)."""
+        return asyncio.get_running_loop().time() + self.endpoint.queue_timeout
+
+    async def pick(self, exclude: Collection[str] = (), deadline: float | None = None
+                   ) -> Backend | None:
+        """A backend in rotation; wait until `deadline` (default: queue_timeout from now)
+        for one. None: still none. A request tried again after an instance failed passes
+        the deadline of its first wait: queue_timeout bounds its whole wait, not each
+        attempt's (else N instances joining one after another and failing would hold it
+        N x queue_timeout)."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = self.deadline()
+        while True:
+            backend = self.pick_now(exclude)
+            if backend is not None:
+                return backend
+            if self.stopping:
+                return None
+            if exclude and self.backends.keys() <= set(exclude):
+                return None  # every instance was tried: waiting brings no other
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rotation_changed.wait(), remaining)
+
+    def _weight(self, backend: Backend, now: float) -> float:
+        """Slow start: a weight growing linearly from 0.05 to 1 over `slow_start` (the
+        share it gives is weight / the sum of the weights: not linear)."""
+        return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self._slow_start))
+
+    async def start(self) -> None:
+        from rolehost.balancer import proxy
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.connections.add(task)
+            try:
+                await proxy.serve_tcp(self, reader, writer)
+            finally:
+                self.connections.discard(task)
+
+        if self.endpoint.protocol is Protocol.http:  # protocols: see proxy.HttpClient
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: proxy.HttpClient(self), self.endpoint.host, self.endpoint.port,
+                reuse_address=True)
+            if self.endpoint.idle_timeout > 0:
+                self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
+        else:
+            self._server = await asyncio.start_server(
+                connection, self.endpoint.host, self.endpoint.port, reuse_address=True
+            )
+        log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
+                 address=f"{self.endpoint.host}:{self.endpoint.port}",
+                 protocol=self.endpoint.protocol.value)
+
+    async def _close_silent(self, timeout: float) -> None:
+        """Close the HTTP clients silent for `timeout` while the balancer waits on them (a
+        slow-loris holds a connection, and a descriptor, open forever otherwise), and the
+        kept-alive connections to instances idle as long (a burst of traffic would leave
+        them open for good, each a thread of a threaded server). Looked at four times
+        per timeout, rather than a timer per request."""
+        from rolehost.balancer import proxy
+
+        step = timeout / 4
+        while True:
+            await asyncio.sleep(step)
+            for client in list(self.connections):
+                if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
+                    client.abort()
+            for backend in self.backends.values():
+                expired = [c for c in backend.idle if c.idle_for(step) >= timeout]
+                for connection in expired:
+                    backend.idle.remove(connection)
+                    connection.close()
+
+    def stop_accepting(self) -> None:
+        """The controller begins to stop: close the listener (a connection accepted now
+        would only be dropped) and end every wait for an instance, so that a waiting
+        request is answered 503 (a tcp connection closed) rather than dropped at `close`.
+        Requests in flight go on: the instances drain them."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        self._rotation_changed.set()
+        self._rotation_changed = asyncio.Event()
+
+    async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        if self._server is not None:
+            self._server.close()
+        tasks = []
+        for connection in list(self.connections):
+            if isinstance(connection, asyncio.Task):
+                connection.cancel()
+                tasks.append(connection)
+            else:
+                if connection.task is not None:
+                    tasks.append(connection.task)
+                connection.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await asyncio.sleep(0)  # closed connections are let go (connection_lost)
+        for backend in self.backends.values():
+            backend.close_idle()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "role": self.role, "endpoint": self.name, "protocol": self.endpoint.protocol.value,
+            "address": f"{self.endpoint.host}:{self.endpoint.port}",
+            "in_rotation": sorted(b.instance_id for b in self.backends.values() if b.in_rotation),
+            "connections": len(self.connections),
+        }

@@ -1,0 +1,569 @@
+"""The `rolehost.toml` model: parsing, validation with key paths, and defaults.
+
+The model is the single source of truth for what a definition may say: the loader,
+the error messages, the JSON schema (`rolehost schema`) and the reference docs all
+come from the classes below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import shlex
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rolehost.definition.scalars import ADDRESS_PATTERN, parse_address
+from rolehost.definition.scalars import MAX_DURATION as MAX_DURATION
+from rolehost.definition.scalars import parse_duration as parse_duration
+from rolehost.definition.schema import (
+    NO_NUL,
+    NOT_BLANK,
+    SPLITS,
+    VARIABLE_NAME,
+    DurationSchema,
+    SchemaOnly,
+    model_schema,
+    published,
+)
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
+# How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
+MIN_INSTANCES, MAX_INSTANCES = 1, 1000
+Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
+SettingValue = Annotated[str, SchemaOnly(pattern=NO_NUL)] | int | float | bool
+# A service, role, endpoint or resource name. It becomes file and folder names, unit
+# names and Kubernetes names: 63 characters (a DNS label) fits them all.
+Name = Annotated[str, Field(
+    strict=True, pattern=NAME_PATTERN, max_length=63,
+    description="start with a letter, go on with letters, digits, `_` and `-`"),
+]
+
+
+# TOML has real integers, booleans and strings: a key takes the one its field says, as it
+# is. Pydantic's lax mode would turn "8080" into 8080, true into 1 and "yes" or 1 into
+# True, all of which the published schema refuses; a typo would pass unnoticed. Strict
+# field by field, not on the whole model: `app` (a Path) and the enums come from TOML
+# strings, and `controller.configure` re-validates a `model_dump()`, Paths and enums in it.
+# A TOML float is refused where an integer is expected, 2.0 included: it is a different
+# type in TOML, as "2" is. (JSON has one number type, so the published schema's "integer"
+# takes 2.0: see schema.MODEL_ONLY.)
+Integer = Annotated[int, Field(strict=True)]
+Boolean = Annotated[bool, Field(strict=True)]
+Text = Annotated[str, Field(strict=True)]
+STRICT_TYPES = ("An integer is a TOML integer: `2.0` and `\"2\"` are errors, as is a boolean or "
+                "string of the wrong kind for its key.")
+Word = Annotated[Text, SchemaOnly(pattern=NO_NUL)]  # of a command, or an environment value
+Variable = Annotated[str, SchemaOnly(pattern=VARIABLE_NAME)]  # names a setting or a variable
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Protocol(StrEnum):
+    http = "http"
+    tcp = "tcp"
+
+
+class Probe(_Model):
+    """A health probe of each instance's endpoint: an HTTP GET of `path` (2xx/3xx passes),
+    or, without `path`, a TCP connect. An instance enters rotation after `healthy` passes
+    in a row and leaves it after `unhealthy` failures in a row."""
+
+    path: Text | None = Field(default=None, pattern=r"^/", description="HTTP path; none: TCP")
+    interval: Duration = Field(default=2.0, gt=0, description="time between probes")
+    timeout: Duration = Field(default=1.0, gt=0, description="a probe slower than this fails")
+    healthy: Integer = Field(default=1, ge=1, description="passes in a row to enter rotation")
+    unhealthy: Integer = Field(default=2, ge=1, description="failures in a row to leave it")
+
+
+class Balance(StrEnum):
+    round_robin = "round-robin"
+    least_outstanding = "least-outstanding"
+
+
+class Endpoint(_Model):
+    """An input endpoint: the built-in balancer listens on `host:port` and spreads the
+    traffic over the instances in rotation. Each instance gets a private port for it,
+    which the role reads from `RoleEnvironment.current_instance.endpoints` and binds."""
+
+    port: Integer = Field(ge=1, le=65535, description="public port the balancer listens on; "
+                          "each endpoint and the metrics have their own, whatever the host")
+    protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
+    host: Text = Field(default="127.0.0.1", description="address the balancer binds")
+    probe: Probe | None = Field(default=None, description="health probe; none: state only")
+    ignore_status: Boolean = Field(
+        default=False, description="keep instances in rotation while a status check says busy"
+    )
+    balance: Balance = Field(default=Balance.round_robin, description="how requests are spread")
+    drain_timeout: Duration = Field(
+        default=30.0, description="how long a stopping instance may finish in-flight requests"
+    )
+    queue_timeout: Duration = Field(
+        default=10.0, description="how long a request (tcp: a connection) waits for an "
+        "instance in rotation, in all: a retry after an instance failed waits only what is left"
+    )
+    slow_start: Duration = Field(
+        default=0.0, description="a joining instance's share of new requests grows over this"
+    )
+    idle_timeout: Duration = Field(
+        default=60.0, description="http: a client connection idle this long while the "
+        "balancer waits on it (to send, between requests or within one; or to read its "
+        "answer) is closed, and so is a kept-alive connection to an instance that "
+        "carries nothing this long; 0: never"
+    )
+
+
+class LocalResource(_Model):
+    """Local storage: the folder `resources/NAME/` of each instance."""
+
+    size_mb: Integer = Field(default=100, ge=1, description="quota; usage over it is reported")
+    clean_on_recycle: Boolean = Field(
+        default=True, description="empty the folder at every recycle, restart and reimage"
+    )
+
+
+class TaskType(StrEnum):
+    simple = "simple"
+    background = "background"
+    foreground = "foreground"
+
+
+class TaskContext(StrEnum):
+    limited = "limited"
+    elevated = "elevated"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class OncePer(StrEnum):
+    start = "start"
+    image = "image"
+    disk = "disk"
+
+
+class StartupTask(_Model):
+    """A command the bootstrap runs before the host starts, in file order, with the
+    instance's app/ as its folder and its identity, folders and settings in its
+    environment. Its output, stdout and stderr together, goes to the instance log, on the
+    stream `task N`."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"shell": {"const": True}}, "required": ["shell"]},
+        "else": {"properties": {"command": {"pattern": SPLITS}}},
+    })
+
+    command: (Annotated[Text, SchemaOnly(pattern=NOT_BLANK)]
+              | Annotated[list[Word], SchemaOnly(minItems=1, prefixItems=[{"minLength": 1}])]
+              ) = Field(description="a string split like a shell, or a list")
+    shell: Boolean = Field(default=False, description="run the string through /bin/sh")
+    type: TaskType = Field(default=TaskType.simple, description="simple, background, foreground")
+    context: TaskContext = Field(default=TaskContext.limited, description="limited or elevated")
+    once_per: OncePer = Field(
+        default=OncePer.start, description="start (every start), image (os/), disk (resources/)"
+    )
+    timeout: Annotated[Duration, Field(gt=0)] | None = Field(
+        default=None, description="kill the task after this long"
+    )
+    env: dict[Variable, Word] = Field(default_factory=dict, description="extra environment")
+
+    @field_validator("command")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, str) and not value.strip()):
+            raise ValueError("expected a non-empty command")
+        return value
+
+    @model_validator(mode="after")
+    def _runnable(self) -> StartupTask:
+        # Without a shell, a string is split at every boot: one that cannot be split, or
+        # names no program, would fail them all.
+        argv = [self.command] if isinstance(self.command, str) and self.shell else self.command
+        if isinstance(argv, str):
+            try:
+                argv = shlex.split(argv)
+            except ValueError as exc:
+                raise DefinitionError(None, "command", "expected a command that splits like "
+                                      f"a shell's (or shell = true): {exc}") from None
+        if any("\0" in word for word in argv):
+            raise DefinitionError(None, "command", "expected a command without NUL characters")
+        if not argv[0]:
+            raise DefinitionError(None, "command", "expected a program to run, got an empty "
+                                  "first word")
+        return self
+
+    @model_validator(mode="after")
+    def _env_fits(self) -> StartupTask:
+        for name, value in self.env.items():
+            if problem := _environment_problem(name, value):
+                raise DefinitionError(None, f"env.{name}", problem)
+        return self
+
+
+class Secret(_Model):
+    """A setting whose value must not show: in status, events, logs or the history."""
+
+    value: SettingValue
+    secret: Boolean = True
+
+
+class Role(_Model):
+    """One role: a class run by `instances` host processes."""
+
+    entry_point: Text = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="module:Class, importable from the role's app folder",
+    )
+    app: Annotated[Path, SchemaOnly(pattern=NO_NUL)] = Field(
+        default=Path("."), description="folder deployed as each instance's app/")
+    instances: Integer = Field(default=MIN_INSTANCES, ge=MIN_INSTANCES, le=MAX_INSTANCES,
+                               description="how many instances")
+    stop_timeout: Duration = Field(
+        default=300.0, description="limit for `stopping` handlers plus on_stop"
+    )
+    status_check_interval: Duration = Field(
+        default=5.0, gt=0, description="how often status-check handlers are asked"
+    )
+    settings: dict[Variable, SettingValue | Secret] = Field(
+        default_factory=dict,
+        description="names to strings, numbers or booleans, read with "
+        "`RoleEnvironment.get_setting(name)`. A setting written `{ value = \"...\", secret = "
+        "true }` is read the same way, and its value never shows in status, events, logs or "
+        "the history. Each setting reaches the role's processes as the environment variable "
+        f"`{SETTING_PREFIX}NAME` (upper case, `-` as `_`), and each local resource's path as "
+        f"`{RESOURCE_PREFIX}NAME`: two names for one variable, a name with `=` or a value "
+        "with a NUL character are errors. A change applied in place (`rolehost config set`) "
+        "updates these variables in the host process; the processes the role had started "
+        "before keep the environment they were started with")
+    endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
+    local_resources: dict[Name, LocalResource] = Field(
+        default_factory=dict
+    )
+    startup_tasks: list[StartupTask] = Field(default_factory=list)
+
+    @field_validator("app", mode="before")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # Resolving such a path raised ValueError: a traceback, not a key path.
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("expected a path without NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_environment(self) -> Role:
+        # Every setting and resource reaches the role as an environment variable: one that
+        # cannot be set fails every boot, and two names for one variable lose a value.
+        variables: dict[str, str] = {}
+        for name, value in self.values.items():
+            _check_variable(variables, f"settings.{name}", setting_variable(name), name, value)
+        for name in self.local_resources:
+            _check_variable(variables, f"local_resources.{name}", resource_variable(name), name)
+        return self
+
+    @property
+    def values(self) -> dict[str, SettingValue]:
+        """The settings as the role reads them: secrets unwrapped."""
+        return {k: v.value if isinstance(v, Secret) else v for k, v in self.settings.items()}
+
+    @property
+    def secrets(self) -> set[str]:
+        return {k for k, v in self.settings.items() if isinstance(v, Secret) and v.secret}
+
+    def redacted(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """`settings` with the values of this role's secret settings hidden."""
+        return {k: "(secret)" if k in self.secrets else v for k, v in settings.items()}
+
+    @property
+    def module(self) -> str:
+        return self.entry_point.partition(":")[0]
+
+    @property
+    def class_name(self) -> str:
+        return self.entry_point.partition(":")[2]
+
+
+def setting_variable(name: str) -> str:
+    """The environment variable that carries setting `name` to tasks, and overrides it
+    under `rolehost run-instance`."""
+    return SETTING_PREFIX + name.upper().replace("-", "_")
+
+
+def setting_variables(values: dict[str, SettingValue]) -> dict[str, str]:
+    """The environment variables that carry a role's settings (secrets unwrapped) to its
+    processes: one place for the spelling of a value, at a start and at a change alike."""
+    return {setting_variable(name): str(value) for name, value in values.items()}
+
+
+def resource_variable(name: str) -> str:
+    """The environment variable that carries the path of local resource `name`."""
+    return RESOURCE_PREFIX + name.upper().replace("-", "_")
+
+
+def _environment_problem(name: str, value: object) -> str | None:
+    """Why `name` (as part of a variable's name) and `value` cannot be put in a process
+    environment; None if they can. The message never shows the value: it may be secret."""
+    if not name or "=" in name or "\0" in name:
+        return ("expected a name that is not empty, without '=' or NUL: it names an "
+                "environment variable")
+    if isinstance(value, str) and "\0" in value:
+        return "expected a value without NUL characters: it is passed in the environment"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "expected a finite number: NaN and infinity have no JSON form for the history"
+    return None
+
+
+def _check_variable(variables: dict[str, str], path: str, variable: str, name: str,
+                    value: object = "") -> None:
+    if problem := _environment_problem(name, value):
+        raise DefinitionError(None, path, problem)
+    if (other := variables.setdefault(variable, name)) != name:
+        raise DefinitionError(None, path, f"expected a name of its own: {other!r} is passed "
+                              f"as {variable} too")
+
+
+class Service(_Model):
+    """Service-wide settings: update domains, deadlines, the crash back-off, and the form
+    of the instance logs."""
+
+    name: Name = Field(description="service name")
+    upgrade_domains: Integer = Field(default=5, ge=1, le=20,
+                                     description="instance i is in UD i % N")
+    ready_deadline: Duration = Field(
+        default=1800.0, gt=0, description="from the start of startup tasks to ready"
+    )
+    # The lower bounds keep a crash loop from being a tight one: an instance that fails
+    # waits at least backoff_initial, and one that restarts at once was ready a while.
+    stable_after: Duration = Field(
+        default=60.0, ge=0.5,
+        description="ready this long, a crash restarts at once and resets back-off",
+    )
+    backoff_initial: Duration = Field(
+        default=1.0, ge=0.1, description="first delay after a failure"
+    )
+    backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
+    metrics: Annotated[Text, SchemaOnly(pattern=ADDRESS_PATTERN)] | None = Field(
+        default=None,
+        description="HOST:PORT to serve Prometheus metrics on (also GET /v1/metrics), "
+        "[::1]:PORT for IPv6; off",
+    )
+    change_mode: Literal["per-ud", "blast"] = Field(
+        default="per-ud",
+        description="settings and topology changes one update domain at a time, or all at once"
+    )
+    limited_user: Text | None = Field(
+        default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",
+        description="who hosts and limited tasks run as when the controller is root; "
+        "default nobody, or root with a warning if nobody cannot run the interpreter",
+    )
+    instance_log_format: LogFormat = Field(
+        default=LogFormat.text,
+        description="each line of logs/INSTANCE.log: text (time, stream, then the line) "
+        "or json (an object with time, stream, instance and line); `rolehost logs` reads both",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        # The pattern, in the schema too, but a message a person can read.
+        if value is not None:
+            parse_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Service:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+
+class Definition(_Model):
+    """A whole `rolehost.toml`."""
+
+    service: Service
+    roles: dict[Name, Role] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> Definition:
+        # By number alone: "localhost", "127.0.0.1" and "0.0.0.0" overlap, and which
+        # spellings do is the resolver's to say, after the check (start failed with no
+        # key path). Two listeners on one port are not worth that.
+        seen: dict[int, str] = {}
+        if self.service.metrics:
+            seen[parse_address(self.service.metrics)[1]] = "service.metrics"
+        for role_name, role in self.roles.items():
+            for ep_name, ep in role.endpoints.items():
+                path = f"roles.{role_name}.endpoints.{ep_name}.port"
+                other = seen.setdefault(ep.port, path)
+                if other != path:
+                    raise DefinitionError(
+                        None, path, f"port {ep.port} is already used by {other}"
+                    )
+        return self
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be used. `str()` names the file and the key path."""
+
+    def __init__(self, file: Path | None, path: str, message: str) -> None:
+        self.file, self.path, self.message = file, path, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ": ".join(str(p) for p in (self.file, self.path) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class DefinitionErrors(ValueError):
+    """Every problem found in one definition, each a `DefinitionError`."""
+
+    def __init__(self, errors: list[DefinitionError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def load(path: Path) -> Definition:
+    """Read and validate a definition; raise `DefinitionErrors` naming every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DefinitionErrors([DefinitionError(path, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionErrors([DefinitionError(path, "", f"cannot read: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DefinitionErrors([DefinitionError(path, "", f"invalid TOML: {exc}")]) from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], file: Path | None = None) -> Definition:
+    """Validate an already-parsed document. `file` is named in errors and anchors `app`."""
+    try:
+        definition = Definition.model_validate(raw)
+    except ValidationError as exc:
+        raise DefinitionErrors(_merge([_explain(e, file) for e in exc.errors()])) from None
+    if file is not None:
+        base = file.resolve().parent
+        roles = {
+            name: role.model_copy(update={"app": (base / role.app).resolve()})
+            for name, role in definition.roles.items()
+        }
+        definition = definition.model_copy(update={"roles": roles})
+    return definition
+
+
+def parse_role(name: str, raw: dict[str, Any]) -> Role:
+    """Validate role `name` alone (a settings change, say); errors name their key path as
+    `parse` does, and never a setting's value."""
+    try:
+        return Role.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("roles", name, *e["loc"])} for e in exc.errors()]
+        raise DefinitionErrors(_merge([_explain(e, None) for e in errors])) from None
+
+
+def _explain(error: Any, file: Path | None) -> DefinitionError:
+    loc = tuple(error["loc"])
+    if len(loc) >= 4 and loc[0] == "roles" and loc[2] == "settings":
+        # Whatever the union member said, one message for the setting: what it may be.
+        # (No "got": the value may be a secret's.)
+        return DefinitionError(
+            file, f"roles.{loc[1]}.settings.{loc[3]}",
+            "expected a string, number or boolean, or a table { value = ..., secret = true }",
+        )
+    # Pydantic appends the failing union member or a "[key]" marker; they are noise.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = (
+            f"; did you mean {guess[0]!r}?" if guess else f"; expected one of: {', '.join(known)}"
+        )
+        return DefinitionError(file, path, f"unknown key{hint}")
+    if kind == "missing":
+        return DefinitionError(file, path, "required key is missing")
+    if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), DefinitionError):
+        # A model's own rule names the key below that model; `loc` says where the model is.
+        inner: DefinitionError = error["ctx"]["error"]
+        return DefinitionError(file, ".".join(p for p in (path, inner.path) if p), inner.message)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    # "expected an integer, got '8080'": a type, with its article.
+    message = re.sub(r"^Input should be a valid (\w+)", lambda m: "expected " + (
+        "an " if m.group(1)[0] in "aeiou" else "a ") + m.group(1), message)
+    message = re.sub(r"^Input should be ", "expected ", message)
+    if kind == "path_type":
+        message = "expected a path (a string)"
+    message = re.sub(r"^String should (have|match) ", lambda m: "expected a string " + (
+        "of " if m.group(1) == "have" else "matching "), message)
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
+        message += f", got {error['input']!r}"
+    return DefinitionError(file, path, message)
+
+
+def _merge(errors: list[DefinitionError]) -> list[DefinitionError]:
+    """One error per key path: a union's members each complain about the same value."""
+    by_path: dict[str, list[DefinitionError]] = {}
+    for error in errors:
+        by_path.setdefault(error.path, []).append(error)
+    merged = []
+    for path, group in by_path.items():
+        if len({e.message for e in group}) == 1:
+            merged.append(group[0])
+            continue
+        kinds = [m.group(1) for e in group
+                 if (m := re.match(r"expected ((?:an? )?\w+)", e.message))]
+        got = group[0].message.rpartition(", got ")[2]
+        message = f"expected {' or '.join(kinds)}, got {got}"
+        merged.append(DefinitionError(group[0].file, path, message))
+    return merged
+
+
+_UNION_TAGS = {"str", "list[str]", "int", "float", "bool", "function-after", "function-before"}
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys the model accepts at `loc` (for "did you mean")."""
+    model: Any = Definition
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:  # a dict key such as a role or endpoint name
+            continue
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of `rolehost.toml`, for editors and `rolehost schema`."""
+    return published(model_schema(Definition))
+

@@ -1,0 +1,667 @@
+"""The controller (the platform's fabric controller): one asyncio process per service.
+
+It owns the run directory, the instances and the control API, and offers the
+operations that the API and the CLI are skins over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rolehost.balancer import Balancer, build, relay_build
+from rolehost.control import api
+from rolehost.definition import (
+    MAX_INSTANCES,
+    MIN_INSTANCES,
+    Definition,
+    DefinitionErrors,
+    Role,
+    Secret,
+    parse_role,
+)
+from rolehost.definition.scalars import parse_address
+from rolehost.fabric import capacity, packages, preflight
+from rolehost.fabric.disks import Maintenance, Upgrade
+from rolehost.fabric.edits import Edits
+from rolehost.fabric.errors import (
+    Conflict,
+    DoesNotLoad,
+    DomainError,
+    Invalid,
+    NotFound,
+    OperationFailed,
+    RefusedInPreflight,
+    Unavailable,
+)
+from rolehost.fabric.history import History
+from rolehost.fabric.instance import Instance, Operation
+from rolehost.fabric.launcher import Launcher
+from rolehost.fabric.lifecycle import State
+from rolehost.fabric.names import instance_id, parse_instance_name
+from rolehost.fabric.rolling import Outcome, blast, by_domain, plan, roll
+from rolehost.fabric.rundir import RunDir
+from rolehost.fabric.walks import Walk
+from rolehost.fabric.watch import watch_file
+from rolehost.observability import logs, metrics
+from rolehost.observability.logs import iso
+from rolehost.observability.notify import Notifier
+
+log = structlog.get_logger()
+
+
+class StartError(RuntimeError):
+    """The service cannot start as defined on this machine (a port in use, ...)."""
+
+
+class Controller:
+    def __init__(
+        self,
+        definition: Definition,
+        definition_path: Path,
+        run_dir: RunDir,
+        console: logs.Console | None = None,
+    ) -> None:
+        self.definition = definition
+        self.definition_path = definition_path
+        self.run_dir = run_dir
+        self.console = console
+        self.started = time.time()
+        self.launcher = Launcher(definition.service, run_dir.path, console,
+                                 self._state_changed)
+        self.deployment = self.launcher.deployment
+        self.notifier = Notifier()
+        self.instances: dict[str, Instance] = {}
+        self.balancers: list[Balancer] = []
+        self.history: History | None = None  # loaded once the run directory is ours
+        self.walk: Walk | None = None
+        self.changing: str | None = None  # a settings change, a scale or a deploy's checks
+        self.running = False
+        self.version = ""  # the package running: the one `start` made, then each deploy's
+        self.edits = Edits(self, definition)  # saved edits of the file, applied
+        self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
+        self._background: set[asyncio.Future[Any]] = set()
+        self._shutdown = asyncio.Event()
+        self._stopped = asyncio.Event()
+        # Set once serve() has added and started the instances of the definition, or
+        # given up starting: the control API answers before that.
+        self._started = asyncio.Event()
+        self._shutdown_reason = "stop requested"
+        self._forced: str | None = None  # the second signal's name, once one came
+        # Once stopped: the instances whose stop was cut short (on_stop overran
+        # stop_timeout, or a second signal forced it), each with why.
+        self.cut_short: dict[str, str] = {}
+
+    async def serve(self) -> None:
+        """Run the service until asked to stop; return once every instance is stopped."""
+        await self.launcher.claim(self.run_dir)
+        self.history = History(self.run_dir.path / "history.jsonl")
+        # Run what was packaged, not the working tree: see packages.py.
+        started = await asyncio.to_thread(self.packages.create, self.definition_path, None)
+        self.definition = self.packages.load(started["version"])
+        self.version = started["version"]
+        if not self.launcher.supervise(self._stop_signal, self._force_signal):
+            log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
+        server = await api.serve(self.run_dir.socket, self)
+        collector = metrics.StateCollector(self)
+        metrics.REGISTRY.register(collector)
+        metrics_server = None
+        try:
+            if self.definition.service.metrics:
+                address = self.definition.service.metrics
+                try:
+                    metrics_server = await api.serve_metrics(*parse_address(address), self)
+                except OSError as exc:
+                    raise StartError(f"cannot serve metrics on {address}: "
+                                     f"{exc.strerror}") from None
+            for role_name, role in self.definition.roles.items():
+                self.balancers += [Balancer(role_name, name, ep)
+                                   for name, ep in role.endpoints.items()]
+                for index in range(role.instances):
+                    self._add_instance(role_name, role, index)
+            for balancer in self.balancers:  # listening first: a port in use starts nothing
+                try:
+                    await balancer.start()
+                except OSError as exc:
+                    host, port = balancer.address
+                    raise StartError(f"cannot listen on {host}:{port} for "
+                                     f"{balancer.role}.{balancer.name}: {exc.strerror}") from None
+            run_as = self.deployment.run_as
+            if run_as.degraded:
+                log.warning("limited_user_unavailable", detail=run_as.reason)
+            log.info("controller_started", service=self.definition.service.name, pid=os.getpid(),
+                     limited_user=run_as.name, relay=relay_build(),
+                     version=self.version,
+                     run_dir=str(self.run_dir.path), deployment=self.deployment.id,
+                     instances=len(self.instances))
+            # Only a service with a balancer relays: without one, the build costs nothing.
+            if self.balancers and (interpreted := build.relay_warning()) is not None:
+                log.warning("relay_interpreted", **interpreted)
+            for instance in self.instances.values():
+                instance.topology = self.topology()
+            self.running = True
+            self.launcher.start(self.instances.values())
+            self._started.set()
+            loop = asyncio.get_running_loop()
+            watcher = watch_file(self.definition_path, loop, self.edits.saved)
+            self.notifier.start_watchdog(loop)
+            await self._shutdown.wait()
+            log.info("controller_stopping", reason=self._shutdown_reason)
+            if self._forced is not None:  # the second signal came before the first was seen
+                self._force(self._forced)
+            for balancer in self.balancers:
+                balancer.stop_accepting()
+            self.notifier.stopping()
+            if self.walk is not None and self.walk.task is not None and not self.walk.over:
+                self.walk.task.cancel()  # the walk stops where it is; instances stop below
+                await asyncio.gather(self.walk.task, return_exceptions=True)
+            await self.launcher.stop(list(self.instances.values()), self._shutdown_reason)
+            self.cut_short = {
+                i.id: f"forced by a second signal ({self._forced})" if i.forced
+                else i.last_error or "did not stop within stop_timeout"
+                for i in self.instances.values()
+                if i.stop_outcome.cut_short}
+            watcher.stop()
+            if self.cut_short:
+                log.warning("controller_stop_cut_short", instances=self.cut_short)
+            log.info("controller_stopped")
+        except StartError as exc:
+            log.error("start_failed", error=str(exc))
+            raise
+        finally:
+            self._started.set()  # an operation waiting for the start is answered
+            self._stopped.set()
+            for balancer in self.balancers:
+                await balancer.close()
+            if metrics_server is not None:
+                await metrics_server.close()
+            metrics.REGISTRY.unregister(collector)
+            await server.close()
+            self.run_dir.socket.unlink(missing_ok=True)
+            self.launcher.close(self.instances.values())
+
+    def _stop_signal(self, name: str) -> None:
+        self._shutdown_reason = f"controller received {name}"
+        self._shutdown.set()
+
+    def _force_signal(self, name: str) -> None:
+        # A second signal: the user will not wait for graceful stops.
+        log.warning("forced_stop", signal=name)
+        self._forced = name
+        self._force(name)
+
+    def _force(self, why: str) -> None:
+        """Cut every instance's stop short: hosts, their trees and tasks killed now."""
+        for instance in self.instances.values():
+            instance.force_stop(f"controller received {why}")
+
+    def _state_changed(self, instance: Instance) -> None:
+        counts: dict[str, tuple[int, int]] = {name: (0, 0) for name in self.definition.roles}
+        for each in self.instances.values():
+            ready, total = counts[each.role_name]
+            counts[each.role_name] = (ready + each.back, total + 1)
+        self.notifier.counts(counts)
+
+    # Operations: what the control API and the CLI offer.
+
+    def status(self) -> dict[str, Any]:
+        cpu = {i.id: (i.role_name, i.update_domain, load) for i in self.instances.values()
+               if (load := i.sample_cpu()) is not None}
+        advice = capacity.static_advice(self.definition) + capacity.load_warnings(
+            self.definition, cpu)
+        return {
+            "capacity": advice,
+            "cpu": {name: round(load, 1) for name, (_, _, load) in cpu.items()},
+            "service": self.definition.service.name,
+            "deployment_id": self.deployment.id,
+            "version": self.version,
+            "pid": os.getpid(),
+            "run_dir": str(self.run_dir.path),
+            "limited_user": {"name": self.deployment.run_as.name,
+                             "reason": self.deployment.run_as.reason},
+            "definition": str(self.definition_path),
+            "started": iso(self.started),
+            "upgrade_domains": self.definition.service.upgrade_domains,
+            "instances": [i.snapshot() for i in self.instances.values()],
+            "balancers": [b.snapshot() for b in self.balancers],
+            "walk": self.walk.snapshot() if self.walk is not None else None,
+        }
+
+    def instance(self, name: str) -> Instance:
+        try:
+            role, index = parse_instance_name(name)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        instance = self.instances.get(instance_id(role, index))
+        if instance is None:
+            known = ", ".join(self.instances) or "none"
+            raise NotFound(f"no instance {name!r} (instances: {known})")
+        return instance
+
+    async def maintain(
+        self, kind: Maintenance, names: list[str], wait: bool, cause: str
+    ) -> list[dict[str, Any]]:
+        """Carry out `kind` on each named instance at once; every name is checked first."""
+        if not names:
+            raise Invalid("name at least one instance")
+        await self._until_started()
+        instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
+        self._one_at_a_time(instances=False)
+        busy = [i.id for i in instances if i.operation is not None]
+        if busy:
+            raise Conflict(f"another operation is under way on {', '.join(busy)}")
+        for instance in instances:
+            instance.available()
+        assert self.history is not None
+        record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
+        # Claimed now, with no await since the check: a second request in the same turn
+        # of the loop finds them busy.
+        operations = [i.claim(kind, cause) for i in instances]
+        started = [i.snapshot() for i in instances]
+        carried_out = asyncio.ensure_future(self._carry_out(instances, operations, record))
+        if not wait:
+            self._background.add(carried_out)
+            carried_out.add_done_callback(self._background.discard)
+            return started
+        results = await carried_out
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise OperationFailed("; ".join(str(f) for f in failures))
+        return [r for r in results if isinstance(r, dict)]
+
+    async def _carry_out(
+        self, instances: list[Instance], operations: list[Operation], record: Any
+    ) -> list[Any]:
+        """Every instance's part of one operation, and its line in the history."""
+        assert self.history is not None
+        results = await asyncio.gather(
+            *(i.carried_out(o) for i, o in zip(instances, operations, strict=True)),
+            return_exceptions=True,
+        )
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)
+        return list(results)
+
+    async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
+        """Walk `upgrade` across the update domains."""
+        await self._until_started()
+        self._one_at_a_time()
+        return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual)
+
+    async def deploy(self, version: str, rollback: bool, manual: bool) -> dict[str, Any]:
+        """In-place upgrade to a package. Everything that can be checked is checked first,
+        with every instance untouched; then a walk, rolled back if a domain fails."""
+        await self._until_started()
+        with self._exclusive(f"deploy {version}"):  # the checks await: nothing may start
+            new = await self._deployable(version)
+            running = dict(self.definition.roles)
+            # The package carries its own instance counts, as a .cscfg does on the platform:
+            # a `rolehost scale` since the last package is undone by the deploy, not a reason
+            # to refuse it. Only the instances the package keeps are walked; the others stop,
+            # or the missing ones start on the new version, once every domain has moved, so
+            # that a rollback has nothing more to put back.
+            kept = [i for i in self.instances.values()
+                    if i.index < new.roles[i.role_name].instances]
+            walk = self._start_walk(f"deploy {version}", Maintenance.DEPLOY, manual,
+                                    roles=dict(new.roles), rollback=running if rollback else None,
+                                    arguments={"version": version, "previous": self.version,
+                                               "rollback": rollback}, instances=kept)
+
+        async def deployed() -> None:
+            # The package's roles with the counts that run: each role takes the package's
+            # count as its scale sets it, so a scale that fails or never runs (the
+            # controller stopping) leaves no count in the definition that nothing runs.
+            running_counts = {name: sum(i.role_name == name for i in self.instances.values())
+                              for name in new.roles}
+            self.definition = new.model_copy(update={"roles": {
+                name: role.model_copy(update={"instances": running_counts[name]})
+                for name, role in new.roles.items()}})
+            self.version = version
+            log.info("deployed", version=version)
+            # Every role's count is tried, whichever fails: one role's new instance that
+            # does not get ready is no reason to leave another role at the old count.
+            failed = []
+            for name, role in new.roles.items():
+                if running_counts[name] != role.instances:
+                    try:
+                        await self._scale(name, role, role.instances, f"deploy {version}")
+                    except DomainError as exc:
+                        failed.append(f"scale {name} to {role.instances}: {exc}")
+            if failed:
+                raise RuntimeError("; ".join(failed))
+
+        assert self.walk is not None
+        self.walk.on_success = deployed
+        return walk
+
+    async def _deployable(self, version: str) -> Definition:
+        """The package `version`, once everything that can be checked with every instance
+        untouched is: it can replace the running one in place, and its entry points load."""
+        assert self.history is not None
+        try:
+            new = self.packages.load(version)
+            problems = packages.compatibility(self.definition, new)
+            if problems:
+                raise Conflict(f"version {version} cannot replace the running one in place: "
+                               f"{'; '.join(problems)}. A fresh start is needed (rolehost "
+                               "stop, then rolehost start)")
+            # On the loop, not a thread: the orphan reaper must not take their exits.
+            errors = await preflight.check_entry_points(new, None)
+            if errors:
+                raise DoesNotLoad(f"version {version} does not load:\n"
+                                  + "\n".join(str(e) for e in errors))
+        except DomainError as exc:
+            # The walk's record tells a deploy that got past its preflight; this one that
+            # it did not.
+            record = self.history.begin(f"deploy {version}",
+                                        {"version": version, "previous": self.version}, [])
+            self.history.end(record, "failed", str(exc))
+            raise RefusedInPreflight(exc) from None
+        return new
+
+    def _one_at_a_time(self, instances: bool = True) -> None:
+        """Conflict while a walk, a settings change or a scale is under way, and (`instances`)
+        while any instance has an operation under way. Two at once could take down a
+        second update domain before the first came back, or lose one change to the other."""
+        if self.walk is not None and not self.walk.over:
+            raise Conflict(f"walk {self.walk.id} is {self.walk.state.value}: one operation "
+                           "at a time (rolehost walk next / abort)")
+        if self.changing is not None:
+            raise Conflict(f"{self.changing} is under way: one operation at a time")
+        if instances and (busy := [i.id for i in self.instances.values() if i.operation]):
+            raise Conflict(f"another operation is under way on {', '.join(busy)}")
+
+    async def _until_started(self) -> None:
+        """Hold an operation that arrives while serve() is still adding and starting the
+        instances until it has: a scale run before it would add instances under the ids
+        serve() then adds again, and start those serve() starts too. Unavailable if the
+        start failed."""
+        if not self._started.is_set():  # no await once started: the checks stay atomic
+            await self._started.wait()
+        if not self.running:
+            raise Unavailable("the controller did not start: nothing to operate on")
+        # Every instance is on its way out: a scale-in now would take one from the stop
+        # (its overrun unreported, its disks gone), a restart would race it.
+        if self._shutdown.is_set():
+            raise Unavailable("the controller is stopping: no operation starts now")
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the service for `what` (a service-wide operation that is not a walk)."""
+        self._one_at_a_time()
+        self.changing = what
+        try:
+            yield
+        finally:
+            self.changing = None
+
+    def _start_walk(self, label: str, event: Maintenance, manual: bool,
+                    roles: dict[str, Role] | None = None,
+                    rollback: dict[str, Role] | None = None,
+                    arguments: dict[str, Any] | None = None,
+                    instances: list[Instance] | None = None) -> dict[str, Any]:
+        """Walk `instances` (default: all of them)."""
+        assert self.history is not None
+        count = self.definition.service.upgrade_domains
+        walked = list(self.instances.values()) if instances is None else instances
+        grouped = by_domain(walked, count)
+        # Down already outside the first domain: walking it would take a second one down.
+        # Busy is the role's own say, and passes; ready but out of rotation is down.
+        down = [f"{i.id} is {i.why_not_back() if i.state is State.READY else i.state.value}"
+                + (f" ({i.reason})" if i.reason else "")
+                for d in [d for d in grouped if d][1:] for i in d
+                if not (i.back or i.state is State.BUSY)]
+        if down:
+            raise Conflict(f"{'; '.join(down)}: a walk would take a second update domain "
+                           "down; bring it back first (rolehost restart)")
+        self.walk = Walk(label, event, manual, grouped, self.history, roles, rollback,
+                         arguments)
+        self.walk.start()
+        return self.walk.snapshot()
+
+    async def configure(
+        self, role_name: str, settings: dict[str, Any], cause: str, replace: bool = False
+    ) -> dict[str, str]:
+        """Change a role's settings (merged, or the whole table with `replace`), per update
+        domain or all at once (`change_mode`); returns what each instance did."""
+        await self._until_started()
+        role = self._role(role_name)
+        self._one_at_a_time()
+        # A new value for a secret setting stays secret. (A table, not a Secret: the value
+        # is checked below, with the rest.)
+        settings = {k: {"value": v, "secret": True} if k in role.secrets
+                    and not isinstance(v, Secret) else v for k, v in settings.items()}
+        merged = dict(settings) if replace else {**role.settings, **settings}
+        try:
+            new = parse_role(role_name, {**role.model_dump(), "settings": merged})
+        except DefinitionErrors as exc:
+            raise Invalid(f"invalid settings for {role_name}:\n{exc}") from None
+        with self._exclusive(f"config {role_name}"):
+            return await self._change_settings(role_name, new, settings, cause)
+
+    async def _change_settings(self, role_name: str, new: Role, settings: dict[str, Any],
+                               cause: str) -> dict[str, str]:
+        assert self.history is not None
+        ours = [i for i in self.instances.values() if i.role_name == role_name]
+        shown = new.redacted({k: v.value if isinstance(v, Secret) else v
+                              for k, v in settings.items()})
+        record = self.history.begin(f"config {role_name}", {"settings": shown, "cause": cause},
+                                    [i.id for i in ours])
+        outcome: dict[str, str] = {}
+        try:
+            await self._offer_by_domain(f"config {role_name}", ours, outcome, record,
+                                        lambda i: i.change_settings(new, cause))
+        finally:
+            # Stored once every instance has them, even one that failed with them. A halt
+            # leaves the later domains on the old settings, and those stay the role's: the
+            # next change is offered against them, not against settings that failed.
+            if len(outcome) == len(ours):
+                self._set_role(role_name, new)
+        return outcome
+
+    async def _offer_by_domain(self, what: str, instances: list[Instance],
+                               outcome: dict[str, str], record: Any,
+                               offer: Callable[[Instance], Awaitable[str]],
+                               alongside: Awaitable[list[str]] | None = None,
+                               awaited: str = "") -> None:
+        """Offer a change to `instances` one update domain at a time (all at once with
+        change_mode "blast"), filling `outcome` as each answers, and end `record`. A
+        domain that does not take the change halts it there, as a walk halts: taking the
+        next domain down would leave none serving. OperationFailed if any instance failed.
+
+        `alongside` is the rest of the same operation, running meanwhile (a scale-out's
+        new instances getting ready, which `awaited` names): `record` ends once it is over
+        too, and the lines it returns are failures of the operation."""
+        assert self.history is not None
+        service = self.definition.service
+        stages = (blast(instances) if service.change_mode == "blast"
+                  else plan(by_domain(instances, service.upgrade_domains)))
+
+        def answered(_: object, outcomes: list[Outcome[Instance, str]]) -> None:
+            for answer in outcomes:
+                outcome[answer.member.id] = (answer.result if isinstance(answer.result, str)
+                                             else f"failed: {answer.result}")
+
+        headline: str | None = None
+        more: list[str] = []
+        over = waiting = False
+        try:
+            rolled = await roll(stages, lambda i, _: offer(i), answered=answered)
+            if rolled.halted is not None:
+                headline = f"{what} failed"
+                if untouched := [i.id for i in instances if i in rolled.not_reached]:
+                    domain = rolled.halted.number
+                    headline = (f"{what} halted in update domain {domain}: not offered "
+                                f"to {', '.join(untouched)}, which keep what they had")
+                    log.error("change_halted", change=what, domain=domain,
+                              untouched=untouched)
+            if alongside is not None:
+                waiting = True
+                more = await alongside
+            over = True
+        finally:
+            if headline is None and not over:  # cancelled: the controller is stopping
+                # Every domain has taken the change by then: only the wait was cut short.
+                headline = (f"cut short while waiting for {awaited or 'the rest of it'}: the "
+                            "controller is stopping" if waiting
+                            else f"{what} cut short: the controller is stopping")
+            failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
+            lines = [line for line in [headline, *failed, *more] if line]
+            self.history.end(record, "failed" if lines else "succeeded",
+                             "; ".join(lines) or None)
+        if lines:
+            raise OperationFailed("\n".join(lines))
+
+    async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
+        """Add instances (new indexes) or stop the highest ones gracefully."""
+        await self._until_started()
+        role = self._role(role_name)
+        if not MIN_INSTANCES <= count <= MAX_INSTANCES:
+            raise Invalid(f"instances must be between {MIN_INSTANCES} and {MAX_INSTANCES}")
+        with self._exclusive(f"scale {role_name}"):
+            return await self._scale(role_name, role, count, cause)
+
+    async def _scale(self, role_name: str, role: Role, count: int, cause: str) -> list[str]:
+        ours = sorted((i for i in self.instances.values() if i.role_name == role_name),
+                      key=lambda i: i.index)
+        assert self.history is not None
+        record = self.history.begin(f"scale {role_name}", {"instances": count, "cause": cause},
+                                    [])
+        role = role.model_copy(update={"instances": count})
+        self._set_role(role_name, role)
+        # The role as stored, not as one of its instances runs it: after a settings change
+        # that halted, UD 0 runs settings the role does not have.
+        added = [self._add_instance(role_name, role, index)
+                 for index in range(len(ours), count)]
+        # A scale-out creates a new VM: folders an earlier instance of the index left (one
+        # a controller ran before it was stopped) must not give it that one's disks.
+        await asyncio.to_thread(_discard, added)
+        starting = not self._shutdown.is_set()  # else stopped already, and never to start
+        if starting:
+            for instance in added:
+                # Set once all are added: each lists the ones added after it too.
+                instance.topology = self.topology()
+                instance.start(f"scaled out: {cause}")
+        removed = ours[count:]
+        await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
+        for instance in removed:
+            for balancer in instance.balancers.values():
+                balancer.remove(instance.id)
+            instance.output.close()
+            self.deployment.release_ports(instance.ports.values())
+            del self.instances[instance.id]
+        # A scale-in deletes the VM: its disks go with it (its log stays, as the
+        # controller's record of it).
+        await asyncio.to_thread(_discard, removed)
+        record.instances = [i.id for i in added + removed]
+        topology = self.topology()
+        others = [i for i in self.instances.values() if i not in added]
+        if not record.instances:  # the count that runs: no one is told of a change there was not
+            others = []
+        for instance in others:  # what their next boot sees, whether a halt spares them
+            instance.topology = topology
+        # Like a settings change: a handler that cancels recycles its instance, so all of
+        # them at once would take the role down.
+        what = f"topology change of {role_name} (scaled to {count})"
+        # Recorded, and answered, once the new instances are ready, as an operation on an
+        # instance is: not while they may still fail.
+        ready = asyncio.ensure_future(_ready(added, starting))
+        try:
+            await self._offer_by_domain(what, others, {}, record,
+                                        lambda i: i.change_topology(topology, role_name, cause),
+                                        alongside=ready,
+                                        awaited=f"{', '.join(i.id for i in added)} to get ready")
+        finally:
+            ready.cancel()
+        return record.instances
+
+    def topology(self) -> dict[str, list[str]]:
+        roles: dict[str, list[str]] = {name: [] for name in self.definition.roles}
+        for instance in self.instances.values():
+            roles[instance.role_name].append(instance.id)
+        return roles
+
+    def _add_instance(self, role_name: str, role: Role, index: int) -> Instance:
+        instance = Instance(self.deployment, role_name, role, index)
+        balancers = {b.name: b for b in self.balancers if b.role == role_name}
+        for name, balancer in balancers.items():
+            balancer.add(instance.id, instance.ports[name])
+        instance.balancers = balancers
+        self.instances[instance.id] = instance
+        # Not started, and no topology yet: the caller sets it once every instance it
+        # adds is there, then starts them.
+        return instance
+
+    def _role(self, name: str) -> Role:
+        if name not in self.definition.roles:
+            known = ", ".join(self.definition.roles)
+            raise NotFound(f"no role {name!r} (roles: {known})")
+        return self.definition.roles[name]
+
+    def _set_role(self, name: str, role: Role) -> None:
+        roles = {**self.definition.roles, name: role}
+        self.definition = self.definition.model_copy(update={"roles": roles})
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
+    def in_background(self, work: Any) -> None:
+        """Run `work` on the loop with nobody awaiting it: a failure is logged."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "change_failed", error=str(t.exception())))
+
+    def package(self, version: str | None) -> dict[str, Any]:
+        return self.packages.create(self.definition_path, version)
+
+    def current_walk(self) -> Walk:
+        if self.walk is None:
+            raise NotFound("no walk has run since the controller started")
+        return self.walk
+
+    def operations(self) -> dict[str, Any]:
+        assert self.history is not None
+        return self.history.summary()
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Events numbered above `since` (each event's `seq`)."""
+        return logs.recent(since)
+
+    async def shutdown(self, reason: str) -> None:
+        """Stop every instance gracefully; return when they all are stopped."""
+        if not self._shutdown.is_set():
+            self._shutdown_reason = reason
+            self._shutdown.set()
+        await self._stopped.wait()
+
+
+async def _ready(instances: list[Instance], started: bool) -> list[str]:
+    """Wait until each of `instances` is back (ready and in rotation), or failed (its
+    ready deadline) or stopped; one line for each that is not back."""
+    if not started:  # nothing would ever end the wait
+        return [f"{i.id} was not started: the controller is stopping" for i in instances]
+    ready = await asyncio.gather(*(i.back_or_ended() for i in instances))
+    return [f"{i.id} did not become ready after it was added: it is {i.state.value} "
+            f"({i.reason or i.last_error})" for i, up in zip(instances, ready, strict=True)
+            if not up]
+
+
+def _discard(instances: list[Instance]) -> None:
+    """Remove the folders of `instances`; one that cannot be removed is reported."""
+    for instance in instances:
+        try:
+            instance.disks.discard()
+        except OSError as exc:
+            log.error("disks_not_removed", instance=instance.id, folder=str(instance.disks.root),
+                      error=str(exc))
+

@@ -1,0 +1,59 @@
+"""A deployment: what every instance run by one controller (or one run-instance) shares.
+
+Its id, the service's settings, the run directory, the console, the standby host, who
+limited work runs as, the observer told of every state change, and the private ports
+given out so far.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rolehost.definition import Service
+from rolehost.fabric import ports
+from rolehost.fabric.tasks import task_path
+from rolehost.observability.logs import Console
+from rolehost.processes import privileges
+from rolehost.processes.process import Standby
+
+if TYPE_CHECKING:
+    from rolehost.fabric.instance import Instance
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What every instance of one controller shares."""
+
+    id: str
+    service: Service
+    run_dir: Path
+    console: Console | None
+    standby: Standby
+    run_as: privileges.RunAs  # who the hosts and limited tasks run as
+    observer: Callable[[Instance], None] | None = None  # told of every state change
+    ports: set[int] = field(default_factory=set)  # private ports given to instances
+
+    @classmethod
+    def prepare(cls, service: Service, run_dir: Path, console: Console | None,
+                observer: Callable[[Instance], None] | None = None) -> Deployment:
+        """A new deployment in `run_dir`, which must exist; privileges.Unusable if the
+        service's limited_user cannot run its hosts."""
+        run_as = privileges.decide(service.limited_user, run_dir)
+        environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
+        return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
+                   standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
+                   observer=observer)
+
+    def take_port(self, host: str) -> int:
+        """A private port for an instance: free, and given to no other instance."""
+        port = ports.choose(host, self.ports)
+        self.ports.add(port)
+        return port
+
+    def release_ports(self, given: Iterable[int]) -> None:
+        self.ports.difference_update(given)

@@ -1,0 +1,853 @@
+"""One instance's supervisor: the adapter that carries out its lifecycle's rules with
+real processes, timers and balancers.
+
+The rules (states, transitions, back, back-off, the ready deadline, the stop's outcome)
+are `rolehost.fabric.lifecycle`'s. Every state change of an instance happens in `Instance._set`,
+checked against them; everything else asks for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from rolehost import protocol
+from rolehost.balancer import Balancer
+from rolehost.definition import (
+    Endpoint,
+    Role,
+    resource_variable,
+    setting_variables,
+)
+from rolehost.environment import Context
+from rolehost.fabric import ports, probe
+from rolehost.fabric.deployment import Deployment
+from rolehost.fabric.disks import Disks, Maintenance, apply
+from rolehost.fabric.errors import Conflict, OperationFailed
+from rolehost.fabric.lifecycle import (
+    RUNNING,
+    Backoff,
+    Lifecycle,
+    ProbeResult,
+    ReadyDeadline,
+    State,
+    StopOutcome,
+)
+from rolehost.fabric.names import instance_id
+from rolehost.fabric.tasks import TaskFailed, Tasks, task_path
+from rolehost.fabric.usage import CpuLoad, DiskUsage
+from rolehost.observability import metrics
+from rolehost.observability.logs import iso
+from rolehost.observability.output import OutputLog
+from rolehost.processes.process import HostProcess, describe_exit, signal_tree, sweep
+
+log = structlog.get_logger()
+
+
+S = State
+# Beyond stop_timeout, how long the controller waits before it kills a stopping host.
+STOP_GRACE = 2.0
+CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
+
+
+@dataclass
+class Operation:
+    kind: Maintenance
+    cause: str
+    done: asyncio.Future[State]  # the state the instance settled in after it
+    started: bool = False
+    role: Role | None = None  # a deploy's new version of the role
+
+
+class Instance:
+    def __init__(self, deployment: Deployment, role_name: str, role: Role, index: int) -> None:
+        self.deployment = deployment
+        self.role_name, self.role, self.index = role_name, role, index
+        self.id = instance_id(role_name, index)
+        self.update_domain = index % deployment.service.upgrade_domains
+        self.disks = Disks(deployment.run_dir / "instances" / self.id,
+                           owner=deployment.run_as.user)
+        self.ports = {name: deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
+        self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
+        self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
+                                deployment.service.instance_log_format, deployment.console)
+        self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
+
+        service = deployment.service
+        # The state and every rule that decides it (rolehost/fabric/lifecycle.py): read through
+        # the properties below, changed only by `_set` and the events fed to it.
+        self.life = Lifecycle(self.id, Backoff(service.backoff_initial, service.backoff_max,
+                                               service.stable_after),
+                              ReadyDeadline(service.ready_deadline), since=time.time())
+        self.process: HostProcess | None = None
+        self.tasks: Tasks | None = None
+        self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
+        self.hosts = 0  # host processes started
+        self.starts = 0  # boots and host restarts, whatever their cause
+        self.last_error: str | None = None
+        self.last_traceback: str | None = None
+        self.next_try: float | None = None
+        self.cpu = CpuLoad()
+        self.usage = DiskUsage(self.id)
+
+        self._recycle_reason: str | None = None
+        self._recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
+        self._failed_reason: str | None = None
+        self._run_error: str | None = None  # the error the current boot reported
+        self._stop_reason = "stop requested"
+        self._stop_requested = False
+        # A stop cut short (a second signal): no drain, no on_stop, no wait for tasks.
+        self._forced = asyncio.Event()
+        self._operation: Operation | None = None
+        self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
+        self._changed = asyncio.Event()  # set, and replaced, at every transition
+        self._deadline: asyncio.TimerHandle | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
+        self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
+        self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
+
+    # The state machine.
+
+    # What the lifecycle holds, as the rest of rolehost reads it.
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    @property
+    def reason(self) -> str:
+        return self.life.reason
+
+    @property
+    def state_since(self) -> float:
+        return self.life.since
+
+    @property
+    def ready_since(self) -> float | None:
+        return self.life.ready_since
+
+    @property
+    def back_since(self) -> float | None:
+        return self.life.back_since
+
+    @property
+    def stop_outcome(self) -> StopOutcome:
+        """Stops that overran stop_timeout, and whether the final one was cut short."""
+        return self.life.stop
+
+    def _set(self, state: State, reason: str = "", force: bool = False) -> None:
+        """The only place an instance changes state. `force` is for a supervisor's crash."""
+        previous = self.state
+        if not self.life.change(state, reason, time.time(), force):
+            return
+        if state is S.READY and self.ready_since == self.state_since:
+            metrics.TIME_TO_READY.labels(self.role_name).observe(
+                self.state_since - self.life.boot_began)
+        log.info("state", instance=self.id, state=state.value, previous=previous.value,
+                 reason=reason or None)
+        self._update_rotation()
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        """A new state, or the instance came back or left: wake its waiters, tell the
+        observer, and settle an operation that this ends."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.deployment.observer is not None:
+            self.deployment.observer(self)
+        operation = self._operation
+        if operation is not None and (operation.started or self.state is S.STOPPED) and (
+            self.settled_back
+        ):
+            self._operation = None
+            if not operation.done.done():  # cancelled: its waiter was (a walk cut short)
+                operation.done.set_result(self.state)
+
+    @property
+    def back(self) -> bool:
+        """Ready, and in rotation on every input endpoint it serves (an endpoint with
+        `ignore_status` too: there, the probe alone decides). The one rule for "the
+        instance is back" that walks, deploys, config changes, `--wait`, scale-outs, the
+        harness and systemd's READY=1 wait for (docs/walks.md)."""
+        return self.life.back
+
+    @property
+    def settled_back(self) -> bool:
+        """Back, or ended otherwise (failed, recycling, stopped): an operation is over.
+        Ready but not yet in rotation is not an end: the ready deadline decides that."""
+        return self.life.settled
+
+    # Supervision: one boot after another until stopped.
+
+    def start(self, cause: str = "deployment started") -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise(cause),
+                                                            name=self.id)
+        self._task.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        """A bug in supervision must show, and must not leave processes behind."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.critical("supervisor_crashed", instance=self.id, error=repr(error), exc_info=error)
+        self.last_error = f"rolehost internal error: {error!r}"
+        if self.tasks is not None:
+            self.tasks.kill()
+        if self.process is not None and self.process.running:
+            self.process.kill()
+        self._set(S.FAILED, self.last_error, force=True)
+
+    async def _supervise(self, cause: str) -> None:
+        kind, reason = Maintenance.START, cause
+        while True:
+            await self._run_boot(kind, reason)
+            if self._stop_requested:
+                await self._end_boot()
+                self._set(S.STOPPED, self._stop_reason)
+                return
+            if self._pending_operation:
+                kind, reason = self._take_operation()
+                continue
+            # Out of rotation first: foreground tasks may hold the end of the boot up to
+            # stop_timeout, and the host is gone already.
+            if self._failed_reason is not None:
+                self._set(S.FAILED, self._failed_reason)
+                await self._end_boot()
+                await self._interrupt.wait()
+            else:
+                reason = self._recycled_for = (
+                    self._recycle_reason or self.last_error or "host exited")
+                delay = self.life.boot_ended(time.time())
+                self.next_try = time.time() + delay
+                self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
+                await self._end_boot()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interrupt.wait(),
+                                           max(0.0, self.next_try - time.time()))
+                self.next_try = None
+            if self._stop_requested:
+                self._set(S.STOPPED, self._stop_reason)
+                return
+            kind, reason = (
+                self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
+            )
+
+    # Rotation: derived from the state, the probes and a drain, never kept apart.
+
+    def _served(self) -> dict[str, Endpoint]:
+        """The endpoints the instance serves behind a balancer."""
+        return {name: self.role.endpoints[name] for name in self.balancers}
+
+    def _update_rotation(self) -> bool:
+        """Tell the balancers; True if the instance came back or left with it."""
+        for name, balancer in self.balancers.items():
+            balancer.set_rotation(self.id, *self.life.rotation(name, self.role.endpoints[name]))
+        if not self.life.update_back(self._served(), time.time()):
+            return False
+        if self.life.back:  # its ready deadline is met
+            self._cancel_deadline()
+        return True
+
+    def why_not_back(self) -> str:
+        """Why the instance is not back, as `status` says it ("" while it is)."""
+        return self.life.why_not_back(self._served())
+
+    def _probe_result(self, name: str, result: ProbeResult) -> None:
+        self.life.probes[name] = result
+        if self._update_rotation():
+            self._changed_now()
+
+    async def settled(self) -> State:
+        """Wait until the instance is back, or failed, recycling or stopped."""
+        while not self.settled_back:
+            await self._changed.wait()
+        return self.state
+
+    async def back_or_ended(self) -> bool:
+        """Wait until this boot came back (True), or the instance failed or stopped
+        (False). Unlike `settled`, a recycle is not an end: the boots up to back share one
+        ready deadline, and missing it fails the instance."""
+        while self.back_since is None and self.state not in (S.FAILED, S.STOPPED):
+            await self._changed.wait()
+        return self.back_since is not None
+
+    @property
+    def _pending_operation(self) -> bool:
+        """An operation asked for and not yet begun (one under way is settled by `_set`)."""
+        return self._operation is not None and not self._operation.started
+
+    def _take_operation(self) -> tuple[Maintenance, str]:
+        assert self._operation is not None
+        self._interrupt.clear()
+        self._operation.started = True
+        self.life.operation_begins()
+        if self._operation.role is not None:
+            self.role = self._operation.role  # what the next boot deploys and runs
+        return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
+
+    async def _run_boot(self, kind: Maintenance, reason: str) -> None:
+        """Folders and tasks (unless an agent update), then one host until it has exited."""
+        self._recycle_reason = self._failed_reason = self._run_error = None
+        self._recycle_asked = asyncio.Event()
+        self.life.boot_begins(time.time())
+        self.starts += 1
+        metrics.STARTS.labels(self.role_name, kind.value).inc()
+        self._set(S.BOOTSTRAPPING, reason)
+        log.info("boot", instance=self.id, kind=kind.value, cause=reason)
+        try:
+            if await self._bootstrap(kind):
+                await self._run_host()
+        finally:
+            self._cancel_deadline()
+            self._cancel_heartbeat()
+
+    async def _bootstrap(self, kind: Maintenance) -> bool:
+        """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
+        try:
+            self._reclaim_ports()  # before the tasks: they see the ports too
+            # An agent update restarts the host of a boot whose tasks are done; a boot
+            # cut short in its tasks starts over, tasks and all.
+            rerun = kind.reruns_tasks or self.tasks is None or self.tasks.ended or \
+                not self.tasks.done
+            if rerun:
+                await self._end_boot()
+            # The deadline counts from here: the last boot's foreground tasks, which its
+            # end waits for, are not this boot's.
+            self._arm_deadline()
+            if self._failed_reason is not None:
+                return False
+            if rerun:
+                self.boot += 1
+                await asyncio.to_thread(apply, kind, self.disks, self.role,
+                                        self.deployment.run_dir)
+                self._measure()
+                self.tasks = Tasks(self.id, self.role, self.disks,
+                                   self._environment(self.boot_token), self.output.write,
+                                   self.deployment.run_as.user)
+                if not await self._interruptible(self.tasks.run()):
+                    return False
+            if self._failed_reason is not None:  # the deadline passed in the tasks
+                return False
+            self.hosts += 1
+            token = f"{self.boot_token}:h{self.hosts}"
+            self.process = await self.deployment.standby.take()
+            if self._failed_reason is not None:  # while the host was coming
+                self.process.kill()
+                return False
+        except TaskFailed as failed:
+            if self._failed_reason is None:  # a missed deadline explains itself
+                self.last_error = self._run_error = str(failed)
+            return False
+        except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
+            self.last_error = self._run_error = f"bootstrap failed: {exc}"
+            log.error("bootstrap_failed", instance=self.id, error=str(exc))
+            return False
+        environment = self.variables() | {"PATH": task_path(), protocol.TOKEN_ENV: token}
+        if (user := self.deployment.run_as.user) is not None:
+            environment |= user.environment(self.disks.os)
+        self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
+                            self._on_message, self.output.write)
+        return True
+
+    def _reclaim_ports(self) -> None:
+        """Before the host starts: a private port that something else began to listen on
+        while the instance was down is exchanged for a free one, and its balancer follows.
+        Else the role could never bind it again, and would crash at every boot."""
+        for name, balancer in self.balancers.items():
+            host, old = self.role.endpoints[name].host, self.ports[name]
+            if not ports.listened(host, old):
+                continue
+            new = self.ports[name] = self.deployment.take_port(host)
+            self.deployment.release_ports([old])
+            backend = balancer.backends[self.id]
+            backend.port = new
+            backend.close_idle()
+            log.warning("port_moved", instance=self.id, endpoint=name, old=old, new=new,
+                        detail="something else listens on the old port")
+
+    async def _run_host(self) -> None:
+        assert self.process is not None
+        self._set(S.STARTING, f"host process {self.process.pid} started")
+        self._arm_heartbeat()
+        probes = [
+            asyncio.ensure_future(probe.watch(
+                endpoint.host, self.ports[name], endpoint.probe,
+                functools.partial(self._probe_result, name),
+            ))
+            for name, endpoint in self.role.endpoints.items()
+            if endpoint.probe is not None and name in self.balancers
+        ]
+        for task in probes:
+            task.add_done_callback(self._probe_ended)
+        try:
+            code = await self._watch(self.process)
+        finally:
+            for task in probes:
+                task.cancel()
+        outcome = describe_exit(code)
+        if code != protocol.ExitCode.STOPPED and not self._recycle_reason:
+            self.last_error = self._run_error or f"host {outcome}"
+        log.info("host_exited", instance=self.id, pid=self.process.pid, outcome=outcome)
+
+    def _probe_ended(self, task: asyncio.Future[None]) -> None:
+        """A probe watch runs until cancelled: one that ended froze the rotation, a bug
+        that must show (probe.watch turns failures of a probe into failed probes)."""
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.critical("probe_crashed", instance=self.id, error=repr(error), exc_info=error)
+
+    async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run bootstrap work; False if a stop or an operation interrupted it first."""
+        job = asyncio.ensure_future(work)
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        await asyncio.wait({job, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            return False
+        job.result()  # TaskFailed propagates
+        return True
+
+    async def _watch(self, process: HostProcess) -> int:
+        """Wait for the host to exit; if a stop or operation comes first, stop it gracefully."""
+        interrupt: asyncio.Future[Any] = asyncio.ensure_future(self._interrupt.wait())
+        asked: asyncio.Future[Any] = asyncio.ensure_future(self._recycle_asked.wait())
+        exited: asyncio.Future[Any] = process.exited
+        await asyncio.wait({exited, interrupt, asked}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        asked.cancel()
+        if process.running:
+            reason = self._stop_reason if self._stop_requested else (
+                f"{self._operation.kind.value}: {self._operation.cause}"
+                if self._operation else self._recycle_reason or "stop requested"
+            )
+            # Draining before STOPPING: the rotation event of that change says why.
+            self.life.draining = reason
+            if self.state in RUNNING:
+                self._set(S.STOPPING, reason)
+            await self._drain(reason)
+            limit = self.role.stop_timeout + STOP_GRACE
+            try:
+                if self._forced.is_set():  # before the host was ours to kill, or in the drain
+                    process.kill()
+                else:
+                    process.send({"type": "stop", "reason": reason})
+                await asyncio.wait_for(asyncio.shield(process.exited), limit)
+            except TimeoutError:
+                log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
+                self.life.stop.overran()
+                self._run_error = (
+                    f"did not stop within stop_timeout ({self.role.stop_timeout:g}s); killed"
+                )
+                self.last_error = self._run_error
+                process.kill()
+        return await process.exited
+
+    async def _drain(self, reason: str) -> None:
+        """Out of rotation first; let requests in flight finish (each endpoint's
+        drain_timeout); only then is the host asked to stop."""
+        self.life.draining = reason
+        if self._forced.is_set():  # out of rotation all the same
+            self._update_rotation()
+            return
+        if not self.balancers:
+            return
+        drained: asyncio.Future[Any] = asyncio.gather(
+            *(b.drain(self.id, reason) for b in self.balancers.values()))
+        forced: asyncio.Future[Any] = asyncio.ensure_future(self._forced.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not drained.done():  # a stop cut short waits for no request in flight
+            drained.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drained
+
+    async def _end_boot(self) -> None:
+        """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
+        tasks = self.tasks
+        if tasks is None or tasks.ended:
+            return
+        tasks.ended = True  # kept for `status` until the next boot begins
+        if tasks.foreground and not self._forced.is_set():
+            log.info("waiting_for_foreground_tasks", instance=self.id,
+                     tasks=[r.label for r in tasks.foreground])
+            left = await tasks.wait_foreground(self.role.stop_timeout)
+            for run in left if not self._forced.is_set() else []:  # else killed, not waited
+                log.error("foreground_task_killed", instance=self.id, task=run.label,
+                          waited=self.role.stop_timeout)
+                # Killed half done, as an on_stop that overran: the stop was cut short.
+                self.life.stop.overran()
+                if self._stop_requested:
+                    self.last_error = (f"foreground {run.label} did not end within "
+                                       f"stop_timeout ({self.role.stop_timeout:g}s); killed")
+        tasks.kill()
+        if self._forced.is_set():  # a task's detached descendants get no SIGTERM grace
+            await asyncio.to_thread(signal_tree, None, self.boot_token, signal.SIGKILL)
+        await asyncio.to_thread(sweep, None, self.boot_token)
+
+    @property
+    def boot_token(self) -> str:
+        return f"{self.deployment.id}:{self.id}:{self.boot}"
+
+    def _environment(self, token: str) -> dict[str, str]:
+        return {**os.environ, **self.variables(), "PATH": task_path(),
+                protocol.TOKEN_ENV: token}
+
+    def variables(self) -> dict[str, str]:
+        """The instance's identity, folders and settings, as its processes see them."""
+        variables = {
+            "ROLEHOST_RUN_DIR": str(self.deployment.run_dir),
+            "ROLEHOST_ROLE": self.role_name,
+            "ROLEHOST_INSTANCE_ID": self.id,
+            "ROLEHOST_INDEX": str(self.index),
+            "ROLEHOST_UPDATE_DOMAIN": str(self.update_domain),
+            "ROLEHOST_DEPLOYMENT_ID": self.deployment.id,
+            "ROLEHOST_OS_DIR": str(self.disks.os),
+            "ROLEHOST_APP_DIR": str(self.disks.app),
+            "TMPDIR": str(self.disks.tmp),
+        }
+        for name in self.role.local_resources:
+            variables[resource_variable(name)] = str(self.disks.resource(name))
+        return variables | setting_variables(self.role.values)
+
+    def context(self) -> Context:
+        return Context(
+            instance_id=self.id,
+            role=self.role_name,
+            index=self.index,
+            update_domain=self.update_domain,
+            deployment_id=self.deployment.id,
+            entry_point=self.role.entry_point,
+            app_dir=str(self.disks.app),
+            os_dir=str(self.disks.os),
+            stop_timeout=self.role.stop_timeout,
+            status_check_interval=self.role.status_check_interval,
+            settings=self.role.values,
+            endpoints={
+                name: {"host": self.endpoint_host or ep.host, "port": self.ports[name],
+                       "protocol": ep.protocol.value}
+                for name, ep in self.role.endpoints.items()
+            },
+            resources={
+                name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb}
+                for name, spec in self.role.local_resources.items()
+            },
+            topology=self.topology,
+        )
+
+    # What the host says.
+
+    def _on_message(self, message: protocol.Message) -> None:
+        self._arm_heartbeat()
+        kind = message["type"]
+        if kind == "state":
+            state, reason = State(message["state"]), str(message.get("reason") or "")
+            if (new := self.life.reported(state)) is not None:
+                self._set(new, reason)
+        elif kind == "recycle":
+            self._recycle_reason = str(message.get("reason", "recycle requested"))
+            if message.get("graceful"):
+                self._recycle_asked.set()
+        elif kind == "error":
+            where, text = str(message.get("where")), str(message.get("traceback", ""))
+            self.last_traceback = text
+            summary = text.strip().splitlines()[-1] if text.strip() else "failed"
+            self._run_error = f"{where}: {summary}"
+            self.last_error = self._run_error
+            log.error("role_error", instance=self.id, where=where, error=summary)
+            if message.get("timed_out"):
+                self.life.stop.overran()
+        elif kind == "changing_result" and self._changing is not None:
+            if not self._changing.done():
+                self._changing.set_result(bool(message.get("cancel")))
+        elif kind == "heartbeat":
+            self.sample_cpu()
+            if self.usage.due:
+                self._measure()
+
+    def sample_cpu(self) -> float | None:
+        """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""
+        process = self.process
+        return self.cpu.sample(process.pid if process is not None and process.running else None)
+
+    def _measure(self) -> None:
+        """Refresh local-resource usage off the loop; warn when one is over its size."""
+        self.usage.measure({name: (self.disks.resource(name), spec.size_mb)
+                            for name, spec in self.role.local_resources.items()})
+
+    # Deadlines.
+
+    def _arm_deadline(self) -> None:
+        """This boot's time to ready begins, with what is left of the deadline of the boots
+        since the instance was last ready: a crash loop that never gets there has one
+        deadline, not one per boot. Spent in earlier boots, it is missed at once."""
+        self._cancel_deadline()
+        left = self.life.deadline_starts(time.time())
+        if left <= 0:
+            self._deadline_missed()
+        else:
+            self._deadline = asyncio.get_running_loop().call_later(left, self._deadline_missed)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_missed(self) -> None:
+        where = self.state.value
+        if self.state is S.BOOTSTRAPPING and self.tasks is not None:
+            running = [r.label for r in self.tasks.runs if r.state == "running"]
+            where += f", running {', '.join(running)}" if running else ""
+        elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
+            where += f", {self.why_not_back()}"
+        self._failed_reason = self.life.deadline.missed(
+            where, self.last_error or self._recycled_for)
+        self.last_error = self._run_error = self._failed_reason
+        log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
+        metrics.DEADLINE_MISSES.labels(self.role_name).inc()
+        if self.tasks is not None:
+            self.tasks.kill()
+        if self.process is not None and self.process.running:
+            self.process.kill()
+
+    def _arm_heartbeat(self) -> None:
+        self._cancel_heartbeat()
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            protocol.UNRESPONSIVE_AFTER, self._unresponsive
+        )
+
+    def _cancel_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    def _unresponsive(self) -> None:
+        self._run_error = f"host unresponsive: silent for {protocol.UNRESPONSIVE_AFTER:g}s"
+        log.error("host_unresponsive", instance=self.id)
+        if self.process is not None and self.process.running:
+            self.process.kill()
+
+    # Operations.
+
+    async def stop(self, reason: str) -> None:
+        """Graceful stop: `stopping` handlers and on_stop within stop_timeout, then the tree."""
+        self.request_stop(reason)
+        if self._task is not None:
+            await self._task
+
+    def request_stop(self, reason: str) -> None:
+        """Begin the stop without waiting for it (`stop` waits)."""
+        self._stop_reason = reason
+        self._stop_requested = True
+        self.life.stop.final_stop_begins()
+        self._interrupt.set()
+
+    def force_stop(self, reason: str) -> bool:
+        """Cut the stop short (a second signal): what is left of the drain is skipped,
+        the host's tree and this boot's tasks are killed now, and the end of the boot
+        waits for no foreground task. The instance still ends stopped, its tree swept.
+        A stop already under way keeps its reason. False if it was stopped already:
+        there was nothing to cut short."""
+        if self.state is S.STOPPED or (self._task is not None and self._task.done()):
+            return False
+        # Asked first, so that the host's death is taken for the stop it is, not for a
+        # crash to recycle from.
+        self.request_stop(self._stop_reason if self._stop_requested else reason)
+        self.life.stop.force(reason)
+        self._forced.set()
+        # The end of the boot may be waiting on its foreground tasks. Before that end, it
+        # comes at once (the host is killed below) and kills them itself, as ended: a
+        # background task killed with its boot is stopped, not failed.
+        if self.tasks is not None and self.tasks.ended:
+            self.tasks.kill()
+        if self.process is not None and self.process.running:
+            self.process.kill()
+        return True
+
+    @property
+    def forced(self) -> bool:
+        return self._forced.is_set()
+
+    async def maintain(
+        self, kind: Maintenance, cause: str, wait: bool, role: Role | None = None
+    ) -> dict[str, Any]:
+        """Carry out a maintenance event; with `wait`, return once ready again.
+
+        Conflict if another operation is under way on this instance, or if the instance
+        is stopping for good; OperationFailed (with `wait`) if it ends failed or recycling.
+        """
+        operation = self.claim(kind, cause, role)
+        if not wait:
+            return self.snapshot()
+        return await self.carried_out(operation)
+
+    def available(self) -> None:
+        """Conflict unless a maintenance event could begin now."""
+        if self._stop_requested or self.state is S.STOPPED:
+            raise Conflict(f"{self.id} is stopped")
+        if self._operation is not None:
+            raise Conflict(f"{self.id} is busy with another operation ({self.operation})")
+
+    def claim(self, kind: Maintenance, cause: str, role: Role | None = None) -> Operation:
+        """Begin a maintenance event. Synchronous, so that two requests in one turn of the
+        loop cannot both have the instance."""
+        self.available()
+        operation = Operation(kind, cause, asyncio.get_running_loop().create_future(), role=role)
+        self._operation = operation
+        log.info("maintenance", instance=self.id, kind=kind.value, cause=cause)
+        self._interrupt.set()
+        return operation
+
+    async def carried_out(self, operation: Operation) -> dict[str, Any]:
+        """Wait for a claimed operation; OperationFailed if it ends failed or recycling."""
+        kind = operation.kind
+        if await operation.done is not S.READY:
+            raise OperationFailed(
+                # The state's own reason: last_error may be an older crash's.
+                f"{self.id} did not become ready after {kind.value}: it is {self.state.value}"
+                f" ({self.reason or self.last_error})",
+            )
+        return self.snapshot()
+
+    def check_status(self) -> bool:
+        """Ask the host to run its status checks now; False if no host is running."""
+        if self.process is None or not self.process.running:
+            return False
+        self.process.send({"type": "status_check"})
+        return True
+
+    async def change_settings(self, role: Role, cause: str) -> str:
+        """Offer `role`'s settings to the running host (see `_offer`)."""
+        old, new = self.role.values, role.values
+        changes = [{"name": k, "old": old.get(k), "new": new.get(k)}
+                   for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        if not changes:
+            return "unchanged"
+        # The host's own environment follows; a removed setting's variable goes (None).
+        environment = dict.fromkeys(setting_variables(old)) | setting_variables(new)
+        return await self._offer({"changes": changes}, {"settings": role.values,
+                                 "environment": environment}, role, cause)
+
+    async def change_topology(self, topology: dict[str, list[str]], role: str,
+                              cause: str) -> str:
+        """Tell the host that `role`'s instances changed (see `_offer`)."""
+        self.topology = topology
+        return await self._offer({"topology_changed": [role]},
+                                 {"topology": topology, "topology_changed": [role]}, self.role,
+                                 cause)
+
+    async def _offer(self, changing: dict[str, Any], changed: dict[str, Any], role: Role,
+                     cause: str) -> str:
+        """`changing` handlers may cancel, and the instance recycles to apply the change;
+        otherwise it applies now and `changed` is raised. Returns what happened:
+        applied, recycled, or (no running host) at the next start."""
+        while self.state is S.STARTING:  # its host has the old values: offer once it is up
+            await self._changed.wait()
+        process = self.process
+        if process is None or not process.running or self.state not in (S.READY, S.BUSY):
+            self.role = role
+            return "applied at the next start"
+        # Whatever the host answers, its instance's next boot runs the new role: if the
+        # host dies in its handler, that boot is the recycle that applies the change.
+        self.role = role
+        starts = self.starts
+        answer = self._changing = asyncio.get_running_loop().create_future()
+        process.send({"type": "changing", **changing})
+        try:
+            await asyncio.wait({answer, process.exited}, timeout=CHANGING_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._changing = None
+        exited = process.exited.done()
+        # No answer: apply by recycling, which needs none.
+        cancel = answer.result() if answer.done() else True
+        log.info("changing", instance=self.id, cause=cause, cancelled=cancel, exited=exited,
+                 changes=[c["name"] for c in changing.get("changes", [])]
+                 + [f"topology of {r}" for r in changing.get("topology_changed", [])])
+        if exited:  # a recycle asked for now would be a second one
+            return await self._back_after_crash(starts)
+        if cancel:
+            await self.maintain(Maintenance.RECYCLE, f"change: {cause}", wait=True, role=role)
+            return "recycled"
+        self.role = role
+        process.send({"type": "changed", **changed})
+        return "applied"
+
+    async def _back_after_crash(self, starts: int) -> str:
+        """Wait for the boot after a crash (the back-off, then one boot) to settle, as an
+        operation is waited for: a change must not move on while the instance is down."""
+        while not (self.state in (S.FAILED, S.STOPPED)
+                   or (self.starts > starts and self.settled_back)):
+            await self._changed.wait()
+        if not self.back:
+            raise OperationFailed(
+                f"{self.id} did not become ready after its host exited in `changing`: it is "
+                f"{self.state.value} ({self.reason or self.last_error})")
+        return "recycled (its host exited in `changing`)"
+
+    def _endpoint_status(self, name: str) -> dict[str, Any]:
+        balancer = self.balancers.get(name)
+        if balancer is None:
+            return {}
+        status = balancer.backends[self.id].snapshot()
+        if (result := self.life.probes.get(name)) is not None:
+            spec = self.role.endpoints[name].probe
+            status["probe"] = {"healthy": result.healthy, "seen": result.seen,
+                               "passes": result.passes,
+                               "needed": spec.healthy if spec is not None else 1}
+        return status
+
+    @property
+    def operation(self) -> str | None:
+        """The maintenance operation under way, if any: `kind: cause`."""
+        op = self._operation
+        return f"{op.kind.value}: {op.cause}" if op is not None else None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role_name,
+            "index": self.index,
+            "update_domain": self.update_domain,
+            "state": self.state.value,
+            "reason": self.reason,
+            "state_since": iso(self.state_since),
+            "pid": self.process.pid if self.process is not None and self.process.running else None,
+            "restarts": max(0, self.starts - 1),
+            "attempt": self.life.backoff.failures,
+            "next_try": iso(self.next_try),
+            "last_error": self.last_error,
+            "ready_since": iso(self.ready_since) if self.state is S.READY else None,
+            "back": self.back,
+            "back_since": iso(self.back_since) if self.back else None,
+            # Ready but not back: why (not ready, the state and reason say why).
+            "why_not_back": self.why_not_back() or None if self.state is S.READY else None,
+            "operation": self.operation,
+            "endpoints": {
+                name: {"host": ep.host, "port": self.ports[name], **self._endpoint_status(name)}
+                for name, ep in self.role.endpoints.items()
+            },
+            "tasks": self.tasks.snapshot() if self.tasks is not None else [],
+            "resources": {
+                name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb,
+                       "used_mb": round(self.usage.used.get(name, 0.0), 3),
+                       "over": self.usage.used.get(name, 0.0) > spec.size_mb}
+                for name, spec in self.role.local_resources.items()
+            },
+            "dirs": {"root": str(self.disks.root), "app": str(self.disks.app),
+                     "os": str(self.disks.os), "resources": str(self.disks.resources)},
+            "log": str(self.output.path),
+        }
+

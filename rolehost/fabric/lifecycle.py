@@ -1,0 +1,276 @@
+"""The rules of one instance's lifecycle, apart from any process, socket or clock.
+
+The states and the transitions between them, rotation on each endpoint and when an
+instance is back, when an operation on it is over, the crash back-off, the ready
+deadline shared by the boots of a crash loop, and whether a stop was cut short.
+`Lifecycle` holds them for one instance: it is fed what happened (a state the host
+reported, a probe's result, a boot, a drain), with the time, and says what follows;
+`rolehost.fabric.instance.Instance` is the adapter that feeds it and carries that out with
+processes, timers and balancers. Scripted histories test it with no process and no
+event loop (tests/test_lifecycle_rules.py). See docs/design.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from rolehost.definition import Endpoint
+
+
+class State(StrEnum):
+    CREATED = "created"
+    BOOTSTRAPPING = "bootstrapping"
+    STARTING = "starting"
+    BUSY = "busy"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    RECYCLING = "recycling"
+    FAILED = "failed"
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.CREATED: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
+    S.BOOTSTRAPPING: frozenset({S.STARTING, S.RECYCLING, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.STARTING: frozenset({S.BUSY, S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
+    S.BUSY: frozenset({S.READY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
+    # FAILED: ready, but not back in rotation within the ready deadline (a probe failing).
+    S.READY: frozenset({S.BUSY, S.STOPPING, S.RECYCLING, S.FAILED, S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED, S.RECYCLING, S.FAILED, S.BOOTSTRAPPING}),
+    S.RECYCLING: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
+    S.STOPPED: frozenset({S.BOOTSTRAPPING}),
+    S.FAILED: frozenset({S.BOOTSTRAPPING, S.STOPPED}),
+}
+RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})  # a host runs the role
+# Where an operation on the instance can end: back (ready, in rotation) or not.
+SETTLED = frozenset({S.READY, S.FAILED, S.RECYCLING, S.STOPPED})
+
+
+class IllegalTransition(RuntimeError):
+    """A bug in supervision: a change of state the lifecycle does not have."""
+
+
+def check_transition(instance: str, old: State, new: State) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{instance}: no transition {old} -> {new}")
+
+
+def is_back(state: State, rotation: Iterable[bool]) -> bool:
+    """Back: ready, and in rotation on every input endpoint it serves. What every
+    operation that took an instance out waits for (docs/walks.md)."""
+    return state is S.READY and all(rotation)
+
+
+def settled(state: State, back: bool) -> bool:
+    """An operation on the instance is over: back, or ended otherwise (failed,
+    recycling, stopped). Ready but not yet in rotation is not an end: the ready
+    deadline decides that."""
+    return back if state is S.READY else state in SETTLED
+
+
+@dataclass
+class Backoff:
+    """Crash back-off: doubling from `initial` up to `maximum`, and none again once a
+    boot stayed ready for `stable_after` (a crash an hour after a good start is not a
+    loop)."""
+
+    initial: float
+    maximum: float
+    stable_after: float
+    failures: int = 0  # in a row: the exponent, and `status`'s `attempt`
+
+    def next_delay(self, now: float, ready_since: float | None) -> float:
+        """The wait before the next boot, for a boot that just ended at `now`."""
+        if ready_since is not None and now - ready_since >= self.stable_after:
+            self.failures = 0
+            return 0.0
+        self.failures += 1
+        return float(min(self.initial * 2 ** (self.failures - 1), self.maximum))
+
+    def reset(self) -> None:
+        """Someone acted (an operation): the next failure starts the back-off over."""
+        self.failures = 0
+
+
+@dataclass
+class ReadyDeadline:
+    """The boots since the instance was last back share one ready deadline: a crash
+    loop that never gets there ends failed ("waiting for host") instead of recycling
+    for good."""
+
+    seconds: float
+    unready_since: float | None = None  # when the first unready boot began
+    boots: int = 0  # boots since then
+
+    def begin_boot(self, now: float) -> float:
+        """A boot begins: the seconds left of the deadline (0 or less: missed now)."""
+        if self.unready_since is None:
+            self.unready_since, self.boots = now, 0
+        self.boots += 1
+        return self.unready_since + self.seconds - now
+
+    def clear(self) -> None:
+        """Met (the instance is back), or someone acted (an operation): the next boot
+        starts a fresh deadline."""
+        self.unready_since = None
+
+    def missed(self, where: str, last_error: str) -> str:
+        """Why the instance fails: where its boot was, and for a loop what it last did."""
+        if self.boots <= 1:
+            return (f"waiting for host: not ready within the ready deadline "
+                    f"({self.seconds:g}s); it was {where}")
+        return (f"waiting for host: not ready within the ready deadline ({self.seconds:g}s) "
+                f"in {self.boots} boots; it was {where}; last error: {last_error}")
+
+
+@dataclass
+class StopOutcome:
+    """Whether the instance's final stop was cut short: an on_stop or a foreground task
+    that overran stop_timeout, or a stop forced by a second signal. Overruns of the
+    restarts before that stop are not its own."""
+
+    overruns: int = 0  # every stop's, since the instance was created
+    _at_final_stop: int | None = None
+    forced: str | None = None  # why the stop was forced, if it was
+
+    def overran(self) -> None:
+        self.overruns += 1
+
+    def final_stop_begins(self) -> None:
+        if self._at_final_stop is None:
+            self._at_final_stop = self.overruns
+
+    def force(self, why: str) -> None:
+        self.final_stop_begins()
+        self.forced = self.forced or why
+
+    @property
+    def cut_short(self) -> bool:
+        return self.forced is not None or (
+            self._at_final_stop is not None and self.overruns > self._at_final_stop)
+
+
+class ProbeResult(NamedTuple):
+    """Where a probed endpoint stands after a probe."""
+
+    healthy: bool
+    seen: str  # what the last probe saw: "HTTP 503", "connected", ...
+    passes: int  # passes in a row (of the probe's `healthy` that make it healthy)
+
+
+@dataclass
+class Lifecycle:
+    """One instance's state and every rule that decides it. Each method takes an event
+    and the time it happened; none does I/O."""
+
+    instance: str
+    backoff: Backoff
+    deadline: ReadyDeadline
+    since: float  # when the state began
+    state: State = S.CREATED
+    reason: str = ""
+    stop: StopOutcome = field(default_factory=StopOutcome)
+    ready_since: float | None = None  # this boot's first `ready`
+    back: bool = False  # ready, and in rotation on every input endpoint
+    back_since: float | None = None  # this boot's first time back: its deadline is met
+    boot_began: float = 0.0
+    draining: str | None = None  # why, while the instance drains
+    probes: dict[str, ProbeResult] = field(default_factory=dict)  # by endpoint
+
+    def change(self, state: State, reason: str, now: float, force: bool = False) -> bool:
+        """Enter `state`; False if it is the state already. IllegalTransition for one
+        the table has not (`force`: a supervisor's crash, which must end failed)."""
+        if state == self.state:
+            return False
+        if not force:
+            check_transition(self.instance, self.state, state)
+        self.state, self.reason, self.since = state, reason, now
+        if state is S.READY and self.ready_since is None:
+            self.ready_since = now
+        return True
+
+    def reported(self, state: State) -> State | None:
+        """The state a host's report moves the instance to, or None: a host reports
+        `busy`, `ready` and `stopping` only while it runs the role, and a late report
+        (the instance stopping or down already) is not news."""
+        if self.state in RUNNING and state in (S.BUSY, S.READY, S.STOPPING):
+            return state
+        return None
+
+    def boot_begins(self, now: float) -> None:
+        """A boot: not ready, not back, nothing probed or drained yet."""
+        self.ready_since = self.back_since = None
+        self.draining = None
+        self.probes.clear()
+        self.boot_began = now
+
+    def deadline_starts(self, now: float) -> float:
+        """The host's time to ready begins: the seconds left (0 or less: missed now)."""
+        self.boot_began = now
+        return self.deadline.begin_boot(now)
+
+    def operation_begins(self) -> None:
+        """Someone acted: a fresh ready deadline and back-off."""
+        self.deadline.clear()
+        self.backoff.reset()
+
+    def boot_ended(self, now: float) -> float:
+        """A boot ended that will be followed by another: the back-off before it."""
+        return self.backoff.next_delay(now, self.ready_since)
+
+    def rotation(self, name: str, endpoint: Endpoint) -> tuple[bool, str]:
+        """Whether the instance takes traffic on endpoint `name`, and if not why."""
+        if self.draining is not None:
+            return False, f"draining: {self.draining}"
+        if self.state is S.BUSY and not endpoint.ignore_status:
+            return False, f"busy: {self.reason}" if self.reason else "busy"
+        if self.state not in (S.READY, S.BUSY):
+            return False, self.state.value
+        if endpoint.probe is not None:
+            result = self.probes.get(name)
+            if result is None:
+                return False, "probe failing: no probe result yet"
+            return result.healthy, "" if result.healthy else f"probe failing: {result.seen}"
+        return True, ""
+
+    def update_back(self, endpoints: Mapping[str, Endpoint], now: float) -> bool:
+        """Work out `back` again from the rotation on `endpoints` (those the instance
+        serves behind a balancer); True if it changed. The first time a boot is back,
+        its ready deadline is met."""
+        back = is_back(self.state, (self.rotation(n, e)[0] for n, e in endpoints.items()))
+        if back == self.back:
+            return False
+        self.back = back
+        if back and self.back_since is None:
+            self.back_since = now
+            self.deadline.clear()
+        return True
+
+    def why_not_back(self, endpoints: Mapping[str, Endpoint]) -> str:
+        """Why the instance is not back, as `status` says it ("" while it is)."""
+        if self.back:
+            return ""
+        if self.state is not S.READY:
+            return self.state.value
+        out = []
+        for name, endpoint in endpoints.items():
+            in_rotation, why = self.rotation(name, endpoint)
+            if in_rotation:
+                continue
+            result = self.probes.get(name)
+            if why.startswith("probe failing") and result is not None and endpoint.probe:
+                why = (f"probe failing ({result.passes}/{endpoint.probe.healthy} healthy): "
+                       f"{result.seen}")
+            out.append(f"{name}: {why}")
+        return ("out of rotation: " if self.back_since else "not yet in rotation: ") + \
+            "; ".join(out)
+
+    @property
+    def settled(self) -> bool:
+        """An operation on the instance is over: see `settled`."""
+        return settled(self.state, self.back)

@@ -1,0 +1,127 @@
+"""The package store: the versions of a service, and what every instance runs.
+
+A package is the definition as it was (kept verbatim) and a copy of each role's app
+folder, under `RUN_DIR/packages/VERSION/`. Loading one points each role's `app` at its
+copy. `rolehost start` packages the definition it is given and runs that package, so
+a restart, a reimage or a rollback re-deploys what was deployed, never the working
+tree the user is editing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rolehost import definition as model
+from rolehost.fabric.disks import app_files, copy_app
+from rolehost.fabric.errors import Conflict, DoesNotLoad, Invalid, NotFound
+
+_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Packages:
+    def __init__(self, root: Path, run_dir: Path) -> None:
+        self.root, self.run_dir = root, run_dir
+
+    def create(self, source: Path, version: str | None) -> dict[str, Any]:
+        """Snapshot `source` (a definition file) and its roles' app folders."""
+        import re
+
+        try:
+            definition = model.load(source)
+        except model.DefinitionErrors as exc:
+            raise Invalid(f"invalid definition:\n{exc}") from None
+        digest = _digest(source, definition, self.run_dir)
+        version = version or digest[:12]
+        if not re.match(_VERSION, version):
+            raise Invalid(f"not a version name: {version!r} (letters, digits, . _ -)")
+        target = self.root / version
+        if target.exists():
+            existing = json.loads((target / "package.json").read_text())
+            if existing["digest"] == digest:
+                return dict(existing)  # the same content: packaging it again changes nothing
+            raise Conflict(f"version {version} exists already, with other content")
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the role's source
+        staging = self.root / f".{version}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "apps").mkdir(parents=True)
+        shutil.copy2(source, staging / "rolehost.toml")
+        for name, role in definition.roles.items():
+            copy_app(role.app, staging / "apps" / name, self.run_dir)
+        info = {"version": version, "created": time.time(), "digest": digest,
+                "source": str(source.resolve()), "roles": sorted(definition.roles)}
+        (staging / "package.json").write_text(json.dumps(info, indent=2))
+        staging.rename(target)  # a package is whole, or not there
+        return info
+
+    def list(self) -> list[dict[str, Any]]:
+        if not self.root.exists():
+            return []
+        found = []
+        for info in sorted(self.root.glob("*/package.json")):
+            try:
+                found.append(json.loads(info.read_text()))
+            except ValueError:
+                continue
+        return sorted(found, key=lambda p: p["created"])
+
+    def load(self, version: str) -> model.Definition:
+        """The package's definition, its roles' apps pointing at the package's copies."""
+        folder = self.root / version
+        if not (folder / "package.json").exists():
+            known = ", ".join(p["version"] for p in self.list()) or "none"
+            raise NotFound(f"no package {version!r} (available: {known}; "
+                           "make one with `rolehost package`)")
+        try:
+            definition = model.load(folder / "rolehost.toml")
+        except model.DefinitionErrors as exc:
+            raise DoesNotLoad(f"package {version} has an invalid definition:\n{exc}") from None
+        roles = {name: role.model_copy(update={"app": folder / "apps" / name})
+                 for name, role in definition.roles.items()}
+        return definition.model_copy(update={"roles": roles})
+
+    def source_apps(self, version: str) -> dict[str, Path]:
+        """Each role's app folder as the package's definition named it where it was
+        made (`load` points them at the copies instead)."""
+        import tomllib
+
+        folder = self.root / version
+        source = Path(json.loads((folder / "package.json").read_text())["source"])
+        raw = tomllib.loads((folder / "rolehost.toml").read_text(encoding="utf-8"))
+        return {name: role.app for name, role in model.parse(raw, source).roles.items()}
+
+
+def compatibility(running: model.Definition, new: model.Definition) -> list[str]:
+    """What keeps `new` from replacing `running` in place (empty: nothing). Instance
+    counts do not: a package carries its own, as a .cscfg does, and the deploy scales to
+    them."""
+    problems = []
+    if running.service != new.service:  # each key with both values, as for the roles
+        problems += [f"service.{k} differs ({getattr(running.service, k)!r} running, "
+                     f"{getattr(new.service, k)!r} in the package)"
+                     for k in type(running.service).model_fields
+                     if getattr(running.service, k) != getattr(new.service, k)]
+    if set(running.roles) != set(new.roles):
+        problems.append(f"roles differ ({', '.join(sorted(running.roles))} running, "
+                        f"{', '.join(sorted(new.roles))} in the package)")
+    for name in set(running.roles) & set(new.roles):
+        old, fresh = running.roles[name], new.roles[name]
+        if old.endpoints != fresh.endpoints:
+            problems.append(f"roles.{name}.endpoints differ")
+    return problems
+
+
+def _digest(source: Path, definition: model.Definition, run_dir: Path) -> str:
+    digest = hashlib.sha256(source.read_bytes())
+    for name, role in sorted(definition.roles.items()):
+        for relative in app_files(role.app, run_dir):
+            path = role.app / relative
+            digest.update(f"{name}:{relative}".encode())
+            # A link is copied as a link: what it points at is not part of the package.
+            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+    return digest.hexdigest()

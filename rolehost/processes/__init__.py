@@ -1,0 +1,2 @@
+"""Child processes: spawning them, seeing them exit, sweeping their trees; who
+limited work runs as."""
