@@ -10,7 +10,7 @@ Every message is an object with a `type`. Host to controller:
 - `changing_result` `{"cancel": bool}`
 
 Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str}`, which
-makes a standby host the host of one instance (see `process.Standby`); then `stop`
+makes a standby host the host of one instance (see `processes/hosts.Standby`); then `stop`
 `{"reason": str}`, `status_check` `{}`, `changing` `{"changes": [...]}`,
 `changed` `{"settings": {...}}`.
 

@@ -19,7 +19,7 @@ from rolehost.fabric import ports
 from rolehost.fabric.tasks import task_path
 from rolehost.observability.logs import Console
 from rolehost.processes import privileges
-from rolehost.processes.process import Standby
+from rolehost.processes.hosts import Standby
 
 if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance

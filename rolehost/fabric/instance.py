@@ -48,7 +48,8 @@ from rolehost.fabric.usage import CpuLoad, DiskUsage
 from rolehost.observability import metrics
 from rolehost.observability.logs import iso
 from rolehost.observability.output import OutputLog
-from rolehost.processes.process import HostProcess, describe_exit, signal_tree, sweep
+from rolehost.processes.hosts import HostProcess
+from rolehost.processes.process import describe_exit, signal_tree, sweep
 
 log = structlog.get_logger()
 
