@@ -53,6 +53,10 @@ def test_the_one_liner_shows_what_the_worker_printed(tmp_path: Path) -> None:
     last_row = max(i for i, line in enumerate(lines) if line.startswith("worker_IN_"))
     log = lines[last_row + 1:-1]
     assert log, done.stdout
-    assert log[0] == "hello from worker_IN_0", done.stdout
-    assert all(line == "hello again from worker_IN_0" for line in log[1:]), done.stdout
+    # Each line as the log keeps it: its time and stream, then what the role printed.
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z stdout \| ")
+    assert all(stamp.match(line) for line in log), done.stdout
+    printed = [stamp.sub("", line) for line in log]
+    assert printed[0] == "hello from worker_IN_0", done.stdout
+    assert all(line == "hello again from worker_IN_0" for line in printed[1:]), done.stdout
     assert "`hello from worker_IN_0`" in README.read_text()  # what the README says it shows

@@ -18,6 +18,7 @@ def test_volatile_fields_are_masked() -> None:
 worker_IN_0  0   ready  27351  0         06:00:15
 27292 27268 /tmp/v/bin/python3 -P -m rolehost.host
   start    ready in 0.13s
+2026-12-07T12:44:04.371Z stdout | tick 1: hello from rolehost
 """)
     run = masked("""
 12:12:43 rolehost | controller started pid=4 limited_user=root relay=interpreted
@@ -26,6 +27,7 @@ worker_IN_0  0   ready  27351  0         06:00:15
 worker_IN_0  0   ready  512    0         12:12:49
   512     4 /srv/.venv/bin/python -P -m rolehost.host
   start    ready in 0.07s
+2026-12-08T01:02:03.004Z stdout | tick 1: hello from rolehost
 """, {"/tmp/pytest-7/x/tutorial": "/tmp/tutorial"})
     assert doc == run
 

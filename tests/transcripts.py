@@ -34,6 +34,8 @@ ELLIPSIS = "..."
 INTERRUPT = "^C"
 
 MASKS = [
+    # An instance log's stamp first: its time is no `HH:MM:SS` word of its own.
+    (re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z"), "TIMESTAMP"),
     (re.compile(r"\b\d\d:\d\d:\d\d\b"), "HH:MM:SS"),
     (re.compile(r"\b[0-9a-f]{8,32}\b"), "ID"),  # deployment, version, operation
     (re.compile(r"\b\d+\.\d+s\b"), "N.NNs"),  # `ready in 0.13s`; whole seconds are back-off
