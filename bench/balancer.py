@@ -748,7 +748,7 @@ def frame_name(frame: str) -> tuple[str, str]:
 
 
 # The frames every event-loop stack goes through: on nearly every sample, they say nothing.
-TRUNK_FILES = ("<frozen runpy>", "click/core.py", "rolehost/__main__.py", "rolehost/cli.py",
+TRUNK_FILES = ("<frozen runpy>", "click/core.py", "rolehost/__main__.py", "cli/service.py",
                "asyncio/runners.py")
 TRUNK_FUNCTIONS = ("BaseEventLoop.run_forever", "BaseEventLoop.run_until_complete",
                    "BaseEventLoop._run_once", "Handle._run")

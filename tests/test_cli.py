@@ -122,10 +122,10 @@ def test_stop_says_when_the_stop_was_cut_short(make_service: MakeService,
 
 
 def test_the_stop_cut_short_exit_code_is_run_instances() -> None:
-    from rolehost import cli
+    from rolehost.cli import service
     from rolehost.fabric import single
 
-    assert cli.EXIT_STOP_CUT_SHORT == single.EXIT_STOP_CUT_SHORT == 3
+    assert service.EXIT_STOP_CUT_SHORT == single.EXIT_STOP_CUT_SHORT == 3
 
 
 def test_missing_definition_file(tmp_path: Path) -> None:

@@ -300,7 +300,7 @@ def test_the_metrics_port_is_one_that_can_be_bound(address: str) -> None:
 def test_an_ipv6_metrics_address_is_in_brackets_as_the_cli_takes_it(
         address: str, host: str, port: int) -> None:
     # One rule for HOST:PORT: the model refused [::1]:9464, which --health took.
-    from rolehost.cli import _address
+    from rolehost.cli.tools import _address
 
     raw = {"service": {"name": "s", "metrics": address}, "roles": {"w": {"entry_point": "m:C"}}}
     assert definition.parse(raw).service.metrics == address

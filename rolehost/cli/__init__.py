@@ -1,0 +1,13 @@
+"""The `rolehost` command: parse, call the controller (or its API), print. One module per
+group of commands; each registers its commands on the group in `common`."""
+
+from __future__ import annotations
+
+from rolehost.cli import operations, service, tools
+from rolehost.cli.common import cli
+
+__all__ = ["cli", "main", "operations", "service", "tools"]
+
+
+def main() -> None:
+    cli(prog_name="rolehost")

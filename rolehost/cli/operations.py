@@ -1,0 +1,269 @@
+"""Operating the running service: the maintenance commands, `upgrade`, `config set`,
+`scale`, `package`, `packages`, `deploy`, `walk`, `ops`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rolehost import definition as model
+from rolehost.cli.common import (
+    call,
+    cli,
+    connect,
+    fail,
+    file_option,
+    offline,
+    run_dir_option,
+)
+from rolehost.client import Client
+from rolehost.control.exits import EXIT_BAD_DEFINITION
+from rolehost.definition.scalars import setting_from_text
+from rolehost.fabric.disks import Maintenance, Upgrade
+from rolehost.fabric.names import parse_instance_name
+from rolehost.fabric.rundir import RunDir
+from rolehost.observability import logs
+from rolehost.observability.logs import iso
+
+_MAINTENANCE_HELP = {
+    Maintenance.RECYCLE: "Recycle: graceful stop, os/ and app/ kept, local resources emptied "
+                         "if clean_on_recycle, startup tasks re-run.",
+    Maintenance.RESTART: "Restart (reboot, host-OS update): graceful stop, app/ re-deployed, "
+                         "os/ kept, startup tasks re-run.",
+    Maintenance.REIMAGE: "Reimage (guest-OS update): graceful stop, os/ wiped, app/ re-deployed, "
+                         "startup tasks re-run.",
+    Maintenance.REBUILD: "Rebuild: graceful stop, every disk wiped, startup tasks re-run.",
+    Maintenance.AGENT_UPDATE: "Agent update: only the host process restarts; no task re-runs, "
+                              "no disk changes.",
+}
+
+
+def _maintenance_command(kind: Maintenance) -> click.Command:
+    @click.argument("instances", nargs=-1, required=True)
+    @file_option
+    @run_dir_option
+    @click.option("--wait", is_flag=True,
+                  help="Return when every instance is ready again; exit 1 if one is not.")
+    def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool) -> None:
+        client = connect(file, run_dir, timeout=24 * 3600)
+        for row in call(client.maintain, kind.value, list(instances), wait):
+            done = row["state"] if wait else f"{kind.value} begun"
+            click.echo(f"{row['id']}: {done}")
+
+    command.__doc__ = _MAINTENANCE_HELP[kind] + "\n\nINSTANCES are ROLE/INDEX or ROLE_IN_INDEX."
+    return cli.command(name=kind.value)(command)
+
+
+for _kind in _MAINTENANCE_HELP:
+    _maintenance_command(_kind)
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice([u.value for u in Upgrade]))
+@file_option
+@run_dir_option
+@click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
+              "`rolehost walk next`.")
+@click.option("--detach", is_flag=True, help="Start the walk and return at once.")
+def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: bool) -> None:
+    """Walk a platform update across the update domains, one at a time: host-os restarts,
+    guest-os reimages, agent restarts only the host processes. A domain that does not
+    come back halts the walk before the next one is touched."""
+    client = connect(file, run_dir)
+    walk = call(client.upgrade, kind, manual)
+    click.echo(walk_header(walk, f"upgrade {kind}"))
+    if not detach:
+        _follow(client)
+
+
+@cli.group()
+def config() -> None:
+    """Change a role's settings while it runs."""
+
+
+@config.command(name="set")
+@click.argument("role")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@file_option
+@run_dir_option
+def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Path | None) -> None:
+    """Set settings of ROLE: per update domain (or all at once with change_mode = "blast"),
+    `changing` handlers may cancel, which recycles that instance to apply them. A domain
+    that does not come back halts the change (exit 1): later domains keep their settings.
+    VALUE is read as an integer, a number, true or false when it is one (as TOML writes
+    them), and as a string otherwise."""
+    settings = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            fail(f"not KEY=VALUE: {assignment!r}", EXIT_BAD_DEFINITION)
+        settings[key] = setting_from_text(value)
+    outcome = call(connect(file, run_dir, timeout=24 * 3600).configure, role, settings)
+    for instance, what in outcome.items():
+        click.echo(f"{instance}: {what}")
+
+
+@cli.command()
+@click.argument("role")
+@click.argument("count", type=click.IntRange(model.MIN_INSTANCES, model.MAX_INSTANCES))
+@file_option
+@run_dir_option
+def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
+    """Run COUNT instances of ROLE: new ones get the next indexes (and UDs by the same
+    rule); scaling in stops the highest indexes gracefully. The others are told per update
+    domain, like a settings change: a domain that does not come back halts it (exit 1).
+    Waits until the new instances are ready: exit 1 if one fails (its ready deadline).
+    Prints the instances it added, or those it removed."""
+    changed = call(connect(file, run_dir, timeout=24 * 3600).scale, role, count)
+    click.echo(scaled(role, count, changed))
+
+
+def scaled(role: str, count: int, changed: list[str]) -> str:
+    """What a scale to `count` did, from the instances it names: a role's instances are
+    always indexes 0 to count - 1, so those at `count` or above were removed, the others
+    added (a scale does one or the other)."""
+    removed = [name for name in changed if parse_instance_name(name)[1] >= count]
+    added = [name for name in changed if name not in removed]
+    what = (f"added {', '.join(added)}" if added else f"removed {', '.join(removed)}"
+            if removed else "unchanged")
+    return f"{role}: {count} instance{'s' if count > 1 else ''}, {what}"
+
+
+@cli.command()
+@file_option
+@run_dir_option
+@click.option("--version", "version", help="Name the version [default: a content hash].")
+def package(file: Path, run_dir: Path | None, version: str | None) -> None:
+    """Snapshot the definition and each role's app folder as a version to deploy."""
+    info = call(connect(file, run_dir).package, version)
+    click.echo(f"package {info['version']}: roles {', '.join(info['roles'])}")
+
+
+@cli.command()
+@file_option
+@run_dir_option
+def packages(file: Path, run_dir: Path | None) -> None:
+    """List the versions in the package store, and the one running. With no controller
+    running, they are read from the run directory."""
+    from rolehost.fabric.packages import Packages
+
+    where = RunDir.for_definition(file, run_dir)
+    client = Client(where.socket)
+    running, listed = offline(lambda: (client.status()["version"], client.packages()),
+                               where.path / "packages",
+                               lambda store: (None, Packages(store, where.path).list()))
+    for info in listed:
+        mark = "  (running)" if info["version"] == running else ""
+        click.echo(f"{info['version']:<16} {logs.clock(iso(info['created']))}  "
+                   f"{', '.join(info['roles'])}{mark}")
+
+
+@cli.command()
+@click.argument("version")
+@file_option
+@run_dir_option
+@click.option("--rollback/--no-rollback", default=True, show_default=True,
+              help="If a domain fails, put the instances already moved back on the running "
+                   "version (or leave them for inspection).")
+@click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
+              "`rolehost walk next`.")
+@click.option("--detach", is_flag=True, help="Start the walk and return at once.")
+def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manual: bool,
+           detach: bool) -> None:
+    """In-place upgrade to VERSION: a preflight (the package, its definition, its entry
+    points) before any instance is touched, then a walk across the update domains. The
+    package's instance counts are applied once every domain has moved. Exit 2 if the
+    preflight refused it (no such package, not compatible, does not load): nothing was
+    touched. Exit 1 if the walk failed or halted, or another operation is under way."""
+    client = connect(file, run_dir, timeout=120)
+    walk = call(client.deploy, version, rollback, manual)
+    click.echo(walk_header(walk, f"deploy {version}"))
+    if not detach:
+        _follow(client)
+
+
+@cli.command()
+@click.argument("action", required=False, type=click.Choice(["next", "abort"]))
+@file_option
+@run_dir_option
+def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
+    """Show the walk, or act on it: `next` resumes a paused one, `abort` ends a paused or
+    halted one."""
+    client = connect(file, run_dir)
+    snapshot = call(client.walk, action)
+    if action == "next":  # the steps before it were shown by the command that paused
+        _follow(client, snapshot["steps"][-1]["seq"] if snapshot["steps"] else 0)
+    else:
+        _print_walk(snapshot)
+
+
+def walk_header(walk: dict[str, Any], what: str) -> str:
+    """The walk's first line. It counts the domains it walks: those with no instance (a
+    role of 2 instances over 5 domains leaves 3 empty) are skipped."""
+    walked = sum(1 for instances in walk["domains"] if instances)
+    return f"walk {walk['id']}: {what} over {walked} update domain{'s' if walked != 1 else ''}"
+
+
+def _follow(client: Client, shown: int = 0) -> None:
+    """Print each step of the walk after the `shown`-th, in order, until it ends, pauses
+    or halts. The walk keeps every step: a poll that comes late prints them all the same,
+    where printing the latest state of each instance lost the steps between two polls."""
+    while True:
+        snapshot = call(client.walk, None, shown)
+        for step in snapshot["steps"]:
+            click.echo(f"  UD {step['domain']}  {step['instance']:<16} {step['step']}")
+            shown = step["seq"]
+        state = snapshot["state"]
+        if state == "succeeded":
+            click.echo(f"walk {snapshot['id']}: every update domain done "
+                       f"in {snapshot['seconds']:.1f}s")
+            if snapshot["error"]:  # what came after the last domain (a deploy's scale)
+                fail(f"walk {snapshot['id']}: {snapshot['error']}")
+            return
+        if state == "paused":
+            click.echo(f"walk {snapshot['id']}: paused after update domain "
+                       f"{snapshot['domain']}; `rolehost walk next` to go on")
+            return
+        if state in ("halted", "aborted", "rolled back"):
+            fail(f"walk {snapshot['id']} {state}: {snapshot['error'] or 'aborted'}"
+                  + ("\n`rolehost walk abort` ends it" if state == "halted" else ""))
+        time.sleep(0.2)
+
+
+def _print_walk(snapshot: dict[str, Any]) -> None:
+    click.echo(f"walk {snapshot['id']}: {snapshot['label']} ({snapshot['mode']}), "
+               f"{snapshot['state']}, update domain {snapshot['domain']}")
+    for ud, instances in enumerate(snapshot["domains"]):
+        for instance in instances:
+            click.echo(f"  UD {ud}  {instance:<16} {snapshot['progress'][instance]}")
+    if snapshot["error"]:
+        click.echo(f"  error: {snapshot['error']}")
+
+
+@cli.command()
+@file_option
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
+    """List the management operations of this run directory, across controller restarts.
+    With no controller running, they are read from its history."""
+    from rolehost.fabric.history import summary_without_controller
+
+    where = RunDir.for_definition(file, run_dir)
+    history = offline(Client(where.socket).operations, where.path / "history.jsonl",
+                       summary_without_controller)
+    if as_json:
+        click.echo(json.dumps(history, indent=2))
+        return
+    for op in history["operations"]:
+        began = logs.clock(iso(op["started"]))
+        seconds = f"{op['ended'] - op['started']:.1f}s" if op["ended"] else "-"
+        error = f"  {op['error'].splitlines()[0]}" if op["error"] else ""
+        click.echo(f"{op['id']}  {began}  {op['kind']:<18} {op['outcome']:<12} {seconds:>7}  "
+                   f"{','.join(op['instances'])}{error}")
+    rate = history["success_rate"]
+    click.echo("success rate: " + ("-" if rate is None else f"{rate:.0%}"))
