@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from rolehost.fabric.instance import Instance, Operation
 from rolehost.fabric.launcher import Launcher
 from rolehost.fabric.lifecycle import State
 from rolehost.fabric.names import instance_id, parse_instance_name
-from rolehost.fabric.rolling import Outcome, blast, by_domain, plan, roll
+from rolehost.fabric.offers import discard, offer_by_domain, ready_or_not
+from rolehost.fabric.rolling import by_domain
 from rolehost.fabric.rundir import RunDir
 from rolehost.fabric.walks import Walk
 from rolehost.fabric.watch import watch_file
@@ -456,8 +457,8 @@ class Controller:
                                     [i.id for i in ours])
         outcome: dict[str, str] = {}
         try:
-            await self._offer_by_domain(f"config {role_name}", ours, outcome, record,
-                                        lambda i: i.change_settings(new, cause))
+            await offer_by_domain(self.history, self.definition.service, f"config {role_name}",
+                                  ours, outcome, record, lambda i: i.change_settings(new, cause))
         finally:
             # Stored once every instance has them, even one that failed with them. A halt
             # leaves the later domains on the old settings, and those stay the role's: the
@@ -465,59 +466,6 @@ class Controller:
             if len(outcome) == len(ours):
                 self._set_role(role_name, new)
         return outcome
-
-    async def _offer_by_domain(self, what: str, instances: list[Instance],
-                               outcome: dict[str, str], record: Any,
-                               offer: Callable[[Instance], Awaitable[str]],
-                               alongside: Awaitable[list[str]] | None = None,
-                               awaited: str = "") -> None:
-        """Offer a change to `instances` one update domain at a time (all at once with
-        change_mode "blast"), filling `outcome` as each answers, and end `record`. A
-        domain that does not take the change halts it there, as a walk halts: taking the
-        next domain down would leave none serving. OperationFailed if any instance failed.
-
-        `alongside` is the rest of the same operation, running meanwhile (a scale-out's
-        new instances getting ready, which `awaited` names): `record` ends once it is over
-        too, and the lines it returns are failures of the operation."""
-        assert self.history is not None
-        service = self.definition.service
-        stages = (blast(instances) if service.change_mode == "blast"
-                  else plan(by_domain(instances, service.upgrade_domains)))
-
-        def answered(_: object, outcomes: list[Outcome[Instance, str]]) -> None:
-            for answer in outcomes:
-                outcome[answer.member.id] = (answer.result if isinstance(answer.result, str)
-                                             else f"failed: {answer.result}")
-
-        headline: str | None = None
-        more: list[str] = []
-        over = waiting = False
-        try:
-            rolled = await roll(stages, lambda i, _: offer(i), answered=answered)
-            if rolled.halted is not None:
-                headline = f"{what} failed"
-                if untouched := [i.id for i in instances if i in rolled.not_reached]:
-                    domain = rolled.halted.number
-                    headline = (f"{what} halted in update domain {domain}: not offered "
-                                f"to {', '.join(untouched)}, which keep what they had")
-                    log.error("change_halted", change=what, domain=domain,
-                              untouched=untouched)
-            if alongside is not None:
-                waiting = True
-                more = await alongside
-            over = True
-        finally:
-            if headline is None and not over:  # cancelled: the controller is stopping
-                # Every domain has taken the change by then: only the wait was cut short.
-                headline = (f"cut short while waiting for {awaited or 'the rest of it'}: the "
-                            "controller is stopping" if waiting
-                            else f"{what} cut short: the controller is stopping")
-            failed = [f"{k}: {v}" for k, v in outcome.items() if v.startswith("failed")]
-            lines = [line for line in [headline, *failed, *more] if line]
-            self.history.end(record, "failed" if lines else "succeeded",
-                             "; ".join(lines) or None)
-        if lines:
-            raise OperationFailed("\n".join(lines))
 
     async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
@@ -542,7 +490,7 @@ class Controller:
                  for index in range(len(ours), count)]
         # A scale-out creates a new VM: folders an earlier instance of the index left (one
         # a controller ran before it was stopped) must not give it that one's disks.
-        await asyncio.to_thread(_discard, added)
+        await asyncio.to_thread(discard, added)
         starting = not self._shutdown.is_set()  # else stopped already, and never to start
         if starting:
             for instance in added:
@@ -559,7 +507,7 @@ class Controller:
             del self.instances[instance.id]
         # A scale-in deletes the VM: its disks go with it (its log stays, as the
         # controller's record of it).
-        await asyncio.to_thread(_discard, removed)
+        await asyncio.to_thread(discard, removed)
         record.instances = [i.id for i in added + removed]
         topology = self.topology()
         others = [i for i in self.instances.values() if i not in added]
@@ -572,12 +520,12 @@ class Controller:
         what = f"topology change of {role_name} (scaled to {count})"
         # Recorded, and answered, once the new instances are ready, as an operation on an
         # instance is: not while they may still fail.
-        ready = asyncio.ensure_future(_ready(added, starting))
+        ready = asyncio.ensure_future(ready_or_not(added, starting))
         try:
-            await self._offer_by_domain(what, others, {}, record,
-                                        lambda i: i.change_topology(topology, role_name, cause),
-                                        alongside=ready,
-                                        awaited=f"{', '.join(i.id for i in added)} to get ready")
+            await offer_by_domain(self.history, self.definition.service, what, others, {}, record,
+                                  lambda i: i.change_topology(topology, role_name, cause),
+                                  alongside=ready,
+                                  awaited=f"{', '.join(i.id for i in added)} to get ready")
         finally:
             ready.cancel()
         return record.instances
@@ -643,25 +591,4 @@ class Controller:
             self._shutdown_reason = reason
             self._shutdown.set()
         await self._stopped.wait()
-
-
-async def _ready(instances: list[Instance], started: bool) -> list[str]:
-    """Wait until each of `instances` is back (ready and in rotation), or failed (its
-    ready deadline) or stopped; one line for each that is not back."""
-    if not started:  # nothing would ever end the wait
-        return [f"{i.id} was not started: the controller is stopping" for i in instances]
-    ready = await asyncio.gather(*(i.back_or_ended() for i in instances))
-    return [f"{i.id} did not become ready after it was added: it is {i.state.value} "
-            f"({i.reason or i.last_error})" for i, up in zip(instances, ready, strict=True)
-            if not up]
-
-
-def _discard(instances: list[Instance]) -> None:
-    """Remove the folders of `instances`; one that cannot be removed is reported."""
-    for instance in instances:
-        try:
-            instance.disks.discard()
-        except OSError as exc:
-            log.error("disks_not_removed", instance=instance.id, folder=str(instance.disks.root),
-                      error=str(exc))
 
