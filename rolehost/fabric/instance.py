@@ -152,7 +152,7 @@ class Instance:
         previous = self.state
         if not self.life.change(state, reason, time.time(), force):
             return
-        if state is S.READY and self.ready_since == self.state_since:
+        if state is S.READY and self.ready_since == self.state_since:  # this boot's first
             metrics.TIME_TO_READY.labels(self.role_name).observe(
                 self.state_since - self.life.boot_began)
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
