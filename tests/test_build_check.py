@@ -73,7 +73,7 @@ def test_the_relay_says_whether_it_runs_compiled(tmp_path: Path) -> None:
     """`relay_build()` (the controller's `relay=`, the suite's header): "compiled" when the
     relay's modules are built (it asks one that relays, not the package's `__init__`),
     "interpreted" run from a copy of the package without the extensions."""
-    built = any((ROOT / "rolehost" / "proxy").glob("client" + SO))
+    built = any((ROOT / "rolehost" / "balancer" / "proxy").glob("client" + SO))
     assert balancer.relay_build() == ("compiled" if built else "interpreted")
     shutil.copytree(ROOT / "rolehost", tmp_path / "rolehost",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))

@@ -341,6 +341,8 @@ def test_preflight_names_each_role_that_does_not_load(
     assert len(shown) == 2, shown
     assert "roles.bad.entry_point: cannot load bad:Role" in shown[0]
     assert "RuntimeError: broken at import" in shown[0]
+    # The user's frames only: importlib's and rolehost's own say nothing about their module.
+    assert "importlib" not in shown[0] and "rolehost/" not in shown[0], shown[0]
     assert "roles.slow.entry_point: importing slow:Role took over 1s" in shown[1]
     assert not run_dir_processes(tagged)  # the slow import's `sleep 600` too
 

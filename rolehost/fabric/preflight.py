@@ -114,4 +114,4 @@ def _user_frames(traceback: str) -> list[str]:
     return kept
 
 
-_PACKAGE = str(Path(__file__).parent) + "/"
+_PACKAGE = str(Path(__file__).parents[1]) + "/"  # rolehost/: its frames say nothing
