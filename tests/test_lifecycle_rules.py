@@ -293,3 +293,16 @@ def test_ready_but_never_in_rotation_ends_failed_and_that_settles_it() -> None:
     assert life.settled and life.state is S.FAILED
     assert life.reason.endswith("it was ready, not yet in rotation: http: probe failing "
                                 "(0/2 healthy): HTTP 503")
+
+
+def test_a_healthy_probe_of_a_healthy_endpoint_is_not_news() -> None:
+    """The steady state of every served instance: a result per probe interval, none of
+    which can change rotation. Only a change of health, or any failing result (its
+    reason may change), asks for the rotation to be worked out again."""
+    life = lifecycle()
+    assert life.probed("http", ProbeResult(False, "connection refused", 0))
+    assert life.probed("http", ProbeResult(False, "HTTP 503", 0))  # why_out changes
+    assert life.probed("http", ProbeResult(True, "HTTP 200", 1))  # in
+    assert not life.probed("http", ProbeResult(True, "HTTP 200", 2))
+    assert life.probes["http"].passes == 2  # kept all the same: status shows it
+    assert life.probed("http", ProbeResult(False, "HTTP 500", 0))  # out

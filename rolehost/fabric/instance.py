@@ -265,8 +265,7 @@ class Instance:
         return self.life.why_not_back(self._served())
 
     def _probe_result(self, name: str, result: ProbeResult) -> None:
-        self.life.probes[name] = result
-        if self._update_rotation():
+        if self.life.probed(name, result) and self._update_rotation():
             self._changed_now()
 
     async def settled(self) -> State:

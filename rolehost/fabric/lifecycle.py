@@ -223,6 +223,15 @@ class Lifecycle:
         """A boot ended that will be followed by another: the back-off before it."""
         return self.backoff.next_delay(now, self.ready_since)
 
+    def probed(self, name: str, result: ProbeResult) -> bool:
+        """Keep a probe's result; False when it cannot move the instance in or out of
+        rotation, nor change why it is out: healthy before and after. That is every
+        served instance's steady state, a result per probe interval each, and the
+        balancer and the waiters need not hear of it."""
+        before = self.probes.get(name)
+        self.probes[name] = result
+        return not (result.healthy and before is not None and before.healthy)
+
     def rotation(self, name: str, endpoint: Endpoint) -> tuple[bool, str]:
         """Whether the instance takes traffic on endpoint `name`, and if not why."""
         if self.draining is not None:
