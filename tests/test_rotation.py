@@ -10,7 +10,9 @@ operation and read the balancer's own rotation events.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +91,12 @@ def last_seq(h: ServiceHarness) -> int:
     return max(e["seq"] for e in h.events())
 
 
-def under_load(h: ServiceHarness, port: int) -> LoadProbe:
-    load = LoadProbe(f"http://127.0.0.1:{port}/", clients=6)
-    load.start()
-    load.wait_requests(100)
-    return load
+@contextlib.contextmanager
+def under_load(port: int) -> Iterator[LoadProbe]:
+    """Steady keep-alive load, already flowing; stopped however the block ends."""
+    with LoadProbe(f"http://127.0.0.1:{port}/", clients=6) as load:
+        load.wait_requests(100)
+        yield load
 
 
 def test_walks_wait_for_a_probe_gated_warm_up(make_service: MakeService) -> None:
@@ -104,16 +107,13 @@ def test_walks_wait_for_a_probe_gated_warm_up(make_service: MakeService) -> None
     with service.harness() as h:
         h.wait_ready(60)
         since = last_seq(h)
-        load = under_load(h, port)
-        try:
+        with under_load(port) as load:
             for kind in ("host-os", "guest-os"):
                 walk = h.upgrade(kind, timeout=120)
                 assert walk["state"] == "succeeded", walk
                 # Each domain is out for its warm-up at least: the walk waited for it.
                 assert walk["seconds"] >= 2 * 3.0, walk
             load.wait_requests(load.requests + 100)
-        finally:
-            load.stop()
         assert load.failures == [], load.report()
         in_rotation_throughout(h, since)
 
@@ -124,8 +124,7 @@ def test_deploy_and_its_rollback_wait_for_rotation(make_service: MakeService) ->
     with service.harness() as h:
         h.wait_ready(60)
         since = last_seq(h)
-        load = under_load(h, port)
-        try:
+        with under_load(port) as load:
             roles.write_text(roles.read_text().replace('VERSION = "v1"', 'VERSION = "v2"'))
             h.package("v2")
             walk = h.deploy("v2", timeout=120)
@@ -139,8 +138,6 @@ def test_deploy_and_its_rollback_wait_for_rotation(make_service: MakeService) ->
             walk = h.deploy("v3", timeout=120)
             assert walk["state"] == "rolled back", walk
             load.wait_requests(load.requests + 100)
-        finally:
-            load.stop()
         assert load.failures == [], load.report()
         in_rotation_throughout(h, since)
         status, body = get(port)
@@ -152,13 +149,10 @@ def test_a_config_change_that_recycles_waits_for_rotation(make_service: MakeServ
     with service.harness() as h:
         h.wait_ready(60)
         since = last_seq(h)
-        load = under_load(h, port)
-        try:
+        with under_load(port) as load:
             outcome = h.set_setting("web", "greeting", "hello")
             assert outcome == {"web_IN_0": "recycled", "web_IN_1": "recycled"}, outcome
             load.wait_requests(load.requests + 100)
-        finally:
-            load.stop()
         assert load.failures == [], load.report()
         in_rotation_throughout(h, since)
 
