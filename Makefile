@@ -14,11 +14,15 @@ $(BIN)/rolehost: pyproject.toml setup.py rolehost/balancer/proxy/*.py rolehost/b
 demo: $(BIN)/rolehost  ## run the hello sample in the foreground (Ctrl-C stops it gracefully)
 	cd samples/hello && ../../$(BIN)/rolehost start
 
+# Three workers on two cores: most tests wait on real processes rather than compute. By
+# file, so that a module's fixture (one controller for several tests) is started once.
+PARALLEL ?= -n 3 --dist loadfile
+
 test: lint  ## everything CI runs: lint, types, the whole suite (slow tests included)
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL)
 
 test-fast: $(BIN)/rolehost  ## the suite without tests marked slow
-	$(BIN)/pytest -m 'not slow'
+	$(BIN)/pytest $(PARALLEL) -m 'not slow'
 
 lint: $(BIN)/rolehost
 	$(BIN)/ruff check rolehost tests samples bench docs setup.py conftest.py

@@ -274,7 +274,15 @@ def _wide_fixtures(item: pytest.Item) -> list[str]:
     return sorted(wide)
 
 
+def _distributes(config: pytest.Config) -> bool:
+    """Whether this process hands the tests to pytest-xdist's workers rather than running
+    them: each worker checks its own tests (with a token of its own), and the workers,
+    which carry this process's token, would otherwise be this process's leaks."""
+    return not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.has_plugin("rolehost-leakcheck") and \
+    if not _distributes(config) and \
+            not config.pluginmanager.has_plugin("rolehost-leakcheck") and \
             not config.pluginmanager.is_blocked("rolehost-leakcheck"):
         config.pluginmanager.register(LeakCheck(), "rolehost-leakcheck")

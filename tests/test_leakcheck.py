@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 HERE = Path(__file__).parent  # leakcheck.py's folder: the inner sessions import it from there
 
@@ -65,7 +66,12 @@ def test_clean():
 '''
 
 
-def test_the_leak_check_names_each_leak_and_the_test_that_made_it(tmp_path: Path) -> None:
+# Alone, and as `make test` runs the suite: in pytest-xdist's workers, each of which checks
+# its own tests, and a controller that must not take its workers for leaks.
+@pytest.mark.parametrize("parallel", [[], ["-n", "2", "--dist", "loadfile"]],
+                         ids=["alone", "xdist"])
+def test_the_leak_check_names_each_leak_and_the_test_that_made_it(
+        tmp_path: Path, parallel: list[str]) -> None:
     records = tmp_path / "records"
     records.mkdir()
     (tmp_path / "test_leaky.py").write_text(textwrap.dedent(SUITE))
@@ -74,9 +80,10 @@ def test_the_leak_check_names_each_leak_and_the_test_that_made_it(tmp_path: Path
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "leakcheck", "-p", "no:cacheprovider",
-             "-q", "test_leaky.py"],
+             "-q", *parallel, "test_leaky.py"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        out = done.stdout
+        # A worker heads each report with its name and platform: not the check's words.
+        out = re.sub(r"^\[gw\d+\] linux .*\n", "", done.stdout, flags=re.M)
         assert done.returncode == 1, out + done.stderr
         folders = (records / "folders").read_text().split()
         leaked, kept, module = folders[0], folders[1], folders[2]
@@ -90,7 +97,8 @@ def test_the_leak_check_names_each_leak_and_the_test_that_made_it(tmp_path: Path
         assert "time.sleep(300)" in errors["test_leaks_a_process"]
         assert f"pid {orphan}: sleep 301" in errors["test_leaks_a_process_that_left_its_parent"]
         assert "1 failed, 7 passed, 3 errors" in out, out
-        assert f"{kept}  (test_leaky.py::test_a_failed_test_keeps_its_folder)" in out
+        if not parallel:  # a worker's terminal summary stays in the worker
+            assert f"{kept}  (test_leaky.py::test_a_failed_test_keeps_its_folder)" in out
         assert "leaks: this session left behind" not in out  # nothing escaped the tests
         assert not os.path.isdir(module)
         assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
