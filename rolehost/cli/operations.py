@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from rolehost import definition as model
+from rolehost.cli import wording
 from rolehost.cli.common import (
     call,
     cli,
@@ -24,7 +25,6 @@ from rolehost.client import Client
 from rolehost.control.exits import EXIT_BAD_DEFINITION
 from rolehost.definition.scalars import setting_from_text
 from rolehost.fabric.disks import Maintenance, Upgrade
-from rolehost.fabric.names import parse_instance_name
 from rolehost.fabric.rundir import RunDir
 from rolehost.observability import logs
 from rolehost.observability.logs import iso
@@ -51,8 +51,7 @@ def _maintenance_command(kind: Maintenance) -> click.Command:
     def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool) -> None:
         client = connect(file, run_dir, timeout=24 * 3600)
         for row in call(client.maintain, kind.value, list(instances), wait):
-            done = row["state"] if wait else f"{kind.value} begun"
-            click.echo(f"{row['id']}: {done}")
+            click.echo(wording.maintained(kind.value, row, wait))
 
     command.__doc__ = _MAINTENANCE_HELP[kind] + "\n\nINSTANCES are ROLE/INDEX or ROLE_IN_INDEX."
     return cli.command(name=kind.value)(command)
@@ -75,7 +74,7 @@ def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: b
     come back halts the walk before the next one is touched."""
     client = connect(file, run_dir)
     walk = call(client.upgrade, kind, manual)
-    click.echo(walk_header(walk, f"upgrade {kind}"))
+    click.echo(wording.walk_header(walk, f"upgrade {kind}"))
     if not detach:
         _follow(client)
 
@@ -119,18 +118,7 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
     Waits until the new instances are ready: exit 1 if one fails (its ready deadline).
     Prints the instances it added, or those it removed."""
     changed = call(connect(file, run_dir, timeout=24 * 3600).scale, role, count)
-    click.echo(scaled(role, count, changed))
-
-
-def scaled(role: str, count: int, changed: list[str]) -> str:
-    """What a scale to `count` did, from the instances it names: a role's instances are
-    always indexes 0 to count - 1, so those at `count` or above were removed, the others
-    added (a scale does one or the other)."""
-    removed = [name for name in changed if parse_instance_name(name)[1] >= count]
-    added = [name for name in changed if name not in removed]
-    what = (f"added {', '.join(added)}" if added else f"removed {', '.join(removed)}"
-            if removed else "unchanged")
-    return f"{role}: {count} instance{'s' if count > 1 else ''}, {what}"
+    click.echo(wording.scaled(role, count, changed))
 
 
 @cli.command()
@@ -140,7 +128,7 @@ def scaled(role: str, count: int, changed: list[str]) -> str:
 def package(file: Path, run_dir: Path | None, version: str | None) -> None:
     """Snapshot the definition and each role's app folder as a version to deploy."""
     info = call(connect(file, run_dir).package, version)
-    click.echo(f"package {info['version']}: roles {', '.join(info['roles'])}")
+    click.echo(wording.packaged(info))
 
 
 @cli.command()
@@ -181,7 +169,7 @@ def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manua
     touched. Exit 1 if the walk failed or halted, or another operation is under way."""
     client = connect(file, run_dir, timeout=120)
     walk = call(client.deploy, version, rollback, manual)
-    click.echo(walk_header(walk, f"deploy {version}"))
+    click.echo(wording.walk_header(walk, f"deploy {version}"))
     if not detach:
         _follow(client)
 
@@ -201,13 +189,6 @@ def walk(action: str | None, file: Path, run_dir: Path | None) -> None:
         _print_walk(snapshot)
 
 
-def walk_header(walk: dict[str, Any], what: str) -> str:
-    """The walk's first line. It counts the domains it walks: those with no instance (a
-    role of 2 instances over 5 domains leaves 3 empty) are skipped."""
-    walked = sum(1 for instances in walk["domains"] if instances)
-    return f"walk {walk['id']}: {what} over {walked} update domain{'s' if walked != 1 else ''}"
-
-
 def _follow(client: Client, shown: int = 0) -> None:
     """Print each step of the walk after the `shown`-th, in order, until it ends, pauses
     or halts. The walk keeps every step: a poll that comes late prints them all the same,
@@ -215,33 +196,22 @@ def _follow(client: Client, shown: int = 0) -> None:
     while True:
         snapshot = call(client.walk, None, shown)
         for step in snapshot["steps"]:
-            click.echo(f"  UD {step['domain']}  {step['instance']:<16} {step['step']}")
+            click.echo(wording.walk_step(step))
             shown = step["seq"]
-        state = snapshot["state"]
-        if state == "succeeded":
-            click.echo(f"walk {snapshot['id']}: every update domain done "
-                       f"in {snapshot['seconds']:.1f}s")
-            if snapshot["error"]:  # what came after the last domain (a deploy's scale)
-                fail(f"walk {snapshot['id']}: {snapshot['error']}")
+        end = wording.walk_end(snapshot)
+        if end is not None:
+            lines, failure = end
+            for line in lines:
+                click.echo(line)
+            if failure:
+                fail(failure)
             return
-        if state == "paused":
-            click.echo(f"walk {snapshot['id']}: paused after update domain "
-                       f"{snapshot['domain']}; `rolehost walk next` to go on")
-            return
-        if state in ("halted", "aborted", "rolled back"):
-            fail(f"walk {snapshot['id']} {state}: {snapshot['error'] or 'aborted'}"
-                  + ("\n`rolehost walk abort` ends it" if state == "halted" else ""))
         time.sleep(0.2)
 
 
 def _print_walk(snapshot: dict[str, Any]) -> None:
-    click.echo(f"walk {snapshot['id']}: {snapshot['label']} ({snapshot['mode']}), "
-               f"{snapshot['state']}, update domain {snapshot['domain']}")
-    for ud, instances in enumerate(snapshot["domains"]):
-        for instance in instances:
-            click.echo(f"  UD {ud}  {instance:<16} {snapshot['progress'][instance]}")
-    if snapshot["error"]:
-        click.echo(f"  error: {snapshot['error']}")
+    for line in wording.walk_summary(snapshot):
+        click.echo(line)
 
 
 @cli.command()
@@ -260,10 +230,7 @@ def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(history, indent=2))
         return
     for op in history["operations"]:
-        began = logs.clock(iso(op["started"]))
-        seconds = f"{op['ended'] - op['started']:.1f}s" if op["ended"] else "-"
-        error = f"  {op['error'].splitlines()[0]}" if op["error"] else ""
-        click.echo(f"{op['id']}  {began}  {op['kind']:<18} {op['outcome']:<12} {seconds:>7}  "
-                   f"{','.join(op['instances'])}{error}")
-    rate = history["success_rate"]
-    click.echo("success rate: " + ("-" if rate is None else f"{rate:.0%}"))
+        op_id, began, kind, outcome, seconds, instances, error = wording.operation_row(op)
+        click.echo(f"{op_id}  {began}  {kind:<18} {outcome:<12} {seconds:>7}  "
+                   f"{instances}{'  ' + error if error else ''}")
+    click.echo(wording.success_rate(history))

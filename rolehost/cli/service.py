@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from rolehost.cli import wording
 from rolehost.cli.common import (
     DETACH_TIMEOUT,
     call,
@@ -115,12 +116,7 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
                f"controller pid {result['pid']}")
     rows = [("INSTANCE", "UD", "STATE", "PID", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
-        detail = i["reason"] if i["state"] != "ready" else i.get("why_not_back") or ""
-        if i["last_error"] and i["state"] == "failed":
-            detail = i["last_error"]
-        if i["next_try"]:
-            detail = detail.partition("; next try in")[0]
-            detail += f" (next try {logs.clock(i['next_try'])})"
+        detail = wording.instance_detail(i)
         since = logs.clock(i["state_since"])
         rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
                      str(i["restarts"]), since, detail))
