@@ -364,6 +364,11 @@ class Service(_Model):
         description="HOST:PORT to serve Prometheus metrics on (also GET /v1/metrics), "
         "[::1]:PORT for IPv6; off",
     )
+    portal: Annotated[Text, SchemaOnly(pattern=ADDRESS_PATTERN)] | None = Field(
+        default=None,
+        description="HOST:PORT `rolehost portal` listens on when not given --listen; "
+        "default 127.0.0.1:8484",
+    )
     change_mode: Literal["per-ud", "blast"] = Field(
         default="per-ud",
         description="settings and topology changes one update domain at a time, or all at once"
@@ -379,7 +384,7 @@ class Service(_Model):
         "or json (an object with time, stream, instance and line); `rolehost logs` reads both",
     )
 
-    @field_validator("metrics")
+    @field_validator("metrics", "portal")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         # The pattern, in the schema too, but a message a person can read.
