@@ -1,0 +1,270 @@
+"""`rolehost portal`: the web page, in a real browser (headless Chromium) against a real
+controller, and its guard against requests the portal's own page did not send."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.browser import Portal, chromium, portal
+from support.cli import rolehost
+from support.net import free_port
+from support.roles import WEB
+from support.service import MakeService, Service
+
+SECRET = "s3cr3t-portal-value"
+# Set to a folder (docs/ by `make docs`) to keep the screenshots the browser test takes.
+SCREENSHOTS = "ROLEHOST_PORTAL_SCREENSHOTS"
+
+
+def _service(make_service: MakeService) -> Service:
+    """Two roles over two update domains: `web` behind the balancer (ready a second after
+    it starts: a walk long enough to draw), `worker` with a secret setting."""
+    port = free_port()
+    return make_service(
+        WEB + "\nclass Worker(RoleEntryPoint): pass\n", instances=2,
+        settings={"warmup": "1,1"}, role={"stop_timeout": "5s"},
+        service={"upgrade_domains": 2, "backoff_initial": "0.2s"},
+        extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+
+        [roles.worker]
+        entry_point = "roles:Worker"
+        app = "app"
+        instances = 2
+        stop_timeout = "5s"
+
+        [roles.worker.settings]
+        api_key = {{ value = "{SECRET}", secret = true }}
+        """)
+
+
+def _request(p: Portal, method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes | None = None) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def _pids(h: ServiceHarness) -> dict[str, int]:
+    return {i["id"]: i["pid"] for i in h.status()["instances"]}
+
+
+def test_the_portal_refuses_what_its_own_page_did_not_send(make_service: MakeService) -> None:
+    """No token, a wrong one, a foreign Host (DNS rebinding), a cross-origin POST, a POST
+    without the token header: each refused with a page that says how to get in, and no
+    instance touched. The right request does reimage."""
+    service = _service(make_service)
+    with service.harness() as h, portal("-f", str(service.toml), "--run-dir",
+                                        str(h.run_dir.path), "--listen",
+                                        f"127.0.0.1:{free_port()}") as p:
+        h.wait_ready(30)
+        before = _pids(h)
+        host = {"Host": f"127.0.0.1:{p.port}"}
+        cookie = {**host, "Cookie": f"rolehost_portal={p.token}"}
+        change = {**cookie, "Origin": p.origin, "X-Rolehost-Token": p.token,
+                  "Content-Type": "application/json"}
+        body = b'{"instance": "web_IN_0"}'
+        status, page = _request(p, "GET", "/", host)
+        assert status == 401 and "rolehost portal" in page and "?token=" in page
+        assert _request(p, "GET", "/?token=wrong", host)[0] == 403
+        assert _request(p, "GET", "/", {**cookie, "Host": f"evil.example:{p.port}"})[0] == 403
+        status, answer = _request(p, "GET", f"/?token={p.token}", host)
+        assert status == 303  # the token moves to the cookie
+        for refused in ({**change, "Origin": "http://evil.example"},  # another site's page
+                        {k: v for k, v in change.items() if k != "Origin"},
+                        {k: v for k, v in change.items() if k != "X-Rolehost-Token"},
+                        {k: v for k, v in change.items() if k != "Cookie"},
+                        {**change, "Host": f"evil.example:{p.port}"}):
+            status, page = _request(p, "POST", "/act/instance/reimage", refused, body)
+            assert status == 403, (refused, page)
+            assert "rolehost portal" in page
+        assert _request(p, "GET", "/act/instance/reimage", cookie)[0] == 405
+        assert _request(p, "PUT", "/act/instance/reimage", change, body)[0] == 405
+        assert _pids(h) == before  # nothing changed
+        for path in ("/", "/part/instances", "/history", "/logs", "/logs?instance=worker/0",
+                     "/part/log", "/part/log?instance=worker/0", "/metrics"):
+            status, page = _request(p, "GET", path, cookie)
+            assert status == 200 and SECRET not in page, path
+        status, answer = _request(p, "POST", "/act/instance/reimage", change, body)
+        assert status == 200 and '"web_IN_0: reimage begun"' in answer, answer
+        h.wait_replaced("web_IN_0", before["web_IN_0"], 30)
+
+
+def test_portal_listen_address(make_service: MakeService) -> None:
+    """`[service] portal` is the default listen address; a bad one is refused naming it."""
+    port = free_port()
+    service = make_service("class Role(RoleEntryPoint): pass",
+                           service={"portal": f"127.0.0.1:{port}"})
+    with portal("-f", str(service.toml)) as p:
+        assert (p.host, p.port) == ("127.0.0.1", port)
+        status, page = _request(p, "GET", "/", {"Host": f"localhost:{port}"})
+        assert status == 401
+        status, page = _request(p, "GET", "/", {"Host": f"localhost:{port}",
+                                                "Cookie": f"rolehost_portal={p.token}"})
+        assert status == 503 and "does not answer" in page  # no controller runs: it says so
+    bad = rolehost("portal", "-f", str(service.toml), "--listen", "nowhere", "--no-browser")
+    assert bad.returncode == 2 and "--listen" in bad.stderr, bad.stderr
+
+
+class _OtherSite(BaseHTTPRequestHandler):
+    """Another site the user visits: its page posts to the portal, a form and a fetch."""
+
+    target = ""
+
+    def do_GET(self) -> None:
+        body = f"""<html><body><form id="f" method="POST"
+action="{self.target}/act/instance/reimage" enctype="text/plain">
+<input name='{{"instance": "web_IN_1", "x": "' value='"}}'></form>
+<script>
+fetch("{self.target}/act/instance/reimage", {{method: "POST", mode: "no-cors",
+  credentials: "include", body: '{{"instance": "web_IN_1"}}'}})
+  .finally(() => document.getElementById("f").submit());
+</script></body></html>""".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _other_site(target: str) -> Iterator[str]:
+    _OtherSite.target = target
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OtherSite)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _shot(driver: Any, name: str, element: Any = None) -> None:
+    folder = os.environ.get(SCREENSHOTS)
+    if folder:
+        path = Path(folder) / name
+        if element is None:
+            driver.save_screenshot(str(path))
+        else:
+            element.screenshot(str(path))
+        assert path.stat().st_size > 0
+
+
+def _output(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, "output").text)
+
+
+def _press(driver: Any, selector: str) -> str:
+    """Press a button that asks first, say yes, and return the question."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The part that holds the button is replaced as it refreshes: found and clicked in
+    # one go, by the page; later, since the question blocks the script that asks it.
+    driver.execute_script(
+        "const s = arguments[0]; setTimeout(() => document.querySelector(s).click(), 0);",
+        selector)
+    alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
+    question = str(alert.text)
+    alert.accept()
+    return question
+
+
+def test_the_portal_in_a_browser(make_service: MakeService) -> None:
+    """Every instance is shown; Reimage asks, then shows the instance stop, start and be
+    ready, in the CLI's words; a host-os walk started from the page draws its timeline,
+    requests per second under it, and the history links to it; another site's page that
+    posts to the portal changes nothing."""
+    from selenium.webdriver.common.by import By
+
+    service = _service(make_service)
+    with service.harness() as h, portal("-f", str(service.toml), "--run-dir",
+                                        str(h.run_dir.path), "--listen",
+                                        f"127.0.0.1:{free_port()}") as p, chromium() as driver:
+        h.wait_ready(30)
+        driver.get(p.url)
+        names = ["web_IN_0", "web_IN_1", "worker_IN_0", "worker_IN_1"]
+
+        def row_state(name: str) -> str:
+            return str(driver.execute_script(
+                "const r = document.querySelector(`tr[data-instance='${arguments[0]}']`);"
+                "return r && r.dataset.state;", name))
+
+        wait_until(lambda: all(row_state(n) == "ready" for n in names), 20,
+                   "every instance shown ready", lambda: driver.page_source)
+        assert SECRET not in driver.page_source
+
+        before = _pids(h)
+        question = _press(driver, 'tr[data-instance="web_IN_0"] button[data-act$="/reimage"]')
+        assert question == "Reimage web_IN_0?"
+        wait_until(lambda: "starting -> ready" in _output(driver), 60,
+                   "the reimage followed to ready", lambda: _output(driver))
+        out = _output(driver)
+        assert out.startswith("web_IN_0: reimage begun")  # as `rolehost reimage` says
+        assert out.index("ready -> stopping") < out.index("-> starting") < out.index(
+            "starting -> ready"), out
+        wait_until(lambda: row_state("web_IN_0") == "ready", 20, "web_IN_0 ready in the table")
+        assert _pids(h)["web_IN_0"] != before["web_IN_0"]
+
+        with LoadProbe(h.url("web", "http"), clients=2) as load:
+            load.wait_requests(50)
+            assert _press(driver, 'button[data-act="/act/upgrade/host-os"]').startswith(
+                "Walk the host-os update")
+            wait_until(lambda: "every update domain done" in _output(driver), 90,
+                       "the walk followed to its end", lambda: _output(driver))
+        assert load.failures == [], load.report()
+        out = _output(driver)
+        assert "upgrade host-os over 2 update domains" in out
+        assert "  UD 1  worker_IN_1      ready" in out  # `rolehost upgrade`'s step lines
+
+        def drawn() -> bool:
+            svg = driver.find_elements(By.CSS_SELECTOR, "#walk svg#timeline")
+            return bool(svg) and all(driver.find_elements(
+                By.CSS_SELECTOR, f'#walk rect.seg[data-instance="{n}"][data-state="stopping"]')
+                for n in names) and len(driver.find_elements(
+                    By.CSS_SELECTOR, "#walk g.step")) >= 2
+        wait_until(drawn, 20, "the walk's timeline", lambda: driver.page_source)
+        wait_until(lambda: driver.execute_script(
+            "return document.querySelector('#walk pre.walk').dataset.state") == "succeeded"
+            and all(row_state(n) == "ready" for n in names), 20,
+            "the page to show the walk over", lambda: driver.page_source)
+        steps = [g.get_attribute("data-step")
+                 for g in driver.find_elements(By.CSS_SELECTOR, "#walk g.step")]
+        assert steps[:2] == ["UD 0", "UD 1"], steps
+        assert driver.find_elements(By.CSS_SELECTOR, "#walk polyline#requests")
+        _shot(driver, "portal-timeline.png", driver.find_element(By.ID, "walk"))
+        _shot(driver, "portal-service.png")
+
+        walk_id = h.status()["walk"]["id"]
+        driver.get(f"{p.origin}/history")
+        driver.find_element(By.LINK_TEXT, walk_id).click()
+        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "svg#timeline rect.seg"), 20,
+                   "the operation's timeline from the history")
+        assert "upgrade host-os" in driver.find_element(By.TAG_NAME, "h1").text
+
+        after_walk = _pids(h)
+        with _other_site(p.origin) as site:
+            driver.get(site)
+            wait_until(lambda: "access refused" in driver.page_source, 20,
+                       "the other site's form refused", lambda: driver.page_source)
+        assert _pids(h) == after_walk  # nothing touched
