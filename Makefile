@@ -32,8 +32,10 @@ bench: $(BIN)/rolehost
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/respawn.py
 
-docs: $(BIN)/rolehost  ## regenerate the reference pages from the model and the CLI
+docs: $(BIN)/rolehost  ## regenerate the reference pages, and the portal's screenshots
 	$(BIN)/python docs/generate.py
+	ROLEHOST_PORTAL_SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_portal.py::test_the_portal_in_a_browser
 
 clean:
 	rm -rf $(VENV) .rolehost samples/*/.rolehost

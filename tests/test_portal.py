@@ -268,3 +268,32 @@ def test_the_portal_in_a_browser(make_service: MakeService) -> None:
             wait_until(lambda: "access refused" in driver.page_source, 20,
                        "the other site's form refused", lambda: driver.page_source)
         assert _pids(h) == after_walk  # nothing touched
+
+
+def test_timeline_segments_start_from_the_state_before_the_window() -> None:
+    from rolehost.portal import timeline
+
+    def state(at: str, name: str, value: str) -> dict[str, str]:
+        return {"event": "state", "instance": name, "state": value,
+                "timestamp": f"2026-01-01T00:00:{at}Z"}
+
+    from rolehost.portal.source import seconds
+
+    t0 = seconds("2026-01-01T00:00:10Z")
+    assert t0 is not None
+    events = [state("05", "a", "ready"), state("12", "a", "stopping"), state("12", "b", "x"),
+              state("13", "a", "starting"), state("15", "a", "ready"), state("30", "a", "failed")]
+    assert timeline.segments("a", events, t0, t0 + 10) == [
+        (t0, t0 + 2, "ready"), (t0 + 2, t0 + 3, "stopping"), (t0 + 3, t0 + 5, "starting"),
+        (t0 + 5, t0 + 10, "ready")]
+    assert timeline.segments("c", events, t0, t0 + 10) == [(t0, t0 + 10, "unknown")]
+    svg = timeline.render([timeline.Row("a", 0), timeline.Row("<b>", 1)], events, t0, t0 + 10)
+    assert svg.count('class="seg"') == 5 and "&lt;b&gt;" in svg and "<b>" not in svg
+
+
+def test_the_hosts_that_name_the_portal() -> None:
+    from rolehost.portal.guard import host_names
+
+    assert host_names("127.0.0.1", 8484) == {"127.0.0.1:8484", "localhost:8484"}
+    assert host_names("::1", 80) == {"[::1]:80", "localhost:80"}
+    assert host_names("10.0.0.5", 9000) == {"10.0.0.5:9000"}
