@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -101,6 +102,30 @@ def test_the_portal_refuses_what_its_own_page_did_not_send(make_service: MakeSer
         status, answer = _request(p, "POST", "/act/instance/reimage", change, body)
         assert status == 200 and '"web_IN_0: reimage begun"' in answer, answer
         h.wait_replaced("web_IN_0", before["web_IN_0"], 30)
+        h.wait_ready(30)
+
+        def act(path: str, form: dict[str, Any]) -> dict[str, Any]:
+            status, text = _request(p, "POST", path, change, json.dumps(form).encode())
+            assert status == 200, text
+            return dict(json.loads(text))
+
+        # The service's actions, in the CLI's words; a refusal in the API's.
+        outcome = act("/act/config", {"role": "worker", "assignments": "colour=blue"})
+        assert outcome["failure"] is None
+        assert sorted(line.split(":")[0] for line in outcome["lines"]) == [
+            "worker_IN_0", "worker_IN_1"], outcome
+        assert act("/act/walk/next", {})["failure"] == (
+            "no walk has run since the controller started")
+        refused = act("/act/deploy", {"version": "nope", "rollback": True, "manual": False})
+        assert "nope" in refused["failure"], refused
+        assert act("/act/scale", {"role": "web", "count": "x"})["failure"] == (
+            "count must be a whole number")
+        assert act("/act/instance/reboot", {"instance": "web_IN_0"})["failure"] == (
+            "no such instance action: reboot")
+        status, text = _request(p, "GET", "/part/log", cookie)  # the controller's events
+        assert status == 200 and any("web_IN_0: ready -> stopping (reimage: requested "
+                                     "through the portal)" in line
+                                     for line in json.loads(text)["lines"]), text
 
 
 def test_portal_listen_address(make_service: MakeService) -> None:
