@@ -7,6 +7,8 @@ import contextlib
 import http.client
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,6 +144,14 @@ def test_portal_listen_address(make_service: MakeService) -> None:
         assert status == 503 and "does not answer" in page  # no controller runs: it says so
     bad = rolehost("portal", "-f", str(service.toml), "--listen", "nowhere", "--no-browser")
     assert bad.returncode == 2 and "--listen" in bad.stderr, bad.stderr
+    # Without the `portal` extra: which package is missing, and how to install it.
+    without = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['starlette'] = None; "
+         "from rolehost.cli import main; main()", "portal", "-f", str(service.toml)],
+        capture_output=True, text=True, timeout=60)
+    assert without.returncode == 1, without.stderr
+    assert "starlette is missing" in without.stderr
+    assert "pip install 'rolehost[portal]'" in without.stderr
 
 
 class _OtherSite(BaseHTTPRequestHandler):

@@ -31,7 +31,8 @@ def portal(file: Path, run_dir: Path | None, listen: str | None, no_browser: boo
     try:
         from rolehost.portal.app import serve
     except ImportError as exc:
-        fail(f"the portal needs the `portal` extra ({exc.name} is missing): "
+        missing = (exc.name or "a package").split(".")[0]
+        fail(f"the portal needs the `portal` extra ({missing} is missing): "
              "pip install 'rolehost[portal]'")
     try:
         definition = model.load(file)
