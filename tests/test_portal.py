@@ -332,3 +332,29 @@ def test_the_hosts_that_name_the_portal() -> None:
     assert host_names("127.0.0.1", 8484) == {"127.0.0.1:8484", "localhost:8484"}
     assert host_names("::1", 80) == {"[::1]:80", "localhost:80"}
     assert host_names("10.0.0.5", 9000) == {"10.0.0.5:9000"}
+
+
+def test_an_operation_older_than_the_kept_events_is_drawn_from_the_event_log(
+        tmp_path: Path) -> None:
+    """The controller keeps its last 10,000 events; an older walk's come from the log,
+    read again only once it changed."""
+    from rolehost.fabric.rundir import RunDir
+    from rolehost.portal.source import Source, seconds
+
+    run_dir = RunDir(tmp_path)
+    run_dir.logs.mkdir(parents=True)
+    log = run_dir.logs / "controller.log"
+    lines = [{"seq": n, "event": "state", "instance": "web_IN_0", "state": state,
+              "timestamp": f"2026-01-01T00:00:{n:02d}Z"}
+             for n, state in ((1, "ready"), (2, "stopping"), (3, "ready"))]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines) + "not json\n")
+    source = Source(run_dir)
+    source.events.append({"seq": 9, "event": "state", "timestamp": "2026-01-01T00:01:00Z"})
+    began = seconds("2026-01-01T00:00:01.5Z")
+    assert began is not None
+    assert [e["seq"] for e in source.events_between(began, began + 1)] == [1, 2]
+    first = source._logged()
+    assert source._logged() is first  # unchanged: not read again
+    with log.open("a") as f:
+        f.write(json.dumps({**lines[0], "seq": 4}) + "\n")
+    assert [e["seq"] for e in source._logged()] == [1, 2, 3, 4]

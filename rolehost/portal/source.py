@@ -72,6 +72,10 @@ def seconds(stamp: str | None) -> float | None:
         return None
 
 
+def _until(events: list[dict[str, Any]], ended: float) -> list[dict[str, Any]]:
+    return [e for e in events if (t := seconds(e.get("timestamp"))) is not None and t <= ended]
+
+
 class Source:
     """The control API's answers for the portal's pages; safe to call from the server's
     worker threads."""
@@ -83,6 +87,7 @@ class Source:
         self.samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
         self._controller: tuple[Any, Any] | None = None  # its pid and start: a new one numbers
         self._lock = threading.Lock()                     # its events from 1 again
+        self._read: tuple[Any, list[dict[str, Any]]] | None = None  # the event log, as read
 
     def status(self) -> dict[str, Any]:
         """The controller's status; the events and a metrics sample are brought up to date
@@ -117,16 +122,18 @@ class Source:
         with self._lock:
             kept = list(self.events)
         oldest = seconds(kept[0].get("timestamp")) if kept else None
-        if oldest is None or oldest > began:
-            kept = list(self._logged())
-        return [e for e in kept if (t := seconds(e.get("timestamp"))) is not None and t <= ended]
+        return _until(kept if oldest is not None and oldest <= began else self._logged(), ended)
 
     def _logged(self) -> list[dict[str, Any]]:
+        """The events of the event log and its last rotation, oldest first. A page asks
+        again every second: the files are read again only once they changed."""
         path: Path = self.run_dir.logs / "controller.log"
+        files = [f for f in (path.with_name(path.name + ".1"), path) if f.exists()]
+        key = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if self._read is not None and self._read[0] == key:
+            return self._read[1]
         events = []
-        for older in (path.with_name(path.name + ".1"), path):
-            if not older.exists():
-                continue
+        for older in files:
             for line in older.read_text(errors="replace").splitlines():
                 try:
                     event = json.loads(line)
@@ -134,7 +141,8 @@ class Source:
                     continue
                 if isinstance(event, dict):
                     events.append(event)
-        return events[-EVENTS_KEPT * 5:]
+        self._read = (key, events[-EVENTS_KEPT * 5:])
+        return self._read[1]
 
     def samples_between(self, began: float, ended: float) -> list[Sample]:
         with self._lock:
