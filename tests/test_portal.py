@@ -228,8 +228,9 @@ def _press(driver: Any, selector: str) -> str:
 def test_the_portal_in_a_browser(make_service: MakeService) -> None:
     """Every instance is shown; Reimage asks, then shows the instance stop, start and be
     ready, in the CLI's words; a host-os walk started from the page draws its timeline,
-    requests per second under it, and the history links to it; another site's page that
-    posts to the portal changes nothing."""
+    requests per second under it, and the history links to it; the metrics are charted
+    and the controller's events followed; another site's page that posts to the portal
+    changes nothing."""
     from selenium.webdriver.common.by import By
 
     service = _service(make_service)
@@ -296,6 +297,15 @@ def test_the_portal_in_a_browser(make_service: MakeService) -> None:
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "svg#timeline rect.seg"), 20,
                    "the operation's timeline from the history")
         assert "upgrade host-os" in driver.find_element(By.TAG_NAME, "h1").text
+
+        driver.get(f"{p.origin}/metrics")  # the balancer's figures as small charts
+        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#charts svg.spark polyline"),
+                   20, "the metrics' charts", lambda: driver.page_source)
+        assert "web.http" in driver.find_element(By.ID, "charts").text
+        driver.get(f"{p.origin}/logs")  # the controller's events, as `rolehost logs` prints
+        wait_until(lambda: "web_IN_0: ready -> stopping (reimage: requested through the "
+                   "portal)" in driver.find_element(By.ID, "log").text, 20,
+                   "the controller's events", lambda: driver.page_source)
 
         after_walk = _pids(h)
         with _other_site(p.origin) as site:
