@@ -68,7 +68,8 @@ def service(status: dict[str, Any], packages: list[dict[str, Any]], token: str) 
 <input name="count" type="number" min="1" size="4" placeholder="count">
 <button data-act="/act/scale" data-form="scale"
  data-confirm="Scale this role? Scaling in stops instances.">Scale</button></form>
-<form id="walkctl"><button data-act="/act/walk/next" data-form="walkctl">Walk: next</button>
+<form id="walkctl"><button data-act="/act/walk/next" data-form="walkctl"
+ data-confirm="Go on with the walk: take the next update domain down?">Walk: next</button>
 <button data-act="/act/walk/abort" data-form="walkctl"
  data-confirm="Abort the walk?">Walk: abort</button></form>
 </section>

@@ -28,6 +28,8 @@ from rolehost.fabric.rundir import RunDir
 EVENTS_KEPT = 20_000
 SAMPLES_KEPT = 3600  # an hour at one a second
 SAMPLE_EVERY = 1.0
+# A page refreshes its parts each second, each asking for the status: they share one.
+STATUS_FRESH = 0.5
 FAILED_KINDS = ("502", "503", "cut")  # a retry is not a failed request: the client got one
 
 
@@ -87,13 +89,19 @@ class Source:
         self.samples: deque[Sample] = deque(maxlen=SAMPLES_KEPT)
         self._controller: tuple[Any, Any] | None = None  # its pid and start: a new one numbers
         self._lock = threading.Lock()                     # its events from 1 again
+        self._status: tuple[float, dict[str, Any]] | None = None  # when asked, the answer
         self._read: tuple[Any, list[dict[str, Any]]] | None = None  # the event log, as read
 
     def status(self) -> dict[str, Any]:
         """The controller's status; the events and a metrics sample are brought up to date
         with it, so that a page that shows the service keeps the timeline's record."""
+        with self._lock:
+            last = self._status
+        if last is not None and time.monotonic() - last[0] < STATUS_FRESH:
+            return last[1]
         status = self.client.status()
         with self._lock:
+            self._status = (time.monotonic(), status)
             controller = (status["pid"], status["started"])
             if controller != self._controller:
                 self._controller = controller
