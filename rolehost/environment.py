@@ -135,6 +135,7 @@ class Context:
         endpoints: dict[str, dict[str, Any]] | None = None,
         resources: dict[str, dict[str, Any]] | None = None,
         topology: dict[str, list[str]] | None = None,
+        site: dict[str, Any] | None = None,
     ) -> None:
         self.instance_id, self.role, self.index = instance_id, role, index
         self.update_domain, self.deployment_id = update_domain, deployment_id
@@ -144,6 +145,7 @@ class Context:
         self.endpoints: dict[str, dict[str, Any]] = endpoints or {}
         self.resources: dict[str, dict[str, Any]] = resources or {}
         self.topology: dict[str, list[str]] = topology or {}
+        self.site = site  # a web role's site (Role.site_context), served by rolehost.site
 
 
 

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
     from typing import Any, NoReturn
 
+    from rolehost.site import Site
+
 
 class Channel:
     """The host's end of the socket pair."""
@@ -125,6 +127,26 @@ class Host:
         self._start_over = threading.Event()
         self._started = False
         self._status = _StatusLoop(self)
+        self._site: Site | None = None  # a web role's: rolehost.site
+
+    def _site_step(self, step: str) -> None:
+        """Start the site or warm it up (a role without one has nothing to do): a failure
+        fails the boot with the site's own message, or its application's traceback."""
+        if self.context.site is None:
+            return
+        from rolehost.site import Site, SiteError
+
+        try:
+            if self._site is None:
+                self._site = Site(self.context, self.context.site, self.request_recycle)
+            getattr(self._site, step)()
+        except BaseException as exc:
+            if self._stop_started:
+                self._start_over.set()  # a stop during the site's start has nothing to stop
+                self._park()
+            where = "site" if step == "start" else "warmup"
+            self.report(where, f"{exc}\n" if isinstance(exc, SiteError) else _traceback())
+            self._exit(ExitCode.CRASHED)
 
     # The lifecycle (main thread).
 
@@ -134,6 +156,7 @@ class Host:
         except BaseException:
             self._fail("import", ExitCode.BOOT_FAILED)
         self.send_state("starting")
+        self._site_step("start")  # the site listens before on_start, which may use it
         try:
             started = self.invoke(self.role.on_start)
         except BaseException:
@@ -146,6 +169,7 @@ class Host:
         if not started:
             self.channel.send("recycle", reason=f"on_start returned {started!r}")
             self._exit(ExitCode.RECYCLE)
+        self._site_step("warm_up")  # and only then may the instance be ready
         self._status.start()
         try:
             self.invoke(self.role.run, main=True)
@@ -238,6 +262,8 @@ class Host:
         self._start_over.wait()
         if not self._started:
             return
+        if self._site is not None:  # already out of rotation and drained
+            self._site.stop()
         for handler in RoleEnvironment.handlers["stopping"]:
             try:
                 self.invoke(handler)
@@ -470,19 +496,28 @@ def _update_environment(variables: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
-def check(entry_point: str, app_dir: str) -> int:
-    """`python -m rolehost.host --check ENTRY APP`: can this entry point be loaded?"""
+def check(entry_point: str, app_dir: str, site: str | None = None) -> int:
+    """`python -m rolehost.host --check ENTRY APP [SITE]`: can this entry point be loaded
+    (else 2), and the site's application (else 3)?"""
     try:
         load_entry_point(entry_point, app_dir)
     except BaseException:
         sys.stderr.write(_traceback())
         return 2
+    if site:
+        from rolehost.site import load_application
+
+        try:
+            load_application(site, app_dir)
+        except BaseException:
+            sys.stderr.write(_traceback())
+            return 3
     return 0
 
 
 def main() -> NoReturn:
     if sys.argv[1:2] == ["--check"]:
-        sys.exit(check(sys.argv[2], sys.argv[3]))
+        sys.exit(check(*sys.argv[2:5]))
     channel = Channel(int(os.environ[protocol.CHANNEL_FD_ENV]))
     assignment = channel.receive()
     if assignment is None:

@@ -179,6 +179,17 @@ CASES = [
     ("roles.web.startup_tasks", [{"command": ["", "x"]}], False),
     ("roles.web.startup_tasks", [{"command": ["x", ""]}], True),
     ("roles.web.startup_tasks", [{"command": ["x", "\u0000"]}], False),
+    # A web role's site: one application, ASGI or WSGI; a role with one may have no class.
+    ("roles.web.site", {"asgi": "shop.web:app", "warmup": ["/", "/catalog"]}, True),
+    ("roles.web.site", {"wsgi": "mysite.wsgi:application", "endpoint": "http"}, True),
+    ("roles.web.site", {"asgi": "a:b", "wsgi": "c:d"}, False),
+    ("roles.web.site", {}, False),
+    ("roles.web.site", {"asgi": "shop.web"}, False),
+    ("roles.web.site", {"asgi": "a:b", "warmup": ["catalog"]}, False),
+    ("roles.web.site", {"asgi": "a:b", "warmup_timeout": "0s"}, False),
+    ("roles.web.site", {"asgi": "a:b", "port": 80}, False),
+    ("roles.web", {"site": {"asgi": "a:b"}, "endpoints": {"http": {"port": 18080}}}, True),
+    ("roles.web", {"endpoints": {"http": {"port": 18080}}}, False),
 ]
 
 
@@ -303,6 +314,8 @@ EXCEPTIONS: dict[str, Any] = {
     "backoff-order": re.compile(r"backoff_max must be at least backoff_initial"),
     "unique-ports": re.compile(r"port [0-9]+ is already used by "),
     "one-name-per-variable": re.compile(r"expected a name of its own: "),
+    "site-endpoint": re.compile(r"expected one of the role's endpoints|the role has (no "
+                                r"endpoint|[0-9]+ endpoints)|expected an http endpoint"),
     "float-precision": _finer_than_a_float,
 }
 # One document for each: the model refuses it, a JSON-Schema validator takes it.
@@ -311,6 +324,7 @@ EXCEPTION_EXAMPLES = {
     "backoff-order": _with("service.backoff_initial", "2m"),
     "unique-ports": _with("service.metrics", "127.0.0.1:18080"),
     "one-name-per-variable": _with("roles.web.settings", {"color": 1, "COLOR": 2}),
+    "site-endpoint": _with("roles.web.site", {"asgi": "shop.web:app", "endpoint": "api"}),
     "float-precision": _with("roles.web.status_check_interval", "0." + "0" * 330 + "1"),
 }
 

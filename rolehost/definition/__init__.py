@@ -39,6 +39,7 @@ from rolehost.definition.schema import (
     model_schema,
     published,
 )
+from rolehost.definition.site import SITE_ONLY_ENTRY_POINT, Site, site_endpoint
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
@@ -226,12 +227,18 @@ class Secret(_Model):
 
 
 class Role(_Model):
-    """One role: a class run by `instances` host processes."""
+    """One role: a class run by `instances` host processes, a site, or both."""
 
-    entry_point: Text = Field(
-        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
-        description="module:Class, importable from the role's app folder",
+    model_config = ConfigDict(json_schema_extra={
+        "anyOf": [{"required": ["entry_point"]}, {"required": ["site"]}]})
+
+    entry_point: Text | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="module:Class, importable from the role's app folder; optional for a "
+        "role with a site",
     )
+    site: Site | None = Field(default=None, description="an ASGI or WSGI application "
+                              "the host serves: a web role (docs/web-roles.md)")
     app: Annotated[Path, SchemaOnly(pattern=NO_NUL)] = Field(
         default=Path("."), description="folder deployed as each instance's app/")
     instances: Integer = Field(default=MIN_INSTANCES, ge=MIN_INSTANCES, le=MAX_INSTANCES,
@@ -268,6 +275,18 @@ class Role(_Model):
         return value
 
     @model_validator(mode="after")
+    def _runs_something(self) -> Role:
+        if self.entry_point is None and self.site is None:
+            raise DefinitionError(None, "entry_point", "required key is missing (a role "
+                                  "without one needs a [site])")
+        if self.site is not None:
+            try:
+                site_endpoint(self.site, self.endpoints)
+            except ValueError as exc:
+                raise DefinitionError(None, "site.endpoint", str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
     def _fits_the_environment(self) -> Role:
         # Every setting and resource reaches the role as an environment variable: one that
         # cannot be set fails every boot, and two names for one variable lose a value.
@@ -292,12 +311,29 @@ class Role(_Model):
         return {k: "(secret)" if k in self.secrets else v for k, v in settings.items()}
 
     @property
+    def entry_class(self) -> str:
+        """The module:Class its hosts run: a site-only role's does nothing of its own."""
+        return self.entry_point or SITE_ONLY_ENTRY_POINT
+
+    @property
     def module(self) -> str:
-        return self.entry_point.partition(":")[0]
+        return self.entry_class.partition(":")[0]
 
     @property
     def class_name(self) -> str:
-        return self.entry_point.partition(":")[2]
+        return self.entry_class.partition(":")[2]
+
+    def site_context(self) -> dict[str, Any] | None:
+        """What a host needs to serve the site: the application, its endpoint's name and
+        the endpoint's drain and idle timeouts."""
+        if self.site is None:
+            return None
+        name = site_endpoint(self.site, self.endpoints)
+        endpoint = self.endpoints[name]
+        return {"interface": self.site.interface, "application": self.site.application,
+                "endpoint": name, "warmup": list(self.site.warmup),
+                "warmup_timeout": self.site.warmup_timeout,
+                "drain_timeout": endpoint.drain_timeout, "idle_timeout": endpoint.idle_timeout}
 
 
 def setting_variable(name: str) -> str:

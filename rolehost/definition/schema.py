@@ -76,6 +76,8 @@ MODEL_ONLY = {
                       "has one type of number",
     "backoff-order": "`service.backoff_max` is at least `service.backoff_initial`, their "
                      "defaults included",
+    "site-endpoint": "a role's `site.endpoint` names one of its http endpoints; without "
+                     "it, the role has exactly one endpoint, an http one",
     "unique-ports": "each port, an endpoint's or the metrics', is used once in the service, "
                     "whatever the host",
     "one-name-per-variable": "no two settings of a role, nor two of its local resources, "

@@ -529,7 +529,7 @@ class Instance:
             index=self.index,
             update_domain=self.update_domain,
             deployment_id=self.deployment.id,
-            entry_point=self.role.entry_point,
+            entry_point=self.role.entry_class,
             app_dir=str(self.disks.app),
             os_dir=str(self.disks.os),
             stop_timeout=self.role.stop_timeout,
@@ -545,6 +545,7 @@ class Instance:
                 for name, spec in self.role.local_resources.items()
             },
             topology=self.topology,
+            site=self.role.site_context(),
         )
 
     # What the host says.

@@ -1,4 +1,5 @@
-"""Checks that need more than the definition itself: can each entry point be loaded?
+"""Checks that need more than the definition itself: can each entry point, and each
+site's application, be loaded?
 
 Each role's entry point is imported in a throw-away interpreter, so a module's import
 side effects, or a crash in it, never touch the caller.
@@ -18,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rolehost.definition import Definition, DefinitionError
+from rolehost.definition import Definition, DefinitionError, Role
 from rolehost.processes import process
 
 IMPORT_TIMEOUT = 60.0
@@ -33,20 +34,17 @@ async def check_entry_points(
     leaves these children alone."""
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def check(name: str, entry_point: str, app: Path) -> DefinitionError | None:
-        if not app.is_dir():
-            return _missing(file, name, app)
+    async def check(name: str, role: Role) -> DefinitionError | None:
+        if not role.app.is_dir():
+            return _missing(file, name, role.app)
         async with limit:
             try:
-                done = await process.run(_argv(entry_point, app), cwd=app,
-                                         timeout=IMPORT_TIMEOUT)
+                done = await process.run(_argv(role), cwd=role.app, timeout=IMPORT_TIMEOUT)
             except TimeoutError:
                 done = None
-        return _judge(file, name, entry_point, app, done)
+        return _judge(file, name, role, done)
 
-    found = await asyncio.gather(
-        *(check(n, r.entry_point, r.app) for n, r in definition.roles.items())
-    )
+    found = await asyncio.gather(*(check(n, r) for n, r in definition.roles.items()))
     return [e for e in found if e is not None]
 
 
@@ -57,39 +55,42 @@ def entry_points(definition: Definition, file: Path | None) -> list[DefinitionEr
     if process.reaping_orphans():
         raise RuntimeError("this process reaps orphans: await check_entry_points on its loop")
 
-    def check(item: tuple[str, str, Path]) -> DefinitionError | None:
-        name, entry_point, app = item
-        if not app.is_dir():
-            return _missing(file, name, app)
+    def check(item: tuple[str, Role]) -> DefinitionError | None:
+        name, role = item
+        if not role.app.is_dir():
+            return _missing(file, name, role.app)
         # In the caller's process group: a Ctrl-C at the CLI reaches the import too.
-        with subprocess.Popen(_argv(entry_point, app), cwd=app, stdin=subprocess.DEVNULL,
+        with subprocess.Popen(_argv(role), cwd=role.app, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
             try:
                 stdout, stderr = child.communicate(timeout=IMPORT_TIMEOUT)
             except subprocess.TimeoutExpired:
                 process.signal_tree(child.pid, None, signal.SIGKILL)  # and its descendants
                 child.wait()
-                return _judge(file, name, entry_point, app, None)
-        return _judge(file, name, entry_point, app,
-                      process.Completed(child.returncode, stdout, stderr))
+                return _judge(file, name, role, None)
+        return _judge(file, name, role, process.Completed(child.returncode, stdout, stderr))
 
-    items = [(n, r.entry_point, r.app) for n, r in definition.roles.items()]
+    items = list(definition.roles.items())
     with ThreadPoolExecutor(max_workers=max(1, min(CONCURRENCY, len(items)))) as pool:
         return [e for e in pool.map(check, items) if e is not None]
 
 
-def _argv(entry_point: str, app: Path) -> list[str]:
-    return [sys.executable, "-m", "rolehost.host", "--check", entry_point, str(app)]
+def _argv(role: Role) -> list[str]:
+    site = [role.site.application] if role.site else []
+    return [sys.executable, "-m", "rolehost.host", "--check", role.entry_class, str(role.app),
+            *site]
 
 
 def _missing(file: Path | None, name: str, app: Path) -> DefinitionError:
     return DefinitionError(file, f"roles.{name}.app", f"folder not found: {app}")
 
 
-def _judge(file: Path | None, name: str, entry_point: str, app: Path,
+def _judge(file: Path | None, name: str, role: Role,
            done: process.Completed | None) -> DefinitionError | None:
     """The error of one role's check, if any (`done` None: the import timed out)."""
-    key = f"roles.{name}.entry_point"
+    key, entry_point, app = f"roles.{name}.entry_point", role.entry_class, role.app
+    if done is not None and done.returncode == 3 and role.site is not None:
+        key, entry_point = f"roles.{name}.site.{role.site.interface}", role.site.application
     if done is None:
         return DefinitionError(file, key, f"importing {entry_point} took over {IMPORT_TIMEOUT:g}s")
     if done.returncode == 0:
