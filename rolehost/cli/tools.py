@@ -1,4 +1,5 @@
-"""Working without a running controller: `check`, `run-instance`, `export`, `schema`."""
+"""Working without a running controller: `init`, `check`, `run-instance`, `export`,
+`schema`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED
 from rolehost.definition.scalars import parse_address, parse_duration
 from rolehost.fabric import capacity
 from rolehost.fabric.rundir import AlreadyRunning, Unsuitable
+
+
+@cli.command()
+@click.argument("folder", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--role", type=click.Choice(["worker", "web"]), default="worker",
+              show_default=True, help="A worker role, or a web role with a site.")
+@click.option("--site", type=click.Choice(["asgi", "wsgi"]), default="asgi",
+              show_default=True, help="The web role's application: ASGI or WSGI.")
+def init(folder: Path, role: str, site: str) -> None:
+    """Write a new service into FOLDER (default: here): rolehost.toml with comments, a
+    role module, and a pytest file that rehearses a restart and a reimage. It passes
+    `rolehost check`, and `rolehost start` runs it. Existing files are never overwritten:
+    if one is there, nothing is written."""
+    from rolehost import scaffold
+
+    try:
+        written = scaffold.init(folder, role, site)
+    except (scaffold.ScaffoldError, OSError) as exc:
+        fail(str(exc), EXIT_FAILED)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: cd {folder} && rolehost check && pytest && rolehost start")
 
 
 @cli.command()
