@@ -11,8 +11,10 @@ $(BIN)/rolehost: pyproject.toml setup.py rolehost/balancer/proxy/*.py rolehost/b
 	@touch $@
 
 .PHONY: demo test test-fast lint bench docs clean
-demo: $(BIN)/rolehost  ## run the hello sample in the foreground (Ctrl-C stops it gracefully)
-	cd samples/hello && ../../$(BIN)/rolehost start
+# `make demo SAMPLE=fastapi` runs another of samples/ (a comment on the line would pad it).
+SAMPLE ?= hello
+demo: $(BIN)/rolehost  ## run a sample in the foreground (Ctrl-C stops it gracefully)
+	cd samples/$(SAMPLE) && ../../$(BIN)/rolehost start
 
 # Three workers on two cores: most tests wait on real processes rather than compute. By
 # file, so that a module's fixture (one controller for several tests) is started once.

@@ -249,8 +249,10 @@ def run_the_demo(checkout: Path) -> list[Step]:
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^demo:.*\n\t(.*)$", makefile, re.M)
     venv = re.search(r"^VENV\s*\?=\s*(\S+)", makefile, re.M)
-    assert recipe and venv
-    echo = recipe.group(1).replace("$(BIN)", f"{venv.group(1)}/bin")
+    sample = re.search(r"^SAMPLE\s*\?=\s*(\S+)", makefile, re.M)
+    assert recipe and venv and sample and sample.group(1) == "hello"
+    echo = (recipe.group(1).replace("$(BIN)", f"{venv.group(1)}/bin")
+            .replace("$(SAMPLE)", sample.group(1)))
     shutil.copytree(ROOT / "samples" / "hello", checkout / "samples" / "hello",
                     ignore=shutil.ignore_patterns(".rolehost", "__pycache__"))
     guide = Guide(checkout / "samples" / "hello")

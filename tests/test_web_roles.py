@@ -10,16 +10,18 @@ ready): a request that reached a cold instance would fail the load.
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
-from rolehost.testing import LoadProbe, ServiceHarness, wait_until
-from support.net import free_port, get
-
-pytestmark = pytest.mark.slow
+from rolehost.testing import LoadProbe, ServiceHarness, run_dir_processes, wait_until
+from support.cli import rolehost
+from support.net import answer, free_port, get
 
 # The role beside the FastAPI site: it writes each lifecycle step to the probe file, so
 # the test can read the order of a start and of a stop.
@@ -186,14 +188,14 @@ def through_restarts(h: ServiceHarness, port: int) -> LoadProbe:
     return load
 
 
+@pytest.mark.slow
 def test_a_fastapi_site_is_warm_before_rotation_and_stops_in_order(tmp_path: Path) -> None:
     """FastAPI with a lifespan that warms a cache: a request that comes while the service
     boots waits and is served warm; through a host-os walk and restarts under load, no
     request fails; the access log is in the instance log; a stop runs the lifespan
     shutdown, then the stopping handlers, then on_stop."""
     toml, port = web_service(
-        tmp_path, {"shop/__init__.py": "", "shop/roles.py": FASTAPI_ROLE,
-                   "shop/web.py": FASTAPI_APP},
+        tmp_path, fastapi_files(),
         'asgi = "shop.web:app"', entry_point="shop.roles:Web")
     early: list[tuple[int, bytes]] = []
     with ServiceHarness(toml) as h:
@@ -217,6 +219,7 @@ def test_a_fastapi_site_is_warm_before_rotation_and_stops_in_order(tmp_path: Pat
     assert mine == boot + (stop + boot) * 2 + stop, mine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["flask", "django"])
 def test_a_wsgi_or_django_site_serves_through_restarts(tmp_path: Path, framework: str) -> None:
     """Flask (WSGI, through a2wsgi) and a minimal Django project (its asgi.py, which
@@ -233,13 +236,13 @@ def test_a_wsgi_or_django_site_serves_through_restarts(tmp_path: Path, framework
         through_restarts(h, port)
 
 
+@pytest.mark.slow
 def test_a_warm_up_that_answers_500_fails_the_boot_out_of_rotation(tmp_path: Path) -> None:
     """The warm-up path answers 500: the boot fails with the path, the status and the
     body's head, and the instance never enters rotation (a request to the endpoint waits
     and times out in the balancer's queue, never reaching the cold site)."""
     toml, port = web_service(
-        tmp_path, {"shop/__init__.py": "", "shop/roles.py": FASTAPI_ROLE,
-                   "shop/web.py": FASTAPI_APP},
+        tmp_path, fastapi_files(),
         'asgi = "shop.web:app"', instances=1, warmup='["/warm", "/broken"]',
         service='backoff_initial = "5s"', queue_timeout="1s")
     with ServiceHarness(toml) as h:
@@ -254,3 +257,48 @@ def test_a_warm_up_that_answers_500_fails_the_boot_out_of_rotation(tmp_path: Pat
         assert status == 503  # the queue ran out: no instance was ever in rotation
         assert not [e for e in h.events() if e.get("event") == "rotation"
                     and e.get("in_rotation")]
+
+
+def fastapi_files() -> dict[str, str]:
+    return {"shop/__init__.py": "", "shop/roles.py": FASTAPI_ROLE, "shop/web.py": FASTAPI_APP}
+
+
+def test_run_instance_serves_the_site_warm_as_kubernetes_runs_it(tmp_path: Path) -> None:
+    """`rolehost run-instance` (what the Kubernetes export runs) serves a site-only role
+    on the declared port, bound as a pod binds it, warm before /ready, and stops it
+    through its lifespan shutdown on SIGTERM."""
+    toml, port = web_service(tmp_path, fastapi_files(), 'asgi = "shop.web:app"', instances=1)
+    health, run_dir = free_port(), tmp_path / "instance-run"
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "rolehost", "run-instance", "web", "-f", str(toml),
+         "--health", f"127.0.0.1:{health}", "--run-dir", str(run_dir),
+         "--endpoint-host", "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
+        assert get(port, "/") == (200, b'"warm tea,cake"')
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 0
+        probes = (tmp_path / "probe.txt").read_text().split()
+        assert probes[::2] == ["lifespan-startup", "lifespan-shutdown"], probes
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(10)
+        for proc in run_dir_processes(run_dir):
+            proc.kill()
+
+
+def test_check_names_the_site_that_does_not_load_or_has_no_endpoint(tmp_path: Path) -> None:
+    """`rolehost check` imports the site's application as it does the entry point, and
+    names the key; a site with no endpoint to bind is a definition error. Exit 2."""
+    toml, _ = web_service(tmp_path, fastapi_files(), 'asgi = "shop.web:application"')
+    done = rolehost("check", "-f", str(toml))
+    assert done.returncode == 2, done
+    assert f"{toml}: roles.web.site.asgi: cannot load shop.web:application" in done.stderr
+    assert "has no attribute 'application'" in done.stderr
+    text = toml.read_text()
+    toml.write_text(text[:text.index("[roles.web.endpoints.http]")])
+    done = rolehost("check", "-f", str(toml))
+    assert done.returncode == 2, done
+    assert (f"{toml}: roles.web.site.endpoint: the role has no endpoint: declare an http "
+            "endpoint for the site") in done.stderr, done.stderr
