@@ -9,6 +9,7 @@ ready): a request that reached a cold instance would fail the load.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -138,6 +139,10 @@ application = get_asgi_application()
 }
 
 
+def fastapi_files() -> dict[str, str]:
+    return {"shop/__init__.py": "", "shop/roles.py": FASTAPI_ROLE, "shop/web.py": FASTAPI_APP}
+
+
 def web_service(tmp_path: Path, files: dict[str, str], site: str, instances: int = 2,
                 entry_point: str | None = None, warmup: str = '["/warm"]',
                 service: str = "", queue_timeout: str = "20s") -> tuple[Path, int]:
@@ -224,16 +229,22 @@ def test_a_fastapi_site_is_warm_before_rotation_and_stops_in_order(tmp_path: Pat
 def test_a_wsgi_or_django_site_serves_through_restarts(tmp_path: Path, framework: str) -> None:
     """Flask (WSGI, through a2wsgi) and a minimal Django project (its asgi.py, which
     has no lifespan): a site-only role, no Python class of the user's, 0 failed requests
-    through a host-os walk and a restart of each instance."""
+    through a host-os walk and a restart of each instance; the access log is in the
+    instance log as JSON lines when the service says so."""
     if framework == "flask":
         files, site = {"hello.py": FLASK_APP}, 'wsgi = "hello:app"'
     else:
         files, site = DJANGO_PROJECT, 'asgi = "mysite.asgi:application"'
-    toml, port = web_service(tmp_path, files, site)
+    toml, port = web_service(tmp_path, files, site, service='instance_log_format = "json"')
     with ServiceHarness(toml) as h:
         h.wait_ready(60)
         assert get(port, "/") == (200, b"warm")
         through_restarts(h, port)
+        raw = h.run_dir.instance_log("web_IN_1").read_text()
+    # The access log, in the service's instance log format: one JSON object a line.
+    lines = [json.loads(line) for line in raw.splitlines()]
+    assert any('"GET /warm HTTP/1.1" 200' in line["line"] and line["stream"] == "stdout"
+               and line["instance"] == "web_IN_1" for line in lines), raw[-2000:]
 
 
 @pytest.mark.slow
@@ -258,9 +269,6 @@ def test_a_warm_up_that_answers_500_fails_the_boot_out_of_rotation(tmp_path: Pat
         assert not [e for e in h.events() if e.get("event") == "rotation"
                     and e.get("in_rotation")]
 
-
-def fastapi_files() -> dict[str, str]:
-    return {"shop/__init__.py": "", "shop/roles.py": FASTAPI_ROLE, "shop/web.py": FASTAPI_APP}
 
 
 def test_run_instance_serves_the_site_warm_as_kubernetes_runs_it(tmp_path: Path) -> None:
