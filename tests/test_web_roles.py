@@ -77,6 +77,13 @@ async def index(response: Response):
         return "cold"
     return "warm " + ",".join(cache["catalog"])
 
+@app.get("/slow")
+async def slow():
+    probe("slow-begun")
+    await asyncio.sleep(1.5)
+    probe("slow-done")
+    return "slow"
+
 @app.get("/broken")
 async def broken(response: Response):
     response.status_code = 500
@@ -180,6 +187,11 @@ def web_service(tmp_path: Path, files: dict[str, str], site: str, instances: int
     return toml, port
 
 
+def probe_lines(tmp_path: Path) -> list[str]:
+    probe = tmp_path / "probe.txt"
+    return probe.read_text().splitlines() if probe.exists() else []
+
+
 def through_restarts(h: ServiceHarness, port: int) -> LoadProbe:
     """Steady keep-alive load through a host-os walk and a restart of each instance."""
     with LoadProbe(f"http://127.0.0.1:{port}/", clients=4) as load:
@@ -197,8 +209,8 @@ def through_restarts(h: ServiceHarness, port: int) -> LoadProbe:
 def test_a_fastapi_site_is_warm_before_rotation_and_stops_in_order(tmp_path: Path) -> None:
     """FastAPI with a lifespan that warms a cache: a request that comes while the service
     boots waits and is served warm; through a host-os walk and restarts under load, no
-    request fails; the access log is in the instance log; a stop runs the lifespan
-    shutdown, then the stopping handlers, then on_stop."""
+    request fails; the access log is in the instance log; a stop finishes the site's
+    requests in flight, then runs the lifespan shutdown, the stopping handlers, on_stop."""
     toml, port = web_service(
         tmp_path, fastapi_files(),
         'asgi = "shop.web:app"', entry_point="shop.roles:Web")
@@ -213,15 +225,26 @@ def test_a_fastapi_site_is_warm_before_rotation_and_stops_in_order(tmp_path: Pat
         asker.join(30)
         assert early == [(200, b'"warm tea,cake"')]
         through_restarts(h, port)
+        # A request in flight on the site itself (not through the balancer, which has
+        # drained) when its instance stops: the server finishes it before it shuts down.
+        private = h.instance("web/0")["endpoints"]["http"]["port"]
+        slow: list[tuple[int, bytes]] = []
+        asker = threading.Thread(target=lambda: slow.append(get(private, "/slow")))
+        asker.start()
+        wait_until(lambda: "slow-begun web_IN_0" in probe_lines(tmp_path), 10, "/slow")
+        h.restart("web/0")
+        asker.join(30)
+        assert slow == [(200, b'"slow"')]
         log = h.logs("web/0")
     # Each boot: the lifespan, on_start, then the warm-up request, in the access log.
     assert re.search(r'"GET /warm HTTP/1.1" 200', log), log
-    probes = (tmp_path / "probe.txt").read_text().splitlines()
-    mine = [line.split()[0] for line in probes if line.endswith(" web_IN_0")]
+    mine = [line.split()[0] for line in probe_lines(tmp_path) if line.endswith(" web_IN_0")]
     boot = ["lifespan-startup", "on_start"]
     stop = ["lifespan-shutdown", "stopping", "on_stop"]
-    # Booted, walked (stop + boot), restarted (stop + boot), then the service's stop.
-    assert mine == boot + (stop + boot) * 2 + stop, mine
+    # Booted, walked (stop + boot), restarted (stop + boot), restarted with /slow in
+    # flight, then the service's stop.
+    assert mine == (boot + (stop + boot) * 2 + ["slow-begun", "slow-done"] + stop + boot
+                    + stop), mine
 
 
 @pytest.mark.slow
@@ -286,7 +309,7 @@ def test_run_instance_serves_the_site_warm_as_kubernetes_runs_it(tmp_path: Path)
         assert get(port, "/") == (200, b'"warm tea,cake"')
         controller.send_signal(signal.SIGTERM)
         assert controller.wait(30) == 0
-        probes = (tmp_path / "probe.txt").read_text().split()
+        probes = " ".join(probe_lines(tmp_path)).split()
         assert probes[::2] == ["lifespan-startup", "lifespan-shutdown"], probes
     finally:
         if controller.poll() is None:
