@@ -84,6 +84,10 @@ async def slow():
     probe("slow-done")
     return "slow"
 
+@app.get("/hang")
+async def hang():
+    await asyncio.sleep(60)
+
 @app.get("/broken")
 async def broken(response: Response):
     response.status_code = 500
@@ -271,22 +275,28 @@ def test_a_wsgi_or_django_site_serves_through_restarts(tmp_path: Path, framework
 
 
 @pytest.mark.slow
-def test_a_warm_up_that_answers_500_fails_the_boot_out_of_rotation(tmp_path: Path) -> None:
-    """The warm-up path answers 500: the boot fails with the path, the status and the
-    body's head, and the instance never enters rotation (a request to the endpoint waits
-    and times out in the balancer's queue, never reaching the cold site)."""
+@pytest.mark.parametrize("path", ["/broken", "/hang"])
+def test_a_warm_up_that_fails_fails_the_boot_out_of_rotation(tmp_path: Path,
+                                                              path: str) -> None:
+    """The warm-up path answers 500, or nothing within warmup_timeout: the boot fails
+    with the path and the status and the body's head (or the timeout), and the instance
+    never enters rotation (a request to the endpoint waits and times out in the
+    balancer's queue, never reaching the cold site)."""
     toml, port = web_service(
         tmp_path, fastapi_files(),
-        'asgi = "shop.web:app"', instances=1, warmup='["/warm", "/broken"]',
-        service='backoff_initial = "5s"', queue_timeout="1s")
+        'asgi = "shop.web:app"\nwarmup_timeout = "1s"', instances=1,
+        warmup=f'["/warm", "{path}"]', service='backoff_initial = "5s"', queue_timeout="1s")
     with ServiceHarness(toml) as h:
         def failed() -> str | None:
             error = h.instance("web/0").get("last_error") or ""
             return error if "warm-up" in error else None
 
         error = wait_until(failed, 30, "the warm-up's failure")
-        assert error == "warmup: warm-up GET /broken answered 500 Internal Server Error: " \
-            "'\"cache empty\"'", error
+        assert error == {
+            "/broken": "warmup: warm-up GET /broken answered 500 Internal Server Error: "
+                       "'\"cache empty\"'",
+            "/hang": "warmup: warm-up GET /hang did not answer within warmup_timeout (1s)",
+        }[path], error
         status, _ = get(port, "/", timeout=30)
         assert status == 503  # the queue ran out: no instance was ever in rotation
         assert not [e for e in h.events() if e.get("event") == "rotation"
