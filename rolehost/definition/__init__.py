@@ -323,18 +323,6 @@ class Role(_Model):
     def class_name(self) -> str:
         return self.entry_class.partition(":")[2]
 
-    def site_context(self) -> dict[str, Any] | None:
-        """What a host needs to serve the site: the application, its endpoint's name and
-        the endpoint's drain and idle timeouts."""
-        if self.site is None:
-            return None
-        name = site_endpoint(self.site, self.endpoints)
-        endpoint = self.endpoints[name]
-        return {"interface": self.site.interface, "application": self.site.application,
-                "endpoint": name, "warmup": list(self.site.warmup),
-                "warmup_timeout": self.site.warmup_timeout,
-                "drain_timeout": endpoint.drain_timeout, "idle_timeout": endpoint.idle_timeout}
-
 
 def setting_variable(name: str) -> str:
     """The environment variable that carries setting `name` to tasks, and overrides it

@@ -88,3 +88,15 @@ def site_endpoint(site: Site, endpoints: dict[str, Any]) -> str:
     if str(getattr(endpoints[name], "protocol", "http")) != "http":
         raise ValueError(f"expected an http endpoint, {name!r} is tcp")
     return name
+
+
+def site_context(site: Site | None, endpoints: dict[str, Any]) -> dict[str, Any] | None:
+    """What a host needs to serve a role's site (rolehost/site.py): the application, its
+    endpoint's name, and that endpoint's drain and idle timeouts."""
+    if site is None:
+        return None
+    name = site_endpoint(site, endpoints)
+    endpoint = endpoints[name]
+    return {"interface": site.interface, "application": site.application, "endpoint": name,
+            "warmup": list(site.warmup), "warmup_timeout": site.warmup_timeout,
+            "drain_timeout": endpoint.drain_timeout, "idle_timeout": endpoint.idle_timeout}

@@ -28,6 +28,7 @@ from rolehost.definition import (
     resource_variable,
     setting_variables,
 )
+from rolehost.definition.site import site_context
 from rolehost.environment import Context
 from rolehost.fabric import ports, probe
 from rolehost.fabric.deployment import Deployment
@@ -545,7 +546,7 @@ class Instance:
                 for name, spec in self.role.local_resources.items()
             },
             topology=self.topology,
-            site=self.role.site_context(),
+            site=site_context(self.role.site, self.role.endpoints),
         )
 
     # What the host says.
