@@ -43,6 +43,7 @@ from rolehost.fabric.errors import (
 )
 from rolehost.fabric.history import History
 from rolehost.fabric.instance import Instance, Operation
+from rolehost.fabric.keeper import Keeper
 from rolehost.fabric.launcher import Launcher
 from rolehost.fabric.lifecycle import State
 from rolehost.fabric.names import instance_id, parse_instance_name
@@ -110,7 +111,11 @@ class Controller:
         self.version = started["version"]
         if not self.launcher.supervise(self._stop_signal, self._force_signal):
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
-        server = await api.serve(self.run_dir.socket, self)
+        keeper = Keeper(self.run_dir, self.launcher.lock,
+                        await api.serve(self.run_dir.socket, self),
+                        lambda: api.serve(self.run_dir.socket, self), self._reopen_logs,
+                        lambda why: self.in_background(self.shutdown(why)))
+        keeper.start()
         collector = metrics.StateCollector(self)
         metrics.REGISTRY.register(collector)
         metrics_server = None
@@ -184,9 +189,12 @@ class Controller:
             if metrics_server is not None:
                 await metrics_server.close()
             metrics.REGISTRY.unregister(collector)
-            await server.close()
-            self.run_dir.socket.unlink(missing_ok=True)
+            await keeper.close()
             self.launcher.close(self.instances.values())
+
+    def _reopen_logs(self) -> None:
+        for instance in self.instances.values():
+            instance.output.file.reopen()
 
     def _stop_signal(self, name: str) -> None:
         self._shutdown_reason = f"controller received {name}"

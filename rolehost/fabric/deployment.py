@@ -18,7 +18,7 @@ from rolehost.definition import Service
 from rolehost.fabric import ports
 from rolehost.fabric.tasks import task_path
 from rolehost.observability.logs import Console
-from rolehost.processes import privileges
+from rolehost.processes import ownership, privileges
 from rolehost.processes.hosts import Standby
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class Deployment:
     run_as: privileges.RunAs  # who the hosts and limited tasks run as
     observer: Callable[[Instance], None] | None = None  # told of every state change
     ports: set[int] = field(default_factory=set)  # private ports given to instances
+    owner: str = ""  # ownership.identity() of the controller: in every process's environment
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,
@@ -44,10 +45,12 @@ class Deployment:
         """A new deployment in `run_dir`, which must exist; privileges.Unusable if the
         service's limited_user cannot run its hosts."""
         run_as = privileges.decide(service.limited_user, run_dir)
-        environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir)}
+        owner = ownership.identity()
+        environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir),
+                       ownership.CONTROLLER_ENV: owner}
         return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
                    standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
-                   observer=observer)
+                   observer=observer, owner=owner)
 
     def take_port(self, host: str) -> int:
         """A private port for an instance: free, and given to no other instance."""

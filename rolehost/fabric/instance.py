@@ -49,6 +49,7 @@ from rolehost.fabric.usage import CpuLoad, DiskUsage
 from rolehost.observability import metrics
 from rolehost.observability.logs import iso
 from rolehost.observability.output import OutputLog
+from rolehost.processes import ownership
 from rolehost.processes.hosts import HostProcess
 from rolehost.processes.process import describe_exit, signal_tree, sweep
 
@@ -510,6 +511,8 @@ class Instance:
         """The instance's identity, folders and settings, as its processes see them."""
         variables = {
             "ROLEHOST_RUN_DIR": str(self.deployment.run_dir),
+            # Whose processes these are: a sweep leaves a live controller's alone.
+            ownership.CONTROLLER_ENV: self.deployment.owner,
             "ROLEHOST_ROLE": self.role_name,
             "ROLEHOST_INSTANCE_ID": self.id,
             "ROLEHOST_INDEX": str(self.index),

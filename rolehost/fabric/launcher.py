@@ -32,9 +32,9 @@ import structlog
 from rolehost.definition import Service
 from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.instance import Instance
-from rolehost.fabric.rundir import RunDir
+from rolehost.fabric.rundir import AlreadyRunning, RunDir
 from rolehost.observability import logs
-from rolehost.processes import process
+from rolehost.processes import ownership, process
 
 log = structlog.get_logger()
 
@@ -49,6 +49,7 @@ class Launcher:
         self.deployment = Deployment.prepare(service, run_dir, console, observer)
         # Every instance given to `stop` has stopped: a signal has nothing left to stop.
         self.stopped = False
+        self.lock = -1  # the run directory's lock (`claim`): held until this process ends
         self._signals = 0
         self._on_stop: Callable[[str], None] | None = None
         self._on_force: Callable[[str], None] | None = None
@@ -59,9 +60,19 @@ class Launcher:
         could stop them)."""
         # Never closed: the kernel drops the lock when this process is gone, so `rolehost
         # stop` (which waits for it) returns only once nothing of the controller is left.
-        run_dir.lock()
+        self.lock = run_dir.lock()
         logs.configure(run_dir.logs, self.deployment.console)
-        if swept := await asyncio.to_thread(process.sweep_leftovers, run_dir.path):
+        try:
+            swept = await asyncio.to_thread(process.sweep_leftovers, run_dir.path)
+        except ownership.OwnerAlive as alive:
+            # Its run directory was deleted or replaced under it: the lock proved nothing.
+            raise AlreadyRunning(
+                f"another controller (pid {alive.pid}) is already running on {run_dir.path} "
+                f"(its hosts, pids {', '.join(map(str, alive.processes))}, name it), though "
+                "its run directory was deleted or replaced: nothing was touched. It makes "
+                "its run directory again within seconds; manage it with `rolehost status` "
+                "and `rolehost stop`") from None
+        if swept:
             log.warning("leftovers_swept", count=len(swept), processes=swept)
 
     def supervise(self, on_stop: Callable[[str], None] | None = None,

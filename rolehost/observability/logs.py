@@ -170,6 +170,11 @@ class RotatingFile:
         self._closed = True
         self._close_fd()
 
+    def reopen(self) -> None:
+        """Write to `path` again from the next write: the file open was deleted (its run
+        directory with it), and lines written there would reach no one."""
+        self._close_fd()
+
     def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -304,6 +309,12 @@ def configure(log_dir: Path | None, console: Console | None) -> None:
         logger_factory=structlog.ReturnLoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def reopen() -> None:
+    """The event log writes to its path again (RotatingFile.reopen)."""
+    if _tee is not None and _tee.file is not None:
+        _tee.file.reopen()
 
 
 def recent(after: int = 0) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ import psutil
 import structlog
 
 from rolehost import protocol
+from rolehost.processes import ownership
 
 if TYPE_CHECKING:
     # Only named: a process is spawned as the user it is given, and privileges.py, which
@@ -238,8 +239,30 @@ def leftovers(run_dir: Path) -> list[psutil.Process]:
 
 
 def sweep_leftovers(run_dir: Path) -> list[str]:
-    """Terminate `leftovers(run_dir)`; return what they were, for the log."""
-    procs = leftovers(run_dir)
+    """Terminate `leftovers(run_dir)` whose controller is provably gone; return what
+    they were, for the log. OwnerAlive, signalling nothing, if any belongs to a
+    controller that still runs (its run directory was deleted under it, say). One that
+    names no controller (started by a rolehost before identities) is left alone too,
+    and logged: nothing proves it is not a live service's."""
+    procs, unproven = [], []
+    alive: dict[int, list[int]] = {}
+    for proc in leftovers(run_dir):
+        try:
+            owner = ownership.owner(proc.environ())
+        except psutil.Error:
+            continue
+        if owner is None:
+            unproven.append(proc.pid)
+        elif owner.alive:
+            alive.setdefault(owner.pid, []).append(proc.pid)
+        else:
+            procs.append(proc)
+    if alive:
+        pid, theirs = next(iter(alive.items()))
+        raise ownership.OwnerAlive(pid, theirs)
+    if unproven:
+        log.warning("leftovers_left_alone", processes=unproven,
+                    detail="they name no controller: nothing proves theirs is gone")
     described = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
