@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +98,33 @@ def test_a_deleted_run_directory_is_refused_and_comes_back(detached: int,
     stopped = rolehost("stop", cwd=tmp_path)
     assert stopped.returncode == 0, stopped.stderr
     assert not run_dir_processes(run_dir)
+
+
+def test_two_detached_starts_have_one_winner(make_service: MakeService,
+                                             tmp_path: Path) -> None:
+    """Two `rolehost start --detach` at once: both passed the lock check before either
+    controller took the lock, and the loser, asking the socket, found the winner there
+    and printed "started … (controller pid WINNER)", exit 0. It must say another
+    controller runs, and exit 1."""
+    make_service(IDLE, role={"stop_timeout": "2s"})
+    starts = [subprocess.Popen([sys.executable, "-m", "rolehost", "start", "--detach"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    try:
+        done = [start.communicate(timeout=60) for start in starts]
+        codes = sorted(start.returncode for start in starts)
+        assert codes == [0, 1], done
+        winner = json.loads(rolehost("status", "--json", cwd=tmp_path).stdout)["pid"]
+        (out, _), = [d for d, s in zip(done, starts, strict=True) if s.returncode == 0]
+        (_, err), = [d for d, s in zip(done, starts, strict=True) if s.returncode == 1]
+        assert f"(controller pid {winner}," in out
+        assert f"rolehost: another controller (pid {winner}) is already running" in err
+        assert "started" not in err
+    finally:
+        for start in starts:
+            if start.poll() is None:
+                start.kill()
+                start.communicate()
+        rolehost("stop", cwd=tmp_path)
+        for proc in run_dir_processes(tmp_path / ".rolehost"):
+            proc.kill()

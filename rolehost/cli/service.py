@@ -87,12 +87,18 @@ def _detach(file: Path, where: RunDir) -> None:
     deadline = time.monotonic() + DETACH_TIMEOUT
     while time.monotonic() < deadline:
         if child.poll() is not None:
+            # Another start won the run directory between the check above and the
+            # child's lock: its controller answers on the socket, not this one.
+            if (holder := where.holder()) is not None and holder != child.pid:
+                fail(f"another controller (pid {holder}) is already running on {where.path}")
             tail = "\n".join(logs.tail(where.console_log, 20))
             fail(f"the controller exited with {child.returncode}:\n{tail}",
                   EXIT_BAD_DEFINITION if child.returncode == EXIT_BAD_DEFINITION else EXIT_FAILED)
         try:
             status = client.status()
         except (ControllerNotRunning, OSError):
+            status = None
+        if status is None or status["pid"] != child.pid:  # none yet, or another's
             time.sleep(0.05)
             continue
         click.echo(f"started {status['service']} (controller pid {status['pid']}, "
