@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from rolehost.client import ApiError
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+from support.cli import rolehost
 from support.domains import assert_one_domain_down_at_a_time
 from support.net import free_port
 from support.roles import WEB
@@ -407,3 +409,32 @@ def test_a_stop_during_a_deploys_final_scale_says_what_it_cut_short(
     assert (scale["kind"], scale["outcome"]) == ("scale web", "failed"), scale
     assert scale["error"] == ("cut short while waiting for web_IN_1 to get ready: the "
                               "controller is stopping"), scale
+
+
+def test_a_version_is_a_name_in_the_store_and_nothing_else(make_service: MakeService,
+                                                           tmp_path: Path) -> None:
+    """`rolehost deploy /tmp/x` deployed a package from outside the store (every
+    restart failed once that folder went), and `package --version "abc\\n"` made a
+    version whose name ends in a newline (the check used `$`). One check of every name
+    now, to make a package or to load one, and only from the store: nothing touched."""
+    service = make_service(ROLE, instances=2, service={"upgrade_domains": 2})
+    with service.harness() as h:
+        h.wait_ready(30)
+        before, running = pids(h), h.status()["version"]
+        outside = tmp_path / "outside"
+        shutil.copytree(h.run_dir.path / "packages" / running, outside)
+        (h.run_dir.path / "packages" / "linked").symlink_to(outside)
+        for name in (str(outside), "../../outside", "linked"):
+            deployed = rolehost("deploy", name, "-f", str(service.toml),
+                                "--run-dir", str(h.run_dir.path))
+            assert deployed.returncode == 2, (name, deployed.stdout, deployed.stderr)
+            assert "not a version name" in deployed.stderr or "link out of" in deployed.stderr
+        for name in ("abc\n", "abc\n\n", "-abc", "a" * 65):
+            with pytest.raises(ApiError) as refused:
+                h.package(name)
+            assert refused.value.kind == "invalid", str(refused.value)
+            assert "not a version name" in str(refused.value)
+        assert not [p for p in (h.run_dir.path / "packages").iterdir()
+                    if p.name.startswith("abc")]
+        assert pids(h) == before and h.status()["version"] == running
+        assert not [e for e in h.events() if e["event"] == "maintenance"]

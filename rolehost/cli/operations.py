@@ -124,7 +124,9 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
 @cli.command()
 @file_option
 @run_dir_option
-@click.option("--version", "version", help="Name the version [default: a content hash].")
+@click.option("--version", "version",
+              help="Name the version: up to 64 letters, digits, . _ -, beginning with a "
+                   "letter or a digit [default: a content hash].")
 def package(file: Path, run_dir: Path | None, version: str | None) -> None:
     """Snapshot the definition and each role's app folder as a version to deploy."""
     info = call(connect(file, run_dir).package, version)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,19 @@ from rolehost import definition as model
 from rolehost.fabric.disks import app_files, copy_app
 from rolehost.fabric.errors import Conflict, DoesNotLoad, Invalid, NotFound
 
-_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# The whole name, to its last character: `$` would let a final newline through.
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def version_name(name: str) -> str:
+    """`name` if it may name a package, else Invalid: the one check of every version
+    name given, whether to make a package or to load one. A name is a folder of the
+    store and nothing else: no separator, no `..`, no absolute path (`deploy /tmp/x`
+    loaded from outside the store, and failed every restart once that folder went)."""
+    if not isinstance(name, str) or _VERSION.fullmatch(name) is None:
+        raise Invalid(f"not a version name: {name!r} (up to 64 letters, digits, . _ -, "
+                      "beginning with a letter or a digit)")
+    return name
 
 
 class Packages:
@@ -30,16 +43,12 @@ class Packages:
 
     def create(self, source: Path, version: str | None) -> dict[str, Any]:
         """Snapshot `source` (a definition file) and its roles' app folders."""
-        import re
-
         try:
             definition = model.load(source)
         except model.DefinitionErrors as exc:
             raise Invalid(f"invalid definition:\n{exc}") from None
         digest = _digest(source, definition, self.run_dir)
-        version = version or digest[:12]
-        if not re.match(_VERSION, version):
-            raise Invalid(f"not a version name: {version!r} (letters, digits, . _ -)")
+        version = version_name(version or digest[:12])
         target = self.root / version
         if target.exists():
             existing = json.loads((target / "package.json").read_text())
@@ -59,6 +68,14 @@ class Packages:
         staging.rename(target)  # a package is whole, or not there
         return info
 
+    def _folder(self, version: str) -> Path:
+        """The store's folder of `version`: never a link out of the store, either."""
+        folder = self.root / version_name(version)
+        if folder.is_symlink():
+            raise Invalid(f"package {version} is a link out of the store ({folder}): "
+                          "packages are made with `rolehost package`")
+        return folder
+
     def list(self) -> list[dict[str, Any]]:
         if not self.root.exists():
             return []
@@ -72,7 +89,7 @@ class Packages:
 
     def load(self, version: str) -> model.Definition:
         """The package's definition, its roles' apps pointing at the package's copies."""
-        folder = self.root / version
+        folder = self._folder(version)
         if not (folder / "package.json").exists():
             known = ", ".join(p["version"] for p in self.list()) or "none"
             raise NotFound(f"no package {version!r} (available: {known}; "
@@ -90,7 +107,7 @@ class Packages:
         made (`load` points them at the copies instead)."""
         import tomllib
 
-        folder = self.root / version
+        folder = self._folder(version)
         source = Path(json.loads((folder / "package.json").read_text())["source"])
         raw = tomllib.loads((folder / "rolehost.toml").read_text(encoding="utf-8"))
         return {name: role.app for name, role in model.parse(raw, source).roles.items()}
