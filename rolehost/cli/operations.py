@@ -228,8 +228,11 @@ def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
     where = RunDir.for_definition(file, run_dir)
     history = offline(Client(where.socket).operations, where.path / "history.jsonl",
                        summary_without_controller)
+    if skipped := history.get("skipped_lines"):  # absent from an older controller's answer
+        click.echo(f"rolehost: warning: {skipped} line(s) of {where.path / 'history.jsonl'} "
+                   "are not an operation's and were skipped", err=True)
     if as_json:
-        click.echo(json.dumps(history, indent=2))
+        click.echo(json.dumps(history, indent=2, allow_nan=False))  # JSON, never Infinity
         return
     for op in history["operations"]:
         op_id, began, kind, outcome, seconds, instances, error = wording.operation_row(op)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import structlog
 
 from rolehost.observability import logs, metrics
@@ -54,10 +55,13 @@ class History:
         self._unwritten: dict[str, Operation] = {}  # changed since their last line was written
         self._failing_since: float | None = None
         self._full = False  # the last write failed for want of space
+        self.skipped = 0  # lines of the file that were not an operation's
         self._load()
 
     def _load(self) -> None:
-        self.operations = read(self.path)
+        lines = read(self.path)
+        self.operations, self.skipped = lines.operations, lines.skipped
+        _skipped(self.path, self.skipped)
         for operation in self.operations.values():
             if operation.ended is None:
                 _left_by_a_dead_controller(operation)
@@ -130,31 +134,77 @@ class History:
             del self.operations[key]
 
     def summary(self) -> dict[str, Any]:
-        return _summary(list(self.operations.values()))
+        return _summary(list(self.operations.values()), self.skipped)
 
 
-def read(path: Path) -> dict[str, Operation]:
-    """The operations of a history file, each as its last line left it."""
-    operations: dict[str, Operation] = {}
+class _Line(pydantic.BaseModel):
+    """One line of the file, as `_write` writes it: anything else is not a line of it.
+    Strict: `"started": "1796640868"`, `null`, `1e400` or `"instances": null` crashed
+    `rolehost ops` further on, and a non-finite number came out of `ops --json` as
+    `Infinity`, which is not JSON. A field this version does not know is ignored (a
+    newer rolehost's line keeps what it shares)."""
+
+    model_config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    kind: str
+    arguments: dict[str, Any]
+    id: str
+    started: float
+    # As Operation's defaults: a line written for a test, or by hand, may leave them out.
+    ended: float | None = None
+    outcome: str = "running"
+    error: str | None = None
+    instances: list[str] = []
+
+    @pydantic.field_validator("arguments")
+    @classmethod
+    def _finite(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        json.dumps(arguments, allow_nan=False)  # ValueError for a non-finite number
+        return arguments
+
+
+@dataclass
+class Lines:
+    """The operations of a history file, each as its last line left it, and how many
+    lines were skipped (cut short by a crash or a full disk, or not an operation's)."""
+
+    operations: dict[str, Operation]
+    skipped: int = 0
+
+
+def read(path: Path) -> Lines:
+    """The operations of a history file. A bad line is skipped and counted, never the
+    end of the file: the good lines around it are all read. Each line is parsed by
+    pydantic's parser, which has a depth limit: a 100,000-deep line is one bad line,
+    not a RecursionError that ended the start."""
+    lines = Lines({})
     if not path.exists():
-        return operations
+        return lines
     for line in path.read_text(errors="replace").splitlines():
         try:
-            operation = Operation(**json.loads(line))
-        except (ValueError, TypeError):
-            continue  # a line cut short by a crash or a full disk
-        operations[operation.id] = operation
-    return operations
+            operation = Operation(**_Line.model_validate_json(line).model_dump())
+        except pydantic.ValidationError:
+            lines.skipped += 1
+            continue
+        lines.operations[operation.id] = operation
+    return lines
+
+
+def _skipped(path: Path, count: int) -> None:
+    if count:
+        log.warning("history_lines_skipped", file=str(path), count=count,
+                    detail="lines that are not an operation's were left out")
 
 
 def summary_without_controller(path: Path) -> dict[str, Any]:
     """What a controller's `summary` would say of the history at `path`, for when none
     runs. The file is only read: the next controller records the interruptions."""
-    operations = list(read(path).values())[-KEPT:]
+    lines = read(path)
+    operations = list(lines.operations.values())[-KEPT:]
     for operation in operations:
         if operation.ended is None:
             _left_by_a_dead_controller(operation)
-    return _summary(operations)
+    return _summary(operations, lines.skipped)
 
 
 def _left_by_a_dead_controller(operation: Operation) -> None:
@@ -170,11 +220,12 @@ def _left_by_a_dead_controller(operation: Operation) -> None:
         operation.error = "the controller stopped before the operation ended"
 
 
-def _summary(operations: list[Operation]) -> dict[str, Any]:
+def _summary(operations: list[Operation], skipped: int) -> dict[str, Any]:
     # A halted operation counts: it has not succeeded, and an `abort` ends it failed.
     counted = [o for o in operations if o.outcome != "running"]
     succeeded = sum(1 for o in counted if o.outcome == "succeeded")
     return {
         "operations": [asdict(o) for o in operations],
         "success_rate": round(succeeded / len(counted), 3) if counted else None,
+        "skipped_lines": skipped,
     }
