@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rolehost.testing import run_dir_processes, wait_until
+from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.cli import rolehost
 from support.roles import IDLE
-from support.service import MakeService
+from support.service import MakeService, Service
 
 
 def _hosts(cwd: Path) -> dict[str, tuple[int, float]]:
@@ -128,3 +128,88 @@ def test_two_detached_starts_have_one_winner(make_service: MakeService,
         rolehost("stop", cwd=tmp_path)
         for proc in run_dir_processes(tmp_path / ".rolehost"):
             proc.kill()
+
+
+# A role whose every boot leaves a daemon as detached as a process can be: a double
+# fork, a session of its own, and an exec with an empty environment (no token, no run
+# directory). Its pid goes to the probe file: "daemon PID".
+DAEMONIZES = """
+class Role(RoleEntryPoint):
+    def run(self):
+        probe_file = RoleEnvironment.get_setting("probe")
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                os.execve("/bin/sleep", ["sleep", "300"], {})
+            with open(probe_file, "a") as f:
+                f.write(f"daemon {daemon}\\n")
+            os._exit(0)
+        os.waitpid(child, 0)
+        while not RoleEnvironment.wait_for_stop(1):
+            pass
+"""
+
+
+def _daemons(service: Service, known: list[psutil.Process]) -> list[psutil.Process]:
+    """`known`, and the daemons the probe file names since (each taken while alive)."""
+    pids = [int(line.split()[1]) for line in service.probes() if line.startswith("daemon ")]
+    return known + [psutil.Process(pid) for pid in pids[len(known):]]
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["cgroups", "subreaper"])
+def test_a_detached_daemon_dies_with_its_instance(make_service: MakeService,
+                                                  mode: str) -> None:
+    """fork, setsid, fork, execve("/bin/sleep", env={}) in `run()`: the daemon survived
+    `stop` and a `kill -9` of the controller, and one more piled up at every boot. Where
+    cgroup v2 can be written, the host is in its instance's cgroup, killed whole at its
+    teardown, and a start ends what a killed controller's cgroups hold. Elsewhere (or
+    with ROLEHOST_CGROUPS=off) the controller, its subreaper, ends it at the stop."""
+    service = make_service(DAEMONIZES, role={"stop_timeout": "2s"})
+    env = {"ROLEHOST_CGROUPS": "off"} if mode == "subreaper" else {}
+    daemons: list[psutil.Process] = []
+    try:
+        with service.harness(env=env) as h:
+            h.wait_ready(30)
+            unavailable = [e for e in h.events() if e["event"] == "cgroups_unavailable"]
+            if mode == "cgroups" and unavailable:
+                pytest.skip(f"no cgroups here: {unavailable[0]['reason']}")
+            wait_until(lambda: len(_daemons(service, [])) == 1, 30, "the first daemon")
+            [first] = daemons = _daemons(service, [])
+            # Once it has exec'd, nothing ties it to the instance but its cgroup.
+            wait_until(lambda: first.cmdline() == ["sleep", "300"], 10, "the exec")
+            assert first.environ() == {}
+            h.restart("web/0")
+            wait_until(lambda: len(_daemons(service, daemons)) == 2, 30, "the second daemon")
+            daemons = _daemons(service, daemons)
+            if mode == "cgroups":  # killed with its instance's cgroup at the teardown
+                wait_until(lambda: _gone(first), 10, "the first daemon to go at the restart")
+            # A kill -9 of the controller: what its cgroups hold, the next start ends.
+            h.signal_controller(signal.SIGKILL)
+            h.wait_controller_exit(10)
+            with ServiceHarness(service.toml, run_dir=h.run_dir.path, env=env) as second:
+                second.wait_ready(30)
+                if mode == "cgroups":
+                    wait_until(lambda: all(_gone(d) for d in daemons), 10,
+                               "the next start to end the killed controller's daemons")
+                    swept = second.wait_event(
+                        lambda e: e["event"] == "leftover_cgroups_swept", 10)
+                    assert len(swept["cgroups"]) == 1
+                wait_until(lambda: len(_daemons(service, daemons)) == 3, 30, "the third daemon")
+                daemons = _daemons(service, daemons)
+            # The harness stopped it (`stop`): the last daemon is gone, cgroups or not.
+            assert _gone(daemons[-1])
+            if mode == "cgroups":
+                assert all(_gone(d) for d in daemons)
+    finally:
+        for daemon in daemons:
+            if not _gone(daemon):
+                daemon.kill()

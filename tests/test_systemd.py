@@ -82,7 +82,11 @@ def test_export_systemd_unit(tmp_path: Path) -> None:
     unit = configparser.ConfigParser(interpolation=None)
     unit.read(tmp_path / "rolehost-hello.service")
     service = unit["Service"]
-    assert service["Type"] == "notify" and service["KillMode"] == "mixed"
+    assert service["Type"] == "notify"
+    # The graceful stop, then whatever is left in the unit's cgroups: a detached daemon
+    # of a role, in its instance's cgroup, which Delegate=yes lets the controller make.
+    assert service["ExecStop"] == f"-{sys.executable} -m rolehost stop -f {hello.resolve()}"
+    assert service["KillMode"] == "control-group" and service["Delegate"] == "yes"
     assert service["ExecStart"] == (f"{sys.executable} -m rolehost start -f {hello.resolve()} "
                                     "--no-console")
     assert service["TimeoutStartSec"] == str(1800 + 30)  # ready_deadline (30 m) + margin

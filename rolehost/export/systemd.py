@@ -34,8 +34,17 @@ def unit(definition: Definition, file: Path) -> str:
         f"WorkingDirectory={_escape(str(file.parent))}",
         "ExecStart=" + " ".join(_quote(a) for a in (
             sys.executable, "-m", "rolehost", "start", "-f", str(file), "--no-console")),
-        # SIGTERM to the controller only: it stops the instances itself, gracefully.
-        "KillMode=mixed",
+        # The graceful stop first: `rolehost stop` returns once the controller has
+        # stopped every instance and exited. Only then does systemd signal what is left
+        # in the unit's cgroup, sub-cgroups included: a daemon a role detached, a
+        # killed controller's hosts. The controller puts each instance in a cgroup of
+        # its own under the unit's, which Delegate=yes lets it create (cgroups.py).
+        # "-": its exit code is not the unit's (1 when the controller had died already,
+        # 3 when the stop was cut short: the controller's own exit says that).
+        "ExecStop=-" + " ".join(_quote(a) for a in (
+            sys.executable, "-m", "rolehost", "stop", "-f", str(file))),
+        "KillMode=control-group",
+        "Delegate=yes",
         f"TimeoutStartSec={int(definition.service.ready_deadline) + MARGIN}",
         f"TimeoutStopSec={int(longest_stop) + MARGIN}",
         f"WatchdogSec={WATCHDOG_SECONDS}",

@@ -113,7 +113,8 @@ class Controller:
             log.warning("subreaper_unavailable", detail="detached grandchildren may escape")
         keeper = Keeper(self.run_dir, self.launcher.lock,
                         await api.serve(self.run_dir.socket, self),
-                        lambda: api.serve(self.run_dir.socket, self), self._reopen_logs,
+                        lambda: api.serve(self.run_dir.socket, self),
+                        lambda: [i.output.file for i in self.instances.values()],
                         lambda why: self.in_background(self.shutdown(why)))
         keeper.start()
         collector = metrics.StateCollector(self)
@@ -191,10 +192,6 @@ class Controller:
             metrics.REGISTRY.unregister(collector)
             await keeper.close()
             self.launcher.close(self.instances.values())
-
-    def _reopen_logs(self) -> None:
-        for instance in self.instances.values():
-            instance.output.file.reopen()
 
     def _stop_signal(self, name: str) -> None:
         self._shutdown_reason = f"controller received {name}"

@@ -19,6 +19,7 @@ from rolehost.fabric import ports
 from rolehost.fabric.tasks import task_path
 from rolehost.observability.logs import Console
 from rolehost.processes import ownership, privileges
+from rolehost.processes.cgroups import Cgroups
 from rolehost.processes.hosts import Standby
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class Deployment:
     observer: Callable[[Instance], None] | None = None  # told of every state change
     ports: set[int] = field(default_factory=set)  # private ports given to instances
     owner: str = ""  # ownership.identity() of the controller: in every process's environment
+    cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,
@@ -50,7 +52,7 @@ class Deployment:
                        ownership.CONTROLLER_ENV: owner}
         return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
                    standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
-                   observer=observer, owner=owner)
+                   observer=observer, owner=owner, cgroups=Cgroups(run_dir, owner))
 
     def take_port(self, host: str) -> int:
         """A private port for an instance: free, and given to no other instance."""

@@ -344,6 +344,8 @@ class Instance:
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
             self.process = await self.deployment.standby.take()
+            if (cgroups := self.deployment.cgroups) is not None:  # before the role's code runs
+                self.process.cgroup = cgroups.enter(self.id, self.process.pid)
             if self._failed_reason is not None:  # while the host was coming
                 self.process.kill()
                 return False

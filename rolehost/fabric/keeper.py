@@ -25,13 +25,14 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
 from rolehost.control.api import Server
 from rolehost.fabric.rundir import RunDir
 from rolehost.observability import logs
+from rolehost.observability.logs import RotatingFile
 
 log = structlog.get_logger()
 
@@ -43,10 +44,11 @@ class Keeper:
     """Keeps `run_dir` this controller's while it runs: see the module's docstring."""
 
     def __init__(self, run_dir: RunDir, lock: int, server: Server,
-                 serve: Callable[[], Awaitable[Server]], reopen: Callable[[], None],
+                 serve: Callable[[], Awaitable[Server]],
+                 logs: Callable[[], Iterable[RotatingFile]],
                  lost: Callable[[str], None]) -> None:
         self.run_dir, self.lock, self.server = run_dir, lock, server
-        self._serve, self._reopen, self._lost = serve, reopen, lost
+        self._serve, self._logs, self._lost = serve, logs, lost
         self._socket = _inode(run_dir.socket)
         self._refused = 0  # checks in a row the lock was another process's
         self._task: asyncio.Task[None] | None = None
@@ -105,7 +107,8 @@ class Keeper:
                 await self.server.close(timeout=0)
             self.server = await self._serve()
             self._socket = _inode(self.run_dir.socket)
-        self._reopen()
+        for file in self._logs():  # the instances' output logs
+            file.reopen()
         logs.reopen()
         log.warning("run_dir_restored", run_dir=str(self.run_dir.path),
                     detail="the run directory was deleted or replaced; the package store "

@@ -50,6 +50,9 @@ class Launcher:
         # Every instance given to `stop` has stopped: a signal has nothing left to stop.
         self.stopped = False
         self.lock = -1  # the run directory's lock (`claim`): held until this process ends
+        # Claimed a run directory: this process runs the service, and owns every child it
+        # has (a rehearsal runs in the CLI's process, and claims none).
+        self.claimed = False
         self._signals = 0
         self._on_stop: Callable[[str], None] | None = None
         self._on_force: Callable[[str], None] | None = None
@@ -74,6 +77,14 @@ class Launcher:
                 "and `rolehost stop`") from None
         if swept:
             log.warning("leftovers_swept", count=len(swept), processes=swept)
+        self.claimed = True
+        cgroups = self.deployment.cgroups
+        if cgroups is not None and await asyncio.to_thread(cgroups.open):
+            if dead := await asyncio.to_thread(cgroups.sweep_dead):
+                log.warning("leftover_cgroups_swept", cgroups=dead)
+        elif cgroups is not None:
+            log.info("cgroups_unavailable", reason=cgroups.reason,
+                     detail="a detached daemon of a role is ended at the controller's stop")
 
     def supervise(self, on_stop: Callable[[str], None] | None = None,
                   on_force: Callable[[str], None] | None = None) -> bool:
@@ -129,6 +140,16 @@ class Launcher:
         await asyncio.gather(*(stop(i) for i in instances))
         self._stopped()  # `instances` was empty
         await self.deployment.standby.close()
+        if self.claimed:
+            await asyncio.to_thread(self._end_strays)
+
+    def _end_strays(self) -> None:
+        """End what the instances' teardowns could not tie to an instance: processes
+        re-parented to this one that it did not start, then the cgroups."""
+        if strays := process.sweep_strays():
+            log.warning("strays_swept", count=len(strays), processes=strays)
+        if self.deployment.cgroups is not None:
+            self.deployment.cgroups.close()
 
     def _stopped(self) -> None:
         if not self.stopped:

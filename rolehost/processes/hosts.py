@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rolehost import protocol
+from rolehost.processes import cgroups
 from rolehost.processes.process import (
     KILL_GRACE,
     Lines,
@@ -75,6 +76,8 @@ class HostProcess:
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
         self._transport: asyncio.Transport | None = None
+        # Its instance's cgroup (cgroups.py), once it has one: killed with the host's tree.
+        self.cgroup: Path | None = None
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], env: dict[str, str], cwd: str,
@@ -155,6 +158,8 @@ class HostProcess:
     async def _sweep(self) -> None:
         # Before the reap: the zombie keeps the pid and process group from being reused.
         await asyncio.to_thread(sweep, self.pid, self.token, self.pid)
+        if self.cgroup is not None:  # what left the tree, its session and its token
+            await asyncio.to_thread(cgroups.kill, self.cgroup)
 
     def _reaped_now(self, _: asyncio.Future[int]) -> None:
         task = asyncio.ensure_future(self._finish())

@@ -1,12 +1,15 @@
 """Child processes of the controller: spawning, exit, channel, output and tree sweeps.
 
-An instance's processes are found three ways, because each alone misses some:
+An instance's processes are found four ways, because each alone misses some:
 - the host and its live descendants, by parentage (psutil);
 - the host's process group, which its plain children share (killpg);
 - descendants that detached into a session of their own and were orphaned: the
   controller is a child subreaper, so they are re-parented to it, and they carry a
   token in their environment: `DEPLOYMENT:INSTANCE:BOOT` for a boot's startup tasks,
-  `DEPLOYMENT:INSTANCE:BOOT:hN` for its Nth host.
+  `DEPLOYMENT:INSTANCE:BOOT:hN` for its Nth host;
+- and what drops its environment too: by the instance's cgroup, where there is one
+  (cgroups.py), or else, at the controller's stop, as a child of the controller that it
+  did not start (`sweep_strays`).
 
 Exits are seen through a pidfd, never by polling. Where pidfd_open is unavailable (Linux
 before 5.3, valgrind, a seccomp profile that denies it), they are seen on SIGCHLD
@@ -214,6 +217,32 @@ def _kill_after_grace(terminated: list[psutil.Process]) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=KILL_GRACE)
+
+
+def sweep_strays() -> list[str]:
+    """Terminate the children of this process that it did not start (not watched by
+    `watch_exit`), and their descendants: processes re-parented to it, a child subreaper,
+    whose instance no parentage, token or cgroup tied them to (a daemon that dropped its
+    environment, where there are no cgroups). Only for a process that owns all its
+    children: the controller and run-instance, at their stop. Returns what they were."""
+    try:
+        strays = [c for c in psutil.Process().children() if c.pid not in _tracked]
+    except psutil.Error:
+        return []
+    found: dict[int, psutil.Process] = {}
+    for child in strays:
+        found[child.pid] = child
+        with contextlib.suppress(psutil.Error):
+            found.update((p.pid, p) for p in child.children(recursive=True))
+    described = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() == psutil.STATUS_ZOMBIE:  # the reaper's, not a stray
+                continue
+            described.append(f"{proc.pid} {' '.join(proc.cmdline())}")
+            proc.terminate()
+    _kill_after_grace(list(found.values()))
+    return described
 
 
 def leftovers(run_dir: Path) -> list[psutil.Process]:

@@ -1,0 +1,170 @@
+"""Each instance in a cgroup of its own, where cgroup v2 can be written: what a role
+starts cannot leave it, whatever it does to its parentage, session or environment.
+
+A role's `run()` that forks, calls setsid, forks again and execs with an empty
+environment leaves a process that no parentage, process group or token finds: it is
+re-parented to the controller (a child subreaper) and carries nothing of the instance.
+It survived `stop` and a `kill -9` of the controller, and one more piled up with every
+boot. The kernel's answer, systemd's too, is the cgroup: a host is moved into its
+instance's cgroup when it is given the instance, before it runs any of the role's code,
+so everything the role starts is born there; the instance's teardown writes
+`cgroup.kill`, which SIGKILLs every process in it at once.
+
+The layout, under the controller's own cgroup (the unit's, under systemd):
+`rolehost-RUNDIR_HASH/PID-START/INSTANCE`, PID-START being the controller's identity
+(ownership.py). A start sweeps the `PID-START` folders of its run directory whose
+controller is gone: what a `kill -9` of the controller left is ended then.
+
+Where no cgroup v2 hierarchy can be written (no root and no delegation, a container
+that does not delegate, cgroup v1 only), nothing here does anything: `Cgroups.usable`
+is False and `reason` says why. The controller is still the child subreaper, and at
+its stop it ends every process re-parented to it that it did not start (process.py),
+so a detached daemon outlives its instance's restarts, but not the controller's stop.
+Startup tasks are not moved: their processes are found by their token, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import structlog
+
+from rolehost.processes import ownership
+
+log = structlog.get_logger()
+
+# A cgroup killed is empty within a few scheduler ticks; this bounds the wait for it.
+_EMPTY_WITHIN = 2.0
+
+
+def _unified() -> tuple[Path, str] | None:
+    """The cgroup v2 mount and this process's cgroup in it, or None."""
+    mount = None
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as lines:
+        for line in lines:
+            fields = line.split()
+            if " - cgroup2 " in line and len(fields) > 4:
+                mount = Path(fields[4])
+                break
+    if mount is None:
+        return None
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as lines:
+        for line in lines:
+            if line.startswith("0::"):
+                return mount, line[3:].strip()
+    return None
+
+
+class Cgroups:
+    """The cgroups of one controller's instances (see the module's docstring)."""
+
+    def __init__(self, run_dir: Path, owner: str) -> None:
+        self.run_dir, self.owner = run_dir, owner
+        self.service: Path | None = None  # rolehost-RUNDIR_HASH: the run directory's
+        self.root: Path | None = None  # PID-START: this controller's
+        self.reason = "not opened"
+
+    def open(self) -> bool:
+        """Make this controller's cgroup, once its run directory is its own; False, with
+        `reason`, where none can be made."""
+        if os.environ.get("ROLEHOST_CGROUPS") == "off":
+            self.reason = "turned off (ROLEHOST_CGROUPS=off)"
+            return False
+        found = _unified()
+        if found is None:
+            self.reason = "no cgroup v2 hierarchy is mounted"
+            return False
+        mount, own = found
+        digest = hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16]
+        service = mount / own.lstrip("/") / f"rolehost-{digest}"
+        root = service / self.owner.replace(":", "-")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.reason = f"cannot create a cgroup under {service.parent}: {exc.strerror}"
+            return False
+        if not (root / "cgroup.kill").exists():  # Linux before 5.14
+            with contextlib.suppress(OSError):
+                root.rmdir()
+            self.reason = "the kernel has no cgroup.kill (Linux 5.14)"
+            return False
+        self.service, self.root, self.reason = service, root, ""
+        return True
+
+    @property
+    def usable(self) -> bool:
+        return self.root is not None
+
+    def enter(self, instance: str, pid: int) -> Path | None:
+        """Move `pid` into `instance`'s cgroup; the cgroup, or None where there is none
+        (or the move failed: logged)."""
+        if self.root is None:
+            return None
+        group = self.root / instance
+        try:
+            group.mkdir(exist_ok=True)
+            (group / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError as exc:
+            log.warning("cgroup_move_failed", instance=instance, pid=pid,
+                        error=exc.strerror or str(exc))
+            return None
+        return group
+
+    def close(self) -> None:
+        """End whatever is left in this controller's cgroups and remove them."""
+        if self.root is not None:
+            _remove(self.root)
+            with contextlib.suppress(OSError):  # another controller's may be there
+                assert self.service is not None
+                self.service.rmdir()
+
+    def sweep_dead(self) -> list[str]:
+        """End the cgroups of this run directory's controllers that are gone (killed
+        with `kill -9`, say), and remove them; their names, for the log."""
+        if self.service is None:
+            return []
+        swept = []
+        for group in sorted(self.service.iterdir()):
+            if not group.is_dir() or group == self.root:
+                continue
+            owner = ownership.owner({ownership.CONTROLLER_ENV: group.name.replace("-", ":", 1)})
+            if owner is not None and owner.alive:
+                continue
+            if _populated(group):
+                swept.append(group.name)
+            _remove(group)
+        return swept
+
+
+def kill(group: Path) -> None:
+    """SIGKILL every process in `group` (and its descendants' cgroups), at once, and wait
+    until it is empty (KILL_GRACE-like bound). Blocking: run it on a worker thread."""
+    try:
+        (group / "cgroup.kill").write_text("1\n")
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cgroup_kill_failed", cgroup=str(group), error=exc.strerror)
+        return
+    deadline = time.monotonic() + _EMPTY_WITHIN
+    while _populated(group) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _populated(group: Path) -> bool:
+    try:
+        return "populated 1" in (group / "cgroup.events").read_text()
+    except OSError:
+        return False
+
+
+def _remove(group: Path) -> None:
+    """Kill what is in `group` and remove it, its children first."""
+    kill(group)
+    for path in sorted(group.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()
