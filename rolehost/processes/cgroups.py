@@ -125,20 +125,30 @@ class Cgroups:
 
     def sweep_dead(self) -> list[str]:
         """End the cgroups of this run directory's controllers that are gone (killed
-        with `kill -9`, say), and remove them; their names, for the log."""
+        with `kill -9`, say), and remove them; their names, for the log. Another run
+        directory's are only removed if empty: what they hold is that one's next start's
+        to end, not this one's."""
         if self.service is None:
             return []
         swept = []
-        for group in sorted(self.service.iterdir()):
-            if not group.is_dir() or group == self.root:
+        for group in sorted(self.service.parent.glob("rolehost-*/*")):
+            if not group.is_dir() or group == self.root or _alive(group.name):
                 continue
-            owner = ownership.owner({ownership.CONTROLLER_ENV: group.name.replace("-", ":", 1)})
-            if owner is not None and owner.alive:
-                continue
-            if _populated(group):
-                swept.append(group.name)
-            _remove(group)
+            if group.parent == self.service:
+                if _populated(group):
+                    swept.append(group.name)
+                _remove(group)
+            elif not _populated(group):
+                _remove(group)
+                with contextlib.suppress(OSError):  # the last one of its run directory
+                    group.parent.rmdir()
         return swept
+
+
+def _alive(name: str) -> bool:
+    """Whether the controller of the cgroup `PID-START` still runs."""
+    owner = ownership.owner({ownership.CONTROLLER_ENV: name.replace("-", ":", 1)})
+    return owner is None or owner.alive  # a name that is not one: not proven gone
 
 
 def kill(group: Path) -> None:
