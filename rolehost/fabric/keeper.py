@@ -51,6 +51,7 @@ class Keeper:
         self._serve, self._logs, self._lost = serve, logs, lost
         self._socket = _inode(run_dir.socket)
         self._refused = 0  # checks in a row the lock was another process's
+        self._failing = False  # the last restore failed (and said so)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -81,9 +82,14 @@ class Keeper:
                 continue
             try:
                 await self.restore()
-            except OSError as exc:  # tried again at the next check
-                log.error("run_dir_restore_failed", run_dir=str(self.run_dir.path),
-                          error=exc.strerror or str(exc))
+            except (OSError, ValueError) as exc:  # tried again at the next check
+                # ValueError: rundir.Unsuitable, a folder others use put in its place.
+                if not self._failing:  # once, not every second
+                    log.error("run_dir_restore_failed", run_dir=str(self.run_dir.path),
+                              error=getattr(exc, "strerror", None) or str(exc))
+                self._failing = True
+            else:
+                self._failing = False
 
     async def restore(self) -> None:
         """Make the run directory again, and take it back."""
