@@ -42,12 +42,13 @@ from rolehost.fabric.errors import (
     Unavailable,
 )
 from rolehost.fabric.history import History
-from rolehost.fabric.instance import Instance, Operation
+from rolehost.fabric.instance import Instance
 from rolehost.fabric.keeper import Keeper
 from rolehost.fabric.launcher import Launcher
 from rolehost.fabric.lifecycle import State
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.offers import discard, offer_by_domain, ready_or_not
+from rolehost.fabric.operation import Operation
 from rolehost.fabric.rolling import by_domain
 from rolehost.fabric.rundir import RunDir
 from rolehost.fabric.walks import Walk

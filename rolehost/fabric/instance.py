@@ -2,8 +2,9 @@
 real processes, timers and balancers.
 
 The rules (states, transitions, back, back-off, the ready deadline, the stop's outcome)
-are `rolehost.fabric.lifecycle`'s. Every state change of an instance happens in `Instance._set`,
-checked against them; everything else asks for one.
+are `rolehost.fabric.lifecycle`'s. Every state change of an instance happens in
+`Instance._set`, checked against them; everything else asks for one. The rooms around
+it (messages, changing, stopping, snapshot, variables...): docs/design.md.
 """
 
 from __future__ import annotations
@@ -11,26 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import signal
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from rolehost import protocol
 from rolehost.balancer import Balancer
-from rolehost.definition import (
-    Endpoint,
-    Role,
-    resource_variable,
-    setting_variables,
-)
-from rolehost.definition.site import site_context
-from rolehost.environment import Context
-from rolehost.fabric import ports, probe
+from rolehost.definition import Endpoint, Role
+from rolehost.fabric import changing, ports, probe
 from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.disks import Disks, Maintenance, apply
 from rolehost.fabric.errors import Conflict, OperationFailed
@@ -43,15 +34,19 @@ from rolehost.fabric.lifecycle import (
     State,
     StopOutcome,
 )
+from rolehost.fabric.messages import on_message
 from rolehost.fabric.names import instance_id
-from rolehost.fabric.tasks import TaskFailed, Tasks, task_path
+from rolehost.fabric.operation import Operation
+from rolehost.fabric.snapshot import snapshot
+from rolehost.fabric.stopping import drain, end_tasks, unless
+from rolehost.fabric.tasks import TaskFailed, Tasks
+from rolehost.fabric.timers import Timers
 from rolehost.fabric.usage import CpuLoad, DiskUsage
+from rolehost.fabric.variables import context, host_environment, task_environment
 from rolehost.observability import metrics
-from rolehost.observability.logs import iso
 from rolehost.observability.output import OutputLog
-from rolehost.processes import ownership
 from rolehost.processes.hosts import HostProcess
-from rolehost.processes.process import describe_exit, signal_tree, sweep
+from rolehost.processes.process import describe_exit
 
 log = structlog.get_logger()
 
@@ -59,16 +54,7 @@ log = structlog.get_logger()
 S = State
 # Beyond stop_timeout, how long the controller waits before it kills a stopping host.
 STOP_GRACE = 2.0
-CHANGING_TIMEOUT = 30.0  # a host that does not answer `changing` is recycled to apply
-
-
-@dataclass
-class Operation:
-    kind: Maintenance
-    cause: str
-    done: asyncio.Future[State]  # the state the instance settled in after it
-    started: bool = False
-    role: Role | None = None  # a deploy's new version of the role
+READY_DEADLINE, SILENT = "ready deadline", "silent"  # the names of the boot's timers
 
 
 class Instance:
@@ -102,10 +88,7 @@ class Instance:
         self.cpu = CpuLoad()
         self.usage = DiskUsage(self.id)
 
-        self._recycle_reason: str | None = None
-        self._recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
-        self._failed_reason: str | None = None
-        self._run_error: str | None = None  # the error the current boot reported
+        self.recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
         self._stop_reason = "stop requested"
         self._stop_requested = False
         # A stop cut short (a second signal): no drain, no on_stop, no wait for tasks.
@@ -113,14 +96,11 @@ class Instance:
         self._operation: Operation | None = None
         self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
         self._changed = asyncio.Event()  # set, and replaced, at every transition
-        self._deadline: asyncio.TimerHandle | None = None
-        self._heartbeat: asyncio.TimerHandle | None = None
+        self.timers = Timers()  # this boot's: the ready deadline, silence, the stop
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
-        self._changing: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
+        self.changing_answer: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
         self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
-
-    # The state machine.
 
     # What the lifecycle holds, as the rest of rolehost reads it.
 
@@ -224,13 +204,13 @@ class Instance:
                 continue
             # Out of rotation first: foreground tasks may hold the end of the boot up to
             # stop_timeout, and the host is gone already.
-            if self._failed_reason is not None:
-                self._set(S.FAILED, self._failed_reason)
+            if self.life.failed_reason is not None:
+                self._set(S.FAILED, self.life.failed_reason)
                 await self._end_boot()
                 await self._interrupt.wait()
             else:
                 reason = self._recycled_for = (
-                    self._recycle_reason or self.last_error or "host exited")
+                    self.life.recycle_reason or self.last_error or "host exited")
                 delay = self.life.boot_ended(time.time())
                 self.next_try = time.time() + delay
                 self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
@@ -259,7 +239,7 @@ class Instance:
         if not self.life.update_back(self._served(), time.time()):
             return False
         if self.life.back:  # its ready deadline is met
-            self._cancel_deadline()
+            self.timers.cancel(READY_DEADLINE)
         return True
 
     def why_not_back(self) -> str:
@@ -296,12 +276,11 @@ class Instance:
         self.life.operation_begins()
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
-        return self._operation.kind, f"{self._operation.kind.value}: {self._operation.cause}"
+        return self._operation.kind, self._operation.name
 
     async def _run_boot(self, kind: Maintenance, reason: str) -> None:
         """Folders and tasks (unless an agent update), then one host until it has exited."""
-        self._recycle_reason = self._failed_reason = self._run_error = None
-        self._recycle_asked = asyncio.Event()
+        self.recycle_asked = asyncio.Event()
         self.life.boot_begins(time.time())
         self.starts += 1
         metrics.STARTS.labels(self.role_name, kind.value).inc()
@@ -311,13 +290,12 @@ class Instance:
             if await self._bootstrap(kind):
                 await self._run_host()
         finally:
-            self._cancel_deadline()
-            self._cancel_heartbeat()
+            self.timers.cancel_all()
 
     async def _bootstrap(self, kind: Maintenance) -> bool:
         """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
         try:
-            self._reclaim_ports()  # before the tasks: they see the ports too
+            ports.reclaim(self)  # before the tasks: they see the ports too
             # An agent update restarts the host of a boot whose tasks are done; a boot
             # cut short in its tasks starts over, tasks and all.
             rerun = kind.reruns_tasks or self.tasks is None or self.tasks.ended or \
@@ -327,58 +305,40 @@ class Instance:
             # The deadline counts from here: the last boot's foreground tasks, which its
             # end waits for, are not this boot's.
             self._arm_deadline()
-            if self._failed_reason is not None:
+            if self.life.failed_reason is not None:
                 return False
             if rerun:
                 self.boot += 1
                 await asyncio.to_thread(apply, kind, self.disks, self.role,
                                         self.deployment.run_dir)
-                self._measure()
+                self.measure()
                 self.tasks = Tasks(self.id, self.role, self.disks,
-                                   self._environment(self.boot_token), self.output.write,
+                                   task_environment(self, self.boot_token), self.output.write,
                                    self.deployment.run_as.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
-            if self._failed_reason is not None:  # the deadline passed in the tasks
+            if self.life.failed_reason is not None:  # the deadline passed in the tasks
                 return False
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
             self.process = await self.deployment.standby.take()
             if (cgroups := self.deployment.cgroups) is not None:  # before the role's code runs
                 self.process.cgroup = cgroups.enter(self.id, self.process.pid)
-            if self._failed_reason is not None:  # while the host was coming
+            if self.life.failed_reason is not None:  # while the host was coming
                 self.process.kill()
                 return False
         except TaskFailed as failed:
-            if self._failed_reason is None:  # a missed deadline explains itself
-                self.last_error = self._run_error = str(failed)
+            if self.life.failed_reason is None:  # a missed deadline explains itself
+                self.last_error = self.life.run_error = str(failed)
             return False
         except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
-            self.last_error = self._run_error = f"bootstrap failed: {exc}"
+            self.last_error = self.life.run_error = f"bootstrap failed: {exc}"
             log.error("bootstrap_failed", instance=self.id, error=str(exc))
             return False
-        environment = self.variables() | {"PATH": task_path(), protocol.TOKEN_ENV: token}
-        if (user := self.deployment.run_as.user) is not None:
-            environment |= user.environment(self.disks.os)
-        self.process.assign(vars(self.context()), environment, str(self.disks.app), token,
+        self.process.assign(vars(context(self)), host_environment(self, token),
+                            str(self.disks.app), token,
                             self._on_message, self.output.write)
         return True
-
-    def _reclaim_ports(self) -> None:
-        """Before the host starts: a private port that something else began to listen on
-        while the instance was down is exchanged for a free one, and its balancer follows.
-        Else the role could never bind it again, and would crash at every boot."""
-        for name, balancer in self.balancers.items():
-            host, old = self.role.endpoints[name].host, self.ports[name]
-            if not ports.listened(host, old):
-                continue
-            new = self.ports[name] = self.deployment.take_port(host)
-            self.deployment.release_ports([old])
-            backend = balancer.backends[self.id]
-            backend.port = new
-            backend.close_idle()
-            log.warning("port_moved", instance=self.id, endpoint=name, old=old, new=new,
-                        detail="something else listens on the old port")
 
     async def _run_host(self) -> None:
         assert self.process is not None
@@ -400,8 +360,8 @@ class Instance:
             for task in probes:
                 task.cancel()
         outcome = describe_exit(code)
-        if code != protocol.ExitCode.STOPPED and not self._recycle_reason:
-            self.last_error = self._run_error or f"host {outcome}"
+        if code != protocol.ExitCode.STOPPED and not self.life.recycle_reason:
+            self.last_error = self.life.run_error or f"host {outcome}"
         log.info("host_exited", instance=self.id, pid=self.process.pid, outcome=outcome)
 
     def _probe_ended(self, task: asyncio.Future[None]) -> None:
@@ -412,31 +372,20 @@ class Instance:
 
     async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run bootstrap work; False if a stop or an operation interrupted it first."""
-        job = asyncio.ensure_future(work)
-        interrupt = asyncio.ensure_future(self._interrupt.wait())
-        await asyncio.wait({job, interrupt}, return_when=asyncio.FIRST_COMPLETED)
-        interrupt.cancel()
-        if not job.done():
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-            return False
-        job.result()  # TaskFailed propagates
-        return True
+        return await unless(work, self._interrupt)
 
     async def _watch(self, process: HostProcess) -> int:
         """Wait for the host to exit; if a stop or operation comes first, stop it gracefully."""
         interrupt: asyncio.Future[Any] = asyncio.ensure_future(self._interrupt.wait())
-        asked: asyncio.Future[Any] = asyncio.ensure_future(self._recycle_asked.wait())
+        asked: asyncio.Future[Any] = asyncio.ensure_future(self.recycle_asked.wait())
         exited: asyncio.Future[Any] = process.exited
         await asyncio.wait({exited, interrupt, asked}, return_when=asyncio.FIRST_COMPLETED)
         interrupt.cancel()
         asked.cancel()
         if process.running:
             reason = self._stop_reason if self._stop_requested else (
-                f"{self._operation.kind.value}: {self._operation.cause}"
-                if self._operation else self._recycle_reason or "stop requested"
-            )
+                self._operation.name if self._operation
+                else self.life.recycle_reason or "stop requested")
             # Draining before STOPPING: the rotation event of that change says why.
             self.life.draining = reason
             if self.state in RUNNING:
@@ -452,10 +401,10 @@ class Instance:
             except TimeoutError:
                 log.error("stop_timeout", instance=self.id, pid=process.pid, waited=limit)
                 self.life.stop.overran()
-                self._run_error = (
+                self.life.run_error = (
                     f"did not stop within stop_timeout ({self.role.stop_timeout:g}s); killed"
                 )
-                self.last_error = self._run_error
+                self.last_error = self.life.run_error
                 process.kill()
         return await process.exited
 
@@ -466,130 +415,39 @@ class Instance:
         if self._forced.is_set():  # out of rotation all the same
             self._update_rotation()
             return
-        if not self.balancers:
-            return
-        drained: asyncio.Future[Any] = asyncio.gather(
-            *(b.drain(self.id, reason) for b in self.balancers.values()))
-        forced: asyncio.Future[Any] = asyncio.ensure_future(self._forced.wait())
-        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        if not drained.done():  # a stop cut short waits for no request in flight
-            drained.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drained
+        await drain(self.balancers.values(), self.id, reason, self._forced)
 
     async def _end_boot(self) -> None:
         """The boot is over: foreground tasks may hold it up to stop_timeout, then all goes."""
         tasks = self.tasks
         if tasks is None or tasks.ended:
             return
-        tasks.ended = True  # kept for `status` until the next boot begins
-        if tasks.foreground and not self._forced.is_set():
-            log.info("waiting_for_foreground_tasks", instance=self.id,
-                     tasks=[r.label for r in tasks.foreground])
-            left = await tasks.wait_foreground(self.role.stop_timeout)
-            for run in left if not self._forced.is_set() else []:  # else killed, not waited
-                log.error("foreground_task_killed", instance=self.id, task=run.label,
-                          waited=self.role.stop_timeout)
-                # Killed half done, as an on_stop that overran: the stop was cut short.
-                self.life.stop.overran()
-                if self._stop_requested:
-                    self.last_error = (f"foreground {run.label} did not end within "
-                                       f"stop_timeout ({self.role.stop_timeout:g}s); killed")
-        tasks.kill()
-        if self._forced.is_set():  # a task's detached descendants get no SIGTERM grace
-            await asyncio.to_thread(signal_tree, None, self.boot_token, signal.SIGKILL)
-        await asyncio.to_thread(sweep, None, self.boot_token)
+        limit = self.role.stop_timeout
+        for run in await end_tasks(tasks, self.id, self.boot_token, limit, self._forced):
+            log.error("foreground_task_killed", instance=self.id, task=run.label, waited=limit)
+            # Killed half done, as an on_stop that overran: the stop was cut short.
+            self.life.stop.overran()
+            if self._stop_requested:
+                self.last_error = (f"foreground {run.label} did not end within "
+                                   f"stop_timeout ({limit:g}s); killed")
 
     @property
     def boot_token(self) -> str:
         return f"{self.deployment.id}:{self.id}:{self.boot}"
 
-    def _environment(self, token: str) -> dict[str, str]:
-        return {**os.environ, **self.variables(), "PATH": task_path(),
-                protocol.TOKEN_ENV: token}
-
-    def variables(self) -> dict[str, str]:
-        """The instance's identity, folders and settings, as its processes see them."""
-        variables = {
-            "ROLEHOST_RUN_DIR": str(self.deployment.run_dir),
-            # Whose processes these are: a sweep leaves a live controller's alone.
-            ownership.CONTROLLER_ENV: self.deployment.owner,
-            "ROLEHOST_ROLE": self.role_name,
-            "ROLEHOST_INSTANCE_ID": self.id,
-            "ROLEHOST_INDEX": str(self.index),
-            "ROLEHOST_UPDATE_DOMAIN": str(self.update_domain),
-            "ROLEHOST_DEPLOYMENT_ID": self.deployment.id,
-            "ROLEHOST_OS_DIR": str(self.disks.os),
-            "ROLEHOST_APP_DIR": str(self.disks.app),
-            "TMPDIR": str(self.disks.tmp),
-        }
-        for name in self.role.local_resources:
-            variables[resource_variable(name)] = str(self.disks.resource(name))
-        return variables | setting_variables(self.role.values)
-
-    def context(self) -> Context:
-        return Context(
-            instance_id=self.id,
-            role=self.role_name,
-            index=self.index,
-            update_domain=self.update_domain,
-            deployment_id=self.deployment.id,
-            entry_point=self.role.entry_class,
-            app_dir=str(self.disks.app),
-            os_dir=str(self.disks.os),
-            stop_timeout=self.role.stop_timeout,
-            status_check_interval=self.role.status_check_interval,
-            settings=self.role.values,
-            endpoints={
-                name: {"host": self.endpoint_host or ep.host, "port": self.ports[name],
-                       "protocol": ep.protocol.value}
-                for name, ep in self.role.endpoints.items()
-            },
-            resources={
-                name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb}
-                for name, spec in self.role.local_resources.items()
-            },
-            topology=self.topology,
-            site=site_context(self.role.site, self.role.endpoints),
-        )
-
-    # What the host says.
+    # What the host says (rolehost/fabric/messages.py).
 
     def _on_message(self, message: protocol.Message) -> None:
         self._arm_heartbeat()
-        kind = message["type"]
-        if kind == "state":
-            state, reason = State(message["state"]), str(message.get("reason") or "")
-            if (new := self.life.reported(state)) is not None:
-                self._set(new, reason)
-        elif kind == "recycle":
-            self._recycle_reason = str(message.get("reason", "recycle requested"))
-            if message.get("graceful"):
-                self._recycle_asked.set()
-        elif kind == "error":
-            where, text = str(message.get("where")), str(message.get("traceback", ""))
-            self.last_traceback = text
-            summary = text.strip().splitlines()[-1] if text.strip() else "failed"
-            self._run_error = f"{where}: {summary}"
-            self.last_error = self._run_error
-            log.error("role_error", instance=self.id, where=where, error=summary)
-            if message.get("timed_out"):
-                self.life.stop.overran()
-        elif kind == "changing_result" and self._changing is not None:
-            if not self._changing.done():
-                self._changing.set_result(bool(message.get("cancel")))
-        elif kind == "heartbeat":
-            self.sample_cpu()
-            if self.usage.due:
-                self._measure()
+        if (reported := on_message(self, message)) is not None:
+            self._set(*reported)
 
     def sample_cpu(self) -> float | None:
         """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""
         process = self.process
         return self.cpu.sample(process.pid if process is not None and process.running else None)
 
-    def _measure(self) -> None:
+    def measure(self) -> None:
         """Refresh local-resource usage off the loop; warn when one is over its size."""
         self.usage.measure({name: (self.disks.resource(name), spec.size_mb)
                             for name, spec in self.role.local_resources.items()})
@@ -600,17 +458,12 @@ class Instance:
         """This boot's time to ready begins, with what is left of the deadline of the boots
         since the instance was last ready: a crash loop that never gets there has one
         deadline, not one per boot. Spent in earlier boots, it is missed at once."""
-        self._cancel_deadline()
         left = self.life.deadline_starts(time.time())
         if left <= 0:
+            self.timers.cancel(READY_DEADLINE)
             self._deadline_missed()
         else:
-            self._deadline = asyncio.get_running_loop().call_later(left, self._deadline_missed)
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+            self.timers.schedule(READY_DEADLINE, left, self._deadline_missed)
 
     def _deadline_missed(self) -> None:
         where = self.state.value
@@ -619,9 +472,9 @@ class Instance:
             where += f", running {', '.join(running)}" if running else ""
         elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
             where += f", {self.why_not_back()}"
-        self._failed_reason = self.life.deadline.missed(
+        self.life.failed_reason = self.life.deadline.missed(
             where, self.last_error or self._recycled_for)
-        self.last_error = self._run_error = self._failed_reason
+        self.last_error = self.life.run_error = self.life.failed_reason
         log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
         metrics.DEADLINE_MISSES.labels(self.role_name).inc()
         if self.tasks is not None:
@@ -630,18 +483,10 @@ class Instance:
             self.process.kill()
 
     def _arm_heartbeat(self) -> None:
-        self._cancel_heartbeat()
-        self._heartbeat = asyncio.get_running_loop().call_later(
-            protocol.UNRESPONSIVE_AFTER, self._unresponsive
-        )
-
-    def _cancel_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        self.timers.schedule(SILENT, protocol.UNRESPONSIVE_AFTER, self._unresponsive)
 
     def _unresponsive(self) -> None:
-        self._run_error = f"host unresponsive: silent for {protocol.UNRESPONSIVE_AFTER:g}s"
+        self.life.run_error = f"host unresponsive: silent for {protocol.UNRESPONSIVE_AFTER:g}s"
         log.error("host_unresponsive", instance=self.id)
         if self.process is not None and self.process.running:
             self.process.kill()
@@ -736,125 +581,22 @@ class Instance:
         return True
 
     async def change_settings(self, role: Role, cause: str) -> str:
-        """Offer `role`'s settings to the running host (see `_offer`)."""
-        old, new = self.role.values, role.values
-        changes = [{"name": k, "old": old.get(k), "new": new.get(k)}
-                   for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        if not changes:
-            return "unchanged"
-        # The host's own environment follows; a removed setting's variable goes (None).
-        environment = dict.fromkeys(setting_variables(old)) | setting_variables(new)
-        return await self._offer({"changes": changes}, {"settings": role.values,
-                                 "environment": environment}, role, cause)
+        """Offer `role`'s settings to the running host (rolehost/fabric/changing.py)."""
+        return await changing.change_settings(self, role, cause)
 
     async def change_topology(self, topology: dict[str, list[str]], role: str,
                               cause: str) -> str:
-        """Tell the host that `role`'s instances changed (see `_offer`)."""
-        self.topology = topology
-        return await self._offer({"topology_changed": [role]},
-                                 {"topology": topology, "topology_changed": [role]}, self.role,
-                                 cause)
+        """Tell the host that `role`'s instances changed (rolehost/fabric/changing.py)."""
+        return await changing.change_topology(self, topology, role, cause)
 
-    async def _offer(self, changing: dict[str, Any], changed: dict[str, Any], role: Role,
-                     cause: str) -> str:
-        """`changing` handlers may cancel, and the instance recycles to apply the change;
-        otherwise it applies now and `changed` is raised. Returns what happened:
-        applied, recycled, or (no running host) at the next start."""
-        while self.state is S.STARTING:  # its host has the old values: offer once it is up
-            await self._changed.wait()
-        process = self.process
-        if process is None or not process.running or self.state not in (S.READY, S.BUSY):
-            self.role = role
-            return "applied at the next start"
-        # Whatever the host answers, its instance's next boot runs the new role: if the
-        # host dies in its handler, that boot is the recycle that applies the change.
-        self.role = role
-        starts = self.starts
-        answer = self._changing = asyncio.get_running_loop().create_future()
-        process.send({"type": "changing", **changing})
-        try:
-            await asyncio.wait({answer, process.exited}, timeout=CHANGING_TIMEOUT,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._changing = None
-        exited = process.exited.done()
-        # No answer: apply by recycling, which needs none.
-        cancel = answer.result() if answer.done() else True
-        log.info("changing", instance=self.id, cause=cause, cancelled=cancel, exited=exited,
-                 changes=[c["name"] for c in changing.get("changes", [])]
-                 + [f"topology of {r}" for r in changing.get("topology_changed", [])])
-        if exited:  # a recycle asked for now would be a second one
-            return await self._back_after_crash(starts)
-        if cancel:
-            await self.maintain(Maintenance.RECYCLE, f"change: {cause}", wait=True, role=role)
-            return "recycled"
-        self.role = role
-        process.send({"type": "changed", **changed})
-        return "applied"
-
-    async def _back_after_crash(self, starts: int) -> str:
-        """Wait for the boot after a crash (the back-off, then one boot) to settle, as an
-        operation is waited for: a change must not move on while the instance is down."""
-        while not (self.state in (S.FAILED, S.STOPPED)
-                   or (self.starts > starts and self.settled_back)):
-            await self._changed.wait()
-        if not self.back:
-            raise OperationFailed(
-                f"{self.id} did not become ready after its host exited in `changing`: it is "
-                f"{self.state.value} ({self.reason or self.last_error})")
-        return "recycled (its host exited in `changing`)"
-
-    def _endpoint_status(self, name: str) -> dict[str, Any]:
-        balancer = self.balancers.get(name)
-        if balancer is None:
-            return {}
-        status = balancer.backends[self.id].snapshot()
-        if (result := self.life.probes.get(name)) is not None:
-            spec = self.role.endpoints[name].probe
-            status["probe"] = {"healthy": result.healthy, "seen": result.seen,
-                               "passes": result.passes,
-                               "needed": spec.healthy if spec is not None else 1}
-        return status
+    async def changed(self) -> None:
+        """Wait for the next transition, or for the instance to come back or leave."""
+        await self._changed.wait()
 
     @property
     def operation(self) -> str | None:
         """The maintenance operation under way, if any: `kind: cause`."""
-        op = self._operation
-        return f"{op.kind.value}: {op.cause}" if op is not None else None
+        return self._operation.name if self._operation is not None else None
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "role": self.role_name,
-            "index": self.index,
-            "update_domain": self.update_domain,
-            "state": self.state.value,
-            "reason": self.reason,
-            "state_since": iso(self.state_since),
-            "pid": self.process.pid if self.process is not None and self.process.running else None,
-            "restarts": max(0, self.starts - 1),
-            "attempt": self.life.backoff.failures,
-            "next_try": iso(self.next_try),
-            "last_error": self.last_error,
-            "ready_since": iso(self.ready_since) if self.state is S.READY else None,
-            "back": self.back,
-            "back_since": iso(self.back_since) if self.back else None,
-            # Ready but not back: why (not ready, the state and reason say why).
-            "why_not_back": self.why_not_back() or None if self.state is S.READY else None,
-            "operation": self.operation,
-            "endpoints": {
-                name: {"host": ep.host, "port": self.ports[name], **self._endpoint_status(name)}
-                for name, ep in self.role.endpoints.items()
-            },
-            "tasks": self.tasks.snapshot() if self.tasks is not None else [],
-            "resources": {
-                name: {"path": str(self.disks.resource(name)), "size_mb": spec.size_mb,
-                       "used_mb": round(self.usage.used.get(name, 0.0), 3),
-                       "over": self.usage.used.get(name, 0.0) > spec.size_mb}
-                for name, spec in self.role.local_resources.items()
-            },
-            "dirs": {"root": str(self.disks.root), "app": str(self.disks.app),
-                     "os": str(self.disks.os), "resources": str(self.disks.resources)},
-            "log": str(self.output.path),
-        }
-
+        return snapshot(self)

@@ -181,6 +181,11 @@ class Lifecycle:
     boot_began: float = 0.0
     draining: str | None = None  # why, while the instance drains
     probes: dict[str, ProbeResult] = field(default_factory=dict)  # by endpoint
+    # How this boot is ending, as far as it is known: the host asked to be recycled
+    # (why), the ready deadline failed it (why), the error it reported last.
+    recycle_reason: str | None = None
+    failed_reason: str | None = None
+    run_error: str | None = None
 
     def change(self, state: State, reason: str, now: float, force: bool = False) -> bool:
         """Enter `state`; False if it is the state already. IllegalTransition for one
@@ -203,8 +208,9 @@ class Lifecycle:
         return None
 
     def boot_begins(self, now: float) -> None:
-        """A boot: not ready, not back, nothing probed or drained yet."""
+        """A boot: not ready, not back, nothing probed or drained yet, no end known."""
         self.ready_since = self.back_since = None
+        self.recycle_reason = self.failed_reason = self.run_error = None
         self.draining = None
         self.probes.clear()
         self.boot_began = now

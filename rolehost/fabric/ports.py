@@ -7,7 +7,7 @@ connection on the machine (the balancer's own, a probe's, a client's) as its loc
 and the instance's next bind fails. Below the range only a listener can take a port: a
 program started meanwhile, or another controller that chose the same one. Each boot
 checks, and an instance whose port something else listens on gets another
-(`Instance._reclaim_ports`).
+(`reclaim`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ import random
 import socket
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+if TYPE_CHECKING:
+    from rolehost.fabric.instance import Instance
+
+log = structlog.get_logger()
 
 EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 DEFAULT_EPHEMERAL_LOW = 32768  # Linux's default; where the file is missing (macOS: 49152)
@@ -71,3 +79,20 @@ def _bound(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, port))
         return int(s.getsockname()[1])
+
+
+def reclaim(instance: Instance) -> None:
+    """Before the host starts: a private port that something else began to listen on
+    while the instance was down is exchanged for a free one, and its balancer follows.
+    Else the role could never bind it again, and would crash at every boot."""
+    for name, balancer in instance.balancers.items():
+        host, old = instance.role.endpoints[name].host, instance.ports[name]
+        if not listened(host, old):
+            continue
+        new = instance.ports[name] = instance.deployment.take_port(host)
+        instance.deployment.release_ports([old])
+        backend = balancer.backends[instance.id]
+        backend.port = new
+        backend.close_idle()
+        log.warning("port_moved", instance=instance.id, endpoint=name, old=old, new=new,
+                    detail="something else listens on the old port")
