@@ -240,8 +240,10 @@ class Host:
             self._stop_asked.wait()
         RoleEnvironment.mark_stopping()
         self.send_state("stopping", reason)
+        # Best effort: the deadline is the controller's, which kills this tree at
+        # stop_timeout; this bound, just inside it, lets the host say what overran first.
         timeout = self.context.stop_timeout
-        finished, error = bounded(self._graceful, timeout)
+        finished, error = bounded(self._graceful, protocol.host_stop_bound(timeout))
         if not finished and not self._start_over.is_set():
             self.report(
                 "on_stop", f"on_start did not return within stop_timeout ({timeout:g}s) "

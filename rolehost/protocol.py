@@ -5,7 +5,8 @@ Every message is an object with a `type`. Host to controller:
 - `state`     `{"state": "starting" | "busy" | "ready" | "stopping", "reason": str}`
 - `recycle`   `{"reason": str}`: the host is about to exit to be recycled
 - `error`     `{"where": str, "traceback": str, "timed_out": bool}`: user code failed;
-              `timed_out` when it was the stop, cut short at stop_timeout
+              `timed_out` when it was the stop, cut short by the host's own bound on it
+              (`host_stop_bound`), just before the controller's deadline
 - `heartbeat` `{}`: sent every `HEARTBEAT_INTERVAL` by a thread no user code runs on
 - `changing_result` `{"cancel": bool}`
 
@@ -33,6 +34,18 @@ HEARTBEAT_INTERVAL = 5.0
 # A host whose heartbeat thread has been silent this long is frozen (stopped, or a C
 # extension holding the GIL): the controller recycles it.
 UNRESPONSIVE_AFTER = 6 * HEARTBEAT_INTERVAL
+
+# The controller owns a stop's deadline: `stop_timeout` after it sends `stop`, it kills
+# the host's tree (docs/design.md, "Who owns which timeout"). The host keeps an inner,
+# best-effort bound a little inside it, derived from the same value: time enough to say
+# what overran (on_start, or the stopping handlers and on_stop) and exit on its own.
+STOP_REPORT_MARGIN = 0.5
+
+
+def host_stop_bound(stop_timeout: float) -> float:
+    """How long the host gives its own stop before it reports the overrun and exits."""
+    return stop_timeout - min(STOP_REPORT_MARGIN, stop_timeout / 4)
+
 
 Message = dict[str, "Any"]
 

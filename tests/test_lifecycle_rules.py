@@ -306,3 +306,14 @@ def test_a_healthy_probe_of_a_healthy_endpoint_is_not_news() -> None:
     assert not life.probed("http", ProbeResult(True, "HTTP 200", 2))
     assert life.probes["http"].passes == 2  # kept all the same: status shows it
     assert life.probed("http", ProbeResult(False, "HTTP 500", 0))  # out
+
+
+def test_a_stop_has_one_deadline_for_its_host_and_its_tasks() -> None:
+    life = lifecycle()
+    assert life.stop_begins(10.0, stop_timeout=2.0) == 2.0  # the host is sent `stop`
+    assert life.stop_begins(11.5, stop_timeout=2.0) == 0.5  # its tasks get what is left
+    assert life.stop_overran(2.0) == "did not stop within stop_timeout (2s); killed"
+    assert life.run_error == "did not stop within stop_timeout (2s); killed"
+    assert life.stop.overruns == 1
+    life.stop_over()
+    assert life.stop_begins(20.0, stop_timeout=2.0) == 2.0  # the next stop's own

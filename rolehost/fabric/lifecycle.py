@@ -186,6 +186,7 @@ class Lifecycle:
     recycle_reason: str | None = None
     failed_reason: str | None = None
     run_error: str | None = None
+    stop_by: float | None = None  # when the stop under way must be over: its one deadline
 
     def change(self, state: State, reason: str, now: float, force: bool = False) -> bool:
         """Enter `state`; False if it is the state already. IllegalTransition for one
@@ -224,6 +225,26 @@ class Lifecycle:
         """Someone acted: a fresh ready deadline and back-off."""
         self.deadline.clear()
         self.backoff.reset()
+
+    def stop_begins(self, now: float, stop_timeout: float) -> float:
+        """A stop begins (the host is asked to stop, or its boot ends without one): its
+        deadline, `stop_timeout` from now, is the one the controller keeps for all of it:
+        the host gone, then its foreground tasks. The seconds left of it (a stop under
+        way keeps its own)."""
+        if self.stop_by is None:
+            self.stop_by = now + stop_timeout
+        return self.stop_by - now
+
+    def stop_overran(self, stop_timeout: float) -> str:
+        """The stop's deadline passed with the host still there: it is killed, and the
+        stop was cut short. What the instance's last error says."""
+        self.stop.overran()
+        self.run_error = f"did not stop within stop_timeout ({stop_timeout:g}s); killed"
+        return self.run_error
+
+    def stop_over(self) -> None:
+        """Nothing of the stop is left to wait for: the next one has its own deadline."""
+        self.stop_by = None
 
     def boot_ended(self, now: float) -> float:
         """A boot ended that will be followed by another: the back-off before it."""

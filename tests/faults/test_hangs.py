@@ -1,4 +1,4 @@
-"""Faults 5-7: a role that hangs where a deadline applies, or will not hear signals."""
+"""Faults 5-7 and 6b: a role that hangs where a deadline applies, or will not hear signals."""
 
 from __future__ import annotations
 
@@ -63,6 +63,35 @@ def test_on_stop_hangs_past_stop_timeout(make_service: MakeService) -> None:
             "on_stop: stopping handlers and on_stop did not finish within stop_timeout (1s); "
             "the instance is terminated")
         assert "did not finish within stop_timeout (1s)" in h.logs("web/0")
+        bystander.check()
+
+
+def test_a_host_frozen_in_on_stop_is_killed_at_stop_timeout(make_service: MakeService) -> None:
+    """The controller owns the stop's deadline: a host that cannot end its own stop
+    (frozen whole, its own bound on the stop with it) is killed at stop_timeout, not
+    later. Without the controller's deadline it would stay frozen for good."""
+    service = make_service(role(
+        """
+        class Role(RoleEntryPoint):
+            def on_stop(self):
+                if faulty() and once("stop"):
+                    probe("on_stop:freezing")
+                    os.kill(os.getpid(), signal.SIGSTOP)
+        """), instances=2, service=FAST, role={"stop_timeout": "1s"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_state("web/0", "ready", 30)
+        old = instance_pids(h, "web/0")
+        h.restart("web/0", wait=False)
+        service.wait_probe("on_stop:freezing web_IN_0")
+        frozen = time.monotonic()  # the stop was sent just before
+        wait_gone(old, timeout=10, what="the frozen host")
+        waited = time.monotonic() - frozen
+        assert 0.5 < waited < 1 + 1.2, f"killed {waited:.1f}s into a stop_timeout of 1s"
+        killed = h.wait_event(lambda e: e["event"] == "stop_timeout", 5)
+        assert killed["instance"] == "web_IN_0" and killed["waited"] == 1
+        row = h.wait_state("web/0", "ready", 30)  # and the restart carries on
+        assert row["last_error"] == "did not stop within stop_timeout (1s); killed"
         bystander.check()
 
 
