@@ -1,10 +1,11 @@
 """One instance's supervisor: the adapter that carries out its lifecycle's rules with
 real processes, timers and balancers.
 
-The rules (states, transitions, back, back-off, the ready deadline, the stop's outcome)
-are `rolehost.fabric.lifecycle`'s. Every state change of an instance happens in
-`Instance._set`, checked against them; everything else asks for one. The rooms around
-it (messages, changing, stopping, snapshot, variables...): docs/design.md.
+The decisions are `rolehost.fabric.lifecycle`'s: this module feeds it the events (a
+boot, the host started, a message, its exit, a timer, a stop, a force) and carries out
+the actions it returns (`_carry_out`), and sequences the I/O of a boot (the folders, the
+startup tasks, a standby host, the drain). Every state change happens in `Instance._set`,
+checked against the lifecycle's table. The rooms around it: docs/design.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -22,11 +23,28 @@ from rolehost import protocol
 from rolehost.balancer import Balancer
 from rolehost.definition import Endpoint, Role
 from rolehost.fabric import changing, ports, probe
+from rolehost.fabric.actions import (
+    HOST,
+    READY_DEADLINE,
+    SILENT,
+    STOP,
+    TASKS,
+    Action,
+    Answer,
+    Drain,
+    Enter,
+    Interrupt,
+    Kill,
+    Log,
+    Sample,
+    Schedule,
+    Send,
+)
 from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.disks import Disks, Maintenance, apply
 from rolehost.fabric.errors import Conflict, OperationFailed
 from rolehost.fabric.lifecycle import (
-    RUNNING,
+    After,
     Backoff,
     Lifecycle,
     ProbeResult,
@@ -34,7 +52,6 @@ from rolehost.fabric.lifecycle import (
     State,
     StopOutcome,
 )
-from rolehost.fabric.messages import on_message
 from rolehost.fabric.names import instance_id
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.snapshot import snapshot
@@ -52,8 +69,6 @@ log = structlog.get_logger()
 
 
 S = State
-# The names of the boot's timers: the ready deadline, a silent host, the stop's deadline.
-READY_DEADLINE, SILENT, STOP = "ready deadline", "silent", "stop"
 
 
 class Instance:
@@ -81,15 +96,10 @@ class Instance:
         self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
         self.hosts = 0  # host processes started
         self.starts = 0  # boots and host restarts, whatever their cause
-        self.last_error: str | None = None
-        self.last_traceback: str | None = None
-        self.next_try: float | None = None
         self.cpu = CpuLoad()
         self.usage = DiskUsage(self.id)
 
         self.recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
-        self._stop_reason = "stop requested"
-        self._stop_requested = False
         # A stop cut short (a second signal): no drain, no on_stop, no wait for tasks.
         self._forced = asyncio.Event()
         self._operation: Operation | None = None
@@ -99,7 +109,6 @@ class Instance:
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
         self.changing_answer: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
-        self._recycled_for = ""  # the last recycle's reason (on_start False sets no error)
 
     # What the lifecycle holds, as the rest of rolehost reads it.
 
@@ -122,6 +131,18 @@ class Instance:
     @property
     def back_since(self) -> float | None:
         return self.life.back_since
+
+    @property
+    def last_error(self) -> str | None:
+        return self.life.last_error
+
+    @property
+    def last_traceback(self) -> str | None:
+        return self.life.last_traceback
+
+    @property
+    def next_try(self) -> float | None:
+        return self.life.next_try
 
     @property
     def stop_outcome(self) -> StopOutcome:
@@ -149,9 +170,7 @@ class Instance:
         if self.deployment.observer is not None:
             self.deployment.observer(self)
         operation = self._operation
-        if operation is not None and (operation.started or self.state is S.STOPPED) and (
-            self.settled_back
-        ):
+        if operation is not None and self.life.ends_operation(operation.started):
             self._operation = None
             if not operation.done.done():  # cancelled: its waiter was (a walk cut short)
                 operation.done.set_result(self.state)
@@ -183,47 +202,40 @@ class Instance:
             return
         error = task.exception()
         log.critical("supervisor_crashed", instance=self.id, error=repr(error), exc_info=error)
-        self.last_error = f"rolehost internal error: {error!r}"
-        if self.tasks is not None:
-            self.tasks.kill()
-        if self.process is not None and self.process.running:
-            self.process.kill()
-        self._set(S.FAILED, self.last_error, force=True)
+        self.life.last_error = f"rolehost internal error: {error!r}"
+        self._carry_out([Kill(TASKS), Kill(HOST)])
+        self._set(S.FAILED, self.life.last_error, force=True)
 
     async def _supervise(self, cause: str) -> None:
+        """One boot after another, each followed by what the lifecycle says follows it."""
         kind, reason = Maintenance.START, cause
         while True:
             await self._run_boot(kind, reason)
-            if self._stop_requested:
+            after = self.life.boot_over(time.time(), self._pending_operation)
+            if after.what is After.STOP:
                 await self._end_boot()
-                self._set(S.STOPPED, self._stop_reason)
+                self._set(S.STOPPED, after.reason)
                 return
-            if self._pending_operation:
+            if after.what is After.OPERATION:
                 kind, reason = self._take_operation()
                 continue
             # Out of rotation first: foreground tasks may hold the end of the boot up to
             # stop_timeout, and the host is gone already.
-            if self.life.failed_reason is not None:
-                self._set(S.FAILED, self.life.failed_reason)
-                await self._end_boot()
+            self._carry_out(after.actions)
+            await self._end_boot()
+            if after.what is After.FAIL:
                 await self._interrupt.wait()
             else:
-                reason = self._recycled_for = (
-                    self.life.recycle_reason or self.last_error or "host exited")
-                delay = self.life.boot_ended(time.time())
-                self.next_try = time.time() + delay
-                self._set(S.RECYCLING, f"{reason}; next try in {delay:g}s")
-                await self._end_boot()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._interrupt.wait(),
-                                           max(0.0, self.next_try - time.time()))
-                self.next_try = None
-            if self._stop_requested:
-                self._set(S.STOPPED, self._stop_reason)
+                                           max(0.0, (self.next_try or 0.0) - time.time()))
+                self.life.next_try = None
+            if self.life.stop_reason is not None:
+                self._set(S.STOPPED, self.life.stop_reason)
                 return
             kind, reason = (
-                self._take_operation() if self._pending_operation else (Maintenance.RECYCLE, reason)
-            )
+                self._take_operation() if self._pending_operation
+                else (Maintenance.RECYCLE, after.reason))
 
     # Rotation: derived from the state, the probes and a drain, never kept apart.
 
@@ -303,7 +315,7 @@ class Instance:
                 await self._end_boot()
             # The deadline counts from here: the last boot's foreground tasks, which its
             # end waits for, are not this boot's.
-            self._arm_deadline()
+            self._carry_out(self.life.ready_deadline_begins(time.time()))
             if self.life.failed_reason is not None:
                 return False
             if rerun:
@@ -328,10 +340,10 @@ class Instance:
                 return False
         except TaskFailed as failed:
             if self.life.failed_reason is None:  # a missed deadline explains itself
-                self.last_error = self.life.run_error = str(failed)
+                self.life.last_error = self.life.run_error = str(failed)
             return False
         except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
-            self.last_error = self.life.run_error = f"bootstrap failed: {exc}"
+            self.life.last_error = self.life.run_error = f"bootstrap failed: {exc}"
             log.error("bootstrap_failed", instance=self.id, error=str(exc))
             return False
         self.process.assign(vars(context(self)), host_environment(self, token),
@@ -341,9 +353,7 @@ class Instance:
 
     async def _run_host(self) -> None:
         assert self.process is not None
-        self._set(S.STARTING, f"host process {self.process.pid} started")
-        self.life.stop_over()  # an agent update's stop ended with its host: the boot goes on
-        self._arm_heartbeat()
+        self._carry_out(self.life.host_started(self.process.pid))
         probes = [
             asyncio.ensure_future(probe.watch(
                 endpoint.host, self.ports[name], endpoint.probe,
@@ -359,10 +369,7 @@ class Instance:
         finally:
             for task in probes:
                 task.cancel()
-        outcome = describe_exit(code)
-        if code != protocol.ExitCode.STOPPED and not self.life.recycle_reason:
-            self.last_error = self.life.run_error or f"host {outcome}"
-        log.info("host_exited", instance=self.id, pid=self.process.pid, outcome=outcome)
+        self._carry_out(self.life.exited(self.process.pid, code, describe_exit(code)))
 
     def _probe_ended(self, task: asyncio.Future[None]) -> None:
         """A probe watch runs until cancelled: one that ended froze the rotation, a bug
@@ -383,36 +390,19 @@ class Instance:
         interrupt.cancel()
         asked.cancel()
         if process.running:
-            reason = self._stop_reason if self._stop_requested else (
-                self._operation.name if self._operation
-                else self.life.recycle_reason or "stop requested")
-            # Draining before STOPPING: the rotation event of that change says why.
-            self.life.draining = reason
-            if self.state in RUNNING:
-                self._set(S.STOPPING, reason)
-            await self._drain(reason)
-            if self._forced.is_set():  # before the host was ours to kill, or in the drain
-                process.kill()
-            else:
-                process.send({"type": "stop", "reason": reason})
-                left = self.life.stop_begins(time.time(), self.role.stop_timeout)
-                self.timers.schedule(STOP, left, functools.partial(self._stop_overdue, process))
+            operation = self._operation.name if self._operation else None
+            for action in self.life.host_must_stop(operation):
+                if not isinstance(action, Drain):
+                    self._carry_out([action])
+                    continue
+                await self._drain(action.reason)
+                self._carry_out(self.life.drained(action.reason, time.time(),
+                                                  self.role.stop_timeout))
         return await process.exited
-
-    def _stop_overdue(self, process: HostProcess) -> None:
-        """The stop's deadline, the one owner of stop_timeout (docs/design.md): the host
-        has had all of it, and its tree is killed whatever it is doing."""
-        if not process.running:
-            return
-        log.error("stop_timeout", instance=self.id, pid=process.pid,
-                  waited=self.role.stop_timeout)
-        self.last_error = self.life.stop_overran(self.role.stop_timeout)
-        process.kill()
 
     async def _drain(self, reason: str) -> None:
         """Out of rotation first; let requests in flight finish (each endpoint's
         drain_timeout); only then is the host asked to stop."""
-        self.life.draining = reason
         if self._forced.is_set():  # out of rotation all the same
             self._update_rotation()
             return
@@ -429,24 +419,28 @@ class Instance:
         left = self.life.stop_begins(time.time(), limit)
         overran = await end_tasks(tasks, self.id, self.boot_token, left, self._forced)
         self.life.stop_over()
-        for run in overran:
-            log.error("foreground_task_killed", instance=self.id, task=run.label, waited=limit)
-            # Killed half done, as an on_stop that overran: the stop was cut short.
-            self.life.stop.overran()
-            if self._stop_requested:
-                self.last_error = (f"foreground {run.label} did not end within "
-                                   f"stop_timeout ({limit:g}s); killed")
+        self._carry_out(self.life.tasks_overran([run.label for run in overran], limit))
 
     @property
     def boot_token(self) -> str:
         return f"{self.deployment.id}:{self.id}:{self.boot}"
 
-    # What the host says (rolehost/fabric/messages.py).
+    # What the host says, and the timers: events for the lifecycle.
 
     def _on_message(self, message: protocol.Message) -> None:
-        self._arm_heartbeat()
-        if (reported := on_message(self, message)) is not None:
-            self._set(*reported)
+        self._carry_out(self.life.message(message))
+
+    def _expired(self, timer: str) -> None:
+        if timer == READY_DEADLINE:
+            metrics.DEADLINE_MISSES.labels(self.role_name).inc()
+            running = [r.label for r in self.tasks.runs if r.state == "running"] \
+                if self.tasks is not None else []
+            self._carry_out(self.life.deadline_missed(running, self._served()))
+        elif timer == SILENT:
+            self._carry_out(self.life.silent())
+        elif timer == STOP and (process := self.process) is not None and process.running:
+            # The one owner of stop_timeout (docs/design.md): the host has had all of it.
+            self._carry_out(self.life.stop_overdue(process.pid, self.role.stop_timeout))
 
     def sample_cpu(self) -> float | None:
         """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""
@@ -458,44 +452,40 @@ class Instance:
         self.usage.measure({name: (self.disks.resource(name), spec.size_mb)
                             for name, spec in self.role.local_resources.items()})
 
-    # Deadlines.
+    # Carrying out what the lifecycle asks.
 
-    def _arm_deadline(self) -> None:
-        """This boot's time to ready begins, with what is left of the deadline of the boots
-        since the instance was last ready: a crash loop that never gets there has one
-        deadline, not one per boot. Spent in earlier boots, it is missed at once."""
-        left = self.life.deadline_starts(time.time())
-        if left <= 0:
-            self.timers.cancel(READY_DEADLINE)
-            self._deadline_missed()
-        else:
-            self.timers.schedule(READY_DEADLINE, left, self._deadline_missed)
-
-    def _deadline_missed(self) -> None:
-        where = self.state.value
-        if self.state is S.BOOTSTRAPPING and self.tasks is not None:
-            running = [r.label for r in self.tasks.runs if r.state == "running"]
-            where += f", running {', '.join(running)}" if running else ""
-        elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
-            where += f", {self.why_not_back()}"
-        self.life.failed_reason = self.life.deadline.missed(
-            where, self.last_error or self._recycled_for)
-        self.last_error = self.life.run_error = self.life.failed_reason
-        log.error("ready_deadline_missed", instance=self.id, state=self.state.value)
-        metrics.DEADLINE_MISSES.labels(self.role_name).inc()
-        if self.tasks is not None:
-            self.tasks.kill()
-        if self.process is not None and self.process.running:
-            self.process.kill()
-
-    def _arm_heartbeat(self) -> None:
-        self.timers.schedule(SILENT, protocol.UNRESPONSIVE_AFTER, self._unresponsive)
-
-    def _unresponsive(self) -> None:
-        self.life.run_error = f"host unresponsive: silent for {protocol.UNRESPONSIVE_AFTER:g}s"
-        log.error("host_unresponsive", instance=self.id)
-        if self.process is not None and self.process.running:
-            self.process.kill()
+    def _carry_out(self, actions: Iterable[Action]) -> None:
+        """Do what the lifecycle asked, in order. A Drain is awaited by `_watch`, whose
+        stop it begins."""
+        for action in actions:
+            match action:
+                case Enter(state, reason):
+                    self._set(state, reason)
+                case Send(message):
+                    if self.process is not None:
+                        self.process.send(message)
+                case Kill(target) if target == TASKS:
+                    if self.tasks is not None:
+                        self.tasks.kill()
+                case Kill():
+                    if self.process is not None and self.process.running:
+                        self.process.kill()
+                case Schedule(timer, delay) if delay <= 0:
+                    self.timers.cancel(timer)
+                    self._expired(timer)
+                case Schedule(timer, delay):
+                    self.timers.schedule(timer, delay, functools.partial(self._expired, timer))
+                case Interrupt(recycle):
+                    (self.recycle_asked if recycle else self._interrupt).set()
+                case Sample():
+                    self.sample_cpu()
+                    if self.usage.due:
+                        self.measure()
+                case Answer(cancel):
+                    if self.changing_answer is not None and not self.changing_answer.done():
+                        self.changing_answer.set_result(cancel)
+                case Log(level, event, fields):
+                    getattr(log, level)(event, instance=self.id, **fields)
 
     # Operations.
 
@@ -507,10 +497,7 @@ class Instance:
 
     def request_stop(self, reason: str) -> None:
         """Begin the stop without waiting for it (`stop` waits)."""
-        self._stop_reason = reason
-        self._stop_requested = True
-        self.life.stop.final_stop_begins()
-        self._interrupt.set()
+        self._carry_out(self.life.stop_asked(reason))
 
     def force_stop(self, reason: str) -> bool:
         """Cut the stop short (a second signal): what is left of the drain is skipped,
@@ -520,18 +507,12 @@ class Instance:
         there was nothing to cut short."""
         if self.state is S.STOPPED or (self._task is not None and self._task.done()):
             return False
-        # Asked first, so that the host's death is taken for the stop it is, not for a
-        # crash to recycle from.
-        self.request_stop(self._stop_reason if self._stop_requested else reason)
-        self.life.stop.force(reason)
+        # The end of the boot may be waiting on its foreground tasks: they are killed
+        # now. Before that end, it comes at once (the host is killed) and kills them
+        # itself, as ended: a background task killed with its boot is stopped, not failed.
+        actions = self.life.force(reason, self.tasks is not None and self.tasks.ended)
         self._forced.set()
-        # The end of the boot may be waiting on its foreground tasks. Before that end, it
-        # comes at once (the host is killed below) and kills them itself, as ended: a
-        # background task killed with its boot is stopped, not failed.
-        if self.tasks is not None and self.tasks.ended:
-            self.tasks.kill()
-        if self.process is not None and self.process.running:
-            self.process.kill()
+        self._carry_out(actions)
         return True
 
     @property
@@ -553,7 +534,7 @@ class Instance:
 
     def available(self) -> None:
         """Conflict unless a maintenance event could begin now."""
-        if self._stop_requested or self.state is S.STOPPED:
+        if self.life.stop_reason is not None or self.state is S.STOPPED:
             raise Conflict(f"{self.id} is stopped")
         if self._operation is not None:
             raise Conflict(f"{self.id} is busy with another operation ({self.operation})")

@@ -3,19 +3,40 @@
 The states and the transitions between them, rotation on each endpoint and when an
 instance is back, when an operation on it is over, the crash back-off, the ready
 deadline shared by the boots of a crash loop, and whether a stop was cut short.
-`Lifecycle` holds them for one instance: it is fed what happened (a state the host
-reported, a probe's result, a boot, a drain), with the time, and says what follows;
-`rolehost.fabric.instance.Instance` is the adapter that feeds it and carries that out with
-processes, timers and balancers. Scripted histories test it with no process and no
-event loop (tests/test_lifecycle_rules.py). See docs/design.md.
+`Lifecycle` holds them for one instance, sans-IO: it is fed what happened (a boot, the
+host started, a message, the host's exit, a timer's expiry, a stop, a force, a probe's
+result, the end of a boot), with the time, and returns the actions that follow
+(`rolehost.fabric.actions`); `rolehost.fabric.instance.Instance` is the adapter that feeds
+it and carries them out with processes, timers and balancers. Scripted histories test it
+with no process and no event loop (tests/test_lifecycle_rules.py,
+tests/test_lifecycle_events.py). See docs/design.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
+
+from rolehost.fabric.actions import (
+    HOST,
+    READY_DEADLINE,
+    SILENT,
+    STOP,
+    TASKS,
+    Action,
+    Answer,
+    Drain,
+    Enter,
+    Interrupt,
+    Kill,
+    Log,
+    Sample,
+    Schedule,
+    Send,
+)
+from rolehost.protocol import UNRESPONSIVE_AFTER, ExitCode, Message
 
 if TYPE_CHECKING:
     from rolehost.definition import Endpoint
@@ -163,10 +184,30 @@ class ProbeResult(NamedTuple):
     passes: int  # passes in a row (of the probe's `healthy` that make it healthy)
 
 
+class After(StrEnum):
+    """What follows a boot."""
+
+    STOP = "stop"  # the final stop: stopped once the boot has ended
+    OPERATION = "operation"  # an operation's boot, at once
+    FAIL = "fail"  # failed, until someone acts
+    RECYCLE = "recycle"  # another boot, after the back-off
+
+
+class Next(NamedTuple):
+    """What follows a boot, why, the actions to carry out before the end of the boot is
+    awaited, and a recycle's back-off."""
+
+    what: After
+    reason: str = ""
+    actions: tuple[Action, ...] = ()
+    delay: float = 0.0
+
+
 @dataclass
 class Lifecycle:
     """One instance's state and every rule that decides it. Each method takes an event
-    and the time it happened; none does I/O."""
+    (with the time it happened, where that matters) and returns the actions that follow;
+    none does I/O."""
 
     instance: str
     backoff: Backoff
@@ -187,6 +228,13 @@ class Lifecycle:
     failed_reason: str | None = None
     run_error: str | None = None
     stop_by: float | None = None  # when the stop under way must be over: its one deadline
+    overrun_reported: bool = False  # the host said its stop overran (its own bound), this stop
+    # What `status` shows of the boots so far.
+    last_error: str | None = None
+    last_traceback: str | None = None
+    recycled_for: str = ""  # the last recycle's reason (on_start False sets no error)
+    next_try: float | None = None  # when the boot after a recycle's back-off begins
+    stop_reason: str | None = None  # the final stop's, once asked
 
     def change(self, state: State, reason: str, now: float, force: bool = False) -> bool:
         """Enter `state`; False if it is the state already. IllegalTransition for one
@@ -235,9 +283,12 @@ class Lifecycle:
             self.stop_by = now + stop_timeout
         return self.stop_by - now
 
-    def stop_overran(self, stop_timeout: float) -> str:
+    def stop_overran(self, stop_timeout: float) -> str | None:
         """The stop's deadline passed with the host still there: it is killed, and the
-        stop was cut short. What the instance's last error says."""
+        stop was cut short. What the instance's last error says, unless the host said
+        first what overran (and was on its way out)."""
+        if self.overrun_reported:
+            return None
         self.stop.overran()
         self.run_error = f"did not stop within stop_timeout ({stop_timeout:g}s); killed"
         return self.run_error
@@ -245,6 +296,7 @@ class Lifecycle:
     def stop_over(self) -> None:
         """Nothing of the stop is left to wait for: the next one has its own deadline."""
         self.stop_by = None
+        self.overrun_reported = False
 
     def boot_ended(self, now: float) -> float:
         """A boot ended that will be followed by another: the back-off before it."""
@@ -310,3 +362,149 @@ class Lifecycle:
     def settled(self) -> bool:
         """An operation on the instance is over: see `settled`."""
         return settled(self.state, self.back)
+
+    # Events in, actions out: what the adapter feeds and carries out.
+
+    @property
+    def stopping_for_good(self) -> bool:
+        """The final stop was asked: no boot follows this one."""
+        return self.stop_reason is not None
+
+    def host_started(self, pid: int) -> list[Action]:
+        """The boot's host runs the role: it must speak within UNRESPONSIVE_AFTER. A stop
+        that ended with the last host (an agent update's) is over."""
+        self.stop_over()
+        return [Enter(S.STARTING, f"host process {pid} started"),
+                Schedule(SILENT, UNRESPONSIVE_AFTER)]
+
+    def message(self, message: Message) -> list[Action]:
+        """What the host said; any message proves it is not frozen."""
+        actions: list[Action] = [Schedule(SILENT, UNRESPONSIVE_AFTER)]
+        kind = message["type"]
+        if kind == "state":
+            state, reason = State(message["state"]), str(message.get("reason") or "")
+            if (new := self.reported(state)) is not None:
+                actions.append(Enter(new, reason))
+        elif kind == "recycle":
+            self.recycle_reason = str(message.get("reason", "recycle requested"))
+            if message.get("graceful"):  # stop me, as a stop the controller begins
+                actions.append(Interrupt(recycle=True))
+        elif kind == "error":
+            where, text = str(message.get("where")), str(message.get("traceback", ""))
+            self.last_traceback = text
+            summary = text.strip().splitlines()[-1] if text.strip() else "failed"
+            self.last_error = self.run_error = f"{where}: {summary}"
+            actions.append(Log("error", "role_error", {"where": where, "error": summary}))
+            if message.get("timed_out") and not self.overrun_reported:  # its own bound
+                self.overrun_reported = True
+                self.stop.overran()
+        elif kind == "changing_result":
+            actions.append(Answer(bool(message.get("cancel"))))
+        elif kind == "heartbeat":
+            actions.append(Sample())
+        return actions
+
+    def silent(self) -> list[Action]:
+        """The host said nothing for UNRESPONSIVE_AFTER: frozen, it is killed (a crash)."""
+        self.run_error = f"host unresponsive: silent for {UNRESPONSIVE_AFTER:g}s"
+        return [Log("error", "host_unresponsive", {}), Kill(HOST)]
+
+    def ready_deadline_begins(self, now: float) -> list[Action]:
+        """The boot's time to ready begins, with what is left of the deadline of the boots
+        since the instance was last back: spent in earlier boots, it is missed now."""
+        return [Schedule(READY_DEADLINE, self.deadline_starts(now))]
+
+    def deadline_missed(self, running: Sequence[str],
+                        endpoints: Mapping[str, Endpoint]) -> list[Action]:
+        """Not back within the ready deadline: the boot ends failed, its tasks (`running`)
+        and host killed. The reason says where the boot was."""
+        where = self.state.value
+        if self.state is S.BOOTSTRAPPING and running:
+            where += f", running {', '.join(running)}"
+        elif self.state is S.READY:  # not back: the deadline runs until it is in rotation
+            where += f", {self.why_not_back(endpoints)}"
+        self.failed_reason = self.deadline.missed(where, self.last_error or self.recycled_for)
+        self.last_error = self.run_error = self.failed_reason
+        return [Log("error", "ready_deadline_missed", {"state": self.state.value}),
+                Kill(TASKS), Kill(HOST)]
+
+    def stop_asked(self, reason: str) -> list[Action]:
+        """The final stop: the host goes down gracefully, and no boot follows."""
+        self.stop_reason = reason
+        self.stop.final_stop_begins()
+        return [Interrupt()]
+
+    def force(self, reason: str, tasks_ended: bool) -> list[Action]:
+        """Cut the stop short (a second signal): asked first, so that the host's death is
+        taken for the stop it is, not for a crash to recycle from; then the host's tree,
+        and the tasks of a boot whose end waits on them, are killed now."""
+        actions = self.stop_asked(self.stop_reason or reason)  # one under way keeps its own
+        self.stop.force(reason)
+        return [*actions, *([Kill(TASKS)] if tasks_ended else []), Kill(HOST)]
+
+    @property
+    def forced(self) -> bool:
+        return self.stop.forced is not None
+
+    def host_must_stop(self, operation: str | None) -> list[Action]:
+        """A stop, an operation (`kind: cause`) or the host itself wants its host down
+        while it runs: out of rotation first (the rotation event of STOPPING says why),
+        then the drain."""
+        reason = self.stop_reason or operation or self.recycle_reason or "stop requested"
+        self.draining = reason
+        return [*([Enter(S.STOPPING, reason)] if self.state in RUNNING else []),
+                Drain(reason)]
+
+    def drained(self, reason: str, now: float, stop_timeout: float) -> list[Action]:
+        """The drain is over: the host is asked to stop, and the stop's one deadline
+        begins (a forced stop asks nothing: the host is killed)."""
+        if self.forced:
+            return [Kill(HOST)]
+        return [Send({"type": "stop", "reason": reason}),
+                Schedule(STOP, self.stop_begins(now, stop_timeout))]
+
+    def stop_overdue(self, pid: int, stop_timeout: float) -> list[Action]:
+        """The stop's deadline passed with the host still there: it is killed."""
+        self.last_error = self.stop_overran(stop_timeout) or self.last_error
+        return [Log("error", "stop_timeout", {"pid": pid, "waited": stop_timeout}), Kill(HOST)]
+
+    def exited(self, pid: int, code: int, outcome: str) -> list[Action]:
+        """The host is gone. Unless it stopped as asked or asked to be recycled, that is
+        the error (the one it reported, if any)."""
+        if code != ExitCode.STOPPED and not self.recycle_reason:
+            self.last_error = self.run_error or f"host {outcome}"
+        return [Log("info", "host_exited", {"pid": pid, "outcome": outcome})]
+
+    def boot_over(self, now: float, operation_pending: bool) -> Next:
+        """The boot is over (its host gone, or it never started): what follows. A final
+        stop; an operation, which begins a boot of its own; failed, at the ready deadline;
+        or a recycle after the back-off."""
+        if self.stop_reason is not None:
+            return Next(After.STOP, self.stop_reason)
+        if operation_pending:
+            return Next(After.OPERATION)
+        if self.failed_reason is not None:
+            return Next(After.FAIL, self.failed_reason, (Enter(S.FAILED, self.failed_reason),))
+        reason = self.recycled_for = self.recycle_reason or self.last_error or "host exited"
+        delay = self.boot_ended(now)
+        self.next_try = now + delay
+        return Next(After.RECYCLE, reason,
+                    (Enter(S.RECYCLING, f"{reason}; next try in {delay:g}s"),), delay)
+
+    def tasks_overran(self, labels: Sequence[str], stop_timeout: float) -> list[Action]:
+        """Foreground tasks killed at the stop's deadline: killed half done, as an on_stop
+        that overran, so the stop was cut short; the final stop's last error says so."""
+        actions: list[Action] = []
+        for label in labels:
+            actions.append(Log("error", "foreground_task_killed",
+                               {"task": label, "waited": stop_timeout}))
+            self.stop.overran()
+            if self.stop_reason is not None:
+                self.last_error = (f"foreground {label} did not end within stop_timeout "
+                                   f"({stop_timeout:g}s); killed")
+        return actions
+
+    def ends_operation(self, started: bool) -> bool:
+        """Whether the operation under way is over now: once it began (or the instance
+        stopped before it could), back or ended otherwise."""
+        return (started or self.state is S.STOPPED) and self.settled
