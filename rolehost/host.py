@@ -106,15 +106,25 @@ class Channel:
 
 
 class Host:
-    """One instance's lifecycle inside its host process."""
+    """One instance's lifecycle inside its host process.
 
-    def __init__(self, context: Context, channel: Channel) -> None:
+    The process is not the host's to end: `leave`, given by whoever runs it, is called
+    with the exit code once the host is done (`main` exits the process with it;
+    `rolehost.testing.RoleRun`, which drives a Host in a test's own process, never gets
+    that far). `role`: an instance of the role's class, where the entry point need not
+    be imported."""
+
+    def __init__(self, context: Context, channel: Channel,
+                 leave: Callable[[ExitCode], NoReturn] | None = None,
+                 role: RoleEntryPoint | None = None) -> None:
         self.context = context
         self.channel = channel
-        self.role: RoleEntryPoint | None = None
+        self.leave = leave or _leave
+        self.role = role
         self._stop_lock = threading.Lock()
         self._stop_started = False
         self._loop: Any = None  # asyncio loop, started on the first coroutine
+        self._loop_thread: threading.Thread | None = None
         # An async run(): its task, whether a stop cancelled it (both touched only on the
         # loop's thread, so a stop before its first step cannot slip through), its end.
         self._run_task: Any = None
@@ -126,6 +136,7 @@ class Host:
         # that comes during on_start waits for it; `started` says whether it succeeded.
         self._start_over = threading.Event()
         self._started = False
+        self._start_result: Any = None
         self._status = _StatusLoop(self)
         self._site: Site | None = None  # a web role's: rolehost.site
 
@@ -150,43 +161,63 @@ class Host:
 
     # The lifecycle (main thread).
 
-    def boot(self) -> None:
+    def boot(self) -> NoReturn:
         try:
-            self.role = load_entry_point(self.context.entry_point, self.context.app_dir)()
+            if self.role is None:
+                self.role = load_entry_point(self.context.entry_point, self.context.app_dir)()
         except BaseException:
             self._fail("import", ExitCode.BOOT_FAILED)
         self.send_state("starting")
         self._site_step("start")  # the site listens before on_start, which may use it
         try:
-            started = self.invoke(self.role.on_start)
+            started = self.start_role()
         except BaseException:
-            self._start_over.set()
             self._stopping_or_fail("on_start")
-        self._started = bool(started)
-        self._start_over.set()
         if self._stop_started:
             self._park()
         if not started:
-            self.channel.send("recycle", reason=f"on_start returned {started!r}")
+            self.channel.send("recycle", reason=f"on_start returned {self._start_result!r}")
             self._exit(ExitCode.RECYCLE)
         self._site_step("warm_up")  # and only then may the instance be ready
         self._status.start()
         try:
-            self.invoke(self.role.run, main=True)
+            self.run_role()
         except BaseException:
             self._stopping_or_fail("run")
         self.begin_stop("run() returned", ExitCode.RECYCLE)
         self._park()
 
-    def invoke(self, fn: Callable[..., Any], *args: Any, main: bool = False) -> Any:
+    def start_role(self) -> bool:
+        """on_start; True if it returned a true value. Raised or not, it is over: a stop
+        that came meanwhile may go on."""
+        assert self.role is not None
+        try:
+            self._start_result = self.invoke(self.role.on_start)
+            self._started = bool(self._start_result)
+        finally:
+            self._start_over.set()
+        return self._started
+
+    def run_role(self) -> None:
+        """run(), until it returns (an async one: until a stop cancels it)."""
+        assert self.role is not None
+        self.invoke(self.role.run, main=True)
+
+    @property
+    def run_began(self) -> bool:
+        """An async run() runs on the role's loop, where a stop will cancel it."""
+        return self._run_task is not None
+
+    def invoke(self, fn: Callable[..., Any], *args: Any, main: bool = False,
+               timeout: float | None = None) -> Any:
         """Call user code: a coroutine it returns runs on the role's loop, and we wait."""
         result = fn(*args)
         if not hasattr(result, "__await__"):
             return result
         if main:
             self._run_submitted = True
-            return self._submit(self._as_run(result)).result()
-        return self._submit(result).result()
+            return self._submit(self._as_run(result)).result(timeout)
+        return self._submit(result).result(timeout)
 
     async def _as_run(self, coroutine: Any) -> Any:
         """Run the role's async run() so that a stop can cancel it and wait for its end."""
@@ -213,10 +244,28 @@ class Host:
         with self._stop_lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                threading.Thread(
-                    target=self._loop.run_forever, name="rolehost-loop", daemon=True
-                ).start()
+                self._loop_thread = threading.Thread(
+                    target=self._loop.run_forever, name="rolehost-loop", daemon=True)
+                self._loop_thread.start()
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def close_loop(self) -> None:
+        """Cancel what still runs on the role's loop, and end it: for a Host in a process
+        that goes on (a test's); a host process just exits."""
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        import asyncio
+
+        def end() -> None:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_soon(loop.stop)  # after the cancellations have been delivered
+
+        loop.call_soon_threadsafe(end)
+        thread.join(5)
+        if not thread.is_alive():
+            loop.close()
 
     # Stopping (any thread may ask; the stop thread does it once).
 
@@ -243,7 +292,7 @@ class Host:
         # Best effort: the deadline is the controller's, which kills this tree at
         # stop_timeout; this bound, just inside it, lets the host say what overran first.
         timeout = self.context.stop_timeout
-        finished, error = bounded(self._graceful, protocol.host_stop_bound(timeout))
+        finished, error = bounded(self.graceful_stop, protocol.host_stop_bound(timeout))
         if not finished and not self._start_over.is_set():
             self.report(
                 "on_stop", f"on_start did not return within stop_timeout ({timeout:g}s) "
@@ -258,7 +307,9 @@ class Host:
             self.report("on_stop", error)
         self._exit(code)
 
-    def _graceful(self) -> None:
+    def graceful_stop(self) -> None:
+        """The stopping handlers, an async run() cancelled and awaited, then on_stop; for
+        a role whose on_start returned true. Unbounded: the caller bounds it."""
         # A stop during on_start waits for it (wait_for_stop() already returns True, so
         # it may end early); one that did not succeed has nothing to stop, as without one.
         self._start_over.wait()
@@ -287,11 +338,12 @@ class Host:
         elif kind == "status_check":
             self._status.check_now()
         elif kind == "changing":
-            _thread(self._changing, message)
+            _thread(self.changing, message)
         elif kind == "changed":
-            _thread(self._changed, message)
+            _thread(self.changed, message)
 
-    def _changing(self, message: protocol.Message) -> None:
+    def changing(self, message: protocol.Message) -> None:
+        """Raise `changing`; answer whether a handler cancelled the change."""
         event = Changing(_changes(message))
         for handler in RoleEnvironment.handlers["changing"]:
             try:
@@ -300,7 +352,8 @@ class Host:
                 self.report("changing", _traceback())
         self.channel.send("changing_result", cancel=event.cancelled)
 
-    def _changed(self, message: protocol.Message) -> None:
+    def changed(self, message: protocol.Message) -> None:
+        """Apply the new values, then raise `changed`."""
         changes: list[Any] = []
         # Before the handlers: a process one of them starts must see the new values.
         _update_environment(message.get("environment") or {})
@@ -333,6 +386,15 @@ class Host:
         finally:
             self._exit(ExitCode.ORPHANED)
 
+    def ask_status(self, check: StatusCheck, handlers: list[Callable[..., Any]] | None = None,
+                   ) -> None:
+        """Ask the status-check handlers (those registered now, unless given): any that
+        says busy, with `check.busy()` or by returning it, makes `check` busy."""
+        for handler in RoleEnvironment.handlers["status_check"] if handlers is None \
+                else handlers:
+            if self.invoke(handler, check) in (RoleStatus.BUSY, "busy"):
+                check.busy()
+
     # Reporting and leaving.
 
     def send_state(self, state: str, reason: str = "") -> None:
@@ -358,12 +420,7 @@ class Host:
             time.sleep(3600)
 
     def _exit(self, code: ExitCode) -> NoReturn:
-        # os._exit: the user's sync run() may still be executing on the main thread, and
-        # non-daemon threads of theirs must not keep a stopped instance alive.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(code)
+        self.leave(code)
 
 
 class _StatusLoop:
@@ -376,7 +433,7 @@ class _StatusLoop:
         # A check that did not answer in time: it goes on being waited for, not
         # abandoned, as a handler that hangs would otherwise leave a thread behind
         # every interval.
-        self._pending: tuple[_Call, StatusCheck] | None = None
+        self._pending: tuple[Call, StatusCheck] | None = None
 
     def start(self) -> None:
         _thread(self._serve)
@@ -400,13 +457,7 @@ class _StatusLoop:
             if not handlers:
                 return RoleStatus.READY, ""
             check = StatusCheck()
-
-            def ask() -> None:
-                for handler in handlers:
-                    if self.host.invoke(handler, check) in (RoleStatus.BUSY, "busy"):
-                        check.busy()
-
-            self._pending = (_Call(ask), check)
+            self._pending = (Call(lambda: self.host.ask_status(check, handlers)), check)
         call, check = self._pending
         if not call.wait(timeout):
             return RoleStatus.BUSY, f"status check did not answer within {timeout:g}s"
@@ -423,11 +474,12 @@ def _changes(message: protocol.Message) -> list[Any]:
         TopologyChange(role) for role in message.get("topology_changed", [])]
 
 
-class _Call:
+class Call:
     """`fn` running on a thread of its own, its outcome awaited for as long as one likes."""
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.error: str | None = None
+        self.exception: BaseException | None = None
         self._done = threading.Event()
         _thread(self._run, fn)
 
@@ -435,7 +487,8 @@ class _Call:
         try:
             fn()
         except BaseException as exc:  # an async run cancelled by the stop is not a failure
-            self.error = None if type(exc).__name__ == "CancelledError" else _traceback()
+            if type(exc).__name__ != "CancelledError":
+                self.error, self.exception = _traceback(), exc
         finally:
             self._done.set()
 
@@ -445,7 +498,7 @@ class _Call:
 
 def bounded(fn: Callable[[], None], timeout: float) -> tuple[bool, str | None]:
     """Run `fn` on a thread of its own for at most `timeout`: (finished, traceback)."""
-    call = _Call(fn)
+    call = Call(fn)
     finished = call.wait(timeout)
     return finished, call.error if finished else None
 
@@ -498,6 +551,16 @@ def _update_environment(variables: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
+def _leave(code: ExitCode) -> NoReturn:
+    """End the host process. os._exit: the user's sync run() may still be executing on
+    the main thread, and non-daemon threads of theirs must not keep a stopped instance
+    alive."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def check(entry_point: str, app_dir: str, site: str | None = None) -> int:
     """`python -m rolehost.host --check ENTRY APP [SITE]`: can this entry point be loaded
     (else 2), and the site's application (else 3)?"""
@@ -529,7 +592,7 @@ def main() -> NoReturn:
     os.environ.update(assignment["env"])  # inherited by every process the role starts
     os.chdir(assignment["cwd"])
     context = Context(**assignment["context"])
-    host = Host(context, channel)
+    host = Host(context, channel, _leave)
     RoleEnvironment.bind(context, host)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # output reaches the log as it is printed
@@ -540,7 +603,6 @@ def main() -> NoReturn:
 
     threading.Thread(target=serve, name="rolehost-channel", daemon=True).start()
     host.boot()
-    raise AssertionError("unreachable: boot() always exits")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -188,3 +188,46 @@ def test_run_role_takes_the_definitions_stop_timeout(rolehost_role: Any) -> None
     with pytest.raises(TimeoutError):
         run.stop()
     assert time.monotonic() - began < 5
+
+
+class StoppingFails(RoleEntryPoint):
+    def on_start(self) -> bool:
+        self.calls: list[str] = []
+        RoleEnvironment.on_stopping(self.stopping)
+        return True
+
+    def stopping(self) -> None:
+        raise LookupError("queue gone")
+
+    def on_stop(self) -> None:
+        self.calls.append("on_stop")
+
+
+def test_run_role_stops_as_the_host_does(rolehost_role: Any) -> None:
+    """`run_role` drives the real host code: a `stopping` handler that raises is reported
+    (here: raised in the test) and the stop goes on to on_stop, as in a host process."""
+    run = rolehost_role(StoppingFails)
+    assert run.start()
+    with pytest.raises(LookupError, match="queue gone"):
+        run.stop()
+    assert run.role.calls == ["on_stop"]
+
+
+def test_a_host_leaves_through_its_owner_not_by_itself(rolehost_role: Any) -> None:
+    """The Host says with which code it is done; only whoever runs it ends the process
+    (`host.main` exits, a test's run does not). It used to call os._exit itself."""
+    from rolehost.host import Host
+    from rolehost.protocol import ExitCode
+
+    run = rolehost_role(Refuses, settings={"fail": "return"})
+    codes: list[ExitCode] = []
+
+    def leave(code: ExitCode) -> NoReturn:
+        codes.append(code)
+        raise SystemExit(code)
+
+    with pytest.raises(SystemExit):
+        Host(run.context, run.channel, leave, role=run.role).boot()
+    assert codes == [ExitCode.RECYCLE]
+    assert run.channel.said == [{"type": "state", "state": "starting", "reason": ""},
+                                {"type": "recycle", "reason": "on_start returned False"}]

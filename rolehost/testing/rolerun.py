@@ -1,9 +1,13 @@
 """`run_role`: one role's class run in the test's own process on temporary folders,
-without a controller: its lifecycle methods called as the host calls them."""
+without a controller, by the real host code (`rolehost.host.Host`): its lifecycle
+methods, handlers and stop as a host process runs them, step by step at the test's
+pace. Where the host would report an error to its controller, the test gets the
+exception; where it would exit, the run just ends."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -11,7 +15,35 @@ from pathlib import Path
 from typing import Any
 
 from rolehost.fabric.names import instance_id
+from rolehost.host import Call, Channel, Host
 from rolehost.testing.waiting import wait_until
+
+
+class _Kept(Channel):
+    """The host's channel, in process: what the host says is kept, not sent."""
+
+    def __init__(self) -> None:
+        self.said: list[dict[str, Any]] = []
+
+    def send(self, type: str, **fields: Any) -> None:
+        self.said.append({"type": type, **fields})
+
+
+class _TestHost(Host):
+    """The host, where an error it would report to its controller is kept, to be raised
+    in the test: the exception itself, with its traceback."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.reported: list[BaseException] = []
+
+    def report(self, where: str, text: str, timed_out: bool = False) -> None:
+        self.reported.append(sys.exc_info()[1] or RuntimeError(f"{where}: {text}"))
+
+    def raise_reported(self) -> None:
+        if self.reported:
+            error, self.reported[:] = self.reported[0], []
+            raise error
 
 
 class RoleRun:
@@ -27,8 +59,6 @@ class RoleRun:
         endpoints: Mapping[str, int] | None = None,
         stop_timeout: float | str | None = None,
     ) -> None:
-        import asyncio
-
         from rolehost.definition import Role, parse_duration
         from rolehost.environment import Context, RoleEnvironment
 
@@ -58,18 +88,17 @@ class RoleRun:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise RuntimeError("another role is running in this process: close it first "
                                "(run_role runs one role at a time, like a host)")
+        # This run is the role's runtime (request_recycle() is kept, not acted on); the
+        # host runs its lifecycle.
         RoleEnvironment.bind(self.context, self)
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._loop_thread.start()
-        self._run: Any = None  # a thread (sync run) or the asyncio task (async run)
-        self._run_over = threading.Event()
-        self._run_asked = False
+        self.channel = _Kept()
+        self.role = cls()
+        self.host = _TestHost(self.context, self.channel, role=self.role)
+        self._run: threading.Thread | None = None
         self.stopped = self._closed = False
         # As in the host, the stopping handlers and on_stop are for a role whose
         # on_start returned true; after a false value or an exception they never run.
         self.started = False
-        self.role = cls()
 
     def __enter__(self) -> RoleRun:
         return self
@@ -78,88 +107,83 @@ class RoleRun:
         self.close()
 
     def call(self, fn: Any, *args: Any, timeout: float = 30.0) -> Any:
-        """Call user code as the host does: a coroutine runs on the role's event loop."""
-        import asyncio
-
-        result = fn(*args)
-        if hasattr(result, "__await__"):
-            return asyncio.run_coroutine_threadsafe(result, self._loop).result(timeout)
-        return result
+        """Call user code by the host's own `invoke`: a coroutine runs on the role's event loop."""
+        return self.host.invoke(fn, *args, timeout=timeout)
 
     def start(self) -> bool:
         """on_start(); True if it returned a true value."""
-        self.started = bool(self.call(self.role.on_start))
+        self.started = self.host.start_role()
         return self.started
 
     def run(self) -> None:
         """Start run() (sync or async) in the background, as the host does after on_start."""
-        import asyncio
         import inspect
 
-        self._run_asked = True
-        if inspect.iscoroutinefunction(self.role.run):
-            async def tracked() -> None:
-                self._run = asyncio.current_task()
-                try:
-                    await self.role.run()
-                finally:
-                    self._run_over.set()
+        self._run = threading.Thread(target=self._run_role, name="rolehost-run", daemon=True)
+        self._run.start()
+        if inspect.iscoroutinefunction(self.role.run):  # on the loop before a stop comes
+            run = self._run
+            wait_until(lambda: self.host.run_began or not run.is_alive(), 30,
+                       "the async run() to begin")
 
-            asyncio.run_coroutine_threadsafe(tracked(), self._loop)
-        else:
-            self._run = threading.Thread(target=self.role.run, daemon=True)
-            self._run.start()
+    def _run_role(self) -> None:
+        # What run() raises is the role's business here, as a crash is the host's.
+        try:
+            self.host.run_role()
+        except BaseException:
+            return
 
     def status(self) -> str:
-        """Ask the status-check handlers, as the host does: "ready" or "busy"."""
-        from rolehost.environment import RoleStatus, StatusCheck
+        """Ask the status-check handlers by the host's own `ask_status`: "ready" or "busy"."""
+        from rolehost.environment import StatusCheck
 
         check = StatusCheck()
-        for handler in self.environment.handlers["status_check"]:
-            # A handler that raises propagates: the host would report busy, but a test
-            # learns more from the handler's traceback than from "busy".
-            if self.call(handler, check) in (RoleStatus.BUSY, "busy"):
-                check.busy()
+        # A handler that raises propagates: the host would report busy, but a test
+        # learns more from the handler's traceback than from "busy".
+        self.host.ask_status(check)
         return check.status.value
 
     def change_settings(self, **settings: Any) -> bool:
         """Offer new settings: True if a `changing` handler cancelled (the host would
         then recycle); otherwise they apply and the `changed` handlers run."""
-        from rolehost.environment import Changing, SettingChange
-
         old = self.context.settings
-        event = Changing([SettingChange(k, old.get(k), v) for k, v in settings.items()
-                          if old.get(k) != v])
-        for handler in self.environment.handlers["changing"]:
-            self.call(handler, event)
-        if event.cancelled:
+        changes = [{"name": k, "old": old.get(k), "new": v} for k, v in settings.items()
+                   if old.get(k) != v]
+        self.host.changing({"type": "changing", "changes": changes})
+        self.host.raise_reported()
+        answer = next(m for m in reversed(self.channel.said)
+                      if m["type"] == "changing_result")
+        if answer["cancel"]:
             return True
-        changes = self.environment.apply_settings({**old, **settings})
-        for handler in self.environment.handlers["changed"]:
-            self.call(handler, changes)
+        self.host.changed({"type": "changed", "settings": {**old, **settings}})
+        self.host.raise_reported()
         return False
 
     def stop(self, timeout: float | None = None) -> None:
-        """A graceful stop: `stopping` handlers, an async run() cancelled, on_stop, each
-        waited for up to `timeout` (the run's stop_timeout); only `is_stopping` if
-        on_start has not returned true, as in the host."""
+        """A graceful stop, the host's: `stopping` handlers, an async run() cancelled,
+        on_stop, within `timeout` (the run's stop_timeout: TimeoutError past it); only
+        `is_stopping` if on_start has not returned true, as in the host."""
         if timeout is None:
             timeout = self.context.stop_timeout
         if self.stopped:
             return
         self.stopped = True
-        self.environment.mark_stopping()
         if not self.started:
+            self.environment.mark_stopping()
             return
-        for handler in self.environment.handlers["stopping"]:
-            self.call(handler, timeout=timeout)
-        if self._run_asked and self._run is None:  # an async run() not on the loop yet
-            wait_until(lambda: self._run, timeout, "the async run() to begin")
-        if self._run is not None and not isinstance(self._run, threading.Thread):
-            self._loop.call_soon_threadsafe(self._run.cancel)  # as the host: cancel, await
-            self._run_over.wait(timeout)
-        self.call(self.role.on_stop, timeout=timeout)
-        if isinstance(self._run, threading.Thread):
+
+        def graceful() -> None:  # as the host's stop thread
+            self.environment.mark_stopping()
+            self.host.graceful_stop()
+
+        stop = Call(graceful)
+        if not stop.wait(timeout):
+            raise TimeoutError(f"the stopping handlers and on_stop did not finish within "
+                               f"stop_timeout ({timeout:g}s)")
+        if stop.exception is not None:
+            raise stop.exception
+        self.host.raise_reported()
+        if self._run is not None:  # a sync run() ends on its own once stopping
             self._run.join(timeout)
 
     def request_recycle(self, reason: str) -> None:
@@ -173,9 +197,7 @@ class RoleRun:
             self.stop()
         finally:
             self.environment.unbind()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop_thread.join(5)
-            self._loop.close()
+            self.host.close_loop()
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
