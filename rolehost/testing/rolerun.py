@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rolehost.channel import Channel
 from rolehost.fabric.names import instance_id
-from rolehost.host import Call, Channel, Host
+from rolehost.host import Call, Host
 from rolehost.testing.waiting import wait_until
 
 

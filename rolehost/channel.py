@@ -1,0 +1,73 @@
+"""The host's end of the socket pair it shares with the controller: newline-delimited
+JSON messages (rolehost/protocol.py) in, and out with a heartbeat while it is quiet.
+Imported by the host process, so it stays cheap to import."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+import time
+
+from rolehost import protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+
+class Channel:
+    """The host's end of the socket pair."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # the role's own children must not hold it open
+        self.sock = socket.socket(fileno=fd)
+        self._lock = threading.Lock()
+        self._buffer = b""
+
+    def receive(self) -> protocol.Message | None:
+        """Block for one message; None at EOF."""
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return protocol.decode(line)
+
+    def send(self, type: str, **fields: Any) -> None:
+        data = protocol.encode({"type": type, **fields})
+        # An OSError means the controller is gone; the channel thread is taking us down.
+        with self._lock, contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def serve(self, dispatch: Callable[[protocol.Message], None]) -> None:
+        """Read messages until EOF; send a heartbeat every HEARTBEAT_INTERVAL."""
+        buffer, self._buffer = self._buffer, b""
+        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            dispatch(protocol.decode(line))
+        while True:
+            wait = max(0.0, next_beat - time.monotonic())
+            readable, _, _ = select.select([self.sock], [], [], wait)
+            if not readable:
+                self.send("heartbeat")
+                next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+                continue
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                dispatch(protocol.decode(line))
