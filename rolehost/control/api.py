@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 MAX_BODY = 1024 * 1024
+# A request target longer than this is answered 414, and the connection closed: the
+# routes' are a few dozen bytes, and nothing else bounds what the parser would keep
+# (the metrics listener may face a network). nginx's and Apache's default.
+MAX_URL = 8 * 1024
+SHOWN = 100  # characters of a path an error message repeats at most
 
 
 class MethodNotAllowed(Exception):
@@ -45,6 +50,10 @@ class MethodNotAllowed(Exception):
 
 class TooLarge(Exception):
     """A body over MAX_BODY."""
+
+
+class UrlTooLong(Exception):
+    """A request target over MAX_URL."""
 
 
 # How the API answers each error a request can end with: its status, and the `kind` that
@@ -59,6 +68,7 @@ ANSWERS: dict[type[Exception], tuple[int | None, str]] = {
     MethodNotAllowed: (405, "not-allowed"),
     Conflict: (409, "conflict"),
     TooLarge: (413, "too-large"),
+    UrlTooLong: (414, "too-large"),
     DoesNotLoad: (422, "does-not-load"),
     OperationFailed: (500, "failed"),
     Unavailable: (503, "unavailable"),
@@ -91,6 +101,8 @@ class Request:
             data = json.loads(self.body)
         except ValueError as exc:
             raise Invalid(f"body is not JSON: {exc}") from None
+        except RecursionError:  # the decoder's nesting, deeper than the stack allows
+            raise Invalid("body is not JSON this API takes: nested too deeply") from None
         if not isinstance(data, dict):
             raise Invalid("body must be a JSON object")
         return data
@@ -118,6 +130,11 @@ def route(method: str, pattern: str, table: Routes = _ROUTES) -> Callable[[Handl
     return register
 
 
+def shown(path: str) -> str:
+    """`path` as an error message repeats it: the first SHOWN characters."""
+    return path if len(path) <= SHOWN else f"{path[:SHOWN]}... ({len(path)} characters)"
+
+
 def _match(method: str, path: str, routes: Routes) -> tuple[Handler, dict[str, str]]:
     parts = path.strip("/").split("/")
     allowed = []
@@ -135,8 +152,9 @@ def _match(method: str, path: str, routes: Routes) -> tuple[Handler, dict[str, s
                 return handler, params
             allowed.append(route_method)
     if allowed:
-        raise MethodNotAllowed(f"{method} not allowed on {path} (allowed: {', '.join(allowed)})")
-    raise NotFound(f"no such endpoint: {path}")
+        raise MethodNotAllowed(f"{method} not allowed on {shown(path)} "
+                               f"(allowed: {', '.join(allowed)})")
+    raise NotFound(f"no such endpoint: {shown(path)}")
 
 
 @route("GET", "/v1/status")
@@ -159,7 +177,9 @@ async def _status_check(controller: Controller, request: Request) -> Any:
 
 def _since(request: Request) -> int:
     since = request.query.get("since", ["0"])[0]
-    if not since.isdigit():
+    # ASCII digits, and few: str.isdigit() takes "²", which int() refuses, and int()
+    # refuses more than 4,300 digits.
+    if not (since.isascii() and since.isdigit() and len(since) <= 18):
         raise Invalid("since must be a non-negative integer")
     return int(since)
 
@@ -286,7 +306,7 @@ class _Parsed:
     body: bytes
     too_large: bool
     keep_alive: bool
-    error: str = ""  # not a request: answered 400 with this, then the connection closes
+    error: Exception | None = None  # not a request: answered, then the connection closes
 
 
 class _Connection(asyncio.Protocol):
@@ -315,15 +335,20 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._enqueue(_Parsed("", b"", b"", False, False, "upgrade is not supported here"))
+            self._enqueue(_Parsed("", b"", b"", False, False,
+                                  Invalid("upgrade is not supported here")))
         except httptools.HttpParserError as exc:
-            self._enqueue(_Parsed("", b"", b"", False, False, f"malformed request: {exc}"))
+            cause = exc.__context__  # what a callback raised, if it did
+            self._enqueue(_Parsed("", b"", b"", False, False, cause if isinstance(
+                cause, UrlTooLong) else Invalid(f"malformed request: {exc}")))
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._url, self._body, self._too_large = b"", bytearray(), False
 
     def on_url(self, url: bytes) -> None:
+        if len(self._url) + len(url) > MAX_URL:  # raised through the parser: parsing stops
+            raise UrlTooLong(f"request target longer than {MAX_URL} bytes")
         self._url += url
 
     def on_body(self, body: bytes) -> None:
@@ -353,8 +378,8 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue:
                 parsed = self._queue.popleft()
-                if parsed.error:
-                    self._reply_error(Invalid(parsed.error), keep_alive=False)
+                if parsed.error is not None:
+                    self._reply_error(parsed.error, keep_alive=False)
                 else:
                     await self._answer(parsed)
                 if not parsed.keep_alive:
@@ -367,16 +392,21 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, parsed: _Parsed) -> None:
         method, keep_alive = parsed.method, parsed.keep_alive
-        url = urlsplit(parsed.url.decode("utf-8", "replace"))
+        path = ""
         try:
+            try:  # urlsplit refuses what looks like a broken IPv6 authority: //[x/...
+                url = urlsplit(parsed.url.decode("utf-8", "replace"))
+            except ValueError as exc:
+                raise Invalid(f"malformed request target: {exc}") from None
+            path = url.path
             if parsed.too_large:
                 raise TooLarge(f"body larger than {MAX_BODY} bytes")
-            handler, params = _match(method, url.path, self.routes)
-            request = Request(method, url.path, parse_qs(url.query), parsed.body, params)
+            handler, params = _match(method, path, self.routes)
+            request = Request(method, path, parse_qs(url.query), parsed.body, params)
             payload = await handler(self.owner, request)
         except Exception as exc:
             if answer(exc) == ANSWERS[Exception]:
-                log.exception("api_error", method=method, path=url.path)
+                log.exception("api_error", method=method, path=shown(path))
             self._reply_error(exc, keep_alive)
         else:
             self._reply(200, payload, keep_alive)
@@ -405,7 +435,8 @@ class _Connection(asyncio.Protocol):
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error",
+            409: "Conflict", 413: "Payload Too Large", 414: "URI Too Long",
+            500: "Internal Server Error",
             503: "Service Unavailable"}
 
 
