@@ -13,7 +13,15 @@ import httptools
 
 from rolehost.balancer.proxy.backend import _idle
 from rolehost.balancer.proxy.exchange import BackendFailed, _Exchange, _forward, _served
-from rolehost.balancer.proxy.heads import HEAD_LIMIT, Refused, _count, _origin_form, _reply_bytes
+from rolehost.balancer.proxy.heads import (
+    HEAD_LIMIT,
+    MAX_FIELDS,
+    URL_LIMIT,
+    Refused,
+    _count,
+    _origin_form,
+    _reply_bytes,
+)
 from rolehost.balancer.proxy.peer import _Peer
 from rolehost.balancer.proxy.streams import _READ
 from rolehost.balancer.proxy.tunnel import _tunnel
@@ -93,12 +101,14 @@ class Body:
 
 
 class Request:
-    __slots__ = ("began", "body", "headers", "http10", "keep_alive", "method", "replay",
-                 "replay_size", "responded", "trailing", "upgrade", "url")
+    __slots__ = ("began", "body", "fields", "head_size", "headers", "http10", "keep_alive",
+                 "method", "replay", "replay_size", "responded", "trailing", "upgrade", "url")
 
     def __init__(self, on_flow: Callable[[], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.fields = 0  # header and trailer fields parsed
+        self.head_size = 0  # their names' and values' bytes
         self.method = b"GET"
         self.keep_alive = True
         self.http10 = False  # an HTTP/1.0 request: its response never goes chunked
@@ -261,10 +271,18 @@ class HttpClient(_Peer):
         if request is None or request.body.ended:
             request = self.current = Request(self.on_flow)
         request.url += url
+        if len(request.url) > URL_LIMIT:
+            raise Refused(414, b"request target longer than %d bytes" % URL_LIMIT)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.current
         assert request is not None
+        request.fields += 1
+        request.head_size += len(name) + len(value)
+        if request.fields > MAX_FIELDS:
+            raise Refused(431, b"more than %d header fields" % MAX_FIELDS)
+        if request.head_size > HEAD_LIMIT:
+            raise Refused(431, b"request head too large")
         # A chunked body's trailer is dropped: merged into the head, it could smuggle in
         # fields (a second Host, credentials) the head never had (RFC 9110, 6.5.1).
         if not request.trailing:

@@ -23,10 +23,18 @@ _HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trail
                b"upgrade", b"transfer-encoding", b"content-length"}
 # Their lengths: most headers are told apart from them without lowering and hashing.
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
-# A request head (its line and fields) larger than this is answered 431, a response head
-# 502: httptools keeps a field whole until it ends, and the relay the head, so nothing
-# else bounds them.
+# A request head larger than this (its fields: names and values, a chunked body's
+# trailer fields too) is answered 431, a response head 502: httptools keeps a field whole
+# until it ends, and the relay the head, so nothing else bounds them. nginx takes 32 KiB
+# at most (large_client_header_buffers 4 8k), HAProxy about 15 KiB (tune.bufsize 16k).
 HEAD_LIMIT: Final = 64 * 1024
+# More header fields than this (trailer fields too) are answered 431: each costs the
+# relay work however small (16,000 of them, on 4 connections, took the controller's CPU).
+# Apache's LimitRequestFields and HAProxy's tune.http.maxhdr (101) are the same 100.
+MAX_FIELDS: Final = 100
+# A request target longer than this is answered 414: nginx's and Apache's 8 KiB (a
+# request line over large_client_header_buffers' 8k, LimitRequestLine's 8190).
+URL_LIMIT: Final = 8 * 1024
 
 
 class Refused(Exception):
@@ -120,8 +128,10 @@ def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
     return b"".join(parts), chunked
 
 
-# Connection options that name no other header field (or only a hop-by-hop one anyway).
-_CONNECTION_OPTIONS: Final = {b"keep-alive", b"close", b"upgrade"}
+# What a Connection header's tokens never take away: its options, which name no other
+# header field (or only a hop-by-hop one anyway), and Host, which every HTTP/1.1 request
+# needs (`Connection: close, Host` would have the instance get a request without one).
+_CONNECTION_OPTIONS: Final = {b"keep-alive", b"close", b"upgrade", b"host"}
 
 
 def _named(connection: bytes, named: set[bytes] | None) -> set[bytes] | None:
@@ -226,7 +236,7 @@ def _reply_bytes(status: int, text: bytes, retry_after: bool = False, close: boo
                  ) -> bytes:
     """The balancer's own answer; `close`: the connection closes after it, and says so
     (RFC 9112, 9.6)."""
-    reasons = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+    reasons = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
                501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable"}
     extra = (b"Retry-After: 1\r\n" if retry_after else b"") + (
         b"Connection: close\r\n" if close else b"")
