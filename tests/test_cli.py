@@ -266,7 +266,8 @@ def test_the_status_fields_are_the_ones_docs_api_describes(make_service: MakeSer
         assert set(status) == _documented_fields("The service:")
         assert set(status["instances"][0]) == _documented_fields("Each instance:")
         assert set(status["balancers"][0]) == {"role", "endpoint", "protocol", "address",
-                                               "in_rotation", "connections"}
+                                               "in_rotation", "connections",
+                                               "max_connections"}
 
 
 def test_pipelined_requests_are_answered_each_in_its_turn(make_service: MakeService) -> None:

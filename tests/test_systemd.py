@@ -95,6 +95,8 @@ def test_export_systemd_unit(tmp_path: Path) -> None:
     # A stop cut short (3) is a stop: not restarted by Restart=on-failure when asked for
     # by `rolehost stop`, and no failed unit after `systemctl stop`.
     assert service["SuccessExitStatus"] == "3"
+    # Room for idle connections: systemd's default soft limit (1024) is not enough.
+    assert service["LimitNOFILE"] == "65536"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from rolehost.balancer import listener
 from rolehost.definition import Balance, Endpoint, Protocol
 from rolehost.observability.metrics import SECONDS
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 SLOW_START_FLOOR = 0.05
+# A connection that has sent nothing for this long may be closed to make room for a new
+# one at max_connections (`Balancer.reclaim`): a client sends its request at once.
+RECLAIM_AFTER = 1.0
 
 
 _BOUNDS: Final = tuple(float(bound) for bound in SECONDS)
@@ -108,8 +112,14 @@ class Backend:
 class Balancer:
     """Listens on one endpoint's public address and spreads its traffic."""
 
-    def __init__(self, role: str, name: str, endpoint: Endpoint) -> None:
+    def __init__(self, role: str, name: str, endpoint: Endpoint, max_connections: int = 1024,
+                 backlog: int = 4096) -> None:
+        """`max_connections`: the client connections it keeps open at most, whatever the
+        endpoint says (the controller resolves its default: fabric/descriptors.py);
+        `backlog`: where the connections beyond it wait."""
         self.role, self.name, self.endpoint = role, name, endpoint
+        self.max_connections = endpoint.max_connections or max_connections
+        self.backlog = backlog
         # Read on every pick: kept as plain attributes, not looked up on the model each time.
         self._least_outstanding = endpoint.balance is Balance.least_outstanding
         self._slow_start = endpoint.slow_start
@@ -119,7 +129,7 @@ class Balancer:
         self._turn = 0  # round-robin's position
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
         self._rotation_changed = asyncio.Event()
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: listener.Listener | None = None
         self._sweep: asyncio.Task[None] | None = None
         # The controller is stopping: nothing new is accepted, and nothing waits for an
         # instance (each is leaving rotation for good).
@@ -233,6 +243,7 @@ class Balancer:
         return min(1.0, max(SLOW_START_FLOOR, (now - backend.joined) / self._slow_start))
 
     async def start(self) -> None:
+        """Listen; OSError if the address cannot be listened on."""
         from rolehost.balancer import proxy
 
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -242,22 +253,51 @@ class Balancer:
             try:
                 await proxy.serve_tcp(self, reader, writer)
             finally:
-                self.connections.discard(task)
+                self.released(task)
 
-        if self.endpoint.protocol is Protocol.http:  # protocols: see proxy.HttpClient
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(
-                lambda: proxy.HttpClient(self), self.endpoint.host, self.endpoint.port,
-                reuse_address=True)
-            if self.endpoint.idle_timeout > 0:
-                self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
-        else:
-            self._server = await asyncio.start_server(
-                connection, self.endpoint.host, self.endpoint.port, reuse_address=True
-            )
+        def stream() -> asyncio.Protocol:  # what asyncio.start_server gives each connection
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), connection)
+
+        def http() -> asyncio.Protocol:  # protocols: see proxy.HttpClient
+            return proxy.HttpClient(self)
+
+        loop = asyncio.get_running_loop()
+        sockets = listener.bind(self.endpoint.host, self.endpoint.port, self.backlog)
+        self._listener = listener.Listener(
+            sockets, http if self.endpoint.protocol is Protocol.http else stream, self.label,
+            self.max_connections, self.reclaim)
+        self._listener.start()
+        if self.endpoint.protocol is Protocol.http and self.endpoint.idle_timeout > 0:
+            self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
         log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
                  address=f"{self.endpoint.host}:{self.endpoint.port}",
-                 protocol=self.endpoint.protocol.value)
+                 protocol=self.endpoint.protocol.value, max_connections=self.max_connections,
+                 backlog=self.backlog)
+
+    def reclaim(self, most: int) -> int:
+        """At max_connections, with clients waiting to be accepted: close up to `most`
+        HTTP client connections that hold a slot for nothing (`HttpClient.reclaimable`:
+        idle and silent, or never used), those accepted first first; how many. nginx
+        closes idle keep-alive connections when it runs out of them, for the same
+        reason: held idle, a thousand connections would otherwise keep every new
+        client in the backlog. A TCP endpoint's connections are never idle to the
+        balancer."""
+        from rolehost.balancer import proxy
+
+        now = asyncio.get_running_loop().time()
+        idle = [c for c in self.connections
+                if isinstance(c, proxy.HttpClient) and c.reclaimable(now, RECLAIM_AFTER)]
+        idle.sort(key=lambda c: c.accepted)
+        for client in idle[:most]:
+            client.close()
+        return min(most, len(idle))
+
+    def released(self, connection: asyncio.Task[None] | proxy.HttpClient) -> None:
+        """A client connection ended: one more may be accepted."""
+        if connection in self.connections:
+            self.connections.discard(connection)
+            if self._listener is not None:
+                self._listener.release()
 
     async def _close_silent(self, timeout: float) -> None:
         """Close the HTTP clients silent for `timeout` while the balancer waits on them (a
@@ -285,16 +325,16 @@ class Balancer:
         request is answered 503 (a tcp connection closed) rather than dropped at `close`.
         Requests in flight go on: the instances drain them."""
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         self._rotation_changed.set()
         self._rotation_changed = asyncio.Event()
 
     async def close(self) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         tasks = []
         for connection in list(self.connections):
             if isinstance(connection, asyncio.Task):
@@ -316,4 +356,5 @@ class Balancer:
             "address": f"{self.endpoint.host}:{self.endpoint.port}",
             "in_rotation": sorted(b.instance_id for b in self.backends.values() if b.in_rotation),
             "connections": len(self.connections),
+            "max_connections": self.max_connections,
         }

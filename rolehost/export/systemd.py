@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rolehost.definition import Definition
+from rolehost.fabric import descriptors
 
 WATCHDOG_SECONDS = 30
 MARGIN = 30  # seconds on top of rolehost's own deadlines before systemd steps in
@@ -55,6 +56,9 @@ def unit(definition: Definition, file: Path) -> str:
         # the stop). A stop, not a failure: neither restarted after `rolehost stop` nor
         # a failed unit after `systemctl stop`; the journal says what was cut short.
         "SuccessExitStatus=3",
+        # Descriptors: systemd's default soft limit, 1024, is for programs that use
+        # select(); idle connections would exhaust it (fabric/descriptors.py).
+        f"LimitNOFILE={descriptors.unit_limit(definition)}",
         "",
         "[Install]",
         "WantedBy=multi-user.target",

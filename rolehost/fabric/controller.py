@@ -28,7 +28,7 @@ from rolehost.definition import (
     parse_role,
 )
 from rolehost.definition.scalars import parse_address
-from rolehost.fabric import capacity, packages, preflight
+from rolehost.fabric import capacity, descriptors, packages, preflight
 from rolehost.fabric.disks import Maintenance, Upgrade
 from rolehost.fabric.edits import Edits
 from rolehost.fabric.errors import (
@@ -129,8 +129,10 @@ class Controller:
                 except OSError as exc:
                     raise StartError(f"cannot serve metrics on {address}: "
                                      f"{exc.strerror}") from None
+            budget = descriptors.at_start(self.definition)
             for role_name, role in self.definition.roles.items():
-                self.balancers += [Balancer(role_name, name, ep)
+                self.balancers += [Balancer(role_name, name, ep, budget.max_connections,
+                                            budget.backlog)
                                    for name, ep in role.endpoints.items()]
                 for index in range(role.instances):
                     self._add_instance(role_name, role, index)

@@ -11,6 +11,8 @@ an addition (everything runs on the loop).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,9 @@ TASK_FAILURES = Counter("rolehost_task_failures", "Startup tasks that failed",
                         ["role", "type"], registry=REGISTRY)
 ERRORS = Counter("rolehost_balancer_errors", "Retries, 502s, 503s and cut responses",
                  ["endpoint", "kind"], registry=REGISTRY)
+LIMITS = Counter("rolehost_limits_reached", "Times an endpoint stopped accepting: at its "
+                 "max_connections (limit=connections), or out of descriptors "
+                 "(limit=descriptors)", ["endpoint", "limit"], registry=REGISTRY)
 OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
                      "outcome", ["kind", "outcome"], registry=REGISTRY)
 
@@ -95,7 +100,14 @@ class StateCollector(Collector):
                                      labels=["endpoint", "instance"])
         latency = HistogramMetricFamily("rolehost_balancer_request_seconds",
                                         "Time to relay a request", labels=["endpoint"])
+        connections = GaugeMetricFamily("rolehost_balancer_connections", "Client "
+                                        "connections open", labels=["endpoint"])
+        most = GaugeMetricFamily("rolehost_balancer_max_connections", "Client connections "
+                                 "open at most: beyond, new ones wait in the listen backlog",
+                                 labels=["endpoint"])
         for balancer in self.controller.balancers:
+            connections.add_metric([balancer.label], float(len(balancer.connections)))
+            most.add_metric([balancer.label], float(balancer.max_connections))
             for backend in balancer.backends.values():
                 labels = [balancer.label, backend.instance_id]
                 rotation.add_metric(labels, float(backend.in_rotation))
@@ -103,7 +115,20 @@ class StateCollector(Collector):
                 served.add_metric(labels, float(backend.served))
             latency.add_metric([balancer.label], balancer.latency.buckets(),
                                balancer.latency.sum)
-        yield from (rotation, active, served, latency)
+        yield from (rotation, active, served, latency, connections, most)
+        yield from descriptors()
+
+
+def descriptors() -> Iterator[Any]:
+    """The controller's open descriptors and its (soft) limit."""
+    import resource
+
+    with contextlib.suppress(OSError):
+        yield GaugeMetricFamily("rolehost_open_descriptors", "Descriptors the controller "
+                                "has open", value=float(len(os.listdir("/proc/self/fd"))))
+    yield GaugeMetricFamily("rolehost_descriptor_limit", "The controller's descriptor limit "
+                            "(soft RLIMIT_NOFILE, raised to the hard one at start)",
+                            value=float(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
 
 
 def exposition() -> bytes:

@@ -158,6 +158,7 @@ class HttpClient(_Peer):
         self.progress = 0
         self._progress_seen = 0
         self._silent = 0.0
+        self.accepted = 0.0  # the loop's time at connection_made
         self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
         self.reading_paused = False
         self.on_flow = self._flow  # one bound method for all its requests' bodies
@@ -170,10 +171,11 @@ class HttpClient(_Peer):
         self.ip = (peer[0] if isinstance(peer, tuple) else "unix").encode()
         self.transport.set_write_buffer_limits(high=4 * _READ)
         self.balancer.connections.add(self)
+        self.accepted = asyncio.get_running_loop().time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.balancer.connections.discard(self)
+        self.balancer.released(self)
         if exc is not None and self.tunnel is not None:
             self.tunnel.reset = True  # passed on as a reset, as in TCP mode
         self.close()
@@ -231,6 +233,17 @@ class HttpClient(_Peer):
         else:
             self._silent += step
         return self._silent
+
+    def reclaimable(self, now: float, after: float) -> bool:
+        """Whether the connection holds a slot for nothing: no request in progress or
+        partly read, and either silent for a step of the balancer's sweep or, having
+        never sent a byte, open for `after` seconds (the balancer at max_connections
+        closes these first: `Balancer.reclaim`)."""
+        if self.active is not None or self.pending or self.unheaded or self.tunnel is not None:
+            return False
+        if self.current is not None and not self.current.body.ended:
+            return False
+        return self._silent > 0 or (self.progress == 0 and now - self.accepted >= after)
 
     def write(self, data: bytes) -> None:
         if not self.lost and not self.transport.is_closing():
