@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from rolehost.definition import Definition, parse
 from rolehost.fabric import descriptors
 from rolehost.testing import wait_until
 from support.cli import rolehost
@@ -111,3 +112,22 @@ def test_idle_connections_past_the_descriptor_limit_take_nothing_down(
         assert not [e for e in h.events() if e["event"] in ("probe_error", "api_error")]
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_default_share_its_bounds_and_the_unit_limit() -> None:
+    # (limit - reserve) / (2 x endpoints), between the floor and the ceiling.
+    assert descriptors.reserve(2) == 96
+    assert descriptors.default_max_connections(1024, 1, 2) == (1024 - 96) // 2
+    assert descriptors.default_max_connections(1024, 2, 2) == (1024 - 96) // 4
+    assert descriptors.default_max_connections(100, 3, 10) == descriptors.FLOOR
+    assert descriptors.default_max_connections(1 << 20, 1, 2) == descriptors.CEILING
+
+    def service(**endpoint: object) -> Definition:
+        return parse({"service": {"name": "s"}, "roles": {"web": {
+            "entry_point": "roles:Role", "instances": 2,
+            "endpoints": {"http": {"port": 8080, **endpoint}}}}})
+
+    # The unit's LimitNOFILE: 65,536, or what explicit max_connections need, if more.
+    assert descriptors.unit_limit(service()) == 65_536
+    needed = descriptors.reserve(2) + 2 * 40_000
+    assert descriptors.unit_limit(service(max_connections=40_000)) == needed
