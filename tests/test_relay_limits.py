@@ -53,6 +53,7 @@ def test_request_heads_are_bounded_and_host_stays(make_service: MakeService) -> 
                            role={"stop_timeout": "5s"}, extra=f"""
         [roles.web.endpoints.http]
         port = {port}
+        idle_timeout = "2s"
         """)
     with ServiceHarness(service.toml) as h:
         h.wait_ready(30)
@@ -102,4 +103,16 @@ def test_request_heads_are_bounded_and_host_stays(make_service: MakeService) -> 
         answers = _exchange(port, each * 49 + each.replace(b"Host: x\r\n",
                                                            b"Host: x\r\nConnection: close\r\n"))
         assert answers.count(b"HTTP/1.1 200 ") == 50, answers[-300:]
+
+        # A slowloris: a byte of its head every 0.2 s, never silent. Its head may take
+        # idle_timeout (2 s), as a silent client may be silent that long; then it is cut.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            began = time.monotonic()
+            with contextlib.suppress(OSError):  # a reset, once cut
+                while time.monotonic() - began < 8:
+                    slow.sendall(b"a")
+                    time.sleep(0.2)
+            took = time.monotonic() - began
+        assert 2 <= took < 5, f"the slow head went on for {took:.1f}s"
         assert h.instance("web/0")["restarts"] == 0

@@ -300,8 +300,9 @@ class Balancer:
                 self._listener.release()
 
     async def _close_silent(self, timeout: float) -> None:
-        """Close the HTTP clients silent for `timeout` while the balancer waits on them (a
-        slow-loris holds a connection, and a descriptor, open forever otherwise), and the
+        """Close the HTTP clients silent for `timeout` while the balancer waits on them, or
+        sending one request head for as long, however steadily (a slow-loris holds a
+        connection, and a descriptor, open forever otherwise), and the
         kept-alive connections to instances idle as long (a burst of traffic would leave
         them open for good, each a thread of a threaded server). Looked at four times
         per timeout, rather than a timer per request."""
@@ -311,7 +312,8 @@ class Balancer:
         while True:
             await asyncio.sleep(step)
             for client in list(self.connections):
-                if isinstance(client, proxy.HttpClient) and client.silent_for(step) >= timeout:
+                if isinstance(client, proxy.HttpClient) and (
+                        client.silent_for(step) >= timeout or client.heading_for(step) >= timeout):
                     client.abort()
             for backend in self.backends.values():
                 expired = [c for c in backend.idle if c.idle_for(step) >= timeout]

@@ -159,6 +159,9 @@ class HttpClient(_Peer):
         self._progress_seen = 0
         self._silent = 0.0
         self.accepted = 0.0  # the loop's time at connection_made
+        # The head in progress when the sweep last looked, and for how long (`heading_for`).
+        self._head_seen: tuple[Request | None, bool] | None = None
+        self._heading = 0.0
         self.tunnel: Body | None = None  # after an Upgrade head: the bytes that follow
         self.reading_paused = False
         self.on_flow = self._flow  # one bound method for all its requests' bodies
@@ -233,6 +236,22 @@ class HttpClient(_Peer):
         else:
             self._silent += step
         return self._silent
+
+    def heading_for(self, step: float) -> float:
+        """Seconds, counted in the sweep's `step`s, that one request head has been on its
+        way, however steadily its bytes come: a slowloris sends a byte now and then, and
+        is never silent (nginx's client_header_timeout bounds a head's time the same
+        way). A head is told from the next by the request its URL began; before any
+        URL byte, by the one before it."""
+        current = self.current
+        in_head = self.unheaded > 0 and self.tunnel is None and (
+            current is None or not current.trailing or current.body.ended)
+        seen = (current, current is not None and current.body.ended) if in_head else None
+        if seen is None or seen != self._head_seen:
+            self._head_seen, self._heading = seen, 0.0
+        else:
+            self._heading += step
+        return self._heading
 
     def reclaimable(self, now: float, after: float) -> bool:
         """Whether the connection holds a slot for nothing: no request in progress or
