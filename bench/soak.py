@@ -1,6 +1,6 @@
 """Soak: random maintenance under load for N minutes; nothing may fail, leak or be lost.
 
-    python bench/soak.py --minutes 30 [--seed N] [--json out.json]
+    python bench/soak.py --minutes 30 [--seed N] [--json out.json] [--hostile]
 
 Runs samples/shop (2 web instances behind the balancer, 2 shipping workers) under a
 steady keep-alive load (LoadProbe) and a steady stream of orders, and meanwhile, one
@@ -10,13 +10,22 @@ one host. Reports failed requests (expected 0: at most one web instance is ever 
 lost orders (placed but never shipped: expected 0), and the controller's RSS and open
 files over time (expected flat). Not part of the default test run (tests/test_soak.py
 runs it for a few seconds).
+
+`--hostile` (issue 19): the controller runs under `ulimit -n 1024` (soft and hard), and
+beside the soak, against the same endpoint: 1,100 idle connections (each one the
+balancer closes is opened again), 200 slowloris connections (a head that never ends, a
+byte every 2 s; one refused is opened again) and a header flood (4 connections, each
+sending heads of 16,000 fields, one after the other). The normal clients (the load and
+the orders) must fail no more than without them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import resource
 import signal
 import socket
 import sqlite3
@@ -31,6 +40,8 @@ from typing import Any
 import psutil
 
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
+
+IDLE, SLOWLORIS, FLOODERS, FIELDS = 1100, 200, 4, 16_000
 
 SHOP = Path(__file__).resolve().parent.parent / "samples" / "shop"
 OPERATIONS = ["recycle", "restart", "reimage", "rebuild", "agent-update", "upgrade host-os",
@@ -76,6 +87,97 @@ class Orders(threading.Thread):
                 self.failed.append(f"{type(exc).__name__}: {exc}")
 
 
+def limited_python(folder: Path, descriptors: int) -> Path:
+    """This interpreter, exec'd under `ulimit -n DESCRIPTORS` (soft and hard)."""
+    wrapper = folder / "python-limited"
+    wrapper.write_text(f"#!{sys.executable}\n"
+                       "import os, resource, sys\n"
+                       f"resource.setrlimit(resource.RLIMIT_NOFILE, ({descriptors}, "
+                       f"{descriptors}))\n"
+                       f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", port))
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The balancer closed it (or refused it: an answer, then the close)."""
+    try:
+        return not sock.recv(65536, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class Hostile:
+    """Idle connections, slowloris heads and a header flood against one port, each kept
+    at its count: what the balancer closes is opened again. Counts what it did."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.counts = {"idle_opened": 0, "slowloris_opened": 0, "floods_sent": 0,
+                       "floods_refused_431": 0, "flood_errors": 0}
+        self.threads = [threading.Thread(target=self._idle_and_slow, daemon=True),
+                        *(threading.Thread(target=self._flood, daemon=True)
+                          for _ in range(FLOODERS))]
+
+    def __enter__(self) -> Hostile:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _idle_and_slow(self) -> None:
+        idle: list[socket.socket] = []
+        slow: list[socket.socket] = []
+        try:
+            while not self.stop.is_set():
+                for group, count, key in ((idle, IDLE, "idle_opened"),
+                                          (slow, SLOWLORIS, "slowloris_opened")):
+                    for sock in [s for s in group if _closed(s)]:
+                        sock.close()
+                        group.remove(sock)
+                    while len(group) < count:
+                        group.append(_connect(self.port))
+                        self.counts[key] += 1
+                        if group is slow:
+                            with contextlib.suppress(OSError):
+                                group[-1].send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                for sock in slow:  # a byte every 2 s: never silent, never done
+                    with contextlib.suppress(OSError):
+                        sock.send(b"a")
+                self.stop.wait(2.0)
+        finally:
+            for sock in idle + slow:
+                sock.close()
+
+    def _flood(self) -> None:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Flood: f\r\n" * FIELDS + b"\r\n"
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+                    self.counts["floods_sent"] += 1
+                    with contextlib.suppress(OSError):  # refused before it was all sent
+                        sock.sendall(head)
+                    if sock.recv(65536).startswith(b"HTTP/1.1 431 "):
+                        self.counts["floods_refused_431"] += 1
+            except OSError:
+                self.counts["flood_errors"] += 1
+                self.stop.wait(0.1)
+
+
 def operate(service: ServiceHarness, kind: str, rng: random.Random, version: int) -> str:
     status = service.status()
     instances = [i["id"] for i in status["instances"]]
@@ -97,14 +199,14 @@ def operate(service: ServiceHarness, kind: str, rng: random.Random, version: int
     return f"SIGKILL {target}"
 
 
-def soak(seconds: float, seed: int) -> dict[str, Any]:
+def soak(seconds: float, seed: int, hostile: bool = False) -> dict[str, Any]:
     # Removed even when the soak fails: it holds only the definition and the orders
     # database, whose story is in the harness's run directory (kept on a failure).
     with tempfile.TemporaryDirectory(prefix="rolehost-soak-") as folder:
-        return _soak(Path(folder), seconds, seed)
+        return _soak(Path(folder), seconds, seed, hostile)
 
 
-def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
+def _soak(folder: Path, seconds: float, seed: int, hostile: bool) -> dict[str, Any]:
     rng = random.Random(seed)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,7 +214,14 @@ def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
     db = folder / "orders.db"
     samples: list[dict[str, float]] = []
     done: list[tuple[str, str]] = []  # (kind, what was done)
-    with ServiceHarness(definition(folder, port, db)) as service:
+    python = None
+    if hostile:
+        python = limited_python(folder, 1024)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # room for the attackers
+        if soft != resource.RLIM_INFINITY and soft < 4 * IDLE:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * IDLE), hard))
+    attack = Hostile(port)
+    with ServiceHarness(definition(folder, port, db), python=python) as service:
         service.wait_ready(timeout=120)
         controller = psutil.Process(service.status()["pid"])
         url = service.url("web", "http")
@@ -122,9 +231,11 @@ def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
         def sample() -> None:
             samples.append({"t": round(time.monotonic() - began, 1),
                             "rss_mb": round(controller.memory_info().rss / 2**20, 1),
-                            "fds": controller.num_fds()})
+                            "fds": controller.num_fds(),
+                            "connections": service.status()["balancers"][0]["connections"]})
 
-        with LoadProbe(url + "/products", clients=4) as load:
+        with LoadProbe(url + "/products", clients=4) as load, \
+                (attack if hostile else contextlib.nullcontext()):
             orders.start()
             sample()
             version, last_sample = 2, time.monotonic()
@@ -139,6 +250,7 @@ def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
             orders.stop.set()
             orders.join(60)
         sample()
+        service_max = service.status()["balancers"][0]["max_connections"]
         shipped = sqlite3.connect(db)
 
         def all_shipped() -> bool:
@@ -159,7 +271,8 @@ def _soak(folder: Path, seconds: float, seed: int) -> dict[str, Any]:
         "orders_failed_to_place": len(orders.failed), "orders_by_state": counts,
         "order_failures": sorted(set(orders.failed)),
         "orders_lost": len(set(orders.placed) - done_ids), "samples": samples,
-        "log": [what for _, what in done],
+        "log": [what for _, what in done], "hostile": attack.counts if hostile else None,
+        "max_connections": service_max,
     }
 
 
@@ -184,6 +297,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"| RSS MB | {rss[0]} | {min(rss)} | {max(rss)} | {rss[-1]} |",
         f"| open fds | {fds[0]} | {min(fds)} | {max(fds)} | {fds[-1]} |",
         "",
+        *(([f"Hostile mode (controller under `ulimit -n 1024`, max_connections "
+            f"{result['max_connections']}): " + ", ".join(
+                f"{k} {v}" for k, v in result["hostile"].items()) + ".",
+            "Samples (s, RSS MB, fds, client connections open): " + "; ".join(
+                f"{s['t']}, {s['rss_mb']}, {s['fds']}, {s['connections']}" for s in samples)
+            + "."]) if result["hostile"] else []),
+        "",
         f"Failure causes: {result['failure_causes'] or 'none'}. Orders whose POST failed: "
         f"{result['orders_failed_to_place']} ({result['order_failures'] or 'none'}): a POST is "
         "not idempotent, so one in flight when its host is SIGKILLed is not retried. Orders "
@@ -197,9 +317,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--hostile", action="store_true", help="idle connections, slowloris "
+                        "and a header flood beside the soak, the controller under ulimit -n 1024")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the harness still cleans up
-    result = soak(args.minutes * 60, args.seed)
+    result = soak(args.minutes * 60, args.seed, args.hostile)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
