@@ -83,7 +83,7 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._handovers: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
-        self._logged: dict[str, tuple[float, int]] = {}  # limit: (last logged, times since)
+        self._logged: dict[str, tuple[float, int]] = {}  # event: (last logged, count since)
 
     def start(self) -> None:
         if self.accepting or self.closed:
