@@ -128,11 +128,10 @@ class Endpoint(_Model):
         "answer) is closed, and so is a kept-alive connection to an instance that "
         "carries nothing this long; 0: never"
     )
-    max_connections: Integer | None = Field(
-        default=None, ge=1, description="client connections open at once; beyond, new ones "
-        "wait in the listen backlog until one closes. Unset: this endpoint's share of the "
-        "controller's descriptor limit, after a reserve for its own work (docs/balancer.md, Limits)"
-    )
+    max_connections: Integer | None = Field(default=None, ge=1, description="client "
+        "connections open at once; beyond, new ones wait in the listen backlog until one closes. "
+        "Unset: this endpoint's share of the controller's descriptor limit, after a reserve "
+        "for its own work (docs/balancer.md, Limits)")
 
 
 class LocalResource(_Model):
