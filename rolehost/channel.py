@@ -47,19 +47,22 @@ class Channel:
         with self._lock, contextlib.suppress(OSError):
             self.sock.sendall(data)
 
-    def serve(self, dispatch: Callable[[protocol.Message], None]) -> None:
-        """Read messages until EOF; send a heartbeat every HEARTBEAT_INTERVAL."""
+    def serve(self, dispatch: Callable[[protocol.Message], None],
+              interval: float = protocol.HEARTBEAT_INTERVAL) -> None:
+        """Read messages until EOF; send a heartbeat every `interval` seconds (the
+        `heartbeat` of `assign`)."""
         buffer, self._buffer = self._buffer, b""
-        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+        next_beat = time.monotonic() + interval
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             dispatch(protocol.decode(line))
         while True:
             wait = max(0.0, next_beat - time.monotonic())
             readable, _, _ = select.select([self.sock], [], [], wait)
-            if not readable:
+            if time.monotonic() >= next_beat:  # due, even while the controller talks
                 self.send("heartbeat")
-                next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+                next_beat = time.monotonic() + interval
+            if not readable:
                 continue
             try:
                 chunk = self.sock.recv(65536)

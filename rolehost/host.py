@@ -537,13 +537,14 @@ def main() -> NoReturn:
     os.environ.update(assignment["env"])  # inherited by every process the role starts
     os.chdir(assignment["cwd"])
     context = Context(**assignment["context"])
+    interval = float(assignment.get("heartbeat", protocol.HEARTBEAT_INTERVAL))
     host = Host(context, channel, _leave)
     RoleEnvironment.bind(context, host)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # output reaches the log as it is printed
 
     def serve() -> None:
-        channel.serve(host.dispatch)
+        channel.serve(host.dispatch, interval)
         host.orphaned()
 
     threading.Thread(target=serve, name="rolehost-channel", daemon=True).start()

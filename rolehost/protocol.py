@@ -7,10 +7,12 @@ Every message is an object with a `type`. Host to controller:
 - `error`     `{"where": str, "traceback": str, "timed_out": bool}`: user code failed;
               `timed_out` when it was the stop, cut short by the host's own bound on it
               (`host_stop_bound`), just before the controller's deadline
-- `heartbeat` `{}`: sent every `HEARTBEAT_INTERVAL` by a thread no user code runs on
+- `heartbeat` `{}`: sent every `heartbeat` seconds (from `assign`) by a thread no user
+              code runs on
 - `changing_result` `{"cancel": bool}`
 
-Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str}`, which
+Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str,
+"heartbeat": float}`, which
 makes a standby host the host of one instance (see `processes/hosts.Standby`); then `stop`
 `{"reason": str}`, `status_check` `{}`, `changing` `{"changes": [...]}`,
 `changed` `{"settings": {...}}`.
@@ -30,10 +32,8 @@ if TYPE_CHECKING:
 CHANNEL_FD_ENV = "ROLEHOST_CHANNEL_FD"
 TOKEN_ENV = "ROLEHOST_INSTANCE_TOKEN"
 
-HEARTBEAT_INTERVAL = 5.0
-# A host whose heartbeat thread has been silent this long is frozen (stopped, or a C
-# extension holding the GIL): the controller recycles it.
-UNRESPONSIVE_AFTER = 6 * HEARTBEAT_INTERVAL
+# `[service] heartbeat_interval`'s default, and a host's if `assign` gives none.
+HEARTBEAT_INTERVAL = 2.0
 
 # The controller owns a stop's deadline: `stop_timeout` after it sends `stop`, it kills
 # the host's tree (docs/design.md, "Who owns which timeout"). The host keeps an inner,

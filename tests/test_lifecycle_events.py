@@ -27,16 +27,26 @@ from rolehost.fabric.actions import (
     Interrupt,
     Kill,
     Log,
+    Rotate,
     Sample,
     Schedule,
     Send,
 )
 from rolehost.fabric.disks import Disks, Maintenance, apply
-from rolehost.fabric.lifecycle import After, Backoff, Lifecycle, Next, ReadyDeadline, State
-from rolehost.protocol import UNRESPONSIVE_AFTER
+from rolehost.fabric.lifecycle import (
+    MISSED,
+    UNRESPONSIVE,
+    After,
+    Backoff,
+    Lifecycle,
+    Next,
+    ReadyDeadline,
+    State,
+)
+from rolehost.protocol import HEARTBEAT_INTERVAL
 
 S = State
-HEARD = Schedule(SILENT, UNRESPONSIVE_AFTER)  # any message: the host is not frozen
+HEARD = Schedule(SILENT, MISSED * HEARTBEAT_INTERVAL)  # any message: the host is not frozen
 STOP_TIMEOUT = 2.0
 
 
@@ -56,6 +66,8 @@ class Script:
                 self.life.change(action.state, action.reason, self.now)
                 self.life.update_back({}, self.now)
             else:
+                if isinstance(action, Rotate):
+                    self.life.update_back({}, self.now)
                 rest.append(action)
         self.sent += rest
         return rest
@@ -266,13 +278,28 @@ def test_a_recycle_the_role_asks_for_is_a_graceful_stop() -> None:
     assert (after.what, after.reason) == (After.RECYCLE, "request_recycle() called")
 
 
-def test_a_silent_host_is_killed_and_recycles() -> None:
+def test_a_silent_host_leaves_rotation_until_heard_then_is_killed() -> None:
     s = Script()
     s.ready()
-    assert s.do(s.life.silent()) == [Log("error", "host_unresponsive", {}), Kill(HOST)]
+    assert s.life.back
+    # Its first missed heartbeat: out of rotation (not back), in the same state.
+    assert s.at(4.0).do(s.life.heartbeat_missed()) == [
+        Log("warning", "host_silent", {"silent_for": 3.0}), Rotate(),
+        Schedule(SILENT, (UNRESPONSIVE - MISSED) * HEARTBEAT_INTERVAL)]
+    assert (s.life.state, s.life.silent) == (S.READY, "no heartbeat for 3.0s")
+    # Heard again: back, in the same boot.
+    assert s.at(5.0).says("heartbeat") == [HEARD, Log("info", "host_heard", {}), Rotate(),
+                                           Sample()]
+    assert s.life.silent is None
+    # Silent again, for good this time: killed, and it recycles.
+    s.at(8.0).do(s.life.heartbeat_missed())
+    assert s.at(35.0).do(s.life.heartbeat_missed()) == [
+        Log("error", "host_unresponsive", {"silent_for": 30.0}), Kill(HOST)]
     s.exited(-9, "killed by SIGKILL")
-    assert s.life.last_error == f"host unresponsive: silent for {UNRESPONSIVE_AFTER:g}s"
+    assert s.life.last_error == "host unresponsive: silent for 30s"
     assert s.over().what is After.RECYCLE
+    s.boot()  # a new boot is heard
+    assert s.life.silent is None
 
 
 def test_the_ready_deadline_fails_the_boot_where_it_was() -> None:

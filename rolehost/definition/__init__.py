@@ -387,6 +387,13 @@ class Service(_Model):
         default=1.0, ge=0.1, description="first delay after a failure"
     )
     backoff_max: Duration = Field(default=60.0, ge=0.1, description="cap of the doubling delay")
+    heartbeat_interval: Duration = Field(
+        default=2.0, ge=0.1, le=60,
+        description="how often each host says it is alive, from a thread no role code runs "
+        "on. A host silent for 1.5 intervals (a heartbeat missed: stopped with SIGSTOP, or "
+        "a C extension holding the GIL) leaves rotation until it is heard again; one silent "
+        "for 15 intervals is killed and its instance recycles",
+    )
     metrics: Annotated[Text, SchemaOnly(pattern=ADDRESS_PATTERN)] | None = Field(
         default=None,
         description="HOST:PORT to serve Prometheus metrics on (also GET /v1/metrics), "

@@ -49,6 +49,11 @@ class Drain(NamedTuple):
     reason: str
 
 
+class Rotate(NamedTuple):
+    """Work the rotation out again, with no change of state: the host went silent, or
+    was heard again (the balancers, whether the instance is back, its waiters)."""
+
+
 class Interrupt(NamedTuple):
     """Wake the supervisor: a stop or an operation wants the host down (or, `recycle`,
     the host asked to be stopped and recycled)."""
@@ -74,4 +79,4 @@ class Log(NamedTuple):
     fields: dict[str, Any]
 
 
-Action = Enter | Send | Kill | Schedule | Drain | Interrupt | Sample | Answer | Log
+Action = Enter | Send | Kill | Schedule | Drain | Rotate | Interrupt | Sample | Answer | Log

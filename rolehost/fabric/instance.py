@@ -36,6 +36,7 @@ from rolehost.fabric.actions import (
     Interrupt,
     Kill,
     Log,
+    Rotate,
     Sample,
     Schedule,
     Send,
@@ -90,7 +91,8 @@ class Instance:
         # the properties below, changed only by `_set` and the events fed to it.
         self.life = Lifecycle(self.id, Backoff(service.backoff_initial, service.backoff_max,
                                                service.stable_after),
-                              ReadyDeadline(service.ready_deadline), since=time.time())
+                              ReadyDeadline(service.ready_deadline), since=time.time(),
+                              heartbeat=service.heartbeat_interval)
         self.process: HostProcess | None = None
         self.tasks: Tasks | None = None
         self.boot = 0  # boots: disks and tasks; an agent update restarts the host only
@@ -105,7 +107,8 @@ class Instance:
         self._operation: Operation | None = None
         self._interrupt = asyncio.Event()  # a stop or an operation wants the host down
         self._changed = asyncio.Event()  # set, and replaced, at every transition
-        self.timers = Timers()  # this boot's: the ready deadline, silence, the stop
+        # This boot's: the ready deadline, silence (looked at twice, see Timers), the stop.
+        self.timers = Timers(look_twice={SILENT})
         self._task: asyncio.Task[None] | None = None
         self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
         self.changing_answer: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
@@ -348,7 +351,8 @@ class Instance:
             return False
         self.process.assign(vars(context(self)), host_environment(self, token),
                             str(self.disks.app), token,
-                            self._on_message, self.output.write)
+                            self._on_message, self.output.write,
+                            self.deployment.service.heartbeat_interval)
         return True
 
     async def _run_host(self) -> None:
@@ -437,7 +441,7 @@ class Instance:
                 if self.tasks is not None else []
             self._carry_out(self.life.deadline_missed(running, self._served()))
         elif timer == SILENT:
-            self._carry_out(self.life.silent())
+            self._carry_out(self.life.heartbeat_missed())
         elif timer == STOP and (process := self.process) is not None and process.running:
             # The one owner of stop_timeout (docs/design.md): the host has had all of it.
             self._carry_out(self.life.stop_overdue(process.pid, self.role.stop_timeout))
@@ -475,6 +479,9 @@ class Instance:
                     self._expired(timer)
                 case Schedule(timer, delay):
                     self.timers.schedule(timer, delay, functools.partial(self._expired, timer))
+                case Rotate():
+                    self._update_rotation()
+                    self._changed_now()
                 case Interrupt(recycle):
                     (self.recycle_asked if recycle else self._interrupt).set()
                 case Sample():

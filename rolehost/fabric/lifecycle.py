@@ -32,11 +32,12 @@ from rolehost.fabric.actions import (
     Interrupt,
     Kill,
     Log,
+    Rotate,
     Sample,
     Schedule,
     Send,
 )
-from rolehost.protocol import UNRESPONSIVE_AFTER, ExitCode, Message
+from rolehost.protocol import HEARTBEAT_INTERVAL, ExitCode, Message
 
 if TYPE_CHECKING:
     from rolehost.definition import Endpoint
@@ -70,6 +71,14 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 RUNNING = frozenset({S.STARTING, S.BUSY, S.READY})  # a host runs the role
 # Where an operation on the instance can end: back (ready, in rotation) or not.
 SETTLED = frozenset({S.READY, S.FAILED, S.RECYCLING, S.STOPPED})
+
+
+# A host sends a heartbeat every `[service] heartbeat_interval`, and any message counts
+# as one. Silent for MISSED intervals, it missed one: frozen (SIGSTOP, a C extension
+# holding the GIL, a machine swapping), it answers no request, so it leaves rotation until
+# it is heard again. Silent for UNRESPONSIVE, it is not coming back: it is killed.
+MISSED = 1.5
+UNRESPONSIVE = 15  # 30 s at the default interval of 2 s
 
 
 class IllegalTransition(RuntimeError):
@@ -213,6 +222,7 @@ class Lifecycle:
     backoff: Backoff
     deadline: ReadyDeadline
     since: float  # when the state began
+    heartbeat: float = HEARTBEAT_INTERVAL  # seconds between the host's heartbeats
     state: State = S.CREATED
     reason: str = ""
     stop: StopOutcome = field(default_factory=StopOutcome)
@@ -221,6 +231,7 @@ class Lifecycle:
     back_since: float | None = None  # this boot's first time back: its deadline is met
     boot_began: float = 0.0
     draining: str | None = None  # why, while the instance drains
+    silent: str | None = None  # why, while its host is not heard (a heartbeat missed)
     probes: dict[str, ProbeResult] = field(default_factory=dict)  # by endpoint
     # How this boot is ending, as far as it is known: the host asked to be recycled
     # (why), the ready deadline failed it (why), the error it reported last.
@@ -260,7 +271,7 @@ class Lifecycle:
         """A boot: not ready, not back, nothing probed or drained yet, no end known."""
         self.ready_since = self.back_since = None
         self.recycle_reason = self.failed_reason = self.run_error = None
-        self.draining = None
+        self.draining = self.silent = None
         self.probes.clear()
         self.boot_began = now
 
@@ -315,6 +326,8 @@ class Lifecycle:
         """Whether the instance takes traffic on endpoint `name`, and if not why."""
         if self.draining is not None:
             return False, f"draining: {self.draining}"
+        if self.silent is not None:
+            return False, f"silent: {self.silent}"
         if self.state is S.BUSY and not endpoint.ignore_status:
             return False, f"busy: {self.reason}" if self.reason else "busy"
         if self.state not in (S.READY, S.BUSY):
@@ -371,15 +384,19 @@ class Lifecycle:
         return self.stop_reason is not None
 
     def host_started(self, pid: int) -> list[Action]:
-        """The boot's host runs the role: it must speak within UNRESPONSIVE_AFTER. A stop
-        that ended with the last host (an agent update's) is over."""
+        """The boot's host runs the role: it must speak within MISSED heartbeat
+        intervals. A stop that ended with the last host (an agent update's) is over."""
         self.stop_over()
         return [Enter(S.STARTING, f"host process {pid} started"),
-                Schedule(SILENT, UNRESPONSIVE_AFTER)]
+                Schedule(SILENT, MISSED * self.heartbeat)]
 
     def message(self, message: Message) -> list[Action]:
-        """What the host said; any message proves it is not frozen."""
-        actions: list[Action] = [Schedule(SILENT, UNRESPONSIVE_AFTER)]
+        """What the host said; any message proves it is not frozen, and a silent host is
+        heard again: back in rotation, in the same process."""
+        actions: list[Action] = [Schedule(SILENT, MISSED * self.heartbeat)]
+        if self.silent is not None:
+            self.silent = None
+            actions += [Log("info", "host_heard", {}), Rotate()]
         kind = message["type"]
         if kind == "state":
             state, reason = State(message["state"]), str(message.get("reason") or "")
@@ -404,10 +421,19 @@ class Lifecycle:
             actions.append(Sample())
         return actions
 
-    def silent(self) -> list[Action]:
-        """The host said nothing for UNRESPONSIVE_AFTER: frozen, it is killed (a crash)."""
-        self.run_error = f"host unresponsive: silent for {UNRESPONSIVE_AFTER:g}s"
-        return [Log("error", "host_unresponsive", {}), Kill(HOST)]
+    def heartbeat_missed(self) -> list[Action]:
+        """The SILENT timer expired. The first time (MISSED intervals of silence), the
+        host is out of rotation until it is heard again; the second (UNRESPONSIVE), it is
+        frozen for good, and killed (a crash)."""
+        if self.silent is None:
+            missed = MISSED * self.heartbeat
+            self.silent = f"no heartbeat for {missed:.1f}s"
+            return [Log("warning", "host_silent", {"silent_for": round(missed, 1)}), Rotate(),
+                    Schedule(SILENT, (UNRESPONSIVE - MISSED) * self.heartbeat)]
+        unresponsive = UNRESPONSIVE * self.heartbeat
+        self.run_error = f"host unresponsive: silent for {unresponsive:g}s"
+        return [Log("error", "host_unresponsive", {"silent_for": round(unresponsive, 1)}),
+                Kill(HOST)]
 
     def ready_deadline_begins(self, now: float) -> list[Action]:
         """The boot's time to ready begins, with what is left of the deadline of the boots

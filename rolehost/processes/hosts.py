@@ -127,10 +127,13 @@ class HostProcess:
         token: str,
         on_message: Callable[[protocol.Message], None],
         on_output: Callable[[str, bytes], None],
+        heartbeat: float = protocol.HEARTBEAT_INTERVAL,
     ) -> None:
-        """Make this standby the host of one instance (`env` must carry `token`)."""
+        """Make this standby the host of one instance (`env` must carry `token`), which
+        sends a heartbeat every `heartbeat` seconds."""
         self.token, self.on_message, self.on_output = token, on_message, on_output
-        self.send({"type": "assign", "context": context, "env": env, "cwd": cwd})
+        self.send({"type": "assign", "context": context, "env": env, "cwd": cwd,
+                   "heartbeat": heartbeat})
 
     def send(self, message: protocol.Message) -> None:
         if self._transport is not None and not self._transport.is_closing():

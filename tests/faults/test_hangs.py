@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
-from rolehost.testing import wait_until
+from rolehost.testing import LoadProbe, wait_until
 from support.faults import (
     FAST,
     HANGING_ON_STOP,
     Bystander,
+    endpoint,
     instance_pids,
     role,
     state_events,
     wait_gone,
     wait_pids,
 )
+from support.net import free_port, get
 from support.service import MakeService
 
 
@@ -130,3 +134,44 @@ def test_role_ignoring_and_blocking_signals_still_stops(make_service: MakeServic
         bystander.check()
         h.stop(timeout=30)  # the controller's own stop, too, gets past the blocked signals
         assert service.probes().count("on_stop web_IN_0") == 2
+
+
+def test_a_stopped_host_leaves_rotation_at_its_first_missed_heartbeat(
+        make_service: MakeService) -> None:
+    port = free_port()
+    service = make_service(role("", web=True), instances=2, extra=endpoint(port),
+                           service={**FAST, "heartbeat_interval": "400ms"})
+    with service.harness() as h:
+        bystander = Bystander(h)
+        h.wait_ready(30)
+        pid = h.instance("web/0")["pid"]
+        with LoadProbe(f"http://127.0.0.1:{port}/", clients=4) as load:
+            load.wait_requests(100)
+            os.kill(pid, signal.SIGSTOP)
+            began = time.monotonic()
+            try:
+                row = wait_until(lambda: r if not (r := h.instance("web/0"))["back"] else None,
+                                 10, "web/0 to leave rotation")
+                left = time.monotonic() - began
+                # Silent for 1.5 intervals (0.6 s), give or take a busy machine; before, a
+                # stopped host stayed in rotation for 30 s, and was then killed.
+                assert left < 2.5, f"web/0 left rotation {left:.1f}s after SIGSTOP"
+                assert (row["state"], row["pid"]) == ("ready", pid), row
+                assert row["why_not_back"].startswith(
+                    "out of rotation: http: silent: no heartbeat for "), row
+                # The load's clients each wait on a request the frozen host took before it
+                # left; new requests go to the other instance meanwhile.
+                for _ in range(20):
+                    assert get(port, timeout=5) == (200, b"web_IN_1")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            h.wait_ready(10)
+            load.wait_requests(load.requests + 100)
+        # The requests the frozen host held when it stopped were answered once it went on.
+        assert load.failures == [], load.report()
+        row = h.instance("web/0")  # heard again: back in the same host, not recycled
+        assert (row["state"], row["pid"], row["restarts"]) == ("ready", pid, 0), row
+        names = [e["event"] for e in h.events() if e.get("instance") == "web_IN_0"]
+        assert "host_silent" in names and "host_heard" in names, names
+        assert "host_unresponsive" not in names
+        bystander.check()
