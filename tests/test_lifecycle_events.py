@@ -414,3 +414,19 @@ def test_a_recycle_stops_gracefully_unless_it_crashed() -> None:
     asked.exited(75, "exited with 75 (recycle)")
     assert asked.over().what is After.RECYCLE
     assert Send({"type": "stop", "reason": "run() returned"}) in asked.sent
+
+
+def test_a_host_over_max_memory_is_recycled_gracefully_once() -> None:
+    s = Script()
+    s.ready()
+    assert s.do(s.life.memory_measured(100 * 2**20, 200 * 2**20, "200MB")) == []
+    assert s.do(s.life.memory_measured(300 * 2**20, None, None)) == []  # no max_memory
+    assert s.do(s.life.memory_measured(300 * 2**20, 200 * 2**20, "200MB")) == [
+        Log("warning", "memory_recycle", {"rss_mb": 300.0, "max_memory": "200MB"}),
+        Interrupt(recycle=True)]
+    reason = "max_memory: the host's processes use 300MB, over 200MB"
+    assert s.life.last_error == reason
+    assert s.do(s.life.memory_measured(400 * 2**20, 200 * 2**20, "200MB")) == []  # asked
+    s.stop_host()
+    s.exited(0, "exited with 0 (stopped)")
+    assert (s.over().what, s.life.recycled_for) == (After.RECYCLE, reason)

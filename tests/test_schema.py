@@ -52,6 +52,19 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 
 # (key path, value, valid): the model and the schema must both give that answer.
 CASES = [
+    ("roles.web.max_memory", "200MB", True),
+    ("roles.web.max_memory", "1KB", True),
+    ("roles.web.max_memory", "2GB", True),
+    ("roles.web.max_memory", "0MB", False),
+    ("roles.web.max_memory", "200", False),
+    ("roles.web.max_memory", 200, False),
+    ("roles.web.max_memory", "200mb", False),
+    ("roles.web.max_memory", "1.5GB", False),
+    ("roles.web.max_memory", "200MB\n", False),
+    ("roles.web.max_memory", "12345678901MB", False),
+    ("service.heartbeat_interval", "100ms", True),
+    ("service.heartbeat_interval", "50ms", False),
+    ("service.heartbeat_interval", "61s", False),
     ("service.ready_deadline", "30m", True),
     ("service.ready_deadline", 0, False),
     ("service.ready_deadline", "0s", False),
@@ -380,6 +393,7 @@ def valid_definitions(draw: st.DrawFn) -> dict[str, Any]:
         "backoff_max": st.sampled_from([1, "1m", 120.5]),
         "change_mode": st.sampled_from(["per-ud", "blast"]),
         "limited_user": st.sampled_from(["nobody", "svc_user$"]),
+        "heartbeat_interval": st.sampled_from([0.1, "500ms", "2s", 60]),
     }
     service.update(draw(st.fixed_dictionaries({}, optional=optional)))
     ports = iter(draw(st.lists(st.integers(1, 65535), min_size=6, max_size=6, unique=True)))
@@ -393,6 +407,7 @@ def valid_definitions(draw: st.DrawFn) -> dict[str, Any]:
             "app": st.sampled_from([".", "src", "../apps/web"]),
             "instances": st.integers(1, 1000), "stop_timeout": durations,
             "status_check_interval": durations,
+            "max_memory": st.sampled_from(["1KB", "200MB", "9999999999GB"]),
             "settings": st.dictionaries(st.sampled_from(["color", "workers", "api-key"]),
                                         setting_values, max_size=3),
             "local_resources": st.dictionaries(st.sampled_from(["cache", "data"]),
@@ -436,7 +451,7 @@ wild = st.one_of(
                      "elevated", "blast", "nobody", "/x", "x",
                      "[::1]:80", "::1:80", "h:0", "h:65536", "[::1]", "[1::2::3]:80",
                      "0.0.0.0:9090", "h h:80", "app:Caf\u00e9", ":C", "a:B", "1x", "a b",
-                     "web\n", "c" * 64, "a=b", "a\0"]),
+                     "web\n", "c" * 64, "a=b", "a\0", "200MB", "0MB", "2gb", "1.5GB"]),
     st.text("ab '\"\\\t\n\0=\u000b", max_size=6),
     st.lists(st.text("a '\0", max_size=2), max_size=3),
     st.sampled_from([{}, {"value": "x"}, {"value": 1, "secret": "yes"}, {"port": 18090},

@@ -42,6 +42,8 @@ MASKS = [
     (re.compile(r"(\bpid[= ]|\bprocess |kill -9 |--ppid )\d+"), r"\1PID"),
     (re.compile(r"^(\s*)\d+(\s+)\d+(\s)"), r"\1PID\2PID\3"),  # a row of `ps -o pid,ppid,...`
     (re.compile(r"^(\S+_IN_\d+\s+\d+\s+\S+\s+)\d+"), r"\1PID"),  # a row of `rolehost status`
+    # Its MEMORY: `-` until the host's first measurement, 5 s after it started.
+    (re.compile(r"^(\S+_IN_\d+\s+\d+\s+\S+\s+\S+\s+)(?:\d+MB|-)(?=\s)"), r"\1MEM"),
     (re.compile(r"\S*/bin/python[\d.]*\b"), "PYTHON"),
     (re.compile(r"\S*/rolehost/__init__\.py"), "ROLEHOST/__init__.py"),
     (re.compile(r"\blimited_user=\S+"), "limited_user=USER"),  # root, nobody, you

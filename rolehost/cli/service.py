@@ -113,24 +113,26 @@ def _detach(file: Path, where: RunDir) -> None:
 @run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
 def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
-    """Show every instance: state, process, restarts, last error."""
+    """Show every instance: state, process, memory, restarts, last error."""
     result = call(connect(file, run_dir).status)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{result['service']}  deployment {result['deployment_id'][:12]}  "
                f"controller pid {result['pid']}")
-    rows = [("INSTANCE", "UD", "STATE", "PID", "RESTARTS", "SINCE", "DETAIL")]
+    rows = [("INSTANCE", "UD", "STATE", "PID", "MEMORY", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
         detail = wording.instance_detail(i)
         since = logs.clock(i["state_since"])
+        memory = i.get("memory_bytes")
         rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
+                     f"{memory / 2**20:.0f}MB" if memory is not None else "-",
                      str(i["restarts"]), since, detail))
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    widths = [max(len(r[c]) for r in rows) for c in range(7)]
     for advice in result["capacity"]:
         click.echo(f"capacity: {advice}")
     for row in rows:
-        line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[6]
+        line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[7]
         click.echo(line.rstrip())
 
 

@@ -26,7 +26,14 @@ from pydantic import (
     model_validator,
 )
 
-from rolehost.definition.scalars import ADDRESS_PATTERN, parse_address
+from rolehost.definition.scalars import (
+    ADDRESS_PATTERN,
+    SIZE_PATTERN,
+    SIZE_SYNTAX,
+    check_size,
+    parse_address,
+    parse_size,
+)
 from rolehost.definition.scalars import MAX_DURATION as MAX_DURATION
 from rolehost.definition.scalars import parse_duration as parse_duration
 from rolehost.definition.schema import (
@@ -46,6 +53,7 @@ SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
 MIN_INSTANCES, MAX_INSTANCES = 1, 1000
 Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
+Size = Annotated[str, BeforeValidator(check_size), SchemaOnly(pattern=SIZE_PATTERN)]
 SettingValue = Annotated[str, SchemaOnly(pattern=NO_NUL)] | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
 # names and Kubernetes names: 63 characters (a DNS label) fits them all.
@@ -253,6 +261,13 @@ class Role(_Model):
     status_check_interval: Duration = Field(
         default=5.0, gt=0, description="how often status-check handlers are asked"
     )
+    max_memory: Size | None = Field(
+        default=None,
+        description=f"{SIZE_SYNTAX}. An instance whose host and descendants use more "
+        "(their resident memory added up, measured every 5 s) is recycled gracefully, as "
+        "PM2's max_memory_restart does: a `memory_recycle` event, and the reason in "
+        "`status`; off",
+    )
     settings: dict[Variable, SettingValue | Secret] = Field(
         default_factory=dict,
         description="names to strings, numbers or booleans, read with "
@@ -318,6 +333,10 @@ class Role(_Model):
     def entry_class(self) -> str:
         """The module:Class its hosts run: a site-only role's does nothing of its own."""
         return self.entry_point or SITE_ONLY_ENTRY_POINT
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return parse_size(self.max_memory) if self.max_memory is not None else None
 
     @property
     def module(self) -> str:

@@ -175,6 +175,34 @@ def _at_most(bound: Fraction) -> str:
     return "(?:" + "|".join(options) + ")"
 
 
+# --- sizes -------------------------------------------------------------------------
+
+# A memory size, as PM2's max_memory_restart writes it: a whole number and a unit, binary
+# as `ps` and `top` count (1MB is 1,048,576 bytes). At most 10 digits: a bigger one is a
+# typo, not a machine.
+SIZE_UNITS = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+SIZE_PATTERN = r"^[1-9][0-9]{0,9}(?:KB|MB|GB)$"
+_SIZE = re.compile(r"([1-9][0-9]{0,9})(KB|MB|GB)")
+SIZE_SYNTAX = ('a whole number and a unit: `"512KB"`, `"200MB"`, `"2GB"` (binary: 1MB is '
+               "1,048,576 bytes)")
+
+
+def check_size(value: object) -> object:
+    """`value` if it is a size as SIZE_PATTERN writes it; ValueError saying what is expected."""
+    if not isinstance(value, str) or not _SIZE.fullmatch(value):
+        raise ValueError(f"expected a size such as \"200MB\", \"512KB\" or \"2GB\", "
+                         f"got {value!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as `"200MB"` (one that `check_size` passed)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
 # --- addresses ---------------------------------------------------------------------
 
 _PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"

@@ -1,8 +1,8 @@
 """A deployment: what every instance run by one controller (or one run-instance) shares.
 
 Its id, the service's settings, the run directory, the console, the standby host, who
-limited work runs as, the observer told of every state change, and the private ports
-given out so far.
+limited work runs as, the observer told of every state change, the private ports
+given out so far, and the watch on the hosts' memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from rolehost.definition import Service
 from rolehost.fabric import ports
+from rolehost.fabric.memory import MemoryWatch
 from rolehost.fabric.tasks import task_path
 from rolehost.observability.logs import Console
 from rolehost.processes import ownership, privileges
@@ -40,6 +41,7 @@ class Deployment:
     ports: set[int] = field(default_factory=set)  # private ports given to instances
     owner: str = ""  # ownership.identity() of the controller: in every process's environment
     cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
+    memory: MemoryWatch = field(default_factory=MemoryWatch)  # of every running host
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,

@@ -99,6 +99,7 @@ class Instance:
         self.hosts = 0  # host processes started
         self.starts = 0  # boots and host restarts, whatever their cause
         self.cpu = CpuLoad()
+        self.memory: int | None = None  # bytes: the host's tree's RSS, last measured
         self.usage = DiskUsage(self.id)
 
         self.recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
@@ -358,6 +359,7 @@ class Instance:
     async def _run_host(self) -> None:
         assert self.process is not None
         self._carry_out(self.life.host_started(self.process.pid))
+        self.deployment.memory.watch(self.process.pid, self._memory_measured)
         probes = [
             asyncio.ensure_future(probe.watch(
                 endpoint.host, self.ports[name], endpoint.probe,
@@ -373,6 +375,8 @@ class Instance:
         finally:
             for task in probes:
                 task.cancel()
+            self.deployment.memory.forget(self.process.pid)
+            self.memory = None
         self._carry_out(self.life.exited(self.process.pid, code, describe_exit(code)))
 
     def _probe_ended(self, task: asyncio.Future[None]) -> None:
@@ -445,6 +449,13 @@ class Instance:
         elif timer == STOP and (process := self.process) is not None and process.running:
             # The one owner of stop_timeout (docs/design.md): the host has had all of it.
             self._carry_out(self.life.stop_overdue(process.pid, self.role.stop_timeout))
+
+    def _memory_measured(self, size: int) -> None:
+        self.memory = size
+        if actions := self.life.memory_measured(size, self.role.max_memory_bytes,
+                                                self.role.max_memory):
+            metrics.MEMORY_RECYCLES.labels(self.role_name).inc()
+            self._carry_out(actions)
 
     def sample_cpu(self) -> float | None:
         """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""

@@ -435,6 +435,18 @@ class Lifecycle:
         return [Log("error", "host_unresponsive", {"silent_for": round(unresponsive, 1)}),
                 Kill(HOST)]
 
+    def memory_measured(self, size: int, limit: int | None, shown: str | None) -> list[Action]:
+        """The host's tree uses `size` bytes. Over the role's max_memory (`limit`; `shown`
+        as the definition says it), it is recycled gracefully, as a host that asks for it
+        (once: a recycle asked already goes on)."""
+        if limit is None or size <= limit or self.recycle_reason is not None:
+            return []
+        self.last_error = self.recycle_reason = (
+            f"max_memory: the host's processes use {size / 2**20:.0f}MB, over {shown}")
+        return [Log("warning", "memory_recycle",
+                    {"rss_mb": round(size / 2**20, 1), "max_memory": shown}),
+                Interrupt(recycle=True)]
+
     def ready_deadline_begins(self, now: float) -> list[Action]:
         """The boot's time to ready begins, with what is left of the deadline of the boots
         since the instance was last back: spent in earlier boots, it is missed now."""

@@ -24,6 +24,7 @@ def snapshot(instance: Instance) -> dict[str, Any]:
         "reason": i.reason,
         "state_since": iso(i.state_since),
         "pid": process.pid if process is not None and process.running else None,
+        "memory_bytes": i.memory,
         "restarts": max(0, i.starts - 1),
         "attempt": life.backoff.failures,
         "next_try": iso(i.next_try),

@@ -60,6 +60,8 @@ ERRORS = Counter("rolehost_balancer_errors", "Retries, 502s, 503s and cut respon
 LIMITS = Counter("rolehost_limits_reached", "Times an endpoint stopped accepting: at its "
                  "max_connections (limit=connections), or out of descriptors "
                  "(limit=descriptors)", ["endpoint", "limit"], registry=REGISTRY)
+MEMORY_RECYCLES = Counter("rolehost_memory_recycles", "Instances recycled over their "
+                          "role's max_memory", ["role"], registry=REGISTRY)
 OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
                      "outcome", ["kind", "outcome"], registry=REGISTRY)
 
@@ -116,6 +118,13 @@ class StateCollector(Collector):
             latency.add_metric([balancer.label], balancer.latency.buckets(),
                                balancer.latency.sum)
         yield from (rotation, active, served, latency, connections, most)
+        memory = GaugeMetricFamily("rolehost_instance_memory_bytes", "Resident memory of "
+                                   "the instance's host and its descendants, added up, as "
+                                   "last measured", labels=["role", "instance"])
+        for instance in self.controller.instances.values():
+            if instance.memory is not None:
+                memory.add_metric([instance.role_name, instance.id], float(instance.memory))
+        yield memory
         yield from descriptors()
 
 
