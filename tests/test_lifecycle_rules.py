@@ -250,6 +250,23 @@ def test_a_drain_takes_the_instance_out_before_it_stops() -> None:
     assert life.settled
 
 
+def test_a_silent_host_is_out_of_rotation_until_heard_again() -> None:
+    life, http = lifecycle(), {"http": endpoint(probe=False)}
+    boot(life, 0.0)
+    life.change(S.READY, "", 1.0)
+    assert life.update_back(http, 1.0)
+    life.silent = "no heartbeat for 3.0s"  # a heartbeat missed (`heartbeat_missed`)
+    assert life.rotation("http", http["http"]) == (False, "silent: no heartbeat for 3.0s")
+    assert life.update_back(http, 4.0) and not life.back and life.state is S.READY
+    assert life.why_not_back(http) == "out of rotation: http: silent: no heartbeat for 3.0s"
+    life.silent = None  # heard again: back, in the same boot
+    assert life.update_back(http, 5.0) and life.back and life.back_since == 1.0
+    life.silent = "no heartbeat for 3.0s"
+    life.change(S.RECYCLING, "host unresponsive: silent for 30s", 6.0)
+    boot(life, 7.0)  # a new boot is not silent
+    assert life.silent is None
+
+
 def test_a_crash_loop_shares_one_deadline_and_backs_off() -> None:
     life = lifecycle(deadline=10.0)
     delays = []
