@@ -525,6 +525,20 @@ def check(entry_point: str, app_dir: str, site: str | None = None) -> int:
     return 0
 
 
+def become(uid: int, gid: int) -> None:
+    """Drop root for the role's user, before any thread or role code runs: its uid and
+    gid, no supplementary group of root's. The standby that becomes this host ran as
+    root, the controller's user, until now: it serves any role, each with a user of its
+    own. A failure exits: a host must never run role code as root by mistake."""
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as exc:
+        sys.stderr.write(f"rolehost: cannot become uid {uid}: {exc}\n")
+        os._exit(ExitCode.BOOT_FAILED)
+
+
 def main() -> NoReturn:
     if sys.argv[1:2] == ["--check"]:
         sys.exit(check(*sys.argv[2:5]))
@@ -534,6 +548,8 @@ def main() -> NoReturn:
         os._exit(ExitCode.ORPHANED)  # the controller went away before it needed us
     if assignment["type"] != "assign":
         os._exit(ExitCode.STOPPED)  # released: a standby the controller no longer needs
+    if (user := assignment.get("user")) is not None:
+        become(int(user["uid"]), int(user["gid"]))
     os.environ.update(assignment["env"])  # inherited by every process the role starts
     os.chdir(assignment["cwd"])
     context = Context(**assignment["context"])

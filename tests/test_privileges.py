@@ -13,19 +13,17 @@ import shutil
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-import rolehost
 from rolehost.fabric.rundir import RunDir
 from rolehost.processes import privileges
 from rolehost.testing import HarnessError, ServiceHarness, wait_until
+from support.python import reachable_python as reachable_python
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 
@@ -75,35 +73,6 @@ def write_service(folder: Path, service: str = "") -> Path:
     return definition
 
 
-@pytest.fixture(scope="module")
-def reachable_python() -> Iterator[Path]:
-    """A virtual environment of the system's Python that `nobody` can run: rolehost copied
-    in, its dependencies (for the root controller only) taken from this environment."""
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    system = next((Path(d, version) for d in ("/usr/bin", "/usr/local/bin")
-                   if Path(d, version).exists()), None)
-    if system is None:
-        pytest.skip(f"no system {version} to build an environment nobody can run")
-    folder = Path(tempfile.mkdtemp(prefix="rolehost-sysenv-"))
-    try:
-        os.chmod(folder, 0o755)
-        subprocess.run([system, "-m", "venv", "--without-pip", folder / "venv"], check=True,
-                       timeout=60)
-        python = folder / "venv" / "bin" / "python"
-        purelib = subprocess.run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True, timeout=30).stdout.strip()
-        shutil.copytree(Path(rolehost.__file__).parent, Path(purelib, "rolehost"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        Path(purelib, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        problem = privileges.check(privileges.User.named("nobody"), folder, str(python))
-        if problem is not None:
-            pytest.skip(f"the system's Python is closed to nobody too: {problem}")
-        yield python
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def uids_of(pid: int) -> tuple[int, int]:
     uids = psutil.Process(pid).uids()
     return uids.real, uids.effective
@@ -112,7 +81,7 @@ def uids_of(pid: int) -> tuple[int, int]:
 @pytest.mark.slow
 def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    definition = write_service(tmp_path)
+    definition = write_service(tmp_path, 'limited_user = "nobody"')
     with ServiceHarness(definition, python=reachable_python) as h:
         status = h.wait_ready(60)
         assert status["limited_user"]["name"] == "nobody"
@@ -127,11 +96,16 @@ def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path:
         assert (data / "host").read_text() == host_saw
         assert (data / "limited-task").read_text().split() == [str(nobody.pw_uid), str(root / "os")]
         assert (data / "elevated-task").read_text().strip() == "0"
-        for folder in (root / "os", root / "app", data):
-            assert folder.stat().st_uid == nobody.pw_uid, folder
+        for folder in (root / "os", data):  # the user's, and no other user's to look in
+            assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (
+                nobody.pw_uid, 0o700), folder
         for holder in (root, root / "resources"):  # the folders holding them stay root's
             assert (holder.stat().st_uid, stat.S_IMODE(holder.stat().st_mode)) == (0, 0o755)
-        assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
+        for path, mode in ((root / "app", 0o750), (root / "app" / "roles.py", 0o640)):
+            # app/ is the user's to read only: root's, in its group
+            found = path.stat()
+            assert (found.st_uid, found.st_gid, stat.S_IMODE(found.st_mode)) == (
+                0, nobody.pw_gid, mode), path
 
         # Only what the limited user needs is opened to it.
         mode = {p: stat.S_IMODE(p.stat().st_mode) for p in (
@@ -147,7 +121,7 @@ def test_hosts_and_limited_tasks_run_as_nobody(reachable_python: Path, tmp_path:
         wait_until(lambda: (data / "host").exists(), 30, "the host to start again")
         assert (data / "host").read_text().startswith(f"{nobody.pw_uid} ")
         assert (root / "os").stat().st_uid == nobody.pw_uid
-        assert (root / "app" / "roles.py").stat().st_uid == nobody.pw_uid
+        assert (root / "app" / "roles.py").stat().st_gid == nobody.pw_gid
         for private in (h.run_dir.path / "history.jsonl", h.run_dir.logs / "web_IN_0.log"):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
 
@@ -287,7 +261,7 @@ def test_a_folder_rolehost_did_not_make_is_not_opened_to_the_limited_user(
         harness = ServiceHarness(write_service(tmp_path), run_dir=foreign, python=reachable_python)
         with pytest.raises(HarnessError, match="exited with 2") as refused, harness:
             pass
-        assert (f"the limited user nobody must pass through the run directory {foreign}"
+        assert (f"each role's user must pass through the run directory {foreign}"
                 in str(refused.value))
         assert f"{foreign} holds .bash_history" in str(refused.value)
         assert stat.S_IMODE(foreign.stat().st_mode) == 0o700

@@ -137,3 +137,42 @@ def test_a_run_dir_of_its_own_is_made_private(make_service: MakeService, tmp_pat
             h.wait_ready(30)
             assert mode(run_dir) == 0o700 and mode(h.run_dir.socket) == 0o600
         os.chmod(run_dir, 0o755)
+
+
+def test_the_package_store_is_private_and_holds_no_definition_in_an_app(
+        tmp_path: Path) -> None:
+    """The definition (secrets and all) is kept once, 0600, in folders only the controller
+    may open; never in an app, though the default app folder holds it."""
+    from rolehost.fabric.packages import Packages
+
+    (tmp_path / "app.py").write_text("x = 1\n")
+    (tmp_path / "tool.sh").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "tool.sh", 0o755)
+    source = tmp_path / "rolehost.toml"
+    source.write_text('[service]\nname = "s"\n[roles.web]\nentry_point = "app:Web"\n'
+                      '[roles.web.settings]\npassword = { value = "hunter2", secret = true }\n')
+    os.chmod(source, 0o644)
+    run_dir = tmp_path / ".rolehost"
+    store = Packages(run_dir / "packages", run_dir)
+    version = store.create(source, None)["version"]
+    package = run_dir / "packages" / version
+
+    def modes() -> dict[str, int]:
+        return {str(p.relative_to(run_dir)): stat.S_IMODE(p.stat().st_mode)
+                for p in (run_dir / "packages", package, package / "apps",
+                          package / "apps" / "web", package / "rolehost.toml",
+                          package / "apps" / "web" / "tool.sh")}
+
+    expected = {"packages": 0o700, f"packages/{version}": 0o700,
+                f"packages/{version}/apps": 0o700, f"packages/{version}/apps/web": 0o700,
+                f"packages/{version}/rolehost.toml": 0o600,
+                f"packages/{version}/apps/web/tool.sh": 0o755}
+    assert modes() == expected
+    assert sorted(p.name for p in (package / "apps" / "web").iterdir()) == ["app.py", "tool.sh"]
+    # The same content packaged again: a store made before is put right (it kept a 0644
+    # copy after the user chmod'ed the definition to 0600).
+    os.chmod(package / "rolehost.toml", 0o644)
+    os.chmod(package, 0o755)
+    os.chmod(source, 0o600)
+    assert store.create(source, None)["version"] == version
+    assert modes() == expected

@@ -253,6 +253,10 @@ class Role(_Model):
                               "the host serves: a web role (docs/web-roles.md)")
     app: Annotated[Path, SchemaOnly(pattern=NO_NUL)] = Field(
         default=Path("."), description="folder deployed as each instance's app/")
+    app_writable: Boolean = Field(
+        default=False,
+        description="under a root controller, each instance's app/ belongs to the role's "
+        "user, who may change it; by default it can only read it")
     instances: Integer = Field(default=MIN_INSTANCES, ge=MIN_INSTANCES, le=MAX_INSTANCES,
                                description="how many instances")
     stop_timeout: Duration = Field(
@@ -429,8 +433,12 @@ class Service(_Model):
     )
     limited_user: Text | None = Field(
         default=None, pattern=r"^[a-z_][a-z0-9_.-]*\$?$",
-        description="who hosts and limited tasks run as when the controller is root; "
-        "default nobody, or root with a warning if nobody cannot run the interpreter",
+        description="who hosts and limited tasks run as when the controller is root: "
+        "`dynamic` (the default), a user of its own for each role, allocated from uid "
+        "327680 up as systemd's DynamicUser does, so that no role can signal or write "
+        "another's processes and folders; a user's name, for every role; or `root`. By "
+        "default, if the allocated users cannot run the interpreter, nobody, then root, "
+        "with a warning",
     )
     instance_log_format: LogFormat = Field(
         default=LogFormat.text,

@@ -53,7 +53,7 @@ class Deployment:
         environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir),
                        ownership.CONTROLLER_ENV: owner}
         return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
-                   standby=Standby(environment, run_dir, run_as.user), run_as=run_as,
+                   standby=Standby(environment, run_dir), run_as=run_as,
                    observer=observer, owner=owner, cgroups=Cgroups(run_dir, owner))
 
     def take_port(self, host: str) -> int:

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from rolehost.definition import Role
-from rolehost.processes.privileges import User
+from rolehost.processes.users import User
 
 # Never part of a deployed app: version control, environments, caches, run directories
 # (`.rolehost`, and run-instance's `.rolehost-ROLE-INDEX`, by prefix).
@@ -57,10 +57,11 @@ class Disks:
     def create(self, role: Role) -> None:
         """Make every folder that does not exist yet; existing content is kept.
 
-        Under a root controller the limited user owns `os/`, `app/` and each resource, but
-        not the folders that hold them: it could otherwise put a link in their place, and
-        the controller, which wipes and hands over these folders as root, would follow it
-        anywhere on the machine."""
+        Under a root controller the limited user owns `os/` and each resource (0700: no
+        other role's user may look in), but not the folders that hold them: it could
+        otherwise put a link in their place, and the controller, which wipes and hands
+        over these folders as root, would follow it anywhere on the machine. `app/` is
+        handed over by `deploy`."""
         resources = [self.resource(n) for n in role.local_resources]
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in (self.os, self.tmp, self.app, self.resources, *resources):
@@ -69,12 +70,15 @@ class Disks:
             for holder in (self.root, self.resources):
                 os.chown(holder, os.geteuid(), os.getegid(), follow_symlinks=False)
                 os.chmod(holder, 0o755)
-            self.owner.give(self.os, self.tmp, self.app, *resources)
+            self.owner.give(self.os, self.tmp, *resources)
+            for folder in (self.os, self.tmp, *resources):
+                os.chmod(folder, 0o700, follow_symlinks=False)
 
-    def deploy(self, source: Path, run_dir: Path) -> None:
+    def deploy(self, source: Path, run_dir: Path, writable: bool = False) -> None:
         """Replace `app/` with a fresh copy of the role's app folder. A copy that fails (a
         full disk) leaves `app/` empty, so that the next boot, a recycle too, deploys it
-        again rather than run half an app."""
+        again rather than run half an app. Under a root controller the copy is the limited
+        user's to read only (root's, in its group), or its own if `writable`."""
         wipe(self.app)
         try:
             copy_app(source, self.app, run_dir)
@@ -83,8 +87,10 @@ class Disks:
             errors = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
             why = str(errors[0][2]) if isinstance(errors, list) and errors else str(exc)
             raise OSError(f"cannot copy the app into {self.app}: {why}") from None
-        if self.owner is not None:
+        if self.owner is not None and writable:
             self.owner.give_tree(self.app)
+        elif self.owner is not None:
+            self.owner.lend_tree(self.app)
 
     def discard(self) -> None:
         """Remove the instance's folders for good, as the platform deletes the VM of an
@@ -145,21 +151,22 @@ def apply(event: Maintenance, disks: Disks, role: Role, run_dir: Path) -> None:
         disks.clean_resources(role, only_clean_on_recycle=True)
     disks.create(role)
     if event is not Maintenance.RECYCLE or not any(disks.app.iterdir()):
-        disks.deploy(role.app, run_dir)
+        disks.deploy(role.app, run_dir, role.app_writable)
 
 
-def copy_app(source: Path, target: Path, run_dir: Path) -> None:
-    """Copy an app folder, leaving out version control, environments, caches and the
-    run directory (an app folder may well contain it)."""
-    shutil.copytree(source, target, ignore=_not_deployed(run_dir), symlinks=True,
+def copy_app(source: Path, target: Path, run_dir: Path, definition: Path | None = None) -> None:
+    """Copy an app folder, leaving out version control, environments, caches, the run
+    directory and the definition file (the default app folder, ".", holds both: the
+    definition's secrets reach the role as settings, never as a file it can read)."""
+    shutil.copytree(source, target, ignore=_not_deployed(run_dir, definition), symlinks=True,
                     dirs_exist_ok=True)
 
 
-def app_files(source: Path, run_dir: Path) -> list[Path]:
+def app_files(source: Path, run_dir: Path, definition: Path | None = None) -> list[Path]:
     """What `copy_app` copies of `source`, relative to it and sorted: files, and links
     (copied as links). A package's digest covers exactly these, so that what the copy
     leaves out (a run directory in the app folder, logs growing) makes no new version."""
-    ignore = _not_deployed(run_dir)
+    ignore = _not_deployed(run_dir, definition)
     found = []
     for folder, dirs, files in os.walk(source):
         left_out = ignore(folder, [*dirs, *files])
@@ -171,12 +178,13 @@ def app_files(source: Path, run_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def _not_deployed(run_dir: Path) -> Callable[[str, list[str]], set[str]]:
-    run_dir = run_dir.resolve()
+def _not_deployed(run_dir: Path,
+                  definition: Path | None = None) -> Callable[[str, list[str]], set[str]]:
+    left_out = {run_dir.resolve(), *([definition.resolve()] if definition else [])}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         return {n for n in names if n in _NOT_DEPLOYED or n.startswith(".rolehost-")
-                or (Path(folder) / n).resolve() == run_dir}
+                or (Path(folder) / n).resolve() in left_out}
 
     return ignore
 

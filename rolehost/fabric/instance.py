@@ -78,8 +78,8 @@ class Instance:
         self.role_name, self.role, self.index = role_name, role, index
         self.id = instance_id(role_name, index)
         self.update_domain = index % deployment.service.upgrade_domains
-        self.disks = Disks(deployment.run_dir / "instances" / self.id,
-                           owner=deployment.run_as.user)
+        self.user = deployment.run_as.user_of(role_name)  # who its hosts and tasks run as
+        self.disks = Disks(deployment.run_dir / "instances" / self.id, owner=self.user)
         self.ports = {name: deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
@@ -329,7 +329,7 @@ class Instance:
                 self.measure()
                 self.tasks = Tasks(self.id, self.role, self.disks,
                                    task_environment(self, self.boot_token), self.output.write,
-                                   self.deployment.run_as.user)
+                                   self.user)
                 if not await self._interruptible(self.tasks.run()):
                     return False
             if self.life.failed_reason is not None:  # the deadline passed in the tasks
@@ -353,7 +353,7 @@ class Instance:
         self.process.assign(vars(context(self)), host_environment(self, token),
                             str(self.disks.app), token,
                             self._on_message, self.output.write,
-                            self.deployment.service.heartbeat_interval)
+                            self.deployment.service.heartbeat_interval, self.user)
         return True
 
     async def _run_host(self) -> None:

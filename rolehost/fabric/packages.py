@@ -53,15 +53,19 @@ class Packages:
         if target.exists():
             existing = json.loads((target / "package.json").read_text())
             if existing["digest"] == digest:
+                _private(target)  # a store from before its folders were all 0700
                 return dict(existing)  # the same content: packaging it again changes nothing
             raise Conflict(f"version {version} exists already, with other content")
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the role's source
+        # The roles' source and the definition, secrets and all: the controller's alone.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
         staging = self.root / f".{version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / "apps").mkdir(parents=True)
+        (staging / "apps").mkdir(mode=0o700, parents=True)
         shutil.copy2(source, staging / "rolehost.toml")
         for name, role in definition.roles.items():
-            copy_app(role.app, staging / "apps" / name, self.run_dir)
+            copy_app(role.app, staging / "apps" / name, self.run_dir, source)
+        _private(staging)
         info = {"version": version, "created": time.time(), "digest": digest,
                 "source": str(source.resolve()), "roles": sorted(definition.roles)}
         (staging / "package.json").write_text(json.dumps(info, indent=2))
@@ -133,10 +137,19 @@ def compatibility(running: model.Definition, new: model.Definition) -> list[str]
     return problems
 
 
+def _private(package: Path) -> None:
+    """A package's folders 0700 and its definition 0600, whatever the modes of their
+    sources (the files of the apps keep theirs: a script stays executable). The store is
+    0700 already; this holds if its folder is ever opened, or a package is copied out."""
+    for folder, _, _ in os.walk(package):
+        os.chmod(folder, 0o700)
+    os.chmod(package / "rolehost.toml", 0o600)
+
+
 def _digest(source: Path, definition: model.Definition, run_dir: Path) -> str:
     digest = hashlib.sha256(source.read_bytes())
     for name, role in sorted(definition.roles.items()):
-        for relative in app_files(role.app, run_dir):
+        for relative in app_files(role.app, run_dir, source):
             path = role.app / relative
             digest.update(f"{name}:{relative}".encode())
             # A link is copied as a link: what it points at is not part of the package.

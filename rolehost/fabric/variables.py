@@ -47,7 +47,7 @@ def task_environment(instance: Instance, token: str) -> dict[str, str]:
 def host_environment(instance: Instance, token: str) -> dict[str, str]:
     """What a host is assigned on top of the environment it was started with."""
     environment = variables(instance) | {"PATH": task_path(), protocol.TOKEN_ENV: token}
-    if (user := instance.deployment.run_as.user) is not None:
+    if (user := instance.user) is not None:  # its role's (processes/identities.py)
         environment |= user.environment(instance.disks.os)
     return environment
 

@@ -29,7 +29,7 @@ from rolehost.processes.process import (
 )
 
 if TYPE_CHECKING:
-    from rolehost.processes.privileges import User
+    from rolehost.processes.users import User
 
 log = structlog.get_logger()
 _ending: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
@@ -128,12 +128,15 @@ class HostProcess:
         on_message: Callable[[protocol.Message], None],
         on_output: Callable[[str, bytes], None],
         heartbeat: float = protocol.HEARTBEAT_INTERVAL,
+        user: User | None = None,
     ) -> None:
         """Make this standby the host of one instance (`env` must carry `token`), which
-        sends a heartbeat every `heartbeat` seconds."""
+        sends a heartbeat every `heartbeat` seconds. With `user`, the host becomes that
+        user first: a standby runs as the controller's user, whatever role it will run."""
         self.token, self.on_message, self.on_output = token, on_message, on_output
+        drop = {"user": {"uid": user.uid, "gid": user.gid}} if user is not None else {}
         self.send({"type": "assign", "context": context, "env": env, "cwd": cwd,
-                   "heartbeat": heartbeat})
+                   "heartbeat": heartbeat, **drop})
 
     def send(self, message: protocol.Message) -> None:
         if self._transport is not None and not self._transport.is_closing():
