@@ -185,7 +185,9 @@ class StartupTask(_Model):
     })
 
     command: (Annotated[Text, SchemaOnly(pattern=NOT_BLANK)]
-              | Annotated[list[Word], SchemaOnly(minItems=1, prefixItems=[{"minLength": 1}])]
+              # prefixItems: under 2020-12, `items` holds only for the words after it
+              | Annotated[list[Word], SchemaOnly(minItems=1, prefixItems=[
+                  {"type": "string", "minLength": 1, "pattern": NO_NUL}])]
               ) = Field(description="a string split like a shell, or a list")
     shell: Boolean = Field(default=False, description="run the string through /bin/sh")
     type: TaskType = Field(default=TaskType.simple, description="simple, background, foreground")
