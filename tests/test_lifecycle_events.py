@@ -280,17 +280,19 @@ def test_a_recycle_the_role_asks_for_is_a_graceful_stop() -> None:
 
 def test_a_silent_host_leaves_rotation_until_heard_then_is_killed() -> None:
     s = Script()
-    s.ready()
+    s.at(1.0).ready()
     assert s.life.back
     # Its first missed heartbeat: out of rotation (not back), in the same state.
     assert s.at(4.0).do(s.life.heartbeat_missed()) == [
         Log("warning", "host_silent", {"silent_for": 3.0}), Rotate(),
         Schedule(SILENT, (UNRESPONSIVE - MISSED) * HEARTBEAT_INTERVAL)]
-    assert (s.life.state, s.life.silent) == (S.READY, "no heartbeat for 3.0s")
+    assert (s.life.state, s.life.back, s.life.silent) == (
+        S.READY, False, "no heartbeat for 3.0s")
+    assert s.life.why_not_back({}) == "out of rotation: silent: no heartbeat for 3.0s"
     # Heard again: back, in the same boot.
     assert s.at(5.0).says("heartbeat") == [HEARD, Log("info", "host_heard", {}), Rotate(),
                                            Sample()]
-    assert s.life.silent is None
+    assert s.life.back and s.life.silent is None and s.life.back_since is not None
     # Silent again, for good this time: killed, and it recycles.
     s.at(8.0).do(s.life.heartbeat_missed())
     assert s.at(35.0).do(s.life.heartbeat_missed()) == [

@@ -261,6 +261,11 @@ def test_a_silent_host_is_out_of_rotation_until_heard_again() -> None:
     assert life.why_not_back(http) == "out of rotation: http: silent: no heartbeat for 3.0s"
     life.silent = None  # heard again: back, in the same boot
     assert life.update_back(http, 5.0) and life.back and life.back_since == 1.0
+    life.silent = "no heartbeat for 3.0s"  # with no endpoint (run-instance): not back
+    assert life.update_back({}, 5.5) and not life.back
+    assert life.why_not_back({}) == "out of rotation: silent: no heartbeat for 3.0s"
+    life.silent = None
+    assert life.update_back({}, 5.7) and life.back
     life.silent = "no heartbeat for 3.0s"
     life.change(S.RECYCLING, "host unresponsive: silent for 30s", 6.0)
     boot(life, 7.0)  # a new boot is not silent

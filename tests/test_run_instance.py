@@ -330,3 +330,28 @@ def test_a_signal_after_a_fast_stop_does_not_decide_the_exit(make_service: MakeS
             with contextlib.suppress(subprocess.TimeoutExpired):
                 controller.wait(0.002)
         assert controller.wait(10) in (0, 3)
+
+
+def test_ready_fails_while_the_host_is_silent(make_service: MakeService) -> None:
+    """A frozen host (SIGSTOP) answers nothing: /ready says so at its first missed
+    heartbeat, with no balancer in front, and 200 again once it is heard."""
+    service = make_service("""
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                probe(f"pid:{os.getpid()}")
+                return True
+        """, service={"heartbeat_interval": "300ms"})
+    health = free_port()
+    with running(service, health) as controller:
+        (line,) = [p for p in service.probes() if p.startswith("pid:")]
+        host = int(line.split()[0].removeprefix("pid:"))
+        os.kill(host, signal.SIGSTOP)
+        try:
+            wait_until(lambda: answer(health, "/ready") == 503, 10, "/ready 503")
+            status, body = answer_and_body(health, "/ready")
+            assert status == 503 and "silent: no heartbeat for" in body, body
+        finally:
+            os.kill(host, signal.SIGCONT)
+        wait_until(lambda: answer(health, "/ready") == 200, 10, "/ready 200 again")
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 0

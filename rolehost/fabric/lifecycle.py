@@ -343,7 +343,10 @@ class Lifecycle:
         """Work out `back` again from the rotation on `endpoints` (those the instance
         serves behind a balancer); True if it changed. The first time a boot is back,
         its ready deadline is met."""
-        back = is_back(self.state, (self.rotation(n, e)[0] for n, e in endpoints.items()))
+        # Silent, it serves nothing: not back, with or without an endpoint (run-instance's
+        # /ready has none behind a balancer).
+        back = self.silent is None and is_back(
+            self.state, (self.rotation(n, e)[0] for n, e in endpoints.items()))
         if back == self.back:
             return False
         self.back = back
@@ -368,6 +371,8 @@ class Lifecycle:
                 why = (f"probe failing ({result.passes}/{endpoint.probe.healthy} healthy): "
                        f"{result.seen}")
             out.append(f"{name}: {why}")
+        if not out and self.silent is not None:
+            out.append(f"silent: {self.silent}")
         return ("out of rotation: " if self.back_since else "not yet in rotation: ") + \
             "; ".join(out)
 
