@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -353,5 +355,34 @@ def test_ready_fails_while_the_host_is_silent(make_service: MakeService) -> None
         finally:
             os.kill(host, signal.SIGCONT)
         wait_until(lambda: answer(health, "/ready") == 200, 10, "/ready 200 again")
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(30) == 0
+
+
+def test_the_definition_is_not_copied_into_app(tmp_path: Path) -> None:
+    """The default app folder, ".", holds the definition: its secrets reach the role as
+    settings, never as a file in its app/, with no package in between either."""
+    (tmp_path / "roles.py").write_text(textwrap.dedent("""
+        import os
+        from rolehost import RoleEntryPoint, RoleEnvironment
+
+        class Role(RoleEntryPoint):
+            def on_start(self):
+                with open(RoleEnvironment.get_setting("seen"), "w") as out:
+                    out.write(" ".join(sorted(os.listdir("."))))
+                return True
+        """))
+    (tmp_path / "rolehost.toml").write_text(textwrap.dedent(f"""
+        [service]
+        name = "s"
+        [roles.web]
+        entry_point = "roles:Role"
+        [roles.web.settings]
+        seen = "{tmp_path / 'seen'}"
+        password = {{ value = "hunter2", secret = true }}
+        """))
+    service = Service(tmp_path / "rolehost.toml", tmp_path / "probe.txt")
+    with running(service, free_port()) as controller:
+        assert (tmp_path / "seen").read_text() == "roles.py"
         controller.send_signal(signal.SIGTERM)
         assert controller.wait(30) == 0

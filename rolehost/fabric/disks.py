@@ -34,6 +34,8 @@ class Disks:
     # Elsewhere than root/resources: a persistent volume, in a container (run-instance).
     resources_root: Path | None = None
     owner: User | None = None  # a root controller's limited user: the folders are its own
+    # Left out of app/ when the app folder is a source, not a package's copy (run-instance).
+    definition: Path | None = None
 
     @property
     def resources(self) -> Path:
@@ -81,7 +83,7 @@ class Disks:
         user's to read only (root's, in its group), or its own if `writable`."""
         wipe(self.app)
         try:
-            copy_app(source, self.app, run_dir)
+            copy_app(source, self.app, run_dir, self.definition)
         except OSError as exc:  # shutil.Error too: one (src, dst, why) per file that failed
             wipe(self.app)
             errors = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None

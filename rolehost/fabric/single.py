@@ -84,7 +84,7 @@ def settings_from_environment(role: Role, environ: Mapping[str, str], name: str 
 class SingleInstance:
     def __init__(self, definition: Definition, role: str, index: int, run_dir: RunDir,
                  drain_delay: float, endpoint_host: str | None = None,
-                 resources: Path | None = None) -> None:
+                 resources: Path | None = None, file: Path | None = None) -> None:
         self.definition, self.role_name, self.run_dir = definition, role, run_dir
         self.drain_delay = drain_delay
         self.launcher = Launcher(definition.service, run_dir.path, logs.Console(),
@@ -98,6 +98,8 @@ class SingleInstance:
         if resources is not None:
             self.instance.disks = replace(self.instance.disks,
                                           resources_root=resources.resolve())
+        # No package here: app/ is copied from the source, which may hold the definition.
+        self.instance.disks = replace(self.instance.disks, definition=file)
         self.started = False  # on_start returned True once, in this process's life
         self.stopping = False
         self.stop_reason = "stop requested"
@@ -205,7 +207,7 @@ def run(definition: Definition, file: Path, role: str, index: int, health: tuple
                    Path(file).resolve().parent / f".rolehost-{role}-{index}")
     where.ensure()
     single = SingleInstance(definition, role, index, where, drain_delay, endpoint_host,
-                            resources)
+                            resources, Path(file))
     try:
         with asyncio.Runner(loop_factory=process.event_loop) as runner:  # uvloop's if any
             return runner.run(single.serve(*health))
