@@ -52,6 +52,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 
 # (key path, value, valid): the model and the schema must both give that answer.
 CASES = [
+    ("roles.web.entry_point", None, False),
     ("roles.web.startup_tasks", [{"command": [None, "-c", ""]}], False),
     ("roles.web.startup_tasks", [{"command": ["a\0", "-c"]}], False),
     ("roles.web.max_memory", "200MB", True),

@@ -243,8 +243,10 @@ class Secret(_Model):
 class Role(_Model):
     """One role: a class run by `instances` host processes, a site, or both."""
 
-    model_config = ConfigDict(json_schema_extra={
-        "anyOf": [{"required": ["entry_point"]}, {"required": ["site"]}]})
+    # Given, and not null: a key that is there with a null value is none (JSON has null).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["entry_point"], "properties": {"entry_point": {"type": "string"}}},
+        {"required": ["site"], "properties": {"site": {"type": "object"}}}]})
 
     entry_point: Text | None = Field(
         default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
