@@ -328,7 +328,9 @@ def _finer_than_a_float(document: Any) -> bool:
 EXCEPTIONS: dict[str, Any] = {
     "integral-float": re.compile(r"expected an integer, got -?[0-9]+(\.0|e\+[0-9]+)"),
     "backoff-order": re.compile(r"backoff_max must be at least backoff_initial"),
-    "unique-ports": re.compile(r"port [0-9]+ is already used by "),
+    # An external endpoint's instance and readiness ports: a range per endpoint.
+    "unique-ports": re.compile(r"port [0-9]+ is already used by |ports [0-9]+-[0-9]+ \(one "
+                               r"per instance index\) (overlap|go past 65535)"),
     "one-name-per-variable": re.compile(r"expected a name of its own: "),
     "site-endpoint": re.compile(r"expected one of the role's endpoints|the role has (no "
                                 r"endpoint|[0-9]+ endpoints)|expected an http endpoint"),

@@ -185,6 +185,32 @@ def export_kubernetes(file: Path, output: Path, image: str | None) -> None:
         click.echo(f"wrote {target}")
 
 
+@export.command(name="haproxy")
+@file_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="Folder to write haproxy.cfg into.")
+@click.option("--slots", type=click.IntRange(0, model.MAX_INSTANCES), default=0,
+              help="Servers per endpoint, if more than the role's instances: a scale-out "
+              "within them needs no reload.")
+@click.option("--socket", type=click.Path(path_type=Path),
+              help="Serve HAProxy's runtime API on this Unix socket (mode 0600).")
+def export_haproxy(file: Path, output: Path, slots: int, socket: Path | None) -> None:
+    """A haproxy.cfg in front of the external endpoints (balancer = "external"): each
+    endpoint's port, every instance's private port with an agent-check on its readiness
+    port, retries of refused connections elsewhere, a queue while none is ready."""
+    from rolehost.export import haproxy
+
+    definition = load_checked(file)
+    if not haproxy.external(definition):
+        fail(f"{file}: no endpoint has balancer = \"external\": nothing for HAProxy to "
+             "balance", EXIT_BAD_DEFINITION)
+    try:
+        target = haproxy.write(definition, output, slots, socket)
+    except OSError as exc:
+        fail(f"cannot write haproxy.cfg: {exc}")
+    click.echo(f"wrote {target}")
+
+
 @cli.command()
 def schema() -> None:
     """Print the JSON schema of rolehost.toml (for editors and validators)."""

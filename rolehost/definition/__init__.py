@@ -106,6 +106,11 @@ class Balance(StrEnum):
     least_outstanding = "least-outstanding"
 
 
+class BalancerKind(StrEnum):
+    builtin = "builtin"
+    external = "external"
+
+
 class Endpoint(_Model):
     """An input endpoint: the built-in balancer listens on `host:port` and spreads the
     traffic over the instances in rotation. Each instance gets a private port for it,
@@ -140,6 +145,44 @@ class Endpoint(_Model):
         "connections open at once; beyond, new ones wait in the listen backlog until one closes. "
         "Unset: this endpoint's share of the controller's descriptor limit, after a reserve "
         "for its own work (docs/balancer.md, Limits)")
+    balancer: BalancerKind = Field(
+        default=BalancerKind.builtin, description="builtin: rolehost listens on `port` and "
+        "balances; external: your balancer (HAProxy, nginx, a cloud one) owns `port`, and "
+        "rolehost serves each instance's readiness on `readiness_port` (docs/external-"
+        "balancer.md; `rolehost export haproxy`)")
+    instance_port: Integer | None = Field(
+        default=None, ge=1, le=65535, description="external: instance N listens on "
+        "instance_port + N, so that the balancer's configuration can name it; none: port + 1")
+    readiness_port: Integer | None = Field(
+        default=None, ge=1, le=65535, description="external: instance N's readiness (HTTP "
+        "200/503 and HAProxy's agent-check) is served on readiness_port + N; none: "
+        f"port + 1 + {MAX_INSTANCES}")
+    readiness_host: Text = Field(default="127.0.0.1",
+                                 description="external: address the readiness ports bind")
+
+    @property
+    def external(self) -> bool:
+        return self.balancer is BalancerKind.external
+
+    def port_ranges(self) -> dict[str, range]:
+        """The ports the endpoint takes, by key: `port`, and for an external one a
+        range of MAX_INSTANCES (one per instance index) for its instances and one for
+        their readiness."""
+        ranges = {"port": range(self.port, self.port + 1)}
+        if self.external:
+            first = self.instance_port or self.port + 1
+            ready = self.readiness_port or self.port + 1 + MAX_INSTANCES
+            ranges["instance_port"] = range(first, first + MAX_INSTANCES)
+            ranges["readiness_port"] = range(ready, ready + MAX_INSTANCES)
+        return ranges
+
+    def private_port(self, index: int) -> int:
+        """External: the port instance `index` listens on."""
+        return self.port_ranges()["instance_port"][index]
+
+    def readiness_port_of(self, index: int) -> int:
+        """External: the port instance `index`'s readiness is served on."""
+        return self.port_ranges()["readiness_port"][index]
 
 
 class LocalResource(_Model):
@@ -479,14 +522,21 @@ class Definition(_Model):
         seen: dict[int, str] = {}
         if self.service.metrics:
             seen[parse_address(self.service.metrics)[1]] = "service.metrics"
+        taken: list[tuple[range, str]] = [(range(p, p + 1), o) for p, o in seen.items()]
         for role_name, role in self.roles.items():
             for ep_name, ep in role.endpoints.items():
-                path = f"roles.{role_name}.endpoints.{ep_name}.port"
-                other = seen.setdefault(ep.port, path)
-                if other != path:
-                    raise DefinitionError(
-                        None, path, f"port {ep.port} is already used by {other}"
-                    )
+                for key, ports in ep.port_ranges().items():
+                    path = f"roles.{role_name}.endpoints.{ep_name}.{key}"
+                    if ports.stop - 1 > 65535:
+                        raise DefinitionError(None, path, f"ports {ports.start}-{ports.stop - 1}"
+                                              f" (one per instance index) go past 65535")
+                    for other, by in taken:
+                        if ports.start < other.stop and other.start < ports.stop:
+                            raise DefinitionError(None, path, (
+                                f"port {ports.start} is already used by {by}"
+                                if len(ports) == 1 else f"ports {ports.start}-"
+                                f"{ports.stop - 1} (one per instance index) overlap {by}"))
+                    taken.append((ports, path))
         return self
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from rolehost.balancer import Balancer, build, relay_build
+from rolehost.balancer.external import ExternalBalancer
 from rolehost.control import api
 from rolehost.definition import (
     MAX_INSTANCES,
@@ -82,7 +83,7 @@ class Controller:
         self.deployment = self.launcher.deployment
         self.notifier = Notifier()
         self.instances: dict[str, Instance] = {}
-        self.balancers: list[Balancer] = []
+        self.balancers: list[Balancer | ExternalBalancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
         self.changing: str | None = None  # a settings change, a scale or a deploy's checks
@@ -131,9 +132,10 @@ class Controller:
                                      f"{exc.strerror}") from None
             budget = descriptors.at_start(self.definition)
             for role_name, role in self.definition.roles.items():
-                self.balancers += [Balancer(role_name, name, ep, budget.max_connections,
-                                            budget.backlog)
-                                   for name, ep in role.endpoints.items()]
+                self.balancers += [
+                    ExternalBalancer(role_name, name, ep) if ep.external else
+                    Balancer(role_name, name, ep, budget.max_connections, budget.backlog)
+                    for name, ep in role.endpoints.items()]
                 for index in range(role.instances):
                     self._add_instance(role_name, role, index)
             for balancer in self.balancers:  # listening first: a port in use starts nothing
@@ -152,7 +154,8 @@ class Controller:
                      run_dir=str(self.run_dir.path), deployment=self.deployment.id,
                      instances=len(self.instances))
             # Only a service with a balancer relays: without one, the build costs nothing.
-            if self.balancers and (interpreted := build.relay_warning()) is not None:
+            relays = any(isinstance(b, Balancer) for b in self.balancers)
+            if relays and (interpreted := build.relay_warning()) is not None:
                 log.warning("relay_interpreted", **interpreted)
             for instance in self.instances.values():
                 instance.topology = self.topology()

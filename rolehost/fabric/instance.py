@@ -21,6 +21,7 @@ import structlog
 
 from rolehost import protocol
 from rolehost.balancer import Balancer
+from rolehost.balancer.external import ExternalBalancer
 from rolehost.definition import Endpoint, Role
 from rolehost.fabric import changing, ports, probe
 from rolehost.fabric.actions import (
@@ -80,7 +81,9 @@ class Instance:
         self.update_domain = index % deployment.service.upgrade_domains
         self.user = deployment.run_as.user_of(role_name)  # who its hosts and tasks run as
         self.disks = Disks(deployment.run_dir / "instances" / self.id, owner=self.user)
-        self.ports = {name: deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
+        # An external balancer's configuration names each instance's port: fixed by index.
+        self.ports = {name: ep.private_port(index) if ep.external else
+                      deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
                                 deployment.service.instance_log_format, deployment.console)
@@ -111,7 +114,8 @@ class Instance:
         # This boot's: the ready deadline, silence (looked at twice, see Timers), the stop.
         self.timers = Timers(look_twice={SILENT})
         self._task: asyncio.Task[None] | None = None
-        self.balancers: dict[str, Balancer] = {}  # by endpoint name; set by the controller
+        # By endpoint name; set by the controller.
+        self.balancers: dict[str, Balancer | ExternalBalancer] = {}
         self.changing_answer: asyncio.Future[bool] | None = None  # a `changing` awaiting its answer
 
     # What the lifecycle holds, as the rest of rolehost reads it.

@@ -86,8 +86,10 @@ def reclaim(instance: Instance) -> None:
     while the instance was down is exchanged for a free one, and its balancer follows.
     Else the role could never bind it again, and would crash at every boot."""
     for name, balancer in instance.balancers.items():
-        host, old = instance.role.endpoints[name].host, instance.ports[name]
-        if not listened(host, old):
+        endpoint = instance.role.endpoints[name]
+        host, old = endpoint.host, instance.ports[name]
+        # An external balancer's configuration names the port: it does not move.
+        if endpoint.external or not listened(host, old):
             continue
         new = instance.ports[name] = instance.deployment.take_port(host)
         instance.deployment.release_ports([old])
