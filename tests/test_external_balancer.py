@@ -35,6 +35,8 @@ class Handler(Site):
 class Role(RoleEntryPoint):
     def on_start(self):
         self.server = serve(Handler)
+        if os.path.exists(RoleEnvironment.get_setting("probe") + ".slow"):
+            time.sleep(3)  # in no rotation yet: a request through HAProxy waits
         return True
 
     def run(self):
@@ -151,7 +153,9 @@ def test_haproxy_in_front_loses_no_request(make_service: MakeService, tmp_path: 
         drain_timeout = "10s"
         """)
     out = tmp_path / "haproxy"
-    exported = rolehost("export", "haproxy", "-f", str(service.toml), "-o", str(out))
+    # A fourth slot: the scale-out below needs no reload of HAProxy.
+    exported = rolehost("export", "haproxy", "-f", str(service.toml), "-o", str(out),
+                        "--slots", "4")
     assert exported.returncode == 0, exported.stderr
     config = out / "haproxy.cfg"
     checked = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True,
@@ -181,11 +185,11 @@ def test_haproxy_in_front_loses_no_request(make_service: MakeService, tmp_path: 
                 Readiness(ready + 2) as readiness:
             url = f"http://127.0.0.1:{port}/"
 
-            def all_three() -> bool:
-                seen = {answer_and_body(port, "/")[1] for _ in range(9)}
-                return seen == {"web_IN_0", "web_IN_1", "web_IN_2"}
+            def spread_over(count: int) -> bool:
+                seen = {answer_and_body(port, "/")[1] for _ in range(3 * count)}
+                return seen == {f"web_IN_{i}" for i in range(count)}
 
-            wait_until(all_three, 20, "HAProxy to send to all three instances")
+            wait_until(lambda: spread_over(3), 20, "HAProxy to send to all three instances")
             with LoadProbe(url, clients=4) as load:
                 load.wait_requests(50)
                 walk = h.upgrade("host-os")
@@ -194,10 +198,21 @@ def test_haproxy_in_front_loses_no_request(make_service: MakeService, tmp_path: 
                 pid = h.kill("web/2")
                 h.wait_replaced("web/2", pid)
                 h.wait_ready()
+                h.scale("web", 4)  # its slot's agent-check brings web/3 in
+                wait_until(lambda: spread_over(4), 20, "HAProxy to send to web/3")
+                h.scale("web", 3)  # drained through its agent-check, then stopped
                 before = load.requests
                 load.wait_requests(before + 50)
             assert load.failures == [], load.failures[:5]
             assert load.requests > 200
+
+            # None in rotation: HAProxy holds a request until one is back (the exported
+            # Lua action), where it would answer 503 at once.
+            Path(f"{service.probe}.slow").touch()
+            h.restart("web/0", "web/1", "web/2", wait=False)
+            wait_until(lambda: all(answer_and_body(ready + i, "/") == (503, "starting\n")
+                                   for i in range(3)), 20, "no instance in rotation")
+            assert answer_and_body(port, "/")[0] == 200
             haproxy.terminate()
         statuses = {code for code, _ in readiness.seen}
         bodies = {body for code, body in readiness.seen if code == 503}

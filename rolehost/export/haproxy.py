@@ -13,6 +13,34 @@ from pathlib import Path
 
 from rolehost.definition import Balance, Definition, Endpoint, Protocol
 
+# HAProxy answers 503 at once while a backend has no server up (its `timeout queue` holds
+# requests only while servers are at their maxconn). This action holds a request while no
+# server is UP and undrained, up to the endpoint's queue_timeout, as rolehost's own
+# balancer does: a walk of a one-instance role, or a role starting, costs no request.
+WAIT_LUA = """\
+-- Written by `rolehost export haproxy`: hold a request while its backend has no server
+-- in rotation (UP, not drained), up to a deadline in milliseconds.
+local function usable(backend)
+  for _, server in pairs(backend.servers) do
+    local stats = server:get_stats()
+    if string.sub(stats.status, 1, 2) == "UP" and tonumber(stats.weight) > 0 then
+      return true
+    end
+  end
+  return false
+end
+
+core.register_action("rolehost_wait_ready", {"http-req", "tcp-req"}, function(txn, name, ms)
+  local backend = core.backends[name]
+  local left = tonumber(ms)
+  while left > 0 and not usable(backend) do
+    core.msleep(50)
+    left = left - 50
+  end
+end, 2)
+"""
+LUA_FILE = "rolehost-wait.lua"
+
 # Idempotent methods (RFC 9110 9.2.2): the only ones retried once they reached a server.
 IDEMPOTENT = "GET HEAD OPTIONS TRACE PUT DELETE"
 
@@ -24,9 +52,10 @@ def external(definition: Definition) -> list[tuple[str, str, Endpoint, int]]:
             for name, ep in role.endpoints.items() if ep.external]
 
 
-def config(definition: Definition, slots: int = 0, socket: Path | None = None) -> str:
-    """The haproxy.cfg text. `slots`: servers per endpoint, at least the role's instances.
-    `socket`: the runtime API's Unix socket (mode 0600)."""
+def config(definition: Definition, lua: Path, slots: int = 0,
+           socket: Path | None = None) -> str:
+    """The haproxy.cfg text. `lua`: where WAIT_LUA is. `slots`: servers per endpoint, at
+    least the role's instances. `socket`: the runtime API's Unix socket (mode 0600)."""
     service = definition.service.name
     lines = [
         f"# Written by `rolehost export haproxy` for service {service}: in front of its",
@@ -34,6 +63,7 @@ def config(definition: Definition, slots: int = 0, socket: Path | None = None) -
         "# asks rolehost whether the instance is in rotation (ready, drain, maint, down).",
         "global",
         "    log stderr format short local0 notice",
+        f"    lua-load {lua}",
     ]
     if socket is not None:
         lines.append(f"    stats socket {socket} mode 600 level admin")
@@ -68,6 +98,10 @@ def config(definition: Definition, slots: int = 0, socket: Path | None = None) -
             f"    mode {'http' if http else 'tcp'}",
             f"    balance {balance}",
             f"    timeout queue {queue}",
+            # While no server is in rotation, wait for one (WAIT_LUA) up to queue_timeout.
+            f"    {'http' if http else 'tcp'}-request "
+            f"{'' if http else 'content '}lua.rolehost_wait_ready {label} "
+            f"{round(ep.queue_timeout * 1000)}",
         ]
         if http:
             lines += [
@@ -89,7 +123,10 @@ def config(definition: Definition, slots: int = 0, socket: Path | None = None) -
 
 def write(definition: Definition, output: Path, slots: int = 0,
           socket: Path | None = None) -> Path:
+    """Write haproxy.cfg and the Lua file it loads into `output`."""
     output.mkdir(parents=True, exist_ok=True)
+    lua = output.resolve() / LUA_FILE
+    lua.write_text(WAIT_LUA)
     target = output / "haproxy.cfg"
-    target.write_text(config(definition, slots, socket))
+    target.write_text(config(definition, lua, slots, socket))
     return target
