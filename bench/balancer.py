@@ -1,4 +1,5 @@
-"""The built-in balancer against nginx: throughput, latency, failed requests under restarts.
+"""The built-in balancer against nginx and HAProxy: throughput, latency, failed requests
+under restarts.
 
     python bench/balancer.py [--seconds S] [--rounds N] [--throughput-only] [--json out.json]
                              [--pin] [--profile | --no-profile] [--keep]
@@ -6,7 +7,8 @@
 One rolehost service (2 instances of a tiny keep-alive web role) is started with
 `rolehost start --detach`; nginx is then configured as a reverse proxy to the same two
 instances (their private ports, read from `rolehost status --json`), so both contenders
-relay to the very same processes.
+relay to the very same processes. HAProxy (bench/haproxy_contender.py) is the third
+column, configured the same way.
 
 1. Throughput and latency: wrk with the same settings against the rolehost balancer and
    against nginx, alternately (rolehost, nginx, nginx, rolehost) after a warm-up of each;
@@ -66,6 +68,7 @@ from common import (
     verdict,
     wait_until,
 )
+from haproxy_contender import Haproxy, haproxy_settings
 
 from rolehost.testing import LoadProbe
 
@@ -73,7 +76,9 @@ INSTANCES = 2
 WRK_THREADS = 2
 WRK_CONNECTIONS = 32
 WARMUP_SECONDS = 3.0
-ROUNDS = ("rolehost", "nginx", "nginx", "rolehost")  # ABBA: drift hits both alike
+# ABCCBA: a drift of the machine within a round hits all three alike.
+ROUNDS = ("rolehost", "nginx", "haproxy", "haproxy", "nginx", "rolehost")
+CONTENDERS = ("rolehost", "nginx", "haproxy")
 LOAD_CLIENTS = 8  # LoadProbe threads during restarts and kills
 LOAD_BEFORE = 200  # requests served before the first disruption, and after the last
 SETTLE = 1.0  # seconds of load between one instance back in rotation and the next action
@@ -159,6 +164,11 @@ WRK_SCRIPT = textwrap.dedent("""\
         latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
     end
     """)
+
+
+def haproxy_binary() -> str:
+    """Debian puts haproxy in /usr/sbin, off a user's PATH."""
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
 def free_port() -> int:
@@ -282,9 +292,9 @@ class Results:
     errors: list[str] = field(default_factory=list)  # whatever stopped a whole phase
     connections: int = WRK_CONNECTIONS  # wrk's, in the throughput runs
 
-    def round_ratios(self) -> list[float]:
-        """Per round of ROUNDS (rolehost, nginx, nginx, rolehost): rolehost's requests/s over
-        nginx's. A drift of the machine within a round hits both alike."""
+    def round_ratios(self, other: str = "nginx") -> list[float]:
+        """Per round of ROUNDS: rolehost's requests/s over `other`'s. A drift of the
+        machine within a round hits all alike."""
         runs = [r for r in self.wrk if r.label.startswith("run ")]
         ratios = []
         for start in range(0, len(runs) - len(ROUNDS) + 1, len(ROUNDS)):
@@ -292,7 +302,7 @@ class Results:
             if any(r.error is not None for r in quartet):
                 continue
             ours = sum(r.rps for r in quartet if r.contender == "rolehost")
-            theirs = sum(r.rps for r in quartet if r.contender == "nginx")
+            theirs = sum(r.rps for r in quartet if r.contender == other)
             if theirs:
                 ratios.append(ours / theirs)
         return ratios
@@ -628,7 +638,7 @@ def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost,
         pin([p.pid for c in contenders.values() for p in c.proxy()] + [p.pid for p in backends],
             "1")
     try:
-        for name in ("rolehost", "nginx"):
+        for name in CONTENDERS:
             print(f"throughput: warm-up {name} ({WARMUP_SECONDS:g}s)...", file=sys.stderr)
             c = contenders[name]
             results.wrk.append(run_wrk(
@@ -648,13 +658,15 @@ def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost,
                 + [p.pid for p in backends], every)
 
 
-def disrupt(contender: Contender, scenario: str, rh: Rolehost, nginx: Nginx) -> Disruption:
+def disrupt(contender: Contender, scenario: str, rh: Rolehost, nginx: Nginx,
+            haproxy: Haproxy) -> Disruption:
     """Steady load through `contender` while each instance in turn is restarted or killed."""
     result = Disruption(contender.name, scenario)
     wait_until("every instance ready and in rotation", READY_TIMEOUT, rh.serving, 0.1)
     # The previous load's connections gone: what they log as they close is not this round's.
     wait_until("no client connection left on the balancer", READY_TIMEOUT, rh.idle, 0.1)
     seq, log_offset = rh.last_seq(), nginx.error_log_size()
+    haproxy_offset = haproxy.log_size()
     began = time.monotonic()
     load = LoadProbe(f"http://127.0.0.1:{contender.port}/", clients=LOAD_CLIENTS)
     sampling = threading.Event()
@@ -718,6 +730,8 @@ def disrupt(contender: Contender, scenario: str, rh: Rolehost, nginx: Nginx) -> 
         kinds = ("retry", "backend_failed", "drain_timeout", "rotation")
         seen = Counter(e["event"] for e in rh.events(seq) if e["event"] in kinds)
         result.proxy_saw = {f"{k} events": seen[k] for k in kinds if seen[k]}
+    elif contender.name == "haproxy":
+        result.proxy_saw = haproxy.server_events(haproxy_offset)
     else:
         result.proxy_saw = nginx.upstream_errors(log_offset)
     return result
@@ -911,11 +925,12 @@ def markdown(results: Results) -> str:
               "reuses its keep-alive connections opens a few, one that does not opens one per "
               "request."]
     rh, ng = results.summary("rolehost"), results.summary("nginx")
+    hp = results.summary("haproxy")
     lines += ["", "Summary (median of the measured runs; warm-ups left out):", "",
               "| contender | runs | req/s | p50 ms | p99 ms | proxy CPU us/req | "
               "backends CPU us/req |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for sm in (rh, ng):
+    for sm in (rh, ng, hp):
         if sm is not None:
             lines.append(f"| {sm.contender} | {sm.runs} | {sm.rps:.0f} | {sm.p50_ms:.2f} "
                          f"| {sm.p99_ms:.2f} | {num(sm.proxy_us_per_request, '.0f')} "
@@ -926,10 +941,17 @@ def markdown(results: Results) -> str:
             f"| **{rh.p50_ms / ng.p50_ms:.2f} x** | **{rh.p99_ms / ng.p99_ms:.2f} x** "
             f"| {ratio_text(_div(rh.proxy_us_per_request, ng.proxy_us_per_request), 1)} "
             f"| {ratio_text(_div(rh.backends_us_per_request, ng.backends_us_per_request))} |")
-    if ratios := results.round_ratios():
-        lines += ["", "Requests/s ratio per round (rolehost's two runs over nginx's two in one "
-                  f"{', '.join(ROUNDS)} round): "
-                  + ", ".join(f"{r:.2f} x" for r in ratios) + "."]
+    if rh and hp:
+        lines.append(
+            f"| **rolehost / haproxy** | | **{rh.rps / hp.rps:.2f} x** "
+            f"| **{rh.p50_ms / hp.p50_ms:.2f} x** | **{rh.p99_ms / hp.p99_ms:.2f} x** "
+            f"| {ratio_text(_div(rh.proxy_us_per_request, hp.proxy_us_per_request), 1)} "
+            f"| {ratio_text(_div(rh.backends_us_per_request, hp.backends_us_per_request))} |")
+    for other in ("nginx", "haproxy"):
+        if ratios := results.round_ratios(other):
+            lines += ["", f"Requests/s ratio per round (rolehost's two runs over {other}'s two "
+                      f"in one {', '.join(ROUNDS)} round): "
+                      + ", ".join(f"{r:.2f} x" for r in ratios) + "."]
 
     lines += ["", "## Failed requests while each instance is restarted, then SIGKILLed", "",
               f"LoadProbe ({LOAD_CLIENTS} keep-alive clients, GET /) through the contender; "
@@ -1039,6 +1061,7 @@ def machine_details() -> dict[str, str]:
         "load average at start (1/5/15 min)": load_average(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "nginx": tool_version(["nginx", "-v"]),
+        "haproxy": tool_version([haproxy_binary(), "-v"]),
         "wrk": tool_version(["wrk", "-v"]).split(" Copyright")[0],
         "httptools": version("httptools"),
         "uvloop": uvloop_version(),
@@ -1052,6 +1075,7 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
     script.write_text(WRK_SCRIPT)
     rh = Rolehost(work, free_port())
     nginx: Nginx | None = None
+    haproxy: Haproxy | None = None
     results = Results(machine(machine_details()), {}, connections=connections)
     try:
         print("starting rolehost...", file=sys.stderr)
@@ -1062,10 +1086,14 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
         nginx = Nginx(work, free_port(), free_port(), ports, connections)
         print("starting nginx...", file=sys.stderr)
         nginx.start()
+        haproxy = Haproxy(work, free_port(), ports, haproxy_binary())
+        print("starting haproxy...", file=sys.stderr)
+        haproxy.start(http_get)
         assert rh.pid is not None
         controller = psutil.Process(rh.pid)
-        ng = nginx
+        ng, hp = nginx, haproxy
         contenders = {
+            "haproxy": Contender("haproxy", hp.port, hp.processes),
             "rolehost": Contender("rolehost", rh.port, lambda: [controller]),
             "nginx": Contender("nginx", ng.port, ng.processes),
             "nginx max_fails=0": Contender("nginx max_fails=0", ng.retry_port, ng.processes),
@@ -1087,15 +1115,17 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
                         f"stable_after {STABLE_AFTER:g}s",
             "nginx": f"{tool_version(['nginx', '-v'])} on 127.0.0.1:{ng.port}: "
                      + nginx_settings(ports, connections),
+            "haproxy": f"{tool_version([hp.binary, '-v'])} on 127.0.0.1:{hp.port}: "
+                       + haproxy_settings(),
         }
         throughput(results, contenders, rh, seconds, script, pinned, rounds)
         nginx_done = 0.0  # when the last round through nginx's defaults ended
         for scenario in () if throughput_only else ("restart", "SIGKILL"):
-            for name in ("rolehost", "nginx", "nginx max_fails=0"):
+            for name in ("rolehost", "nginx", "nginx max_fails=0", "haproxy"):
                 if name == "nginx":  # its failed upstreams come back after fail_timeout
                     time.sleep(max(0.0, nginx_done + NGINX_FAIL_TIMEOUT - time.monotonic()))
                 print(f"failures: {scenario} through {name}...", file=sys.stderr)
-                results.disruptions.append(disrupt(contenders[name], scenario, rh, ng))
+                results.disruptions.append(disrupt(contenders[name], scenario, rh, ng, hp))
                 if name == "nginx":
                     nginx_done = time.monotonic()
         missed = any(v == "FAIL" for _, _, v in targets(results)[:2])
@@ -1107,6 +1137,11 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
     except Exception as exc:
         results.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
+        if haproxy is not None:
+            try:
+                haproxy.stop()
+            except Exception as exc:
+                results.errors.append(f"haproxy stop: {exc}")
         if nginx is not None:
             try:
                 nginx.stop()
@@ -1116,7 +1151,8 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
             rh.stop()
         except Exception as exc:
             results.errors.append(f"rolehost stop: {exc}")
-        results.survivors = kill_ours(also=ours_too(work, nginx.pids if nginx else set()))
+        results.survivors = kill_ours(also=ours_too(
+            work, (nginx.pids if nginx else set()) | (haproxy.pids if haproxy else set())))
         results.machine["load average at end (1/5/15 min)"] = load_average()
         leave(work, keep)
     return results
@@ -1128,7 +1164,8 @@ def main() -> None:
                         help="length of each measured wrk run (4 of them; default 15)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat the rolehost, nginx, nginx, rolehost order N times "
+                        help="repeat the rolehost, nginx, haproxy, haproxy, nginx, rolehost "
+                             "order N times "
                              "(default 1); the summary is the median of the runs")
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the wrk runs (and the profile): no restarts or kills")
@@ -1156,6 +1193,8 @@ def main() -> None:
     for tool in ("nginx", "wrk") + (("taskset",) if args.pin else ()):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: apt-get install -y nginx wrk)")
+    if not os.access(haproxy_binary(), os.X_OK):
+        parser.error("haproxy is not installed (Debian: apt-get install -y haproxy)")
 
     with sigterm_as_exit():
         results = run(args.seconds, args.pin, args.profile, args.keep, args.rounds,
@@ -1166,9 +1205,9 @@ def main() -> None:
         for entry, r in zip(data["wrk"], results.wrk, strict=True):
             entry.update(proxy_us_per_request=r.proxy_us_per_request,
                          backends_us_per_request=r.backends_us_per_request)
-        data["summary"] = {c: asdict(sm) for c in ("rolehost", "nginx")
+        data["summary"] = {c: asdict(sm) for c in CONTENDERS
                            if (sm := results.summary(c)) is not None}
-        data["round_ratios"] = results.round_ratios()
+        data["round_ratios"] = {c: results.round_ratios(c) for c in ("nginx", "haproxy")}
         data["targets"] = [dict(zip(("target", "measured", "verdict"), t, strict=True))
                            for t in targets(results)]
         args.json.write_text(json.dumps(data, indent=2) + "\n")
