@@ -1,0 +1,338 @@
+"""How the controller scales with the number of instances, on one machine.
+
+    python bench/scale.py [--sizes 10,50,100,200,300,500] [--walk-max 500] [--json out.json]
+                          [--profile N] [--keep]
+
+For each N, in one run, a service of N instances of a tiny role (on_start returns True,
+run waits for the stop; no endpoint):
+
+- all ready: the time from `rolehost start --detach` to every instance ready, against N
+  bare interpreters that import rolehost (`python -c "import rolehost.host"`), started
+  together, to their exit;
+- the controller's RSS and CPU: CPU per instance during the start, RSS and CPU idle (a
+  10 s window once every instance has been ready for 5 s);
+- `rolehost status --json`: the CLI's wall time (a process started each time), and the
+  control API's own answer (`Client.status`), p50 of 7 each;
+- a host-os walk (N <= --walk-max): its time per update domain, and the overhead per
+  update domain beyond one instance's restart (`rolehost restart ROLE/0 --wait` at that N);
+- the event loop's lag: the round trip of the cheapest control API request
+  (`GET /v1/instances/tiny_IN_0`), sampled every 100 ms while idle, during the start and
+  during the walk.
+
+`--profile N` also records the controller with py-spy during the start at size N.
+Figures are reported against the issue's targets; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+from common import (
+    BenchError,
+    Controller,
+    child_env,
+    closing_sections,
+    kill_ours,
+    leave,
+    load_average,
+    machine,
+    sigterm_as_exit,
+    verdict,
+    wait_until,
+)
+
+SIZES = (10, 50, 100, 200, 300, 500)
+UPDATE_DOMAINS = 5
+IDLE_SECONDS = 10.0
+SETTLE_SECONDS = 5.0
+SAMPLES = 7
+LAG_EVERY = 0.1
+
+ROLE = textwrap.dedent('''\
+    from rolehost import RoleEntryPoint, RoleEnvironment
+
+
+    class Tiny(RoleEntryPoint):
+        def on_start(self) -> bool:
+            return True
+
+        def run(self) -> None:
+            RoleEnvironment.wait_for_stop()
+    ''')
+
+
+def definition(n: int) -> str:
+    return textwrap.dedent(f"""\
+        [service]
+        name = "scale{n}"
+        upgrade_domains = {UPDATE_DOMAINS}
+        ready_deadline = "10m"
+
+        [roles.tiny]
+        entry_point = "tiny:Tiny"
+        app = "app"
+        instances = {n}
+        stop_timeout = "10s"
+        """)
+
+
+@dataclass
+class Size:
+    n: int
+    bare_s: float = 0.0
+    ready_s: float = 0.0
+    start_cpu_s: float = 0.0
+    rss_mb: float = 0.0
+    idle_cpu_pct: float = 0.0
+    status_cli_ms: float = 0.0
+    status_api_ms: float = 0.0
+    restart_s: float | None = None
+    walk_s: float | None = None
+    lag_idle_ms: dict[str, float] = field(default_factory=dict)
+    lag_start_ms: dict[str, float] = field(default_factory=dict)
+    lag_walk_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ready_s / self.bare_s if self.bare_s else None
+
+    @property
+    def walk_overhead_s(self) -> float | None:
+        """Per update domain, beyond one instance's own restart."""
+        if self.walk_s is None or self.restart_s is None:
+            return None
+        return self.walk_s / UPDATE_DOMAINS - self.restart_s
+
+
+def bare(n: int) -> float:
+    """N interpreters importing what a host imports, started together, to the last exit."""
+    began = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", "import rolehost.host"], env=child_env(),
+                              stdin=subprocess.DEVNULL) for _ in range(n)]
+    for proc in procs:
+        proc.wait(600)
+    return time.perf_counter() - began
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+    return {"p50": 1000 * statistics.median(ordered),
+            "p99": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "max": 1000 * ordered[-1]}
+
+
+class Lag:
+    """Samples the round trip of the cheapest API request from a thread."""
+
+    def __init__(self, rh: Controller, name: str) -> None:
+        self.rh, self.name, self.samples = rh, name, list[float]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LAG_EVERY):
+            began = time.perf_counter()
+            with contextlib.suppress(Exception):
+                self.rh.client.instance(self.name)
+                self.samples.append(time.perf_counter() - began)
+
+    def __enter__(self) -> Lag:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def all_ready(rh: Controller, n: int) -> bool | None:
+    instances = rh.client.status()["instances"]
+    return True if len(instances) == n and all(i["back"] for i in instances) else None
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def profile_start(rh: Controller, work: Path) -> subprocess.Popen[bytes] | None:
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists() or rh.pid is None:
+        return None
+    return subprocess.Popen([str(py_spy), "record", "--pid", str(rh.pid), "--rate", "100",
+                             "--nonblocking", "--format", "speedscope", "--output",
+                             str(work / "start.speedscope.json"), "--duration", "60"],
+                            env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
+    size = Size(n)
+    size.bare_s = bare(n)
+    root = work / f"n{n}"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "tiny.py").write_text(ROLE)
+    rh = Controller(root, definition(n), client_timeout=120.0)
+    try:
+        began = time.perf_counter()
+        rh.start(timeout=120)
+        controller = psutil.Process(rh.pid)
+        spy = profile_start(rh, work) if profile else None
+        with Lag(rh, "tiny_IN_0") as lag:
+            wait_until(f"{n} instances ready", 600, lambda: all_ready(rh, n), 0.5)
+        size.ready_s = time.perf_counter() - began
+        size.start_cpu_s = cpu_s(controller)
+        size.lag_start_ms = percentiles(lag.samples)
+        if spy is not None:
+            spy.terminate()
+            spy.wait(30)
+        time.sleep(SETTLE_SECONDS)  # the start's stragglers (the standby host, timers)
+        cpu0, t0 = cpu_s(controller), time.perf_counter()
+        with Lag(rh, "tiny_IN_0") as lag:
+            time.sleep(IDLE_SECONDS)
+        size.idle_cpu_pct = 100 * (cpu_s(controller) - cpu0) / (time.perf_counter() - t0)
+        size.lag_idle_ms = percentiles(lag.samples)
+        size.rss_mb = controller.memory_info().rss / 2**20
+        cli, api = [], []
+        for _ in range(SAMPLES):
+            t = time.perf_counter()
+            rh.cli("status", "--json", timeout=120)
+            cli.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            rh.client.status()
+            api.append(time.perf_counter() - t)
+        size.status_cli_ms = 1000 * statistics.median(cli)
+        size.status_api_ms = 1000 * statistics.median(api)
+        if walk:
+            t = time.perf_counter()
+            rh.cli("restart", "tiny/0", "--wait", timeout=300)
+            size.restart_s = time.perf_counter() - t
+            with Lag(rh, "tiny_IN_1") as lag:
+                t = time.perf_counter()
+                rh.client.upgrade("host-os")
+                wait_until("the walk", 1800, lambda: True if rh.client.walk()["state"] in (
+                    "succeeded", "failed", "aborted") else None, 0.5)
+                size.walk_s = time.perf_counter() - t
+            size.lag_walk_ms = percentiles(lag.samples)
+    except Exception as exc:  # reported; the other sizes still run
+        size.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            rh.stop()
+        except BenchError as exc:
+            size.error = (size.error or "") + f" stop: {exc}"
+    return size
+
+
+def slope(sizes: list[Size], value: str) -> float | None:
+    """Least-squares growth of `value` per instance over the sizes measured."""
+    points = [(s.n, getattr(s, value)) for s in sizes if s.error is None]
+    if len(points) < 2:
+        return None
+    mean_n = statistics.mean(p[0] for p in points)
+    mean_v = statistics.mean(p[1] for p in points)
+    den = sum((p[0] - mean_n) ** 2 for p in points)
+    return sum((p[0] - mean_n) * (p[1] - mean_v) for p in points) / den if den else None
+
+
+def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
+             survivors: list[str]) -> str:
+    lag = lambda d: f"{d.get('p50', 0):.1f} / {d.get('max', 0):.0f}" if d else "-"  # noqa: E731
+    lines = ["# Scale: N instances of a tiny role on one machine", "",
+             "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in details.items()), "",
+             "| N | bare s | all ready s | ratio | start CPU ms/inst | idle RSS MB | idle CPU % "
+             "| status CLI ms | status API ms | restart s | walk s/UD | overhead s/UD "
+             "| lag idle p50/max ms | lag start | lag walk |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | ---: | ---: |"]
+    for s in sizes:
+        if s.error:
+            lines.append(f"| {s.n} | **{s.error}** |" + " |" * 13)
+            continue
+        walk_ud = None if s.walk_s is None else s.walk_s / UPDATE_DOMAINS
+        lines.append(
+            f"| {s.n} | {s.bare_s:.2f} | {s.ready_s:.2f} | {s.ratio or 0:.2f} x "
+            f"| {1000 * s.start_cpu_s / s.n:.1f} | {s.rss_mb:.1f} | {s.idle_cpu_pct:.2f} "
+            f"| {s.status_cli_ms:.0f} | {s.status_api_ms:.0f} "
+            f"| {'-' if s.restart_s is None else f'{s.restart_s:.2f}'} "
+            f"| {'-' if walk_ud is None else f'{walk_ud:.2f}'} "
+            f"| {'-' if s.walk_overhead_s is None else f'{s.walk_overhead_s:.2f}'} "
+            f"| {lag(s.lag_idle_ms)} | {lag(s.lag_start_ms)} | {lag(s.lag_walk_ms)} |")
+    rss = slope(sizes, "rss_mb")
+    lines += ["", f"RSS slope: {'-' if rss is None else f'{rss:.3f}'} MB per instance "
+              "(least squares over the sizes).", "", "## Targets", "",
+              "| target | measured | verdict |", "| --- | --- | --- |"]
+    by_n = {s.n: s for s in sizes if s.error is None}
+    for n in (300, 500):
+        if n in by_n and by_n[n].ratio is not None:
+            ratio = by_n[n].ratio
+            lines.append(f"| all ready <= 1.2 x bare at {n} | {ratio:.2f} x "
+                         f"| **{verdict(ratio <= 1.2)}** |")
+    if 500 in by_n:
+        s = by_n[500]
+        lines.append(f"| status p50 <= 100 ms at 500 (CLI / API) | {s.status_cli_ms:.0f} / "
+                     f"{s.status_api_ms:.0f} ms | **{verdict(s.status_cli_ms <= 100)}** "
+                     f"(API: {verdict(s.status_api_ms <= 100)}) |")
+        lines.append(f"| idle CPU <= 1 % of a core at 500 | {s.idle_cpu_pct:.2f} % "
+                     f"| **{verdict(s.idle_cpu_pct <= 1)}** |")
+    if rss is not None:
+        lines.append(f"| RSS <= 0.3 MB per instance beyond the base | {rss:.3f} MB "
+                     f"| **{verdict(rss <= 0.3)}** |")
+    lines += closing_sections(errors, survivors, "every controller was stopped with `rolehost "
+                              "stop`; no process the bench started survived (psutil, by "
+                              "environment token).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--walk-max", type=int, default=500,
+                        help="walk host-os only at sizes up to this (default 500)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="py-spy the controller's start at this size (speedscope file)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="rh-scale-", dir="/tmp"))
+    results: list[Size] = []
+    errors: list[str] = []
+    details = machine({"load average at start (1/5/15 min)": load_average(),
+                       "update domains": str(UPDATE_DOMAINS)})
+    with sigterm_as_exit():
+        try:
+            for n in sizes:
+                print(f"scale: N={n}...", file=sys.stderr)
+                results.append(measure(work, n, n <= args.walk_max, n == args.profile))
+                print(json.dumps(asdict(results[-1])), file=sys.stderr)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            survivors = kill_ours()
+            details["load average at end (1/5/15 min)"] = load_average()
+            leave(work, args.keep or bool(args.profile))
+    print(markdown(results, details, errors, survivors))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(s) for s in results], indent=2) + "\n")
+    if args.profile:
+        print(f"profile: {work / 'start.speedscope.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
