@@ -14,7 +14,8 @@ run waits for the stop; no endpoint):
 - `rolehost status --json`: the CLI's wall time (a process started each time), and the
   control API's own answer (`Client.status`), p50 of 7 each;
 - a host-os walk (N <= --walk-max): its time per update domain, and the overhead per
-  update domain beyond one instance's restart (`rolehost restart ROLE/0 --wait` at that N);
+  update domain beyond one instance's restart (a restart of tiny/0 through the API, waited
+  for, at that N);
 - the event loop's lag: the round trip of the cheapest control API request
   (`GET /v1/instances/tiny_IN_0`), sampled every 100 ms while idle, during the start and
   during the walk.
@@ -220,7 +221,7 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         size.status_api_ms = 1000 * statistics.median(api)
         if walk:
             t = time.perf_counter()
-            rh.cli("restart", "tiny/0", "--wait", timeout=300)
+            rh.client.maintain("restart", ["tiny/0"], wait=True)  # the API: no CLI start
             size.restart_s = time.perf_counter() - t
             with Lag(rh, "tiny_IN_1") as lag:
                 t = time.perf_counter()
@@ -273,9 +274,12 @@ def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
             f"| {'-' if walk_ud is None else f'{walk_ud:.2f}'} "
             f"| {'-' if s.walk_overhead_s is None else f'{s.walk_overhead_s:.2f}'} "
             f"| {lag(s.lag_idle_ms)} | {lag(s.lag_start_ms)} | {lag(s.lag_walk_ms)} |")
-    rss = slope(sizes, "rss_mb")
-    lines += ["", f"RSS slope: {'-' if rss is None else f'{rss:.3f}'} MB per instance "
-              "(least squares over the sizes).", "", "## Targets", "",
+    rss, cpu = slope(sizes, "rss_mb"), slope(sizes, "start_cpu_s")
+    lines += ["", f"Slopes (least squares over the sizes): RSS "
+              f"{'-' if rss is None else f'{rss:.3f}'} MB per instance; the controller's CPU "
+              f"from its start to all ready {'-' if cpu is None else f'{1000 * cpu:.1f}'} ms "
+              "per instance (`start CPU ms/inst` includes its own imports, about 0.35 s).",
+              "", "## Targets", "",
               "| target | measured | verdict |", "| --- | --- | --- |"]
     by_n = {s.n: s for s in sizes if s.error is None}
     for n in (300, 500):

@@ -30,6 +30,7 @@ from rolehost.definition import (
 )
 from rolehost.definition.scalars import parse_address
 from rolehost.fabric import capacity, descriptors, packages, preflight
+from rolehost.fabric.census import Census
 from rolehost.fabric.disks import Maintenance, Upgrade
 from rolehost.fabric.edits import Edits
 from rolehost.fabric.errors import (
@@ -83,6 +84,7 @@ class Controller:
         self.deployment = self.launcher.deployment
         self.notifier = Notifier()
         self.instances: dict[str, Instance] = {}
+        self.census = Census(definition.roles)  # back and total per role, for systemd
         self.balancers: list[Balancer | ExternalBalancer] = []
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
@@ -157,8 +159,9 @@ class Controller:
             relays = any(isinstance(b, Balancer) for b in self.balancers)
             if relays and (interpreted := build.relay_warning()) is not None:
                 log.warning("relay_interpreted", **interpreted)
+            topology = self.topology()  # one for all: computed per instance, it was O(N^2)
             for instance in self.instances.values():
-                instance.topology = self.topology()
+                instance.topology = topology
             self.running = True
             self.launcher.start(self.instances.values())
             self._started.set()
@@ -215,11 +218,9 @@ class Controller:
             instance.force_stop(f"controller received {why}")
 
     def _state_changed(self, instance: Instance) -> None:
-        counts: dict[str, tuple[int, int]] = {name: (0, 0) for name in self.definition.roles}
-        for each in self.instances.values():
-            ready, total = counts[each.role_name]
-            counts[each.role_name] = (ready + each.back, total + 1)
-        self.notifier.counts(counts)
+        if instance.id in self.instances:  # else removed by a scale-in, and counted out
+            self.census.seen(instance.id, instance.back)
+        self.notifier.counts(self.census.counts())
 
     # Operations: what the control API and the CLI offer.
 
@@ -516,6 +517,7 @@ class Controller:
             instance.output.close()
             self.deployment.release_ports(instance.ports.values())
             del self.instances[instance.id]
+            self.census.remove(instance.id)
         # A scale-in deletes the VM: its disks go with it (its log stays, as the
         # controller's record of it).
         await asyncio.to_thread(discard, removed)
@@ -554,6 +556,7 @@ class Controller:
             balancer.add(instance.id, instance.ports[name])
         instance.balancers = balancers
         self.instances[instance.id] = instance
+        self.census.add(role_name, instance.id)
         # Not started, and no topology yet: the caller sets it once every instance it
         # adds is there, then starts them.
         return instance
