@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import common
 import psutil
 from common import (
     BenchError,
@@ -101,6 +102,7 @@ class Size:
     status_api_ms: float = 0.0
     restart_s: float | None = None
     walk_s: float | None = None
+    stop_s: float | None = None  # `rolehost stop`, all N at once
     lag_idle_ms: dict[str, float] = field(default_factory=dict)
     lag_start_ms: dict[str, float] = field(default_factory=dict)
     lag_walk_ms: dict[str, float] = field(default_factory=dict)
@@ -234,7 +236,9 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         size.error = f"{type(exc).__name__}: {exc}"
     finally:
         try:
+            t = time.perf_counter()
             rh.stop()
+            size.stop_s = time.perf_counter() - t
         except BenchError as exc:
             size.error = (size.error or "") + f" stop: {exc}"
     return size
@@ -258,12 +262,12 @@ def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
              "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in details.items()), "",
              "| N | bare s | all ready s | ratio | start CPU ms/inst | idle RSS MB | idle CPU % "
              "| status CLI ms | status API ms | restart s | walk s/UD | overhead s/UD "
-             "| lag idle p50/max ms | lag start | lag walk |",
+             "| lag idle p50/max ms | lag start | lag walk | stop s |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: | ---: | ---: | ---: |"]
+             "| ---: | ---: | ---: | ---: | ---: |"]
     for s in sizes:
         if s.error:
-            lines.append(f"| {s.n} | **{s.error}** |" + " |" * 13)
+            lines.append(f"| {s.n} | **{s.error}** |" + " |" * 14)
             continue
         walk_ud = None if s.walk_s is None else s.walk_s / UPDATE_DOMAINS
         lines.append(
@@ -273,7 +277,8 @@ def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
             f"| {'-' if s.restart_s is None else f'{s.restart_s:.2f}'} "
             f"| {'-' if walk_ud is None else f'{walk_ud:.2f}'} "
             f"| {'-' if s.walk_overhead_s is None else f'{s.walk_overhead_s:.2f}'} "
-            f"| {lag(s.lag_idle_ms)} | {lag(s.lag_start_ms)} | {lag(s.lag_walk_ms)} |")
+            f"| {lag(s.lag_idle_ms)} | {lag(s.lag_start_ms)} | {lag(s.lag_walk_ms)} "
+            f"| {'-' if s.stop_s is None else f'{s.stop_s:.1f}'} |")
     rss, cpu = slope(sizes, "rss_mb"), slope(sizes, "start_cpu_s")
     lines += ["", f"Slopes (least squares over the sizes): RSS "
               f"{'-' if rss is None else f'{rss:.3f}'} MB per instance; the controller's CPU "
@@ -313,6 +318,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    common.STOP_TIMEOUT = 600.0  # a stop of 500 instances at once, on a busy machine
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="rh-scale-", dir="/tmp"))
     results: list[Size] = []

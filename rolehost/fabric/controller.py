@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from rolehost import protocol
 from rolehost.balancer import Balancer, build, relay_build
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.control import api
@@ -225,8 +226,10 @@ class Controller:
     # Operations: what the control API and the CLI offer.
 
     def status(self) -> dict[str, Any]:
+        # The heartbeats' samples, when recent: one read per instance per status else.
+        fresh = protocol.HEARTBEAT_INTERVAL + 1
         cpu = {i.id: (i.role_name, i.update_domain, load) for i in self.instances.values()
-               if (load := i.sample_cpu()) is not None}
+               if (load := i.sample_cpu(fresh)) is not None}
         advice = capacity.static_advice(self.definition) + capacity.load_warnings(
             self.definition, cpu)
         return {

@@ -461,10 +461,12 @@ class Instance:
             metrics.MEMORY_RECYCLES.labels(self.role_name).inc()
             self._carry_out(actions)
 
-    def sample_cpu(self) -> float | None:
-        """The host's CPU, % of one core, over about the last 30 s (None: unknown)."""
+    def sample_cpu(self, fresh_for: float = 0.0) -> float | None:
+        """The host's CPU, % of one core, over about the last 30 s (None: unknown); a
+        sample younger than `fresh_for` seconds is reused."""
         process = self.process
-        return self.cpu.sample(process.pid if process is not None and process.running else None)
+        return self.cpu.sample(process.pid if process is not None and process.running else None,
+                               fresh_for)
 
     def measure(self) -> None:
         """Refresh local-resource usage off the loop; warn when one is over its size."""

@@ -23,22 +23,38 @@ class CpuLoad:
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, float]] = deque()  # (wall, host CPU seconds)
+        # Kept: psutil.Process() reads the process's stat file to know it, a second read
+        # per sample, and every instance is sampled at each heartbeat.
+        self._process: psutil.Process | None = None
 
-    def sample(self, pid: int | None) -> float | None:
-        """Sample the host `pid` (None: none runs); the load, or None while unknown."""
+    def sample(self, pid: int | None, fresh_for: float = 0.0) -> float | None:
+        """Sample the host `pid` (None: none runs); the load, or None while unknown. A
+        sample younger than `fresh_for` seconds is not taken again: `status` reuses the
+        heartbeats' (N instances would else cost N reads per status)."""
         if pid is None:
             self._samples.clear()
+            self._process = None
             return None
+        now = time.monotonic()
+        if fresh_for and self._samples and now - self._samples[-1][0] < fresh_for and (
+                self._process is not None and self._process.pid == pid):
+            return self._load()
         try:
-            times = psutil.Process(pid).cpu_times()
+            if self._process is None or self._process.pid != pid:
+                self._process = psutil.Process(pid)
+            times = self._process.cpu_times()
         except (psutil.Error, OSError):  # OSError: out of descriptors, say (EMFILE)
+            self._process = None
             return None
-        now, used_now = time.monotonic(), times.user + times.system
+        used_now = times.user + times.system
         if self._samples and self._samples[-1][1] > used_now:
             self._samples.clear()  # a new host since the last sample
         self._samples.append((now, used_now))
         while len(self._samples) > 2 and now - self._samples[1][0] > CPU_WINDOW:
             self._samples.popleft()
+        return self._load()
+
+    def _load(self) -> float | None:
         (first, used), (last, now_used) = self._samples[0], self._samples[-1]
         return 100.0 * (now_used - used) / (last - first) if last - first > 0.2 else None
 
