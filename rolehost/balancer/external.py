@@ -87,13 +87,12 @@ class ExternalBackend:
         self.in_rotation = False
         self.why_out = "starting"
         self.active = 0  # established connections, as last counted by a drain
-        self.served = 0  # readiness answers given
-        self.asked = 0  # readiness answers given since the balancer listened
+        self.served = 0  # relayed: none here (the metrics read it as the pool's)
+        self.asked = 0  # readiness answers given
         self.heard: asyncio.Event | None = None  # set at the next answer, if a drain awaits
         self.server: asyncio.AbstractServer | None = None
 
     def answered(self) -> None:
-        self.served += 1
         self.asked += 1
         if self.heard is not None and not self.in_rotation:
             self.heard.set()
@@ -104,7 +103,7 @@ class ExternalBackend:
     def snapshot(self) -> dict[str, Any]:
         return {"in_rotation": self.in_rotation, "why_out": None if self.in_rotation else
                 self.why_out, "active": self.active, "served": self.served,
-                "readiness": f"{self.host}:{self.readiness}"}
+                "readiness": f"{self.host}:{self.readiness}", "readiness_answers": self.asked}
 
 
 class ExternalBalancer:
