@@ -56,9 +56,13 @@ class Channel:
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             dispatch(protocol.decode(line))
+        # poll, not select: with a few hundred instances, the controller's end of the
+        # channel, and so this one, is past descriptor 1024, which select() refuses.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
         while True:
             wait = max(0.0, next_beat - time.monotonic())
-            readable, _, _ = select.select([self.sock], [], [], wait)
+            readable = poller.poll(wait * 1000)
             if time.monotonic() >= next_beat:  # due, even while the controller talks
                 self.send("heartbeat")
                 next_beat = time.monotonic() + interval
