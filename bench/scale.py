@@ -10,7 +10,7 @@ run waits for the stop; no endpoint):
   bare interpreters that import rolehost (`python -c "import rolehost.host"`), started
   together, to their exit;
 - the controller's RSS and CPU: CPU per instance during the start, RSS and CPU idle (a
-  10 s window once every instance has been ready for 5 s);
+  10 s window once every instance has been ready for 5 s, with no request to the API);
 - `rolehost status --json`: the CLI's wall time (a process started each time), and the
   control API's own answer (`Client.status`), p50 of 7 each;
 - a host-os walk (N <= --walk-max): its time per update domain, and the overhead per
@@ -103,6 +103,7 @@ class Size:
     restart_s: float | None = None
     walk_s: float | None = None
     stop_s: float | None = None  # `rolehost stop`, all N at once
+    stop_error: str | None = None  # a stop that failed or was cut short: how many, why
     lag_idle_ms: dict[str, float] = field(default_factory=dict)
     lag_start_ms: dict[str, float] = field(default_factory=dict)
     lag_walk_ms: dict[str, float] = field(default_factory=dict)
@@ -205,10 +206,13 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
             spy.terminate()
             spy.wait(30)
         time.sleep(SETTLE_SECONDS)  # the start's stragglers (the standby host, timers)
+        # Idle CPU with nothing asking (the lag sampler's requests cost CPU too), then
+        # the idle lag.
         cpu0, t0 = cpu_s(controller), time.perf_counter()
-        with Lag(rh, "tiny_IN_0") as lag:
-            time.sleep(IDLE_SECONDS)
+        time.sleep(IDLE_SECONDS)
         size.idle_cpu_pct = 100 * (cpu_s(controller) - cpu0) / (time.perf_counter() - t0)
+        with Lag(rh, "tiny_IN_0") as lag:
+            time.sleep(IDLE_SECONDS / 2)
         size.lag_idle_ms = percentiles(lag.samples)
         size.rss_mb = controller.memory_info().rss / 2**20
         cli, api = [], []
@@ -239,8 +243,12 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
             t = time.perf_counter()
             rh.stop()
             size.stop_s = time.perf_counter() - t
-        except BenchError as exc:
-            size.error = (size.error or "") + f" stop: {exc}"
+        except BenchError as exc:  # the figures stand; the stop is reported beside them
+            size.stop_s = time.perf_counter() - t
+            lines = str(exc).splitlines()
+            cut = sum("did not stop" in line for line in lines)
+            size.stop_error = (f"{cut} instances did not stop within stop_timeout"
+                               if cut else lines[0])
     return size
 
 
@@ -278,7 +286,8 @@ def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
             f"| {'-' if walk_ud is None else f'{walk_ud:.2f}'} "
             f"| {'-' if s.walk_overhead_s is None else f'{s.walk_overhead_s:.2f}'} "
             f"| {lag(s.lag_idle_ms)} | {lag(s.lag_start_ms)} | {lag(s.lag_walk_ms)} "
-            f"| {'-' if s.stop_s is None else f'{s.stop_s:.1f}'} |")
+            f"| {'-' if s.stop_s is None else f'{s.stop_s:.1f}'}"
+            f"{f' ({s.stop_error})' if s.stop_error else ''} |")
     rss, cpu = slope(sizes, "rss_mb"), slope(sizes, "start_cpu_s")
     lines += ["", f"Slopes (least squares over the sizes): RSS "
               f"{'-' if rss is None else f'{rss:.3f}'} MB per instance; the controller's CPU "
