@@ -140,6 +140,7 @@ def test_established_counts_connections_to_the_port() -> None:
         accepted.close()
 
 
+@pytest.mark.slow  # about 40 s: a walk, a restart, a kill, a scale out and in, under load
 def test_haproxy_in_front_loses_no_request(make_service: MakeService, tmp_path: Path) -> None:
     binary = haproxy_binary()
     port = free_external_port()
