@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from rolehost.balancer import Balancer
+from rolehost.balancer.external import ExternalBalancer
 from rolehost.fabric.tasks import TaskRun, Tasks
 from rolehost.processes.process import signal_tree, sweep
 
@@ -37,7 +38,7 @@ async def unless(work: Awaitable[Any], event: asyncio.Event) -> bool:
     return True
 
 
-async def drain(balancers: Iterable[Balancer], instance_id: str, reason: str,
+async def drain(balancers: Iterable[Balancer | ExternalBalancer], instance_id: str, reason: str,
                 forced: asyncio.Event) -> None:
     """Let the requests in flight on every balancer finish (each endpoint's
     drain_timeout): a stop cut short (`forced`) waits for none of them."""
