@@ -116,6 +116,7 @@ class ExternalBalancer:
         self.backends: dict[str, ExternalBackend] = {}
         self.latency = Tally()  # nothing is relayed: stays empty, as metrics read it
         self.connections: set[Any] = set()
+        self.max_connections = 0  # no client connection is rolehost's here
         self.stopping = False
         self.started = False
         self._starting: set[asyncio.Task[None]] = set()
