@@ -16,7 +16,7 @@ from enum import StrEnum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
     from pathlib import Path
     from typing import Any, Protocol, TypeVar
 
@@ -76,7 +76,9 @@ class RoleStatus(StrEnum):
 
 
 class InstanceEndpoint(_Record):
-    """Where this instance must listen for one endpoint."""
+    """Where an instance listens for one endpoint: the current instance binds it, the
+    others connect to it. `protocol` is what the instance speaks there (an https input
+    endpoint's instances speak http: the balancer terminates TLS)."""
 
     __slots__ = ("host", "name", "port", "protocol")
     name: str
@@ -89,19 +91,52 @@ class InstanceEndpoint(_Record):
 
 
 class RoleInstance(_Record):
-    """The instance this process runs: `id` like `web_IN_0`, its role, index and UD."""
+    """An instance of the service: `id` like `web_IN_0`, its role, index and UD, where
+    each of its endpoints (input, internal and instance) listens, and whether it is
+    ready (and in rotation on its input endpoints) as of the controller's last word."""
 
-    __slots__ = ("endpoints", "id", "index", "role", "update_domain")
+    __slots__ = ("endpoints", "id", "index", "ready", "role", "update_domain")
     id: str
     role: str
     index: int
     update_domain: int
     endpoints: Mapping[str, InstanceEndpoint]
+    ready: bool
 
     def __init__(self, id: str, role: str, index: int, update_domain: int,
-                 endpoints: Mapping[str, InstanceEndpoint]) -> None:
+                 endpoints: Mapping[str, InstanceEndpoint], ready: bool = False) -> None:
         super().__init__(id=id, role=role, index=index, update_domain=update_domain,
-                         endpoints=endpoints)
+                         endpoints=endpoints, ready=ready)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoleInstance:
+        """From the controller's record of an instance (see rolehost.protocol `peers`)."""
+        return cls(id=record["id"], role=record["role"], index=record["index"],
+                   update_domain=record["update_domain"], ready=bool(record.get("ready")),
+                   endpoints={n: InstanceEndpoint(name=n, **e)
+                              for n, e in record.get("endpoints", {}).items()})
+
+
+class Role(_Record):
+    """A role of the service and its instances, in index order. Iterating it, or taking
+    its len(), gives its instance ids, as `RoleEnvironment.roles[NAME]` did when it was
+    a list of ids."""
+
+    __slots__ = ("instances", "name")
+    name: str
+    instances: tuple[RoleInstance, ...]
+
+    def __init__(self, name: str, instances: Iterable[RoleInstance]) -> None:
+        super().__init__(name=name, instances=tuple(instances))
+
+    def __iter__(self) -> Iterator[str]:
+        return (instance.id for instance in self.instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __contains__(self, instance_id: object) -> bool:
+        return any(instance.id == instance_id for instance in self.instances)
 
 
 class LocalResource(_Record):
@@ -136,6 +171,7 @@ class Context:
         resources: dict[str, dict[str, Any]] | None = None,
         topology: dict[str, list[str]] | None = None,
         site: dict[str, Any] | None = None,
+        peers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.instance_id, self.role, self.index = instance_id, role, index
         self.update_domain, self.deployment_id = update_domain, deployment_id
@@ -144,8 +180,12 @@ class Context:
         self.settings: dict[str, Any] = settings or {}
         self.endpoints: dict[str, dict[str, Any]] = endpoints or {}
         self.resources: dict[str, dict[str, Any]] = resources or {}
+        # The instance ids of each role, as of the last topology change (`changed`), and
+        # the controller's record of each instance, kept current as they come and go
+        # ready and move ports (`peers`): RoleEnvironment.roles joins the two.
         self.topology: dict[str, list[str]] = topology or {}
         self.site = site  # a web role's site (Role.site_context), served by rolehost.site
+        self.peers: dict[str, dict[str, Any]] = peers or {}
 
 
 
@@ -172,7 +212,8 @@ class SettingChange(_Record):
 
 
 class TopologyChange(_Record):
-    """The instances of `role` changed (a scale out or in)."""
+    """The instances of `role` changed: a scale out or in, or one of them came back
+    listening on other ports."""
 
     __slots__ = ("role",)
     role: str
@@ -241,12 +282,24 @@ class Environment:
             index=ctx.index,
             update_domain=ctx.update_domain,
             endpoints={n: InstanceEndpoint(name=n, **e) for n, e in ctx.endpoints.items()},
+            ready=bool(ctx.peers.get(ctx.instance_id, {}).get("ready")),
         )
 
     @property
-    def roles(self) -> Mapping[str, list[str]]:
-        """The instance ids of every role of the service, as of the last topology change."""
-        return {role: list(ids) for role, ids in self.context.topology.items()}
+    def roles(self) -> Mapping[str, Role]:
+        """Every role of the service, by name, with its instances as of the last topology
+        change: where each listens and whether it is ready, kept current as instances
+        recycle, move or come back. An instance that is not ready stays listed."""
+        ctx = self.context
+        peers = ctx.peers
+        return {
+            role: Role(role, (
+                RoleInstance.from_record(peers[i]) if i in peers else RoleInstance(
+                    id=i, role=role, index=int(i.rpartition("_")[2]), update_domain=0,
+                    endpoints={})
+                for i in ids))
+            for role, ids in ctx.topology.items()
+        }
 
     @property
     def deployment_id(self) -> str:
@@ -323,6 +376,19 @@ class Environment:
         """Called with the list of `SettingChange` after settings changed."""
         self.handlers["changed"].append(handler)
         return handler
+
+    def apply_peers(self, records: list[dict[str, Any]]) -> list[TopologyChange]:
+        """Take the controller's new records of instances; a `TopologyChange` for each
+        role listed here one of whose instances moved (its endpoints changed)."""
+        ctx = self.context
+        moved: set[str] = set()
+        for record in records:
+            old = ctx.peers.get(record["id"])
+            ctx.peers[record["id"]] = record
+            if (old is not None and old.get("endpoints") != record.get("endpoints")
+                    and record["id"] in ctx.topology.get(record["role"], ())):
+                moved.add(record["role"])
+        return [TopologyChange(role) for role in sorted(moved)]
 
     def apply_settings(self, settings: dict[str, Any]) -> list[SettingChange]:
         ctx = self.context

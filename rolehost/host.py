@@ -286,6 +286,10 @@ class Host:
             _thread(self.changing, message)
         elif kind == "changed":
             _thread(self.changed, message)
+        # The records apply at once, whatever the membership (`changed`) says; the
+        # handlers run only if a listed instance moved.
+        elif kind == "peers" and (moved := RoleEnvironment.apply_peers(message["instances"])):
+            _thread(self._raise_changed, moved)
 
     def changing(self, message: protocol.Message) -> None:
         """Raise `changing`; answer whether a handler cancelled the change."""
@@ -307,6 +311,9 @@ class Host:
         if "topology" in message:
             self.context.topology = dict(message["topology"])
             changes += [TopologyChange(r) for r in message.get("topology_changed", [])]
+        self._raise_changed(changes)
+
+    def _raise_changed(self, changes: list[Any]) -> None:
         for handler in RoleEnvironment.handlers["changed"]:
             try:
                 self.invoke(handler, changes)

@@ -15,7 +15,10 @@ Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str,
 "heartbeat": float}`, which
 makes a standby host the host of one instance (see `processes/hosts.Standby`); then `stop`
 `{"reason": str}`, `status_check` `{}`, `changing` `{"changes": [...]}`,
-`changed` `{"settings": {...}}`.
+`changed` `{"settings": {...}}` or `{"topology": {role: [id, ...]}, "topology_changed":
+[role]}`, and `peers` `{"instances": [record, ...]}`: the controller's new records of
+instances (id, role, index, update_domain, endpoints, ready) whenever one changes; a host
+raises `changed` for one whose endpoints moved, if its role's instances list it.
 
 This module is imported by the host process, so it must stay cheap to import.
 """

@@ -71,11 +71,22 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t.replace("[service]", "[service"), "rolehost.toml: invalid TOML"),
         (lambda t: t.replace("app:Web", "site:Web"),  # app.py is copied as site.py too
          "has no attribute 'Web'; a module of that name was imported before the one in"),
+        (lambda t: t.replace("instances = 1", "instances = 3")
+         + '[roles.web.instance_endpoints.debug]\npublic_ports = "10100-10101"\n',
+         "rolehost.toml: roles.web.instance_endpoints.debug.public_ports: expected a port for "
+         "each of the 3 instances, got 2 (10100-10101)"),
+        (lambda t: t + '[roles.web.instance_endpoints.debug]\npublic_ports = "10109-10100"\n',
+         "rolehost.toml: roles.web.instance_endpoints.debug.public_ports: expected a range "
+         "from a lower port to a higher one, got '10109-10100'"),
+        (lambda t: t + '[roles.web.internal_endpoints.http]\n',
+         "rolehost.toml: roles.web.internal_endpoints.http: expected a name no other "
+         "endpoint of the role has: endpoints.http has it"),
     ],
     ids=["unknown-key", "wrong-type", "bool-for-int", "float-for-int", "float-for-port",
          "bad-duration", "missing-module",
          "not-a-role", "duplicate-port", "duplicate-port-other-spelling", "same-variable",
-         "unsplittable-task", "bad-toml", "shadowed-module"],
+         "unsplittable-task", "bad-toml", "shadowed-module", "instance-ports-short",
+         "instance-ports-reversed", "endpoint-name-twice"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(

@@ -54,6 +54,9 @@ status_check_interval = "3s"
 port = 18080
 drain_timeout = "4s"
 
+[roles.web_api.internal_endpoints.peer_rpc]
+port = 17000
+
 [roles.web_api.settings]
 greeting = "hi"
 workers = 4
@@ -128,7 +131,7 @@ def test_every_manifest_is_valid_and_every_name_a_dns_label(
         ("PodDisruptionBudget", "shop-front-store"), ("PodDisruptionBudget", "shop-front-web-api"),
         ("Secret", "shop-front-store-secrets"),
         ("Service", "shop-front-store-admin-port"), ("Service", "shop-front-web-api-http"),
-        ("StatefulSet", "shop-front-store"),
+        ("Service", "shop-front-web-api-peer-rpc"), ("StatefulSet", "shop-front-store"),
     ]
     names = [name for _, name in exported]
     for workload in (exported["Deployment", "shop-front-web-api"],
@@ -165,7 +168,8 @@ def test_deployment_maps_instances_walks_probes_and_the_stop(
         "--run-dir", "/var/lib/rolehost/run", "--drain-delay", "4"]
     assert container["env"] == [{"name": "ROLEHOST_INDEX", "value": "0"}]
     assert container["ports"] == [{"name": "health", "containerPort": 8484, "protocol": "TCP"},
-                                  {"containerPort": 18080, "protocol": "TCP"}]
+                                  {"containerPort": 18080, "protocol": "TCP"},
+                                  {"containerPort": 17000, "protocol": "TCP"}]
     startup = container["startupProbe"]
     assert startup["httpGet"] == {"path": "/startup", "port": "health"}
     # the ready deadline, after the probe sent as the container starts
@@ -232,6 +236,11 @@ def test_settings_and_services(exported: dict[tuple[str, str], dict[str, Any]]) 
         "matchLabels"]
     assert http["ports"] == [{"name": "http", "protocol": "TCP", "port": 18080,
                               "targetPort": 18080, "appProtocol": "http"}]
+    # An internal endpoint: a headless Service, whose name resolves to each ready pod.
+    rpc = exported["Service", "shop-front-web-api-peer-rpc"]["spec"]
+    assert rpc == {"clusterIP": "None", "selector": http["selector"],
+                   "ports": [{"name": "peer-rpc", "protocol": "TCP", "port": 17000,
+                              "targetPort": 17000}]}
     admin = exported["Service", "shop-front-store-admin-port"]["spec"]
     assert admin["ports"] == [{"name": "admin-port", "protocol": "TCP", "port": 19090,
                                "targetPort": 19090}]
@@ -314,6 +323,14 @@ def test_probe_arithmetic() -> None:
      '[roles.web.endpoints.http]\nport = 8484\n',
      "cannot export to Kubernetes:\n{toml}: roles.web.endpoints.http.port: port 8484 is "
      "taken by run-instance's health endpoints in the pod"),
+    ('[service]\nname = "s"\n[roles.web]\nentry_point = "app:Role"\n'
+     '[roles.web.internal_endpoints.rpc]\n',
+     "cannot export to Kubernetes:\n{toml}: roles.web.internal_endpoints.rpc.port: expected "
+     "a port: in Kubernetes every pod binds the same one, which its peers find by DNS"),
+    ('[service]\nname = "s"\n[roles.web]\nentry_point = "app:Role"\n'
+     '[roles.web.internal_endpoints.rpc]\nport = 8484\n',
+     "cannot export to Kubernetes:\n{toml}: roles.web.internal_endpoints.rpc.port: port 8484 "
+     "is taken by run-instance's health endpoints in the pod"),
     ('[service]\nname = "s"\n[roles.web]\nentry_point = "app:Role"\n'
      '[roles.web.settings]\n"log level" = "debug"\n',
      "cannot export to Kubernetes:\n{toml}: roles.web.settings.log level: cannot be passed "

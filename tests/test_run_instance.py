@@ -157,7 +157,7 @@ def test_a_setting_from_the_environment_of_the_wrong_type_is_refused_unseen(
 def test_run_instance_binds_the_declared_port_with_settings_from_env(
     make_service: MakeService,
 ) -> None:
-    port, health = free_port(), free_port()
+    port, health, rpc = free_port(), free_port(), free_port()
     service = make_service(
         """
         class Role(RoleEntryPoint):
@@ -166,12 +166,17 @@ def test_run_instance_binds_the_declared_port_with_settings_from_env(
                 greeting = RoleEnvironment.get_setting("greeting")
                 probe(f"bind {me.host}:{me.port} greeting={greeting}")
                 probe(f"data {RoleEnvironment.local_resource('data').path}")
+                rpc = RoleEnvironment.current_instance.endpoints["rpc"]
+                roles = {name: list(role) for name, role in RoleEnvironment.roles.items()}
+                probe(f"rpc {rpc.host}:{rpc.port} roles={roles}")
                 return True
         """,
         settings={"greeting": "hi"},
         extra=f"""
         [roles.web.endpoints.http]
         port = {port}
+        [roles.web.internal_endpoints.rpc]
+        port = {rpc}
         [roles.web.local_resources.data]
         clean_on_recycle = false
         """,
@@ -187,8 +192,11 @@ def test_run_instance_binds_the_declared_port_with_settings_from_env(
     )
     try:
         wait_until(lambda: answer(health, "/ready") == 200, 30, "/ready")
+        # An internal endpoint binds its declared port, as in a pod; the instance lists
+        # itself, with no controller to tell it of others.
         assert service.probes() == [f"bind 0.0.0.0:{port} greeting=from-configmap web_IN_0",
-                                    f"data {volume.resolve()}/data web_IN_0"]
+                                    f"data {volume.resolve()}/data web_IN_0",
+                                    f"rpc 0.0.0.0:{rpc} roles={{'web': ['web_IN_0']}} web_IN_0"]
         assert (volume / "data").is_dir()
         controller.send_signal(signal.SIGTERM)
         assert controller.wait(30) == 0

@@ -135,6 +135,17 @@ CASES = [
     ("roles.web.app", "src", True),
     ("roles.web.endpoints.http.protocol", "tcp", True),
     ("roles.web.endpoints.http.balance", "least-outstanding", True),
+    ("roles.web.internal_endpoints.rpc", {}, True),
+    ("roles.web.internal_endpoints.rpc", {"protocol": "http", "port": 7000}, True),
+    ("roles.web.internal_endpoints.rpc", {"protocol": "https"}, False),
+    ("roles.web.internal_endpoints.rpc", {"port": 0}, False),
+    ("roles.web.instance_endpoints.debug", {"public_ports": "10100-10109"}, True),
+    ("roles.web.instance_endpoints.debug", {"public_ports": "10100"}, True),
+    ("roles.web.instance_endpoints.debug", {"public_ports": 10100}, False),
+    ("roles.web.instance_endpoints.debug", {"public_ports": "10100-65536"}, False),
+    ("roles.web.instance_endpoints.debug", {"public_ports": "0-3"}, False),
+    ("roles.web.instance_endpoints.debug", {"public_ports": "10100 - 10109"}, False),
+    ("roles.web.instance_endpoints.debug", {}, False),
     ("roles.web.startup_tasks", [{"command": "true", "type": "background",
                                   "context": "elevated", "once_per": "image"}], True),
     # A duration is an int or a float of seconds, or a string with no space in or around it.
@@ -334,6 +345,9 @@ EXCEPTIONS: dict[str, Any] = {
     "one-name-per-variable": re.compile(r"expected a name of its own: "),
     "site-endpoint": re.compile(r"expected one of the role's endpoints|the role has (no "
                                 r"endpoint|[0-9]+ endpoints)|expected an http endpoint"),
+    "instance-ports": re.compile(r"expected a port for each of the |expected a range from a "
+                                 r"lower port to a higher one"),
+    "endpoint-names": re.compile(r"expected a name no other endpoint of the role has"),
     "float-precision": _finer_than_a_float,
 }
 # One document for each: the model refuses it, a JSON-Schema validator takes it.
@@ -344,6 +358,8 @@ EXCEPTION_EXAMPLES = {
     "one-name-per-variable": _with("roles.web.settings", {"color": 1, "COLOR": 2}),
     "site-endpoint": _with("roles.web.site", {"asgi": "shop.web:app", "endpoint": "api"}),
     "float-precision": _with("roles.web.status_check_interval", "0." + "0" * 330 + "1"),
+    "instance-ports": _with("roles.web.instance_endpoints.debug.public_ports", "10109-10100"),
+    "endpoint-names": _with("roles.web.internal_endpoints.http", {}),
 }
 
 
@@ -394,14 +410,17 @@ def valid_definitions(draw: st.DrawFn) -> dict[str, Any]:
     service: dict[str, Any] = {"name": draw(names)}
     optional = {
         "upgrade_domains": st.integers(1, 20), "ready_deadline": durations,
-        "stable_after": durations, "backoff_initial": st.sampled_from([0.1, "250ms", 1]),
+        "stable_after": st.sampled_from([0.5, 60, "90s", "1h"]),  # not under 0.5
+        "backoff_initial": st.sampled_from([0.1, "250ms", 1]),
         "backoff_max": st.sampled_from([1, "1m", 120.5]),
         "change_mode": st.sampled_from(["per-ud", "blast"]),
         "limited_user": st.sampled_from(["nobody", "svc_user$"]),
         "heartbeat_interval": st.sampled_from([0.1, "500ms", "2s", 60]),
     }
     service.update(draw(st.fixed_dictionaries({}, optional=optional)))
-    ports = iter(draw(st.lists(st.integers(1, 65535), min_size=6, max_size=6, unique=True)))
+    # Not 20000-21999: the instance endpoints' ranges (below).
+    ports = iter(draw(st.lists(st.integers(1, 65535).filter(lambda p: not 20000 <= p < 22000),
+                               min_size=6, max_size=6, unique=True)))
     if draw(st.booleans()):
         service["metrics"] = draw(st.sampled_from(["127.0.0.1", "[::1]", "localhost"])) \
             + f":{next(ports)}"
@@ -438,6 +457,16 @@ def valid_definitions(draw: st.DrawFn) -> dict[str, Any]:
                     "healthy": st.integers(1, 5)})}))}
         if endpoints:
             role["endpoints"] = endpoints
+        if draw(st.booleans()):
+            role["internal_endpoints"] = {"rpc": draw(st.fixed_dictionaries({}, optional={
+                "protocol": st.sampled_from(["tcp", "http"]), "host": st.just("::1"),
+                "port": st.integers(1, 65535)}))}
+        if draw(st.booleans()):  # far from the other ports, and enough for the instances
+            first = 20000 + 1000 * len(roles)
+            role["instance_endpoints"] = {"debug": {
+                "public_ports": f"{first}-{first + role.get('instances', 1) - 1}",
+                **draw(st.fixed_dictionaries({}, optional={
+                    "protocol": st.sampled_from(["tcp", "http"])}))}}
         roles[name] = role
     return {"service": service, "roles": roles}
 

@@ -134,6 +134,16 @@ def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
     for row in rows:
         line = "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[7]
         click.echo(line.rstrip())
+    # Input endpoints have their balancer's public port; the others are where each
+    # instance listens itself, which is what one needs to reach it.
+    direct = [(i["id"], name, ep) for i in result["instances"]
+              for name, ep in i["endpoints"].items() if ep.get("kind", "input") != "input"]
+    if direct:
+        click.echo("\nENDPOINTS (internal and instance, where each instance listens)")
+        width = max(len(f"{i}.{n}") for i, n, _ in direct)
+        for instance, name, ep in direct:
+            click.echo(f"{f'{instance}.{name}'.ljust(width)}  {ep['kind']:<8}  "
+                       f"{ep['protocol']:<4}  {ep['host']}:{ep['port']}")
 
 
 @cli.command(name="status-check")

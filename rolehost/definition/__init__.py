@@ -30,8 +30,10 @@ from rolehost.definition.scalars import (
     ADDRESS_PATTERN,
     SIZE_PATTERN,
     SIZE_SYNTAX,
+    PORT_RANGE_PATTERN,
     check_size,
     parse_address,
+    parse_port_range,
     parse_size,
 )
 from rolehost.definition.scalars import MAX_DURATION as MAX_DURATION
@@ -49,6 +51,7 @@ from rolehost.definition.schema import (
 from rolehost.definition.site import SITE_ONLY_ENTRY_POINT, Site, site_endpoint
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+ENDPOINT_KINDS = ("endpoints", "internal_endpoints", "instance_endpoints")
 SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
 MIN_INSTANCES, MAX_INSTANCES = 1, 1000
@@ -87,6 +90,14 @@ class _Model(BaseModel):
 class Protocol(StrEnum):
     http = "http"
     tcp = "tcp"
+
+
+class PeerProtocol(StrEnum):
+    """What an internal or instance endpoint speaks: rolehost relays neither, so it is
+    what discovery reports, and what the Kubernetes export names."""
+
+    tcp = "tcp"
+    http = "http"
 
 
 class Probe(_Model):
@@ -183,6 +194,42 @@ class Endpoint(_Model):
     def readiness_port_of(self, index: int) -> int:
         """External: the port instance `index`'s readiness is served on."""
         return self.port_ranges()["readiness_port"][index]
+
+
+class InternalEndpoint(_Model):
+    """An internal endpoint: no balancer and no public port. Each instance gets a private
+    port for it and binds it; every instance of the service finds it in
+    `RoleEnvironment.roles[ROLE].instances[i].endpoints[NAME]`."""
+
+    protocol: PeerProtocol = Field(default=PeerProtocol.tcp, description="tcp or http: "
+                                   "what discovery reports; rolehost relays nothing")
+    host: Text = Field(default="127.0.0.1", description="address each instance binds")
+    port: Integer | None = Field(
+        default=None, ge=1, le=65535, description="the port an instance binds where it "
+        "has a machine of its own (`rolehost run-instance`, a Kubernetes pod, whose "
+        "export needs it); under `rolehost start` each instance gets a private port")
+
+
+class InstanceEndpoint(_Model):
+    """An instance input endpoint (the platform's InstanceInputEndpoint): instance `i`
+    binds the `i`-th port of `public_ports` itself, with no balancer, for stateful or
+    debug access to one instance."""
+
+    public_ports: Annotated[Text, SchemaOnly(pattern=PORT_RANGE_PATTERN)] = Field(
+        description="`\"FIRST-LAST\"` or `\"PORT\"`: instance `i` binds the `i`-th, so at "
+        "least one per instance; a `rolehost scale` past the last is refused")
+    protocol: PeerProtocol = Field(default=PeerProtocol.tcp, description="tcp or http")
+    host: Text = Field(default="127.0.0.1", description="address each instance binds")
+
+    @field_validator("public_ports")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @property
+    def ports(self) -> range:
+        return parse_port_range(self.public_ports)
 
 
 class LocalResource(_Model):
@@ -331,6 +378,8 @@ class Role(_Model):
         "updates these variables in the host process; the processes the role had started "
         "before keep the environment they were started with")
     endpoints: dict[Name, Endpoint] = Field(default_factory=dict)
+    internal_endpoints: dict[Name, InternalEndpoint] = Field(default_factory=dict)
+    instance_endpoints: dict[Name, InstanceEndpoint] = Field(default_factory=dict)
     local_resources: dict[Name, LocalResource] = Field(
         default_factory=dict
     )
@@ -366,6 +415,42 @@ class Role(_Model):
         for name in self.local_resources:
             _check_variable(variables, f"local_resources.{name}", resource_variable(name), name)
         return self
+
+    @model_validator(mode="after")
+    def _endpoints_fit(self) -> Role:
+        # One mapping in RoleEnvironment: an endpoint name is the role's, whatever its kind.
+        seen: dict[str, str] = {}
+        for kind in ENDPOINT_KINDS:
+            for name in getattr(self, kind):
+                if (other := seen.setdefault(name, kind)) != kind:
+                    raise DefinitionError(None, f"{kind}.{name}", "expected a name no other "
+                                          f"endpoint of the role has: {other}.{name} has it")
+        for name, endpoint in self.instance_endpoints.items():
+            if len(endpoint.ports) < self.instances:
+                raise DefinitionError(
+                    None, f"instance_endpoints.{name}.public_ports",
+                    f"expected a port for each of the {self.instances} instances, got "
+                    f"{len(endpoint.ports)} ({endpoint.public_ports})")
+        return self
+
+    @property
+    def most_instances(self) -> tuple[int, str | None]:
+        """How many instances the role may run, and the key that says so (None: only
+        MAX_INSTANCES): each instance endpoint has a public port for each instance."""
+        most, key = MAX_INSTANCES, None
+        for name, endpoint in self.instance_endpoints.items():
+            if len(endpoint.ports) < most:
+                most, key = len(endpoint.ports), f"instance_endpoints.{name}.public_ports"
+        return most, key
+
+    def addresses(self) -> dict[str, tuple[str, str]]:
+        """Every endpoint the instances bind, input, internal and instance, by name: the
+        address it binds and the protocol the instances speak on it."""
+        found = {name: (ep.host, ep.protocol.value) for name, ep in self.endpoints.items()}
+        for kind in ("internal_endpoints", "instance_endpoints"):
+            found |= {name: (ep.host, ep.protocol.value)
+                      for name, ep in getattr(self, kind).items()}
+        return found
 
     @property
     def values(self) -> dict[str, SettingValue]:
@@ -530,14 +615,22 @@ class Definition(_Model):
                     if ports.stop - 1 > 65535:
                         raise DefinitionError(None, path, f"ports {ports.start}-{ports.stop - 1}"
                                               f" (one per instance index) go past 65535")
-                    for other, by in taken:
-                        if ports.start < other.stop and other.start < ports.stop:
-                            raise DefinitionError(None, path, (
-                                f"port {ports.start} is already used by {by}"
-                                if len(ports) == 1 else f"ports {ports.start}-"
-                                f"{ports.stop - 1} (one per instance index) overlap {by}"))
-                    taken.append((ports, path))
+                    _claim(taken, ports, path, "one per instance index")
+            for ep_name, instance_ep in role.instance_endpoints.items():
+                _claim(taken, instance_ep.ports,
+                       f"roles.{role_name}.instance_endpoints.{ep_name}.public_ports",
+                       "one per instance")
         return self
+
+
+def _claim(taken: list[tuple[range, str]], ports: range, path: str, each: str) -> None:
+    """Take `ports` for the key at `path`, or name the key that took one of them first."""
+    for other, by in taken:
+        if ports.start < other.stop and other.start < ports.stop:
+            raise DefinitionError(None, path, (
+                f"port {ports.start} is already used by {by}" if len(ports) == 1 else
+                f"ports {ports.start}-{ports.stop - 1} ({each}) overlap {by}"))
+    taken.append((ports, path))
 
 
 class DefinitionError(ValueError):

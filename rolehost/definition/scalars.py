@@ -236,6 +236,27 @@ def parse_address(text: str) -> tuple[str, int]:
     return match.group(1) or match.group(2), int(match.group(3))
 
 
+# --- port ranges -------------------------------------------------------------------
+
+# "10100-10109" or "10100": the schema's pattern takes two ports, the model also their
+# order (which a pattern cannot compare).
+PORT_RANGE_PATTERN = rf"^{_PORT}(?:-{_PORT})?$"
+_PORT_RANGE = re.compile(PORT_RANGE_PATTERN)
+
+
+def parse_port_range(value: str) -> range:
+    """The ports of `"FIRST-LAST"` (both included) or `"PORT"`. ValueError naming the
+    rule if `value` is none."""
+    if not _PORT_RANGE.fullmatch(value):
+        raise ValueError("expected a port or a range of ports from 1 to 65535, such as "
+                         f"\"10100-10109\", got {value!r}")
+    first_text, _, last_text = value.partition("-")
+    first, last = int(first_text), int(last_text or first_text)
+    if first > last:
+        raise ValueError(f"expected a range from a lower port to a higher one, got {value!r}")
+    return range(first, last + 1)
+
+
 # --- settings as text --------------------------------------------------------------
 
 Setting = str | int | float | bool

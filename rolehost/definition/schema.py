@@ -78,8 +78,12 @@ MODEL_ONLY = {
                      "defaults included",
     "site-endpoint": "a role's `site.endpoint` names one of its http endpoints; without "
                      "it, the role has exactly one endpoint, an http one",
-    "unique-ports": "each port, an endpoint's or the metrics', is used once in the service, "
-                    "whatever the host",
+    "unique-ports": "each port, an endpoint's, an instance endpoint's or the metrics', is "
+                    "used once in the service, whatever the host",
+    "instance-ports": "an instance endpoint's `public_ports` run from a lower port to a "
+                      "higher one, with one for each of its role's `instances`",
+    "endpoint-names": "an endpoint's name is used once in its role, whatever its kind "
+                      "(input, internal or instance)",
     "one-name-per-variable": "no two settings of a role, nor two of its local resources, "
                              "have names that make one environment variable (upper case, "
                              "`-` as `_`)",

@@ -2,7 +2,8 @@
 
 Each role becomes a Deployment, or a StatefulSet when it has local resources with
 `clean_on_recycle = false` (they live on PersistentVolumeClaims), whose pods run
-`rolehost run-instance ROLE`; plus a PodDisruptionBudget, a Service per endpoint, a
+`rolehost run-instance ROLE`; plus a PodDisruptionBudget, a Service per input endpoint
+(headless per internal endpoint, for discovery by DNS), a
 ConfigMap with its settings and a Secret with its secret ones. The functions below are
 pure: definition in, manifest dicts out; `write` dumps them as YAML, one file per role
 (and one more, private, for its Secret). docs/kubernetes.md gives the mapping key by key
@@ -179,7 +180,9 @@ def container(definition: Definition, role_name: str, image: str) -> Manifest:
         spec["envFrom"] = env_from
     spec["ports"] = [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
                      *({"containerPort": ep.port, "protocol": "TCP"}
-                       for ep in role.endpoints.values())]
+                       for ep in role.endpoints.values()),
+                     *({"containerPort": ep.port, "protocol": "TCP"}
+                       for ep in role.internal_endpoints.values() if ep.port is not None)]
     spec["startupProbe"] = {"httpGet": {"path": "/startup", "port": "health"},
                             "periodSeconds": period, "failureThreshold": failures}
     spec["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "health"},
@@ -251,17 +254,30 @@ def disruption_budget(definition: Definition, role_name: str) -> Manifest:
 
 
 def services(definition: Definition, role_name: str) -> list[Manifest]:
-    """A Service per endpoint: its port, to the same port of the role's ready pods."""
+    """A Service per input endpoint: its port, to the same port of the role's ready pods.
+    A headless one per internal endpoint: its DNS name resolves to the address of each
+    ready pod, which peers connect to on the endpoint's port (no balancing, as under
+    rolehost)."""
+    role = definition.roles[role_name]
     found = []
-    for endpoint_name, endpoint in definition.roles[role_name].endpoints.items():
+    for endpoint_name, address in role.addresses().items():
+        if endpoint_name in role.endpoints:
+            number: int | None = role.endpoints[endpoint_name].port
+            kind = {"type": "ClusterIP"}
+        elif endpoint_name in role.internal_endpoints:
+            number = role.internal_endpoints[endpoint_name].port
+            kind = {"clusterIP": "None"}
+        else:
+            continue  # an instance endpoint: one pod at a time (docs/kubernetes.md)
         port: Manifest = {"name": dns_name(endpoint_name), "protocol": "TCP",
-                          "port": endpoint.port, "targetPort": endpoint.port}
-        if endpoint.protocol is Protocol.http:
+                          "port": number, "targetPort": number}
+        # An https endpoint's pods speak http: TLS is the Ingress's in front.
+        if address[1] == Protocol.http.value:
             port["appProtocol"] = "http"
         name = dns_name(definition.service.name, role_name, endpoint_name)
         found.append({"apiVersion": "v1", "kind": "Service",
                       "metadata": _metadata(definition, role_name, name),
-                      "spec": {"type": "ClusterIP", "selector": selector(definition, role_name),
+                      "spec": {**kind, "selector": selector(definition, role_name),
                                "ports": [port]}})
     return found
 
@@ -274,12 +290,19 @@ def check(definition: Definition) -> None:
         where = f"roles.{role_name}"
         _claim(workloads, workload_name(definition, role_name), where)
         ports = {HEALTH_PORT: "run-instance's health endpoints"}
-        for endpoint_name, endpoint in role.endpoints.items():
-            path = f"{where}.endpoints.{endpoint_name}"
+        declared = {f"{where}.endpoints.{name}": ep.port for name, ep in role.endpoints.items()}
+        for name, internal in role.internal_endpoints.items():
+            if internal.port is None:
+                raise DefinitionError(None, f"{where}.internal_endpoints.{name}.port",
+                                      "expected a port: in Kubernetes every pod binds the "
+                                      "same one, which its peers find by DNS")
+            declared[f"{where}.internal_endpoints.{name}"] = internal.port
+        for path, number in declared.items():
+            endpoint_name = path.rpartition(".")[2]
             _claim(endpoints, dns_name(definition.service.name, role_name, endpoint_name), path)
-            if (other := ports.setdefault(endpoint.port, path)) != path:
+            if (other := ports.setdefault(number, path)) != path:
                 raise DefinitionError(None, f"{path}.port",
-                                      f"port {endpoint.port} is taken by {other} in the pod")
+                                      f"port {number} is taken by {other} in the pod")
         volumes: dict[str, str] = {}
         for name in role.local_resources:
             _claim(volumes, claim_name(name), f"{where}.local_resources.{name}")

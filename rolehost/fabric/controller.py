@@ -488,6 +488,10 @@ class Controller:
         role = self._role(role_name)
         if not MIN_INSTANCES <= count <= MAX_INSTANCES:
             raise Invalid(f"instances must be between {MIN_INSTANCES} and {MAX_INSTANCES}")
+        most, key = role.most_instances
+        if count > most:  # an instance past the range would have no port of its own
+            raise Invalid(f"{role_name} can run at most {most} instances: "
+                          f"roles.{role_name}.{key} has {most} ports")
         with self._exclusive(f"scale {role_name}"):
             return await self._scale(role_name, role, count, cause)
 
@@ -518,6 +522,7 @@ class Controller:
             for balancer in instance.balancers.values():
                 balancer.remove(instance.id)
             instance.output.close()
+            self.deployment.discovery.remove(instance)
             self.deployment.release_ports(instance.ports.values())
             del self.instances[instance.id]
             self.census.remove(instance.id)

@@ -2,7 +2,8 @@
 
 Its id, the service's settings, the run directory, the console, the standby host, who
 limited work runs as, the observer told of every state change, the private ports
-given out so far, and the watch on the hosts' memory.
+given out so far, the watch on the hosts' memory, and what the instances know of each
+other (discovery).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from rolehost.definition import Service
 from rolehost.fabric import ports
+from rolehost.fabric.discovery import Discovery
 from rolehost.fabric.memory import MemoryWatch
 from rolehost.fabric.tasks import task_path
 from rolehost.observability.logs import Console
@@ -42,6 +44,7 @@ class Deployment:
     owner: str = ""  # ownership.identity() of the controller: in every process's environment
     cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
     memory: MemoryWatch = field(default_factory=MemoryWatch)  # of every running host
+    discovery: Discovery = field(default_factory=Discovery)  # each host's view of the others
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,

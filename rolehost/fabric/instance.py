@@ -61,7 +61,7 @@ from rolehost.fabric.stopping import drain, end_tasks, unless
 from rolehost.fabric.tasks import TaskFailed, Tasks
 from rolehost.fabric.timers import Timers
 from rolehost.fabric.usage import CpuLoad, DiskUsage
-from rolehost.fabric.variables import context, host_environment, task_environment
+from rolehost.fabric.variables import addresses, context, host_environment, task_environment
 from rolehost.observability import metrics
 from rolehost.observability.output import OutputLog
 from rolehost.processes.hosts import HostProcess
@@ -81,9 +81,7 @@ class Instance:
         self.update_domain = index % deployment.service.upgrade_domains
         self.user = deployment.run_as.user_of(role_name)  # who its hosts and tasks run as
         self.disks = Disks(deployment.run_dir / "instances" / self.id, owner=self.user)
-        # An external balancer's configuration names each instance's port: fixed by index.
-        self.ports = {name: ep.private_port(index) if ep.external else
-                      deployment.take_port(ep.host) for name, ep in role.endpoints.items()}
+        self.ports = ports.instance_ports(role, index, deployment.take_port)
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
         self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
                                 deployment.service.instance_log_format, deployment.console)
@@ -104,6 +102,7 @@ class Instance:
         self.cpu = CpuLoad()
         self.memory: int | None = None  # bytes: the host's tree's RSS, last measured
         self.usage = DiskUsage(self.id)
+        deployment.discovery.add(self)
 
         self.recycle_asked = asyncio.Event()  # the host asks to be stopped, then recycled
         # A stop cut short (a second signal): no drain, no on_stop, no wait for tasks.
@@ -175,6 +174,7 @@ class Instance:
         observer, and settle an operation that this ends."""
         self._changed.set()
         self._changed = asyncio.Event()
+        self.deployment.discovery.seen(self)
         if self.deployment.observer is not None:
             self.deployment.observer(self)
         operation = self._operation
@@ -611,3 +611,8 @@ class Instance:
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self)
+
+    def addresses(self) -> dict[str, dict[str, Any]]:
+        """Where each endpoint listens, input, internal and instance (discovery's record,
+        the host's context, status)."""
+        return addresses(self)

@@ -132,8 +132,9 @@ def compatibility(running: model.Definition, new: model.Definition) -> list[str]
                         f"{', '.join(sorted(new.roles))} in the package)")
     for name in set(running.roles) & set(new.roles):
         old, fresh = running.roles[name], new.roles[name]
-        if old.endpoints != fresh.endpoints:
-            problems.append(f"roles.{name}.endpoints differ")
+        # Each instance keeps its ports through a deploy, and other instances know them.
+        problems += [f"roles.{name}.{kind} differ" for kind in model.ENDPOINT_KINDS
+                     if getattr(old, kind) != getattr(fresh, kind)]
     return problems
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+
+from rolehost.definition import Role
 
 if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance
@@ -38,6 +40,25 @@ def private_range(ephemeral: Path = EPHEMERAL) -> range:
     except (OSError, ValueError, IndexError):
         low = DEFAULT_EPHEMERAL_LOW
     return range(max(1024, low - SPAN), max(1024, low))
+
+
+def instance_ports(role: Role, index: int, take: Callable[[str], int]) -> dict[str, int]:
+    """Every port instance `index` of `role` binds, by endpoint name: a private one
+    (`take(host)`) for each input and internal endpoint, and the `index`-th public port
+    of each instance endpoint, which the instance binds itself (no balancer)."""
+    # An external balancer's configuration names each instance's port: fixed by index.
+    found = {name: ep.private_port(index) if ep.external else take(ep.host)
+             for name, ep in role.endpoints.items()}
+    found |= {name: take(ep.host) for name, ep in role.internal_endpoints.items()}
+    return found | {name: ep.ports[index] for name, ep in role.instance_endpoints.items()}
+
+
+def private(role: Role) -> dict[str, str]:
+    """The endpoints whose port is private, chosen by rolehost (and changed if something
+    else took it), by name, with the address they bind. Not an external balancer's: its
+    configuration names the port, which does not move."""
+    return {name: ep.host for kind in (role.endpoints, role.internal_endpoints)
+            for name, ep in kind.items() if not getattr(ep, "external", False)}
 
 
 def choose(host: str, taken: Collection[int], span: range | None = None) -> int:
@@ -85,16 +106,15 @@ def reclaim(instance: Instance) -> None:
     """Before the host starts: a private port that something else began to listen on
     while the instance was down is exchanged for a free one, and its balancer follows.
     Else the role could never bind it again, and would crash at every boot."""
-    for name, balancer in instance.balancers.items():
-        endpoint = instance.role.endpoints[name]
-        host, old = endpoint.host, instance.ports[name]
-        # An external balancer's configuration names the port: it does not move.
-        if endpoint.external or not listened(host, old):
+    for name, host in private(instance.role).items():
+        old = instance.ports[name]
+        if not listened(host, old):
             continue
         new = instance.ports[name] = instance.deployment.take_port(host)
         instance.deployment.release_ports([old])
-        backend = balancer.backends[instance.id]
-        backend.port = new
-        backend.close_idle()
+        if (balancer := instance.balancers.get(name)) is not None:
+            backend = balancer.backends[instance.id]
+            backend.port = new
+            backend.close_idle()
         log.warning("port_moved", instance=instance.id, endpoint=name, old=old, new=new,
                     detail="something else listens on the old port")

@@ -92,9 +92,15 @@ class SingleInstance:
         self.deployment = self.launcher.deployment
         spec = settings_from_environment(definition.roles[role], os.environ, role)
         self.instance = Instance(self.deployment, role, spec, index)
-        # No balancer in front: the instance takes its endpoints' declared ports itself.
-        self.instance.ports = {name: ep.port for name, ep in spec.endpoints.items()}
+        # No balancer in front: the instance takes its endpoints' declared ports itself,
+        # and an internal endpoint's if it declares one (a pod is a machine of its own).
+        self.instance.ports |= {name: ep.port for name, ep in spec.endpoints.items()}
+        self.instance.ports |= {name: ep.port for name, ep in spec.internal_endpoints.items()
+                                if ep.port is not None}
         self.instance.endpoint_host = endpoint_host
+        # No controller to tell it of others: it lists itself (docs/kubernetes.md says
+        # how peers are found there).
+        self.instance.topology = {role: [self.instance.id]}
         if resources is not None:
             self.instance.disks = replace(self.instance.disks,
                                           resources_root=resources.resolve())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rolehost.definition import Role
 from rolehost.fabric.lifecycle import State
 from rolehost.observability.logs import iso
 
@@ -36,8 +37,8 @@ def snapshot(instance: Instance) -> dict[str, Any]:
         "why_not_back": i.why_not_back() or None if ready else None,
         "operation": i.operation,
         "endpoints": {
-            name: {"host": ep.host, "port": i.ports[name], **endpoint_status(i, name)}
-            for name, ep in i.role.endpoints.items()
+            name: {**address, "kind": _kind(i.role, name), **endpoint_status(i, name)}
+            for name, address in i.addresses().items()
         },
         "tasks": i.tasks.snapshot() if i.tasks is not None else [],
         "resources": {
@@ -64,3 +65,10 @@ def endpoint_status(instance: Instance, name: str) -> dict[str, Any]:
                            "passes": result.passes,
                            "needed": spec.healthy if spec is not None else 1}
     return status
+
+
+def _kind(role: Role, endpoint: str) -> str:
+    """An endpoint's kind, as `status` shows it: input, internal or instance."""
+    if endpoint in role.internal_endpoints:
+        return "internal"
+    return "instance" if endpoint in role.instance_endpoints else "input"

@@ -4,7 +4,7 @@ startup tasks (identity, folders, settings), and the `Context` its host is assig
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rolehost import protocol
 from rolehost.definition import resource_variable, setting_variables
@@ -67,15 +67,20 @@ def context(instance: Instance) -> Context:
         stop_timeout=role.stop_timeout,
         status_check_interval=role.status_check_interval,
         settings=role.values,
-        endpoints={
-            name: {"host": i.endpoint_host or ep.host, "port": i.ports[name],
-                   "protocol": ep.protocol.value}
-            for name, ep in role.endpoints.items()
-        },
+        endpoints=addresses(i),
         resources={
             name: {"path": str(i.disks.resource(name)), "size_mb": spec.size_mb}
             for name, spec in role.local_resources.items()
         },
         topology=i.topology,
+        peers=i.deployment.discovery.records(),
         site=site_context(role.site, role.endpoints),
     )
+
+
+def addresses(instance: Instance) -> dict[str, dict[str, Any]]:
+    """Where each endpoint of the instance listens, input, internal and instance: what it
+    binds, and what the other instances are told (discovery)."""
+    return {name: {"host": instance.endpoint_host or host, "port": instance.ports[name],
+                   "protocol": protocol}
+            for name, (host, protocol) in instance.role.addresses().items()}

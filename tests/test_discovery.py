@@ -1,0 +1,171 @@
+"""Internal endpoints and discovery: a role finds the instances of another through
+`RoleEnvironment.roles`, and follows them as they scale, recycle and move ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from rolehost.testing import wait_until
+from support.cli import rolehost
+from support.net import answer_and_body, free_port
+from support.service import MakeService
+
+# Workers answer their id on their internal endpoint `rpc`; the web role's GET asks every
+# worker it discovers and answers one line per worker: id, ready flag, what it said.
+ROLES = """
+import socket, socketserver, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from rolehost import TopologyChange
+
+class Answer(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(RoleEnvironment.current_instance.id.encode())
+
+class Worker(RoleEntryPoint):
+    def on_start(self):
+        rpc = RoleEnvironment.current_instance.endpoints["rpc"]
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer((rpc.host, rpc.port), Answer)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return True
+
+    def run(self):
+        RoleEnvironment.wait_for_stop()
+
+    def on_stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+def ask(endpoint):
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=2) as s:
+            return s.recv(100).decode() or "-"
+    except OSError:
+        return "-"
+
+class Ask(BaseHTTPRequestHandler):
+    def do_GET(self):
+        lines = [f"{w.id} {w.ready} {w.endpoints['rpc'].port} {ask(w.endpoints['rpc'])}"
+                 for w in RoleEnvironment.roles["worker"].instances]
+        body = "\\n".join(lines).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Web(RoleEntryPoint):
+    def on_start(self):
+        RoleEnvironment.on_changed(self.changed)
+        http = RoleEnvironment.current_instance.endpoints["http"]
+        self.server = ThreadingHTTPServer((http.host, http.port), Ask)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return True
+
+    def changed(self, changes):
+        probe("changed " + ",".join(c.role for c in changes if isinstance(c, TopologyChange)))
+
+    def run(self):
+        RoleEnvironment.wait_for_stop()
+
+    def on_stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+"""
+
+WORKER = """
+[roles.web.endpoints.http]
+port = {port}
+[roles.web.internal_endpoints.ping]
+
+[roles.worker]
+entry_point = "roles:Worker"
+app = "app"
+instances = 2
+stop_timeout = "5s"
+[roles.worker.settings]
+probe = "{probe}"
+[roles.worker.internal_endpoints.rpc]
+"""
+
+
+def _workers(port: int) -> dict[str, tuple[bool, int, str]]:
+    """What the web role answers: each worker it discovers, whether it is ready, its
+    rpc port and what it answered there ("-": nothing)."""
+    status, body = answer_and_body(port, "/")
+    assert status == 200, body
+    found = {}
+    for line in body.splitlines():
+        worker, ready, rpc, said = line.split()
+        found[worker] = (ready == "True", int(rpc), said)
+    return found
+
+
+def _all_answer(port: int, ids: list[str]) -> dict[str, tuple[bool, int, str]] | None:
+    found = _workers(port)
+    ok = sorted(found) == ids and all(r and said == w for w, (r, _, said) in found.items())
+    return found if ok else None
+
+
+def test_a_role_discovers_the_workers_as_they_scale_reimage_move_and_go(
+        make_service: MakeService, tmp_path: Path) -> None:
+    port = free_port()
+    probe = tmp_path / "probe.txt"
+    service = make_service(
+        ROLES, entry_point="roles:Web", role={"stop_timeout": "5s"},
+        service={"backoff_initial": 1, "ready_deadline": "60s"},
+        extra=WORKER.format(port=port, probe=probe))
+    with service.harness(run_dir=tmp_path / "run") as h:
+        h.wait_ready(30)
+        two = ["worker_IN_0", "worker_IN_1"]
+        wait_until(lambda: _all_answer(port, two), 15, "both workers to answer",
+                   lambda: str(_workers(port)))
+        # Internal endpoints show in status, where each instance listens.
+        worker = h.instance("worker_IN_0")
+        rpc = worker["endpoints"]["rpc"]
+        assert (rpc["kind"], rpc["protocol"], rpc["host"]) == ("internal", "tcp", "127.0.0.1")
+        assert h.instance("web_IN_0")["endpoints"]["ping"]["kind"] == "internal"
+        shown = rolehost("status", "-f", str(service.toml), "--run-dir", str(h.run_dir.path))
+        assert f"worker_IN_0.rpc  internal  tcp   127.0.0.1:{rpc['port']}" in shown.stdout
+
+        # A scale-out, as a user runs it: the web role's next GET asks the third too.
+        scaled = rolehost("scale", "worker", "3", "-f", str(service.toml),
+                          "--run-dir", str(h.run_dir.path))
+        assert scaled.returncode == 0, scaled.stderr
+        three = [*two, "worker_IN_2"]
+        wait_until(lambda: _all_answer(port, three), 15, "three workers to answer",
+                   lambda: str(_workers(port)))
+
+        # A reimage: the worker is listed throughout, not ready while it is down, and
+        # answers again once it is back.
+        h.reimage("worker_IN_1", wait=False)
+        wait_until(lambda: not _workers(port)["worker_IN_1"][0], 15,
+                   "worker_IN_1 to be listed not ready", lambda: str(_workers(port)))
+        h.wait_ready(30)
+        wait_until(lambda: _all_answer(port, three), 15, "the reimaged worker to answer",
+                   lambda: str(_workers(port)))
+
+        # A worker whose port something else took while it was down comes back on
+        # another: the web role is told (`changed`), and asks it there.
+        old = rpc["port"]
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            h.kill("worker_IN_0")
+            h.wait_state("worker_IN_0", "recycling", 10)
+            squatter.bind(("127.0.0.1", old))
+            squatter.listen()
+            h.wait_ready(30)
+            moved = wait_until(lambda: _all_answer(port, three), 15,
+                               "the moved worker to answer", lambda: str(_workers(port)))
+            assert moved["worker_IN_0"][1] != old
+            assert h.instance("worker_IN_0")["endpoints"]["rpc"]["port"] == moved[
+                "worker_IN_0"][1]
+        service.wait_probe("changed worker web_IN_0")
+
+        # A scale-in: the removed workers are no longer listed.
+        h.scale("worker", 1)
+        wait_until(lambda: _all_answer(port, ["worker_IN_0"]), 15, "one worker left",
+                   lambda: str(_workers(port)))
