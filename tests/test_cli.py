@@ -81,12 +81,15 @@ APP = "from rolehost import RoleEntryPoint\nclass Web(RoleEntryPoint): pass\ncla
         (lambda t: t + '[roles.web.internal_endpoints.http]\n',
          "rolehost.toml: roles.web.internal_endpoints.http: expected a name no other "
          "endpoint of the role has: endpoints.http has it"),
+        (lambda t: t.replace("port = 18080", 'port = 18080\nprotocol = "https"'),
+         "rolehost.toml: roles.web.endpoints.http.certificate: expected a certificate file: "
+         "protocol is https"),
     ],
     ids=["unknown-key", "wrong-type", "bool-for-int", "float-for-int", "float-for-port",
          "bad-duration", "missing-module",
          "not-a-role", "duplicate-port", "duplicate-port-other-spelling", "same-variable",
          "unsplittable-task", "bad-toml", "shadowed-module", "instance-ports-short",
-         "instance-ports-reversed", "endpoint-name-twice"],
+         "instance-ports-reversed", "endpoint-name-twice", "https-without-certificate"],
 )
 @pytest.mark.parametrize("command", ["start", "check"])
 def test_bad_definition_exits_2_and_starts_nothing(

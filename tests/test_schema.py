@@ -135,6 +135,14 @@ CASES = [
     ("roles.web.app", "src", True),
     ("roles.web.endpoints.http.protocol", "tcp", True),
     ("roles.web.endpoints.http.balance", "least-outstanding", True),
+    # https names its certificate and key (which files they are is checked on reading a
+    # file), and only https does.
+    ("roles.web.endpoints.http.protocol", "https", False),
+    ("roles.web.endpoints.http", {"port": 18080, "protocol": "https", "certificate": "c.pem",
+                                  "key": "k.pem"}, True),
+    ("roles.web.endpoints.http", {"port": 18080, "protocol": "https", "key": "k.pem"}, False),
+    ("roles.web.endpoints.http.certificate", "c.pem", False),
+    ("roles.web.endpoints.http", {"port": 18080, "protocol": "tcp", "key": "k.pem"}, False),
     ("roles.web.internal_endpoints.rpc", {}, True),
     ("roles.web.internal_endpoints.rpc", {"protocol": "http", "port": 7000}, True),
     ("roles.web.internal_endpoints.rpc", {"protocol": "https"}, False),

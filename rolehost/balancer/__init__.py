@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final
 
@@ -136,6 +137,8 @@ class Balancer:
         self.stopping = False
         # Client connections: tasks (tcp) and proxy.HttpClient protocols (http).
         self.connections: set[asyncio.Task[None] | proxy.HttpClient] = set()
+        # https: the server context the listener terminates TLS with (balancer/tls.py).
+        self.tls: ssl.SSLContext | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -262,12 +265,17 @@ class Balancer:
             return proxy.HttpClient(self)
 
         loop = asyncio.get_running_loop()
+        if self.endpoint.protocol is Protocol.https:
+            from rolehost.balancer import tls
+
+            assert self.endpoint.certificate is not None and self.endpoint.key is not None
+            self.tls = tls.server_context(self.endpoint.certificate, self.endpoint.key)
         sockets = listener.bind(self.endpoint.host, self.endpoint.port, self.backlog)
         self._listener = listener.Listener(
-            sockets, http if self.endpoint.protocol is Protocol.http else stream, self.label,
-            self.max_connections, self.reclaim)
+            sockets, stream if self.endpoint.protocol is Protocol.tcp else http, self.label,
+            self.max_connections, self.reclaim, self.tls)
         self._listener.start()
-        if self.endpoint.protocol is Protocol.http and self.endpoint.idle_timeout > 0:
+        if self.endpoint.protocol is not Protocol.tcp and self.endpoint.idle_timeout > 0:
             self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
         log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
                  address=f"{self.endpoint.host}:{self.endpoint.port}",
@@ -320,6 +328,17 @@ class Balancer:
                 for connection in expired:
                     backend.idle.remove(connection)
                     connection.close()
+
+    def renew_certificate(self) -> None:
+        """https: serve the certificate its files hold now, from the next handshake on;
+        connections open keep theirs (tls.CertificateProblem: nothing changed)."""
+        from rolehost.balancer import tls
+
+        if self.tls is not None:
+            assert self.endpoint.certificate is not None and self.endpoint.key is not None
+            tls.renew(self.tls, self.endpoint.certificate, self.endpoint.key)
+            log.info("certificate_renewed", endpoint=self.label,
+                     certificate=str(self.endpoint.certificate))
 
     def stop_accepting(self) -> None:
         """The controller begins to stop: close the listener (a connection accepted now

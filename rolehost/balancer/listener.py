@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ log = structlog.get_logger()
 # Out of descriptors: the errors accept() fails with while the process, the system or
 # the kernel's memory for sockets has none to give.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+HANDSHAKE_TIMEOUT = 10.0  # https: a handshake not done in this long is given up
 RETRY_AFTER = 0.1  # seconds before accepting again after running out of descriptors
 LOG_EVERY = 10.0  # seconds between two log lines of one limit of one endpoint
 BATCH = 64  # connections accepted per wake-up at most: the loop's other work goes on
@@ -72,9 +74,12 @@ class Listener:
     `release` as each one ends."""
 
     def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
-                 label: str, limit: int, reclaim: Callable[[int], int] | None = None) -> None:
+                 label: str, limit: int, reclaim: Callable[[int], int] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         """`reclaim(n)`: close up to n connections that hold a slot for nothing; how many
-        it closed (each calls `release` as it ends)."""
+        it closed (each calls `release` as it ends). `tls`: each connection's handshake
+        comes first (an https endpoint), given up after HANDSHAKE_TIMEOUT."""
+        self.tls = tls
         self.sockets, self.factory, self.label, self.limit = sockets, factory, label, limit
         self.reclaim = reclaim
         self.open = 0  # accepted and not yet released
@@ -158,7 +163,11 @@ class Listener:
         # No protocol took it (cancelled at close, or the socket failed at once): it is
         # released here, as no connection_lost will.
         try:
-            await self._loop.connect_accepted_socket(self.factory, sock)
+            if self.tls is None:
+                await self._loop.connect_accepted_socket(self.factory, sock)
+            else:  # a failed or silent handshake is an OSError (TimeoutError) too
+                await self._loop.connect_accepted_socket(
+                    self.factory, sock, ssl=self.tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except OSError:
             sock.close()
             self.release()

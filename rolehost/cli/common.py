@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from rolehost import definition as model
+from rolehost.balancer import tls
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, for_kind
 from rolehost.fabric import preflight
@@ -78,7 +79,7 @@ def load_checked(file: Path) -> model.Definition:
         definition = model.load(file)
     except model.DefinitionErrors as exc:
         fail(f"invalid definition:\n{exc}", EXIT_BAD_DEFINITION)
-    errors = preflight.entry_points(definition, file)
+    errors = preflight.entry_points(definition, file) + tls.problems(definition, file)
     if errors:
         fail(f"invalid definition:\n{model.DefinitionErrors(errors)}", EXIT_BAD_DEFINITION)
     return definition

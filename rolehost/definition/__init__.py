@@ -81,6 +81,7 @@ STRICT_TYPES = ("An integer is a TOML integer: `2.0` and `\"2\"` are errors, as 
                 "string of the wrong kind for its key.")
 Word = Annotated[Text, SchemaOnly(pattern=NO_NUL)]  # of a command, or an environment value
 Variable = Annotated[str, SchemaOnly(pattern=VARIABLE_NAME)]  # names a setting or a variable
+PemPath = Annotated[Path, SchemaOnly(pattern=NO_NUL)]
 
 
 class _Model(BaseModel):
@@ -89,6 +90,7 @@ class _Model(BaseModel):
 
 class Protocol(StrEnum):
     http = "http"
+    https = "https"
     tcp = "tcp"
 
 
@@ -127,10 +129,28 @@ class Endpoint(_Model):
     traffic over the instances in rotation. Each instance gets a private port for it,
     which the role reads from `RoleEnvironment.current_instance.endpoints` and binds."""
 
+    # An https endpoint names its certificate and key, and only it does: the schema says
+    # so too. That the files exist and match is checked where the definition is read.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"protocol": {"const": "https"}}, "required": ["protocol"]},
+        "then": {"required": ["certificate", "key"]},
+        "else": {"properties": {"certificate": False, "key": False}},
+    })
+
     port: Integer = Field(ge=1, le=65535, description="public port the balancer listens on; "
                           "each endpoint and the metrics have their own, whatever the host")
-    protocol: Protocol = Field(default=Protocol.http, description="http or tcp")
+    protocol: Protocol = Field(default=Protocol.http, description="http, https or tcp; "
+                               "https: the balancer terminates TLS (1.2 and later) and "
+                               "relays HTTP/1.1 to the instances with `X-Forwarded-Proto: "
+                               "https`")
     host: Text = Field(default="127.0.0.1", description="address the balancer binds")
+    certificate: PemPath | None = Field(
+        default=None, description="https: the certificate chain (PEM), relative to the "
+        "definition; read again at every config change, so a renewed file is taken "
+        "without a restart")
+    key: PemPath | None = Field(
+        default=None, description="https: the certificate's private key (PEM), relative "
+        "to the definition")
     probe: Probe | None = Field(default=None, description="health probe; none: state only")
     ignore_status: Boolean = Field(
         default=False, description="keep instances in rotation while a status check says busy"
@@ -194,6 +214,17 @@ class Endpoint(_Model):
     def readiness_port_of(self, index: int) -> int:
         """External: the port instance `index`'s readiness is served on."""
         return self.port_ranges()["readiness_port"][index]
+
+    @model_validator(mode="after")
+    def _certificate_with_https(self) -> Endpoint:
+        for key in ("certificate", "key"):
+            given = getattr(self, key) is not None
+            if self.protocol is Protocol.https and not given:
+                raise DefinitionError(None, key, f"expected a {key} file: protocol is https")
+            if self.protocol is not Protocol.https and given:
+                raise DefinitionError(None, key, f"expected no {key}: only an https "
+                                      f"endpoint has one (protocol is {self.protocol.value})")
+        return self
 
 
 class InternalEndpoint(_Model):
@@ -445,8 +476,10 @@ class Role(_Model):
 
     def addresses(self) -> dict[str, tuple[str, str]]:
         """Every endpoint the instances bind, input, internal and instance, by name: the
-        address it binds and the protocol the instances speak on it."""
-        found = {name: (ep.host, ep.protocol.value) for name, ep in self.endpoints.items()}
+        address it binds and the protocol the instances speak on it (an https
+        endpoint's instances speak http: the balancer terminates TLS)."""
+        found = {name: (ep.host, Protocol.http.value if ep.protocol is Protocol.https
+                        else ep.protocol.value) for name, ep in self.endpoints.items()}
         for kind in ("internal_endpoints", "instance_endpoints"):
             found |= {name: (ep.host, ep.protocol.value)
                       for name, ep in getattr(self, kind).items()}
@@ -653,8 +686,9 @@ class DefinitionErrors(ValueError):
         super().__init__("\n".join(str(e) for e in errors))
 
 
-def load(path: Path) -> Definition:
-    """Read and validate a definition; raise `DefinitionErrors` naming every problem."""
+def load(path: Path, base: Path | None = None) -> Definition:
+    """Read and validate a definition; raise `DefinitionErrors` naming every problem.
+    Relative paths in it are from `base` (default: the file's folder)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -664,19 +698,24 @@ def load(path: Path) -> Definition:
         raise DefinitionErrors([DefinitionError(path, "", f"cannot read: {exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise DefinitionErrors([DefinitionError(path, "", f"invalid TOML: {exc}")]) from None
-    return parse(raw, path)
+    return parse(raw, path, base)
 
 
-def parse(raw: dict[str, Any], file: Path | None = None) -> Definition:
-    """Validate an already-parsed document. `file` is named in errors and anchors `app`."""
+def parse(raw: dict[str, Any], file: Path | None = None, base: Path | None = None
+          ) -> Definition:
+    """Validate an already-parsed document. `file` is named in errors, and its folder
+    (or `base`) anchors the relative paths: `app`, an endpoint's certificate and key."""
     try:
         definition = Definition.model_validate(raw)
     except ValidationError as exc:
         raise DefinitionErrors(_merge([_explain(e, file) for e in exc.errors()])) from None
     if file is not None:
-        base = file.resolve().parent
+        base = (base or file.resolve().parent).resolve()
         roles = {
-            name: role.model_copy(update={"app": (base / role.app).resolve()})
+            name: role.model_copy(update={"app": (base / role.app).resolve(), "endpoints": {
+                n: ep.model_copy(update={k: (base / path).resolve() for k in ("certificate", "key")
+                                         if (path := getattr(ep, k)) is not None})
+                for n, ep in role.endpoints.items()}})
             for name, role in definition.roles.items()
         }
         definition = definition.model_copy(update={"roles": roles})

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from rolehost import protocol
-from rolehost.balancer import Balancer, build, relay_build
+from rolehost.balancer import Balancer, build, relay_build, tls
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.control import api
 from rolehost.definition import (
@@ -459,8 +459,26 @@ class Controller:
             new = parse_role(role_name, {**role.model_dump(), "settings": merged})
         except DefinitionErrors as exc:
             raise Invalid(f"invalid settings for {role_name}:\n{exc}") from None
+        # A config change takes the role's renewed certificates (the platform's rotation).
+        self.renew_certificates(role_name)
         with self._exclusive(f"config {role_name}"):
             return await self._change_settings(role_name, new, settings, cause)
+
+    def renew_certificates(self, role_name: str | None = None) -> None:
+        """Serve what the certificate files of the https endpoints (of `role_name`, or
+        all) hold now, from the next handshake on. Invalid if one cannot serve: then
+        none is renewed."""
+        renewing = [b for b in self.balancers if b.tls is not None
+                    and role_name in (None, b.role)]
+        for balancer in renewing:
+            assert balancer.endpoint.certificate is not None and balancer.endpoint.key
+            try:
+                tls.check(balancer.endpoint.certificate, balancer.endpoint.key)
+            except tls.CertificateProblem as problem:
+                raise Invalid(f"roles.{balancer.role}.endpoints.{balancer.name}.{problem.key}:"
+                              f" {problem.message}") from None
+        for balancer in renewing:
+            balancer.renew_certificate()
 
     async def _change_settings(self, role_name: str, new: Role, settings: dict[str, Any],
                                cause: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import structlog
 
 from rolehost.definition import Definition, DefinitionErrors
 from rolehost.definition import load as load_definition
-from rolehost.fabric.errors import DomainError
+from rolehost.fabric.errors import DomainError, Invalid
 
 if TYPE_CHECKING:
     from rolehost.fabric.controller import Controller
@@ -90,6 +90,12 @@ class Edits:
                 log.error("definition_invalid", file=str(controller.definition_path),
                           errors=str(exc))
                 return
+            # A save is a config change: renewed certificates are taken (their paths, if
+            # they changed, are the deploy's, below).
+            try:
+                controller.renew_certificates()
+            except Invalid as exc:
+                log.error("certificate_not_renewed", error=str(exc))
             # The running roles' `app` is the package's copy: compare the folder it was
             # copied from, or every edit would seem to move every app.
             sources = controller.packages.source_apps(controller.version)

@@ -98,8 +98,11 @@ class Packages:
             known = ", ".join(p["version"] for p in self.list()) or "none"
             raise NotFound(f"no package {version!r} (available: {known}; "
                            "make one with `rolehost package`)")
+        # Its relative paths are from the definition it was made of: certificates are
+        # not packaged, but read where the definition names them (renewed there).
+        source = Path(json.loads((folder / "package.json").read_text())["source"])
         try:
-            definition = model.load(folder / "rolehost.toml")
+            definition = model.load(folder / "rolehost.toml", base=source.parent)
         except model.DefinitionErrors as exc:
             raise DoesNotLoad(f"package {version} has an invalid definition:\n{exc}") from None
         roles = {name: role.model_copy(update={"app": folder / "apps" / name})

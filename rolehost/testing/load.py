@@ -1,11 +1,14 @@
-"""`LoadProbe`: steady keep-alive HTTP load from threads, counting every failed request
-with its cause."""
+"""`LoadProbe`: steady keep-alive HTTP (or HTTPS) load from threads, counting every
+failed request with its cause."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 from rolehost.testing.waiting import wait_until
 
@@ -22,11 +25,17 @@ class LoadProbe:
     """
 
     def __init__(self, url: str, clients: int = 4, timeout: float = 30.0,
-                 method: str = "GET", body: bytes | None = None) -> None:
+                 method: str = "GET", body: bytes | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
+        """An `https://` URL is loaded over TLS, verified with `context` (default: the
+        system's trust)."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.context = context
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.clients, self.timeout, self.method, self.body = clients, timeout, method, body
         self.requests = 0
@@ -65,8 +74,10 @@ class LoadProbe:
             began = time.perf_counter()
             try:
                 if connection is None:
-                    connection = http.client.HTTPConnection(self.host, self.port,
-                                                            timeout=self.timeout)
+                    connection = (http.client.HTTPSConnection(
+                        self.host, self.port, timeout=self.timeout, context=self.context)
+                        if self.tls else http.client.HTTPConnection(
+                            self.host, self.port, timeout=self.timeout))
                 connection.request(self.method, self.path, body=self.body)
                 response = connection.getresponse()
                 response.read()

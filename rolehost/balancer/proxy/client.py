@@ -146,6 +146,7 @@ class HttpClient(_Peer):
         self.parser = httptools.HttpRequestParser(self)
         self.feed = self.parser.feed_data  # looked up once, not at every read
         self.ip = b"unix"
+        self.proto = b"http" if balancer.tls is None else b"https"  # X-Forwarded-Proto
         self.current: Request | None = None  # the request being parsed
         self.pending: deque[Request] = deque()  # parsed heads waiting for their turn
         self.active: Request | None = None  # the request being relayed

@@ -70,7 +70,7 @@ class _Exchange:
     def start(self) -> None:
         """The head, what an earlier attempt sent of the body, and what of it is in now."""
         request = self.request
-        head, self.chunked = _request_head(request, self.client.ip)
+        head, self.chunked = _request_head(request, self.client.ip, self.client.proto)
         parts = [head]
         if request.replay:
             parts += [_frame(done, self.chunked) for done in request.replay]

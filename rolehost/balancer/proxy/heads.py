@@ -86,9 +86,10 @@ def _has_length(request: Request) -> bool:
                for n, v in request.headers)
 
 
-def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
+def _request_head(request: Request, client_ip: bytes, proto: bytes, upgrade: bool = False
                   ) -> tuple[bytes, bool]:
-    """The head to send the instance, and whether the body goes chunked."""
+    """The head to send the instance, and whether the body goes chunked. `proto`: what
+    the client spoke to the balancer (http, or https it terminated)."""
     # mypyc builds each `%` of bytes in one allocation; the join copies a few pieces.
     parts = [b"%s %s HTTP/1.1\r\n" % (request.method, request.url)]
     forwarded = coding = length = b""
@@ -123,8 +124,9 @@ def _request_head(request: Request, client_ip: bytes, upgrade: bool = False
         framing = b"Content-Length: %s\r\n" % length
     else:
         framing = b""
-    parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n%s%s\r\n"
-                 % (forwarded, b"" if upgrade else b"Connection: keep-alive\r\n", framing))
+    parts.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n%s%s\r\n"
+                 % (forwarded, proto, b"" if upgrade else b"Connection: keep-alive\r\n",
+                    framing))
     return b"".join(parts), chunked
 
 

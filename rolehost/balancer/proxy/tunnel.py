@@ -32,7 +32,7 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
             return
         outbound: asyncio.Future[None] | None = None
         try:
-            head, chunked = _request_head(request, client.ip, upgrade=True)
+            head, chunked = _request_head(request, client.ip, client.proto, upgrade=True)
             writer.write(head)
             # httptools hands over all that follows an Upgrade's head as tunnel bytes, a
             # body too. With a body they go at once, so that the instance can read it and
