@@ -2,7 +2,7 @@
 under restarts.
 
     python bench/balancer.py [--seconds S] [--rounds N] [--throughput-only] [--json out.json]
-                             [--pin] [--profile | --no-profile] [--keep]
+                             [--pin] [--profile | --no-profile] [--no-https] [--keep]
 
 One rolehost service (2 instances of a tiny keep-alive web role) is started with
 `rolehost start --detach`; nginx is then configured as a reverse proxy to the same two
@@ -12,7 +12,10 @@ column, configured the same way.
 
 1. Throughput and latency: wrk with the same settings against the rolehost balancer and
    against nginx, alternately (rolehost, nginx, nginx, rolehost) after a warm-up of each;
-   the CPU each proxy and the backends consumed is measured with psutil per run.
+   the CPU each proxy and the backends consumed is measured with psutil per run. Then
+   the same for https (unless --no-https): a second endpoint of the service with
+   protocol = "https", against an nginx server block with `ssl` over the same upstreams,
+   one certificate for both (trustme, made for the run), wrk keeping its connections.
 2. Failed requests: steady load from `rolehost.testing.LoadProbe` (exact failure counts
    and causes) while each instance in turn is restarted (`rolehost restart web/N --wait`,
    graceful: the balancer drains first), then while each instance's host is SIGKILLed and
@@ -140,14 +143,19 @@ ROLE = textwrap.dedent('''\
 
     class Web(RoleEntryPoint):
         def on_start(self) -> bool:
-            endpoint = RoleEnvironment.current_instance.endpoints["http"]
-            self.server = Server((endpoint.host, endpoint.port), Handler)
-            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            # Every input endpoint (http, and https when the bench has it: the balancer
+            # terminates TLS, the instance serves http on that endpoint's port too).
+            self.servers = []
+            for endpoint in RoleEnvironment.current_instance.endpoints.values():
+                server = Server((endpoint.host, endpoint.port), Handler)
+                threading.Thread(target=server.serve_forever, daemon=True).start()
+                self.servers.append(server)
             return True
 
         def on_stop(self) -> None:
-            self.server.shutdown()
-            self.server.server_close()  # new connections are refused from here on
+            for server in self.servers:
+                server.shutdown()
+                server.server_close()  # new connections are refused from here on
     ''')
 
 # wrk prints this line at the end (latencies in microseconds), so nothing is scraped.
@@ -175,6 +183,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class Certificate:
+    """An https endpoint's port, and a certificate for 127.0.0.1 made for the run
+    (trustme): both proxies serve the same chain and key."""
+
+    port: int
+    chain: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path, port: int) -> Certificate:
+        import trustme
+
+        folder.mkdir(parents=True)
+        issued = trustme.CA().issue_cert("127.0.0.1")
+        chain, key = folder / "chain.pem", folder / "key.pem"
+        chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        issued.private_key_pem.write_to_path(str(key))
+        return cls(port, chain, key)
 
 
 def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes] | None:
@@ -295,7 +324,8 @@ class Results:
     def round_ratios(self, other: str = "nginx") -> list[float]:
         """Per round of ROUNDS: rolehost's requests/s over `other`'s. A drift of the
         machine within a round hits all alike."""
-        runs = [r for r in self.wrk if r.label.startswith("run ")]
+        runs = [r for r in self.wrk if r.label.startswith("run ")
+                and r.contender in CONTENDERS]
         ratios = []
         for start in range(0, len(runs) - len(ROUNDS) + 1, len(ROUNDS)):
             quartet = runs[start:start + len(ROUNDS)]
@@ -362,11 +392,21 @@ def pin(pids: list[int], cpus: str) -> None:
 class Rolehost(Controller):
     """The service under test: a controller over a generated two-instance definition."""
 
-    def __init__(self, work: Path, port: int) -> None:
+    def __init__(self, work: Path, port: int, https: Certificate | None = None) -> None:
         app = work / "rolehost" / "app"
         app.mkdir(parents=True)
         (app / "web_role.py").write_text(ROLE)
         self.port = port
+        self.https = https
+        extra = "" if https is None else textwrap.dedent(f"""
+            [roles.web.endpoints.https]
+            port = {https.port}
+            protocol = "https"
+            certificate = "{https.chain}"
+            key = "{https.key}"
+            drain_timeout = "10s"
+            probe = {{ path = "/healthz", interval = "500ms", timeout = "1s", healthy = 1, unhealthy = 2 }}
+            """)  # noqa: E501
         super().__init__(work / "rolehost", textwrap.dedent(f"""\
             [service]
             name = "balbench"
@@ -383,7 +423,7 @@ class Rolehost(Controller):
             port = {port}
             drain_timeout = "10s"
             probe = {{ path = "/healthz", interval = "500ms", timeout = "1s", healthy = 1, unhealthy = 2 }}
-            """), client_timeout=10.0)  # noqa: E501
+            """) + extra, client_timeout=10.0)  # noqa: E501
 
     def status(self) -> dict[str, Any]:
         """`rolehost status --json`, as the brief asks the ports be read (`instances` asks
@@ -397,7 +437,8 @@ class Rolehost(Controller):
         now = time.time()
         for i in instances:
             since = i["ready_since"]
-            if i["state"] != "ready" or not i["endpoints"]["http"].get("in_rotation") or (
+            if i["state"] != "ready" or not all(
+                    e.get("in_rotation") for e in i["endpoints"].values()) or (
                     since is None or now - datetime.fromisoformat(since).timestamp()
                     < STABLE_AFTER + 0.2):
                 return None
@@ -454,7 +495,7 @@ class Nginx:
     """
 
     def __init__(self, work: Path, port: int, retry_port: int, upstreams: list[int],
-                 connections: int = WRK_CONNECTIONS) -> None:
+                 connections: int = WRK_CONNECTIONS, https: Certificate | None = None) -> None:
         self.root = work / "nginx"
         self.root.mkdir(parents=True)
         self.port, self.retry_port = port, retry_port
@@ -484,6 +525,24 @@ class Nginx:
                 }}
             """).format(name=name, servers=servers, listen=listen,
                         keepalive=nginx_keepalive(connections)))
+        self.tls_port: int | None = None
+        if https is not None:  # TLS terminated, then the same upstream as `port`
+            self.tls_port = free_port()
+            blocks.append(textwrap.dedent(f"""\
+                server {{{{
+                    listen 127.0.0.1:{self.tls_port} ssl;
+                    ssl_certificate {https.chain};
+                    ssl_certificate_key {https.key};
+                    ssl_protocols TLSv1.2 TLSv1.3;
+                    location / {{{{
+                        proxy_pass http://web;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection keep-alive;
+                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+                        proxy_set_header X-Forwarded-Proto $scheme;
+                    }}}}
+                }}}}
+            """).replace("{{", "{").replace("}}", "}"))
         self.conf.write_text(textwrap.dedent("""\
             worker_processes 1;
             daemon off;
@@ -577,21 +636,23 @@ class Nginx:
 # wrk.
 
 
-def wrk_argv(port: int, seconds: float, connections: int, script: Path, pinned: bool
-             ) -> list[str]:
+def wrk_argv(port: int, seconds: float, connections: int, script: Path, pinned: bool,
+             scheme: str = "http") -> list[str]:
     argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
-            "-s", str(script), f"http://127.0.0.1:{port}/"]
+            "-s", str(script), f"{scheme}://127.0.0.1:{port}/"]
     return ["taskset", "-c", "0", *argv] if pinned else argv
 
 
 def run_wrk(run: WrkRun, port: int, script: Path, proxy: list[psutil.Process],
-            backends: list[psutil.Process], ports: list[int], pinned: bool) -> WrkRun:
+            backends: list[psutil.Process], ports: list[int], pinned: bool,
+            scheme: str = "http") -> WrkRun:
     """One wrk run; fills `run` in (its `error` says what went wrong, if anything did)."""
     connections0 = accepted(ports)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proxy0, backends0 = cpu_seconds(proxy), cpu_seconds(backends)
     try:
-        done = subprocess.run(wrk_argv(port, run.seconds, run.connections, script, pinned),
+        done = subprocess.run(wrk_argv(port, run.seconds, run.connections, script, pinned,
+                                       scheme),
                               env=child_env(),
                               capture_output=True, text=True, timeout=run.seconds + WRK_GRACE,
                               stdin=subprocess.DEVNULL)
@@ -627,30 +688,39 @@ class Contender:
     name: str
     port: int
     proxy: Callable[[], list[psutil.Process]]
+    scheme: str = "http"
+    endpoint: str = "http"  # rolehost's endpoint whose private ports the backends count on
 
 
 def throughput(results: Results, contenders: dict[str, Contender], rh: Rolehost, seconds: float,
                script: Path, pinned: bool, rounds: int = 1) -> None:
     instances = rh.instances()
     backends = [psutil.Process(int(i["pid"])) for i in instances]
-    ports = [int(i["endpoints"]["http"]["port"]) for i in instances]
+
+    def ports(c: Contender) -> list[int]:
+        return [int(i["endpoints"][c.endpoint]["port"]) for i in instances]
+
+    names = [n for n in CONTENDERS if n in contenders]
+    https = [n for n in ("rolehost https", "nginx https") if n in contenders]
     if pinned:
         pin([p.pid for c in contenders.values() for p in c.proxy()] + [p.pid for p in backends],
             "1")
     try:
-        for name in CONTENDERS:
+        for name in names + https:
             print(f"throughput: warm-up {name} ({WARMUP_SECONDS:g}s)...", file=sys.stderr)
             c = contenders[name]
             results.wrk.append(run_wrk(
                 WrkRun(name, "warm-up", WARMUP_SECONDS, results.connections), c.port, script,
-                c.proxy(), backends, ports, pinned))
-        order = ROUNDS * rounds
+                c.proxy(), backends, ports(c), pinned, c.scheme))
+        # The https pair in its own ABBA rounds, after the http ones.
+        order = [*ROUNDS * rounds,
+                 *([f"{n} https" for n in ROUNDS] * rounds if https else [])]
         for n, name in enumerate(order, 1):
             print(f"throughput: run {n}/{len(order)} {name} ({seconds:g}s)...", file=sys.stderr)
             c = contenders[name]
             results.wrk.append(run_wrk(
                 WrkRun(name, f"run {n}", seconds, results.connections), c.port, script,
-                c.proxy(), backends, ports, pinned))
+                c.proxy(), backends, ports(c), pinned, c.scheme))
     finally:
         if pinned:
             every = f"0-{(os.cpu_count() or 1) - 1}"
@@ -930,7 +1000,8 @@ def markdown(results: Results) -> str:
               "| contender | runs | req/s | p50 ms | p99 ms | proxy CPU us/req | "
               "backends CPU us/req |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for sm in (rh, ng, hp):
+    rhs, ngs = results.summary("rolehost https"), results.summary("nginx https")
+    for sm in (rh, ng, hp, rhs, ngs):
         if sm is not None:
             lines.append(f"| {sm.contender} | {sm.runs} | {sm.rps:.0f} | {sm.p50_ms:.2f} "
                          f"| {sm.p99_ms:.2f} | {num(sm.proxy_us_per_request, '.0f')} "
@@ -947,6 +1018,12 @@ def markdown(results: Results) -> str:
             f"| **{rh.p50_ms / hp.p50_ms:.2f} x** | **{rh.p99_ms / hp.p99_ms:.2f} x** "
             f"| {ratio_text(_div(rh.proxy_us_per_request, hp.proxy_us_per_request), 1)} "
             f"| {ratio_text(_div(rh.backends_us_per_request, hp.backends_us_per_request))} |")
+    if rhs and ngs:
+        lines.append(
+            f"| **rolehost https / nginx https** | | **{rhs.rps / ngs.rps:.2f} x** "
+            f"| **{rhs.p50_ms / ngs.p50_ms:.2f} x** | **{rhs.p99_ms / ngs.p99_ms:.2f} x** "
+            f"| {ratio_text(_div(rhs.proxy_us_per_request, ngs.proxy_us_per_request), 1)} "
+            f"| {ratio_text(_div(rhs.backends_us_per_request, ngs.backends_us_per_request))} |")
     for other in ("nginx", "haproxy"):
         if ratios := results.round_ratios(other):
             lines += ["", f"Requests/s ratio per round (rolehost's two runs over {other}'s two "
@@ -1069,11 +1146,13 @@ def machine_details() -> dict[str, str]:
 
 
 def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: int = 1,
-        throughput_only: bool = False, connections: int = WRK_CONNECTIONS) -> Results:
+        throughput_only: bool = False, connections: int = WRK_CONNECTIONS,
+        https: bool = True) -> Results:
     work = Path(tempfile.mkdtemp(prefix="rh-bal-", dir="/tmp"))  # short: socket path limit
     script = work / "report.lua"
     script.write_text(WRK_SCRIPT)
-    rh = Rolehost(work, free_port())
+    certificate = Certificate.make(work / "tls", free_port()) if https else None
+    rh = Rolehost(work, free_port(), certificate)
     nginx: Nginx | None = None
     haproxy: Haproxy | None = None
     results = Results(machine(machine_details()), {}, connections=connections)
@@ -1083,7 +1162,7 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
         wait_until("every instance ready and in rotation", STARTUP_TIMEOUT, rh.serving, 0.1)
         status = rh.status()  # `rolehost status --json`
         ports = [int(i["endpoints"]["http"]["port"]) for i in status["instances"]]
-        nginx = Nginx(work, free_port(), free_port(), ports, connections)
+        nginx = Nginx(work, free_port(), free_port(), ports, connections, certificate)
         print("starting nginx...", file=sys.stderr)
         nginx.start()
         haproxy = Haproxy(work, free_port(), ports, haproxy_binary())
@@ -1098,6 +1177,11 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
             "nginx": Contender("nginx", ng.port, ng.processes),
             "nginx max_fails=0": Contender("nginx max_fails=0", ng.retry_port, ng.processes),
         }
+        if certificate is not None and ng.tls_port is not None:
+            contenders["rolehost https"] = Contender("rolehost https", certificate.port,
+                                                     lambda: [controller], "https", "https")
+            contenders["nginx https"] = Contender("nginx https", ng.tls_port, ng.processes,
+                                                  "https")
         results.settings = {
             "load generator": " ".join(wrk_argv(0, seconds, connections, Path("report.lua"),
                                                 pinned))
@@ -1118,6 +1202,14 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
             "haproxy": f"{tool_version([hp.binary, '-v'])} on 127.0.0.1:{hp.port}: "
                        + haproxy_settings(),
         }
+        if "rolehost https" in contenders:
+            results.settings["https"] = (
+                f"rolehost: a second endpoint, protocol = \"https\" on 127.0.0.1:"
+                f"{contenders['rolehost https'].port} (the controller's ssl, TLS 1.2+); nginx: "
+                f"a server block `listen ... ssl` on 127.0.0.1:{contenders['nginx https'].port}"
+                ", ssl_protocols TLSv1.2 TLSv1.3, to the same upstream; one certificate for "
+                "127.0.0.1 (trustme, RSA) for both; wrk's connections are kept alive, so the "
+                "handshakes are a few, and the figure is the record layer's cost")
         throughput(results, contenders, rh, seconds, script, pinned, rounds)
         nginx_done = 0.0  # when the last round through nginx's defaults ended
         for scenario in () if throughput_only else ("restart", "SIGKILL"):
@@ -1175,6 +1267,9 @@ def main() -> None:
                              "connections")
     parser.add_argument("--pin", action="store_true",
                         help="wrk on CPU 0, the proxies and backends on CPU 1 (taskset)")
+    parser.add_argument("--no-https", dest="https", action="store_false",
+                        help="leave out the https pair (TLS terminated by rolehost, by nginx) "
+                             "and its rounds")
     profiling = parser.add_mutually_exclusive_group()
     profiling.add_argument("--profile", dest="profile", action="store_true", default=None,
                            help="always profile the controller with py-spy")
@@ -1198,14 +1293,15 @@ def main() -> None:
 
     with sigterm_as_exit():
         results = run(args.seconds, args.pin, args.profile, args.keep, args.rounds,
-                      args.throughput_only, args.connections)
+                      args.throughput_only, args.connections, args.https)
     print(markdown(results))
     if args.json:
         data = asdict(results)
         for entry, r in zip(data["wrk"], results.wrk, strict=True):
             entry.update(proxy_us_per_request=r.proxy_us_per_request,
                          backends_us_per_request=r.backends_us_per_request)
-        data["summary"] = {c: asdict(sm) for c in CONTENDERS
+        data["summary"] = {c: asdict(sm) for c in (*CONTENDERS, "rolehost https",
+                                                   "nginx https")
                            if (sm := results.summary(c)) is not None}
         data["round_ratios"] = {c: results.round_ratios(c) for c in ("nginx", "haproxy")}
         data["targets"] = [dict(zip(("target", "measured", "verdict"), t, strict=True))
