@@ -19,6 +19,8 @@ from fractions import Fraction
 # Longer than any deadline or timeout has a use for, and far below what a wait can take
 # (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
 MAX_DURATION = 7 * 24 * 3600
+# How many instances a role may have: the platform's own bound per role.
+MIN_INSTANCES, MAX_INSTANCES = 1, 1000
 # Whole: no whitespace around it or inside (the schema's pattern refuses it too), and
 # ASCII digits only (`\d` would take any script's, which JSON Schema's does not).
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")

@@ -468,8 +468,8 @@ class Controller:
         """Serve what the certificate files of the https endpoints (of `role_name`, or
         all) hold now, from the next handshake on. Invalid if one cannot serve: then
         none is renewed."""
-        renewing = [b for b in self.balancers if b.tls is not None
-                    and role_name in (None, b.role)]
+        renewing = [b for b in self.balancers if isinstance(b, Balancer)
+                    and b.tls is not None and role_name in (None, b.role)]
         for balancer in renewing:
             assert balancer.endpoint.certificate is not None and balancer.endpoint.key
             try:
