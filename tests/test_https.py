@@ -13,6 +13,7 @@ import trustme
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from rolehost import definition
 from rolehost.testing import LoadProbe, run_dir_processes
 from support.cli import rolehost
 from support.net import free_port
@@ -183,3 +184,18 @@ def test_a_certificate_that_cannot_serve_is_a_definition_error(
     assert f"rolehost.toml: {expected}" in done.stderr, done.stderr
     assert not (tmp_path / ".rolehost" / "control.sock").exists()
     assert not run_dir_processes(tmp_path / ".rolehost")
+
+
+def test_a_site_may_serve_an_https_endpoint(tmp_path: Path) -> None:
+    """The balancer terminates TLS: behind an https endpoint a web role's site serves
+    http, as it does behind an http one."""
+    issue(trustme.CA(), tmp_path / "tls")
+    raw = {"service": {"name": "s"}, "roles": {"web": {
+        "site": {"asgi": "shop:app"},
+        "endpoints": {"site": {"port": 18443, "protocol": "https",
+                               "certificate": "tls/site.pem", "key": "tls/site.key"}}}}}
+    role = definition.parse(raw, tmp_path / "rolehost.toml").roles["web"]
+    assert role.endpoints["site"].certificate == tmp_path / "tls" / "site.pem"
+    raw["roles"]["web"]["endpoints"]["site"] = {"port": 18443, "protocol": "tcp"}
+    with pytest.raises(definition.DefinitionErrors, match="expected an http endpoint"):
+        definition.parse(raw)

@@ -85,7 +85,8 @@ def site_endpoint(site: Site, endpoints: dict[str, Any]) -> str:
                          + (f"{len(endpoints)} endpoints: name the one the site binds"
                             if endpoints else "no endpoint: declare an http endpoint for "
                             "the site, [roles.NAME.endpoints.http]"))
-    if str(getattr(endpoints[name], "protocol", "http")) != "http":
+    # Behind an https endpoint too: the balancer terminates TLS, the site serves http.
+    if str(getattr(endpoints[name], "protocol", "http")) not in ("http", "https"):
         raise ValueError(f"expected an http endpoint, {name!r} is tcp")
     return name
 
