@@ -1,0 +1,1 @@
+"""Imports of a service from another platform: `rolehost import KIND`."""
