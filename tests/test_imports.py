@@ -33,7 +33,7 @@ def _type_checking(node: ast.If) -> bool:
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules of `known` that module `name` imports, wherever in it (at the top, in
     a function, in a try), except in `if TYPE_CHECKING:` blocks (their `else:` counts).
-    `from P import x` is an import of P.x when that is a module, of P otherwise."""
+    `from P import x` is an import of P, and of P.x when that is a module."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
@@ -53,8 +53,9 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
-            for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+            # P itself too: importing P.x runs P's __init__ first, and what it imports.
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
         visit(node)
 
     visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
@@ -130,9 +131,10 @@ def test_the_walk_sees_the_imports_it_must(tmp_path: Path) -> None:
     for name, text in files.items():
         (package / name).write_text(text)
     edges = graph(package)
-    assert edges == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.c"},
-                     "pkg.c": {"pkg.sub.d"}, "pkg.sub": set(), "pkg.sub.d": {"pkg.a"},
-                     "pkg.e": {"pkg.sub.d"}}
+    # `from P import x` imports P as well: its __init__ runs first.
+    assert edges == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg", "pkg.c"},
+                     "pkg.c": {"pkg.sub", "pkg.sub.d"}, "pkg.sub": set(),
+                     "pkg.sub.d": {"pkg.a"}, "pkg.e": {"pkg.sub.d"}}
     assert cycles(edges) == [["pkg.a", "pkg.b", "pkg.c", "pkg.sub.d"]]
     edges["pkg.c"] = set()  # what TYPE_CHECKING alone would leave: no cycle
     assert cycles(edges) == []

@@ -162,7 +162,7 @@ def test_rolehost_scale_says_which_instances_it_added_and_which_it_removed(
 
 
 def test_what_a_scale_did_in_words() -> None:
-    from rolehost.cli.wording import scaled
+    from rolehost.control.wording import scaled
 
     assert scaled("web", 12, ["web_IN_10", "web_IN_11"]) == (
         "web: 12 instances, added web_IN_10, web_IN_11")

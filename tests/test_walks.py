@@ -396,7 +396,7 @@ def test_walk_next_prints_the_steps_after_the_pause_only(make_service: MakeServi
 
 
 def test_the_walk_header_in_words() -> None:
-    from rolehost.cli.wording import walk_header
+    from rolehost.control.wording import walk_header
 
     assert walk_header({"id": "w", "domains": [["a_IN_0"], [], []]}, "deploy v2") == (
         "walk w: deploy v2 over 1 update domain")

@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from rolehost import definition as model
-from rolehost.cli import wording
 from rolehost.cli.common import (
     call,
     cli,
@@ -22,6 +21,7 @@ from rolehost.cli.common import (
     run_dir_option,
 )
 from rolehost.client import Client
+from rolehost.control import wording
 from rolehost.control.exits import EXIT_BAD_DEFINITION
 from rolehost.definition.scalars import setting_from_text
 from rolehost.fabric.disks import Maintenance, Upgrade

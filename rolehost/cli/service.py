@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from rolehost.cli import wording
 from rolehost.cli.common import (
     DETACH_TIMEOUT,
     call,
@@ -25,6 +24,7 @@ from rolehost.cli.common import (
     user_of,
 )
 from rolehost.client import Client, ControllerNotRunning
+from rolehost.control import wording
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.rundir import AlreadyRunning, RunDir

@@ -1,5 +1,5 @@
 """What the portal's buttons do: each calls the one control API operation the CLI's
-command calls, and answers with the lines the command prints (rolehost/cli/wording.py),
+command calls, and answers with the lines the command prints (rolehost/control/wording.py),
 its failure, and what the page follows next to show the progress: the walk's steps, or
 the state changes of the instances it touched.
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rolehost.cli import wording
 from rolehost.client import ApiError, ControllerNotRunning
+from rolehost.control import wording
 from rolehost.definition.scalars import setting_from_text
 from rolehost.fabric.disks import Upgrade
 from rolehost.observability import logs

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from rolehost.cli import wording
+from rolehost.control import wording
 from rolehost.fabric.disks import Upgrade
 from rolehost.observability import logs
 from rolehost.portal import timeline
