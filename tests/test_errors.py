@@ -30,6 +30,7 @@ CONTRACT: list[tuple[Exception, int, str, int]] = [
     (api.MethodNotAllowed("GET only"), 405, "not-allowed", 1),
     (errors.Conflict("busy"), 409, "conflict", 1),
     (api.TooLarge("big"), 413, "too-large", 1),
+    (api.UrlTooLong("long"), 414, "too-large", 1),
     (errors.DoesNotLoad("broken"), 422, "does-not-load", 2),
     (errors.OperationFailed("not ready"), 500, "failed", 1),
     (errors.Unavailable("stopping"), 503, "unavailable", 1),

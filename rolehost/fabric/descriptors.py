@@ -142,8 +142,9 @@ def at_start(definition: Definition) -> Budget:
     instances = sum(role.instances for role in roles)
     share = default_max_connections(limit.soft, len(endpoints), instances)
     budget = Budget(limit, share, somaxconn())
-    log.info("descriptor_limit", soft=limit.soft, was=limit.before, hard=limit.hard,
-             reserve=reserve(instances), max_connections=share, backlog=budget.backlog)
+    if endpoints:  # the shares are the endpoints': a worker-only service has none to tell
+        log.info("descriptor_limit", soft=limit.soft, was=limit.before, hard=limit.hard,
+                 reserve=reserve(instances), max_connections=share, backlog=budget.backlog)
     wanted = needed(definition, share)
     if endpoints and wanted > limit.soft:
         log.warning("descriptor_limit_low", soft=limit.soft, hard=limit.hard, needed=wanted,

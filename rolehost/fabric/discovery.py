@@ -64,7 +64,11 @@ class Discovery:
         self._sent[instance.id] = now
         self._due.add(instance.id)
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self._send)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop, so no host running to be told (a scripted test)
+                return
+            self._flush = loop.call_soon(self._send)
 
     def _send(self) -> None:
         self._flush = None
