@@ -86,6 +86,8 @@ class Endpoint(_Model):
 
     port: Integer = Field(ge=1, le=65535, description="public port the balancer listens on; "
                           "each endpoint and the metrics have their own, whatever the host")
+    staging_port: Integer | None = Field(default=None, ge=1, le=65535, description="public "
+        "port in the staging slot (docs/deploying.md), required for a staging deploy")
     protocol: Protocol = Field(default=Protocol.http, description="http, https or tcp; "
                                "https: the balancer terminates TLS (1.2 and later) and "
                                "relays HTTP/1.1 to the instances with `X-Forwarded-Proto: "
@@ -145,8 +147,10 @@ class Endpoint(_Model):
     def port_ranges(self) -> dict[str, range]:
         """The ports the endpoint takes, by key: `port`, and for an external one a
         range of MAX_INSTANCES (one per instance index) for its instances and one for
-        their readiness."""
+        their readiness; `staging_port`, if set."""
         ranges = {"port": range(self.port, self.port + 1)}
+        if self.staging_port is not None:
+            ranges["staging_port"] = range(self.staging_port, self.staging_port + 1)
         if self.external:
             first = self.instance_port or self.port + 1
             ready = self.readiness_port or self.port + 1 + MAX_INSTANCES

@@ -135,9 +135,10 @@ def compatibility(running: model.Definition, new: model.Definition) -> list[str]
                         f"{', '.join(sorted(new.roles))} in the package)")
     for name in set(running.roles) & set(new.roles):
         old, fresh = running.roles[name], new.roles[name]
-        # Each instance keeps its ports through a deploy, and other instances know them.
+        # Each instance keeps its ports through a deploy, and other instances know them. The
+        # staging ports are the staging slot's, which an in-place deploy leaves alone.
         problems += [f"roles.{name}.{kind} differ" for kind in model.ENDPOINT_KINDS
-                     if getattr(old, kind) != getattr(fresh, kind)]
+                     if _unstaged(getattr(old, kind)) != _unstaged(getattr(fresh, kind))]
     return problems
 
 
@@ -148,6 +149,12 @@ def _private(package: Path) -> None:
     for folder, _, _ in os.walk(package):
         os.chmod(folder, 0o700)
     os.chmod(package / "rolehost.toml", 0o600)
+
+
+def _unstaged(endpoints: dict[str, Any]) -> dict[str, Any]:
+    """Endpoints without their staging ports (input endpoints have one; others do not)."""
+    return {name: ep.model_copy(update={"staging_port": None}) if hasattr(ep, "staging_port")
+            else ep for name, ep in endpoints.items()}
 
 
 def _digest(source: Path, definition: model.Definition, run_dir: Path) -> str:
