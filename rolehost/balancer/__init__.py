@@ -114,18 +114,20 @@ class Balancer:
     """Listens on one endpoint's public address and spreads its traffic."""
 
     def __init__(self, role: str, name: str, endpoint: Endpoint, max_connections: int = 1024,
-                 backlog: int = 4096) -> None:
+                 backlog: int = 4096, slot: str = "production") -> None:
         """`max_connections`: the client connections it keeps open at most, whatever the
         endpoint says (the controller resolves its default: fabric/descriptors.py);
-        `backlog`: where the connections beyond it wait."""
-        self.role, self.name, self.endpoint = role, name, endpoint
+        `backlog`: where the connections beyond it wait; `slot`: whose listener it is
+        (fabric/slots.py)."""
+        self.role, self.name, self.endpoint, self.slot = role, name, endpoint, slot
         self.max_connections = endpoint.max_connections or max_connections
         self.backlog = backlog
         # Read on every pick: kept as plain attributes, not looked up on the model each time.
         self._least_outstanding = endpoint.balance is Balance.least_outstanding
         self._slow_start = endpoint.slow_start
         self.backends: dict[str, Backend] = {}
-        self.label = f"{role}.{name}"  # the endpoint, as logs and metrics name it
+        # The endpoint, as logs and metrics name it; the staging slot's listener apart.
+        self.label = f"{role}.{name}" + ("" if slot == "production" else f"@{slot}")
         self.latency = Tally()  # seconds to relay a request
         self._turn = 0  # round-robin's position
         self._ready: list[Backend] | None = None  # in rotation; None: to be listed again
@@ -167,7 +169,7 @@ class Balancer:
         backend.joined = asyncio.get_running_loop().time()
         if not in_rotation:
             backend.close_idle()  # idle keep-alive connections go; busy ones finish first
-        log.info("rotation", instance=instance_id, endpoint=f"{self.role}.{self.name}",
+        log.info("rotation", instance=instance_id, endpoint=self.label,
                  in_rotation=in_rotation, reason=None if in_rotation else why_out)
         self._rotation_changed.set()
         self._rotation_changed = asyncio.Event()
@@ -182,9 +184,20 @@ class Balancer:
             await asyncio.wait_for(backend.quiet(), self.endpoint.drain_timeout)
         except TimeoutError:
             log.warning("drain_timeout", instance=instance_id, active=backend.active,
-                        endpoint=f"{self.role}.{self.name}")
+                        endpoint=self.label)
             return False
         return True
+
+    def exchange(self, other: Balancer) -> None:
+        """The VIP swap: this listener and `other` take each other's instances, at once.
+        The next request on either picks among its new ones; one in flight finishes on
+        the instance it went to, which holds its own count of what it serves. Waiters
+        for an instance in rotation look again."""
+        self.backends, other.backends = other.backends, self.backends
+        for balancer in (self, other):
+            balancer._ready = None
+            balancer._rotation_changed.set()
+            balancer._rotation_changed = asyncio.Event()
 
     def pick_now(self, exclude: Collection[str] = ()) -> Backend | None:
         """A backend in rotation, or None if there is none right now."""
@@ -277,7 +290,7 @@ class Balancer:
         self._listener.start()
         if self.endpoint.protocol is not Protocol.tcp and self.endpoint.idle_timeout > 0:
             self._sweep = loop.create_task(self._close_silent(self.endpoint.idle_timeout))
-        log.info("balancer_listening", endpoint=f"{self.role}.{self.name}",
+        log.info("balancer_listening", endpoint=self.label,
                  address=f"{self.endpoint.host}:{self.endpoint.port}",
                  protocol=self.endpoint.protocol.value, max_connections=self.max_connections,
                  backlog=self.backlog)
@@ -373,7 +386,8 @@ class Balancer:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "role": self.role, "endpoint": self.name, "protocol": self.endpoint.protocol.value,
+            "role": self.role, "endpoint": self.name, "slot": self.slot,
+            "protocol": self.endpoint.protocol.value,
             "address": f"{self.endpoint.host}:{self.endpoint.port}",
             "in_rotation": sorted(b.instance_id for b in self.backends.values() if b.in_rotation),
             "connections": len(self.connections),
