@@ -109,12 +109,15 @@ class Client:
                            error.get("kind"))
         return payload
 
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/v1/status")
+    def status(self, slot: str | None = None) -> dict[str, Any]:
+        """The service's status: production's, or with `slot`, that slot's."""
+        query = "" if slot is None else f"?slot={quote(slot, safe='')}"
+        result: dict[str, Any] = self.request("GET", f"/v1/status{query}")
         return result
 
-    def instance(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/v1/instances/{quote(name, safe='')}")
+    def instance(self, name: str, slot: str = "production") -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/instances/{quote(name, safe='')}?slot={quote(slot, safe='')}")
         return result
 
     def check_status(self, name: str) -> None:
@@ -126,43 +129,65 @@ class Client:
         return result
 
     def maintain(
-        self, kind: str, instances: list[str], wait: bool = False, timeout: float | None = None
+        self, kind: str, instances: list[str], wait: bool = False, timeout: float | None = None,
+        slot: str = "production",
     ) -> list[dict[str, Any]]:
-        """`restart`, `reimage`, `rebuild`, `recycle` or `agent-update` the instances."""
+        """`restart`, `reimage`, `rebuild`, `recycle` or `agent-update` the instances (of
+        the deployment in `slot`)."""
         result: list[dict[str, Any]] = self.request(
-            "POST", f"/v1/operations/{kind}", {"instances": instances, "wait": wait},
-            timeout=timeout,
+            "POST", f"/v1/operations/{kind}",
+            {"instances": instances, "wait": wait, "slot": slot}, timeout=timeout,
         )
         return result
 
-    def upgrade(self, kind: str, manual: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", f"/v1/upgrades/{kind}", {"manual": manual})
+    def upgrade(self, kind: str, manual: bool = False, slot: str = "production"
+                ) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/upgrades/{kind}",
+                                              {"manual": manual, "slot": slot})
         return result
 
-    def package(self, version: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/v1/packages", {"version": version})
+    def package(self, version: str | None = None, source: Path | None = None) -> dict[str, Any]:
+        """Package the definition file `source` (default: the running one)."""
+        body: dict[str, Any] = {"version": version}
+        if source is not None:
+            body["source"] = str(source.resolve())
+        result: dict[str, Any] = self.request("POST", "/v1/packages", body)
         return result
 
     def packages(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("GET", "/v1/packages")
         return result
 
-    def deploy(self, version: str, rollback: bool = True, manual: bool = False) -> dict[str, Any]:
+    def deploy(self, version: str, rollback: bool = True, manual: bool = False,
+               slot: str = "production") -> dict[str, Any]:
+        """Production: an in-place walk (its snapshot). Staging: a second deployment,
+        answered once its instances are back (the staging slot's status)."""
         result: dict[str, Any] = self.request(
             "POST", f"/v1/deploy/{quote(version, safe='')}",
-            {"rollback": rollback, "manual": manual},
+            {"rollback": rollback, "manual": manual, "slot": slot},
         )
         return result
 
-    def configure(self, role: str, settings: dict[str, Any]) -> dict[str, str]:
+    def delete_slot(self, slot: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("DELETE", f"/v1/slots/{quote(slot, safe='')}")
+        return result
+
+    def swap(self) -> dict[str, Any]:
+        """Swap the deployments of the production and staging slots; each slot's now."""
+        result: dict[str, Any] = self.request("POST", "/v1/swap")
+        return result
+
+    def configure(self, role: str, settings: dict[str, Any], slot: str = "production"
+                  ) -> dict[str, str]:
         result: dict[str, str] = self.request(
-            "POST", f"/v1/roles/{quote(role, safe='')}/settings", {"settings": settings}
+            "POST", f"/v1/roles/{quote(role, safe='')}/settings",
+            {"settings": settings, "slot": slot}
         )
         return result
 
-    def scale(self, role: str, count: int) -> list[str]:
+    def scale(self, role: str, count: int, slot: str = "production") -> list[str]:
         result: list[str] = self.request(
-            "POST", f"/v1/roles/{quote(role, safe='')}/instances", {"count": count}
+            "POST", f"/v1/roles/{quote(role, safe='')}/instances", {"count": count, "slot": slot}
         )
         return result
 

@@ -279,8 +279,8 @@ def test_the_status_fields_are_the_ones_docs_api_describes(make_service: MakeSer
         status = h.status()
         assert set(status) == _documented_fields("The service:")
         assert set(status["instances"][0]) == _documented_fields("Each instance:")
-        assert set(status["balancers"][0]) == {"role", "endpoint", "protocol", "address",
-                                               "in_rotation", "connections",
+        assert set(status["balancers"][0]) == {"role", "endpoint", "slot", "protocol",
+                                               "address", "in_rotation", "connections",
                                                "max_connections"}
 
 
@@ -450,7 +450,7 @@ def test_every_route_of_the_control_api_is_in_docs_api() -> None:
     from rolehost.control import api
 
     table = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
-    documented = set(re.findall(r"^\| `(GET|POST)` \| `([^`?]+)[^`]*` \|", table, re.M))
+    documented = set(re.findall(r"^\| `(GET|POST|DELETE)` \| `([^`?]+)[^`]*` \|", table, re.M))
     served = {(method, "/" + "/".join(parts)) for method, parts, _ in api._ROUTES}
     assert served == documented
 

@@ -31,6 +31,11 @@ run_dir_option = click.option(
 )
 
 
+slot_option = click.option(
+    "--slot", type=click.Choice(["production", "staging"]), default="production",
+    show_default=True, help="The deployment slot (docs/deploying.md).")
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"rolehost: {message}", err=True)
     sys.exit(code)

@@ -19,6 +19,7 @@ from rolehost.cli.common import (
     file_option,
     offline,
     run_dir_option,
+    slot_option,
 )
 from rolehost.client import Client
 from rolehost.control import wording
@@ -26,6 +27,7 @@ from rolehost.control.exits import EXIT_BAD_DEFINITION
 from rolehost.definition.scalars import setting_from_text
 from rolehost.fabric.disks import Maintenance, Upgrade
 from rolehost.fabric.rundir import RunDir
+from rolehost.fabric.slots import STAGING
 from rolehost.observability import logs
 from rolehost.observability.logs import iso
 
@@ -48,9 +50,11 @@ def _maintenance_command(kind: Maintenance) -> click.Command:
     @run_dir_option
     @click.option("--wait", is_flag=True,
                   help="Return when every instance is ready again; exit 1 if one is not.")
-    def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool) -> None:
+    @slot_option
+    def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool,
+                slot: str) -> None:
         client = connect(file, run_dir, timeout=24 * 3600)
-        for row in call(client.maintain, kind.value, list(instances), wait):
+        for row in call(client.maintain, kind.value, list(instances), wait, None, slot):
             click.echo(wording.maintained(kind.value, row, wait))
 
     command.__doc__ = _MAINTENANCE_HELP[kind] + "\n\nINSTANCES are ROLE/INDEX or ROLE_IN_INDEX."
@@ -68,12 +72,14 @@ for _kind in _MAINTENANCE_HELP:
 @click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
               "`rolehost walk next`.")
 @click.option("--detach", is_flag=True, help="Start the walk and return at once.")
-def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: bool) -> None:
+@slot_option
+def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: bool,
+            slot: str) -> None:
     """Walk a platform update across the update domains, one at a time: host-os restarts,
     guest-os reimages, agent restarts only the host processes. A domain that does not
     come back halts the walk before the next one is touched."""
     client = connect(file, run_dir)
-    walk = call(client.upgrade, kind, manual)
+    walk = call(client.upgrade, kind, manual, slot)
     click.echo(wording.walk_header(walk, f"upgrade {kind}"))
     if not detach:
         _follow(client)
@@ -89,7 +95,9 @@ def config() -> None:
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 @file_option
 @run_dir_option
-def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Path | None) -> None:
+@slot_option
+def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Path | None,
+               slot: str) -> None:
     """Set settings of ROLE: per update domain (or all at once with change_mode = "blast"),
     `changing` handlers may cancel, which recycles that instance to apply them. A domain
     that does not come back halts the change (exit 1): later domains keep their settings.
@@ -101,7 +109,7 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
         if not sep or not key:
             fail(f"not KEY=VALUE: {assignment!r}", EXIT_BAD_DEFINITION)
         settings[key] = setting_from_text(value)
-    outcome = call(connect(file, run_dir, timeout=24 * 3600).configure, role, settings)
+    outcome = call(connect(file, run_dir, timeout=24 * 3600).configure, role, settings, slot)
     for instance, what in outcome.items():
         click.echo(f"{instance}: {what}")
 
@@ -111,13 +119,14 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
 @click.argument("count", type=click.IntRange(model.MIN_INSTANCES, model.MAX_INSTANCES))
 @file_option
 @run_dir_option
-def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
+@slot_option
+def scale(role: str, count: int, file: Path, run_dir: Path | None, slot: str) -> None:
     """Run COUNT instances of ROLE: new ones get the next indexes (and UDs by the same
     rule); scaling in stops the highest indexes gracefully. The others are told per update
     domain, like a settings change: a domain that does not come back halts it (exit 1).
     Waits until the new instances are ready: exit 1 if one fails (its ready deadline).
     Prints the instances it added, or those it removed."""
-    changed = call(connect(file, run_dir, timeout=24 * 3600).scale, role, count)
+    changed = call(connect(file, run_dir, timeout=24 * 3600).scale, role, count, slot)
     click.echo(wording.scaled(role, count, changed))
 
 
@@ -128,8 +137,9 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None) -> None:
               help="Name the version: up to 64 letters, digits, . _ -, beginning with a "
                    "letter or a digit [default: a content hash].")
 def package(file: Path, run_dir: Path | None, version: str | None) -> None:
-    """Snapshot the definition and each role's app folder as a version to deploy."""
-    info = call(connect(file, run_dir).package, version)
+    """Snapshot the definition (-f: a copy of the service's, say, whose settings differ)
+    and each role's app folder as a version to deploy."""
+    info = call(connect(file, run_dir).package, version, file)
     click.echo(wording.packaged(info))
 
 
@@ -162,14 +172,25 @@ def packages(file: Path, run_dir: Path | None) -> None:
 @click.option("--manual", is_flag=True, help="Pause after each update domain walked, until "
               "`rolehost walk next`.")
 @click.option("--detach", is_flag=True, help="Start the walk and return at once.")
+@slot_option
 def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manual: bool,
-           detach: bool) -> None:
+           detach: bool, slot: str) -> None:
     """In-place upgrade to VERSION: a preflight (the package, its definition, its entry
     points) before any instance is touched, then a walk across the update domains. The
     package's instance counts are applied once every domain has moved. Exit 2 if the
     preflight refused it (no such package, not compatible, does not load): nothing was
-    touched. Exit 1 if the walk failed or halted, or another operation is under way."""
-    client = connect(file, run_dir, timeout=120)
+    touched. Exit 1 if the walk failed or halted, or another operation is under way.
+
+    With --slot staging: a whole second deployment of VERSION beside production, each
+    input endpoint on its staging_port (docs/deploying.md); it returns once its instances
+    are back. Exit 2 if refused (a staging deployment exists, a staging_port is missing
+    or taken, the package does not load): nothing was touched."""
+    # A staging deploy answers once its instances are back, as a scale does.
+    client = connect(file, run_dir, timeout=24 * 3600 if slot == STAGING else 120)
+    if slot == STAGING:
+        for line in wording.staged(call(client.deploy, version, rollback, manual, slot)):
+            click.echo(line)
+        return
     walk = call(client.deploy, version, rollback, manual)
     click.echo(wording.walk_header(walk, f"deploy {version}"))
     if not detach:

@@ -21,11 +21,17 @@ from rolehost.cli.common import (
     file_option,
     load_checked,
     run_dir_option,
+    slot_option,
     user_of,
 )
-from rolehost.client import Client, ControllerNotRunning
+from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.control import wording
-from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, EXIT_STOP_CUT_SHORT
+from rolehost.control.exits import (
+    EXIT_BAD_DEFINITION,
+    EXIT_FAILED,
+    EXIT_STOP_CUT_SHORT,
+    for_kind,
+)
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.rundir import AlreadyRunning, RunDir
 from rolehost.observability import logs, output
@@ -112,14 +118,18 @@ def _detach(file: Path, where: RunDir) -> None:
 @file_option
 @run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
-def status(file: Path, run_dir: Path | None, as_json: bool) -> None:
-    """Show every instance: state, process, memory, restarts, last error."""
-    result = call(connect(file, run_dir).status)
+@slot_option
+def status(file: Path, run_dir: Path | None, as_json: bool, slot: str) -> None:
+    """Show every instance of a slot's deployment: state, process, memory, restarts, last
+    error."""
+    result = call(connect(file, run_dir).status, slot)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{result['service']}  deployment {result['deployment_id'][:12]}  "
                f"controller pid {result['pid']}")
+    for line in wording.slots(result):
+        click.echo(line)
     rows = [("INSTANCE", "UD", "STATE", "PID", "MEMORY", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
         detail = wording.instance_detail(i)
@@ -187,10 +197,13 @@ def stop(file: Path, run_dir: Path | None) -> None:
 @run_dir_option
 @click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@slot_option
 def logs_command(
-    instance: str | None, file: Path, run_dir: Path | None, lines: int, follow: bool
+    instance: str | None, file: Path, run_dir: Path | None, lines: int, follow: bool,
+    slot: str,
 ) -> None:
-    """Show an instance's output, or the controller's event log without INSTANCE."""
+    """Show an instance's output, or the controller's event log without INSTANCE. With no
+    controller running, production's log in the run directory."""
     where = RunDir.for_definition(file, run_dir)
     if instance is None:
         path, render = where.logs / "controller.log", logs.render_event
@@ -200,6 +213,17 @@ def logs_command(
         except ValueError as exc:
             fail(str(exc), EXIT_BAD_DEFINITION)
         path, render = where.instance_log(instance_id(role, index)), output.render
+        # Where the deployment in the slot keeps it (a staging one, or one swapped into
+        # production, keeps its logs in its own folder: docs/deploying.md).
+        # Production's instances that are gone (scaled in) keep theirs in the run directory.
+        try:
+            path = Path(Client(where.socket).instance(instance, slot)["log"])
+        except ControllerNotRunning:
+            if slot != "production":
+                fail(f"no controller is running: no {slot} deployment", EXIT_BAD_DEFINITION)
+        except ApiError as exc:
+            if slot != "production":
+                fail(exc.message, for_kind(exc.kind))
     if not path.exists():
         fail(f"no log {path.name} in {where.logs} (has the service been started?)",
               EXIT_BAD_DEFINITION)

@@ -159,12 +159,13 @@ def _match(method: str, path: str, routes: Routes) -> tuple[Handler, dict[str, s
 
 @route("GET", "/v1/status")
 async def _status(controller: Controller, request: Request) -> Any:
-    return controller.status()
+    return controller.status(request.query.get("slot", ["production"])[0])
 
 
 @route("GET", "/v1/instances/{name}")
 async def _instance(controller: Controller, request: Request) -> Any:
-    return controller.instance(request.params["name"]).snapshot()
+    slot = request.query.get("slot", ["production"])[0]
+    return controller.instance(request.params["name"], slot).snapshot()
 
 
 @route("POST", "/v1/instances/{name}/status-check")
@@ -207,7 +208,7 @@ async def _maintain(controller: Controller, request: Request) -> Any:
     if not isinstance(wait, bool):
         raise Invalid("wait must be true or false")
     cause = str(body.get("cause") or "requested through the control API")
-    return await controller.maintain(kind, names, wait, cause)
+    return await controller.maintain(kind, names, wait, cause, _slot(body))
 
 
 @route("POST", "/v1/upgrades/{kind}")
@@ -219,18 +220,23 @@ async def _upgrade(controller: Controller, request: Request) -> Any:
     except ValueError:
         known = ", ".join(u.value for u in Upgrade)
         raise NotFound(f"no such upgrade: {request.params['kind']} ({known})") from None
-    manual = request.json().get("manual", False)
+    body = request.json()
+    manual = body.get("manual", False)
     if not isinstance(manual, bool):
         raise Invalid("manual must be true or false")
-    return await controller.upgrade(upgrade, manual)
+    return await controller.upgrade(upgrade, manual, _slot(body))
 
 
 @route("POST", "/v1/packages")
 async def _package(controller: Controller, request: Request) -> Any:
-    version = request.json().get("version")
+    body = request.json()
+    version, source = body.get("version"), body.get("source")
     if version is not None and not isinstance(version, str):
         raise Invalid("version must be a string")
-    return await asyncio.to_thread(controller.package, version)
+    if source is not None and not (isinstance(source, str) and os.path.isabs(source)):
+        raise Invalid("source must be the absolute path of a definition file")
+    return await asyncio.to_thread(controller.package, version,
+                                   Path(source) if source is not None else None)
 
 
 @route("GET", "/v1/packages")
@@ -244,24 +250,47 @@ async def _deploy(controller: Controller, request: Request) -> Any:
     rollback, manual = body.get("rollback", True), body.get("manual", False)
     if not isinstance(rollback, bool) or not isinstance(manual, bool):
         raise Invalid("rollback and manual must be true or false")
+    if _slot(body) == "staging":
+        return await controller.slots.deploy(request.params["version"])
     return await controller.deploy(request.params["version"], rollback, manual)
+
+
+def _slot(body: dict[str, Any]) -> str:
+    """The slot an operation applies to (docs/deploying.md): production by default."""
+    slot = body.get("slot", "production")
+    if slot not in ("production", "staging"):
+        raise Invalid("slot must be production or staging")
+    return str(slot)
+
+
+@route("DELETE", "/v1/slots/{slot}")
+async def _delete_slot(controller: Controller, request: Request) -> Any:
+    return await controller.slots.delete(request.params["slot"])
+
+
+@route("POST", "/v1/swap")
+async def _swap(controller: Controller, request: Request) -> Any:
+    return await controller.slots.swap()
 
 
 @route("POST", "/v1/roles/{role}/settings")
 async def _settings(controller: Controller, request: Request) -> Any:
-    settings = request.json().get("settings")
+    body = request.json()
+    settings = body.get("settings")
     if not isinstance(settings, dict) or not settings:
         raise Invalid("settings must be a non-empty object of names to values")
     return await controller.configure(request.params["role"], settings,
-                                      "set through the control API")
+                                      "set through the control API", slot=_slot(body))
 
 
 @route("POST", "/v1/roles/{role}/instances")
 async def _scale(controller: Controller, request: Request) -> Any:
-    count = request.json().get("count")
+    body = request.json()
+    count = body.get("count")
     if not isinstance(count, int) or isinstance(count, bool):
         raise Invalid("count must be an integer")
-    return await controller.scale(request.params["role"], count, "requested through the API")
+    return await controller.scale(request.params["role"], count, "requested through the API",
+                                  _slot(body))
 
 
 @route("GET", "/v1/walk")

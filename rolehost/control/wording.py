@@ -97,3 +97,30 @@ def operation_row(op: dict[str, Any]) -> tuple[str, str, str, str, str, str, str
 def success_rate(history: dict[str, Any]) -> str:
     rate = history["success_rate"]
     return "success rate: " + ("-" if rate is None else f"{rate:.0%}")
+
+
+def slots(status: dict[str, Any]) -> list[str]:
+    """What `status` says of the slots: nothing while production is the only one (the
+    common case), else each slot's version and deployment, the one shown marked."""
+    found = status.get("slots") or {}
+    if len(found) < 2:
+        return []
+    return [f"{'>' if name == status.get('slot') else ' '} {name:<10} version "
+            f"{d['version']:<16} deployment {d['deployment_id'][:12]}  "
+            f"{d['instances']} instance{'s' if d['instances'] != 1 else ''}"
+            for name, d in found.items()]
+
+
+def staged(status: dict[str, Any]) -> list[str]:
+    """A staging deploy's answer: the deployment, and where its endpoints listen."""
+    back = sum(1 for i in status["instances"] if i["back"])
+    return [f"staging: version {status['version']}, deployment "
+            f"{status['deployment_id'][:12]}, {back}/{len(status['instances'])} instances "
+            "back",
+            *(f"  {b['role']}.{b['endpoint']} on {b['address']}" for b in status["balancers"])]
+
+
+def swapped(slots: dict[str, Any]) -> list[str]:
+    """A swap's answer: which version each slot's ports now reach."""
+    return [f"{name}: version {d['version']} (deployment {d['deployment_id'][:12]})"
+            for name, d in slots.items()]

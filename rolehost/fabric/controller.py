@@ -16,7 +16,6 @@ from typing import Any
 
 import structlog
 
-from rolehost import protocol
 from rolehost.balancer import Balancer, build, relay_build, tls
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.control import api
@@ -30,8 +29,9 @@ from rolehost.definition import (
     parse_role,
 )
 from rolehost.definition.scalars import parse_address
-from rolehost.fabric import capacity, descriptors, packages, preflight
+from rolehost.fabric import descriptors, packages, preflight
 from rolehost.fabric.census import Census
+from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.disks import Maintenance, Upgrade
 from rolehost.fabric.edits import Edits
 from rolehost.fabric.errors import (
@@ -49,15 +49,14 @@ from rolehost.fabric.instance import Instance
 from rolehost.fabric.keeper import Keeper
 from rolehost.fabric.launcher import Launcher
 from rolehost.fabric.lifecycle import State
-from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.offers import discard, offer_by_domain, ready_or_not
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.rolling import by_domain
 from rolehost.fabric.rundir import RunDir
+from rolehost.fabric.slots import PRODUCTION, Deployed, Slots
 from rolehost.fabric.walks import Walk
 from rolehost.fabric.watch import watch_file
 from rolehost.observability import logs, metrics
-from rolehost.observability.logs import iso
 from rolehost.observability.notify import Notifier
 
 log = structlog.get_logger()
@@ -75,23 +74,22 @@ class Controller:
         run_dir: RunDir,
         console: logs.Console | None = None,
     ) -> None:
-        self.definition = definition
         self.definition_path = definition_path
         self.run_dir = run_dir
         self.console = console
         self.started = time.time()
         self.launcher = Launcher(definition.service, run_dir.path, console,
                                  self._state_changed)
-        self.deployment = self.launcher.deployment
         self.notifier = Notifier()
-        self.instances: dict[str, Instance] = {}
-        self.census = Census(definition.roles)  # back and total per role, for systemd
+        # Production's listeners, whatever deployment runs behind them (slots.py).
         self.balancers: list[Balancer | ExternalBalancer] = []
+        # The deployment in each slot; `start` makes production's.
+        self.slots = Slots(self, Deployed(self.launcher.deployment, definition, "",
+                                          self.balancers))
         self.history: History | None = None  # loaded once the run directory is ours
         self.walk: Walk | None = None
         self.changing: str | None = None  # a settings change, a scale or a deploy's checks
         self.running = False
-        self.version = ""  # the package running: the one `start` made, then each deploy's
         self.edits = Edits(self, definition)  # saved edits of the file, applied
         self.packages = packages.Packages(run_dir.path / "packages", run_dir.path)
         self._background: set[asyncio.Future[Any]] = set()
@@ -140,7 +138,7 @@ class Controller:
                     Balancer(role_name, name, ep, budget.max_connections, budget.backlog)
                     for name, ep in role.endpoints.items()]
                 for index in range(role.instances):
-                    self._add_instance(role_name, role, index)
+                    self.production.add_instance(role_name, role, index)
             for balancer in self.balancers:  # listening first: a port in use starts nothing
                 try:
                     await balancer.start()
@@ -160,7 +158,7 @@ class Controller:
             relays = any(isinstance(b, Balancer) for b in self.balancers)
             if relays and (interpreted := build.relay_warning()) is not None:
                 log.warning("relay_interpreted", **interpreted)
-            topology = self.topology()  # one for all: computed per instance, it was O(N^2)
+            topology = self.production.topology()  # one for all: per instance, it was O(N^2)
             for instance in self.instances.values():
                 instance.topology = topology
             self.running = True
@@ -173,18 +171,18 @@ class Controller:
             log.info("controller_stopping", reason=self._shutdown_reason)
             if self._forced is not None:  # the second signal came before the first was seen
                 self._force(self._forced)
-            for balancer in self.balancers:
+            for balancer in self.balancers + self.slots.listeners():
                 balancer.stop_accepting()
             self.notifier.stopping()
             if self.walk is not None and self.walk.task is not None and not self.walk.over:
                 self.walk.task.cancel()  # the walk stops where it is; instances stop below
                 await asyncio.gather(self.walk.task, return_exceptions=True)
-            await self.launcher.stop(list(self.instances.values()), self._shutdown_reason)
+            everyone = list(self.instances.values()) + self.slots.instances()
+            await self.launcher.stop(everyone, self._shutdown_reason)
             self.cut_short = {
                 i.id: f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"
-                for i in self.instances.values()
-                if i.stop_outcome.cut_short}
+                for i in everyone if i.stop_outcome.cut_short}
             watcher.stop()
             if self.cut_short:
                 log.warning("controller_stop_cut_short", instances=self.cut_short)
@@ -195,13 +193,13 @@ class Controller:
         finally:
             self._started.set()  # an operation waiting for the start is answered
             self._stopped.set()
-            for balancer in self.balancers:
+            for balancer in self.balancers + self.slots.listeners():
                 await balancer.close()
             if metrics_server is not None:
                 await metrics_server.close()
             metrics.REGISTRY.unregister(collector)
             await keeper.close()
-            self.launcher.close(self.instances.values())
+            self.launcher.close([*self.instances.values(), *self.slots.instances()])
 
     def _stop_signal(self, name: str) -> None:
         self._shutdown_reason = f"controller received {name}"
@@ -215,60 +213,72 @@ class Controller:
 
     def _force(self, why: str) -> None:
         """Cut every instance's stop short: hosts, their trees and tasks killed now."""
-        for instance in self.instances.values():
+        for instance in [*self.instances.values(), *self.slots.instances()]:
             instance.force_stop(f"controller received {why}")
 
     def _state_changed(self, instance: Instance) -> None:
-        if instance.id in self.instances:  # else removed by a scale-in, and counted out
-            self.census.seen(instance.id, instance.back)
+        # Counted in its deployment's census, whichever slot it is in: a swap makes the
+        # staging one production's, and systemd is told production's.
+        for d in (self.production, self.slots.staging):
+            # Else removed by a scale-in, and counted out.
+            if d is not None and d.deployment is instance.deployment and \
+                    instance.id in d.instances:
+                d.census.seen(instance.id, instance.back)
         self.notifier.counts(self.census.counts())
 
     # Operations: what the control API and the CLI offer.
 
-    def status(self) -> dict[str, Any]:
-        # The heartbeats' samples, when recent: one read per instance per status else.
-        fresh = protocol.HEARTBEAT_INTERVAL + 1
-        cpu = {i.id: (i.role_name, i.update_domain, load) for i in self.instances.values()
-               if (load := i.sample_cpu(fresh)) is not None}
-        advice = capacity.static_advice(self.definition) + capacity.load_warnings(
-            self.definition, cpu)
-        return {
-            "capacity": advice,
-            "cpu": {name: round(load, 1) for name, (_, _, load) in cpu.items()},
-            "service": self.definition.service.name,
-            "deployment_id": self.deployment.id,
-            "version": self.version,
-            "pid": os.getpid(),
-            "run_dir": str(self.run_dir.path),
-            "limited_user": {"name": self.deployment.run_as.name,
-                             "reason": self.deployment.run_as.reason},
-            "definition": str(self.definition_path),
-            "started": iso(self.started),
-            "upgrade_domains": self.definition.service.upgrade_domains,
-            "instances": [i.snapshot() for i in self.instances.values()],
-            "balancers": [b.snapshot() for b in self.balancers],
-            "walk": self.walk.snapshot() if self.walk is not None else None,
-        }
+    # Production's deployment, as the rest of rolehost reads it: a swap changes which.
 
-    def instance(self, name: str) -> Instance:
-        try:
-            role, index = parse_instance_name(name)
-        except ValueError as exc:
-            raise Invalid(str(exc)) from None
-        instance = self.instances.get(instance_id(role, index))
-        if instance is None:
-            known = ", ".join(self.instances) or "none"
-            raise NotFound(f"no instance {name!r} (instances: {known})")
-        return instance
+    @property
+    def production(self) -> Deployed:
+        return self.slots.production
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.production.deployment
+
+    @property
+    def definition(self) -> Definition:
+        return self.production.definition
+
+    @definition.setter
+    def definition(self, definition: Definition) -> None:
+        self.production.definition = definition
+
+    @property
+    def version(self) -> str:
+        return self.production.version
+
+    @version.setter
+    def version(self, version: str) -> None:
+        self.production.version = version
+
+    @property
+    def instances(self) -> dict[str, Instance]:
+        return self.production.instances
+
+    @property
+    def census(self) -> Census:
+        """Back and total per role of production, for systemd."""
+        return self.production.census
+
+    def status(self, slot: str = PRODUCTION) -> dict[str, Any]:
+        return self.slots.status(slot)
+
+    def instance(self, name: str, slot: str = PRODUCTION) -> Instance:
+        return self.slots.deployed(slot).instance(name)
 
     async def maintain(
-        self, kind: Maintenance, names: list[str], wait: bool, cause: str
+        self, kind: Maintenance, names: list[str], wait: bool, cause: str,
+        slot: str = PRODUCTION,
     ) -> list[dict[str, Any]]:
         """Carry out `kind` on each named instance at once; every name is checked first."""
         if not names:
             raise Invalid("name at least one instance")
         await self._until_started()
-        instances = list({i.id: i for i in (self.instance(n) for n in names)}.values())
+        d = self.slots.deployed(slot)
+        instances = list({i.id: i for i in (d.instance(n) for n in names)}.values())
         self._one_at_a_time(instances=False)
         busy = [i.id for i in instances if i.operation is not None]
         if busy:
@@ -276,7 +286,8 @@ class Controller:
         for instance in instances:
             instance.available()
         assert self.history is not None
-        record = self.history.begin(kind.value, {"cause": cause}, [i.id for i in instances])
+        record = self.history.begin(kind.value, d.recorded({"cause": cause}),
+                                    [i.id for i in instances])
         # Claimed now, with no await since the check: a second request in the same turn
         # of the loop finds them busy.
         operations = [i.claim(kind, cause) for i in instances]
@@ -305,11 +316,14 @@ class Controller:
         self.history.end(record, "failed" if errors else "succeeded", "; ".join(errors) or None)
         return list(results)
 
-    async def upgrade(self, upgrade: Upgrade, manual: bool) -> dict[str, Any]:
-        """Walk `upgrade` across the update domains."""
+    async def upgrade(self, upgrade: Upgrade, manual: bool,
+                      slot: str = PRODUCTION) -> dict[str, Any]:
+        """Walk `upgrade` across the update domains of the deployment in `slot`."""
         await self._until_started()
+        d = self.slots.deployed(slot)
         self._one_at_a_time()
-        return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual)
+        return self._start_walk(f"upgrade {upgrade.value}", upgrade.event, manual,
+                                arguments=d.recorded({}) or None, deployed=d)
 
     async def deploy(self, version: str, rollback: bool, manual: bool) -> dict[str, Any]:
         """In-place upgrade to a package. Everything that can be checked is checked first,
@@ -347,7 +361,8 @@ class Controller:
             for name, role in new.roles.items():
                 if running_counts[name] != role.instances:
                     try:
-                        await self._scale(name, role, role.instances, f"deploy {version}")
+                        await self._scale(name, role, role.instances, f"deploy {version}",
+                                          self.production)
                     except DomainError as exc:
                         failed.append(f"scale {name} to {role.instances}: {exc}")
             if failed:
@@ -391,7 +406,8 @@ class Controller:
                            "at a time (rolehost walk next / abort)")
         if self.changing is not None:
             raise Conflict(f"{self.changing} is under way: one operation at a time")
-        if instances and (busy := [i.id for i in self.instances.values() if i.operation]):
+        if instances and (busy := [i.id for i in [*self.instances.values(),
+                                                   *self.slots.instances()] if i.operation]):
             raise Conflict(f"another operation is under way on {', '.join(busy)}")
 
     async def _until_started(self) -> None:
@@ -422,11 +438,13 @@ class Controller:
                     roles: dict[str, Role] | None = None,
                     rollback: dict[str, Role] | None = None,
                     arguments: dict[str, Any] | None = None,
-                    instances: list[Instance] | None = None) -> dict[str, Any]:
-        """Walk `instances` (default: all of them)."""
+                    instances: list[Instance] | None = None,
+                    deployed: Deployed | None = None) -> dict[str, Any]:
+        """Walk `instances` (default: all of the deployment's, production's by default)."""
         assert self.history is not None
-        count = self.definition.service.upgrade_domains
-        walked = list(self.instances.values()) if instances is None else instances
+        d = deployed or self.production
+        count = d.definition.service.upgrade_domains
+        walked = list(d.instances.values()) if instances is None else instances
         grouped = by_domain(walked, count)
         # Down already outside the first domain: walking it would take a second one down.
         # Busy is the role's own say, and passes; ready but out of rotation is down.
@@ -443,12 +461,14 @@ class Controller:
         return self.walk.snapshot()
 
     async def configure(
-        self, role_name: str, settings: dict[str, Any], cause: str, replace: bool = False
+        self, role_name: str, settings: dict[str, Any], cause: str, replace: bool = False,
+        slot: str = PRODUCTION,
     ) -> dict[str, str]:
         """Change a role's settings (merged, or the whole table with `replace`), per update
         domain or all at once (`change_mode`); returns what each instance did."""
         await self._until_started()
-        role = self._role(role_name)
+        d = self.slots.deployed(slot)
+        role = d.role(role_name)
         self._one_at_a_time()
         # A new value for a secret setting stays secret. (A table, not a Secret: the value
         # is checked below, with the rest.)
@@ -462,7 +482,7 @@ class Controller:
         # A config change takes the role's renewed certificates (the platform's rotation).
         self.renew_certificates(role_name)
         with self._exclusive(f"config {role_name}"):
-            return await self._change_settings(role_name, new, settings, cause)
+            return await self._change_settings(d, role_name, new, settings, cause)
 
     def renew_certificates(self, role_name: str | None = None) -> None:
         """Serve what the certificate files of the https endpoints (of `role_name`, or
@@ -480,30 +500,33 @@ class Controller:
         for balancer in renewing:
             balancer.renew_certificate()
 
-    async def _change_settings(self, role_name: str, new: Role, settings: dict[str, Any],
-                               cause: str) -> dict[str, str]:
+    async def _change_settings(self, d: Deployed, role_name: str, new: Role,
+                               settings: dict[str, Any], cause: str) -> dict[str, str]:
         assert self.history is not None
-        ours = [i for i in self.instances.values() if i.role_name == role_name]
+        ours = [i for i in d.instances.values() if i.role_name == role_name]
         shown = new.redacted({k: v.value if isinstance(v, Secret) else v
                               for k, v in settings.items()})
-        record = self.history.begin(f"config {role_name}", {"settings": shown, "cause": cause},
+        record = self.history.begin(f"config {role_name}",
+                                    d.recorded({"settings": shown, "cause": cause}),
                                     [i.id for i in ours])
         outcome: dict[str, str] = {}
         try:
-            await offer_by_domain(self.history, self.definition.service, f"config {role_name}",
+            await offer_by_domain(self.history, d.definition.service, f"config {role_name}",
                                   ours, outcome, record, lambda i: i.change_settings(new, cause))
         finally:
             # Stored once every instance has them, even one that failed with them. A halt
             # leaves the later domains on the old settings, and those stay the role's: the
             # next change is offered against them, not against settings that failed.
             if len(outcome) == len(ours):
-                self._set_role(role_name, new)
+                d.set_role(role_name, new)
         return outcome
 
-    async def scale(self, role_name: str, count: int, cause: str) -> list[str]:
+    async def scale(self, role_name: str, count: int, cause: str,
+                    slot: str = PRODUCTION) -> list[str]:
         """Add instances (new indexes) or stop the highest ones gracefully."""
         await self._until_started()
-        role = self._role(role_name)
+        d = self.slots.deployed(slot)
+        role = d.role(role_name)
         if not MIN_INSTANCES <= count <= MAX_INSTANCES:
             raise Invalid(f"instances must be between {MIN_INSTANCES} and {MAX_INSTANCES}")
         most, key = role.most_instances
@@ -511,19 +534,20 @@ class Controller:
             raise Invalid(f"{role_name} can run at most {most} instances: "
                           f"roles.{role_name}.{key} has {most} ports")
         with self._exclusive(f"scale {role_name}"):
-            return await self._scale(role_name, role, count, cause)
+            return await self._scale(role_name, role, count, cause, d)
 
-    async def _scale(self, role_name: str, role: Role, count: int, cause: str) -> list[str]:
-        ours = sorted((i for i in self.instances.values() if i.role_name == role_name),
+    async def _scale(self, role_name: str, role: Role, count: int, cause: str,
+                     d: Deployed) -> list[str]:
+        ours = sorted((i for i in d.instances.values() if i.role_name == role_name),
                       key=lambda i: i.index)
         assert self.history is not None
-        record = self.history.begin(f"scale {role_name}", {"instances": count, "cause": cause},
-                                    [])
+        record = self.history.begin(f"scale {role_name}",
+                                    d.recorded({"instances": count, "cause": cause}), [])
         role = role.model_copy(update={"instances": count})
-        self._set_role(role_name, role)
+        d.set_role(role_name, role)
         # The role as stored, not as one of its instances runs it: after a settings change
         # that halted, UD 0 runs settings the role does not have.
-        added = [self._add_instance(role_name, role, index)
+        added = [d.add_instance(role_name, role, index)
                  for index in range(len(ours), count)]
         # A scale-out creates a new VM: folders an earlier instance of the index left (one
         # a controller ran before it was stopped) must not give it that one's disks.
@@ -532,7 +556,7 @@ class Controller:
         if starting:
             for instance in added:
                 # Set once all are added: each lists the ones added after it too.
-                instance.topology = self.topology()
+                instance.topology = d.topology()
                 instance.start(f"scaled out: {cause}")
         removed = ours[count:]
         await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
@@ -540,16 +564,16 @@ class Controller:
             for balancer in instance.balancers.values():
                 balancer.remove(instance.id)
             instance.output.close()
-            self.deployment.discovery.remove(instance)
-            self.deployment.release_ports(instance.ports.values())
-            del self.instances[instance.id]
-            self.census.remove(instance.id)
+            d.deployment.discovery.remove(instance)
+            d.deployment.release_ports(instance.ports.values())
+            del d.instances[instance.id]
+            d.census.remove(instance.id)
         # A scale-in deletes the VM: its disks go with it (its log stays, as the
         # controller's record of it).
         await asyncio.to_thread(discard, removed)
         record.instances = [i.id for i in added + removed]
-        topology = self.topology()
-        others = [i for i in self.instances.values() if i not in added]
+        topology = d.topology()
+        others = [i for i in d.instances.values() if i not in added]
         if not record.instances:  # the count that runs: no one is told of a change there was not
             others = []
         for instance in others:  # what their next boot sees, whether a halt spares them
@@ -561,41 +585,13 @@ class Controller:
         # instance is: not while they may still fail.
         ready = asyncio.ensure_future(ready_or_not(added, starting))
         try:
-            await offer_by_domain(self.history, self.definition.service, what, others, {}, record,
+            await offer_by_domain(self.history, d.definition.service, what, others, {}, record,
                                   lambda i: i.change_topology(topology, role_name, cause),
                                   alongside=ready,
                                   awaited=f"{', '.join(i.id for i in added)} to get ready")
         finally:
             ready.cancel()
         return record.instances
-
-    def topology(self) -> dict[str, list[str]]:
-        roles: dict[str, list[str]] = {name: [] for name in self.definition.roles}
-        for instance in self.instances.values():
-            roles[instance.role_name].append(instance.id)
-        return roles
-
-    def _add_instance(self, role_name: str, role: Role, index: int) -> Instance:
-        instance = Instance(self.deployment, role_name, role, index)
-        balancers = {b.name: b for b in self.balancers if b.role == role_name}
-        for name, balancer in balancers.items():
-            balancer.add(instance.id, instance.ports[name])
-        instance.balancers = balancers
-        self.instances[instance.id] = instance
-        self.census.add(role_name, instance.id)
-        # Not started, and no topology yet: the caller sets it once every instance it
-        # adds is there, then starts them.
-        return instance
-
-    def _role(self, name: str) -> Role:
-        if name not in self.definition.roles:
-            known = ", ".join(self.definition.roles)
-            raise NotFound(f"no role {name!r} (roles: {known})")
-        return self.definition.roles[name]
-
-    def _set_role(self, name: str, role: Role) -> None:
-        roles = {**self.definition.roles, name: role}
-        self.definition = self.definition.model_copy(update={"roles": roles})
 
     @property
     def stopping(self) -> bool:
@@ -609,8 +605,10 @@ class Controller:
         task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
             "change_failed", error=str(t.exception())))
 
-    def package(self, version: str | None) -> dict[str, Any]:
-        return self.packages.create(self.definition_path, version)
+    def package(self, version: str | None, source: Path | None = None) -> dict[str, Any]:
+        """Package `source` (default: the running definition file): a copy of the service
+        whose settings say v2, to deploy in place or to the staging slot."""
+        return self.packages.create(source or self.definition_path, version)
 
     def current_walk(self) -> Walk:
         if self.walk is None:

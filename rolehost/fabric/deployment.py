@@ -29,6 +29,17 @@ if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance
 
 
+@dataclass
+class Placement:
+    """The slot a deployment is in: a swap moves it, so it is not the deployment's own."""
+
+    slot: str = "production"
+
+    def fields(self) -> dict[str, str]:
+        """What an instance's events add: production, the common case, adds nothing."""
+        return {} if self.slot == "production" else {"slot": self.slot}
+
+
 @dataclass(frozen=True)
 class Deployment:
     """What every instance of one controller shares."""
@@ -45,6 +56,14 @@ class Deployment:
     cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
     memory: MemoryWatch = field(default_factory=MemoryWatch)  # of every running host
     discovery: Discovery = field(default_factory=Discovery)  # each host's view of the others
+    # Where its instances' folders and logs go: the run directory's instances/ and logs/,
+    # or, for a staging deployment, its own folder's (fabric/slots.py).
+    home: Path | None = None
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir if self.home is None else self.home
 
     @classmethod
     def prepare(cls, service: Service, run_dir: Path, console: Console | None,

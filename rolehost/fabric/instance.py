@@ -80,10 +80,10 @@ class Instance:
         self.id = instance_id(role_name, index)
         self.update_domain = index % deployment.service.upgrade_domains
         self.user = deployment.run_as.user_of(role_name)  # who its hosts and tasks run as
-        self.disks = Disks(deployment.run_dir / "instances" / self.id, owner=self.user)
+        self.disks = Disks(deployment.folder / "instances" / self.id, owner=self.user)
         self.ports = ports.instance_ports(role, index, deployment.take_port)
         self.endpoint_host: str | None = None  # where the role binds, if not the endpoint's
-        self.output = OutputLog(deployment.run_dir / "logs" / f"{self.id}.log", self.id,
+        self.output = OutputLog(deployment.folder / "logs" / f"{self.id}.log", self.id,
                                 deployment.service.instance_log_format, deployment.console)
         self.topology: dict[str, list[str]] = {}  # every role's instance ids; the controller's
 
@@ -165,7 +165,7 @@ class Instance:
             metrics.TIME_TO_READY.labels(self.role_name).observe(
                 self.state_since - self.life.boot_began)
         log.info("state", instance=self.id, state=state.value, previous=previous.value,
-                 reason=reason or None)
+                 reason=reason or None, **self.deployment.placement.fields())
         self._update_rotation()
         self._changed_now()
 

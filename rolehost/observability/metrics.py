@@ -107,7 +107,8 @@ class StateCollector(Collector):
         most = GaugeMetricFamily("rolehost_balancer_max_connections", "Client connections "
                                  "open at most: beyond, new ones wait in the listen backlog",
                                  labels=["endpoint"])
-        for balancer in self.controller.balancers:
+        # The staging slot's listeners are labelled ROLE.ENDPOINT@staging (Balancer.label).
+        for balancer in self.controller.balancers + self.controller.slots.listeners():
             connections.add_metric([balancer.label], float(len(balancer.connections)))
             most.add_metric([balancer.label], float(balancer.max_connections))
             for backend in balancer.backends.values():
@@ -125,6 +126,13 @@ class StateCollector(Collector):
             if instance.memory is not None:
                 memory.add_metric([instance.role_name, instance.id], float(instance.memory))
         yield memory
+        slots = GaugeMetricFamily("rolehost_slot_instances", "Instances of the deployment in "
+                                  "each slot, with its version and deployment id",
+                                  labels=["slot", "version", "deployment"])
+        for slot, deployed in self.controller.slots.summary().items():
+            slots.add_metric([slot, deployed["version"], deployed["deployment_id"]],
+                             deployed["instances"])
+        yield slots
         yield from descriptors()
 
 
