@@ -281,6 +281,12 @@ def test_refusals_touch_nothing(make_service: MakeService) -> None:
                                         f"staging_port = {taken.getsockname()[1]}"})
             assert cli(h, "package", "-f", str(busy), "--version", "busy").returncode == 0
             assert "cannot listen on" in refused("deploy", "busy", "--slot", "staging")
+        # The user's balancer sends to fixed ports per instance index: no second deployment.
+        external = site.copy("ext", **{'queue_timeout = "2s"': 'queue_timeout = "2s"\n'
+                                       'balancer = "external"\ninstance_port = 2000\n'
+                                       'readiness_port = 4000'})
+        assert cli(h, "package", "-f", str(external), "--version", "ext").returncode == 0
+        assert "has no staging slot" in refused("deploy", "ext", "--slot", "staging")
         untouched()
 
         assert cli(h, "package", "-f", str(site.copy("v2")), "--version", "v2").returncode == 0
@@ -311,7 +317,8 @@ def test_refusals_touch_nothing(make_service: MakeService) -> None:
 
         refusals = [o for o in h.operations() if o["outcome"] == "failed"]
         assert [o["kind"] for o in refusals] == [
-            "swap", "deploy bare", "deploy clash", "deploy busy", "deploy v2", "swap", "swap"
+            "swap", "deploy bare", "deploy clash", "deploy busy", "deploy ext", "deploy v2",
+            "swap", "swap"
         ], refusals
         with pytest.raises(ApiError, match="no slot"):
             h.client.status("blue")
