@@ -287,6 +287,12 @@ def test_refusals_touch_nothing(make_service: MakeService) -> None:
                                        'readiness_port = 4000'})
         assert cli(h, "package", "-f", str(external), "--version", "ext").returncode == 0
         assert "has no staging slot" in refused("deploy", "ext", "--slot", "staging")
+        # Nor do an instance endpoint's public ports, one per instance index.
+        debug = site.copy("debug")
+        debug.write_text(debug.read_text() + '[roles.web.instance_endpoints.debug]\n'
+                         'public_ports = "6000-6001"\n')  # below the ports free_port gives
+        assert cli(h, "package", "-f", str(debug), "--version", "debug").returncode == 0
+        assert "has no staging slot" in refused("deploy", "debug", "--slot", "staging")
         untouched()
 
         assert cli(h, "package", "-f", str(site.copy("v2")), "--version", "v2").returncode == 0
@@ -317,8 +323,8 @@ def test_refusals_touch_nothing(make_service: MakeService) -> None:
 
         refusals = [o for o in h.operations() if o["outcome"] == "failed"]
         assert [o["kind"] for o in refusals] == [
-            "swap", "deploy bare", "deploy clash", "deploy busy", "deploy ext", "deploy v2",
-            "swap", "swap"
+            "swap", "deploy bare", "deploy clash", "deploy busy", "deploy ext", "deploy debug",
+            "deploy v2", "swap", "swap"
         ], refusals
         with pytest.raises(ApiError, match="no slot"):
             h.client.status("blue")
