@@ -480,15 +480,17 @@ class Controller:
         except DefinitionErrors as exc:
             raise Invalid(f"invalid settings for {role_name}:\n{exc}") from None
         # A config change takes the role's renewed certificates (the platform's rotation).
-        self.renew_certificates(role_name)
+        self.renew_certificates(role_name, d)
         with self._exclusive(f"config {role_name}"):
             return await self._change_settings(d, role_name, new, settings, cause)
 
-    def renew_certificates(self, role_name: str | None = None) -> None:
+    def renew_certificates(self, role_name: str | None = None,
+                           deployed: Deployed | None = None) -> None:
         """Serve what the certificate files of the https endpoints (of `role_name`, or
-        all) hold now, from the next handshake on. Invalid if one cannot serve: then
-        none is renewed."""
-        renewing = [b for b in self.balancers if isinstance(b, Balancer)
+        all; of the slot `deployed` is in, or production's) hold now, from the next
+        handshake on. Invalid if one cannot serve: then none is renewed."""
+        listeners = (deployed or self.production).listeners
+        renewing = [b for b in listeners if isinstance(b, Balancer)
                     and b.tls is not None and role_name in (None, b.role)]
         for balancer in renewing:
             assert balancer.endpoint.certificate is not None and balancer.endpoint.key
