@@ -29,7 +29,7 @@ from rolehost.definition import (
     parse_role,
 )
 from rolehost.definition.scalars import parse_address
-from rolehost.fabric import descriptors, packages, preflight
+from rolehost.fabric import descriptors, packages, preflight, scaling
 from rolehost.fabric.census import Census
 from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.disks import Maintenance, Upgrade
@@ -49,7 +49,7 @@ from rolehost.fabric.instance import Instance
 from rolehost.fabric.keeper import Keeper
 from rolehost.fabric.launcher import Launcher
 from rolehost.fabric.lifecycle import State
-from rolehost.fabric.offers import discard, offer_by_domain, ready_or_not
+from rolehost.fabric.offers import offer_by_domain
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.rolling import by_domain
 from rolehost.fabric.rundir import RunDir
@@ -361,8 +361,8 @@ class Controller:
             for name, role in new.roles.items():
                 if running_counts[name] != role.instances:
                     try:
-                        await self._scale(name, role, role.instances, f"deploy {version}",
-                                          self.production)
+                        await scaling.scale(self, self.production, name, role,
+                                            role.instances, f"deploy {version}")
                     except DomainError as exc:
                         failed.append(f"scale {name} to {role.instances}: {exc}")
             if failed:
@@ -536,64 +536,7 @@ class Controller:
             raise Invalid(f"{role_name} can run at most {most} instances: "
                           f"roles.{role_name}.{key} has {most} ports")
         with self._exclusive(f"scale {role_name}"):
-            return await self._scale(role_name, role, count, cause, d)
-
-    async def _scale(self, role_name: str, role: Role, count: int, cause: str,
-                     d: Deployed) -> list[str]:
-        ours = sorted((i for i in d.instances.values() if i.role_name == role_name),
-                      key=lambda i: i.index)
-        assert self.history is not None
-        record = self.history.begin(f"scale {role_name}",
-                                    d.recorded({"instances": count, "cause": cause}), [])
-        role = role.model_copy(update={"instances": count})
-        d.set_role(role_name, role)
-        # The role as stored, not as one of its instances runs it: after a settings change
-        # that halted, UD 0 runs settings the role does not have.
-        added = [d.add_instance(role_name, role, index)
-                 for index in range(len(ours), count)]
-        # A scale-out creates a new VM: folders an earlier instance of the index left (one
-        # a controller ran before it was stopped) must not give it that one's disks.
-        await asyncio.to_thread(discard, added)
-        starting = not self._shutdown.is_set()  # else stopped already, and never to start
-        if starting:
-            for instance in added:
-                # Set once all are added: each lists the ones added after it too.
-                instance.topology = d.topology()
-                instance.start(f"scaled out: {cause}")
-        removed = ours[count:]
-        await asyncio.gather(*(i.stop(f"scaled in: {cause}") for i in removed))
-        for instance in removed:
-            for balancer in instance.balancers.values():
-                balancer.remove(instance.id)
-            instance.output.close()
-            d.deployment.discovery.remove(instance)
-            d.deployment.release_ports(instance.ports.values())
-            del d.instances[instance.id]
-            d.census.remove(instance.id)
-        # A scale-in deletes the VM: its disks go with it (its log stays, as the
-        # controller's record of it).
-        await asyncio.to_thread(discard, removed)
-        record.instances = [i.id for i in added + removed]
-        topology = d.topology()
-        others = [i for i in d.instances.values() if i not in added]
-        if not record.instances:  # the count that runs: no one is told of a change there was not
-            others = []
-        for instance in others:  # what their next boot sees, whether a halt spares them
-            instance.topology = topology
-        # Like a settings change: a handler that cancels recycles its instance, so all of
-        # them at once would take the role down.
-        what = f"topology change of {role_name} (scaled to {count})"
-        # Recorded, and answered, once the new instances are ready, as an operation on an
-        # instance is: not while they may still fail.
-        ready = asyncio.ensure_future(ready_or_not(added, starting))
-        try:
-            await offer_by_domain(self.history, d.definition.service, what, others, {}, record,
-                                  lambda i: i.change_topology(topology, role_name, cause),
-                                  alongside=ready,
-                                  awaited=f"{', '.join(i.id for i in added)} to get ready")
-        finally:
-            ready.cancel()
-        return record.instances
+            return await scaling.scale(self, d, role_name, role, count, cause)
 
     @property
     def stopping(self) -> bool:

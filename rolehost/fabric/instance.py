@@ -364,16 +364,10 @@ class Instance:
         assert self.process is not None
         self._carry_out(self.life.host_started(self.process.pid))
         self.deployment.memory.watch(self.process.pid, self._memory_measured)
-        probes = [
-            asyncio.ensure_future(probe.watch(
-                endpoint.host, self.ports[name], endpoint.probe,
-                functools.partial(self._probe_result, name),
-            ))
+        probes = probe.watch_all(self.id, {
+            name: (endpoint.host, self.ports[name], endpoint.probe)
             for name, endpoint in self.role.endpoints.items()
-            if endpoint.probe is not None and name in self.balancers
-        ]
-        for task in probes:
-            task.add_done_callback(self._probe_ended)
+            if endpoint.probe is not None and name in self.balancers}, self._probe_result)
         try:
             code = await self._watch(self.process)
         finally:
@@ -382,12 +376,6 @@ class Instance:
             self.deployment.memory.forget(self.process.pid)
             self.memory = None
         self._carry_out(self.life.exited(self.process.pid, code, describe_exit(code)))
-
-    def _probe_ended(self, task: asyncio.Future[None]) -> None:
-        """A probe watch runs until cancelled: one that ended froze the rotation, a bug
-        that must show (probe.watch turns failures of a probe into failed probes)."""
-        if not task.cancelled() and (error := task.exception()) is not None:
-            log.critical("probe_crashed", instance=self.id, error=repr(error), exc_info=error)
 
     async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run bootstrap work; False if a stop or an operation interrupted it first."""

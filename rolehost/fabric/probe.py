@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 
 import structlog
@@ -60,3 +61,22 @@ async def watch(host: str, port: int, spec: Probe, report: Callable[[Result], No
             healthy = False
         report(Result(healthy, seen, passes))
         await asyncio.sleep(spec.interval)
+
+
+def watch_all(instance_id: str, targets: dict[str, tuple[str, int, Probe]],
+              report: Callable[[str, Result], None]) -> list[asyncio.Future[None]]:
+    """A watch per endpoint of `targets` (name: host, port, probe), each reporting
+    `report(name, result)`, until cancelled."""
+    tasks: list[asyncio.Future[None]] = [
+        asyncio.ensure_future(watch(host, port, spec, functools.partial(report, name)))
+        for name, (host, port, spec) in targets.items()]
+    for task in tasks:
+        task.add_done_callback(functools.partial(_ended, instance_id))
+    return tasks
+
+
+def _ended(instance_id: str, task: asyncio.Future[None]) -> None:
+    """A watch runs until cancelled: one that ended froze the rotation, a bug that must
+    show (`watch` turns failures of a probe into failed probes)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.critical("probe_crashed", instance=instance_id, error=repr(error), exc_info=error)
