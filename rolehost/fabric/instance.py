@@ -342,7 +342,9 @@ class Instance:
             token = f"{self.boot_token}:h{self.hosts}"
             self.process = await self.deployment.standby.take()
             if (cgroups := self.deployment.cgroups) is not None:  # before the role's code runs
-                self.process.cgroup = cgroups.enter(self.id, self.process.pid)
+                # Off the loop: a move into a cgroup waits for an RCU grace period (~7 ms).
+                self.process.cgroup = await asyncio.to_thread(cgroups.enter, self.id,
+                                                              self.process.pid)
             if self.life.failed_reason is not None:  # while the host was coming
                 self.process.kill()
                 return False
