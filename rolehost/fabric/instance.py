@@ -340,14 +340,16 @@ class Instance:
                 return False
             self.hosts += 1
             token = f"{self.boot_token}:h{self.hosts}"
-            self.process = await self.deployment.standby.take()
+            process = await self.deployment.standby.take()
             if (cgroups := self.deployment.cgroups) is not None:  # before the role's code runs
                 # Off the loop: a move into a cgroup waits for an RCU grace period (~7 ms).
-                self.process.cgroup = await asyncio.to_thread(cgroups.enter, self.id,
-                                                              self.process.pid)
+                process.cgroup = await asyncio.to_thread(cgroups.enter, self.id, process.pid)
             if self.life.failed_reason is not None:  # while the host was coming
-                self.process.kill()
+                process.kill()
                 return False
+            # The instance's only once assigned, in this same turn of the loop: a message
+            # sent to it before `assign` (discovery's peers) would be a standby's `release`.
+            self.process = process
         except TaskFailed as failed:
             if self.life.failed_reason is None:  # a missed deadline explains itself
                 self.life.last_error = self.life.run_error = str(failed)
