@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -52,18 +51,18 @@ from rolehost.definition.schema import (
     NOT_BLANK,
     SPLITS,
     VARIABLE_NAME,
-    DurationSchema,
     SchemaOnly,
     model_schema,
     published,
 )
 from rolehost.definition.site import SITE_ONLY_ENTRY_POINT, Site, site_endpoint
+from rolehost.definition.types import Boolean, Duration, Integer, Text
+from rolehost.definition.types import Model as _Model
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 ENDPOINT_KINDS = ("endpoints", "internal_endpoints", "instance_endpoints")
 SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.
-Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
 Size = Annotated[str, BeforeValidator(check_size), SchemaOnly(pattern=SIZE_PATTERN)]
 SettingValue = Annotated[str, SchemaOnly(pattern=NO_NUL)] | int | float | bool
 # A service, role, endpoint or resource name. It becomes file and folder names, unit
@@ -74,25 +73,10 @@ Name = Annotated[str, Field(
 ]
 
 
-# TOML has real integers, booleans and strings: a key takes the one its field says, as it
-# is. Pydantic's lax mode would turn "8080" into 8080, true into 1 and "yes" or 1 into
-# True, all of which the published schema refuses; a typo would pass unnoticed. Strict
-# field by field, not on the whole model: `app` (a Path) and the enums come from TOML
-# strings, and `controller.configure` re-validates a `model_dump()`, Paths and enums in it.
-# A TOML float is refused where an integer is expected, 2.0 included: it is a different
-# type in TOML, as "2" is. (JSON has one number type, so the published schema's "integer"
-# takes 2.0: see schema.MODEL_ONLY.)
-Integer = Annotated[int, Field(strict=True)]
-Boolean = Annotated[bool, Field(strict=True)]
-Text = Annotated[str, Field(strict=True)]
 STRICT_TYPES = ("An integer is a TOML integer: `2.0` and `\"2\"` are errors, as is a boolean or "
                 "string of the wrong kind for its key.")
 Word = Annotated[Text, SchemaOnly(pattern=NO_NUL)]  # of a command, or an environment value
 Variable = Annotated[str, SchemaOnly(pattern=VARIABLE_NAME)]  # names a setting or a variable
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class LocalResource(_Model):

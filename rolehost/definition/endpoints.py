@@ -12,27 +12,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from rolehost.definition.errors import DefinitionError
 from rolehost.definition.scalars import (
     MAX_INSTANCES,
     PORT_RANGE_PATTERN,
-    parse_duration,
     parse_port_range,
 )
-from rolehost.definition.schema import NO_NUL, DurationSchema, SchemaOnly
+from rolehost.definition.schema import NO_NUL, SchemaOnly
+from rolehost.definition.types import Boolean, Duration, Integer, Text
+from rolehost.definition.types import Model as _Model
 
-# As the model's (rolehost/definition/__init__.py says why each is strict).
-Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
-Integer = Annotated[int, Field(strict=True)]
-Boolean = Annotated[bool, Field(strict=True)]
-Text = Annotated[str, Field(strict=True)]
 PemPath = Annotated[Path, SchemaOnly(pattern=NO_NUL)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Protocol(StrEnum):

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rolehost.definition.scalars import parse_duration
-from rolehost.definition.schema import DurationSchema
+from rolehost.definition.types import Duration, Text
 
 # module:attribute, importable from the role's app folder (Django's `mysite.wsgi:application`).
 APP_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -19,8 +18,6 @@ APP_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 # do nothing of their own, so the site is the whole role.
 SITE_ONLY_ENTRY_POINT = "rolehost.entrypoint:RoleEntryPoint"
 
-_Duration = Annotated[float, BeforeValidator(parse_duration), DurationSchema()]
-_Text = Annotated[str, Field(strict=True)]
 
 
 class Site(BaseModel):
@@ -37,23 +34,23 @@ class Site(BaseModel):
                               json_schema_extra={"oneOf": [{"required": ["asgi"]},
                                                            {"required": ["wsgi"]}]})
 
-    asgi: _Text | None = Field(
+    asgi: Text | None = Field(
         default=None, pattern=APP_PATTERN,
         description="module:attribute of an ASGI application (FastAPI, Starlette, Django's "
         "`asgi.py`), run with the lifespan protocol if it speaks it")
-    wsgi: _Text | None = Field(
+    wsgi: Text | None = Field(
         default=None, pattern=APP_PATTERN,
         description="module:attribute of a WSGI application (Flask, Django's `wsgi.py`), "
         "served by uvicorn through a2wsgi's thread pool")
-    endpoint: _Text | None = Field(
+    endpoint: Text | None = Field(
         default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=63,
         description="the role's http input endpoint whose private port the site binds; "
         "default: the role's only endpoint")
-    warmup: list[Annotated[_Text, Field(pattern=r"^/")]] = Field(
+    warmup: list[Annotated[Text, Field(pattern=r"^/")]] = Field(
         default_factory=list,
         description="paths requested (GET) after on_start, in order, before the instance "
         "is ready: each must answer 2xx or 3xx, or the boot fails")
-    warmup_timeout: _Duration = Field(
+    warmup_timeout: Duration = Field(
         default=30.0, gt=0, description="a warm-up request slower than this fails the boot")
 
     @model_validator(mode="after")
