@@ -432,3 +432,12 @@ def test_a_host_over_max_memory_is_recycled_gracefully_once() -> None:
     s.stop_host()
     s.exited(0, "exited with 0 (stopped)")
     assert (s.over().what, s.life.recycled_for) == (After.RECYCLE, reason)
+
+
+def test_an_instance_back_at_time_zero_had_been_back() -> None:
+    # back_since is a time, and 0.0 is one: "out of", not "not yet in", rotation.
+    s = Script()
+    s.at(0.0).ready()
+    assert s.life.back_since == 0.0
+    s.at(3.0).do(s.life.heartbeat_missed())
+    assert s.life.why_not_back({}) == "out of rotation: silent: no heartbeat for 3.0s"

@@ -373,7 +373,7 @@ class Lifecycle:
             out.append(f"{name}: {why}")
         if not out and self.silent is not None:
             out.append(f"silent: {self.silent}")
-        return ("out of rotation: " if self.back_since else "not yet in rotation: ") + \
+        return ("out of rotation: " if self.back_since is not None else "not yet in rotation: ") + \
             "; ".join(out)
 
     @property
