@@ -3,9 +3,10 @@ real processes, timers and balancers.
 
 The decisions are `rolehost.fabric.lifecycle`'s: this module feeds it the events (a
 boot, the host started, a message, its exit, a timer, a stop, a force) and carries out
-the actions it returns (`_carry_out`), and sequences the I/O of a boot (the folders, the
-startup tasks, a standby host, the drain). Every state change happens in `Instance._set`,
-checked against the lifecycle's table. The rooms around it: docs/design.md.
+the actions it returns (`_carry_out`), and sequences boot after boot (`_supervise`): a
+boot's steps (the folders, the startup tasks, a standby host) are `booting`'s, its end's
+(the drain, the tasks that outlive their host) `stopping`'s. Every state change happens
+in `Instance._set`, checked against the lifecycle's table. The rooms: docs/design.md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -23,7 +24,7 @@ from rolehost import protocol
 from rolehost.balancer import Balancer
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.definition import Endpoint, Role
-from rolehost.fabric import changing, ports, probe
+from rolehost.fabric import booting, changing, ports
 from rolehost.fabric.actions import (
     HOST,
     READY_DEADLINE,
@@ -43,7 +44,7 @@ from rolehost.fabric.actions import (
     Send,
 )
 from rolehost.fabric.deployment import Deployment
-from rolehost.fabric.disks import Disks, Maintenance, apply
+from rolehost.fabric.disks import Disks, Maintenance
 from rolehost.fabric.errors import Conflict, OperationFailed
 from rolehost.fabric.lifecycle import (
     After,
@@ -57,15 +58,14 @@ from rolehost.fabric.lifecycle import (
 from rolehost.fabric.names import instance_id
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.snapshot import snapshot
-from rolehost.fabric.stopping import drain, end_tasks, unless
-from rolehost.fabric.tasks import TaskFailed, Tasks
+from rolehost.fabric.stopping import drain, end_tasks
+from rolehost.fabric.tasks import Tasks
 from rolehost.fabric.timers import Timers
 from rolehost.fabric.usage import CpuLoad, DiskUsage
-from rolehost.fabric.variables import addresses, context, host_environment, task_environment
+from rolehost.fabric.variables import addresses
 from rolehost.observability import metrics
 from rolehost.observability.output import OutputLog
 from rolehost.processes.hosts import HostProcess
-from rolehost.processes.process import describe_exit
 
 log = structlog.get_logger()
 
@@ -218,7 +218,7 @@ class Instance:
         """One boot after another, each followed by what the lifecycle says follows it."""
         kind, reason = Maintenance.START, cause
         while True:
-            await self._run_boot(kind, reason)
+            await booting.run_boot(self, kind, reason)
             after = self.life.boot_over(time.time(), self._pending_operation)
             if after.what is After.STOP:
                 await self._end_boot()
@@ -296,94 +296,6 @@ class Instance:
         if self._operation.role is not None:
             self.role = self._operation.role  # what the next boot deploys and runs
         return self._operation.kind, self._operation.name
-
-    async def _run_boot(self, kind: Maintenance, reason: str) -> None:
-        """Folders and tasks (unless an agent update), then one host until it has exited."""
-        self.recycle_asked = asyncio.Event()
-        self.life.boot_begins(time.time())
-        self.starts += 1
-        metrics.STARTS.labels(self.role_name, kind.value).inc()
-        self._set(S.BOOTSTRAPPING, reason)
-        log.info("boot", instance=self.id, kind=kind.value, cause=reason)
-        try:
-            if await self._bootstrap(kind):
-                await self._run_host()
-        finally:
-            self.timers.cancel_all()
-
-    async def _bootstrap(self, kind: Maintenance) -> bool:
-        """Prepare the folders, run the tasks, assign a host. False: the boot ends here."""
-        try:
-            ports.reclaim(self)  # before the tasks: they see the ports too
-            # An agent update restarts the host of a boot whose tasks are done; a boot
-            # cut short in its tasks starts over, tasks and all.
-            rerun = kind.reruns_tasks or self.tasks is None or self.tasks.ended or \
-                not self.tasks.done
-            if rerun:
-                await self._end_boot()
-            # The deadline counts from here: the last boot's foreground tasks, which its
-            # end waits for, are not this boot's.
-            self._carry_out(self.life.ready_deadline_begins(time.time()))
-            if self.life.failed_reason is not None:
-                return False
-            if rerun:
-                self.boot += 1
-                await asyncio.to_thread(apply, kind, self.disks, self.role,
-                                        self.deployment.run_dir)
-                self.measure()
-                self.tasks = Tasks(self.id, self.role, self.disks,
-                                   task_environment(self, self.boot_token), self.output.write,
-                                   self.user)
-                if not await self._interruptible(self.tasks.run()):
-                    return False
-            if self.life.failed_reason is not None:  # the deadline passed in the tasks
-                return False
-            self.hosts += 1
-            token = f"{self.boot_token}:h{self.hosts}"
-            process = await self.deployment.standby.take()
-            if (cgroups := self.deployment.cgroups) is not None:  # before the role's code runs
-                # Off the loop: a move into a cgroup waits for an RCU grace period (~7 ms).
-                process.cgroup = await asyncio.to_thread(cgroups.enter, self.id, process.pid)
-            if self.life.failed_reason is not None:  # while the host was coming
-                process.kill()
-                return False
-            # The instance's only once assigned, in this same turn of the loop: a message
-            # sent to it before `assign` (discovery's peers) would be a standby's `release`.
-            self.process = process
-        except TaskFailed as failed:
-            if self.life.failed_reason is None:  # a missed deadline explains itself
-                self.life.last_error = self.life.run_error = str(failed)
-            return False
-        except Exception as exc:  # a bootstrap that cannot happen recycles, like a failed task
-            self.life.last_error = self.life.run_error = f"bootstrap failed: {exc}"
-            log.error("bootstrap_failed", instance=self.id, error=str(exc))
-            return False
-        self.process.assign(vars(context(self)), host_environment(self, token),
-                            str(self.disks.app), token,
-                            self._on_message, self.output.write,
-                            self.deployment.service.heartbeat_interval, self.user)
-        return True
-
-    async def _run_host(self) -> None:
-        assert self.process is not None
-        self._carry_out(self.life.host_started(self.process.pid))
-        self.deployment.memory.watch(self.process.pid, self._memory_measured)
-        probes = probe.watch_all(self.id, {
-            name: (endpoint.host, self.ports[name], endpoint.probe)
-            for name, endpoint in self.role.endpoints.items()
-            if endpoint.probe is not None and name in self.balancers}, self._probe_result)
-        try:
-            code = await self._watch(self.process)
-        finally:
-            for task in probes:
-                task.cancel()
-            self.deployment.memory.forget(self.process.pid)
-            self.memory = None
-        self._carry_out(self.life.exited(self.process.pid, code, describe_exit(code)))
-
-    async def _interruptible(self, work: Coroutine[Any, Any, None]) -> bool:
-        """Run bootstrap work; False if a stop or an operation interrupted it first."""
-        return await unless(work, self._interrupt)
 
     async def _watch(self, process: HostProcess) -> int:
         """Wait for the host to exit; if a stop or operation comes first, stop it gracefully."""
