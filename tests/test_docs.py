@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,30 @@ def test_the_reference_has_every_table_and_key_of_the_model() -> None:
                 t.strip("[]") for t in sections}
             assert f"| `{key}` |" in part or f".{key}]` is a table of" in part \
                 or own_section, (title, key)
+
+
+def test_the_design_map_names_every_module() -> None:
+    """docs/design.md's tree is the maintainers' map: a module added without it (or one
+    removed and still named) makes the map lie, as two merges once did."""
+    design = (DOCS / "design.md").read_text()
+    tree = design[design.index("```\nrolehost/\n"):]
+    tree = tree[:tree.index("\n```", 4)]
+    by_package: dict[str, set[str]] = {}
+    package = ""
+    for line in tree.splitlines()[2:]:
+        head = line.lstrip("│├└─ ")
+        if line.startswith(("├", "└")):
+            first = head.split()[0]
+            package = first.rstrip("/") if first.endswith("/") else ""
+        by_package.setdefault(package, set()).update(re.findall(r"\w+", head))
+    root = Path(__file__).parent.parent / "rolehost"
+    missing = []
+    for module in root.rglob("*.py"):
+        parts = module.relative_to(root).parts
+        name = module.stem
+        if name.startswith("__") or parts[0] in ("testing", "cli") or len(parts) > 2:
+            continue
+        where = parts[0] if len(parts) == 2 else ""
+        if name not in by_package.get(where, set()):
+            missing.append("/".join(parts))
+    assert not missing, f"docs/design.md's tree does not name: {missing}"
