@@ -26,6 +26,7 @@ def snapshot(instance: Instance) -> dict[str, Any]:
         "state_since": iso(i.state_since),
         "pid": process.pid if process is not None and process.running else None,
         "memory_bytes": i.memory,
+        "max_memory_bytes": i.role.max_memory_bytes,  # what memory_bytes recycles over
         "restarts": max(0, i.starts - 1),
         "attempt": life.backoff.failures,
         "next_try": iso(i.next_try),
