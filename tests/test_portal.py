@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -16,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from rolehost.testing import LoadProbe, ServiceHarness, wait_until
-from support.browser import Portal, chromium, portal
+from support.browser import Portal, chromium, output, portal, press, shot
 from support.cli import rolehost
 from support.net import free_port
 from support.roles import WEB
 from support.service import MakeService, Service
 
 SECRET = "s3cr3t-portal-value"
-# Set to a folder (docs/ by `make docs`) to keep the screenshots the browser test takes.
-SCREENSHOTS = "ROLEHOST_PORTAL_SCREENSHOTS"
 
 
 def _service(make_service: MakeService) -> Service:
@@ -192,39 +189,6 @@ def _other_site(target: str) -> Iterator[str]:
         thread.join(10)
 
 
-def _shot(driver: Any, name: str, element: Any = None) -> None:
-    folder = os.environ.get(SCREENSHOTS)
-    if folder:
-        path = Path(folder) / name
-        if element is None:
-            driver.save_screenshot(str(path))
-        else:
-            element.screenshot(str(path))
-        assert path.stat().st_size > 0
-
-
-def _output(driver: Any) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.ID, "output").text)
-
-
-def _press(driver: Any, selector: str) -> str:
-    """Press a button that asks first, say yes, and return the question."""
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # The part that holds the button is replaced as it refreshes: found and clicked in
-    # one go, by the page; later, since the question blocks the script that asks it.
-    driver.execute_script(
-        "const s = arguments[0]; setTimeout(() => document.querySelector(s).click(), 0);",
-        selector)
-    alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
-    question = str(alert.text)
-    alert.accept()
-    return question
-
-
 def test_the_portal_in_a_browser(make_service: MakeService) -> None:
     """Every instance is shown; Reimage asks, then shows the instance stop, start and be
     ready, in the CLI's words; a host-os walk started from the page draws its timeline,
@@ -251,11 +215,11 @@ def test_the_portal_in_a_browser(make_service: MakeService) -> None:
         assert SECRET not in driver.page_source
 
         before = _pids(h)
-        question = _press(driver, 'tr[data-instance="web_IN_0"] button[data-act$="/reimage"]')
+        question = press(driver, 'tr[data-instance="web_IN_0"] button[data-act$="/reimage"]')
         assert question == "Reimage web_IN_0?"
-        wait_until(lambda: "starting -> ready" in _output(driver), 60,
-                   "the reimage followed to ready", lambda: _output(driver))
-        out = _output(driver)
+        wait_until(lambda: "starting -> ready" in output(driver), 60,
+                   "the reimage followed to ready", lambda: output(driver))
+        out = output(driver)
         assert out.startswith("web_IN_0: reimage begun")  # as `rolehost reimage` says
         assert out.index("ready -> stopping") < out.index("-> starting") < out.index(
             "starting -> ready"), out
@@ -264,12 +228,12 @@ def test_the_portal_in_a_browser(make_service: MakeService) -> None:
 
         with LoadProbe(h.url("web", "http"), clients=2) as load:
             load.wait_requests(50)
-            assert _press(driver, 'button[data-act="/act/upgrade/host-os"]').startswith(
+            assert press(driver, 'button[data-act="/act/upgrade/host-os"]').startswith(
                 "Walk the host-os update")
-            wait_until(lambda: "every update domain done" in _output(driver), 90,
-                       "the walk followed to its end", lambda: _output(driver))
+            wait_until(lambda: "every update domain done" in output(driver), 90,
+                       "the walk followed to its end", lambda: output(driver))
         assert load.failures == [], load.report()
-        out = _output(driver)
+        out = output(driver)
         assert "upgrade host-os over 2 update domains" in out
         assert "  UD 1  worker_IN_1      ready" in out  # `rolehost upgrade`'s step lines
 
@@ -288,8 +252,8 @@ def test_the_portal_in_a_browser(make_service: MakeService) -> None:
                  for g in driver.find_elements(By.CSS_SELECTOR, "#walk g.step")]
         assert steps[:2] == ["UD 0", "UD 1"], steps
         assert driver.find_elements(By.CSS_SELECTOR, "#walk polyline#requests")
-        _shot(driver, "portal-timeline.png", driver.find_element(By.ID, "walk"))
-        _shot(driver, "portal-service.png")
+        shot(driver, "portal-timeline.png", driver.find_element(By.ID, "walk"))
+        shot(driver, "portal-service.png")
 
         walk_id = h.status()["walk"]["id"]
         driver.get(f"{p.origin}/history")

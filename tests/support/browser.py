@@ -136,3 +136,42 @@ def portal(*args: str, timeout: float = 30.0) -> Iterator[Portal]:
             process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+# Set to a folder (docs/ by `make docs`) to keep the screenshots the browser tests take.
+SCREENSHOTS = "ROLEHOST_PORTAL_SCREENSHOTS"
+
+
+def shot(driver: Any, name: str, element: Any = None) -> None:
+    """Keep a screenshot of the page (or of `element`) as `name`, when asked to."""
+    folder = os.environ.get(SCREENSHOTS)
+    if folder:
+        path = Path(folder) / name
+        if element is None:
+            driver.save_screenshot(str(path))
+        else:
+            element.screenshot(str(path))
+        assert path.stat().st_size > 0
+
+
+def output(driver: Any) -> str:
+    """The portal's Progress box: what its actions printed."""
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, "output").text)
+
+
+def press(driver: Any, selector: str) -> str:
+    """Press a button that asks first, say yes, and return the question."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The part that holds the button is replaced as it refreshes: found and clicked in
+    # one go, by the page; later, since the question blocks the script that asks it.
+    driver.execute_script(
+        "const s = arguments[0]; setTimeout(() => document.querySelector(s).click(), 0);",
+        selector)
+    alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
+    question = str(alert.text)
+    alert.accept()
+    return question
