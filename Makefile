@@ -37,7 +37,8 @@ bench: $(BIN)/rolehost
 docs: $(BIN)/rolehost  ## regenerate the reference pages, and the portal's screenshots
 	$(BIN)/python docs/generate.py
 	ROLEHOST_PORTAL_SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q -p no:cacheprovider \
-		tests/test_portal.py::test_the_portal_in_a_browser
+		tests/test_portal.py::test_the_portal_in_a_browser \
+		tests/test_portal_slots.py::test_the_portal_shows_staging_swaps_and_memory
 
 clean:
 	rm -rf $(VENV) .rolehost samples/*/.rolehost

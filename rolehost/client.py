@@ -159,12 +159,12 @@ class Client:
         return result
 
     def deploy(self, version: str, rollback: bool = True, manual: bool = False,
-               slot: str = "production") -> dict[str, Any]:
+               slot: str = "production", timeout: float | None = None) -> dict[str, Any]:
         """Production: an in-place walk (its snapshot). Staging: a second deployment,
         answered once its instances are back (the staging slot's status)."""
         result: dict[str, Any] = self.request(
             "POST", f"/v1/deploy/{quote(version, safe='')}",
-            {"rollback": rollback, "manual": manual, "slot": slot},
+            {"rollback": rollback, "manual": manual, "slot": slot}, timeout=timeout,
         )
         return result
 

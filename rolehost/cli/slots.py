@@ -34,5 +34,4 @@ def delete(file: Path, run_dir: Path | None, slot: str) -> None:
     """Stop the deployment in SLOT (staging), remove its disks and close its ports. Its
     instances' logs stay."""
     deleted = call(connect(file, run_dir, timeout=600).delete_slot, slot)
-    click.echo(f"deleted {slot}: version {deleted['deleted']} "
-               f"(deployment {deleted['deployment_id'][:12]})")
+    click.echo(wording.deleted(slot, deleted))

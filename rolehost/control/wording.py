@@ -124,3 +124,9 @@ def swapped(slots: dict[str, Any]) -> list[str]:
     """A swap's answer: which version each slot's ports now reach."""
     return [f"{name}: version {d['version']} (deployment {d['deployment_id'][:12]})"
             for name, d in slots.items()]
+
+
+def deleted(slot: str, answer: dict[str, Any]) -> str:
+    """`rolehost delete --slot`'s answer: the version and deployment it removed."""
+    return (f"deleted {slot}: version {answer['deleted']} "
+            f"(deployment {answer['deployment_id'][:12]})")

@@ -19,6 +19,10 @@ from rolehost.portal.source import Source
 
 CAUSE = "requested through the portal"
 MAINTENANCE = ("restart", "reimage", "rebuild", "recycle")
+SLOTS = ("production", "staging")
+# A staging deploy answers once its instances are back, as `rolehost deploy --slot
+# staging` does: the page waits as long as the command.
+STAGING_DEPLOY_TIMEOUT = 24 * 3600.0
 
 
 class BadInput(ValueError):
@@ -47,10 +51,20 @@ def _flag(body: dict[str, Any], key: str, default: bool = False) -> bool:
     return value
 
 
+def _slot(body: dict[str, Any]) -> str:
+    slot = body.get("slot", "production")
+    if slot not in SLOTS:
+        raise BadInput("slot must be production or staging")
+    return str(slot)
+
+
 def act(source: Source, action: str, body: dict[str, Any]) -> Answer:
     """Carry out `action` (the path after /act/) with the form's `body`."""
     try:
-        return _act(source, action, body)
+        try:
+            return _act(source, action, body)
+        finally:
+            source.forget()  # the page's next look shows what the action changed
     except BadInput as exc:
         return _answer([], str(exc))
     except ApiError as exc:
@@ -68,17 +82,20 @@ def _act(source: Source, action: str, body: dict[str, Any]) -> Answer:
     client = source.client
     kind, _, arg = action.partition("/")
     if kind == "instance":
-        name = _text(body, "instance")
+        name, slot = _text(body, "instance"), _slot(body)
         since = _last_seq(source)
         if arg == "status-check":
+            if slot != "production":  # the API asks production's instances only
+                raise BadInput("status checks are run on production's instances")
             client.check_status(name)
             return _answer([f"{name}: status check requested"])
         if arg not in MAINTENANCE:
             raise BadInput(f"no such instance action: {arg}")
         rows = client.request("POST", f"/v1/operations/{arg}",
-                              {"instances": [name], "wait": False, "cause": CAUSE})
+                              {"instances": [name], "wait": False, "cause": CAUSE, "slot": slot})
         return _answer([wording.maintained(arg, row, False) for row in rows], None,
-                       {"kind": "instances", "names": [r["id"] for r in rows], "since": since})
+                       {"kind": "instances", "names": [r["id"] for r in rows], "since": since,
+                        "slot": slot})
     if kind == "upgrade":
         if arg not in {u.value for u in Upgrade}:
             raise BadInput(f"no such upgrade: {arg}")
@@ -86,10 +103,18 @@ def _act(source: Source, action: str, body: dict[str, Any]) -> Answer:
         return _answer([wording.walk_header(walk, f"upgrade {arg}")], None,
                        {"kind": "walk", "since": 0})
     if kind == "deploy":
-        version = _text(body, "version")
+        version, slot = _text(body, "version"), _slot(body)
+        if slot == "staging":
+            status = client.deploy(version, slot=slot, timeout=STAGING_DEPLOY_TIMEOUT)
+            return _answer(wording.staged(status))
         walk = client.deploy(version, _flag(body, "rollback", True), _flag(body, "manual"))
         return _answer([wording.walk_header(walk, f"deploy {version}")], None,
                        {"kind": "walk", "since": 0})
+    if kind == "swap":
+        return _answer(wording.swapped(client.swap()))
+    if kind == "slot" and arg == "delete":
+        slot = _slot(body)
+        return _answer([wording.deleted(slot, client.delete_slot(slot))])
     if kind == "package":
         return _answer([wording.packaged(client.package(None))])
     if kind == "config":
@@ -130,11 +155,13 @@ def follow_walk(source: Source, since: int) -> Answer:
     return {"lines": lines + ended, "failure": failure, "since": shown, "done": True}
 
 
-def follow_instances(source: Source, names: list[str], since: int) -> Answer:
-    """The state changes of `names` after event `since`, as the console prints them; done
-    once each has changed and is ready (or failed) again."""
+def follow_instances(source: Source, names: list[str], since: int,
+                     slot: str = "production") -> Answer:
+    """The state changes of `names` in `slot` after event `since`, as the console prints
+    them; done once each has changed and is ready (or failed) again. (A staging instance
+    has the name of a production one: its events say their slot.)"""
     events = [e for e in source.events_after(since) if e.get("instance") in names
-              and e.get("event") == "state"]
+              and e.get("event") == "state" and e.get("slot", "production") == slot]
     latest = {e["instance"]: e["state"] for e in events}
     done = all(latest.get(n) in ("ready", "failed") for n in names)
     return {"lines": [logs.render_event(_json(e)) for e in events],

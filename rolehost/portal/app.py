@@ -42,14 +42,16 @@ def build(source: Source, token: str) -> Starlette:
     async def service(request: Request) -> Response:
         try:
             status = await call(source.status)
+            staging = await call(source.staging, status)
             packages = await call(source.client.packages)
         except (ControllerNotRunning, ApiError) as exc:
             return _down(exc)
-        return HTMLResponse(pages.service(status, packages, token))
+        return HTMLResponse(pages.service(status, staging, packages, token))
 
     async def part_instances(request: Request) -> Response:
         try:
-            return HTMLResponse(pages.instances(await call(source.status)))
+            status = await call(source.status)
+            return HTMLResponse(pages.slots(status, await call(source.staging, status)))
         except (ControllerNotRunning, ApiError) as exc:
             return _down(exc)
 
@@ -142,7 +144,8 @@ def build(source: Source, token: str) -> Starlette:
             if request.path_params["what"] == "walk":
                 return JSONResponse(await call(actions.follow_walk, source, seq))
             names = [n for n in request.query_params.get("names", "").split(",") if n]
-            return JSONResponse(await call(actions.follow_instances, source, names, seq))
+            slot = request.query_params.get("slot", "production")
+            return JSONResponse(await call(actions.follow_instances, source, names, seq, slot))
         except (ControllerNotRunning, ApiError) as exc:
             return JSONResponse({"lines": [], "failure": str(exc), "done": True}, 503)
 

@@ -34,7 +34,8 @@ def page(title: str, token: str, body: str) -> str:
 </head><body><nav><b>rolehost</b>{nav}</nav><main>{body}</main></body></html>"""
 
 
-def service(status: dict[str, Any], packages: list[dict[str, Any]], token: str) -> str:
+def service(status: dict[str, Any], staging: dict[str, Any] | None,
+            packages: list[dict[str, Any]], token: str) -> str:
     roles = sorted({i["role"] for i in status["instances"]})
     role_options = "".join(f"<option>{escape(r)}</option>" for r in roles)
     versions = "".join(f'<option value="{escape(p["version"])}">{escape(p["version"])} '
@@ -48,15 +49,17 @@ def service(status: dict[str, Any], packages: list[dict[str, Any]], token: str) 
 <p class="meta">deployment {escape(status["deployment_id"][:12])}, version
 {escape(str(status["version"] or "-"))}, controller pid {status["pid"]},
 {status["upgrade_domains"]} update domains</p>
-<div id="instances" data-poll="/part/instances">{instances(status)}</div>
+<div id="instances" data-poll="/part/instances">{slots(status, staging)}</div>
 <section class="actions"><h2>Service</h2>
 <form id="upgrade">{upgrades}
 <label><input type="checkbox" name="manual"> manual (pause after each domain)</label></form>
 <form id="deploy"><select name="version">{versions}</select>
+<select name="slot"><option value="production">to production (in place, a walk)</option>
+<option value="staging">to staging (beside production, on the staging ports)</option></select>
 <label><input type="checkbox" name="rollback" checked> roll back on failure</label>
 <label><input type="checkbox" name="manual"> manual</label>
 <button data-act="/act/deploy" data-form="deploy"
- data-confirm="Deploy this version across every update domain?">Deploy</button>
+ data-confirm="Deploy this version to the slot chosen?">Deploy</button>
 <button data-act="/act/package" data-form="deploy">Package the app as a new version</button>
 </form>
 <form id="config"><select name="role">{role_options}</select>
@@ -88,25 +91,70 @@ def _rotation(i: dict[str, Any]) -> str:
     return "no (" + "; ".join(why) + ")" if i["state"] == "ready" else "no (not ready)"
 
 
+def memory(instance: dict[str, Any]) -> str:
+    """The Memory column: the host's tree's RSS as `rolehost status` shows it, and, when
+    the role has a max_memory, that limit and how much of it is used."""
+    used, limit = instance.get("memory_bytes"), instance.get("max_memory_bytes")
+    shown = "-" if used is None else f"{used / 2**20:.0f}MB"
+    if limit:
+        shown += f" of {limit / 2**20:.0f}MB" + ("" if used is None else f" ({used / limit:.0%})")
+    return shown
+
+
+def slots(status: dict[str, Any], staging: dict[str, Any] | None) -> str:
+    """Production's instances, and the staging deployment's beside them when there is
+    one, each with the addresses its slot listens on: the part the page refreshes."""
+    advice = "".join(f'<p class="advice">capacity: {escape(a)}</p>' for a in status["capacity"])
+    if staging is None:
+        return advice + _slot("Production", status)
+    question = (f"Swap? Production's ports will send new requests to version "
+                f"{staging['version']}, and staging's to version {status['version']}.")
+    buttons = f"""<form id="slotctl">
+<button data-act="/act/swap" data-confirm="{escape(question)}">Swap</button>
+<button data-act="/act/slot/delete" data-slot="staging"
+ data-confirm="Delete the staging deployment (version {escape(str(staging['version']))})?
+ Its instances stop and its disks are removed.">Delete staging</button></form>"""
+    return advice + _slot("Production", status) + _slot("Staging", staging, buttons)
+
+
+def _slot(title: str, status: dict[str, Any], buttons: str = "") -> str:
+    """A slot's heading (its version, deployment and listeners), its instances, and the
+    buttons of the slot (`buttons`)."""
+    slot = status.get("slot", "production")
+    listening = ", ".join(f"{b['role']}.{b['endpoint']} on {b['address']}"
+                          for b in status["balancers"]) or "no input endpoint"
+    return (f'<section class="slot" id="slot-{escape(slot)}" data-slot="{escape(slot)}" '
+            f'data-version="{escape(str(status["version"]))}">'
+            f"<h2>{title} <small>version {escape(str(status['version'] or '-'))}, deployment "
+            f"{escape(status['deployment_id'][:12])}</small></h2>"
+            f'<p class="meta listening">{escape(listening)}</p>{instances(status)}{buttons}'
+            "</section>")
+
+
 def instances(status: dict[str, Any]) -> str:
+    slot = status.get("slot", "production")
     head = ("Instance", "UD", "State", "Detail", "In rotation", "PID", "Restarts",
-            "Ready since", "CPU", "Last error", "")
+            "Ready since", "CPU", "Memory", "Last error", "")
+    # The API runs status checks on production's instances only.
+    offered = [a for a in INSTANCE_ACTIONS if slot == "production" or a[0] != "status-check"]
+    where = "" if slot == "production" else f' data-slot="{escape(slot)}"'
     rows = []
     for i in status["instances"]:
         cpu = status.get("cpu", {}).get(i["id"])
+        named = escape(i["id"]) + ("" if slot == "production" else f" ({escape(slot)})")
         buttons = "".join(
-            f'<button data-act="/act/instance/{kind}" data-instance="{escape(i["id"])}"'
-            + (f' data-confirm="{label} {escape(i["id"])}?"' if ask else "")
-            + f">{label}</button>" for kind, label, ask in INSTANCE_ACTIONS)
+            f'<button data-act="/act/instance/{kind}" data-instance="{escape(i["id"])}"{where}'
+            + (f' data-confirm="{label} {named}?"' if ask else "")
+            + f">{label}</button>" for kind, label, ask in offered)
         cells = (i["id"], str(i["update_domain"]), i["state"], wording.instance_detail(i),
                  _rotation(i), str(i["pid"] or "-"), str(i["restarts"]),
                  logs.clock(i["ready_since"]), "-" if cpu is None else f"{cpu:.1f}%",
-                 i["last_error"] or "")
-        rows.append(f'<tr data-instance="{escape(i["id"])}" data-state="{escape(i["state"])}">'
+                 memory(i), i["last_error"] or "")
+        rows.append(f'<tr data-instance="{escape(i["id"])}" data-state="{escape(i["state"])}"'
+                    f'{where}>'
                     + "".join(f'<td class="c{n}">{escape(c)}</td>' for n, c in enumerate(cells))
                     + f'<td class="buttons">{buttons}</td></tr>')
-    advice = "".join(f'<p class="advice">capacity: {escape(a)}</p>' for a in status["capacity"])
-    return (advice + '<table class="instances"><tr>'
+    return ('<table class="instances"><tr>'
             + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
 

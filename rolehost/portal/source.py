@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rolehost.client import Client
+from rolehost.client import ApiError, Client
 from rolehost.fabric.rundir import RunDir
 
 EVENTS_KEPT = 20_000
@@ -90,6 +90,9 @@ class Source:
         self._controller: tuple[Any, Any] | None = None  # its pid and start: a new one numbers
         self._lock = threading.Lock()                     # its events from 1 again
         self._status: tuple[float, dict[str, Any]] | None = None  # when asked, the answer
+        # Staging's, and the production status it was asked with: asked again with each
+        # new one, so that the two slots a page shows are never a swap apart for long.
+        self._staging: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._read: tuple[Any, list[dict[str, Any]]] | None = None  # the event log, as read
 
     def status(self) -> dict[str, Any]:
@@ -112,6 +115,30 @@ class Source:
                 self.samples.append(parse_sample(self.client.request_raw(
                     "GET", "/v1/metrics"), now))
         return status
+
+    def staging(self, production: dict[str, Any]) -> dict[str, Any] | None:
+        """The staging slot's status when `production`'s status names a staging
+        deployment, else None (the common case: no second request)."""
+        if "staging" not in (production.get("slots") or {}):
+            return None
+        with self._lock:
+            last = self._staging
+        if last is not None and last[0] is production:
+            return last[1]
+        try:
+            status: dict[str, Any] | None = self.client.status("staging")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            status = None  # deleted since production's status was taken
+        with self._lock:
+            self._staging = (production, status)
+        return status
+
+    def forget(self) -> None:
+        """An action changed the service: the next page asks the controller again."""
+        with self._lock:
+            self._status = self._staging = None
 
     def _fetch_events(self) -> None:
         since = self.events[-1]["seq"] if self.events else 0

@@ -33,7 +33,8 @@ function say(lines, failure) {
 async function follow(how) {
   let since = how.since;
   const base = how.kind === "walk" ? "/follow/walk?" :
-    "/follow/instances?names=" + encodeURIComponent(how.names.join(",")) + "&";
+    "/follow/instances?names=" + encodeURIComponent(how.names.join(",")) +
+    "&slot=" + encodeURIComponent(how.slot || "production") + "&";
   for (;;) {
     const response = await fetch(base + "since=" + since, {credentials: "same-origin"});
     const answer = await response.json();
@@ -58,6 +59,7 @@ async function act(button) {
   if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
   const body = formValues(button.dataset.form);
   if (button.dataset.instance) body.instance = button.dataset.instance;
+  if (button.dataset.slot) body.slot = button.dataset.slot;
   const response = await fetch(button.dataset.act, {
     method: "POST", credentials: "same-origin",
     headers: {"Content-Type": "application/json", "X-Rolehost-Token": TOKEN},
