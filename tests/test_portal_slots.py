@@ -64,7 +64,8 @@ def test_the_portal_shows_staging_swaps_and_memory(make_service: MakeService) ->
     A version deployed to staging from the page appears beside production with its
     instances, states and staging port; a swap refused (a staging instance not back)
     says why and touches nothing; Swap makes production's port answer the new version,
-    under load with no failed request, and the page shows the slots exchanged."""
+    under load with no failed request, and the page shows the slots exchanged. A staging
+    row's Reimage acts on staging's instance; Delete staging removes it."""
     port, staging_port = free_port(), free_port()
     service = make_service(
         SITE, instances=2, service={"upgrade_domains": 2, "ready_deadline": "30s"},
@@ -175,6 +176,28 @@ def test_the_portal_shows_staging_swaps_and_memory(make_service: MakeService) ->
             lambda: driver.page_source)
         assert all(_cell(driver, "staging", n, STATE) == "ready" for n in names)
         assert [o["kind"] for o in h.operations()][-2:] == ["swap", "swap"]
+
+        # A staging row's Reimage reimages staging's web_IN_0, not production's, and the
+        # progress follows that one.
+        production, staging = _pids(h.status()), _pids(h.client.status("staging"))
+        question = press(driver, '#slot-staging tr[data-instance="web_IN_0"] '
+                                 'button[data-act$="/reimage"]')
+        assert question == "Reimage web_IN_0 (staging)?"
+        wait_until(lambda: "starting -> ready" in output(driver), 60,
+                   "the staging reimage followed to ready", lambda: output(driver))
+        wait_until(lambda: all(i["back"] and i["operation"] is None for i in h.client.status(
+            "staging")["instances"]), 20, "the staging reimage over")
+        assert _pids(h.status()) == production
+        now = _pids(h.client.status("staging"))
+        assert now["web_IN_0"] != staging["web_IN_0"] and now["web_IN_1"] == staging["web_IN_1"]
+
+        # Delete staging: its section goes, its port closes, production goes on.
+        press(driver, 'button[data-act="/act/slot/delete"]')
+        wait_until(lambda: "deleted staging: version" in output(driver), 60,
+                   "the delete's answer", lambda: output(driver))
+        wait_until(lambda: not driver.find_elements("css selector", "#slot-staging"), 20,
+                   "staging gone from the page", lambda: driver.page_source)
+        assert _pids(h.status()) == production and get(port)[1] == b"v2"
 
 
 def test_staging_rows_act_on_staging() -> None:
