@@ -186,6 +186,9 @@ def test_staging_then_swap_and_back_under_load(make_service: MakeService) -> Non
             shown = cli(h, "logs", "web/0").stdout
             assert "serving v2" in shown and "serving v1" not in shown, shown
             assert "serving v1" in cli(h, "logs", "web/0", "--slot", "staging").stdout
+            # And the harness's: it read the first production's log still.
+            assert "serving v2" in h.logs("web/0") and "serving v1" not in h.logs("web/0")
+            assert "serving v1" in h.logs("web/1", slot="staging")
             done = cli(h, "swap")
             back = time.monotonic()
             assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from rolehost.client import Client, ControllerNotRunning
+from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.rundir import RunDir
 from rolehost.observability import logs, output
@@ -173,11 +173,19 @@ class ServiceHarness:
     def events(self) -> list[dict[str, Any]]:
         return self.client.events()
 
-    def logs(self, name: str) -> str:
-        """The instance's log as `rolehost logs` prints it: the same text whatever
-        `instance_log_format` the service has."""
+    def logs(self, name: str, slot: str = "production") -> str:
+        """The log of instance `name` of the deployment in `slot` as `rolehost logs`
+        prints it: the same text whatever `instance_log_format` the service has. After a
+        swap, production's is the log of the deployment swapped in, which keeps its logs
+        in its own folder (docs/deploying.md); once the controller is gone, or for an
+        instance scaled in, production's is the one in the run directory."""
         role, index = parse_instance_name(name)
         path = self.run_dir.instance_log(instance_id(role, index))
+        try:
+            path = Path(self.client.instance(name, slot)["log"])
+        except (ControllerNotRunning, OSError, ApiError):
+            if slot != "production":  # only a running controller has another slot
+                raise
         return output.render_all(path.read_text(errors="replace")) if path.exists() else ""
 
     def console(self) -> str:
