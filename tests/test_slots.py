@@ -44,6 +44,8 @@ class Role(RoleEntryPoint):
     def on_stop(self):
         self.server.shutdown()
         self.server.server_close()
+        if os.path.exists(RoleEnvironment.get_setting("sick") + ".hang"):
+            time.sleep(60)  # past stop_timeout: the stop is cut short
 """
 
 
@@ -69,11 +71,11 @@ class Site:
         return self.service.toml.parent / f"{version}.sick"
 
 
-def make_site(make_service: MakeService) -> Site:
+def make_site(make_service: MakeService, stop_timeout: str = "5s") -> Site:
     port, staging_port = free_port(), free_port()
     service = make_service(
         SITE, instances=2, service={"upgrade_domains": 2, "ready_deadline": "30s"},
-        role={"stop_timeout": "5s"}, settings={"version": "v1", "sick": ""}, extra=f"""
+        role={"stop_timeout": stop_timeout}, settings={"version": "v1", "sick": ""}, extra=f"""
         [roles.web.endpoints.http]
         port = {port}
         staging_port = {staging_port}
@@ -332,3 +334,24 @@ def test_refusals_touch_nothing(make_service: MakeService) -> None:
         with pytest.raises(ApiError, match="no slot"):
             h.client.status("blue")
         json.dumps(h.client.status("staging"))
+
+
+def test_a_stop_cut_short_in_one_slot_names_that_slots_instances(
+        make_service: MakeService) -> None:
+    """The instances whose stop was cut short were keyed by instance id alone: the twins
+    of production and staging (web_IN_0 in each) shared an entry, and the report did not
+    say which deployment's cleanup may be incomplete. Now: slot, deployment, id."""
+    site = make_site(make_service, stop_timeout="1s")
+    with site.service.harness() as h:
+        h.wait_ready(30)
+        assert cli(h, "package", "-f", str(site.copy("v2")), "--version", "v2").returncode == 0
+        assert cli(h, "deploy", "v2", "--slot", "staging").returncode == 0
+        staging = h.client.status("staging")["deployment_id"]
+        Path(f"{site.sick('v2')}.hang").touch()  # staging's on_stop overruns; production's not
+        stopped = cli(h, "stop", "-f", str(site.service.toml))
+        assert stopped.returncode == 3, (stopped.stdout, stopped.stderr)
+        assert h.wait_controller_exit(30) == 3
+    head, *lines = stopped.stderr.splitlines()
+    assert head == "rolehost: the stop was cut short; cleanup may be incomplete:", head
+    named = {line.strip().partition(": ")[0] for line in lines}
+    assert named == {f"staging/{staging}/web_IN_0", f"staging/{staging}/web_IN_1"}, lines

@@ -53,7 +53,7 @@ from rolehost.fabric.offers import offer_by_domain
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.rolling import by_domain
 from rolehost.fabric.rundir import RunDir
-from rolehost.fabric.slots import PRODUCTION, Deployed, Slots
+from rolehost.fabric.slots import PRODUCTION, Deployed, Slots, qualified
 from rolehost.fabric.walks import Walk
 from rolehost.fabric.watch import watch_file
 from rolehost.observability import logs, metrics
@@ -101,7 +101,8 @@ class Controller:
         self._shutdown_reason = "stop requested"
         self._forced: str | None = None  # the second signal's name, once one came
         # Once stopped: the instances whose stop was cut short (on_stop overran
-        # stop_timeout, or a second signal forced it), each with why.
+        # stop_timeout, or a second signal forced it), each with why, by slot, deployment
+        # and id (slots.qualified): production's and staging's have the same ids.
         self.cut_short: dict[str, str] = {}
 
     async def serve(self) -> None:
@@ -180,7 +181,7 @@ class Controller:
             everyone = list(self.instances.values()) + self.slots.instances()
             await self.launcher.stop(everyone, self._shutdown_reason)
             self.cut_short = {
-                i.id: f"forced by a second signal ({self._forced})" if i.forced
+                qualified(i): f"forced by a second signal ({self._forced})" if i.forced
                 else i.last_error or "did not stop within stop_timeout"
                 for i in everyone if i.stop_outcome.cut_short}
             watcher.stop()

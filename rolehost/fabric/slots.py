@@ -143,6 +143,12 @@ class _Apart(Cgroups):
         return super().enter(self.prefix + instance, pid)
 
 
+def qualified(instance: Instance) -> str:
+    """`SLOT/DEPLOYMENT/ID`: the instance's name among both slots' instances, where its
+    id alone names its twin in the other slot too."""
+    return f"{instance.deployment.placement.slot}/{instance.deployment.id}/{instance.id}"
+
+
 def endpoints(definition: Definition) -> dict[str, str]:
     """Each input endpoint, `role.name`, with its protocol: what a swap needs alike."""
     return {f"{role_name}.{name}": ep.protocol.value
