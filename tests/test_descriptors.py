@@ -131,3 +131,46 @@ def test_the_default_share_its_bounds_and_the_unit_limit() -> None:
     assert descriptors.unit_limit(service()) == 65_536
     needed = descriptors.reserve(2) + 2 * 40_000
     assert descriptors.unit_limit(service(max_connections=40_000)) == needed
+
+
+def test_staging_listeners_are_in_the_budget(make_service: MakeService, tmp_path: Path) -> None:
+    """A staging deployment's listeners were left out of the shares: each got production's
+    share of the whole limit, so the two slots' connections could need twice what the
+    limit allows. An endpoint with a staging_port counts twice, and its instances too."""
+    port, staging_port = free_port(), free_port()
+    service = make_service(WEB, settings={"warmup": "0,0,0,0"}, role={"stop_timeout": "5s"},
+                           extra=f"""
+        [roles.web.endpoints.http]
+        port = {port}
+        staging_port = {staging_port}
+        """)
+    with service.harness(python=limited_python(tmp_path, SOFT, HARD)) as h:
+        production = h.wait_ready(30)
+        # Two listeners (production's, staging's), one instance in each slot.
+        share = (HARD - descriptors.reserve(2)) // (2 * 2)
+        assert production["balancers"][0]["max_connections"] == share
+        h.package("v2")
+        h.client.deploy("v2", slot="staging")
+        staging = h.client.status("staging")
+        assert staging["balancers"][0]["max_connections"] == share
+        listeners = production["balancers"] + staging["balancers"]
+        needed = descriptors.reserve(2) + descriptors.PER_CONNECTION * sum(
+            b["max_connections"] for b in listeners)
+        assert needed <= HARD, (needed, listeners)
+        assert served(port) and served(staging_port)
+        assert not any(e["event"] == "descriptor_limit_low" for e in h.events())
+
+
+def test_the_share_counts_the_staging_slot() -> None:
+    def service(**endpoint: object) -> Definition:
+        return parse({"service": {"name": "s"}, "roles": {"web": {
+            "entry_point": "roles:Role", "instances": 2,
+            "endpoints": {"http": {"port": 8080, **endpoint},
+                          "admin": {"port": 8081}}}}})
+
+    assert descriptors.listeners(service()) == 2
+    assert descriptors.listeners(service(staging_port=9080)) == 3
+    # Where a staging deployment can run, its instances are reserved for too.
+    assert descriptors.needed(service(staging_port=9080), 100) == (
+        descriptors.reserve(4) + 2 * 3 * 100)
+    assert descriptors.needed(service(), 100) == descriptors.reserve(2) + 2 * 2 * 100

@@ -132,7 +132,7 @@ class Controller:
                 except OSError as exc:
                     raise StartError(f"cannot serve metrics on {address}: "
                                      f"{exc.strerror}") from None
-            budget = descriptors.at_start(self.definition)
+            budget = self.slots.budget = descriptors.at_start(self.definition)
             for role_name, role in self.definition.roles.items():
                 self.balancers += [
                     ExternalBalancer(role_name, name, ep) if ep.external else

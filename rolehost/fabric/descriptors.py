@@ -10,9 +10,11 @@ gone), new clients. So:
 - at start the soft limit is raised to the hard one (systemd's default soft limit, 1024,
   is there for programs that use select(); the controller does not);
 - a reserve is kept for the controller's own work (`reserve`), and what is left is shared
-  among the endpoints: each endpoint's `max_connections` defaults to its share
-  (`default_max_connections`), and an explicit one larger than the share is warned
-  about at start;
+  among the endpoints' listeners (`listeners`: an endpoint with a `staging_port` has a
+  second one while a staging deployment runs, and that deployment's instances count in
+  the reserve, so that both slots fit the limit at once): each endpoint's
+  `max_connections` defaults to its share (`default_max_connections`), and an explicit
+  one larger than the share is warned about at start;
 - a balancer at its `max_connections` stops accepting (rolehost/balancer/listener.py):
   new connections wait in the kernel's listen backlog, sized by `somaxconn`.
 """
@@ -90,9 +92,25 @@ def reserve(instances: int) -> int:
     return RESERVE_BASE + RESERVE_PER_INSTANCE * instances
 
 
+def listeners(definition: Definition) -> int:
+    """The listeners the definition's endpoints may have open at once: one each, and a
+    second for each with a `staging_port`, a staging deployment's (fabric/slots.py)."""
+    return sum(1 + (e.staging_port is not None)
+               for role in definition.roles.values() for e in role.endpoints.values())
+
+
+def instances(definition: Definition) -> int:
+    """The instances the definition may run at once: twice its count where a staging
+    deployment may run beside production (an endpoint has a `staging_port`)."""
+    count = sum(role.instances for role in definition.roles.values())
+    staged = any(e.staging_port is not None
+                 for role in definition.roles.values() for e in role.endpoints.values())
+    return 2 * count if staged else count
+
+
 def default_max_connections(soft: int, endpoints: int, instances: int) -> int:
-    """Each endpoint's share of what the reserve leaves: the `max_connections` of an
-    endpoint that sets none."""
+    """Each listener's share of what the reserve leaves: the `max_connections` of an
+    endpoint that sets none (`endpoints`: the listeners)."""
     if endpoints == 0:
         return FLOOR
     share = (soft - reserve(instances)) // (PER_CONNECTION * endpoints)
@@ -100,12 +118,12 @@ def default_max_connections(soft: int, endpoints: int, instances: int) -> int:
 
 
 def needed(definition: Definition, default: int) -> int:
-    """Descriptors the definition's endpoints and instances may need at once, each
-    endpoint that sets no max_connections taken at `default`."""
-    roles = definition.roles.values()
-    instances = sum(role.instances for role in roles)
-    return reserve(instances) + PER_CONNECTION * sum(
-        e.max_connections or default for role in roles for e in role.endpoints.values())
+    """Descriptors the definition's endpoints and instances may need at once (both
+    slots' where it has staging ports), each endpoint that sets no max_connections taken
+    at `default`."""
+    return reserve(instances(definition)) + PER_CONNECTION * sum(
+        (e.max_connections or default) * (1 + (e.staging_port is not None))
+        for role in definition.roles.values() for e in role.endpoints.values())
 
 
 def unit_limit(definition: Definition) -> int:
@@ -137,14 +155,13 @@ def at_start(definition: Definition) -> Budget:
     """Raise the limit, share it among the definition's endpoints, and log how; warn when
     the explicit `max_connections` add up to more than the limit leaves them."""
     limit = raise_limit()
-    roles = definition.roles.values()
-    endpoints = [e for role in roles for e in role.endpoints.values()]
-    instances = sum(role.instances for role in roles)
-    share = default_max_connections(limit.soft, len(endpoints), instances)
+    endpoints, running = listeners(definition), instances(definition)
+    share = default_max_connections(limit.soft, endpoints, running)
     budget = Budget(limit, share, somaxconn())
     if endpoints:  # the shares are the endpoints': a worker-only service has none to tell
         log.info("descriptor_limit", soft=limit.soft, was=limit.before, hard=limit.hard,
-                 reserve=reserve(instances), max_connections=share, backlog=budget.backlog)
+                 reserve=reserve(running), max_connections=share, backlog=budget.backlog,
+                 listeners=endpoints)
     wanted = needed(definition, share)
     if endpoints and wanted > limit.soft:
         log.warning("descriptor_limit_low", soft=limit.soft, hard=limit.hard, needed=wanted,

@@ -37,7 +37,7 @@ from rolehost.balancer import Balancer
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.definition import Definition, Role
 from rolehost.definition.scalars import parse_address
-from rolehost.fabric import capacity, preflight
+from rolehost.fabric import capacity, descriptors, preflight
 from rolehost.fabric.census import Census
 from rolehost.fabric.deployment import Deployment, Placement
 from rolehost.fabric.discovery import Discovery
@@ -168,6 +168,8 @@ class Slots:
         self.controller = controller
         self.production = production
         self.staging: Deployed | None = None
+        # The descriptors' shares, counted at start for both slots' listeners.
+        self.budget: descriptors.Budget | None = None
 
     def deployed(self, slot: str) -> Deployed:
         """The deployment in `slot`: Invalid for no such slot, NotFound for none in it."""
@@ -309,12 +311,13 @@ class Slots:
         like the rest of the preflight, with nothing started."""
         c = self.controller
         assert c.history is not None
-        # The connections production's listeners may keep, each: the descriptors' share.
-        shares = {(b.role, b.name): (b.max_connections, b.backlog) for b in c.balancers
-                  if isinstance(b, Balancer)}
+        # Each listener's share of the descriptors, counted at start for production's
+        # listeners and staging's alike (descriptors.listeners).
+        assert self.budget is not None
+        share, backlog = self.budget.max_connections, self.budget.backlog
         listeners: list[Balancer | ExternalBalancer] = [
             Balancer(role_name, name, ep.model_copy(update={"port": ep.staging_port}),
-                     *shares.get((role_name, name), (1024, 4096)), slot=STAGING)
+                     share, backlog, slot=STAGING)
             for role_name, role in new.roles.items() for name, ep in role.endpoints.items()]
         for listener in listeners:
             try:
