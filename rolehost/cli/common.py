@@ -15,7 +15,7 @@ from rolehost import definition as model
 from rolehost.balancer import tls
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, for_kind
-from rolehost.fabric import preflight
+from rolehost.fabric import ports, preflight
 from rolehost.fabric.rundir import RunDir
 from rolehost.processes import privileges
 
@@ -84,7 +84,8 @@ def load_checked(file: Path) -> model.Definition:
         definition = model.load(file)
     except model.DefinitionErrors as exc:
         fail(f"invalid definition:\n{exc}", EXIT_BAD_DEFINITION)
-    errors = preflight.entry_points(definition, file) + tls.problems(definition, file)
+    errors = (preflight.entry_points(definition, file) + tls.problems(definition, file)
+              + ports.crowding(definition, file))
     if errors:
         fail(f"invalid definition:\n{model.DefinitionErrors(errors)}", EXIT_BAD_DEFINITION)
     return definition

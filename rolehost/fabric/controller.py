@@ -29,7 +29,7 @@ from rolehost.definition import (
     parse_role,
 )
 from rolehost.definition.scalars import parse_address
-from rolehost.fabric import descriptors, packages, preflight, scaling
+from rolehost.fabric import descriptors, packages, ports, preflight, scaling
 from rolehost.fabric.census import Census
 from rolehost.fabric.deployment import Deployment
 from rolehost.fabric.disks import Maintenance, Upgrade
@@ -133,6 +133,7 @@ class Controller:
                     raise StartError(f"cannot serve metrics on {address}: "
                                      f"{exc.strerror}") from None
             budget = self.slots.budget = descriptors.at_start(self.definition)
+            self.deployment.reserved.extend(ports.fixed(self.definition).values())
             for role_name, role in self.definition.roles.items():
                 self.balancers += [
                     ExternalBalancer(role_name, name, ep) if ep.external else

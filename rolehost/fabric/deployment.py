@@ -1,9 +1,9 @@
 """A deployment: what every instance run by one controller (or one run-instance) shares.
 
 Its id, the service's settings, the run directory, the console, the standby host, who
-limited work runs as, the observer told of every state change, the private ports
-given out so far, the watch on the hosts' memory, and what the instances know of each
-other (discovery).
+limited work runs as, the observer told of every state change, the private ports given
+out so far and those never to give, the watch on the hosts' memory, and what the
+instances know of each other (discovery).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class Deployment:
     run_as: privileges.RunAs  # who the hosts and limited tasks run as
     observer: Callable[[Instance], None] | None = None  # told of every state change
     ports: set[int] = field(default_factory=set)  # private ports given to instances
+    # The ports the definition fixes (ports.fixed), never given as private ports.
+    reserved: list[range] = field(default_factory=list)
     owner: str = ""  # ownership.identity() of the controller: in every process's environment
     cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
     memory: MemoryWatch = field(default_factory=MemoryWatch)  # of every running host
@@ -80,7 +82,7 @@ class Deployment:
 
     def take_port(self, host: str) -> int:
         """A private port for an instance: free, and given to no other instance."""
-        port = ports.choose(host, self.ports)
+        port = ports.choose(host, self.ports, reserved=self.reserved)
         self.ports.add(port)
         return port
 

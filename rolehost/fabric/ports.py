@@ -8,19 +8,27 @@ and the instance's next bind fails. Below the range only a listener can take a p
 program started meanwhile, or another controller that chose the same one. Each boot
 checks, and an instance whose port something else listens on gets another
 (`reclaim`).
+
+The ports the definition fixes (`fixed`: an external balancer's instance and readiness
+ports, one per instance index, an instance endpoint's public ports, the listeners') are
+never chosen, though none may be bound yet: an external instance's port cannot move, so
+one given to another instance would fail whichever bound second, at run time. Where
+they leave the range too few ports for the instances, the definition is refused
+(`crowding`, exit 2).
 """
 
 from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from rolehost.definition import Role
+from rolehost.definition import Definition, DefinitionError, Role
+from rolehost.definition.scalars import parse_address
 
 if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance
@@ -61,18 +69,58 @@ def private(role: Role) -> dict[str, str]:
             for name, ep in kind.items() if not getattr(ep, "external", False)}
 
 
-def choose(host: str, taken: Collection[int], span: range | None = None) -> int:
+def fixed(definition: Definition) -> dict[str, range]:
+    """The ports the definition fixes, by key path: each input endpoint's (`port`,
+    `staging_port`, and an external one's instance and readiness ports), each instance
+    endpoint's public ports, the metrics'. None is ever chosen as a private port."""
+    found = {}
+    if definition.service.metrics:
+        port = parse_address(definition.service.metrics)[1]
+        found["service.metrics"] = range(port, port + 1)
+    for role_name, role in definition.roles.items():
+        for name, ep in role.endpoints.items():
+            found |= {f"roles.{role_name}.endpoints.{name}.{key}": ports
+                      for key, ports in ep.port_ranges().items()}
+        found |= {f"roles.{role_name}.instance_endpoints.{name}.public_ports": ep.ports
+                  for name, ep in role.instance_endpoints.items()}
+    return found
+
+
+def crowding(definition: Definition, file: Path | None = None,
+             span: range | None = None) -> list[DefinitionError]:
+    """The fixed ports that leave fewer ports of `span` (private_range()) than the
+    instances' private ports need at start, if they do: the start could only fail."""
+    span = private_range() if span is None else span
+    needed = sum(role.instances * len(private(role)) for role in definition.roles.values())
+    inside = {key: ports for key, ports in fixed(definition).items()
+              if ports.start < span.stop and span.start < ports.stop}
+    if not span or not needed or not inside:
+        return []
+    left = sum(1 for port in span if not any(port in ports for ports in inside.values()))
+    if left >= needed:
+        return []
+    first, *others = sorted(inside)
+    also = f" with {', '.join(others)}" if others else ""
+    return [DefinitionError(file, first, (
+        f"ports {inside[first].start}-{inside[first].stop - 1}{also} leave {left} of the "
+        f"ports {span.start}-{span.stop - 1}, which instances' private ports are chosen "
+        f"from, and the instances need {needed}: move them out of that range"))]
+
+
+def choose(host: str, taken: Collection[int], span: range | None = None,
+           reserved: Sequence[range] = ()) -> int:
     """A port of `span` (private_range()) that nothing listens on and that is not in
-    `taken` (the ports given to instances already, bound or not), from a random start, so
-    that controllers choosing at once rarely pick the same. Where the span is empty, any
-    free port the kernel gives. OSError if every port of the span is in use."""
+    `taken` (the ports given to instances already, bound or not) nor in `reserved` (the
+    ports the definition fixes), from a random start, so that controllers choosing at
+    once rarely pick the same. Where the span is empty, any free port the kernel gives.
+    OSError if every port of the span is in use."""
     span = private_range() if span is None else span
     if not span:
         return _bound(host, 0)
     start = random.randrange(len(span))
     for step in range(len(span)):
         port = span[(start + step) % len(span)]
-        if port in taken:
+        if port in taken or any(port in ports for ports in reserved):
             continue
         try:
             return _bound(host, port)
