@@ -78,14 +78,18 @@ def call(fn: Any, *args: Any) -> Any:
         fail(str(exc), for_kind(exc.kind))
 
 
-def load_checked(file: Path) -> model.Definition:
-    """The validated definition, entry points included; exit 2 with every problem if not."""
+def load_checked(file: Path, controller: bool = False) -> model.Definition:
+    """The validated definition, entry points included; exit 2 with every problem if not.
+    `controller`: for a controller on this machine (start, check), which chooses the
+    instances' private ports among those the definition leaves (run-instance and the
+    exports' instances have ports of their own)."""
     try:
         definition = model.load(file)
     except model.DefinitionErrors as exc:
         fail(f"invalid definition:\n{exc}", EXIT_BAD_DEFINITION)
-    errors = (preflight.entry_points(definition, file) + tls.problems(definition, file)
-              + ports.crowding(definition, file))
+    errors = preflight.entry_points(definition, file) + tls.problems(definition, file)
+    if controller:
+        errors += ports.crowding(definition, file)
     if errors:
         fail(f"invalid definition:\n{model.DefinitionErrors(errors)}", EXIT_BAD_DEFINITION)
     return definition

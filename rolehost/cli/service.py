@@ -47,7 +47,7 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
     """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`).
     A second Ctrl-C or SIGTERM stops it at once. Exit 0 once stopped, 3 if the stop was
     cut short (an instance's on_stop overran stop_timeout, or a second signal)."""
-    definition = load_checked(file)
+    definition = load_checked(file, controller=True)
     where = RunDir.for_definition(file, run_dir)
     try:
         where.ensure()

@@ -57,7 +57,7 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     restart, requiring it ready after each. Exit 0 only when every step passed."""
     from rolehost.fabric import rehearsal
 
-    definition = load_checked(file)
+    definition = load_checked(file, controller=True)
     unknown = [r for r in roles if r not in definition.roles]
     if unknown:
         fail(f"no role {', '.join(unknown)} in {file} (roles: {', '.join(definition.roles)})",
