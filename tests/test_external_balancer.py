@@ -248,30 +248,39 @@ class Worker(RoleEntryPoint):
 """
 
 
-def crowded_definition(make_service: MakeService, gap: int) -> tuple[Service, range]:
-    """A web role whose external endpoints' instance ports (fixed, one per instance
-    index) cover the whole private range but `gap` ports (returned), and a worker whose
-    4 instances each need 2 private ports. The ports the web role's 2 instances bind (its
-    http instance ports, every endpoint's readiness ports) lie below the private range."""
-    span = ports.private_range()
-    if len(span) < 1100 or span.start < 6000:
-        pytest.skip(f"a private range of {len(span)} ports from {span.start}: too odd here")
-    covered = (len(span) + 2 - gap) // 1000 * 1000  # [start - 2, start - 2 + covered)
-    first_free = span.start - 2 + covered
-    starts = [span.start - 2 + 1000 * i for i in range(covered // 1000)]
-    if first_free + gap < span.stop:  # the rest, past the gap, covered too
-        starts.append(first_free + gap)
-    free = range(first_free, min(first_free + gap, span.stop))
-    readiness = span.start - 2 - 1000 * len(starts) - 10
-    bound = [span.start - 2, span.start - 1] + [
-        readiness + 1000 * i + n for i in range(len(starts)) for n in (0, 1)]
+def unbound(*wanted: int) -> bool:
     with contextlib.ExitStack() as stack:
-        for port in bound:
+        for port in wanted:
             s = stack.enter_context(socket.socket())
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                pytest.skip(f"port {port} is in use")
+                return False
+    return True
+
+
+def crowded_definition(make_service: MakeService, gap: int) -> tuple[Service, range, int]:
+    """A web role whose external endpoints' instance ports (fixed, one per instance
+    index) cover the whole private range but `gap` ports (returned), and a worker whose
+    4 instances each need 2 private ports; and where the first range begins. The ports
+    the web role's 2 instances bind (its http instance ports, every endpoint's readiness
+    ports) lie below the private range, and are free."""
+    span = ports.private_range()
+    if len(span) < 1100 or span.start < 8000:
+        pytest.skip(f"a private range of {len(span)} ports from {span.start}: too odd here")
+    back = next((m for m in range(2, 100) if unbound(span.start - m, span.start - m + 1)), 0)
+    first = span.start - back  # web/0 and web/1 bind its first two ports, below the range
+    covered = (len(span) + back - gap) // 1000 * 1000  # [first, first + covered)
+    first_free = first + covered
+    starts = [first + 1000 * i for i in range(covered // 1000)]
+    if first_free + gap < span.stop:  # the rest, past the gap, covered too
+        starts.append(first_free + gap)
+    free = range(first_free, min(first_free + gap, span.stop))
+    top = first - 1000 * len(starts) - 10
+    readiness = next((r for r in range(top, 1100, -7) if unbound(
+        *(r + 1000 * i + n for i in range(len(starts)) for n in (0, 1)))), 0)
+    if not back or not readiness:
+        pytest.skip("no free ports below the private range for the web role's instances")
     endpoints = "".join(f"""
         [roles.web.endpoints.{"http" if i == 0 else f"x{i}"}]
         port = {readiness - 1 - i}
@@ -290,7 +299,7 @@ def crowded_definition(make_service: MakeService, gap: int) -> tuple[Service, ra
         """)
     roles = service.toml.parent / "app" / "roles.py"
     roles.write_text(roles.read_text() + textwrap.dedent(WORKER))
-    return service, free
+    return service, free, first
 
 
 def test_fixed_ports_are_never_given_to_another_instance(make_service: MakeService) -> None:
@@ -298,7 +307,7 @@ def test_fixed_ports_are_never_given_to_another_instance(make_service: MakeServi
     pool that private ports are chosen from: another instance could be given one, and
     then one of the two could not bind it. Now the pool passes over every port the
     definition fixes: here all the private range but 64 ports."""
-    service, free = crowded_definition(make_service, 64)
+    service, free, first = crowded_definition(make_service, 64)
     with service.harness() as h:
         status = h.wait_ready(30)
         given = {i["id"]: (i["endpoints"]["a"]["port"], i["endpoints"]["b"]["port"])
@@ -306,8 +315,7 @@ def test_fixed_ports_are_never_given_to_another_instance(make_service: MakeServi
         assert len(given) == 4 and all(p in free for pair in given.values() for p in pair), (
             free, given)
         web = [i for i in status["instances"] if i["role"] == "web"]
-        assert [i["endpoints"]["http"]["port"] for i in web] == [
-            ports.private_range().start - 2, ports.private_range().start - 1]
+        assert [i["endpoints"]["http"]["port"] for i in web] == [first, first + 1]
         readiness = web[0]["endpoints"]["http"]["readiness"].rpartition(":")[2]
         assert answer_and_body(int(readiness), "/")[0] == 200
 
@@ -315,11 +323,11 @@ def test_fixed_ports_are_never_given_to_another_instance(make_service: MakeServi
 def test_fixed_ports_that_crowd_out_the_private_ones_are_a_definition_error(
         make_service: MakeService) -> None:
     """Fixed ports that leave the instances too few private ports: exit 2, naming them."""
-    service, free = crowded_definition(make_service, 4)  # the worker's instances need 8
+    service, free, first = crowded_definition(make_service, 4)  # the worker's instances need 8
     checked = rolehost("check", "-f", str(service.toml), timeout=60)
     assert checked.returncode == 2, (checked.stdout, checked.stderr)
     span = ports.private_range()
-    assert (f"rolehost.toml: roles.web.endpoints.http.instance_port: ports {span.start - 2}-"
-            f"{span.start + 997} with roles.web.endpoints.x1.instance_port") in checked.stderr
+    assert (f"rolehost.toml: roles.web.endpoints.http.instance_port: ports {first}-"
+            f"{first + 999} with roles.web.endpoints.x1.instance_port") in checked.stderr
     assert (f"leave {len(free)} of the ports {span.start}-{span.stop - 1}, which instances' "
             "private ports are chosen from, and the instances need 8") in checked.stderr
