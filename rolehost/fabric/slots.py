@@ -144,9 +144,13 @@ class _Apart(Cgroups):
 
 
 def qualified(instance: Instance) -> str:
-    """`SLOT/DEPLOYMENT/ID`: the instance's name among both slots' instances, where its
-    id alone names its twin in the other slot too."""
-    return f"{instance.deployment.placement.slot}/{instance.deployment.id}/{instance.id}"
+    """The instance's name among both slots' instances, where its id alone names its twin
+    in the other slot too: production's by its id, as before there were slots (scripts
+    read it), the other slot's as `SLOT/DEPLOYMENT/ID`."""
+    slot = instance.deployment.placement.slot
+    if slot == PRODUCTION:
+        return instance.id
+    return f"{slot}/{instance.deployment.id}/{instance.id}"
 
 
 def endpoints(definition: Definition) -> dict[str, str]:
