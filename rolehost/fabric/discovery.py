@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from rolehost.observability import metrics
+
 if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance
 
@@ -74,7 +76,11 @@ class Discovery:
         self._flush = None
         message = {"type": "peers", "instances": [self._sent[i] for i in sorted(self._due)]}
         self._due.clear()
+        hosts = 0
         for instance in self.instances.values():
             process = instance.process
             if process is not None and process.running:
                 process.send(message)
+                hosts += 1
+        metrics.DISCOVERY_MESSAGES.inc(hosts)
+        metrics.DISCOVERY_RECORDS.inc(hosts * len(message["instances"]))

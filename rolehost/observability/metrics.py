@@ -62,6 +62,12 @@ LIMITS = Counter("rolehost_limits_reached", "Times an endpoint stopped accepting
                  "(limit=descriptors)", ["endpoint", "limit"], registry=REGISTRY)
 MEMORY_RECYCLES = Counter("rolehost_memory_recycles", "Instances recycled over their "
                           "role's max_memory", ["role"], registry=REGISTRY)
+DISCOVERY_MESSAGES = Counter("rolehost_discovery_messages", "`peers` messages written to "
+                              "hosts: one per host a batch of changed records goes to",
+                              registry=REGISTRY)
+DISCOVERY_RECORDS = Counter("rolehost_discovery_records", "Instance records written to "
+                            "hosts in `peers` messages, each counted once per host",
+                            registry=REGISTRY)
 OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
                      "outcome", ["kind", "outcome"], registry=REGISTRY)
 
