@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import socket
+from datetime import datetime
 from pathlib import Path
 
-from rolehost.testing import wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from rolehost.fabric import discovery
+from rolehost.testing import ServiceHarness, wait_until
 from support.cli import rolehost
 from support.net import answer_and_body, free_port
+from support.roles import HTTP_SITE
 from support.service import MakeService
 
 # Workers answer their id on their internal endpoint `rpc`; the web role's GET asks every
@@ -169,3 +174,85 @@ def test_a_role_discovers_the_workers_as_they_scale_reimage_move_and_go(
         h.scale("worker", 1)
         wait_until(lambda: _all_answer(port, ["worker_IN_0"]), 15, "one worker left",
                    lambda: str(_workers(port)))
+
+
+# Each instance answers its view on its internal endpoint `http`: a line per instance,
+# id, ready flag and port. on_start holds until the test touches `release` beside the
+# probe file, then 50 ms per index: the instances come up one after the other, as a
+# start's do on a busy machine, each in a turn of the controller's loop of its own.
+VIEWS = HTTP_SITE + """
+class View(Site):
+    def do_GET(self):
+        lines = [f"{i.id} {i.ready} {i.endpoints['http'].port}"
+                 for role in RoleEnvironment.roles.values() for i in role.instances]
+        self.reply(200, "\\n".join(lines).encode())
+
+class Role(RoleEntryPoint):
+    def on_start(self):
+        self.server = serve(View)
+        release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
+                               "release")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05 * RoleEnvironment.current_instance.index)
+        return True
+
+    def run(self):
+        RoleEnvironment.wait_for_stop()
+
+    def on_stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+"""
+
+
+def _counter(h: ServiceHarness, name: str) -> float:
+    for family in text_string_to_metric_families(h.client.request_raw("GET", "/v1/metrics")):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no {name} in the metrics")
+
+
+def test_a_start_writes_each_host_a_few_batches_and_every_view_ends_true(
+        make_service: MakeService, tmp_path: Path) -> None:
+    n = 20
+    service = make_service(VIEWS, instances=n, role={"stop_timeout": "5s"},
+                           service={"ready_deadline": "90s"}, extra="""
+        [roles.web.internal_endpoints.http]
+        protocol = "http"
+        """)
+    with service.harness(run_dir=tmp_path / "run") as h:
+        ports = {i["id"]: i["endpoints"]["http"]["port"] for i in h.status()["instances"]}
+
+        def views(ready: bool) -> bool:
+            truth = sorted(f"{i} {ready} {p}" for i, p in ports.items())
+            return all(sorted(answer_and_body(p, "/")[1].splitlines()) == truth
+                       for p in ports.values())
+
+        def shown() -> str:
+            return "\n".join(f"{i}: {answer_and_body(p, '/')[1]!r}" for i, p in ports.items())
+
+        # Every host knows every instance, where it listens, from the table it was
+        # started with: none of them was sent a record for that.
+        wait_until(lambda: views(False), 90, "every host to list every instance", shown)
+        before = _counter(h, "rolehost_discovery_messages_total")
+        (tmp_path / "release").touch()
+        h.wait_ready(60)
+        # The last batch each host got is the truth: every instance ready, on its port.
+        wait_until(lambda: views(True), 15, "every view to list every instance ready",
+                   shown)
+        messages = _counter(h, "rolehost_discovery_messages_total")
+        records = _counter(h, "rolehost_discovery_records_total")
+        ready = [datetime.fromisoformat(i["ready_since"]).timestamp()
+                 for i in h.status()["instances"]]
+    # Each host learns each of the n ready flags, n^2 records, in batches at most one an
+    # interval apart (one in the first turn): O(n) writes over the spread of the flags,
+    # where a write a record and host made it n^2.
+    spread = max(ready) - min(ready)
+    batches = 2 + spread / min(discovery.MOST, discovery.PER_HOST * n)
+    assert records >= n * (n - 1), records
+    assert messages <= batches * n, (
+        f"{messages:.0f} messages ({before:.0f} before the release) for {n} instances "
+        f"ready over {spread:.2f} s; a message a record and host: {n * n}")

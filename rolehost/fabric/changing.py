@@ -62,6 +62,9 @@ async def offer(instance: Instance, changing: dict[str, Any], changed: dict[str,
     instance.role = role
     starts = instance.starts
     answer = instance.changing_answer = asyncio.get_running_loop().create_future()
+    # The records due go first, here and before `changed`: a handler finds the instances
+    # it is told of where they listen, not where they did up to a discovery interval ago.
+    instance.deployment.discovery.flush()
     process.send({"type": "changing", **changing})
     try:
         await asyncio.wait({answer, process.exited}, timeout=CHANGING_TIMEOUT,
@@ -80,6 +83,7 @@ async def offer(instance: Instance, changing: dict[str, Any], changed: dict[str,
         await instance.maintain(Maintenance.RECYCLE, f"change: {cause}", wait=True, role=role)
         return "recycled"
     instance.role = role
+    instance.deployment.discovery.flush()
     process.send({"type": "changed", **changed})
     return "applied"
 

@@ -4,10 +4,20 @@ A host's view joins two things. Which instances each role has is the topology, t
 with `changing`/`changed` when a role scales, one update domain at a time
 (`Instance.change_topology`). Where each instance listens and whether it is ready are
 its record, which changes far more often (every boot, probe and drain) and is nobody's
-to refuse: a record that changed is sent to every running host at once, in a `peers`
-message, coalesced over one turn of the loop. A host raises `changed` for a record whose
-endpoints moved (a port something else took while the instance was down), not for a
-ready flag (docs/concepts.md#discovery).
+to refuse: a record that changed is sent to every running host in a `peers` message.
+
+Each record that changes would otherwise be one write to each of the N hosts: over a
+start, where every instance comes up once, N^2 writes. So records are sent in batches,
+at most one per `interval`, an interval that grows with the hosts to write to
+(PER_HOST each, MOST at most): a batch costs N writes, so the writes a second stay
+at 1 / PER_HOST while N <= MOST / PER_HOST, and a start, whose length grows with N on
+one machine, costs O(N) writes. A change after a quiet interval goes out at the end of
+the loop's turn, as before; in a burst, a host sees a change at most `interval` (0.5 s
+at most) late, and each batch carries every record's latest version, so the last
+batch is the truth. The records due go before a topology change's `changing` and
+`changed` (`flush`), so that its handlers see where the instances listen. A host raises
+`changed` for a record whose endpoints moved (a port something else took while the
+instance was down), not for a ready flag (docs/concepts.md#discovery).
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ if TYPE_CHECKING:
     from rolehost.fabric.instance import Instance
 
 Record = dict[str, Any]
+
+PER_HOST = 0.025  # s of interval per running host: 40 writes a second
+MOST = 0.5  # s: the longest a record waits for its batch
 
 
 def record(instance: Instance) -> Record:
@@ -41,23 +54,39 @@ class Discovery:
         self.instances: dict[str, Instance] = {}
         self._sent: dict[str, Record] = {}
         self._due: set[str] = set()
+        # Added before any host was given a table (a start adds every instance, then
+        # starts them): nobody holds a record of these to be told it changed, and every
+        # host is given them as they are when it starts. The first table is the version
+        # sent; without this, each one's first change would be written to every host.
+        self._unknown: set[str] = set()
+        self._tabled = False  # a host has been given a table
         self._flush: asyncio.Handle | None = None
+        self._last = float("-inf")  # the loop's time of the last batch
+        self._interval = 0.0  # before the next batch; set by each from its hosts
 
     def add(self, instance: Instance) -> None:
+        if not self._tabled:
+            self._unknown.add(instance.id)
         self.instances[instance.id] = instance
 
     def remove(self, instance: Instance) -> None:
         self.instances.pop(instance.id, None)
         self._sent.pop(instance.id, None)
         self._due.discard(instance.id)
+        self._unknown.discard(instance.id)
 
     def records(self) -> dict[str, Record]:
         """Every instance's record as of now: what a host starting now is given."""
-        return {i.id: record(i) for i in self.instances.values()}
+        table = {i.id: record(i) for i in self.instances.values()}
+        self._sent |= {i: table[i] for i in self._unknown}
+        self._unknown.clear()
+        self._tabled = True
+        return table
 
     def seen(self, instance: Instance) -> None:
         """`instance` changed (a state, back or not, a port): send its record if that
-        changed, once this turn of the loop is over."""
+        changed, in the next batch: once this turn of the loop is over, or once the
+        interval since the last batch is."""
         if instance.id not in self.instances:
             return
         now = record(instance)
@@ -70,10 +99,21 @@ class Discovery:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop, so no host running to be told (a scripted test)
                 return
-            self._flush = loop.call_soon(self._send)
+            wait = self._last + self._interval - loop.time()
+            self._flush = (loop.call_later(wait, self._send) if wait > 0
+                           else loop.call_soon(self._send))
+
+    def flush(self) -> None:
+        """Send the records due now, not at the end of the interval: before a topology
+        change, so that a `changed` handler finds the instances it is told of where
+        they listen."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._send()
 
     def _send(self) -> None:
         self._flush = None
+        self._last = asyncio.get_running_loop().time()
         message = {"type": "peers", "instances": [self._sent[i] for i in sorted(self._due)]}
         self._due.clear()
         hosts = 0
@@ -82,5 +122,6 @@ class Discovery:
             if process is not None and process.running:
                 process.send(message)
                 hosts += 1
+        self._interval = min(MOST, PER_HOST * hosts)
         metrics.DISCOVERY_MESSAGES.inc(hosts)
         metrics.DISCOVERY_RECORDS.inc(hosts * len(message["instances"]))
