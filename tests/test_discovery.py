@@ -18,29 +18,21 @@ from support.service import MakeService
 
 # Workers answer their id on their internal endpoint `rpc`; the web role's GET asks every
 # worker it discovers and answers one line per worker: id, ready flag, what it said.
-ROLES = """
-import socket, socketserver, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ROLES = HTTP_SITE + """
+import socket, socketserver
 from rolehost import TopologyChange
 
 class Answer(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.sendall(RoleEnvironment.current_instance.id.encode())
 
-class Worker(RoleEntryPoint):
+class Worker(Serving):  # on a TCP server of its own: Serving's run and on_stop
     def on_start(self):
         rpc = RoleEnvironment.current_instance.endpoints["rpc"]
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         self.server = socketserver.ThreadingTCPServer((rpc.host, rpc.port), Answer)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return True
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 def ask(endpoint):
     try:
@@ -49,36 +41,21 @@ def ask(endpoint):
     except OSError:
         return "-"
 
-class Ask(BaseHTTPRequestHandler):
+class Ask(Site):
     def do_GET(self):
         lines = [f"{w.id} {w.ready} {w.endpoints['rpc'].port} {ask(w.endpoints['rpc'])}"
                  for w in RoleEnvironment.roles["worker"].instances]
-        body = "\\n".join(lines).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(200, "\\n".join(lines).encode())
 
-    def log_message(self, *args):
-        pass
+class Web(Serving):
+    handler = Ask
 
-class Web(RoleEntryPoint):
     def on_start(self):
         RoleEnvironment.on_changed(self.changed)
-        http = RoleEnvironment.current_instance.endpoints["http"]
-        self.server = ThreadingHTTPServer((http.host, http.port), Ask)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return True
+        return super().on_start()
 
     def changed(self, changes):
         probe("changed " + ",".join(c.role for c in changes if isinstance(c, TopologyChange)))
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 """
 
 WORKER = """
@@ -187,23 +164,18 @@ class View(Site):
                  for role in RoleEnvironment.roles.values() for i in role.instances]
         self.reply(200, "\\n".join(lines).encode())
 
-class Role(RoleEntryPoint):
+class Role(Serving):
+    handler = View
+
     def on_start(self):
-        self.server = serve(View)
+        serving = super().on_start()  # its view answers while it waits
         release = os.path.join(os.path.dirname(RoleEnvironment.get_setting("probe")),
                                "release")
         deadline = time.monotonic() + 60
         while not os.path.exists(release) and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.05 * RoleEnvironment.current_instance.index)
-        return True
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        return serving
 """
 
 

@@ -10,38 +10,17 @@ from pathlib import Path
 from rolehost.testing import wait_until
 from support.cli import rolehost
 from support.net import answer_and_body
+from support.roles import HTTP_SITE
 from support.service import MakeService
 
 # Each instance answers its own id on its instance endpoint.
-ANSWERS_ITS_ID = """
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Answer(BaseHTTPRequestHandler):
+ANSWERS_ITS_ID = HTTP_SITE + """
+class Answer(Site):
     def do_GET(self):
-        body = RoleEnvironment.current_instance.id.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(200, RoleEnvironment.current_instance.id.encode())
 
-    def log_message(self, *args):
-        pass
-
-class Role(RoleEntryPoint):
-    def on_start(self):
-        debug = RoleEnvironment.current_instance.endpoints["debug"]
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer((debug.host, debug.port), Answer)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return True
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+class Role(Serving):
+    handler, endpoint = Answer, "debug"
 """
 
 

@@ -24,17 +24,8 @@ class Handler(Site):
             return self.reply(503, b"sick")
         self.reply(200, RoleEnvironment.get_setting("version").encode())
 
-class Role(RoleEntryPoint):
-    def on_start(self):
-        self.server = serve(Handler)
-        return True
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+class Role(Serving):
+    handler = Handler
 """
 
 

@@ -40,19 +40,13 @@ class Handler(Site):
             return self.reply(503, b"warming up")
         self.reply(200, f"{VERSION} {RoleEnvironment.current_instance.id}".encode())
 
-class Role(RoleEntryPoint):
+class Role(Serving):
+    handler = Handler
+
     def on_start(self):
         Handler.warm_at = time.monotonic() + float(RoleEnvironment.get_setting("warmup"))
-        self.server = serve(Handler)
         RoleEnvironment.on_changing(lambda change: change.cancel())
-        return True
-
-    def run(self):
-        RoleEnvironment.wait_for_stop()
-
-    def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        return super().on_start()
 """
 
 

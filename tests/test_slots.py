@@ -32,18 +32,16 @@ class Handler(Site):
         version = RoleEnvironment.get_setting("version")
         self.reply(200, f"{version} {RoleEnvironment.current_instance.id}".encode())
 
-class Role(RoleEntryPoint):
-    def on_start(self):
-        self.server = serve(Handler)
-        print("serving", RoleEnvironment.get_setting("version"), flush=True)
-        return True
+class Role(Serving):
+    handler = Handler
 
-    def run(self):
-        RoleEnvironment.wait_for_stop()
+    def on_start(self):
+        serving = super().on_start()
+        print("serving", RoleEnvironment.get_setting("version"), flush=True)
+        return serving
 
     def on_stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().on_stop()
         if os.path.exists(RoleEnvironment.get_setting("sick") + ".hang"):
             time.sleep(60)  # past stop_timeout: the stop is cut short
 """

@@ -80,8 +80,10 @@ OVERRUNS_ITS_STOP = """
 
 
 # A threaded HTTP/1.1 server for a role source to build on: `Site`, a request handler
-# with `reply(status, body)`; `serve(handler)`, a server on the instance's `http`
-# endpoint, started in a daemon thread.
+# with `reply(status, body)`; `serve(handler, endpoint)`, a server on the instance's
+# endpoint (`http` unless named), started in a daemon thread; `Serving`, a role that
+# serves its `handler` on its `endpoint` from on_start to on_stop (a subclass's
+# on_start does its own, then returns super().on_start()).
 HTTP_SITE = """
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,11 +106,26 @@ class Site(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-def serve(handler):
-    endpoint = RoleEnvironment.current_instance.endpoints["http"]
-    server = Server((endpoint.host, endpoint.port), handler)
+def serve(handler, endpoint="http"):
+    address = RoleEnvironment.current_instance.endpoints[endpoint]
+    server = Server((address.host, address.port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+class Serving(RoleEntryPoint):
+    handler = Site
+    endpoint = "http"
+
+    def on_start(self):
+        self.server = serve(self.handler, self.endpoint)
+        return True
+
+    def run(self):
+        RoleEnvironment.wait_for_stop()
+
+    def on_stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 """
 
 
