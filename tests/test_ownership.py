@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rolehost.processes import cgroups
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.cli import rolehost
 from support.roles import IDLE
@@ -158,6 +159,14 @@ def _daemons(service: Service, known: list[psutil.Process]) -> list[psutil.Proce
     return known + [psutil.Process(pid) for pid in pids[len(known):]]
 
 
+def _cgroup(pid: int) -> Path:
+    """The folder of `pid`'s cgroup v2."""
+    found = cgroups.unified(pid)
+    assert found is not None
+    mount, group = found
+    return mount / group.lstrip("/")
+
+
 def _gone(proc: psutil.Process) -> bool:
     try:
         return proc.status() == psutil.STATUS_ZOMBIE
@@ -187,11 +196,24 @@ def test_a_detached_daemon_dies_with_its_instance(make_service: MakeService,
             # Once it has exec'd, nothing ties it to the instance but its cgroup.
             wait_until(lambda: first.cmdline() == ["sleep", "300"], 10, "the exec")
             assert first.environ() == {}
+            group = None
+            if mode == "cgroups":
+                # The host's cgroup is its own, entered as a standby (a move at `take`
+                # would wait for an RCU grace period), and the daemon was born in it;
+                # the instance is written on it, since cgroup v2 cannot rename it.
+                host = h.instance("web/0")
+                group = _cgroup(host["pid"])
+                assert group.name == f"host-{host['pid']}"
+                assert _cgroup(first.pid) == group
+                assert os.getxattr(group, cgroups.INSTANCE_XATTR).decode() == host["id"]
             h.restart("web/0")
             wait_until(lambda: len(_daemons(service, daemons)) == 2, 30, "the second daemon")
             daemons = _daemons(service, daemons)
-            if mode == "cgroups":  # killed with its instance's cgroup at the teardown
+            if mode == "cgroups":  # killed with its host's cgroup at the teardown
                 wait_until(lambda: _gone(first), 10, "the first daemon to go at the restart")
+                assert group is not None
+                # Removed with its host: none piles up over restarts.
+                wait_until(lambda: not group.exists(), 10, "the first host's cgroup to go")
             # A kill -9 of the controller: what its cgroups hold, the next start ends.
             h.signal_controller(signal.SIGKILL)
             h.wait_controller_exit(10)
@@ -209,6 +231,8 @@ def test_a_detached_daemon_dies_with_its_instance(make_service: MakeService,
             assert _gone(daemons[-1])
             if mode == "cgroups":
                 assert all(_gone(d) for d in daemons)
+                # No cgroup is left of the run directory: rolehost-RUNDIR_HASH is gone.
+                assert group is not None and not group.parent.parent.exists()
     finally:
         for daemon in daemons:
             if not _gone(daemon):

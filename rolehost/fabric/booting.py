@@ -1,5 +1,5 @@
 """A boot, carried out: the folders and the startup tasks (unless an agent update), a
-standby host taken, moved into the instance's cgroup and assigned, then that host run
+standby host taken (in a cgroup of its own already) and assigned, then that host run
 until it has exited. What each step means (the ready deadline, a failure, what follows
 the boot) is the instance's lifecycle's; the end of a boot is `rolehost.fabric.stopping`'s.
 
@@ -76,10 +76,8 @@ async def _bootstrap(instance: Instance, kind: Maintenance) -> bool:
             return False
         instance.hosts += 1
         token = f"{instance.boot_token}:h{instance.hosts}"
-        process = await instance.deployment.standby.take()
-        if (cgroups := instance.deployment.cgroups) is not None:  # before the role's code runs
-            # Off the loop: a move into a cgroup waits for an RCU grace period (~7 ms).
-            process.cgroup = await asyncio.to_thread(cgroups.enter, instance.id, process.pid)
+        # In a cgroup of its own already, where there are cgroups (processes/cgroups.py).
+        process = await instance.deployment.standby.take(instance.id)
         if instance.life.failed_reason is not None:  # while the host was coming
             process.kill()
             return False

@@ -76,9 +76,10 @@ class Deployment:
         owner = ownership.identity()
         environment = {**os.environ, "PATH": task_path(), "ROLEHOST_RUN_DIR": str(run_dir),
                        ownership.CONTROLLER_ENV: owner}
+        cgroups = Cgroups(run_dir, owner)
         return cls(id=uuid.uuid4().hex, service=service, run_dir=run_dir, console=console,
-                   standby=Standby(environment, run_dir), run_as=run_as,
-                   observer=observer, owner=owner, cgroups=Cgroups(run_dir, owner))
+                   standby=Standby(environment, run_dir, groups=cgroups), run_as=run_as,
+                   observer=observer, owner=owner, cgroups=cgroups)
 
     def take_port(self, host: str) -> int:
         """A private port for an instance: free, and given to no other instance."""

@@ -27,7 +27,6 @@ import dataclasses
 import os
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -54,7 +53,6 @@ from rolehost.fabric.instance import Instance
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.offers import discard, ready_or_not
 from rolehost.observability.logs import iso
-from rolehost.processes.cgroups import Cgroups
 
 if TYPE_CHECKING:
     from rolehost.fabric.controller import Controller
@@ -125,22 +123,6 @@ class Deployed:
         # Not started, and no topology yet: the caller sets it once every instance it
         # adds is there, then starts them.
         return instance
-
-
-class _Apart(Cgroups):
-    """The controller's cgroups, each instance's group named with its deployment's id too:
-    a staging instance has the id of a production one, and must not share its group, which
-    the end of either's host kills whole (processes/hosts.py)."""
-
-    def __init__(self, cgroups: Cgroups, deployment_id: str) -> None:
-        super().__init__(cgroups.run_dir, cgroups.owner)
-        # Opened when the controller claimed its run directory, before any staging deploy;
-        # the controller's closes them all at its stop.
-        self.service, self.root, self.reason = cgroups.service, cgroups.root, cgroups.reason
-        self.prefix = f"{deployment_id[:12]}-"
-
-    def enter(self, instance: str, pid: int) -> Path | None:
-        return super().enter(self.prefix + instance, pid)
 
 
 def qualified(instance: Instance) -> str:
@@ -342,13 +324,12 @@ class Slots:
         for folder in (home.parent, home, home / "instances"):
             folder.mkdir(mode=mode, exist_ok=True)
             os.chmod(folder, mode)
-        # The production deployment's run_as, standby host and set of private ports given
-        # out: one controller, one user, no port given twice.
-        cgroups = c.deployment.cgroups
+        # The production deployment's run_as, standby host, cgroups (one a host: never
+        # shared with production's) and set of private ports given out: one controller,
+        # one user, no port given twice.
         deployment = dataclasses.replace(
             c.deployment, id=deployment_id, service=new.service, home=home,
-            placement=Placement(STAGING), discovery=Discovery(),
-            cgroups=_Apart(cgroups, deployment_id) if cgroups is not None else None)
+            placement=Placement(STAGING), discovery=Discovery())
         return Deployed(deployment, new, version, listeners)
 
     async def delete(self, slot: str) -> dict[str, Any]:

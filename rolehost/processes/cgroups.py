@@ -5,15 +5,22 @@ A role's `run()` that forks, calls setsid, forks again and execs with an empty
 environment leaves a process that no parentage, process group or token finds: it is
 re-parented to the controller (a child subreaper) and carries nothing of the instance.
 It survived `stop` and a `kill -9` of the controller, and one more piled up with every
-boot. The kernel's answer, systemd's too, is the cgroup: a host is moved into its
-instance's cgroup when it is given the instance, before it runs any of the role's code,
-so everything the role starts is born there; the instance's teardown writes
-`cgroup.kill`, which SIGKILLs every process in it at once.
+boot. The kernel's answer, systemd's too, is the cgroup: every host has a cgroup of its
+own, which it enters as a standby, before it is given an instance and runs any of the
+role's code, so everything the role starts is born there; the host's teardown writes
+`cgroup.kill`, which SIGKILLs every process in it at once, and removes it.
+
+Why a cgroup per host, made when the standby is spawned, and not one per instance that
+the host enters when it is given the instance: a move into a cgroup waits for an RCU
+grace period (6 to 7 ms here), which was a third of a respawn's time. The standby pays
+it while nobody waits for it. The cgroup cannot be renamed to the instance's once it is
+taken (cgroup v2 refuses rename(2): EPERM), so its instance is written on it instead, in
+the extended attribute `user.rolehost.instance`.
 
 The layout, under the controller's own cgroup (the unit's, under systemd):
-`rolehost-RUNDIR_HASH/PID-START/INSTANCE`, PID-START being the controller's identity
-(ownership.py). A start sweeps the `PID-START` folders of its run directory whose
-controller is gone: what a `kill -9` of the controller left is ended then.
+`rolehost-RUNDIR_HASH/PID-START/host-PID`, PID-START being the controller's identity
+(ownership.py) and PID the host's. A start sweeps the `PID-START` folders of its run
+directory whose controller is gone: what a `kill -9` of the controller left is ended then.
 
 Where no cgroup v2 hierarchy can be written (no root and no delegation, a container
 that does not delegate, cgroup v1 only), nothing here does anything: `Cgroups.usable`
@@ -40,10 +47,12 @@ log = structlog.get_logger()
 
 # A cgroup killed is empty within a few scheduler ticks; this bounds the wait for it.
 _EMPTY_WITHIN = 2.0
+INSTANCE_XATTR = "user.rolehost.instance"  # on a host's cgroup: the instance it was given
 
 
-def _unified() -> tuple[Path, str] | None:
-    """The cgroup v2 mount and this process's cgroup in it, or None."""
+def unified(pid: int | None = None) -> tuple[Path, str] | None:
+    """The cgroup v2 mount and the cgroup of `pid` (this process's by default) in it, or
+    None."""
     mount = None
     with contextlib.suppress(OSError), open("/proc/self/mountinfo") as lines:
         for line in lines:
@@ -53,7 +62,7 @@ def _unified() -> tuple[Path, str] | None:
                 break
     if mount is None:
         return None
-    with contextlib.suppress(OSError), open("/proc/self/cgroup") as lines:
+    with contextlib.suppress(OSError), open(f"/proc/{pid or 'self'}/cgroup") as lines:
         for line in lines:
             if line.startswith("0::"):
                 return mount, line[3:].strip()
@@ -75,7 +84,7 @@ class Cgroups:
         if os.environ.get("ROLEHOST_CGROUPS") == "off":
             self.reason = "turned off (ROLEHOST_CGROUPS=off)"
             return False
-        found = _unified()
+        found = unified()
         if found is None:
             self.reason = "no cgroup v2 hierarchy is mounted"
             return False
@@ -100,25 +109,27 @@ class Cgroups:
     def usable(self) -> bool:
         return self.root is not None
 
-    def enter(self, instance: str, pid: int) -> Path | None:
-        """Move `pid` into `instance`'s cgroup; the cgroup, or None where there is none
-        (or the move failed: logged)."""
+    def place(self, pid: int) -> Path | None:
+        """Move host `pid` into a cgroup of its own; the cgroup, or None where there is
+        none (or the move failed: logged). Blocking for a grace period: run it on a worker
+        thread, ahead of need."""
         if self.root is None:
             return None
-        group = self.root / instance
+        group = self.root / f"host-{pid}"
         try:
-            group.mkdir(exist_ok=True)
+            group.mkdir(exist_ok=True)  # a leftover of a pid reused: ended with this host
             (group / "cgroup.procs").write_text(f"{pid}\n")
         except OSError as exc:
-            log.warning("cgroup_move_failed", instance=instance, pid=pid,
-                        error=exc.strerror or str(exc))
+            log.warning("cgroup_move_failed", pid=pid, error=exc.strerror or str(exc))
+            with contextlib.suppress(OSError):
+                group.rmdir()
             return None
         return group
 
     def close(self) -> None:
         """End whatever is left in this controller's cgroups and remove them."""
         if self.root is not None:
-            _remove(self.root)
+            remove(self.root)
             with contextlib.suppress(OSError):  # another controller's may be there
                 assert self.service is not None
                 self.service.rmdir()
@@ -137,9 +148,9 @@ class Cgroups:
             if group.parent == self.service:
                 if _populated(group):
                     swept.append(group.name)
-                _remove(group)
+                remove(group)
             elif not _populated(group):
-                _remove(group)
+                remove(group)
                 with contextlib.suppress(OSError):  # the last one of its run directory
                     group.parent.rmdir()
         return swept
@@ -149,6 +160,13 @@ def _alive(name: str) -> bool:
     """Whether the controller of the cgroup `PID-START` still runs."""
     owner = ownership.owner({ownership.CONTROLLER_ENV: name.replace("-", ":", 1)})
     return owner is None or owner.alive  # a name that is not one: not proven gone
+
+
+def label(group: Path, instance: str) -> None:
+    """Write on a host's cgroup the instance it was given (systemd-cgls, ps -o cgroup show
+    only `host-PID`). A few microseconds: no grace period, unlike a move."""
+    with contextlib.suppress(OSError):  # a kernel before 5.7 has no user xattrs there
+        os.setxattr(group, INSTANCE_XATTR, instance.encode())
 
 
 def kill(group: Path) -> None:
@@ -172,8 +190,9 @@ def _populated(group: Path) -> bool:
         return False
 
 
-def _remove(group: Path) -> None:
-    """Kill what is in `group` and remove it, its children first."""
+def remove(group: Path) -> None:
+    """Kill what is in `group` and remove it, its children first. Blocking: run it on a
+    worker thread."""
     kill(group)
     for path in sorted(group.glob("**/"), key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):

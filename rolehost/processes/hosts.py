@@ -76,7 +76,7 @@ class HostProcess:
         self._reaped = watch_exit(self.pid, self._sweep)
         self._reaped.add_done_callback(self._reaped_now)
         self._transport: asyncio.Transport | None = None
-        # Its instance's cgroup (cgroups.py), once it has one: killed with the host's tree.
+        # Its own cgroup (cgroups.py), entered as a standby: killed with the host's tree.
         self.cgroup: Path | None = None
 
     @classmethod
@@ -165,7 +165,7 @@ class HostProcess:
         # Before the reap: the zombie keeps the pid and process group from being reused.
         await asyncio.to_thread(sweep, self.pid, self.token, self.pid)
         if self.cgroup is not None:  # what left the tree, its session and its token
-            await asyncio.to_thread(cgroups.kill, self.cgroup)
+            await asyncio.to_thread(cgroups.remove, self.cgroup)
 
     def _reaped_now(self, _: asyncio.Future[int]) -> None:
         task = asyncio.ensure_future(self._finish())
@@ -184,32 +184,43 @@ class HostProcess:
 
 
 class Standby:
-    """Keeps one host process started ahead of need, so that no instance waits for an
-    interpreter to boot: a crashed instance's replacement is one `assign` message away.
-    Taking it starts the next one."""
+    """Keeps one host process started ahead of need, in a cgroup of its own where there
+    are cgroups, so that no instance waits for an interpreter to boot or for a move into
+    a cgroup: a crashed instance's replacement is one `assign` message away. Taking it
+    starts the next one."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, user: User | None = None) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, user: User | None = None,
+                 groups: cgroups.Cgroups | None = None) -> None:
         # -P: no working folder on sys.path; the role's app folder is put there on assign.
         self.argv = [sys.executable, "-P", "-m", "rolehost.host"]
-        self.env, self.cwd, self.user = env, str(cwd), user
+        self.env, self.cwd, self.user, self.groups = env, str(cwd), user, groups
         self._next: asyncio.Task[HostProcess] | None = None
         self._closed = False
 
     def warm(self) -> None:
         if self._next is None and not self._closed:
-            spawned = HostProcess.spawn(self.argv, self.env, self.cwd, self.user)
-            self._next = asyncio.ensure_future(spawned)
+            self._next = asyncio.ensure_future(self._spawn())
 
-    async def take(self) -> HostProcess:
-        """A standby host: the warm one if it is still up, a new one otherwise."""
+    async def _spawn(self) -> HostProcess:
+        host = await HostProcess.spawn(self.argv, self.env, self.cwd, self.user)
+        if self.groups is not None and self.groups.usable:
+            # Off the loop: the move waits for an RCU grace period (cgroups.py).
+            host.cgroup = await asyncio.to_thread(self.groups.place, host.pid)
+        return host
+
+    async def take(self, instance: str) -> HostProcess:
+        """A standby host for `instance`, in its cgroup already: the warm one if it is
+        still up, a new one otherwise."""
         ready, self._next = self._next, None
         host = None
         if ready is not None:
             with contextlib.suppress(OSError):
                 host = await ready
         if host is None or not host.alive:
-            host = await HostProcess.spawn(self.argv, self.env, self.cwd, self.user)
+            host = await self._spawn()
         self.warm()
+        if host.cgroup is not None:
+            cgroups.label(host.cgroup, instance)
         return host
 
     async def close(self) -> None:
