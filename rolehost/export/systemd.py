@@ -38,7 +38,7 @@ def unit(definition: Definition, file: Path) -> str:
         # The graceful stop first: `rolehost stop` returns once the controller has
         # stopped every instance and exited. Only then does systemd signal what is left
         # in the unit's cgroup, sub-cgroups included: a daemon a role detached, a
-        # killed controller's hosts. The controller puts each instance in a cgroup of
+        # killed controller's hosts. The controller puts each host in a cgroup of
         # its own under the unit's, which Delegate=yes lets it create (cgroups.py).
         # "-": its exit code is not the unit's (1 when the controller had died already,
         # 3 when the stop was cut short: the controller's own exit says that).

@@ -55,7 +55,7 @@ class Deployment:
     # The ports the definition fixes (ports.fixed), never given as private ports.
     reserved: list[range] = field(default_factory=list)
     owner: str = ""  # ownership.identity() of the controller: in every process's environment
-    cgroups: Cgroups | None = None  # the instances' cgroups, once the run directory is claimed
+    cgroups: Cgroups | None = None  # the hosts' cgroups, once the run directory is claimed
     memory: MemoryWatch = field(default_factory=MemoryWatch)  # of every running host
     discovery: Discovery = field(default_factory=Discovery)  # each host's view of the others
     # Where its instances' folders and logs go: the run directory's instances/ and logs/,

@@ -7,7 +7,7 @@ An instance's processes are found four ways, because each alone misses some:
   controller is a child subreaper, so they are re-parented to it, and they carry a
   token in their environment: `DEPLOYMENT:INSTANCE:BOOT` for a boot's startup tasks,
   `DEPLOYMENT:INSTANCE:BOOT:hN` for its Nth host;
-- and what drops its environment too: by the instance's cgroup, where there is one
+- and what drops its environment too: by its host's cgroup, where there is one
   (cgroups.py), or else, at the controller's stop, as a child of the controller that it
   did not start (`sweep_strays`).
 
