@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import platform
@@ -42,7 +41,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,13 +57,18 @@ from typing import Any
 
 import psutil
 from common import (
-    BenchError,
     Controller,
+    Foreground,
     child_env,
     closing_sections,
+    cpu_seconds,
+    free_port,
+    http_get,
     kill_ours,
     leave,
     load_average,
+    log_since,
+    log_size,
     machine,
     sigterm_as_exit,
     verdict,
@@ -179,12 +182,6 @@ def haproxy_binary() -> str:
     return shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Certificate:
     """An https endpoint's port, and a certificate for 127.0.0.1 made for the run
@@ -204,19 +201,6 @@ class Certificate:
         chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
         issued.private_key_pem.write_to_path(str(key))
         return cls(port, chain, key)
-
-
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes] | None:
-    """GET once on a new connection: (status, body), or None if nothing answered."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
 
 
 def accepted(ports: list[int]) -> int | None:
@@ -370,15 +354,6 @@ def ours_too(work: Path, nginx_pids: set[int]) -> Callable[[psutil.Process], boo
     return match
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def pin(pids: list[int], cpus: str) -> None:
     """Every thread of each process onto `cpus` (threads they start later inherit it)."""
     for pid in pids:
@@ -487,8 +462,9 @@ def nginx_settings(upstreams: list[int], connections: int = WRK_CONNECTIONS) -> 
             "proxies to the same two instances with max_fails=0 (never taken out)")
 
 
-class Nginx:
-    """nginx in the foreground (`daemon off`), a child of the bench, over a generated config.
+class Nginx(Foreground):
+    """nginx in the foreground (`daemon off`), a child of the bench, over a generated config;
+    stopped with SIGQUIT (graceful).
 
     Two server blocks relay to the same two instances: `port` with nginx's defaults for
     failures (max_fails=1 fail_timeout=10s), `retry_port` with max_fails=0.
@@ -496,9 +472,8 @@ class Nginx:
 
     def __init__(self, work: Path, port: int, retry_port: int, upstreams: list[int],
                  connections: int = WRK_CONNECTIONS, https: Certificate | None = None) -> None:
-        self.root = work / "nginx"
-        self.root.mkdir(parents=True)
-        self.port, self.retry_port = port, retry_port
+        super().__init__("nginx", work / "nginx", port, signal.SIGQUIT, NGINX_TIMEOUT)
+        self.retry_port = retry_port
         self.conf = self.root / "nginx.conf"
         self.error_log = self.root / "error.log"
         temp = "\n".join(f"    {kind}_temp_path {self.root}/{kind}_temp;"
@@ -559,78 +534,28 @@ class Nginx:
             {temp}
 
             """).format(root=self.root, temp=temp) + "\n".join(blocks) + "}\n")
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.pids: set[int] = set()  # master and workers, for the final clean-up check
 
     def argv(self, *extra: str) -> list[str]:
         return ["nginx", "-p", f"{self.root}/", "-e", str(self.error_log), "-c", str(self.conf),
                 *extra]
 
     def start(self) -> None:
-        test = subprocess.run(self.argv("-t"), capture_output=True, text=True, timeout=30,
-                              env=child_env())
-        if test.returncode != 0:
-            raise BenchError(f"nginx -t failed: {test.stderr.strip()}")
-        with open(self.root / "console.log", "ab") as console:
-            self.popen = subprocess.Popen(self.argv(), env=child_env(), stdin=subprocess.DEVNULL,
-                                          stdout=console, stderr=subprocess.STDOUT)
-        self.pids.add(self.popen.pid)
-
-        def answering() -> bool | None:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise BenchError(f"nginx exited with {self.popen.returncode}; see {self.root}")
-            answer = http_get(self.port)
-            return True if answer is not None and answer[0] == 200 else None
-
-        wait_until("nginx to answer", NGINX_TIMEOUT, answering, 0.1)
-        self.pids.update(p.pid for p in self.processes())
-
-    def processes(self) -> list[psutil.Process]:
-        """The master and its workers."""
-        if self.popen is None:
-            return []
-        try:
-            master = psutil.Process(self.popen.pid)
-            return [master, *master.children(recursive=True)]
-        except psutil.Error:
-            return []
+        self.check(self.argv("-t"))
+        self.launch(self.argv())
 
     def error_log_size(self) -> int:
-        return self.error_log.stat().st_size if self.error_log.exists() else 0
+        return log_size(self.error_log)
 
     def upstream_errors(self, offset: int) -> dict[str, int]:
         """What nginx logged about its upstreams since `offset`, by kind."""
-        if not self.error_log.exists():
-            return {}
-        with open(self.error_log, "rb") as log:
-            log.seek(offset)
-            text = log.read().decode(errors="replace")
         kinds: Counter[str] = Counter()
-        for line in text.splitlines():
+        for line in log_since(self.error_log, offset).splitlines():
             match = re.search(r"\[(?:error|warn)\] \d+#\d+: \*\d+ (.+?) while ", line)
             if match:
                 kinds[match.group(1)] += 1
             elif "no live upstreams" in line:
                 kinds["no live upstreams"] += 1
         return dict(kinds)
-
-    def stop(self) -> None:
-        """SIGQUIT (graceful), then SIGTERM and SIGKILL if it lingers."""
-        if self.popen is None:
-            return
-        self.pids.update(p.pid for p in self.processes())
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGQUIT)
-            try:
-                self.popen.wait(NGINX_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.terminate()
-                try:
-                    self.popen.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait(5)
 
 
 # wrk.
@@ -1167,7 +1092,7 @@ def run(seconds: float, pinned: bool, profile: bool | None, keep: bool, rounds: 
         nginx.start()
         haproxy = Haproxy(work, free_port(), ports, haproxy_binary())
         print("starting haproxy...", file=sys.stderr)
-        haproxy.start(http_get)
+        haproxy.start()
         assert rh.pid is not None
         controller = psutil.Process(rh.pid)
         ng, hp = nginx, haproxy

@@ -1,5 +1,6 @@
-"""What respawn.py and balancer.py share: the run token, polling, process hygiene, the
-rolehost controller wrapper and a few pieces of the report.
+"""What the benches share: the run token, polling, process hygiene, free ports and a GET,
+the servers run in the foreground as contenders (nginx, HAProxy), the rolehost controller
+wrapper and a few pieces of the report.
 
 The benches are run as scripts (`python bench/respawn.py`), so this folder is on sys.path
 and they import it as `common`.
@@ -7,10 +8,13 @@ and they import it as `common`.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +95,16 @@ def kill_ours(also: Callable[[psutil.Process], bool] | None = None) -> list[str]
     return killed
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User and system CPU the processes have used so far (one that is gone counts 0)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 @contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """A SIGTERM to the bench runs the `finally:` blocks, so nothing it started leaks."""
@@ -103,6 +117,118 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Ports and HTTP.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes] | None:
+    """GET once on a new connection: (status, body), or None if nothing answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
+# Servers in the foreground.
+
+
+class Foreground:
+    """A server the bench runs in the foreground, as its child (nginx, HAProxy), from a
+    config generated into `root`: its output in `root/console.log`, up once GET / on
+    `port` answers 200, its processes (a master and its workers) recorded for the final
+    clean-up check, stopped with its `graceful` signal, then SIGTERM and SIGKILL if it
+    lingers (`timeout` bounds the start and the graceful stop)."""
+
+    def __init__(self, name: str, root: Path, port: int, graceful: signal.Signals,
+                 timeout: float) -> None:
+        self.name, self.root, self.port = name, root, port
+        self.graceful, self.timeout = graceful, timeout
+        self.root.mkdir(parents=True)
+        self.console = self.root / "console.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pids: set[int] = set()  # every process seen, for the final clean-up check
+
+    def check(self, argv: list[str]) -> None:
+        """Run the server's check of its config; BenchError with what it said."""
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                              env=child_env())
+        if done.returncode != 0:
+            raise BenchError(f"`{' '.join(argv)}` failed: {done.stdout.strip()} "
+                             f"{done.stderr.strip()}")
+
+    def launch(self, argv: list[str], timeout: float | None = None, every: float = 0.1,
+               slow: bool = False) -> None:
+        """Start the server and wait until it answers (within `timeout`, `self.timeout`
+        by default). `slow`: a server under valgrind, a session of its own, asked with
+        a longer timeout per GET."""
+        with open(self.console, "ab") as console:
+            self.popen = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL,
+                                          stdout=console, stderr=subprocess.STDOUT,
+                                          start_new_session=slow)
+        self.pids.add(self.popen.pid)
+
+        def answering() -> bool | None:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.popen.returncode}; "
+                                 f"see {self.root}")
+            answer = http_get(self.port, timeout=5.0 if slow else 2.0)
+            return True if answer is not None and answer[0] == 200 else None
+
+        wait_until(f"{self.name} to answer", timeout or self.timeout, answering, every)
+        self.pids.update(p.pid for p in self.processes())
+
+    def processes(self) -> list[psutil.Process]:
+        """The master and its workers."""
+        if self.popen is None:
+            return []
+        try:
+            master = psutil.Process(self.popen.pid)
+            return [master, *master.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        if self.popen is None:
+            return
+        self.pids.update(p.pid for p in self.processes())
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(self.graceful)
+        try:
+            self.popen.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What was written to `path` after `offset` bytes ("" if there is no such file)."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
 
 
 # rolehost.

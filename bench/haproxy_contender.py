@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import textwrap
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-from common import BenchError, child_env, wait_until
+from common import Foreground, log_since, log_size
 
 HAPROXY_TIMEOUT = 15.0  # up and answering, or gone after SIGUSR1 / SIGTERM
 
@@ -31,15 +28,14 @@ def haproxy_settings() -> str:
             "(what `rolehost export haproxy` writes); no logs")
 
 
-class Haproxy:
-    """HAProxy over a generated config, on `port`, relaying to `upstreams`."""
+class Haproxy(Foreground):
+    """HAProxy over a generated config, on `port`, relaying to `upstreams`; stopped with
+    SIGUSR1 (soft stop: in-flight requests finish)."""
 
     def __init__(self, work: Path, port: int, upstreams: list[int], binary: str) -> None:
-        self.root = work / "haproxy"
-        self.root.mkdir(parents=True)
-        self.port, self.binary = port, binary
+        super().__init__("haproxy", work / "haproxy", port, signal.SIGUSR1, HAPROXY_TIMEOUT)
+        self.binary = binary
         self.conf = self.root / "haproxy.cfg"
-        self.console = self.root / "console.log"
         servers = "\n".join(f"    server web{n} 127.0.0.1:{p} check inter 500ms"
                             for n, p in enumerate(upstreams))
         self.conf.write_text(textwrap.dedent("""\
@@ -66,48 +62,18 @@ class Haproxy:
                 http-reuse always
                 retry-on conn-failure empty-response
             """).format(port=port) + servers + "\n")
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.pids: set[int] = set()
 
-    def start(self, http_get: Callable[[int], tuple[int, bytes] | None]) -> None:
-        check = subprocess.run([self.binary, "-c", "-f", str(self.conf)], capture_output=True,
-                               text=True, timeout=30, env=child_env())
-        if check.returncode != 0:
-            raise BenchError(f"haproxy -c failed: {check.stdout.strip()} {check.stderr.strip()}")
-        with open(self.console, "ab") as console:
-            self.popen = subprocess.Popen([self.binary, "-db", "-f", str(self.conf)],
-                                          env=child_env(), stdin=subprocess.DEVNULL,
-                                          stdout=console, stderr=subprocess.STDOUT)
-        self.pids.add(self.popen.pid)
-        def answering() -> bool | None:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise BenchError(f"haproxy exited with {self.popen.returncode}; see {self.root}")
-            answer = http_get(self.port)
-            return True if answer is not None and answer[0] == 200 else None
-
-        wait_until("haproxy to answer", HAPROXY_TIMEOUT, answering, 0.1)
-
-    def processes(self) -> list[psutil.Process]:
-        if self.popen is None:
-            return []
-        try:
-            return [psutil.Process(self.popen.pid)]
-        except psutil.Error:
-            return []
+    def start(self) -> None:
+        self.check([self.binary, "-c", "-f", str(self.conf)])
+        self.launch([self.binary, "-db", "-f", str(self.conf)])
 
     def log_size(self) -> int:
-        return self.console.stat().st_size if self.console.exists() else 0
+        return log_size(self.console)
 
     def server_events(self, offset: int) -> dict[str, int]:
         """What HAProxy logged about its servers since `offset`, by kind."""
-        if not self.console.exists():
-            return {}
-        with open(self.console, "rb") as log:
-            log.seek(offset)
-            text = log.read().decode(errors="replace")
         kinds: Counter[str] = Counter()
-        for line in text.splitlines():
+        for line in log_since(self.console, offset).splitlines():
             if line.startswith("<"):  # the syslog copy of a line printed once already
                 continue
             if match := re.search(r"Server web/web\d+ is (UP|DOWN)", line):
@@ -115,18 +81,3 @@ class Haproxy:
             elif "has no server available" in line:
                 kinds["no server available"] += 1
         return dict(kinds)
-
-    def stop(self) -> None:
-        """SIGUSR1 (soft stop: in-flight requests finish), then SIGTERM and SIGKILL."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGUSR1)
-        try:
-            self.popen.wait(HAPROXY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)

@@ -56,6 +56,7 @@ from common import (
     BenchError,
     child_env,
     closing_sections,
+    free_port,
     kill_ours,
     leave,
     load_average,
@@ -399,7 +400,7 @@ class Service(balancer_bench.Rolehost):
     environment (the interpreted relay's PYTHONPATH). Its hosts run natively."""
 
     def __init__(self, work: Path, prefix: list[str], env: dict[str, str]) -> None:
-        super().__init__(work, balancer_bench.free_port())
+        super().__init__(work, free_port())
         self.prefix, self.env = prefix, env
         self.popen: subprocess.Popen[bytes] | None = None
         self.console = self.root / "console.log"
@@ -470,32 +471,16 @@ class SingleNginx(balancer_bench.Nginx):
     port) stays in the config, idle."""
 
     def __init__(self, work: Path, upstreams: list[int], prefix: list[str]) -> None:
-        super().__init__(work, balancer_bench.free_port(), balancer_bench.free_port(),
-                         upstreams)
+        super().__init__(work, free_port(), free_port(), upstreams)
         conf = self.conf.read_text()
         self.conf.write_text(conf.replace("daemon off;\n", "daemon off;\nmaster_process off;\n",
                                           1))
         self.prefix = prefix
 
     def start_single(self, timeout: float) -> int:
-        test = subprocess.run(self.argv("-t"), capture_output=True, text=True, timeout=30,
-                              env=child_env())
-        if test.returncode != 0:
-            raise BenchError(f"nginx -t failed: {test.stderr.strip()}")
-        with open(self.root / "console.log", "ab") as console:
-            self.popen = subprocess.Popen([*self.prefix, *self.argv()], env=child_env(),
-                                          stdin=subprocess.DEVNULL, stdout=console,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pids.add(self.popen.pid)
-
-        def answering() -> bool | None:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise BenchError(f"nginx exited with {self.popen.returncode}; see {self.root}")
-            answer = balancer_bench.http_get(self.port, timeout=5.0)
-            return True if answer is not None and answer[0] == 200 else None
-
-        wait_until("nginx to answer", timeout, answering, 0.5)
+        self.check(self.argv("-t"))
+        self.launch([*self.prefix, *self.argv()], timeout, every=0.5, slow=True)
+        assert self.popen is not None
         return self.popen.pid
 
     def shutdown(self) -> None:

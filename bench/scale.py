@@ -46,6 +46,7 @@ from common import (
     Controller,
     child_env,
     closing_sections,
+    cpu_seconds,
     kill_ours,
     leave,
     load_average,
@@ -169,11 +170,6 @@ def all_ready(rh: Controller, n: int) -> bool | None:
     return True if len(instances) == n and all(i["back"] for i in instances) else None
 
 
-def cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
 def profile_start(rh: Controller, work: Path) -> subprocess.Popen[bytes] | None:
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists() or rh.pid is None:
@@ -200,7 +196,7 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         with Lag(rh, "tiny_IN_0") as lag:
             wait_until(f"{n} instances ready", 600, lambda: all_ready(rh, n), 0.5)
         size.ready_s = time.perf_counter() - began
-        size.start_cpu_s = cpu_s(controller)
+        size.start_cpu_s = cpu_seconds([controller])
         size.lag_start_ms = percentiles(lag.samples)
         if spy is not None:
             spy.terminate()
@@ -208,9 +204,9 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         time.sleep(SETTLE_SECONDS)  # the start's stragglers (the standby host, timers)
         # Idle CPU with nothing asking (the lag sampler's requests cost CPU too), then
         # the idle lag.
-        cpu0, t0 = cpu_s(controller), time.perf_counter()
+        cpu0, t0 = cpu_seconds([controller]), time.perf_counter()
         time.sleep(IDLE_SECONDS)
-        size.idle_cpu_pct = 100 * (cpu_s(controller) - cpu0) / (time.perf_counter() - t0)
+        size.idle_cpu_pct = 100 * (cpu_seconds([controller]) - cpu0) / (time.perf_counter() - t0)
         with Lag(rh, "tiny_IN_0") as lag:
             time.sleep(IDLE_SECONDS / 2)
         size.lag_idle_ms = percentiles(lag.samples)

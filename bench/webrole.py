@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from balancer import WRK_SCRIPT, Nginx, free_port, http_get
+from balancer import WRK_SCRIPT, Nginx
 from common import (
     BenchError,
     Controller,
     child_env,
     closing_sections,
+    free_port,
+    http_get,
     kill_ours,
     load_average,
     machine,
