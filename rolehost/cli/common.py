@@ -1,5 +1,10 @@
 """What every command of `rolehost` shares: the group, the `-f` and `--run-dir` options,
-calling the controller, failing with the right exit code, loading the definition."""
+calling the controller, failing with the right exit code, loading the definition.
+
+The command modules import, at their top, only what declaring the commands needs (click,
+this module, the client, the exit codes): every command's start pays for those. What a
+command uses (the model, the fabric, the logs) it imports in its body, so that `rolehost
+status` starts without pydantic (issue 23; tests/test_cli_imports.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +12,16 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from rolehost import definition as model
-from rolehost.balancer import tls
 from rolehost.client import ApiError, Client, ControllerNotRunning
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED, for_kind
-from rolehost.fabric import ports, preflight
 from rolehost.fabric.rundir import RunDir
-from rolehost.processes import privileges
+
+if TYPE_CHECKING:
+    from rolehost import definition as model
 
 DETACH_TIMEOUT = 60.0
 
@@ -45,6 +49,8 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def user_of(file: Path) -> Iterator[None]:
     """Exit 2 naming `file` when its `[service] limited_user` cannot run the hosts:
     decided only when a deployment is prepared, long after the definition was read."""
+    from rolehost.processes import privileges
+
     try:
         yield
     except privileges.Unusable as exc:
@@ -83,6 +89,10 @@ def load_checked(file: Path, controller: bool = False) -> model.Definition:
     `controller`: for a controller on this machine (start, check), which chooses the
     instances' private ports among those the definition leaves (run-instance and the
     exports' instances have ports of their own)."""
+    from rolehost import definition as model
+    from rolehost.balancer import tls
+    from rolehost.fabric import ports, preflight
+
     try:
         definition = model.load(file)
     except model.DefinitionErrors as exc:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from rolehost import definition as model
 from rolehost.cli.common import cli, fail
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED
 
@@ -30,6 +29,7 @@ def import_azure(csdef: Path, cscfg: Path, output: Path) -> None:
     certificates. Each element rolehost cannot express is a warning naming its XML path
     and what to do; the entry points are left to fill in. Exit 2 if a file is not one
     rolehost can read (or is hostile XML), 1 if the translation does not validate."""
+    from rolehost import definition as model
     from rolehost.importing import azure, toml
 
     try:

@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from rolehost import definition as model
 from rolehost.cli.common import (
     call,
     cli,
@@ -22,14 +21,10 @@ from rolehost.cli.common import (
     slot_option,
 )
 from rolehost.client import Client
-from rolehost.control import wording
 from rolehost.control.exits import EXIT_BAD_DEFINITION
-from rolehost.definition.scalars import setting_from_text
 from rolehost.fabric.disks import Maintenance, Upgrade
 from rolehost.fabric.rundir import RunDir
-from rolehost.fabric.slots import STAGING
-from rolehost.observability import logs
-from rolehost.observability.logs import iso
+from rolehost.limits import MAX_INSTANCES, MIN_INSTANCES
 
 _MAINTENANCE_HELP = {
     Maintenance.RECYCLE: "Recycle: graceful stop, os/ and app/ kept, local resources emptied "
@@ -53,6 +48,8 @@ def _maintenance_command(kind: Maintenance) -> click.Command:
     @slot_option
     def command(instances: tuple[str, ...], file: Path, run_dir: Path | None, wait: bool,
                 slot: str) -> None:
+        from rolehost.control import wording
+
         client = connect(file, run_dir, timeout=24 * 3600)
         for row in call(client.maintain, kind.value, list(instances), wait, None, slot):
             click.echo(wording.maintained(kind.value, row, wait))
@@ -78,6 +75,8 @@ def upgrade(kind: str, file: Path, run_dir: Path | None, manual: bool, detach: b
     """Walk a platform update across the update domains, one at a time: host-os restarts,
     guest-os reimages, agent restarts only the host processes. A domain that does not
     come back halts the walk before the next one is touched."""
+    from rolehost.control import wording
+
     client = connect(file, run_dir)
     walk = call(client.upgrade, kind, manual, slot)
     click.echo(wording.walk_header(walk, f"upgrade {kind}"))
@@ -103,6 +102,8 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
     that does not come back halts the change (exit 1): later domains keep their settings.
     VALUE is read as an integer, a number, true or false when it is one (as TOML writes
     them), and as a string otherwise."""
+    from rolehost.definition.scalars import setting_from_text
+
     settings = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
@@ -116,7 +117,7 @@ def config_set(role: str, assignments: tuple[str, ...], file: Path, run_dir: Pat
 
 @cli.command()
 @click.argument("role")
-@click.argument("count", type=click.IntRange(model.MIN_INSTANCES, model.MAX_INSTANCES))
+@click.argument("count", type=click.IntRange(MIN_INSTANCES, MAX_INSTANCES))
 @file_option
 @run_dir_option
 @slot_option
@@ -126,6 +127,8 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None, slot: str) ->
     domain, like a settings change: a domain that does not come back halts it (exit 1).
     Waits until the new instances are ready: exit 1 if one fails (its ready deadline).
     Prints the instances it added, or those it removed."""
+    from rolehost.control import wording
+
     changed = call(connect(file, run_dir, timeout=24 * 3600).scale, role, count, slot)
     click.echo(wording.scaled(role, count, changed))
 
@@ -139,6 +142,8 @@ def scale(role: str, count: int, file: Path, run_dir: Path | None, slot: str) ->
 def package(file: Path, run_dir: Path | None, version: str | None) -> None:
     """Snapshot the definition (-f: a copy of the service's, say, whose settings differ)
     and each role's app folder as a version to deploy."""
+    from rolehost.control import wording
+
     info = call(connect(file, run_dir).package, version, file)
     click.echo(wording.packaged(info))
 
@@ -150,6 +155,7 @@ def packages(file: Path, run_dir: Path | None) -> None:
     """List the versions in the package store, and the one running. With no controller
     running, they are read from the run directory."""
     from rolehost.fabric.packages import Packages
+    from rolehost.observability.times import clock, iso
 
     where = RunDir.for_definition(file, run_dir)
     client = Client(where.socket)
@@ -158,7 +164,7 @@ def packages(file: Path, run_dir: Path | None) -> None:
                                lambda store: (None, Packages(store, where.path).list()))
     for info in listed:
         mark = "  (running)" if info["version"] == running else ""
-        click.echo(f"{info['version']:<16} {logs.clock(iso(info['created']))}  "
+        click.echo(f"{info['version']:<16} {clock(iso(info['created']))}  "
                    f"{', '.join(info['roles'])}{mark}")
 
 
@@ -185,6 +191,9 @@ def deploy(version: str, file: Path, run_dir: Path | None, rollback: bool, manua
     input endpoint on its staging_port (docs/deploying.md); it returns once its instances
     are back. Exit 2 if refused (a staging deployment exists, a staging_port is missing
     or taken, the package does not load): nothing was touched."""
+    from rolehost.control import wording
+    from rolehost.fabric.slots import STAGING
+
     # A staging deploy answers once its instances are back, as a scale does.
     client = connect(file, run_dir, timeout=24 * 3600 if slot == STAGING else 120)
     if slot == STAGING:
@@ -216,6 +225,8 @@ def _follow(client: Client, shown: int = 0) -> None:
     """Print each step of the walk after the `shown`-th, in order, until it ends, pauses
     or halts. The walk keeps every step: a poll that comes late prints them all the same,
     where printing the latest state of each instance lost the steps between two polls."""
+    from rolehost.control import wording
+
     while True:
         snapshot = call(client.walk, None, shown)
         for step in snapshot["steps"]:
@@ -233,6 +244,8 @@ def _follow(client: Client, shown: int = 0) -> None:
 
 
 def _print_walk(snapshot: dict[str, Any]) -> None:
+    from rolehost.control import wording
+
     for line in wording.walk_summary(snapshot):
         click.echo(line)
 
@@ -244,6 +257,7 @@ def _print_walk(snapshot: dict[str, Any]) -> None:
 def ops(file: Path, run_dir: Path | None, as_json: bool) -> None:
     """List the management operations of this run directory, across controller restarts.
     With no controller running, they are read from its history."""
+    from rolehost.control import wording
     from rolehost.fabric.history import summary_without_controller
 
     where = RunDir.for_definition(file, run_dir)

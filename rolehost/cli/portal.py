@@ -8,10 +8,8 @@ from pathlib import Path
 
 import click
 
-from rolehost import definition as model
 from rolehost.cli.common import cli, fail, file_option, run_dir_option
 from rolehost.control.exits import EXIT_BAD_DEFINITION
-from rolehost.definition.scalars import parse_address
 from rolehost.fabric.rundir import RunDir
 
 DEFAULT_LISTEN = "127.0.0.1:8484"
@@ -34,6 +32,9 @@ def portal(file: Path, run_dir: Path | None, listen: str | None, no_browser: boo
         missing = (exc.name or "a package").split(".")[0]
         fail(f"the portal needs the `portal` extra ({missing} is missing): "
              "pip install 'rolehost[portal]'")
+    from rolehost import definition as model
+    from rolehost.definition.scalars import parse_address
+
     try:
         definition = model.load(file)
     except model.DefinitionErrors as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
@@ -25,7 +24,6 @@ from rolehost.cli.common import (
     user_of,
 )
 from rolehost.client import ApiError, Client, ControllerNotRunning
-from rolehost.control import wording
 from rolehost.control.exits import (
     EXIT_BAD_DEFINITION,
     EXIT_FAILED,
@@ -34,7 +32,6 @@ from rolehost.control.exits import (
 )
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.rundir import AlreadyRunning, RunDir
-from rolehost.observability import logs, output
 
 
 @cli.command()
@@ -47,6 +44,10 @@ def start(file: Path, run_dir: Path | None, detach: bool, console: bool) -> None
     """Start the service and supervise it until stopped (Ctrl-C, SIGTERM, `rolehost stop`).
     A second Ctrl-C or SIGTERM stops it at once. Exit 0 once stopped, 3 if the stop was
     cut short (an instance's on_stop overran stop_timeout, or a second signal)."""
+    import asyncio
+
+    from rolehost.observability import logs
+
     definition = load_checked(file, controller=True)
     where = RunDir.for_definition(file, run_dir)
     try:
@@ -83,6 +84,8 @@ def _cut_short(instances: dict[str, str]) -> str:
 
 
 def _detach(file: Path, where: RunDir) -> None:
+    from rolehost.observability import logs
+
     with open(where.console_log, "ab") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "rolehost", "start", "-f", str(file),
@@ -126,6 +129,9 @@ def status(file: Path, run_dir: Path | None, as_json: bool, slot: str) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    from rolehost.control import wording
+    from rolehost.observability import times
+
     click.echo(f"{result['service']}  deployment {result['deployment_id'][:12]}  "
                f"controller pid {result['pid']}")
     for line in wording.slots(result):
@@ -133,7 +139,7 @@ def status(file: Path, run_dir: Path | None, as_json: bool, slot: str) -> None:
     rows = [("INSTANCE", "UD", "STATE", "PID", "MEMORY", "RESTARTS", "SINCE", "DETAIL")]
     for i in result["instances"]:
         detail = wording.instance_detail(i)
-        since = logs.clock(i["state_since"])
+        since = times.clock(i["state_since"])
         memory = i.get("memory_bytes")
         rows.append((i["id"], str(i["update_domain"]), i["state"], str(i["pid"] or "-"),
                      f"{memory / 2**20:.0f}MB" if memory is not None else "-",
@@ -204,6 +210,8 @@ def logs_command(
 ) -> None:
     """Show an instance's output, or the controller's event log without INSTANCE. With no
     controller running, production's log in the run directory."""
+    from rolehost.observability import logs, output
+
     where = RunDir.for_definition(file, run_dir)
     if instance is None:
         path, render = where.logs / "controller.log", logs.render_event

@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from rolehost.cli.common import call, cli, connect, file_option, run_dir_option
-from rolehost.control import wording
 
 
 @cli.command()
@@ -21,6 +20,8 @@ def swap(file: Path, run_dir: Path | None) -> None:
     on the staging ports, ready for a swap back. Refused, with nothing touched, without a
     staging deployment (exit 2), or when the endpoints differ or a staging instance is
     not back (exit 1)."""
+    from rolehost.control import wording
+
     for line in wording.swapped(call(connect(file, run_dir).swap)):
         click.echo(line)
 
@@ -33,5 +34,7 @@ def swap(file: Path, run_dir: Path | None) -> None:
 def delete(file: Path, run_dir: Path | None, slot: str) -> None:
     """Stop the deployment in SLOT (staging), remove its disks and close its ports. Its
     instances' logs stay."""
+    from rolehost.control import wording
+
     deleted = call(connect(file, run_dir, timeout=600).delete_slot, slot)
     click.echo(wording.deleted(slot, deleted))

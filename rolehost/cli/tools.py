@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from rolehost import definition as model
 from rolehost.cli.common import (
     cli,
     fail,
@@ -20,9 +18,7 @@ from rolehost.cli.common import (
     user_of,
 )
 from rolehost.control.exits import EXIT_BAD_DEFINITION, EXIT_FAILED
-from rolehost.definition.scalars import parse_address, parse_duration
-from rolehost.fabric import capacity
-from rolehost.fabric.rundir import AlreadyRunning, Unsuitable
+from rolehost.limits import MAX_INSTANCES
 
 
 @cli.command()
@@ -55,7 +51,9 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
     """Validate a definition, then rehearse: boot one instance of each role (or of ROLES)
     in a scratch run directory and take it through start, restart, reimage, rebuild and
     restart, requiring it ready after each. Exit 0 only when every step passed."""
-    from rolehost.fabric import rehearsal
+    import asyncio
+
+    from rolehost.fabric import capacity, rehearsal
 
     definition = load_checked(file, controller=True)
     unknown = [r for r in roles if r not in definition.roles]
@@ -77,6 +75,8 @@ def check(roles: tuple[str, ...], file: Path, as_json: bool) -> None:
 
 def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, int]:
     """HOST:PORT, the host named: nothing listens on every interface unless asked."""
+    from rolehost.definition.scalars import parse_address
+
     try:
         return parse_address(value)
     except ValueError as exc:
@@ -84,6 +84,8 @@ def _address(_: click.Context, __: click.Parameter, value: str) -> tuple[str, in
 
 
 def _duration(_: click.Context, __: click.Parameter, value: str) -> float:
+    from rolehost.definition.scalars import parse_duration
+
     try:
         return parse_duration(value)
     except ValueError as exc:
@@ -117,7 +119,9 @@ def run_instance(role: str, file: Path, run_dir: Path | None, index: int | None,
     in front. SIGTERM or /stop stops it gracefully; a second SIGTERM or Ctrl-C stops it at
     once. Exit 0 once stopped, 3 if the stop was cut short (on_stop overran stop_timeout,
     or a second signal)."""
+    from rolehost import definition as model
     from rolehost.fabric import single
+    from rolehost.fabric.rundir import AlreadyRunning, Unsuitable
 
     definition = load_checked(file)
     if role not in definition.roles:
@@ -171,6 +175,7 @@ def export_kubernetes(file: Path, output: Path, image: str | None) -> None:
     running `rolehost run-instance`, probes, a preStop drain, a rolling update and a
     PodDisruptionBudget of one update domain, a Service per endpoint, a ConfigMap and
     a Secret for the settings."""
+    from rolehost import definition as model
     from rolehost.export import kubernetes
 
     definition = load_checked(file)
@@ -189,7 +194,7 @@ def export_kubernetes(file: Path, output: Path, image: str | None) -> None:
 @file_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
               show_default=True, help="Folder to write haproxy.cfg into.")
-@click.option("--slots", type=click.IntRange(0, model.MAX_INSTANCES), default=0,
+@click.option("--slots", type=click.IntRange(0, MAX_INSTANCES), default=0,
               help="Servers per endpoint, if more than the role's instances: a scale-out "
               "within them needs no reload.")
 @click.option("--socket", type=click.Path(path_type=Path),
@@ -214,4 +219,6 @@ def export_haproxy(file: Path, output: Path, slots: int, socket: Path | None) ->
 @cli.command()
 def schema() -> None:
     """Print the JSON schema of rolehost.toml (for editors and validators)."""
+    from rolehost import definition as model
+
     click.echo(json.dumps(model.json_schema(), indent=2))

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from rolehost.fabric.names import parse_instance_name
-from rolehost.observability import logs
-from rolehost.observability.logs import iso
+from rolehost.observability import times
+from rolehost.observability.times import iso
 
 
 def walk_header(walk: dict[str, Any], what: str) -> str:
@@ -81,7 +81,7 @@ def instance_detail(instance: dict[str, Any]) -> str:
         detail = i["last_error"]
     if i["next_try"]:
         detail = detail.partition("; next try in")[0]
-        detail += f" (next try {logs.clock(i['next_try'])})"
+        detail += f" (next try {times.clock(i['next_try'])})"
     return detail
 
 
@@ -90,7 +90,7 @@ def operation_row(op: dict[str, Any]) -> tuple[str, str, str, str, str, str, str
     duration, instances, the first line of its error."""
     seconds = f"{op['ended'] - op['started']:.1f}s" if op["ended"] else "-"
     error = op["error"].splitlines()[0] if op["error"] else ""
-    return (op["id"], logs.clock(iso(op["started"])), op["kind"], op["outcome"], seconds,
+    return (op["id"], times.clock(iso(op["started"])), op["kind"], op["outcome"], seconds,
             ",".join(op["instances"]), error)
 
 

@@ -58,8 +58,8 @@ from rolehost.definition.schema import (
 from rolehost.definition.site import SITE_ONLY_ENTRY_POINT, Site, site_endpoint
 from rolehost.definition.types import Boolean, Duration, Integer, Text
 from rolehost.definition.types import Model as _Model
+from rolehost.limits import NAME_PATTERN as NAME_PATTERN
 
-NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 ENDPOINT_KINDS = ("endpoints", "internal_endpoints", "instance_endpoints")
 SETTING_PREFIX, RESOURCE_PREFIX = "ROLEHOST_SETTING_", "ROLEHOST_RESOURCE_"
 # How many instances a role may run: `instances`, `rolehost scale` and the API's scale.

@@ -14,13 +14,14 @@ import math
 import re
 from fractions import Fraction
 
+from rolehost.limits import MAX_INSTANCES as MAX_INSTANCES
+from rolehost.limits import MIN_INSTANCES as MIN_INSTANCES
+
 # --- durations ---------------------------------------------------------------------
 
 # Longer than any deadline or timeout has a use for, and far below what a wait can take
 # (threading.TIMEOUT_MAX, about 292 years): a larger one is a typo that would hang `stop`.
 MAX_DURATION = 7 * 24 * 3600
-# How many instances a role may have: the platform's own bound per role.
-MIN_INSTANCES, MAX_INSTANCES = 1, 1000
 # Whole: no whitespace around it or inside (the schema's pattern refuses it too), and
 # ASCII digits only (`\d` would take any script's, which JSON Schema's does not).
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")

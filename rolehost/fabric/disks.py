@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rolehost.definition import Role
-from rolehost.processes.users import User
+if TYPE_CHECKING:  # the CLI reads Maintenance and Upgrade without importing the model
+    from rolehost.definition import Role
+    from rolehost.processes.users import User
 
 # Never part of a deployed app: version control, environments, caches, run directories
 # (`.rolehost`, and run-instance's `.rolehost-ROLE-INDEX`, by prefix).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from rolehost.definition import NAME_PATTERN
+from rolehost.limits import NAME_PATTERN
 
 
 def instance_id(role: str, index: int) -> str:

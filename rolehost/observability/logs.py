@@ -25,11 +25,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from rolehost.observability.times import clock as clock
+from rolehost.observability.times import iso as iso
 
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 3
@@ -353,24 +355,6 @@ def describe(event: dict[str, Any]) -> str:
     subject = f"{event['instance']}: " if "instance" in event else ""
     fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in _QUIET and v is not None)
     return f"{level}{subject}{name.replace('_', ' ')} {fields}".rstrip()
-
-
-def iso(timestamp: float | None) -> str | None:
-    """A time as the API and the event log write it: ISO 8601, UTC, ms, ending in `Z`."""
-    if timestamp is None:
-        return None
-    stamp = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
-
-
-def clock(stamp: str | None) -> str:
-    """`HH:MM:SS` in local time, as the console prints it, from an ISO 8601 timestamp."""
-    if not stamp:
-        return ""
-    try:
-        return datetime.fromisoformat(stamp).astimezone().strftime("%H:%M:%S")
-    except ValueError:
-        return stamp
 
 
 def render_event(line: str) -> str:
