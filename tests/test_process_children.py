@@ -3,11 +3,15 @@ without reading every process's stat file (the reaper asks at every SIGCHLD)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import psutil
+import pytest
 
+from rolehost import protocol
+from rolehost.processes import process
 from rolehost.processes.process import _scanned_children, child_pids, descendant_pids
 from rolehost.testing import wait_until
 
@@ -32,3 +36,27 @@ def test_children_and_descendants_match_psutils_scan() -> None:
                 p.kill()
             child.kill()
     assert descendant_pids(child.pid) == []
+
+
+def test_an_instances_tree_reads_no_tracked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tree_of` looks for a token's orphans among the children that nothing waits for:
+    the tracked ones (every instance's host, in a controller) are not read at all. It read
+    each child's stat file, and every sweep of a stop of N instances did: O(N^2)."""
+    token = "scale-test-token"
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    tracked = subprocess.Popen(argv, env={**os.environ, protocol.TOKEN_ENV: token})
+    orphan = subprocess.Popen(argv, env={**os.environ, protocol.TOKEN_ENV: f"{token}:h1"})
+    other = subprocess.Popen(argv, env={**os.environ, protocol.TOKEN_ENV: "another"})
+    read: list[int] = []
+    real = process._processes
+    monkeypatch.setattr(process, "_processes", lambda pids: read.extend(pids) or real(pids))
+    process._tracked.add(tracked.pid)
+    try:
+        found = {p.pid for p in process.tree_of(None, token)}
+        assert found == {orphan.pid}
+        assert tracked.pid not in read and {orphan.pid, other.pid} <= set(read)
+    finally:
+        process._tracked.discard(tracked.pid)
+        for child in (tracked, orphan, other):
+            child.kill()
+            child.wait(10)

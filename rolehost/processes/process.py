@@ -197,8 +197,14 @@ def tree_of(root: int | None, token: str | None) -> list[psutil.Process]:
     found: dict[int, psutil.Process] = {}
     if root is not None:
         found.update((p.pid, p) for p in _processes([root, *descendant_pids(root)]))
-    for child in _processes(child_pids()):
-        if child.pid in _tracked or child.pid in found or not token or not has_token(child, token):
+    if not token:
+        return list(found.values())
+    # The orphans only: a psutil.Process per child is a read of its stat file, and the
+    # controller's children are every instance's host (tracked): N reads per sweep made
+    # a stop of N instances O(N^2) reads, on the threads that also hold the loop's GIL.
+    orphans = [pid for pid in child_pids() if pid not in _tracked and pid not in found]
+    for child in _processes(orphans):
+        if not has_token(child, token):
             continue
         found[child.pid] = child
         found.update((p.pid, p) for p in _processes(descendant_pids(child.pid)))
