@@ -62,7 +62,7 @@ class Interrupt(NamedTuple):
 
 
 class Sample(NamedTuple):
-    """A heartbeat: sample the host's CPU, and its local resources when due."""
+    """A heartbeat: measure the host's local resources when due."""
 
 
 class Answer(NamedTuple):

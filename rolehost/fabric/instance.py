@@ -55,6 +55,7 @@ from rolehost.fabric.lifecycle import (
     State,
     StopOutcome,
 )
+from rolehost.fabric.memory import Usage
 from rolehost.fabric.names import instance_id
 from rolehost.fabric.operation import Operation
 from rolehost.fabric.snapshot import snapshot
@@ -358,8 +359,10 @@ class Instance:
             # The one owner of stop_timeout (docs/design.md): the host has had all of it.
             self._carry_out(self.life.stop_overdue(process.pid, self.role.stop_timeout))
 
-    def _memory_measured(self, size: int) -> None:
-        self.memory = size
+    def _memory_measured(self, usage: Usage) -> None:
+        self.memory = size = usage.rss
+        if self.process is not None:  # the pass read its CPU too: the load's sample
+            self.cpu.record(self.process.pid, usage.cpu)
         if actions := self.life.memory_measured(size, self.role.max_memory_bytes,
                                                 self.role.max_memory):
             metrics.MEMORY_RECYCLES.labels(self.role_name).inc()
@@ -405,8 +408,7 @@ class Instance:
                     self._changed_now()
                 case Interrupt(recycle):
                     (self.recycle_asked if recycle else self._interrupt).set()
-                case Sample():
-                    self.sample_cpu()
+                case Sample():  # the CPU is sampled by the memory pass
                     if self.usage.due:
                         self.measure()
                 case Answer(cancel):

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from rolehost import protocol
 from rolehost.balancer import Balancer
 from rolehost.balancer.external import ExternalBalancer
 from rolehost.definition import Definition, Role
@@ -50,6 +49,7 @@ from rolehost.fabric.errors import (
     RefusedInPreflight,
 )
 from rolehost.fabric.instance import Instance
+from rolehost.fabric.memory import MEMORY_EVERY
 from rolehost.fabric.names import instance_id, parse_instance_name
 from rolehost.fabric.offers import discard, ready_or_not
 from rolehost.observability.logs import iso
@@ -183,8 +183,8 @@ class Slots:
     def status(self, slot: str) -> dict[str, Any]:
         """The service, and every instance of the deployment in `slot`."""
         c, d = self.controller, self.deployed(slot)
-        # The heartbeats' samples, when recent: one read per instance per status else.
-        fresh = protocol.HEARTBEAT_INTERVAL + 1
+        # The memory pass's samples, when recent: one read per instance per status else.
+        fresh = MEMORY_EVERY + 1
         cpu = {i.id: (i.role_name, i.update_domain, load) for i in d.instances.values()
                if (load := i.sample_cpu(fresh)) is not None}
         advice = capacity.static_advice(d.definition) + capacity.load_warnings(

@@ -19,25 +19,28 @@ USAGE_EVERY = 30.0  # seconds between measurements of local-resource usage
 
 class CpuLoad:
     """A host's CPU, % of one core, over the last CPU_WINDOW seconds, from samples of its
-    CPU times taken whenever someone asks (a heartbeat, a status)."""
+    CPU times: the memory pass's (`record`, every MEMORY_EVERY seconds, from the one read
+    of each process it makes anyway), or taken when someone asks (a status) and none is
+    recent."""
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, float]] = deque()  # (wall, host CPU seconds)
+        self._pid: int | None = None  # the host the samples are of
         # Kept: psutil.Process() reads the process's stat file to know it, a second read
-        # per sample, and every instance is sampled at each heartbeat.
+        # per sample.
         self._process: psutil.Process | None = None
 
     def sample(self, pid: int | None, fresh_for: float = 0.0) -> float | None:
         """Sample the host `pid` (None: none runs); the load, or None while unknown. A
         sample younger than `fresh_for` seconds is not taken again: `status` reuses the
-        heartbeats' (N instances would else cost N reads per status)."""
+        memory pass's (N instances would else cost N reads per status)."""
         if pid is None:
             self._samples.clear()
-            self._process = None
+            self._pid = self._process = None
             return None
         now = time.monotonic()
         if fresh_for and self._samples and now - self._samples[-1][0] < fresh_for and (
-                self._process is not None and self._process.pid == pid):
+                self._pid == pid):
             return self._load()
         try:
             if self._process is None or self._process.pid != pid:
@@ -46,9 +49,17 @@ class CpuLoad:
         except (psutil.Error, OSError):  # OSError: out of descriptors, say (EMFILE)
             self._process = None
             return None
-        used_now = times.user + times.system
-        if self._samples and self._samples[-1][1] > used_now:
+        return self._add(pid, now, times.user + times.system)
+
+    def record(self, pid: int, used: float) -> None:
+        """A sample of host `pid`'s CPU seconds, `used`, read just now by the memory pass
+        (fabric/memory.py): no read of its own."""
+        self._add(pid, time.monotonic(), used)
+
+    def _add(self, pid: int, now: float, used_now: float) -> float | None:
+        if pid != self._pid or (self._samples and self._samples[-1][1] > used_now):
             self._samples.clear()  # a new host since the last sample
+            self._pid = pid
         self._samples.append((now, used_now))
         while len(self._samples) > 2 and now - self._samples[1][0] > CPU_WINDOW:
             self._samples.popleft()

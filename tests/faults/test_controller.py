@@ -16,6 +16,7 @@ import pytest
 
 from rolehost import protocol
 from rolehost.client import Client
+from rolehost.fabric.memory import MEMORY_EVERY
 from rolehost.observability import logs
 from rolehost.testing import ServiceHarness, run_dir_processes, wait_until
 from support.faults import Bystander, role, timed_status
@@ -88,9 +89,10 @@ def test_a_host_frozen_when_its_controller_was_killed_is_swept_at_the_next_start
 
 def test_a_controller_out_of_descriptors_keeps_its_instances(
         make_service: MakeService) -> None:
-    """With no descriptor left, a heartbeat's CPU sample (a read of /proc) fails. An error
-    raised while a host's message is handled used to close that host's channel, and the
-    host, seeing its controller gone, took itself down (exit 77)."""
+    """With no descriptor left, the memory pass's reads of /proc fail (a heartbeat's CPU
+    sample did too, when heartbeats took one). An error raised while a host's message is
+    handled used to close that host's channel, and the host, seeing its controller gone,
+    took itself down (exit 77)."""
     service = make_service(role(IDLE))
     with service.harness() as h:
         h.wait_ready(30)
@@ -102,8 +104,8 @@ def test_a_controller_out_of_descriptors_keeps_its_instances(
         used = {int(fd) for fd in os.listdir(f"/proc/{controller.pid}/fd")}
         lowest_free = min(set(range(len(used) + 1)) - used)
         controller.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
-        try:  # the host must outlive two heartbeats (two failed samples): watched throughout
-            until = time.monotonic() + 2 * protocol.HEARTBEAT_INTERVAL + 1
+        try:  # the host must outlive two heartbeats and a memory pass: watched throughout
+            until = time.monotonic() + max(2 * protocol.HEARTBEAT_INTERVAL, MEMORY_EVERY) + 1
             while time.monotonic() < until:
                 assert host.is_running() and host.status() != psutil.STATUS_ZOMBIE
                 time.sleep(0.1)
