@@ -49,3 +49,22 @@ def test_a_channel_past_descriptor_1024_is_served() -> None:
         ours.close()
         channel.sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_heartbeat_is_read_without_a_json_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller reads 250 heartbeats a second at 500 instances (issue 23): the line a
+    host sends is known; any other line is parsed and checked as before."""
+    line = protocol.encode({"type": "heartbeat"}).rstrip(b"\n")
+    parsed = protocol.decode(protocol.encode({"type": "state", "state": "ready"}).rstrip(b"\n"))
+
+    def no_parse(text: object) -> None:
+        raise AssertionError("a JSON parse of a heartbeat")
+
+    monkeypatch.setattr(protocol.json, "loads", no_parse)
+    first = protocol.decode(line)
+    assert first == {"type": "heartbeat"}
+    first["seen"] = True  # each its own: what a reader does with one touches no other
+    assert protocol.decode(line) == {"type": "heartbeat"}
+    assert parsed == {"type": "state", "state": "ready"}
+    with pytest.raises(AssertionError):
+        protocol.decode(b'{"type": "heartbeat"}')  # spelt otherwise: parsed
