@@ -377,6 +377,8 @@ class Instance:
 
     def measure(self) -> None:
         """Refresh local-resource usage off the loop; warn when one is over its size."""
+        if not self.role.local_resources:  # nothing to measure: no worker thread's turn
+            return
         self.usage.measure({name: (self.disks.resource(name), spec.size_mb)
                             for name, spec in self.role.local_resources.items()})
 
