@@ -1,7 +1,7 @@
 """How the controller scales with the number of instances, on one machine.
 
     python bench/scale.py [--sizes 10,50,100,200,300,500] [--walk-max 500] [--json out.json]
-                          [--profile N] [--keep]
+                          [--profile N] [--no-bare] [--keep]
 
 For each N, in one run, a service of N instances of a tiny role (on_start returns True,
 run waits for the stop; no endpoint):
@@ -12,7 +12,8 @@ run waits for the stop; no endpoint):
 - the controller's RSS and CPU: CPU per instance during the start, RSS and CPU idle (a
   10 s window once every instance has been ready for 5 s, with no request to the API);
 - `rolehost status --json`: the CLI's wall time (a process started each time), and the
-  control API's own answer (`Client.status`), p50 of 7 each;
+  control API's own answer (`Client.status`), p50 of 7 each; beside them, an interpreter
+  that does nothing (`python -c pass`), started the same way: the floor under the CLI's;
 - a host-os walk (N <= --walk-max): its time per update domain, and the overhead per
   update domain beyond one instance's restart (a restart of tiny/0 through the API, waited
   for, at that N);
@@ -20,7 +21,10 @@ run waits for the stop; no endpoint):
   (`GET /v1/instances/tiny_IN_0`), sampled every 100 ms while idle, during the start and
   during the walk.
 
-`--profile N` also records the controller with py-spy during the start at size N.
+`--profile N` also records the controller with py-spy at size N: during the start
+(start.speedscope.json), idle after the idle CPU's window (idle.speedscope.json, 20 s) and
+during the stop (stop.speedscope.json). `--no-bare` skips the bare interpreters (a
+profile's run: the ratio is then not measured).
 Figures are reported against the issue's targets; nothing is asserted.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,6 +106,7 @@ class Size:
     idle_cpu_pct: float = 0.0
     status_cli_ms: float = 0.0
     status_api_ms: float = 0.0
+    status_floor_ms: float = 0.0  # `python -c pass`: the interpreter's own start
     restart_s: float | None = None
     walk_s: float | None = None
     stop_s: float | None = None  # `rolehost stop`, all N at once
@@ -170,20 +176,24 @@ def all_ready(rh: Controller, n: int) -> bool | None:
     return True if len(instances) == n and all(i["back"] for i in instances) else None
 
 
-def profile_start(rh: Controller, work: Path) -> subprocess.Popen[bytes] | None:
+def profile(rh: Controller, work: Path, name: str,
+            seconds: float = 60) -> subprocess.Popen[bytes] | None:
+    """py-spy records the controller (until terminated, or `seconds`) into
+    NAME.speedscope.json; without --idle: what runs, not where the loop waits."""
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists() or rh.pid is None:
         return None
     return subprocess.Popen([str(py_spy), "record", "--pid", str(rh.pid), "--rate", "100",
                              "--nonblocking", "--format", "speedscope", "--output",
-                             str(work / "start.speedscope.json"), "--duration", "60"],
+                             str(work / f"{name}.speedscope.json"), "--duration",
+                             str(int(seconds))],
                             env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
-def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
+def measure(work: Path, n: int, walk: bool, profiled: bool, with_bare: bool = True) -> Size:
     size = Size(n)
-    size.bare_s = bare(n)
+    size.bare_s = bare(n) if with_bare else 0.0
     root = work / f"n{n}"
     (root / "app").mkdir(parents=True)
     (root / "app" / "tiny.py").write_text(ROLE)
@@ -192,14 +202,14 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         began = time.perf_counter()
         rh.start(timeout=120)
         controller = psutil.Process(rh.pid)
-        spy = profile_start(rh, work) if profile else None
+        spy = profile(rh, work, "start") if profiled else None
         with Lag(rh, "tiny_IN_0") as lag:
             wait_until(f"{n} instances ready", 600, lambda: all_ready(rh, n), 0.5)
         size.ready_s = time.perf_counter() - began
         size.start_cpu_s = cpu_seconds([controller])
         size.lag_start_ms = percentiles(lag.samples)
         if spy is not None:
-            spy.terminate()
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT, not SIGTERM
             spy.wait(30)
         time.sleep(SETTLE_SECONDS)  # the start's stragglers (the standby host, timers)
         # Idle CPU with nothing asking (the lag sampler's requests cost CPU too), then
@@ -207,12 +217,18 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
         cpu0, t0 = cpu_seconds([controller]), time.perf_counter()
         time.sleep(IDLE_SECONDS)
         size.idle_cpu_pct = 100 * (cpu_seconds([controller]) - cpu0) / (time.perf_counter() - t0)
+        if profiled and (spy := profile(rh, work, "idle", 20)) is not None:
+            spy.wait(60)
         with Lag(rh, "tiny_IN_0") as lag:
             time.sleep(IDLE_SECONDS / 2)
         size.lag_idle_ms = percentiles(lag.samples)
         size.rss_mb = controller.memory_info().rss / 2**20
-        cli, api = [], []
+        cli, api, floor = [], [], []
         for _ in range(SAMPLES):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], env=child_env(), check=True,
+                           stdin=subprocess.DEVNULL, timeout=120)
+            floor.append(time.perf_counter() - t)
             t = time.perf_counter()
             rh.cli("status", "--json", timeout=120)
             cli.append(time.perf_counter() - t)
@@ -221,6 +237,7 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
             api.append(time.perf_counter() - t)
         size.status_cli_ms = 1000 * statistics.median(cli)
         size.status_api_ms = 1000 * statistics.median(api)
+        size.status_floor_ms = 1000 * statistics.median(floor)
         if walk:
             t = time.perf_counter()
             rh.client.maintain("restart", ["tiny/0"], wait=True)  # the API: no CLI start
@@ -235,6 +252,7 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
     except Exception as exc:  # reported; the other sizes still run
         size.error = f"{type(exc).__name__}: {exc}"
     finally:
+        spy = profile(rh, work, "stop") if profiled else None
         try:
             t = time.perf_counter()
             rh.stop()
@@ -245,6 +263,8 @@ def measure(work: Path, n: int, walk: bool, profile: bool) -> Size:
             cut = sum("did not stop" in line for line in lines)
             size.stop_error = (f"{cut} instances did not stop within stop_timeout"
                                if cut else lines[0])
+        if spy is not None:
+            spy.wait(120)  # py-spy ends with the controller, and writes its file
     return size
 
 
@@ -265,19 +285,20 @@ def markdown(sizes: list[Size], details: dict[str, str], errors: list[str],
     lines = ["# Scale: N instances of a tiny role on one machine", "",
              "| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in details.items()), "",
              "| N | bare s | all ready s | ratio | start CPU ms/inst | idle RSS MB | idle CPU % "
-             "| status CLI ms | status API ms | restart s | walk s/UD | overhead s/UD "
+             "| status CLI ms | python -c pass ms | status API ms | restart s | walk s/UD "
+             "| overhead s/UD "
              "| lag idle p50/max ms | lag start | lag walk | stop s |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: | ---: | ---: | ---: | ---: |"]
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sizes:
         if s.error:
-            lines.append(f"| {s.n} | **{s.error}** |" + " |" * 14)
+            lines.append(f"| {s.n} | **{s.error}** |" + " |" * 15)
             continue
         walk_ud = None if s.walk_s is None else s.walk_s / UPDATE_DOMAINS
         lines.append(
             f"| {s.n} | {s.bare_s:.2f} | {s.ready_s:.2f} | {s.ratio or 0:.2f} x "
             f"| {1000 * s.start_cpu_s / s.n:.1f} | {s.rss_mb:.1f} | {s.idle_cpu_pct:.2f} "
-            f"| {s.status_cli_ms:.0f} | {s.status_api_ms:.0f} "
+            f"| {s.status_cli_ms:.0f} | {s.status_floor_ms:.0f} | {s.status_api_ms:.0f} "
             f"| {'-' if s.restart_s is None else f'{s.restart_s:.2f}'} "
             f"| {'-' if walk_ud is None else f'{walk_ud:.2f}'} "
             f"| {'-' if s.walk_overhead_s is None else f'{s.walk_overhead_s:.2f}'} "
@@ -320,6 +341,8 @@ def main() -> None:
                         help="walk host-os only at sizes up to this (default 500)")
     parser.add_argument("--profile", type=int, default=0,
                         help="py-spy the controller's start at this size (speedscope file)")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare interpreters (the ratio is not measured)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -334,7 +357,8 @@ def main() -> None:
         try:
             for n in sizes:
                 print(f"scale: N={n}...", file=sys.stderr)
-                results.append(measure(work, n, n <= args.walk_max, n == args.profile))
+                results.append(measure(work, n, n <= args.walk_max, n == args.profile,
+                                       not args.no_bare))
                 print(json.dumps(asdict(results[-1])), file=sys.stderr)
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
@@ -346,7 +370,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps([asdict(s) for s in results], indent=2) + "\n")
     if args.profile:
-        print(f"profile: {work / 'start.speedscope.json'}", file=sys.stderr)
+        print(f"profiles: {work}/{{start,idle,stop}}.speedscope.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
