@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from rolehost.balancer.proxy.heads import _HOP
+from rolehost.balancer.proxy.heads import _HOP, HEAD_LIMIT, MAX_FIELDS, BadResponse, _check_reason
 from rolehost.balancer.proxy.peer import _Peer
 from rolehost.balancer.proxy.streams import CONNECT_TIMEOUT
 
@@ -19,10 +19,18 @@ if TYPE_CHECKING:
 
 class _ResponseParser:
     """httptools callbacks for one response from a backend: interim (1xx) answers first,
-    then the response itself; anything after it is only noted (`extra`)."""
+    then the response itself; anything after it is only noted (`extra`).
 
-    __slots__ = ("_interim_now", "chunks", "complete", "extra", "feed", "head_done", "headers",
-                 "interim", "keep_alive", "parser", "reason", "unheaded")
+    The instance is user code, so its head is bounded as a client's is (`MAX_FIELDS`,
+    `HEAD_LIMIT`, counted over its interim answers and trailer too) and its status must be
+    one HTTP has (100 to 599; a 101 only where an upgrade was asked): else a callback
+    raises `BadResponse`. httptools (llhttp, strict) refuses the rest: an invalid status
+    line, bytes no field name may hold, an obs-fold, a Content-Length with a
+    Transfer-Encoding or beside another."""
+
+    __slots__ = ("_interim_now", "chunks", "complete", "extra", "feed", "fields", "head_done",
+                 "headers", "interim", "keep_alive", "parser", "reason", "size", "unheaded",
+                 "upgrading")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -37,13 +45,16 @@ class _ResponseParser:
         self.interim: list[bytes] = []  # heads of 1xx answers, to pass on
         self._interim_now = False
         self.unheaded = 0  # bytes read before the head ended: bounded, as a request's
+        self.fields = 0  # header fields parsed (interim answers', trailer's too)
+        self.size = 0  # their names' and values' bytes, and the reasons'
+        self.upgrading = False  # an Upgrade was asked: a 101 is the answer, not a fault
 
     def reset(self) -> None:
         """Ready for the next response on the same connection (the parser and its
         callbacks refer to each other: one pair per connection, not per response)."""
         self.reason, self.headers = b"", []
         self.head_done = self.keep_alive = self.complete = self.extra = False
-        self.unheaded = 0
+        self.unheaded = self.fields = self.size = 0
         self.chunks.clear()
         self.interim.clear()
 
@@ -59,20 +70,38 @@ class _ResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:
             self.extra = True
-        elif not self.head_done:  # a trailer field is dropped, as a request's is
+            return
+        self.fields += 1
+        self.size += len(name) + len(value)
+        if self.fields > MAX_FIELDS:
+            raise BadResponse(f"more than {MAX_FIELDS} header fields in the response")
+        if self.size > HEAD_LIMIT:
+            raise BadResponse("response head too large")
+        if not self.head_done:  # a trailer field is dropped, as a request's is
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.complete:
             self.extra = True
             return
+        self.size += len(self.reason)
+        if self.size > HEAD_LIMIT:
+            raise BadResponse("response head too large")
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # an interim answer (100 Continue, ...)
-            lines = [b"HTTP/1.1 %d %s" % (status, self.reason)]
-            lines += [n + b": " + v for n, v in self.headers if n.lower() not in _HOP]
-            self.interim.append(b"\r\n".join(lines) + b"\r\n\r\n")
-            self.reason, self.headers, self._interim_now = b"", [], True
-            return
+        if status < 200:
+            if status < 100:
+                raise BadResponse(f"status {status} in the response")
+            if status != 101:  # an interim answer (100 Continue, ...)
+                _check_reason(self.reason)
+                lines = [b"HTTP/1.1 %d %s" % (status, self.reason)]
+                lines += [n + b": " + v for n, v in self.headers if n.lower() not in _HOP]
+                self.interim.append(b"\r\n".join(lines) + b"\r\n\r\n")
+                self.reason, self.headers, self._interim_now = b"", [], True
+                return
+            if not self.upgrading:  # its bytes would follow as a tunnel nobody asked for
+                raise BadResponse("a 101 answer to a request that asked for no upgrade")
+        elif status > 599:
+            raise BadResponse(f"status {status} in the response")
         self.head_done = True
         self.keep_alive = bool(self.parser.should_keep_alive())
 

@@ -13,7 +13,15 @@ import httptools
 import structlog
 
 from rolehost.balancer.proxy.backend import BackendConnection, _idle
-from rolehost.balancer.proxy.heads import HEAD_LIMIT, _frame, _framing, _head, _reply, _request_head
+from rolehost.balancer.proxy.heads import (
+    HEAD_LIMIT,
+    BadResponse,
+    _frame,
+    _framing,
+    _head,
+    _reply,
+    _request_head,
+)
 from rolehost.observability import metrics
 
 if TYPE_CHECKING:
@@ -104,11 +112,12 @@ class _Exchange:
         response, request = self.response, self.request
         try:
             response.feed(data)
-        except httptools.HttpParserError as exc:
+        # HttpParserUpgrade: a 101 after the complete response (one before it is refused)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if response.complete:  # what follows a complete response: it is not reused
                 response.extra = True
             else:
-                self.fail(BackendFailed(f"malformed response: {exc}", True, request.responded))
+                self.fail(_malformed(exc, request.responded))
                 return
         if not response.head_done:
             response.unheaded += len(data)
@@ -118,7 +127,11 @@ class _Exchange:
         out = response.interim
         finished = response.head_done and (response.complete or request.method == b"HEAD")
         if response.head_done and not self.started and (response.chunks or finished):
-            self.framing = _head(response, request, out)
+            try:
+                self.framing = _head(response, request, out)
+            except BadResponse as bad:
+                self.fail(BackendFailed(str(bad), True, request.responded))
+                return
             self.started = True
         if self.started and response.chunks:
             if self.framing in (b"chunked", b"close"):
@@ -144,7 +157,12 @@ class _Exchange:
             if _framing(response, request, status) == b"close":  # the close ends the body
                 out = response.interim
                 if not self.started:  # an empty body
-                    self.framing = _head(response, request, out)
+                    try:
+                        self.framing = _head(response, request, out)
+                    # not `exc`: an except's name is deleted after it (mypyc's build fails)
+                    except BadResponse as bad:
+                        self.fail(BackendFailed(str(bad), True, request.responded))
+                        return
                 if self.framing == b"close":
                     out.append(b"0\r\n\r\n")
                 if self._to_client(out):
@@ -201,6 +219,15 @@ class _Exchange:
                 done.set_exception(outcome)
             else:
                 done.set_result(outcome)
+
+
+def _malformed(exc: Exception, responded: bool) -> BackendFailed:
+    """What httptools' error on a response says: the relay's own reason when one of the
+    parser's callbacks refused the head."""
+    refused = exc.__context__
+    if isinstance(refused, BadResponse):
+        return BackendFailed(str(refused), True, responded)
+    return BackendFailed(f"malformed response: {exc}", True, responded)
 
 
 class ClientGone(Exception):

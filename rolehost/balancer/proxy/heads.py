@@ -3,11 +3,13 @@
 The request head sent to an instance and the response head sent to the client, each
 with the hop-by-hop fields dropped and the framing the relay writes itself; the checks
 a request head must pass on its way (one Host, an origin-form target); chunk framing;
-the status lines; and the balancer's canned replies (400, 431, 502, 503)."""
+the status lines; and the balancer's canned replies (400, 431, 502, 503). A response
+head the relay cannot pass on faithfully raises `BadResponse`."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import httptools
@@ -24,13 +26,15 @@ _HOP: Final = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trail
 # Their lengths: most headers are told apart from them without lowering and hashing.
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP)
 # A request head larger than this (its fields: names and values, a chunked body's
-# trailer fields too) is answered 431, a response head 502: httptools keeps a field whole
+# trailer fields too) is answered 431, a response head (its reason and fields, its
+# interim answers' and trailer's too) fails as a 502: httptools keeps a field whole
 # until it ends, and the relay the head, so nothing else bounds them. nginx takes 32 KiB
 # at most (large_client_header_buffers 4 8k), HAProxy about 15 KiB (tune.bufsize 16k).
 HEAD_LIMIT: Final = 64 * 1024
-# More header fields than this (trailer fields too) are answered 431: each costs the
-# relay work however small (16,000 of them, on 4 connections, took the controller's CPU).
-# Apache's LimitRequestFields and HAProxy's tune.http.maxhdr (101) are the same 100.
+# More header fields than this (trailer fields too) are answered 431, or a response's
+# fail as a 502: each costs the relay work however small (16,000 of them, on 4
+# connections, took the controller's CPU). Apache's LimitRequestFields and HAProxy's
+# tune.http.maxhdr (101, for responses too) are the same 100.
 MAX_FIELDS: Final = 100
 # A request target longer than this is answered 414: nginx's and Apache's 8 KiB (a
 # request line over large_client_header_buffers' 8k, LimitRequestLine's 8190).
@@ -44,6 +48,38 @@ class Refused(Exception):
     def __init__(self, status: int, why: bytes) -> None:
         super().__init__(why.decode())
         self.answer = _reply_bytes(status, why)
+
+
+class BadResponse(Exception):
+    """An instance's response head that the relay will not pass on: over a bound, or
+    framed or spelt so that the client could read it otherwise than the relay did. Raised
+    in a response parser's callback (httptools raises its own error, with this one as its
+    context) or while the head is rewritten; the request fails as if the instance had
+    closed, and the connection to it is closed."""
+
+
+# What a status line's reason may hold (RFC 9112, 4: HTAB, SP, VCHAR, obs-text): httptools
+# passes NUL, DEL and other controls on, and the relay writes the reason to the client.
+_BAD_REASON: Final = re.compile(rb"[^\t\x20-\x7e\x80-\xff]")
+
+
+def _check_reason(reason: bytes) -> None:
+    if _BAD_REASON.search(reason) is not None:
+        raise BadResponse("a control character in the response's reason phrase")
+
+
+def _check_coding(response: _ResponseParser, coding: bytes) -> None:
+    """A response's Transfer-Encoding (all its fields, joined): chunked at most once, and
+    last (RFC 9112, 6.1). The relay re-chunks what it relays: `chunked, chunked` or
+    `chunked, gzip` would reach the client with chunked twice, for it to unwrap once or
+    twice. In an HTTP/1.0 response the framing is faulty by definition: the response is
+    relayed as parsed, and the connection is not reused."""
+    codings = [token.strip() for token in coding.lower().split(b",")]
+    chunked = codings.count(b"chunked")
+    if chunked > 1 or (chunked and codings[-1] != b"chunked"):
+        raise BadResponse("a response chunked twice, or not last")
+    if response.parser.get_http_version() == "1.0":
+        response.keep_alive = False
 
 
 def _count(headers: list[tuple[bytes, bytes]], usual: bytes, lowered: bytes) -> int:
@@ -190,9 +226,10 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
     cached = _STATUS_LINES.get(status)
     if cached is not None and cached[0] == reason:
         line = cached[1]
-    else:
+    else:  # checked once for each line cached, not for every response
+        _check_reason(reason)
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        if len(_STATUS_LINES) < 256:
+        if len(_STATUS_LINES) < 256 and len(reason) <= 64:
             _STATUS_LINES[status] = (reason, line)
     first = len(out)
     out.append(line)
@@ -214,6 +251,8 @@ def _head(response: _ResponseParser, request: Request, out: list[bytes]) -> byte
         out.append(b"%s: %s\r\n" % (name, value))
     if named:
         out[first + 1:] = _without(out[first + 1:], named)
+    if coding:
+        _check_coding(response, coding)
     connection = b"keep-alive" if request.keep_alive else b"close"
     if request.method == b"HEAD" or status == 204 or status == 304 or 100 <= status < 200:
         framing = b"none"

@@ -7,13 +7,26 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import httptools
+import structlog
 
 from rolehost.balancer.proxy.backend import _ResponseParser
-from rolehost.balancer.proxy.heads import _HOP, HEAD_LIMIT, _has_length, _reply, _request_head
+from rolehost.balancer.proxy.heads import (
+    _HOP,
+    HEAD_LIMIT,
+    BadResponse,
+    _check_reason,
+    _has_length,
+    _reply,
+    _request_head,
+)
 from rolehost.balancer.proxy.streams import _READ, _open, _pipe, _reset
+from rolehost.observability import metrics
 
 if TYPE_CHECKING:
+    from rolehost.balancer import Backend
     from rolehost.balancer.proxy.client import HttpClient, Request
+
+log = structlog.get_logger()
 
 
 async def _tunnel(client: HttpClient, request: Request) -> None:
@@ -27,8 +40,9 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
     try:
         try:
             reader, writer = await _open(backend)
-        except (OSError, TimeoutError):
-            await _reply(client, 502, b"the instance refused the connection")
+        except (OSError, TimeoutError) as exc:
+            await _failed(client, request, backend, f"connect: {exc}",
+                          b"the instance refused the connection")
             return
         outbound: asyncio.Future[None] | None = None
         try:
@@ -41,22 +55,34 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
             if client.tunnel is not None and (chunked or _has_length(request)):
                 outbound = asyncio.ensure_future(_pipe(client.tunnel.get, writer))
             response, rest, upgraded = _ResponseParser(), b"", False
+            response.upgrading = True
             while not response.head_done:
                 data = await reader.read(_READ)
                 if not data:
-                    await _reply(client, 502, b"the instance closed the connection")
+                    await _failed(client, request, backend, "connection closed before the "
+                                  "response ended", b"the instance closed the connection")
                     return
                 response.unheaded += len(data)
                 if response.unheaded > HEAD_LIMIT:
-                    await _reply(client, 502, b"the instance's response head is too large")
+                    await _failed(client, request, backend, "response head too large",
+                                  b"the instance's response head is too large")
                     return
                 try:
                     response.parser.feed_data(data)
                 except httptools.HttpParserUpgrade as upgrade:
                     rest, upgraded = data[upgrade.args[0]:], True
-                except httptools.HttpParserError:
-                    await _reply(client, 502, b"the instance sent a malformed response")
+                except httptools.HttpParserError as exc:
+                    refused = exc.__context__
+                    await _failed(client, request, backend, str(refused) if isinstance(
+                        refused, BadResponse) else f"malformed response: {exc}",
+                        b"the instance sent a malformed response")
                     return
+            try:
+                _check_reason(response.reason)
+            except BadResponse as bad:
+                await _failed(client, request, backend, str(bad),
+                              b"the instance sent a malformed response")
+                return
             status = response.parser.get_status_code()
             if status != 101 or client.tunnel is None:
                 await _refused(client, reader, response, rest, upgraded)
@@ -76,6 +102,17 @@ async def _tunnel(client: HttpClient, request: Request) -> None:
                 writer.close()
     finally:
         backend.end()
+
+
+async def _failed(client: HttpClient, request: Request, backend: Backend, why: str,
+                  answer: bytes) -> None:
+    """The instance's answer to an Upgrade cannot be relayed: a 502, counted and logged as
+    the relay's other 502s are (not retried: the tunnel may have carried bytes already)."""
+    metrics.ERRORS.labels(client.balancer.label, "502").inc()
+    log.warning("backend_failed", instance=backend.instance_id, reason=why,
+                method=request.method.decode("latin-1"),
+                url=request.url.decode("latin-1")[:200], attempt=1)
+    await _reply(client, 502, answer)
 
 
 async def _refused(client: HttpClient, reader: asyncio.StreamReader,
