@@ -79,13 +79,8 @@ class Handler(Site):
             verdict = "kept"
         Handler.verdicts.append(f"{self.path}={verdict}")
 
-class Role(RoleEntryPoint):
-    def on_start(self):
-        self.server = serve(Handler)
-        return True
-
-    def on_stop(self):
-        self.server.shutdown()
+class Role(Serving):
+    handler = Handler
 '''
 
 REFUSED = {  # path: the reason the backend_failed event gives
