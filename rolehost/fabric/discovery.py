@@ -81,6 +81,7 @@ class Discovery:
         self._sent |= {i: table[i] for i in self._unknown}
         self._unknown.clear()
         self._tabled = True
+        metrics.DISCOVERY_ENCODED.inc(len(table))  # the `assign` it goes in encodes each
         return table
 
     def seen(self, instance: Instance) -> None:
@@ -125,3 +126,4 @@ class Discovery:
         self._interval = min(MOST, PER_HOST * hosts)
         metrics.DISCOVERY_MESSAGES.inc(hosts)
         metrics.DISCOVERY_RECORDS.inc(hosts * len(message["instances"]))
+        metrics.DISCOVERY_ENCODED.inc(hosts * len(message["instances"]))  # once per host

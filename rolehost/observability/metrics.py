@@ -68,6 +68,9 @@ DISCOVERY_MESSAGES = Counter("rolehost_discovery_messages", "`peers` messages wr
 DISCOVERY_RECORDS = Counter("rolehost_discovery_records", "Instance records written to "
                             "hosts in `peers` messages, each counted once per host",
                             registry=REGISTRY)
+DISCOVERY_ENCODED = Counter("rolehost_discovery_encoded", "Instance records serialised "
+                            "to JSON, for the tables hosts start with and for `peers` "
+                            "messages alike", registry=REGISTRY)
 OPERATIONS = Counter("rolehost_operations", "Management operations ended, by kind and "
                      "outcome", ["kind", "outcome"], registry=REGISTRY)
 
