@@ -560,6 +560,7 @@ def main() -> NoReturn:
     os.environ.update(assignment["env"])  # inherited by every process the role starts
     os.chdir(assignment["cwd"])
     context = Context(**assignment["context"])
+    context.peers = assignment.get("peers", context.peers)  # apart: encoded apart
     interval = float(assignment.get("heartbeat", protocol.HEARTBEAT_INTERVAL))
     host = Host(context, channel, _leave)
     RoleEnvironment.bind(context, host)

@@ -12,7 +12,8 @@ Every message is an object with a `type`. Host to controller:
 - `changing_result` `{"cancel": bool}`
 
 Controller to host: first `assign` `{"context": {...}, "env": {...}, "cwd": str,
-"heartbeat": float}`, which
+"heartbeat": float, "peers": {id: record, ...}}` (`peers`: every instance's record, the
+table the host starts with, encoded once per change by the controller), which
 makes a standby host the host of one instance (see `processes/hosts.Standby`); then `stop`
 `{"reason": str}`, `status_check` `{}`, `changing` `{"changes": [...]}`,
 `changed` `{"settings": {...}}` or `{"topology": {role: [id, ...]}, "topology_changed":
@@ -63,8 +64,14 @@ class ExitCode(IntEnum):
     ORPHANED = 77  # the controller went away; the host took its tree down
 
 
-def encode(message: Message) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+def encode(message: Message, encoded: dict[str, bytes] | None = None) -> bytes:
+    """`message` as a line; `encoded`'s fields, JSON already, are added as they are (a
+    table the controller keeps encoded, not serialised again for each host)."""
+    data = json.dumps(message, separators=(",", ":"), default=str).encode()
+    if encoded:
+        data = data[:-1] + b"".join(b"," + json.dumps(name).encode() + b":" + value
+                                    for name, value in encoded.items()) + b"}"
+    return data + b"\n"
 
 
 # A heartbeat as `encode` writes it: most of what hosts send (at 500 instances, 250 a

@@ -217,6 +217,7 @@ def test_a_start_writes_each_host_a_few_batches_and_every_view_ends_true(
                    shown)
         messages = _counter(h, "rolehost_discovery_messages_total")
         records = _counter(h, "rolehost_discovery_records_total")
+        encoded = _counter(h, "rolehost_discovery_encoded_total")
         ready = [datetime.fromisoformat(i["ready_since"]).timestamp()
                  for i in h.status()["instances"]]
     # Each host learns each of the n ready flags, n^2 records, in batches at most one an
@@ -228,3 +229,7 @@ def test_a_start_writes_each_host_a_few_batches_and_every_view_ends_true(
     assert messages <= batches * n, (
         f"{messages:.0f} messages ({before:.0f} before the release) for {n} instances "
         f"ready over {spread:.2f} s; a message a record and host: {n * n}")
+    # Each record is serialised once per version (about two over a start: not ready,
+    # ready), not once per host it goes to: with every host's table and each batch
+    # encoded anew, n^2 and more (each table alone holds the n records).
+    assert encoded <= 4 * n, f"{encoded:.0f} records encoded for {n} instances"

@@ -95,7 +95,8 @@ async def _bootstrap(instance: Instance, kind: Maintenance) -> bool:
     instance.process.assign(vars(context(instance)), host_environment(instance, token),
                             str(instance.disks.app), token,
                             instance._on_message, instance.output.write,
-                            instance.deployment.service.heartbeat_interval, instance.user)
+                            instance.deployment.service.heartbeat_interval, instance.user,
+                            instance.deployment.discovery.table())
     return True
 
 

@@ -23,6 +23,7 @@ instance was down), not for a ready flag (docs/concepts.md#discovery).
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 
 from rolehost.observability import metrics
@@ -48,7 +49,16 @@ def record(instance: Instance) -> Record:
 
 
 class Discovery:
-    """The deployment's instances and the record each was last sent with."""
+    """The deployment's instances, the record each was last sent with, and the table
+    every host starts with, encoded once per change.
+
+    Each host's `assign` carries the whole table: rebuilt and serialised for each, a
+    start of N would be N^2 records built and encoded on the loop. So each instance's
+    record is kept, built and encoded when it is seen to change (`seen`), and the
+    table's bytes are the join of those, kept until a record changes: a start of N
+    builds and encodes O(N) records, and copies the bytes it sends. A record changes
+    only through `seen`: every state and rotation change, and a port moved (ports.py).
+    """
 
     def __init__(self) -> None:
         self.instances: dict[str, Instance] = {}
@@ -60,6 +70,10 @@ class Discovery:
         # sent; without this, each one's first change would be written to every host.
         self._unknown: set[str] = set()
         self._tabled = False  # a host has been given a table
+        # Each instance's record as of its last change, as JSON, and as the table's
+        # `"id":{...}`; an instance not yet seen has none until a table needs it.
+        self._current: dict[str, tuple[Record, bytes, bytes]] = {}
+        self._table: bytes | None = None  # `{"id":{...},...}`, until a record changes
         self._flush: asyncio.Handle | None = None
         self._last = float("-inf")  # the loop's time of the last batch
         self._interval = 0.0  # before the next batch; set by each from its hosts
@@ -68,21 +82,36 @@ class Discovery:
         if not self._tabled:
             self._unknown.add(instance.id)
         self.instances[instance.id] = instance
+        self._table = None
 
     def remove(self, instance: Instance) -> None:
         self.instances.pop(instance.id, None)
         self._sent.pop(instance.id, None)
         self._due.discard(instance.id)
         self._unknown.discard(instance.id)
+        self._current.pop(instance.id, None)
+        self._table = None
 
-    def records(self) -> dict[str, Record]:
-        """Every instance's record as of now: what a host starting now is given."""
-        table = {i.id: record(i) for i in self.instances.values()}
-        self._sent |= {i: table[i] for i in self._unknown}
+    def table(self) -> bytes:
+        """Every instance's record as of now, as the JSON object (by id) a host starting
+        now is given (`assign`'s `peers`)."""
+        if self._table is None:
+            for id, instance in self.instances.items():
+                if id not in self._current:  # added, not seen yet
+                    self._update(instance, record(instance))
+            self._table = b"{" + b",".join(
+                self._current[id][2] for id in self.instances) + b"}"
+        self._sent |= {id: self._current[id][0] for id in self._unknown}
         self._unknown.clear()
         self._tabled = True
-        metrics.DISCOVERY_ENCODED.inc(len(table))  # the `assign` it goes in encodes each
-        return table
+        return self._table
+
+    def _update(self, instance: Instance, now: Record) -> None:
+        encoded = json.dumps(now, separators=(",", ":"), default=str).encode()
+        entry = json.dumps(instance.id).encode() + b":" + encoded
+        self._current[instance.id] = now, encoded, entry
+        self._table = None
+        metrics.DISCOVERY_ENCODED.inc()
 
     def seen(self, instance: Instance) -> None:
         """`instance` changed (a state, back or not, a port): send its record if that
@@ -91,6 +120,9 @@ class Discovery:
         if instance.id not in self.instances:
             return
         now = record(instance)
+        current = self._current.get(instance.id)
+        if current is None or current[0] != now:
+            self._update(instance, now)
         if self._sent.get(instance.id) == now:
             return
         self._sent[instance.id] = now
@@ -115,15 +147,17 @@ class Discovery:
     def _send(self) -> None:
         self._flush = None
         self._last = asyncio.get_running_loop().time()
-        message = {"type": "peers", "instances": [self._sent[i] for i in sorted(self._due)]}
+        # Each due record as it was last seen, which is the version `_sent` holds; the
+        # message is encoded once, whatever the hosts it goes to.
+        due = [self._current[i][1] for i in sorted(self._due)]
+        message = b'{"type":"peers","instances":[' + b",".join(due) + b"]}\n"
         self._due.clear()
         hosts = 0
         for instance in self.instances.values():
             process = instance.process
             if process is not None and process.running:
-                process.send(message)
+                process.write(message)
                 hosts += 1
         self._interval = min(MOST, PER_HOST * hosts)
         metrics.DISCOVERY_MESSAGES.inc(hosts)
-        metrics.DISCOVERY_RECORDS.inc(hosts * len(message["instances"]))
-        metrics.DISCOVERY_ENCODED.inc(hosts * len(message["instances"]))  # once per host
+        metrics.DISCOVERY_RECORDS.inc(hosts * len(due))

@@ -258,6 +258,7 @@ class Instance:
             balancer.set_rotation(self.id, *self.life.rotation(name, self.role.endpoints[name]))
         if not self.life.update_back(self._served(), time.time()):
             return False
+        self.deployment.discovery.seen(self)  # a forced drain's has no state change
         if self.life.back:  # its ready deadline is met
             self.timers.cancel(READY_DEADLINE)
         return True

@@ -166,3 +166,4 @@ def reclaim(instance: Instance) -> None:
             backend.close_idle()
         log.warning("port_moved", instance=instance.id, endpoint=name, old=old, new=new,
                     detail="something else listens on the old port")
+        instance.deployment.discovery.seen(instance)  # the table a host starts with too

@@ -73,7 +73,6 @@ def context(instance: Instance) -> Context:
             for name, spec in role.local_resources.items()
         },
         topology=i.topology,
-        peers=i.deployment.discovery.records(),
         site=site_context(role.site, role.endpoints),
     )
 

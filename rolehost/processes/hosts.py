@@ -129,18 +129,25 @@ class HostProcess:
         on_output: Callable[[str, bytes], None],
         heartbeat: float = protocol.HEARTBEAT_INTERVAL,
         user: User | None = None,
+        peers: bytes = b"{}",
     ) -> None:
         """Make this standby the host of one instance (`env` must carry `token`), which
         sends a heartbeat every `heartbeat` seconds. With `user`, the host becomes that
-        user first: a standby runs as the controller's user, whatever role it will run."""
+        user first: a standby runs as the controller's user, whatever role it will run.
+        `peers` is discovery's table, JSON already (`Discovery.table`)."""
         self.token, self.on_message, self.on_output = token, on_message, on_output
         drop = {"user": {"uid": user.uid, "gid": user.gid}} if user is not None else {}
-        self.send({"type": "assign", "context": context, "env": env, "cwd": cwd,
-                   "heartbeat": heartbeat, **drop})
+        self.write(protocol.encode({"type": "assign", "context": context, "env": env,
+                                    "cwd": cwd, "heartbeat": heartbeat, **drop},
+                                   {"peers": peers}))
 
     def send(self, message: protocol.Message) -> None:
+        self.write(protocol.encode(message))
+
+    def write(self, line: bytes) -> None:
+        """A message encoded already (`protocol.encode`): one encoding for many hosts."""
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(protocol.encode(message))
+            self._transport.write(line)
 
     @property
     def running(self) -> bool:
