@@ -3,13 +3,11 @@ on the `i`-th public port itself, with no balancer."""
 
 from __future__ import annotations
 
-import random
-import socket
 from pathlib import Path
 
 from rolehost.testing import wait_until
 from support.cli import rolehost
-from support.net import answer_and_body
+from support.net import answer_and_body, free_ports
 from support.roles import HTTP_SITE
 from support.service import MakeService
 
@@ -22,26 +20,6 @@ class Answer(Site):
 class Role(Serving):
     handler, endpoint = Answer, "debug"
 """
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive loopback ports nothing listens on, below the
-    ephemeral range (an outgoing connection could take one there meanwhile)."""
-    for _ in range(200):
-        first = random.randrange(20000, 29000)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def test_each_instance_answers_on_its_own_port(make_service: MakeService,

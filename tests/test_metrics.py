@@ -92,7 +92,7 @@ def test_metrics_are_served_on_an_ipv6_address(make_service: MakeService) -> Non
             s.bind(("::1", 0))
         except OSError:
             pytest.skip("no IPv6 loopback here")
-        metrics_port = s.getsockname()[1]
+    metrics_port = free_port()  # not the kernel's choice: see support.net
     service = make_service("class Role(RoleEntryPoint): pass",
                            service={"metrics": f"[::1]:{metrics_port}"})
     with service.harness() as h:

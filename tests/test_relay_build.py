@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +23,13 @@ import rolehost
 from rolehost import balancer
 from rolehost.balancer import build
 from rolehost.testing import run_dir_processes, wait_until
+from support.net import free_port
 from support.service import MakeService
 
 ROLE = """
     class Role(RoleEntryPoint):
         pass
     """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def without_extensions(tmp_path: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import pytest
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 from support.cli import rolehost
+from support.net import free_port
 from support.roles import WATCHES_TOPOLOGY
 from support.service import MakeService
 
@@ -268,11 +269,7 @@ def test_a_scale_during_the_controllers_start_starts_each_instance_once(
     """The control API answers before the controller has added and started its
     instances: a scale then must neither add instances under the ids the start adds
     again nor start any of them a second time."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     service = make_service(STARTS, instances=2, service={"metrics": f"127.0.0.1:{port}"})
     script = tmp_path / "slow_start.py"
     script.write_text(SLOW_START)
