@@ -13,8 +13,8 @@ import pytest
 from rolehost.client import ApiError
 from rolehost.testing import ServiceHarness, wait_until
 from support.cli import rolehost
-from support.net import free_port
-from support.roles import WATCHES_TOPOLOGY
+from support.net import free_port, get
+from support.roles import WATCHES_TOPOLOGY, WEB
 from support.service import MakeService
 
 # Each start says whether the local resource still holds what an earlier instance wrote.
@@ -261,6 +261,27 @@ class Role(RoleEntryPoint):
         probe(f"start pid={os.getpid()}")
         return True
 """
+
+
+def test_wait_ready_waits_for_the_start_not_for_an_empty_list(
+    make_service: MakeService, tmp_path: Path,
+) -> None:
+    """Before the start has added the instances, the status lists none: `wait_ready`
+    took that for every instance back, and returned before the balancer listened."""
+    port = free_port()
+    service = make_service(WEB, instances=2, settings={"warmup": "0,0"},
+                           service={"metrics": f"127.0.0.1:{free_port()}"},
+                           extra=f"[roles.web.endpoints.http]\nport = {port}\n")
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(0o755)
+    with service.harness(python=python) as h:  # returns once the API answers
+        assert h.status()["instances"] == []  # still held up
+        status = h.wait_ready(30)
+        assert [i["id"] for i in status["instances"]] == ["web_IN_0", "web_IN_1"]
+        assert get(port)[0] == 200  # the balancer listens, and sends to an instance
 
 
 def test_a_scale_during_the_controllers_start_starts_each_instance_once(

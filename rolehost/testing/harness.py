@@ -210,7 +210,11 @@ class ServiceHarness:
 
         def ready() -> dict[str, Any] | None:
             status = self.status()
-            return status if all(i["back"] for i in status["instances"]) else None
+            # None yet: the control API answers before the start has added them (all of
+            # an empty list was "every instance back", and a test went on to a balancer
+            # that did not listen yet). Once added, all are there, created and not back.
+            instances = status["instances"]
+            return status if instances and all(i["back"] for i in instances) else None
 
         return wait_until(ready, timeout, "every instance to be ready and in rotation",
                           self._describe)
