@@ -18,8 +18,9 @@ import yaml
 
 from rolehost.definition import Role, parse
 from rolehost.export import kubernetes
-from rolehost.testing import run_dir_processes, wait_until
+from rolehost.testing import wait_until
 from support.net import answer, free_port
+from support.processes import end_run_dir
 
 KUBERNETES = "1.37.0"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -381,9 +382,7 @@ def test_the_container_command_and_prestop_run_as_written(
         if instance.poll() is None:
             instance.kill()
             instance.wait()
-        for proc in run_dir_processes(run_dir):
-            proc.kill()
-    assert not run_dir_processes(run_dir)
+        end_run_dir(run_dir)
 
 
 @pytest.mark.parametrize(("sample", "written"), [

@@ -452,11 +452,12 @@ def test_grandchildren_end_with_their_instance(make_service: MakeService, ending
         assert len(sleeps) == 2
         if ending == "crash":
             h.wait_replaced("web/0", h.kill("web/0"), 30)
-            survivors = {p.pid for p in h.processes() if p.name() == "sleep"} & sleeps
-            assert not survivors, "the crashed instance's grandchildren must be gone"
         else:
             h.stop()
-        assert not [p for p in h.processes() if p.pid in sleeps]
+        # Signalled with their instance's end; a loaded machine lists a killed process
+        # until the kernel has run it to act on the signal, so gone within a bound.
+        wait_until(lambda: not {p.pid for p in h.processes()} & sleeps, 5,
+                   "the ended instance's grandchildren to be gone")
 
 
 def test_status_check_busy_and_back(make_service: MakeService) -> None:

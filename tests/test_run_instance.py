@@ -15,6 +15,7 @@ import pytest
 
 from rolehost.testing import run_dir_processes, wait_until
 from support.net import answer, answer_and_body, free_port
+from support.processes import end_run_dir
 from support.roles import HOLDS_ITS_STOP, IDLE, ON_STOP_WAITS_FOR_RELEASE, OVERRUNS_ITS_STOP
 from support.service import MakeService, Service
 
@@ -93,9 +94,7 @@ def test_run_instance_lifecycle(make_service: MakeService, ending: str) -> None:
     finally:
         if controller.poll() is None:
             controller.kill()
-        for proc in run_dir_processes(run_dir):
-            proc.kill()
-    assert not run_dir_processes(run_dir)
+        end_run_dir(run_dir)
 
 
 def test_the_index_comes_from_a_statefulset_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
