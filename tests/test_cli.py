@@ -163,7 +163,8 @@ def test_detach_status_logs_stop(tmp_path: Path) -> None:
 
         def all_ready() -> bool:
             out = rolehost("status", "--json", cwd=tmp_path)
-            return all(i["state"] == "ready" for i in json.loads(out.stdout)["instances"])
+            instances = json.loads(out.stdout)["instances"]  # none before the start adds them
+            return bool(instances) and all(i["state"] == "ready" for i in instances)
 
         wait_until(all_ready, 30, "both instances ready")
         table = rolehost("status", cwd=tmp_path).stdout
