@@ -380,7 +380,9 @@ def test_a_second_signal_ends_the_controllers_stop_at_once(make_service: MakeSer
     """A second SIGTERM (or Ctrl-C) killed the hosts, but a foreground task still held
     the stop up to stop_timeout, and the controller exited 0. Now everything ends at
     once (hosts, their children, every task), nothing is left, and the exit is 3."""
-    service = make_service(HOLDS_ITS_STOP, settings={"during": during}, role={"stop_timeout": "5m"},
+    stop_timeout = 300.0  # what an unforced stop would wait for, as do the tasks' sleeps
+    service = make_service(HOLDS_ITS_STOP, settings={"during": during},
+                           role={"stop_timeout": f"{stop_timeout:g}s"},
         extra="""
         [[roles.web.startup_tasks]]
         command = ["sleep", "300"]
@@ -399,8 +401,11 @@ def test_a_second_signal_ends_the_controllers_stop_at_once(make_service: MakeSer
             h.wait_event(lambda e: e["event"] == "waiting_for_foreground_tasks", 30)
         began = time.monotonic()
         h.signal_controller(signal.SIGINT if during == "on_stop" else signal.SIGTERM)
-        assert h.wait_controller_exit(20) == 3
-        assert time.monotonic() - began < 10
+        # At once, measured against what it would else wait for (stop_timeout, the tasks'
+        # sleeps), not in seconds of a machine: after the kill, the controller's exit (its
+        # standby's release, the sweep, the interpreter's end) is not instant under load.
+        assert h.wait_controller_exit(stop_timeout / 5) == 3
+        assert time.monotonic() - began < stop_timeout / 5
         h.assert_no_processes()
         assert service.count("on_stop") == 1
         log = (h.run_dir.logs / "controller.log").read_text()
