@@ -106,13 +106,18 @@ def test_request_heads_are_bounded_and_host_stays(make_service: MakeService) -> 
 
         # A slowloris: a byte of its head every 0.2 s, never silent. Its head may take
         # idle_timeout (2 s), as a silent client may be silent that long; then it is cut.
+        # Cut is told from never cut by the loop's own end (4 x idle_timeout), not by a
+        # number of seconds: on a loaded machine the cut itself comes late.
+        cut = False
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
             slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             began = time.monotonic()
-            with contextlib.suppress(OSError):  # a reset, once cut
+            try:
                 while time.monotonic() - began < 8:
                     slow.sendall(b"a")
                     time.sleep(0.2)
+            except OSError:  # a reset, once cut
+                cut = True
             took = time.monotonic() - began
-        assert 2 <= took < 5, f"the slow head went on for {took:.1f}s"
+        assert cut and took >= 2, f"the slow head went on for {took:.1f}s"
         assert h.instance("web/0")["restarts"] == 0

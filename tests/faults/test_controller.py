@@ -217,10 +217,11 @@ def test_console_nobody_reads(make_service: MakeService, tmp_path: Path) -> None
         wait_until(lambda: log.exists() and log.stat().st_size > 4 * 1024 * 1024, 30,
                    "4 MB of output: the pipe (64 kB) and the console's backlog are full")
         began, size = time.monotonic(), log.stat().st_size
+        # A controller stalled on its console would stay so (nobody reads the pipe): the
+        # client's timeout (5 s) fails that, where a bound of a second failed a loaded
+        # machine's slow answers.
         while time.monotonic() - began < 2:
-            asked = time.monotonic()
             assert client.status()["instances"][0]["state"] == "ready"
-            assert time.monotonic() - asked < 1.0, "the controller stalled on its console"
             time.sleep(0.1)
         assert log.stat().st_size > size, "instance output stopped reaching the log"
         # The reader comes back: the console resumes and says how much it dropped.
