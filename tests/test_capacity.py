@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from rolehost import definition
-from rolehost.fabric import capacity
+from rolehost.fabric import capacity, usage
 from rolehost.testing import wait_until
 from support.cli import rolehost
 from support.roles import IDLE
@@ -36,14 +37,18 @@ def test_load_left_when_the_busiest_domain_is_down() -> None:
                               "would each carry 130% of a core")
 
 
-def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) -> None:
+def test_status_load_warning_follows_the_cpu_the_instances_got(make_service: MakeService) -> None:
+    """The warning is on the CPU the instances got, in the same answer: over 100 % of a
+    core between them, a warning; not over it, none. Each asks for about 90 % of a
+    core, but what it gets is not the test's to decide: on a 2-core machine that other
+    work loads (CI's other workers, other sessions), two instances got 60 %, and 16 %,
+    each. So each answer is judged against its own figures, until a warning, or until
+    the figures cover half the load window without one. The rule itself is judged on
+    figures the test sets: test_load_left_when_the_busiest_domain_is_down."""
     service = make_service(
         """
         class Role(RoleEntryPoint):
             def run(self):
-                # About 90% of a core each: 180% in all, well past the 100% that one
-                # instance could carry alone, even when other work on the machine
-                # takes some of the CPU away from them (at 60% each, it did in CI).
                 while not RoleEnvironment.is_stopping:
                     end = time.perf_counter() + 0.09
                     while time.perf_counter() < end:
@@ -54,17 +59,28 @@ def test_status_warns_for_a_loaded_two_instance_role(make_service: MakeService) 
     )
     with service.harness() as h:
         h.wait_ready(30)
+        since: list[float] = []  # when the figures were first there
+        totals: list[float] = []  # the instances' CPU in all, at each answer
 
-        def warned() -> dict[str, Any] | None:
+        def judged() -> dict[str, Any] | None:
             status = h.status()
-            return status if any("would each carry" in a for a in status["capacity"]) else None
+            cpu = status["cpu"]
+            if set(cpu) != {"web_IN_0", "web_IN_1"}:
+                return None  # not measured yet
+            since[:] = since or [time.monotonic()]
+            totals.append(sum(cpu.values()))
+            warnings = [a for a in status["capacity"] if "would each carry" in a]
+            if warnings:
+                [warning] = warnings
+                assert warning.startswith("role web: with update domain "), warning
+                assert totals[-1] >= 99.9, status  # over 100, each figure rounded to 0.1
+                return status
+            assert totals[-1] <= 100.1, status  # not over 100 (rounded)
+            return status if time.monotonic() - since[0] > usage.CPU_WINDOW / 2 else None
 
-        status = wait_until(warned, 20, "a load warning")
-        [warning] = [a for a in status["capacity"] if "would each carry" in a]
-        assert "role web: with update domain" in warning
-        # The figures the warning came from, in the same answer.
-        assert set(status["cpu"]) == {"web_IN_0", "web_IN_1"}
-        assert sum(status["cpu"].values()) >= 99.9  # over 100, each figure rounded to 0.1
+        status = wait_until(judged, 60, "a load warning, or figures over half the window",
+                            lambda: f"the instances' CPU in all: {totals[-5:]}")
+        assert status["capacity"][0] == capacity.static_advice(_definition(2, 2))[0]
 
 
 def test_status_and_check_flag_a_single_instance(make_service: MakeService) -> None:
