@@ -271,7 +271,7 @@ def test_run_sweeps_what_an_exited_child_left(tagged: Path, new_loop: NewLoop) -
     done = _on(new_loop, process.run(["sh", "-c", LEAVES_A_CHILD.format(then="exit 0")],
                                      tagged, 30))
     assert done.returncode == 0  # not held up by the grandchild's copy of stdout
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < 30  # against the grandchild's 600 s, not 10 s of load
     # The sweep's SIGTERM reached it; a loaded machine lists it as sleeping until the
     # kernel has run it to act on the signal.
     grandchild = _grandchild(done.stdout)
@@ -288,7 +288,7 @@ def test_run_kills_the_tree_on_timeout_and_on_cancel(tagged: Path, new_loop: New
         began = time.monotonic()
         with pytest.raises(TimeoutError):
             await process.run(argv, tagged, 0.5)
-        assert time.monotonic() - began < 5
+        assert time.monotonic() - began < 30  # cut at 0.5 s, against the sleep's 600 s
 
     async def cancelled() -> None:
         argv = ["sh", "-c", f"echo $$ > {pids}; sleep 600"]
