@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import platform
 import shutil
@@ -17,12 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psutil
 
@@ -30,6 +33,7 @@ from rolehost.client import Client
 from rolehost.fabric.rundir import RunDir
 
 T = TypeVar("T")
+S = TypeVar("S")  # a bench's result for one size, a dataclass
 
 # Every process the bench starts inherits this variable; its value is unique per run.
 TOKEN_ENV = "ROLEHOST_BENCH_TOKEN"
@@ -290,6 +294,37 @@ def closing_sections(errors: list[str], survivors: list[str], clean: str) -> lis
         return [*lines, clean]
     return [*lines, f"**{len(survivors)} process(es) started by the bench survived and were "
             "killed:**", *(f"- `{x}`" for x in survivors)]
+
+
+@dataclass
+class Run(Generic[S]):
+    """What a bench over sizes measured: each size's result, the errors that ended it
+    early, and what of its processes survived (and was killed)."""
+    work: Path
+    results: list[S] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    survivors: list[str] = field(default_factory=list)
+
+
+def over_sizes(name: str, sizes: list[int], measure: Callable[[Path, int], S],
+               details: dict[str, str], keep: bool) -> Run[S]:
+    """`measure(work, n)` for each size in turn, in one work folder, each result printed
+    as a JSON line to stderr as it comes; an error ends the run but not the report. Then
+    every process the bench started is killed, and the end's load average noted."""
+    run: Run[S] = Run(Path(tempfile.mkdtemp(prefix=f"rh-{name}-", dir="/tmp")))
+    with sigterm_as_exit():
+        try:
+            for n in sizes:
+                print(f"{name}: N={n}...", file=sys.stderr)
+                run.results.append(measure(run.work, n))
+                print(json.dumps(asdict(run.results[-1])), file=sys.stderr)  # type: ignore[call-overload]
+        except Exception as exc:
+            run.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            run.survivors = kill_ours()
+            details["load average at end (1/5/15 min)"] = load_average()
+            leave(run.work, keep)
+    return run
 
 
 def verdict(ok: bool | None) -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -35,11 +33,9 @@ from common import (
     BenchError,
     Controller,
     closing_sections,
-    kill_ours,
-    leave,
     load_average,
     machine,
-    sigterm_as_exit,
+    over_sizes,
     wait_until,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -172,28 +168,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rh-discovery-", dir="/tmp"))
-    results: list[Size] = []
-    errors: list[str] = []
     details = machine({"load average at start (1/5/15 min)": load_average()})
-    with sigterm_as_exit():
+
+    def one(work: Path, n: int) -> Size:
         try:
-            for n in (int(s) for s in args.sizes.split(",")):
-                print(f"discovery: N={n}...", file=sys.stderr)
-                try:
-                    results.append(measure(work, n))
-                except BenchError as exc:
-                    results.append(Size(n, error=str(exc)))
-                print(json.dumps(asdict(results[-1])), file=sys.stderr)
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            survivors = kill_ours()
-            details["load average at end (1/5/15 min)"] = load_average()
-            leave(work, args.keep)
-    print(markdown(results, details, errors, survivors))
+            return measure(work, n)
+        except BenchError as exc:  # this size failed; the next may not
+            return Size(n, error=str(exc))
+
+    run = over_sizes("discovery", [int(s) for s in args.sizes.split(",")], one, details,
+                     args.keep)
+    print(markdown(run.results, details, run.errors, run.survivors))
     if args.json:
-        args.json.write_text(json.dumps([asdict(s) for s in results], indent=2) + "\n")
+        args.json.write_text(json.dumps([asdict(s) for s in run.results], indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -52,11 +51,9 @@ from common import (
     child_env,
     closing_sections,
     cpu_seconds,
-    kill_ours,
-    leave,
     load_average,
     machine,
-    sigterm_as_exit,
+    over_sizes,
     verdict,
     wait_until,
 )
@@ -347,30 +344,18 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     common.STOP_TIMEOUT = 600.0  # a stop of 500 instances at once, on a busy machine
-    sizes = [int(s) for s in args.sizes.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="rh-scale-", dir="/tmp"))
-    results: list[Size] = []
-    errors: list[str] = []
     details = machine({"load average at start (1/5/15 min)": load_average(),
                        "update domains": str(UPDATE_DOMAINS)})
-    with sigterm_as_exit():
-        try:
-            for n in sizes:
-                print(f"scale: N={n}...", file=sys.stderr)
-                results.append(measure(work, n, n <= args.walk_max, n == args.profile,
-                                       not args.no_bare))
-                print(json.dumps(asdict(results[-1])), file=sys.stderr)
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            survivors = kill_ours()
-            details["load average at end (1/5/15 min)"] = load_average()
-            leave(work, args.keep or bool(args.profile))
-    print(markdown(results, details, errors, survivors))
+    run = over_sizes(
+        "scale", [int(s) for s in args.sizes.split(",")],
+        lambda work, n: measure(work, n, n <= args.walk_max, n == args.profile,
+                                not args.no_bare),
+        details, args.keep or bool(args.profile))
+    print(markdown(run.results, details, run.errors, run.survivors))
     if args.json:
-        args.json.write_text(json.dumps([asdict(s) for s in results], indent=2) + "\n")
+        args.json.write_text(json.dumps([asdict(s) for s in run.results], indent=2) + "\n")
     if args.profile:
-        print(f"profiles: {work}/{{start,idle,stop}}.speedscope.json", file=sys.stderr)
+        print(f"profiles: {run.work}/{{start,idle,stop}}.speedscope.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
