@@ -263,6 +263,17 @@ class Role(RoleEntryPoint):
 """
 
 
+def _slow_start(tmp_path: Path) -> Path:
+    """An interpreter that runs the controller through SLOW_START, which holds the
+    start back after the control API answers."""
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
 def test_wait_ready_waits_for_the_start_not_for_an_empty_list(
     make_service: MakeService, tmp_path: Path,
 ) -> None:
@@ -272,12 +283,7 @@ def test_wait_ready_waits_for_the_start_not_for_an_empty_list(
     service = make_service(WEB, instances=2, settings={"warmup": "0,0"},
                            service={"metrics": f"127.0.0.1:{free_port()}"},
                            extra=f"[roles.web.endpoints.http]\nport = {port}\n")
-    script = tmp_path / "slow_start.py"
-    script.write_text(SLOW_START)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
-    python.chmod(0o755)
-    with service.harness(python=python) as h:  # returns once the API answers
+    with service.harness(python=_slow_start(tmp_path)) as h:  # returns once the API answers
         assert h.status()["instances"] == []  # still held up
         status = h.wait_ready(30)
         assert [i["id"] for i in status["instances"]] == ["web_IN_0", "web_IN_1"]
@@ -292,12 +298,7 @@ def test_a_scale_during_the_controllers_start_starts_each_instance_once(
     again nor start any of them a second time."""
     port = free_port()
     service = make_service(STARTS, instances=2, service={"metrics": f"127.0.0.1:{port}"})
-    script = tmp_path / "slow_start.py"
-    script.write_text(SLOW_START)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
-    python.chmod(0o755)
-    with service.harness(python=python) as h:  # returns once the API answers
+    with service.harness(python=_slow_start(tmp_path)) as h:  # returns once the API answers
         assert h.status()["instances"] == []  # still held up: the scale lands in the window
         assert h.scale("web", 3) == ["web_IN_2"]
         h.wait_ready(30)
