@@ -74,3 +74,18 @@ def test_the_design_map_names_every_module() -> None:
         if name not in by_package.get(where, set()):
             missing.append("/".join(parts))
     assert not missing, f"docs/design.md's tree does not name: {missing}"
+
+
+def test_the_cli_page_does_not_depend_on_what_ran_before() -> None:
+    """click caches each command's help option from the first context that asks: the
+    page once lacked `-h` where the process had not run those commands yet, and the
+    check above failed or passed by the order of the tests in its worker."""
+    from click.testing import CliRunner
+
+    from rolehost.cli import cli
+    from rolehost.definition import reference
+
+    before = reference.cli_reference(cli)
+    assert CliRunner().invoke(cli, ["scale", "-h"]).exit_code == 0
+    assert reference.cli_reference(cli) == before
+    assert before.count("-h, --help") == before.count("## `rolehost ") + 1
