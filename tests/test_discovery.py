@@ -28,6 +28,12 @@ class Answer(socketserver.BaseRequestHandler):
 
 class Worker(Serving):  # on a TCP server of its own: Serving's run and on_stop
     def on_start(self):
+        # Held while the test's `hold` file (beside the probe) exists, 30 s at most: a
+        # reimage takes tens of ms, less than a poll could be sure to see.
+        hold = RoleEnvironment.get_setting("probe") + ".hold"
+        deadline = time.monotonic() + 30
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.02)
         rpc = RoleEnvironment.current_instance.endpoints["rpc"]
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         self.server = socketserver.ThreadingTCPServer((rpc.host, rpc.port), Answer)
@@ -121,11 +127,15 @@ def test_a_role_discovers_the_workers_as_they_scale_reimage_move_and_go(
         wait_until(lambda: _all_answer(port, three), 15, "three workers to answer",
                    lambda: str(_workers(port)))
 
-        # A reimage: the worker is listed throughout, not ready while it is down, and
-        # answers again once it is back.
+        # A reimage: the worker is listed throughout, not ready while it is down (its
+        # start held until the web role has been seen to say so), and answers again
+        # once it is back.
+        hold = Path(f"{probe}.hold")
+        hold.touch()
         h.reimage("worker_IN_1", wait=False)
         wait_until(lambda: not _workers(port)["worker_IN_1"][0], 15,
                    "worker_IN_1 to be listed not ready", lambda: str(_workers(port)))
+        hold.unlink()
         h.wait_ready(30)
         wait_until(lambda: _all_answer(port, three), 15, "the reimaged worker to answer",
                    lambda: str(_workers(port)))
