@@ -398,8 +398,10 @@ def test_a_stop_during_a_deploys_final_scale_says_what_it_cut_short(
                    "web_IN_1 added by the deploy", lambda: str(h.status()["instances"]))
         # web_IN_0 told of its new peer: what is left of the scale is the wait for web_IN_1.
         # (Under load, a stop before that answer cut the offer short instead.)
-        h.wait_event(lambda e: e.get("event") == "changing" and e.get("instance") == "web_IN_0",
-                     30, "web_IN_0 to answer the topology change")
+        # (The ring holds the scale to 1's `changing` too: this one is the deploy's.)
+        h.wait_event(lambda e: e.get("event") == "changing" and e.get("instance") == "web_IN_0"
+                     and e.get("cause") == "deploy v2",
+                     30, "web_IN_0 to answer the deploy's topology change")
         assert h.status()["version"] == "v2"
         h.stop()
         ops = summary_without_controller(h.run_dir.path / "history.jsonl")["operations"]
