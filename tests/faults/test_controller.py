@@ -171,14 +171,21 @@ def test_output_flood(make_service: MakeService) -> None:
         start = int(written.read_text())
         baseline, rss, latencies = controller.memory_info().rss, [], []
         began = time.monotonic()
-        while time.monotonic() - began < 5:  # the passing of time is what is measured
+
+        def flooded() -> int:
+            return int(written.read_text()) - start
+
+        # 5 s, and a volume rather than a rate: the writer's pace is the machine's, but
+        # 150 MB is past the four log files' 40 MB whatever it is, and a controller that
+        # stopped draining the pipe would hold the writer and never let it get there.
+        while time.monotonic() - began < 5 or flooded() < 150e6:
+            assert time.monotonic() - began < 60, f"the flood stalled at {flooded()} bytes"
             rss.append(controller.memory_info().rss)
             latencies.append(timed_status(h))
             time.sleep(0.1)
-        rate = (int(written.read_text()) - start) / (time.monotonic() - began) / 1e6
+        rate = flooded() / (time.monotonic() - began) / 1e6
         print(f"flood {rate:.0f} MB/s, controller RSS {baseline / 1e6:.0f} MB then up to "
               f"{max(rss) / 1e6:.0f} MB, status max {max(latencies) * 1000:.1f} ms")
-        assert rate > 30, f"the flood ran at {rate:.0f} MB/s only"
         grown = (max(rss) - baseline) / 1e6
         assert grown < 50, f"the controller's RSS grew by {grown:.0f} MB"
         assert max(latencies) < 1.0, f"a status call took {max(latencies) * 1000:.0f} ms"
