@@ -43,6 +43,7 @@ def test_status_and_help_import_neither_the_model_nor_the_fabric(
         make_service: MakeService) -> None:
     svc = make_service(IDLE)
     with svc.harness() as h:
+        h.wait_ready(30)  # the harness returns once the API answers, before the start
         run_dir = str(h.run_dir.path)
         code, modules, out = _loaded("status", "--json", "-f", str(svc.toml),
                                      "--run-dir", run_dir)
